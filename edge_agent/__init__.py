@@ -1,0 +1,1 @@
+"""The PulseSync edge agent: a Tracker SDK for apps, a durable outbox, an uplink, BLE bridge."""

@@ -1,0 +1,3 @@
+"""PulseSync: personal context across a person's phone, desktop and wearables."""
+
+__version__ = "0.1.0"

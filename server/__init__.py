@@ -1,0 +1,1 @@
+"""The PulseSync server: identity, ingest, timeline, profiles, privacy and nudges over gRPC."""

@@ -1,0 +1,202 @@
+"""Server lifetime: open storage, build the services, serve gRPC, shut down gracefully.
+
+    async with running_server(config) as server:
+        print(server.port)
+        await server.wait_for_termination()
+
+Each service is a servicer class taking the shared `AppContext`. A servicer that has
+background work defines `async def start(self)` and `async def stop(self)`; they run after
+the database is open and before it closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from pulsesync.server.clock import Clock, SystemClock
+from pulsesync.server.config import MAX_MESSAGE_BYTES, ServerConfig
+from pulsesync.server.context import AppContext
+from pulsesync.server.identity import IdentityStore
+from pulsesync.server.metrics import Metrics
+from pulsesync.server.rpc.devices import DeviceServicer
+from pulsesync.server.rpc.ingest import IngestServicer
+from pulsesync.server.rpc.nudges import NudgeServicer
+from pulsesync.server.rpc.privacy import PrivacyServicer
+from pulsesync.server.rpc.profiles import ProfileServicer
+from pulsesync.server.rpc.timeline import TimelineServicer
+from pulsesync.server.sessions import SessionRegistry
+from pulsesync.server.storage.db import Database
+from pulsesync.v1 import (
+    devices_pb2,
+    devices_pb2_grpc,
+    ingest_pb2,
+    ingest_pb2_grpc,
+    nudges_pb2,
+    nudges_pb2_grpc,
+    privacy_pb2,
+    privacy_pb2_grpc,
+    profiles_pb2,
+    profiles_pb2_grpc,
+    timeline_pb2,
+    timeline_pb2_grpc,
+)
+
+log = logging.getLogger(__name__)
+
+# (servicer class, registration function, full service name)
+SERVICES: list[tuple[Callable[[AppContext], Any], Callable[[Any, grpc.aio.Server], None], str]] = [
+    (DeviceServicer, devices_pb2_grpc.add_DeviceServiceServicer_to_server,
+     devices_pb2.DESCRIPTOR.services_by_name["DeviceService"].full_name),
+    (IngestServicer, ingest_pb2_grpc.add_IngestServiceServicer_to_server,
+     ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name),
+    (TimelineServicer, timeline_pb2_grpc.add_TimelineServiceServicer_to_server,
+     timeline_pb2.DESCRIPTOR.services_by_name["TimelineService"].full_name),
+    (ProfileServicer, profiles_pb2_grpc.add_ProfileServiceServicer_to_server,
+     profiles_pb2.DESCRIPTOR.services_by_name["ProfileService"].full_name),
+    (NudgeServicer, nudges_pb2_grpc.add_NudgeServiceServicer_to_server,
+     nudges_pb2.DESCRIPTOR.services_by_name["NudgeService"].full_name),
+    (PrivacyServicer, privacy_pb2_grpc.add_PrivacyServiceServicer_to_server,
+     privacy_pb2.DESCRIPTOR.services_by_name["PrivacyService"].full_name),
+]  # fmt: skip
+
+GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # Keep idle device streams alive through NATs; agents ping at the same rate.
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
+@dataclass(slots=True)
+class RunningServer:
+    """A started server: its bound port, shared context and servicers."""
+
+    server: grpc.aio.Server
+    port: int
+    app: AppContext
+    servicers: dict[str, Any]
+    metrics_port: int | None
+
+    @property
+    def address(self) -> str:
+        return f"{self.app.config.host}:{self.port}"
+
+    async def wait_for_termination(self) -> None:
+        await self.server.wait_for_termination()
+
+
+def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    if config.tls_cert is None and config.tls_key is None:
+        return None
+    if config.tls_cert is None or config.tls_key is None:
+        raise SystemExit("TLS needs both --tls-cert and --tls-key")
+    try:
+        cert = config.tls_cert.read_bytes()
+        key = config.tls_key.read_bytes()
+    except OSError as e:
+        raise SystemExit(f"cannot read TLS certificate or key: {e}") from e
+    return grpc.ssl_server_credentials([(key, cert)])
+
+
+@asynccontextmanager
+async def running_server(
+    config: ServerConfig, *, clock: Clock | None = None
+) -> AsyncIterator[RunningServer]:
+    """Start a server for config; stop it gracefully on exit."""
+    async with AsyncExitStack() as stack:
+        db = await Database.open(config.database)
+        stack.push_async_callback(db.close)
+        clock = clock or SystemClock()
+        metrics = Metrics()
+        app = AppContext(
+            config=config,
+            db=db,
+            clock=clock,
+            identity=IdentityStore(db, clock),
+            sessions=SessionRegistry(metrics),
+            metrics=metrics,
+        )
+        server = grpc.aio.server(options=GRPC_OPTIONS)
+        servicers: dict[str, Any] = {}
+        for make, register, name in SERVICES:
+            servicer = make(app)
+            register(servicer, server)
+            servicers[name] = servicer
+
+        health_servicer = health_aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            [name for *_, name in SERVICES]
+            + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            server,
+        )
+
+        creds = _credentials(config)
+        if creds is None:
+            port = server.add_insecure_port(config.address)
+        else:
+            port = server.add_secure_port(config.address, creds)
+        if port == 0:
+            raise SystemExit(f"cannot listen on {config.address} (in use or not allowed)")
+
+        for servicer in servicers.values():
+            start = getattr(servicer, "start", None)
+            if start is not None:
+                await start()
+                stack.push_async_callback(servicer.stop)
+
+        await server.start()
+
+        async def shutdown() -> None:
+            await health_servicer.enter_graceful_shutdown()
+            await server.stop(config.grace_seconds)
+
+        stack.push_async_callback(shutdown)
+        for name in [*servicers, ""]:
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+        metrics_port: int | None = None
+        if config.metrics_port is not None:
+            http_server, _thread = start_http_server(
+                config.metrics_port, addr=config.host, registry=metrics.registry
+            )
+            stack.callback(http_server.shutdown)
+            metrics_port = int(http_server.server_port)
+
+        if config.port_file is not None:
+            tmp = config.port_file.with_suffix(".tmp")
+            tmp.write_text(f"{port}\n")
+            tmp.replace(config.port_file)
+        log.info(
+            "serving",
+            extra={"address": f"{config.host}:{port}", "db": str(config.database),
+                   "tls": creds is not None, "metrics_port": metrics_port},
+        )  # fmt: skip
+        yield RunningServer(server, port, app, servicers, metrics_port)
+        log.info("shutting down", extra={"grace_seconds": config.grace_seconds})
+
+
+async def serve_forever(config: ServerConfig) -> None:
+    """Run until SIGTERM or SIGINT, then stop gracefully."""
+    import signal
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with running_server(config):
+        await stop.wait()

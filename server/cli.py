@@ -1,0 +1,244 @@
+"""`pulsesync`: run the server and administer it.
+
+    pulsesync serve [--host H] [--port P] [--db FILE] [--tls-cert C --tls-key K]
+    pulsesync users add NAME | users list
+    pulsesync devices pair-code USER | devices list USER | devices revoke USER DEVICE_ID
+
+Admin commands work on the database file directly (no server needed), so the first user can
+be created before anything runs. Every flag has a PULSESYNC_* environment variable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pulsesync.server.clock import SystemClock
+from pulsesync.server.config import DEFAULT_DATA_DIR, DEFAULT_HOST, DEFAULT_PORT, ServerConfig, env
+from pulsesync.server.errors import PulseSyncError
+from pulsesync.server.identity import IdentityStore
+from pulsesync.server.logs import setup_logging
+from pulsesync.server.storage.db import Database
+from pulsesync.v1 import common_pb2
+
+Handler = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
+
+
+def _when(us: int | None) -> str:
+    if us is None:
+        return "-"
+    return datetime.fromtimestamp(us / 1e6, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def add_storage_flags(p: argparse.ArgumentParser) -> None:
+    """--data-dir and --db, shared by every command that opens the database."""
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(env("DATA_DIR") or DEFAULT_DATA_DIR),
+        help="where the database and key file live (env PULSESYNC_DATA_DIR; default %(default)s)",
+    )
+    p.add_argument(
+        "--db",
+        type=Path,
+        default=Path(v) if (v := env("DB")) else None,
+        help="the SQLite database file (env PULSESYNC_DB; default DATA_DIR/pulsesync.db)",
+    )
+
+
+def config_from(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
+        host=getattr(args, "host", DEFAULT_HOST),
+        port=getattr(args, "port", DEFAULT_PORT),
+        data_dir=args.data_dir,
+        db_path=args.db,
+        tls_cert=getattr(args, "tls_cert", None),
+        tls_key=getattr(args, "tls_key", None),
+        metrics_port=getattr(args, "metrics_port", None),
+        key_file=getattr(args, "key_file", None),
+        port_file=getattr(args, "port_file", None),
+    )
+
+
+async def _with_identity(
+    args: argparse.Namespace, fn: Callable[[IdentityStore], Awaitable[int]]
+) -> int:
+    async with await Database.open(config_from(args).database) as db:
+        return await fn(IdentityStore(db, SystemClock()))
+
+
+# -- serve --------------------------------------------------------------------------------
+async def cmd_serve(args: argparse.Namespace) -> int:
+    from pulsesync.server.app import serve_forever
+
+    await serve_forever(config_from(args))
+    return 0
+
+
+# -- users --------------------------------------------------------------------------------
+async def cmd_users_add(args: argparse.Namespace) -> int:
+    async def run(ids: IdentityStore) -> int:
+        user_id = await ids.add_user(args.name)
+        print(f"created user {args.name!r} (id {user_id})")
+        print(f"next: pulsesync devices pair-code {args.name}")
+        return 0
+
+    return await _with_identity(args, run)
+
+
+async def cmd_users_list(args: argparse.Namespace) -> int:
+    async def run(ids: IdentityStore) -> int:
+        for user_id, name, created in await ids.list_users():
+            print(f"{user_id:>5}  {name:<30} created {_when(created)}")
+        return 0
+
+    return await _with_identity(args, run)
+
+
+# -- devices ------------------------------------------------------------------------------
+async def cmd_pair_code(args: argparse.Namespace) -> int:
+    async def run(ids: IdentityStore) -> int:
+        user_id = await ids.user_id_by_name(args.user)
+        code, expire = await ids.create_pairing_code(user_id)
+        print(code)
+        print(
+            f"single use, valid until {_when(expire)}; on the device run:\n"
+            f"  pulsesync-agent pair --code {code} --kind phone|desktop|wearable",
+            file=sys.stderr,
+        )
+        return 0
+
+    return await _with_identity(args, run)
+
+
+async def cmd_devices_list(args: argparse.Namespace) -> int:
+    async def run(ids: IdentityStore) -> int:
+        user_id = await ids.user_id_by_name(args.user)
+        for d in await ids.list_devices(user_id):
+            kind = common_pb2.DeviceKind.Name(d.kind).removeprefix("DEVICE_KIND_").lower()  # type: ignore[arg-type]
+            state = f"revoked {_when(d.revoke_us)}" if d.revoke_us else "active"
+            print(
+                f"{d.device_id}  {kind:<16} {d.name:<24} last seen {_when(d.last_seen_us)}  {state}"
+            )
+        return 0
+
+    return await _with_identity(args, run)
+
+
+async def cmd_devices_revoke(args: argparse.Namespace) -> int:
+    async def run(ids: IdentityStore) -> int:
+        user_id = await ids.user_id_by_name(args.user)
+        d = await ids.revoke(user_id, args.device_id)
+        print(f"revoked {d.device_id} ({d.name}); a running server cuts its streams within seconds")
+        return 0
+
+    return await _with_identity(args, run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pulsesync", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--log-level", default=env("LOG_LEVEL", "info"), help="debug, info, warning"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the gRPC server")
+    serve.add_argument(
+        "--host", default=env("HOST", DEFAULT_HOST), help="address to bind (default %(default)s)"
+    )
+    serve.add_argument(
+        "--port",
+        type=int,
+        default=int(env("PORT") or DEFAULT_PORT),
+        help="port (0 = any free; default %(default)s)",
+    )
+    add_storage_flags(serve)
+    serve.add_argument(
+        "--tls-cert",
+        type=Path,
+        default=Path(v) if (v := env("TLS_CERT")) else None,
+        help="PEM certificate chain",
+    )
+    serve.add_argument(
+        "--tls-key",
+        type=Path,
+        default=Path(v) if (v := env("TLS_KEY")) else None,
+        help="PEM private key",
+    )
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(v) if (v := env("METRICS_PORT")) else None,
+        help="serve Prometheus metrics on this port",
+    )
+    serve.add_argument(
+        "--key-file",
+        type=Path,
+        default=Path(v) if (v := env("KEY_FILE")) else None,
+        help="profile key-encryption key file (default DATA_DIR/kek.key)",
+    )
+    serve.add_argument(
+        "--port-file", type=Path, default=None, help="write the bound port here once listening"
+    )
+    serve.set_defaults(handler=cmd_serve)
+
+    users = sub.add_parser("users", help="manage users").add_subparsers(
+        dest="users_cmd", required=True
+    )
+    p = users.add_parser("add", help="create a user")
+    p.add_argument("name")
+    add_storage_flags(p)
+    p.set_defaults(handler=cmd_users_add)
+    p = users.add_parser("list", help="list users")
+    add_storage_flags(p)
+    p.set_defaults(handler=cmd_users_list)
+
+    devices = sub.add_parser("devices", help="pair and manage devices").add_subparsers(
+        dest="devices_cmd", required=True
+    )
+    p = devices.add_parser(
+        "pair-code", help="mint a single-use pairing code for USER (valid 10 minutes)"
+    )
+    p.add_argument("user")
+    add_storage_flags(p)
+    p.set_defaults(handler=cmd_pair_code)
+    p = devices.add_parser("list", help="list USER's devices")
+    p.add_argument("user")
+    add_storage_flags(p)
+    p.set_defaults(handler=cmd_devices_list)
+    p = devices.add_parser("revoke", help="revoke one of USER's devices")
+    p.add_argument("user")
+    p.add_argument("device_id")
+    add_storage_flags(p)
+    p.set_defaults(handler=cmd_devices_revoke)
+
+    for register in _extra_commands():
+        register(sub)
+    return parser
+
+
+def _extra_commands() -> list[Callable[[Any], None]]:
+    """Command groups contributed by the server's components (keys, privacy, nudges)."""
+    return []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level, json_lines=args.command == "serve")
+    try:
+        handler: Handler = args.handler
+        return asyncio.run(handler(args))
+    except PulseSyncError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,52 @@
+"""Server configuration: flags first, then PULSESYNC_* environment variables, then defaults."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+DEFAULT_HOST: Final = "127.0.0.1"
+DEFAULT_PORT: Final = 50051
+DEFAULT_DATA_DIR: Final = Path("pulsesync-data")
+# gRPC's default of 4 MiB is raised so a full ingest batch (5000 events, well under 4 MiB in
+# practice) always fits with headroom, while a runaway message is still refused by gRPC.
+MAX_MESSAGE_BYTES: Final = 16 * 1024 * 1024
+
+
+def env(name: str, default: str | None = None) -> str | None:
+    """The value of PULSESYNC_<NAME>, or default."""
+    return os.environ.get(f"PULSESYNC_{name}", default)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Everything `pulsesync serve` can be told."""
+
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    data_dir: Path = DEFAULT_DATA_DIR
+    db_path: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    # Prometheus metrics on this port (0 picks a free one, None disables).
+    metrics_port: int | None = None
+    # The key-encryption key file for profile encryption (created with mode 0600 if missing).
+    key_file: Path | None = None
+    # Write the bound gRPC port here once listening (for supervisors and tests using port 0).
+    port_file: Path | None = None
+    grace_seconds: float = 5.0
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def database(self) -> Path:
+        return self.db_path or self.data_dir / "pulsesync.db"
+
+    @property
+    def kek_file(self) -> Path:
+        return self.key_file or self.data_dir / "kek.key"
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"

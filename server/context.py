@@ -1,0 +1,24 @@
+"""What every servicer shares: configuration, storage, identity, sessions, metrics, clock."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pulsesync.server.clock import Clock
+from pulsesync.server.config import ServerConfig
+from pulsesync.server.identity import IdentityStore
+from pulsesync.server.metrics import Metrics
+from pulsesync.server.sessions import SessionRegistry
+from pulsesync.server.storage.db import Database
+
+
+@dataclass(slots=True)
+class AppContext:
+    """The server's shared parts, built once in `pulsesync.server.app`."""
+
+    config: ServerConfig
+    db: Database
+    clock: Clock
+    identity: IdentityStore
+    sessions: SessionRegistry
+    metrics: Metrics

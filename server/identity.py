@@ -1,0 +1,278 @@
+"""Users, devices, pairing codes and bearer tokens.
+
+A device holds a random 256-bit bearer token; the server stores only its SHA-256 (a token
+has full entropy, so a fast hash is enough: there is nothing to brute-force). New devices
+join with a short-lived, single-use pairing code minted by the admin CLI or by one of the
+user's paired devices. Every lookup here returns the user the *token* belongs to: no request
+field ever names a user.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import sqlite3
+from dataclasses import dataclass
+from typing import Final
+
+from pulsesync.server.clock import Clock
+from pulsesync.server.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+)
+from pulsesync.server.storage.db import Database
+from pulsesync.v1 import common_pb2
+
+# Ten minutes: long enough to walk to the other device and type it, short enough that a
+# code seen over someone's shoulder is soon useless.
+PAIRING_CODE_TTL_US: Final = 10 * 60 * 1_000_000
+# Crockford-style alphabet without 0/O, 1/I/L, U: unambiguous when read aloud or typed.
+_CODE_ALPHABET: Final = "ABCDEFGHJKMNPQRSTVWXYZ23456789"
+_CODE_LENGTH: Final = 8  # 30**8 ~ 6.6e11 codes; single use and short-lived.
+_TOKEN_PREFIX: Final = "pst_"
+MAX_NAME_LENGTH: Final = 100
+# last_seen is refreshed at most once a minute: a write per call would put every read RPC
+# behind the write lock for a value nobody needs to the second.
+TOUCH_INTERVAL_US: Final = 60 * 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who a call acts for: resolved from the bearer token, never from the request."""
+
+    user_id: int
+    user_name: str
+    device_pk: int
+    device_id: str
+    device_kind: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRecord:
+    device_pk: int
+    device_id: str
+    user_id: int
+    name: str
+    kind: int
+    pair_us: int
+    last_seen_us: int | None
+    revoke_us: int | None
+    clock_offset_us: int
+
+
+def hash_secret(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode("utf-8")).digest()
+
+
+def normalize_pairing_code(code: str) -> str:
+    """Upper-case, dashes and spaces removed: what the person typed, made comparable."""
+    return "".join(ch for ch in code.upper() if ch not in "- ")
+
+
+def _format_code(raw: str) -> str:
+    return f"{raw[:4]}-{raw[4:]}"
+
+
+def _check_name(name: str, what: str) -> str:
+    name = name.strip()
+    if not name:
+        raise InvalidArgument(f"{what} must not be empty", reason="MISSING_FIELD")
+    if len(name) > MAX_NAME_LENGTH:
+        raise InvalidArgument(
+            f"{what} is longer than {MAX_NAME_LENGTH} characters", reason="FIELD_TOO_LONG"
+        )
+    return name
+
+
+_DEVICE_COLUMNS: Final = (
+    "device_pk, device_id, user_id, name, kind, pair_us, last_seen_us, revoke_us, clock_offset_us"
+)
+
+
+class IdentityStore:
+    """Reads and writes users, devices and pairing codes; resolves tokens to identities."""
+
+    def __init__(self, db: Database, clock: Clock) -> None:
+        self._db = db
+        self._clock = clock
+        # token hash -> identity, for the hot path (every call authenticates). Revocation and
+        # erasure evict entries, so a cached identity is never one the database has revoked.
+        self._cache: dict[bytes, Identity] = {}
+        self._last_touch: dict[int, int] = {}
+
+    # -- users ---------------------------------------------------------------------------
+    async def add_user(self, name: str) -> int:
+        """Create a user; AlreadyExists if the name is taken."""
+        name = _check_name(name, "user name")
+        try:
+            async with self._db.transaction() as tx:
+                cur = await tx.execute(
+                    "INSERT INTO users (name, create_us) VALUES (?, ?)",
+                    (name, self._clock.now_us()),
+                )
+                user_id = cur.lastrowid
+        except sqlite3.IntegrityError:
+            raise AlreadyExists(f"a user named {name!r} already exists") from None
+        assert user_id is not None
+        return user_id
+
+    async def user_id_by_name(self, name: str) -> int:
+        async with self._db.reader.execute(
+            "SELECT user_id FROM users WHERE name = ?", (name,)
+        ) as c:
+            row = await c.fetchone()
+        if row is None:
+            raise NotFound(f"no user named {name!r}; create one with `pulsesync users add`")
+        return int(row[0])
+
+    async def list_users(self) -> list[tuple[int, str, int]]:
+        async with self._db.reader.execute(
+            "SELECT user_id, name, create_us FROM users ORDER BY user_id"
+        ) as c:
+            return [(int(r[0]), str(r[1]), int(r[2])) for r in await c.fetchall()]
+
+    # -- pairing -------------------------------------------------------------------------
+    async def create_pairing_code(self, user_id: int) -> tuple[str, int]:
+        """A fresh single-use code for the user and its expiry (µs)."""
+        raw = "".join(secrets.choice(_CODE_ALPHABET) for _ in range(_CODE_LENGTH))
+        now = self._clock.now_us()
+        expire = now + PAIRING_CODE_TTL_US
+        async with self._db.transaction() as tx:
+            # Expired codes are useless; drop them while we are here.
+            await tx.execute("DELETE FROM pairing_codes WHERE expire_us < ?", (now,))
+            await tx.execute(
+                "INSERT INTO pairing_codes (code_hash, user_id, create_us, expire_us) VALUES (?, ?, ?, ?)",
+                (hash_secret(raw), user_id, now, expire),
+            )
+        return _format_code(raw), expire
+
+    async def pair(self, code: str, device_name: str, kind: int) -> tuple[DeviceRecord, str, str]:
+        """Trade a pairing code for a new device and its token: (device, token, user name)."""
+        device_name = _check_name(device_name, "device_name")
+        if kind not in common_pb2.DeviceKind.values() or kind == common_pb2.DEVICE_KIND_UNSPECIFIED:
+            raise InvalidArgument(
+                "kind must be one of DEVICE_KIND_PHONE, DEVICE_KIND_DESKTOP, DEVICE_KIND_WEARABLE_BRIDGE",
+                reason="INVALID_DEVICE_KIND",
+            )
+        normalized = normalize_pairing_code(code)
+        if len(normalized) != _CODE_LENGTH:
+            raise InvalidArgument(
+                "pairing_code must be 8 letters and digits, e.g. K7QF-M2XD",
+                reason="INVALID_PAIRING_CODE",
+            )
+        now = self._clock.now_us()
+        token = _TOKEN_PREFIX + secrets.token_urlsafe(32)
+        device_id = "dev_" + secrets.token_hex(8)
+        async with self._db.transaction() as tx:
+            async with tx.execute(
+                "SELECT user_id, expire_us, used_us FROM pairing_codes WHERE code_hash = ?",
+                (hash_secret(normalized),),
+            ) as c:
+                row = await c.fetchone()
+            if row is None or row[2] is not None or row[1] < now:
+                # One message for all three: telling them apart would help a code guesser.
+                raise PermissionDenied(
+                    "pairing code is unknown, already used or expired; ask for a new one with "
+                    "`pulsesync devices pair-code USER`",
+                    reason="PAIRING_CODE_INVALID",
+                )
+            user_id = int(row[0])
+            await tx.execute(
+                "UPDATE pairing_codes SET used_us = ? WHERE code_hash = ?",
+                (now, hash_secret(normalized)),
+            )
+            cur = await tx.execute(
+                "INSERT INTO devices (device_id, user_id, name, kind, token_hash, pair_us)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (device_id, user_id, device_name, kind, hash_secret(token), now),
+            )
+            device_pk = cur.lastrowid
+            async with tx.execute("SELECT name FROM users WHERE user_id = ?", (user_id,)) as c:
+                user_row = await c.fetchone()
+        assert device_pk is not None
+        assert user_row is not None
+        record = DeviceRecord(device_pk, device_id, user_id, device_name, kind, now, None, None, 0)
+        return record, token, str(user_row[0])
+
+    # -- tokens --------------------------------------------------------------------------
+    async def authenticate(self, token: str) -> Identity:
+        """The identity behind a bearer token, or Unauthenticated."""
+        key = hash_secret(token)
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        async with self._db.reader.execute(
+            "SELECT d.user_id, u.name, d.device_pk, d.device_id, d.kind, d.revoke_us"
+            " FROM devices d JOIN users u USING (user_id) WHERE d.token_hash = ?",
+            (key,),
+        ) as c:
+            row = await c.fetchone()
+        if row is None:
+            raise Unauthenticated(
+                "unknown device token; pair the device again", reason="TOKEN_UNKNOWN"
+            )
+        if row[5] is not None:
+            raise Unauthenticated("this device was revoked; pair it again", reason="DEVICE_REVOKED")
+        identity = Identity(int(row[0]), str(row[1]), int(row[2]), str(row[3]), int(row[4]))
+        self._cache[key] = identity
+        return identity
+
+    def forget_device(self, device_pk: int) -> None:
+        """Evict a device's cached identity (after revocation or erasure)."""
+        for key, ident in list(self._cache.items()):
+            if ident.device_pk == device_pk:
+                del self._cache[key]
+
+    def forget_user(self, user_id: int) -> None:
+        for key, ident in list(self._cache.items()):
+            if ident.user_id == user_id:
+                del self._cache[key]
+
+    # -- devices -------------------------------------------------------------------------
+    async def list_devices(self, user_id: int) -> list[DeviceRecord]:
+        async with self._db.reader.execute(
+            f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE user_id = ? ORDER BY device_pk",
+            (user_id,),
+        ) as c:
+            return [DeviceRecord(*row) for row in await c.fetchall()]
+
+    async def get_device(self, user_id: int, device_id: str) -> DeviceRecord:
+        """One of the user's devices; NotFound for other users' devices too."""
+        async with self._db.reader.execute(
+            f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE user_id = ? AND device_id = ?",
+            (user_id, device_id),
+        ) as c:
+            row = await c.fetchone()
+        if row is None:
+            raise NotFound(
+                f"no device {device_id!r} among this user's devices", reason="DEVICE_NOT_FOUND"
+            )
+        return DeviceRecord(*row)
+
+    async def revoke(self, user_id: int, device_id: str) -> DeviceRecord:
+        """Revoke one of the user's devices (idempotent); the caller closes its streams."""
+        device = await self.get_device(user_id, device_id)
+        if device.revoke_us is None:
+            now = self._clock.now_us()
+            async with self._db.transaction() as tx:
+                await tx.execute(
+                    "UPDATE devices SET revoke_us = ? WHERE device_pk = ? AND user_id = ?",
+                    (now, device.device_pk, user_id),
+                )
+            device = await self.get_device(user_id, device_id)
+        self.forget_device(device.device_pk)
+        return device
+
+    async def touch(self, device_pk: int) -> None:
+        """Record that the device was seen; written at most once per TOUCH_INTERVAL_US."""
+        now = self._clock.now_us()
+        if now - self._last_touch.get(device_pk, 0) < TOUCH_INTERVAL_US:
+            return
+        self._last_touch[device_pk] = now
+        async with self._db.transaction() as tx:
+            await tx.execute(
+                "UPDATE devices SET last_seen_us = ? WHERE device_pk = ?", (now, device_pk)
+            )

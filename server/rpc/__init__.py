@@ -1,0 +1,1 @@
+"""Thin gRPC servicers: they authenticate, translate messages and call the domain modules."""

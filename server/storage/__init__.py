@@ -1,0 +1,1 @@
+"""Embedded SQLite storage: one write connection, one read connection, numbered migrations."""

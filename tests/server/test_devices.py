@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from pulsesync.server.app import RunningServer
+from pulsesync.server.rpc.base import error_info
+from pulsesync.v1 import common_pb2, devices_pb2, devices_pb2_grpc
+from tests.support.server import pair_device
+
+
+async def test_pair_list_and_revoke(server: RunningServer, channel: grpc.aio.Channel) -> None:
+    phone = await pair_device(server, "ada", kind=common_pb2.DEVICE_KIND_PHONE)
+    laptop = await pair_device(server, "ada", kind=common_pb2.DEVICE_KIND_DESKTOP)
+    stub = devices_pb2_grpc.DeviceServiceStub(channel)
+
+    me = await stub.GetCurrentDevice(
+        devices_pb2.GetCurrentDeviceRequest(), metadata=phone.metadata, timeout=5
+    )
+    assert me.device.device_id == phone.device_id
+    assert me.user_name == "ada"
+
+    listed = await stub.ListDevices(
+        devices_pb2.ListDevicesRequest(), metadata=phone.metadata, timeout=5
+    )
+    assert {d.device_id for d in listed.devices} == {phone.device_id, laptop.device_id}
+
+    await stub.RevokeDevice(
+        devices_pb2.RevokeDeviceRequest(device_id=laptop.device_id),
+        metadata=phone.metadata,
+        timeout=5,
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.ListDevices(
+            devices_pb2.ListDevicesRequest(), metadata=laptop.metadata, timeout=5
+        )
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    info = error_info(err.value)
+    assert info is not None
+    assert info.reason == "DEVICE_REVOKED"
+    assert info.domain == "pulsesync.v1"
+
+
+async def test_pairing_code_is_single_use(server: RunningServer, channel: grpc.aio.Channel) -> None:
+    user_id = await server.app.identity.add_user("bo")
+    code, _ = await server.app.identity.create_pairing_code(user_id)
+    stub = devices_pb2_grpc.DeviceServiceStub(channel)
+    req = devices_pb2.PairDeviceRequest(
+        pairing_code=code.lower(), device_name="p", kind=common_pb2.DEVICE_KIND_PHONE
+    )
+    await stub.PairDevice(req, timeout=5)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.PairDevice(req, timeout=5)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_missing_token_is_unauthenticated(channel: grpc.aio.Channel) -> None:
+    stub = devices_pb2_grpc.DeviceServiceStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.ListDevices(devices_pb2.ListDevicesRequest(), timeout=5)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "authorization" in (err.value.details() or "")
+
+
+async def test_bad_pairing_request_is_invalid_argument(channel: grpc.aio.Channel) -> None:
+    stub = devices_pb2_grpc.DeviceServiceStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.PairDevice(
+            devices_pb2.PairDeviceRequest(
+                pairing_code="x",
+                device_name="p",
+                kind=99,  # type: ignore[arg-type]
+            ),
+            timeout=5,
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

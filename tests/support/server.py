@@ -1,0 +1,60 @@
+"""A real server on 127.0.0.1 port 0 over a real SQLite file, and helpers to pair devices."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from pulsesync.server.app import RunningServer, running_server
+from pulsesync.server.clock import Clock
+from pulsesync.server.config import ServerConfig
+from pulsesync.v1 import common_pb2, devices_pb2, devices_pb2_grpc
+
+
+@dataclass(frozen=True, slots=True)
+class PairedDevice:
+    """A device paired for a user: its id, token and a channel with its credentials."""
+
+    user: str
+    device_id: str
+    token: str
+    kind: int
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token}"),)
+
+
+@asynccontextmanager
+async def start_server(tmp: Path, *, clock: Clock | None = None) -> AsyncIterator[RunningServer]:
+    """A server bound to 127.0.0.1:0 with its database under tmp."""
+    config = ServerConfig(port=0, data_dir=tmp, grace_seconds=0.5)
+    async with running_server(config, clock=clock) as server:
+        yield server
+
+
+async def pair_device(
+    server: RunningServer, user: str, *, kind: int = common_pb2.DEVICE_KIND_PHONE, name: str = ""
+) -> PairedDevice:
+    """Create the user if needed, mint a code and pair a device through the real RPC."""
+    ids = server.app.identity
+    try:
+        user_id = await ids.user_id_by_name(user)
+    except Exception:
+        user_id = await ids.add_user(user)
+    code, _ = await ids.create_pairing_code(user_id)
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub = devices_pb2_grpc.DeviceServiceStub(channel)
+        resp = await stub.PairDevice(
+            devices_pb2.PairDeviceRequest(
+                pairing_code=code,
+                device_name=name or f"{user}-{kind}",
+                kind=kind,  # type: ignore[arg-type]
+            ),
+            timeout=5,
+        )
+    return PairedDevice(user, resp.device.device_id, resp.token, kind)
