@@ -24,11 +24,13 @@ from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from pulsesync.server.bus import EventBus
 from pulsesync.server.clock import Clock, SystemClock
 from pulsesync.server.config import MAX_MESSAGE_BYTES, ServerConfig
 from pulsesync.server.context import AppContext
 from pulsesync.server.identity import IdentityStore
 from pulsesync.server.metrics import Metrics
+from pulsesync.server.privacy.consent import ConsentStore
 from pulsesync.server.rpc.devices import DeviceServicer
 from pulsesync.server.rpc.ingest import IngestServicer
 from pulsesync.server.rpc.nudges import NudgeServicer
@@ -129,6 +131,8 @@ async def running_server(
             identity=IdentityStore(db, clock),
             sessions=SessionRegistry(metrics),
             metrics=metrics,
+            consent=ConsentStore(db, clock),
+            bus=EventBus(),
         )
         server = grpc.aio.server(options=GRPC_OPTIONS)
         servicers: dict[str, Any] = {}

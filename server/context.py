@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pulsesync.server.bus import EventBus
 from pulsesync.server.clock import Clock
 from pulsesync.server.config import ServerConfig
 from pulsesync.server.identity import IdentityStore
 from pulsesync.server.metrics import Metrics
+from pulsesync.server.privacy.consent import ConsentStore
 from pulsesync.server.sessions import SessionRegistry
 from pulsesync.server.storage.db import Database
 
@@ -22,3 +24,5 @@ class AppContext:
     identity: IdentityStore
     sessions: SessionRegistry
     metrics: Metrics
+    consent: ConsentStore
+    bus: EventBus

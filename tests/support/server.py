@@ -12,6 +12,8 @@ import grpc
 from pulsesync.server.app import RunningServer, running_server
 from pulsesync.server.clock import Clock
 from pulsesync.server.config import ServerConfig
+from pulsesync.server.errors import NotFound
+from pulsesync.server.privacy.consent import CATEGORIES
 from pulsesync.v1 import common_pb2, devices_pb2, devices_pb2_grpc
 
 
@@ -37,15 +39,26 @@ async def start_server(tmp: Path, *, clock: Clock | None = None) -> AsyncIterato
         yield server
 
 
+ALL_CONSENTS = tuple(CATEGORIES)
+
+
 async def pair_device(
-    server: RunningServer, user: str, *, kind: int = common_pb2.DEVICE_KIND_PHONE, name: str = ""
+    server: RunningServer,
+    user: str,
+    *,
+    kind: int = common_pb2.DEVICE_KIND_PHONE,
+    name: str = "",
+    consents: tuple[int, ...] = ALL_CONSENTS,
 ) -> PairedDevice:
-    """Create the user if needed, mint a code and pair a device through the real RPC."""
+    """Create the user if needed (granting `consents`), mint a code and pair a device
+    through the real PairDevice RPC."""
     ids = server.app.identity
     try:
         user_id = await ids.user_id_by_name(user)
-    except Exception:
+    except NotFound:
         user_id = await ids.add_user(user)
+        for category in consents:
+            await server.app.consent.set(user_id, category, True, device_id="test-setup")
     code, _ = await ids.create_pairing_code(user_id)
     async with grpc.aio.insecure_channel(server.address) as channel:
         stub = devices_pb2_grpc.DeviceServiceStub(channel)

@@ -1,0 +1,1 @@
+"""Consent, transparency, export, erasure and retention."""

@@ -1,0 +1,137 @@
+"""Consent per category, recorded in an append-only ledger and enforced before storing.
+
+Nothing is granted by default. `ConsentStore.granted(user_id)` is on the ingest hot path, so
+the current state is cached per user and the cache is replaced on every change made through
+this store (the only writer), which also notifies watchers so changes reach open streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+from pulsesync.server.clock import Clock
+from pulsesync.server.errors import InvalidArgument
+from pulsesync.server.storage.db import Database
+from pulsesync.v1 import common_pb2, events_pb2
+
+CATEGORIES: Final = tuple(
+    v for v in common_pb2.ConsentCategory.values() if v != common_pb2.CONSENT_CATEGORY_UNSPECIFIED
+)
+
+# Which consent an event kind needs. An event kind missing here is refused, so adding an
+# event kind to the API forces a decision about its category (tests check the mapping).
+CATEGORY_OF_KIND: Final[dict[int, int]] = {
+    events_pb2.EVENT_KIND_SCREEN_VIEW: common_pb2.CONSENT_CATEGORY_BEHAVIOR,
+    events_pb2.EVENT_KIND_TAP: common_pb2.CONSENT_CATEGORY_BEHAVIOR,
+    events_pb2.EVENT_KIND_FEATURE_USE: common_pb2.CONSENT_CATEGORY_BEHAVIOR,
+    events_pb2.EVENT_KIND_SEARCH: common_pb2.CONSENT_CATEGORY_BEHAVIOR,
+    events_pb2.EVENT_KIND_SESSION_START: common_pb2.CONSENT_CATEGORY_BEHAVIOR,
+    events_pb2.EVENT_KIND_SESSION_END: common_pb2.CONSENT_CATEGORY_BEHAVIOR,
+    events_pb2.EVENT_KIND_HEART_RATE: common_pb2.CONSENT_CATEGORY_ACTIVITY,
+    events_pb2.EVENT_KIND_STEPS: common_pb2.CONSENT_CATEGORY_ACTIVITY,
+    events_pb2.EVENT_KIND_CADENCE: common_pb2.CONSENT_CATEGORY_ACTIVITY,
+    events_pb2.EVENT_KIND_BATTERY: common_pb2.CONSENT_CATEGORY_ACTIVITY,
+    events_pb2.EVENT_KIND_OXYGEN_SATURATION: common_pb2.CONSENT_CATEGORY_ACTIVITY,
+    events_pb2.EVENT_KIND_NUDGE_INTERACTION: common_pb2.CONSENT_CATEGORY_PERSONALIZATION,
+}
+
+CURRENT_POLICY_VERSION: Final = "2026-11"
+
+
+@dataclass(frozen=True, slots=True)
+class ConsentState:
+    """The latest choice for one category."""
+
+    category: int
+    granted: bool
+    change_us: int | None
+    policy_version: str
+    device_id: str
+
+
+Watcher = Callable[[int, tuple[ConsentState, ...]], None]
+
+
+class ConsentStore:
+    """Reads and changes consents; the source of truth for what may be stored."""
+
+    def __init__(self, db: Database, clock: Clock) -> None:
+        self._db = db
+        self._clock = clock
+        self._granted: dict[int, frozenset[int]] = {}
+        self._watchers: dict[int, list[Watcher]] = defaultdict(list)
+        self._lock = asyncio.Lock()
+
+    async def states(self, user_id: int) -> tuple[ConsentState, ...]:
+        """One state per category (never-asked categories are not granted)."""
+        latest: dict[int, ConsentState] = {}
+        async with self._db.reader.execute(
+            "SELECT category, granted, change_us, policy_version, device_id FROM consent_ledger"
+            " WHERE user_id = ? ORDER BY entry_id",
+            (user_id,),
+        ) as c:
+            for cat, granted, change_us, policy, device in await c.fetchall():
+                latest[int(cat)] = ConsentState(
+                    int(cat), bool(granted), int(change_us), policy, device
+                )
+        return tuple(latest.get(cat, ConsentState(cat, False, None, "", "")) for cat in CATEGORIES)
+
+    async def granted(self, user_id: int) -> frozenset[int]:
+        """The categories the user has granted now (cached; hot path)."""
+        cached = self._granted.get(user_id)
+        if cached is None:
+            cached = frozenset(s.category for s in await self.states(user_id) if s.granted)
+            self._granted[user_id] = cached
+        return cached
+
+    async def set(
+        self,
+        user_id: int,
+        category: int,
+        granted: bool,
+        *,
+        device_id: str,
+        policy_version: str = CURRENT_POLICY_VERSION,
+    ) -> ConsentState:
+        """Record a grant or withdrawal; effective immediately."""
+        if category not in CATEGORIES:
+            raise InvalidArgument(
+                "category must be one of "
+                + ", ".join(common_pb2.ConsentCategory.Name(c) for c in CATEGORIES),
+                reason="INVALID_CONSENT_CATEGORY",
+            )
+        now = self._clock.now_us()
+        async with self._lock:
+            async with self._db.transaction() as tx:
+                await tx.execute(
+                    "INSERT INTO consent_ledger (user_id, category, granted, policy_version, device_id, change_us)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (user_id, category, int(granted), policy_version, device_id, now),
+                )
+            self._granted.pop(user_id, None)
+            states = await self.states(user_id)
+            self._granted[user_id] = frozenset(s.category for s in states if s.granted)
+        for watcher in list(self._watchers.get(user_id, ())):
+            watcher(user_id, states)
+        return next(s for s in states if s.category == category)
+
+    def watch(self, user_id: int, fn: Watcher) -> Callable[[], None]:
+        """Call fn(user_id, states) after each change of the user's consents."""
+        self._watchers[user_id].append(fn)
+
+        def cancel() -> None:
+            watchers = self._watchers.get(user_id)
+            if watchers and fn in watchers:
+                watchers.remove(fn)
+                if not watchers:
+                    del self._watchers[user_id]
+
+        return cancel
+
+    def forget_user(self, user_id: int) -> None:
+        """Drop cached state (after erasure)."""
+        self._granted.pop(user_id, None)
