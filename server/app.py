@@ -31,6 +31,7 @@ from pulsesync.server.context import AppContext
 from pulsesync.server.identity import IdentityStore
 from pulsesync.server.metrics import Metrics
 from pulsesync.server.privacy.consent import ConsentStore
+from pulsesync.server.privacy.registry import UserDataRegistry
 from pulsesync.server.rpc.devices import DeviceServicer
 from pulsesync.server.rpc.ingest import IngestServicer
 from pulsesync.server.rpc.nudges import NudgeServicer
@@ -133,6 +134,7 @@ async def running_server(
             metrics=metrics,
             consent=ConsentStore(db, clock),
             bus=EventBus(),
+            user_data=UserDataRegistry(),
         )
         server = grpc.aio.server(options=GRPC_OPTIONS)
         servicers: dict[str, Any] = {}

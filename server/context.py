@@ -10,6 +10,7 @@ from pulsesync.server.config import ServerConfig
 from pulsesync.server.identity import IdentityStore
 from pulsesync.server.metrics import Metrics
 from pulsesync.server.privacy.consent import ConsentStore
+from pulsesync.server.privacy.registry import UserDataRegistry
 from pulsesync.server.sessions import SessionRegistry
 from pulsesync.server.storage.db import Database
 
@@ -26,3 +27,4 @@ class AppContext:
     metrics: Metrics
     consent: ConsentStore
     bus: EventBus
+    user_data: UserDataRegistry

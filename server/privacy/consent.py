@@ -13,31 +13,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
+from pulsesync.kinds import CATEGORY_OF_KIND
 from pulsesync.server.clock import Clock
 from pulsesync.server.errors import InvalidArgument
 from pulsesync.server.storage.db import Database
-from pulsesync.v1 import common_pb2, events_pb2
+from pulsesync.v1 import common_pb2
+
+__all__ = ["CATEGORIES", "CATEGORY_OF_KIND", "ConsentState", "ConsentStore"]
 
 CATEGORIES: Final = tuple(
     v for v in common_pb2.ConsentCategory.values() if v != common_pb2.CONSENT_CATEGORY_UNSPECIFIED
 )
-
-# Which consent an event kind needs. An event kind missing here is refused, so adding an
-# event kind to the API forces a decision about its category (tests check the mapping).
-CATEGORY_OF_KIND: Final[dict[int, int]] = {
-    events_pb2.EVENT_KIND_SCREEN_VIEW: common_pb2.CONSENT_CATEGORY_BEHAVIOR,
-    events_pb2.EVENT_KIND_TAP: common_pb2.CONSENT_CATEGORY_BEHAVIOR,
-    events_pb2.EVENT_KIND_FEATURE_USE: common_pb2.CONSENT_CATEGORY_BEHAVIOR,
-    events_pb2.EVENT_KIND_SEARCH: common_pb2.CONSENT_CATEGORY_BEHAVIOR,
-    events_pb2.EVENT_KIND_SESSION_START: common_pb2.CONSENT_CATEGORY_BEHAVIOR,
-    events_pb2.EVENT_KIND_SESSION_END: common_pb2.CONSENT_CATEGORY_BEHAVIOR,
-    events_pb2.EVENT_KIND_HEART_RATE: common_pb2.CONSENT_CATEGORY_ACTIVITY,
-    events_pb2.EVENT_KIND_STEPS: common_pb2.CONSENT_CATEGORY_ACTIVITY,
-    events_pb2.EVENT_KIND_CADENCE: common_pb2.CONSENT_CATEGORY_ACTIVITY,
-    events_pb2.EVENT_KIND_BATTERY: common_pb2.CONSENT_CATEGORY_ACTIVITY,
-    events_pb2.EVENT_KIND_OXYGEN_SATURATION: common_pb2.CONSENT_CATEGORY_ACTIVITY,
-    events_pb2.EVENT_KIND_NUDGE_INTERACTION: common_pb2.CONSENT_CATEGORY_PERSONALIZATION,
-}
 
 CURRENT_POLICY_VERSION: Final = "2026-11"
 

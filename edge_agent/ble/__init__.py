@@ -1,0 +1,1 @@
+"""Bluetooth LE wearables: GATT parsers, the bridge, and emulated sensors."""

@@ -1,0 +1,1 @@
+"""Event sources for trying the agent out: simulated apps and emulated wearables."""

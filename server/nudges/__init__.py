@@ -1,0 +1,1 @@
+"""Context-aware nudges: catalog, features, eligibility, policy, delivery and learning."""

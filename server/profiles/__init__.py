@@ -1,0 +1,1 @@
+"""Encrypted, mergeable profile snapshots shared across a person's devices."""

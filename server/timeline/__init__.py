@@ -1,0 +1,1 @@
+"""Ingest pipeline and the merged per-user timeline."""
