@@ -12,11 +12,12 @@ the database is open and before it closes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -166,6 +167,8 @@ async def running_server(
                 stack.push_async_callback(servicer.stop)
 
         await server.start()
+        sweeper = asyncio.create_task(_cut_off_revoked(app), name="revocation-sweep")
+        stack.push_async_callback(_cancel, sweeper)
 
         async def shutdown() -> None:
             await health_servicer.enter_graceful_shutdown()
@@ -180,6 +183,7 @@ async def running_server(
             http_server, _thread = start_http_server(
                 config.metrics_port, addr=config.host, registry=metrics.registry
             )
+            stack.callback(http_server.server_close)
             stack.callback(http_server.shutdown)
             metrics_port = int(http_server.server_port)
 
@@ -194,6 +198,31 @@ async def running_server(
         )  # fmt: skip
         yield RunningServer(server, port, app, servicers, metrics_port)
         log.info("shutting down", extra={"grace_seconds": config.grace_seconds})
+
+
+# Revocations made through the API cut streams off at once; ones written to the database by
+# another process (the admin CLI) are found by this sweep. Two seconds keeps the cost to one
+# indexed query per sweep while a revoked device's stream dies about as fast as a person checks.
+REVOCATION_SWEEP_SECONDS: Final = 2.0
+
+
+async def _cut_off_revoked(app: AppContext) -> None:
+    """Close the open streams of devices revoked by another process, every few seconds."""
+    while True:
+        await asyncio.sleep(REVOCATION_SWEEP_SECONDS)
+        try:
+            for device_pk in await app.identity.revoked_among(app.sessions.connected_devices()):
+                app.identity.forget_device(device_pk)
+                if app.sessions.cut_off_device(device_pk):
+                    log.info("closed streams of a revoked device", extra={"device_pk": device_pk})
+        except Exception:
+            log.exception("revocation sweep failed; retrying")
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def serve_forever(config: ServerConfig) -> None:

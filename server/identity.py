@@ -37,6 +37,8 @@ MAX_NAME_LENGTH: Final = 100
 # last_seen is refreshed at most once a minute: a write per call would put every read RPC
 # behind the write lock for a value nobody needs to the second.
 TOUCH_INTERVAL_US: Final = 60 * 1_000_000
+# A revocation written by another process (the admin CLI) reaches unary calls within this.
+TOKEN_CACHE_US: Final = 5 * 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,9 +100,10 @@ class IdentityStore:
     def __init__(self, db: Database, clock: Clock) -> None:
         self._db = db
         self._clock = clock
-        # token hash -> identity, for the hot path (every call authenticates). Revocation and
-        # erasure evict entries, so a cached identity is never one the database has revoked.
-        self._cache: dict[bytes, Identity] = {}
+        # token hash -> (identity, expiry), for the hot path (every call authenticates).
+        # Revocation and erasure through this server evict entries at once; the expiry bounds
+        # how long a revocation made by another process (the admin CLI) takes to apply.
+        self._cache: dict[bytes, tuple[Identity, int]] = {}
         self._last_touch: dict[int, int] = {}
 
     # -- users ---------------------------------------------------------------------------
@@ -201,9 +204,10 @@ class IdentityStore:
     async def authenticate(self, token: str) -> Identity:
         """The identity behind a bearer token, or Unauthenticated."""
         key = hash_secret(token)
+        now = self._clock.now_us()
         cached = self._cache.get(key)
-        if cached is not None:
-            return cached
+        if cached is not None and cached[1] > now:
+            return cached[0]
         async with self._db.reader.execute(
             "SELECT d.user_id, u.name, d.device_pk, d.device_id, d.kind, d.revoke_us"
             " FROM devices d JOIN users u USING (user_id) WHERE d.token_hash = ?",
@@ -217,19 +221,31 @@ class IdentityStore:
         if row[5] is not None:
             raise Unauthenticated("this device was revoked; pair it again", reason="DEVICE_REVOKED")
         identity = Identity(int(row[0]), str(row[1]), int(row[2]), str(row[3]), int(row[4]))
-        self._cache[key] = identity
+        self._cache[key] = (identity, now + TOKEN_CACHE_US)
         return identity
 
     def forget_device(self, device_pk: int) -> None:
         """Evict a device's cached identity (after revocation or erasure)."""
-        for key, ident in list(self._cache.items()):
+        for key, (ident, _) in list(self._cache.items()):
             if ident.device_pk == device_pk:
                 del self._cache[key]
 
     def forget_user(self, user_id: int) -> None:
-        for key, ident in list(self._cache.items()):
+        for key, (ident, _) in list(self._cache.items()):
             if ident.user_id == user_id:
                 del self._cache[key]
+
+    async def revoked_among(self, device_pks: list[int]) -> list[int]:
+        """Which of these devices are revoked or gone (for cutting off their open streams)."""
+        if not device_pks:
+            return []
+        marks = ",".join("?" * len(device_pks))
+        async with self._db.reader.execute(
+            f"SELECT device_pk FROM devices WHERE device_pk IN ({marks}) AND revoke_us IS NULL",
+            device_pks,
+        ) as c:
+            active = {int(r[0]) for r in await c.fetchall()}
+        return [pk for pk in device_pks if pk not in active]
 
     # -- devices -------------------------------------------------------------------------
     async def list_devices(self, user_id: int) -> list[DeviceRecord]:

@@ -62,6 +62,10 @@ class SessionRegistry:
         """Why this task was cut off, if it was."""
         return self._reasons.get(task) if task is not None else None
 
+    def connected_devices(self) -> list[int]:
+        """Device keys with at least one open stream."""
+        return list(self._by_device)
+
     def connected_device_count(self) -> int:
         return len(self._by_device)
 

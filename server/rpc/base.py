@@ -89,7 +89,7 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: PulseSyncEr
 
 
 def _method_name(fn: Callable[..., Any]) -> str:
-    return fn.__qualname__.replace("Servicer.", ".")
+    return fn.__qualname__.replace("Servicer.", "Service.")
 
 
 def rpc_method(*, public: bool = False, stream: bool = False) -> Callable[[Any], Any]:
