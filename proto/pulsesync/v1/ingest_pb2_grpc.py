@@ -40,6 +40,11 @@ class IngestServiceStub:
                 request_serializer=pulsesync_dot_v1_dot_ingest__pb2.UploadRequest.SerializeToString,
                 response_deserializer=pulsesync_dot_v1_dot_ingest__pb2.UploadResponse.FromString,
                 _registered_method=True)
+        self.UploadBatch = channel.unary_unary(
+                '/pulsesync.v1.IngestService/UploadBatch',
+                request_serializer=pulsesync_dot_v1_dot_ingest__pb2.UploadBatchRequest.SerializeToString,
+                response_deserializer=pulsesync_dot_v1_dot_ingest__pb2.UploadBatchResponse.FromString,
+                _registered_method=True)
 
 
 class IngestServiceServicer:
@@ -55,6 +60,15 @@ class IngestServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadBatch(self, request, context):
+        """One batch per call, answered after it is durably committed; the same validation,
+        deduplication and skew correction as Upload. For scripts and tests: an agent streams.
+        A refused batch fails the call with INVALID_ARGUMENT and the same reason as on the stream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IngestServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -62,6 +76,11 @@ def add_IngestServiceServicer_to_server(servicer, server):
                     servicer.Upload,
                     request_deserializer=pulsesync_dot_v1_dot_ingest__pb2.UploadRequest.FromString,
                     response_serializer=pulsesync_dot_v1_dot_ingest__pb2.UploadResponse.SerializeToString,
+            ),
+            'UploadBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.UploadBatch,
+                    request_deserializer=pulsesync_dot_v1_dot_ingest__pb2.UploadBatchRequest.FromString,
+                    response_serializer=pulsesync_dot_v1_dot_ingest__pb2.UploadBatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -92,6 +111,33 @@ class IngestService:
             '/pulsesync.v1.IngestService/Upload',
             pulsesync_dot_v1_dot_ingest__pb2.UploadRequest.SerializeToString,
             pulsesync_dot_v1_dot_ingest__pb2.UploadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pulsesync.v1.IngestService/UploadBatch',
+            pulsesync_dot_v1_dot_ingest__pb2.UploadBatchRequest.SerializeToString,
+            pulsesync_dot_v1_dot_ingest__pb2.UploadBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

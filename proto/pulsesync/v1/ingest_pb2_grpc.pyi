@@ -38,6 +38,11 @@ class IngestServiceStub:
     durably committed. A bad batch or bad event gets a reason in its response; the stream
     stays open. Opening a new Upload stream from the same device closes the older one.
     """
+    UploadBatch: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.UploadBatchRequest, _ingest_pb2.UploadBatchResponse]
+    """One batch per call, answered after it is durably committed; the same validation,
+    deduplication and skew correction as Upload. For scripts and tests: an agent streams.
+    A refused batch fails the call with INVALID_ARGUMENT and the same reason as on the stream.
+    """
 
 @_typing.type_check_only
 class IngestServiceAsyncStub(IngestServiceStub):
@@ -48,6 +53,11 @@ class IngestServiceAsyncStub(IngestServiceStub):
     """A device streams batches and receives one response per batch, after the batch is
     durably committed. A bad batch or bad event gets a reason in its response; the stream
     stays open. Opening a new Upload stream from the same device closes the older one.
+    """
+    UploadBatch: _aio.UnaryUnaryMultiCallable[_ingest_pb2.UploadBatchRequest, _ingest_pb2.UploadBatchResponse]  # type: ignore[assignment]
+    """One batch per call, answered after it is durably committed; the same validation,
+    deduplication and skew correction as Upload. For scripts and tests: an agent streams.
+    A refused batch fails the call with INVALID_ARGUMENT and the same reason as on the stream.
     """
 
 class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -62,6 +72,17 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
         """A device streams batches and receives one response per batch, after the batch is
         durably committed. A bad batch or bad event gets a reason in its response; the stream
         stays open. Opening a new Upload stream from the same device closes the older one.
+        """
+
+    @_abc_1.abstractmethod
+    def UploadBatch(
+        self,
+        request: _ingest_pb2.UploadBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ingest_pb2.UploadBatchResponse, _abc.Awaitable[_ingest_pb2.UploadBatchResponse]]:
+        """One batch per call, answered after it is durably committed; the same validation,
+        deduplication and skew correction as Upload. For scripts and tests: an agent streams.
+        A refused batch fails the call with INVALID_ARGUMENT and the same reason as on the stream.
         """
 
 def add_IngestServiceServicer_to_server(servicer: IngestServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
