@@ -22,11 +22,10 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
-from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpulsesync/v1/profiles.proto\x12\x0cpulsesync.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"I\n\x0fHybridTimestamp\x12\x14\n\x0cwall_time_ms\x18\x01 \x01(\x03\x12\x0f\n\x07logical\x18\x02 \x01(\r\x12\x0f\n\x07node_id\x18\x03 \x01(\t\"\xdc\x01\n\x0bPreferences\x12\r\n\x05theme\x18\x01 \x01(\t\x12\x10\n\x08language\x18\x02 \x01(\t\x12\"\n\x05units\x18\x03 \x01(\x0e\x32\x13.pulsesync.v1.Units\x12\x12\n\ntext_scale\x18\x04 \x01(\x02\x12@\n\x0c\x61pp_settings\x18\x05 \x03(\x0b\x32*.pulsesync.v1.Preferences.AppSettingsEntry\x1a\x32\n\x10\x41ppSettingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"W\n\x05Goals\x12\x13\n\x0b\x64\x61ily_steps\x18\x01 \x01(\r\x12\x1b\n\x13\x64\x61ily_study_minutes\x18\x02 \x01(\r\x12\x1c\n\x14\x64\x61ily_active_minutes\x18\x03 \x01(\r\"6\n\nQuietHours\x12\x14\n\x0cstart_minute\x18\x01 \x01(\r\x12\x12\n\nend_minute\x18\x02 \x01(\r\"5\n\x06Layout\x12\x15\n\rfeature_order\x18\x01 \x03(\t\x12\x14\n\x0cpinned_order\x18\x02 \x03(\t\"\xa5\x01\n\x0e\x43ontinuityItem\x12\x0b\n\x03\x61pp\x18\x01 \x01(\t\x12\x0f\n\x07item_id\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\x12\x10\n\x08position\x18\x04 \x01(\t\x12\x10\n\x08progress\x18\x05 \x01(\x02\x12\x11\n\tdevice_id\x18\x06 \x01(\t\x12/\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xeb\x03\n\x07Profile\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12/\n\x0bupdate_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x0bpreferences\x18\x03 \x01(\x0b\x32\x19.pulsesync.v1.Preferences\x12\"\n\x05goals\x18\x04 \x01(\x0b\x32\x13.pulsesync.v1.Goals\x12-\n\x0bquiet_hours\x18\x05 \x01(\x0b\x32\x18.pulsesync.v1.QuietHours\x12\x11\n\ttime_zone\x18\x06 \x01(\t\x12\x19\n\x11muted_nudge_types\x18\x07 \x03(\t\x12$\n\x06layout\x18\x08 \x01(\x0b\x32\x14.pulsesync.v1.Layout\x12\x36\n\x10\x63ontinuity_items\x18\t \x03(\x0b\x32\x1c.pulsesync.v1.ContinuityItem\x12<\n\x0c\x66ield_stamps\x18\n \x03(\x0b\x32&.pulsesync.v1.Profile.FieldStampsEntry\x1aQ\n\x10\x46ieldStampsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12,\n\x05value\x18\x02 \x01(\x0b\x32\x1d.pulsesync.v1.HybridTimestamp:\x02\x38\x01\"\x13\n\x11GetProfileRequest\"<\n\x12GetProfileResponse\x12&\n\x07profile\x18\x01 \x01(\x0b\x32\x15.pulsesync.v1.Profile\"_\n\x0bProfileEdit\x12\x12\n\nfield_path\x18\x01 \x01(\t\x12,\n\x05stamp\x18\x02 \x01(\x0b\x32\x1d.pulsesync.v1.HybridTimestamp\x12\x0e\n\x06\x64\x65lete\x18\x03 \x01(\x08\"\xaf\x01\n\x14UpdateProfileRequest\x12\x14\n\x0c\x62\x61se_version\x18\x01 \x01(\x04\x12&\n\x07profile\x18\x02 \x01(\x0b\x32\x15.pulsesync.v1.Profile\x12(\n\x05\x65\x64its\x18\x03 \x03(\x0b\x32\x19.pulsesync.v1.ProfileEdit\x12/\n\x0bupdate_mask\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"Z\n\x15UpdateProfileResponse\x12&\n\x07profile\x18\x01 \x01(\x0b\x32\x15.pulsesync.v1.Profile\x12\x19\n\x11overridden_fields\x18\x02 \x03(\t\",\n\x13WatchProfileRequest\x12\x15\n\rafter_version\x18\x01 \x01(\x04\">\n\x14WatchProfileResponse\x12&\n\x07profile\x18\x01 \x01(\x0b\x32\x15.pulsesync.v1.Profile*D\n\x05Units\x12\x15\n\x11UNITS_UNSPECIFIED\x10\x00\x12\x10\n\x0cUNITS_METRIC\x10\x01\x12\x12\n\x0eUNITS_IMPERIAL\x10\x02\x32\x94\x02\n\x0eProfileService\x12O\n\nGetProfile\x12\x1f.pulsesync.v1.GetProfileRequest\x1a .pulsesync.v1.GetProfileResponse\x12X\n\rUpdateProfile\x12\".pulsesync.v1.UpdateProfileRequest\x1a#.pulsesync.v1.UpdateProfileResponse\x12W\n\x0cWatchProfile\x12!.pulsesync.v1.WatchProfileRequest\x1a\".pulsesync.v1.WatchProfileResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpulsesync/v1/profiles.proto\x12\x0cpulsesync.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"I\n\x0fHybridTimestamp\x12\x14\n\x0cwall_time_ms\x18\x01 \x01(\x03\x12\x0f\n\x07logical\x18\x02 \x01(\r\x12\x0f\n\x07node_id\x18\x03 \x01(\t\"\xdc\x01\n\x0bPreferences\x12\r\n\x05theme\x18\x01 \x01(\t\x12\x10\n\x08language\x18\x02 \x01(\t\x12\"\n\x05units\x18\x03 \x01(\x0e\x32\x13.pulsesync.v1.Units\x12\x12\n\ntext_scale\x18\x04 \x01(\x02\x12@\n\x0c\x61pp_settings\x18\x05 \x03(\x0b\x32*.pulsesync.v1.Preferences.AppSettingsEntry\x1a\x32\n\x10\x41ppSettingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"W\n\x05Goals\x12\x13\n\x0b\x64\x61ily_steps\x18\x01 \x01(\r\x12\x1b\n\x13\x64\x61ily_study_minutes\x18\x02 \x01(\r\x12\x1c\n\x14\x64\x61ily_active_minutes\x18\x03 \x01(\r\"6\n\nQuietHours\x12\x14\n\x0cstart_minute\x18\x01 \x01(\r\x12\x12\n\nend_minute\x18\x02 \x01(\r\"L\n\x06Layout\x12\x15\n\rfeature_order\x18\x01 \x03(\t\x12\x14\n\x0cpinned_order\x18\x02 \x03(\t\x12\x15\n\rusage_ranking\x18\x03 \x03(\t\"\xa5\x01\n\x0e\x43ontinuityItem\x12\x0b\n\x03\x61pp\x18\x01 \x01(\t\x12\x0f\n\x07item_id\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\x12\x10\n\x08position\x18\x04 \x01(\t\x12\x10\n\x08progress\x18\x05 \x01(\x02\x12\x11\n\tdevice_id\x18\x06 \x01(\t\x12/\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x85\x04\n\x07Profile\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12/\n\x0bupdate_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x0bpreferences\x18\x03 \x01(\x0b\x32\x19.pulsesync.v1.Preferences\x12\"\n\x05goals\x18\x04 \x01(\x0b\x32\x13.pulsesync.v1.Goals\x12-\n\x0bquiet_hours\x18\x05 \x01(\x0b\x32\x18.pulsesync.v1.QuietHours\x12\x11\n\ttime_zone\x18\x06 \x01(\t\x12\x19\n\x11muted_nudge_types\x18\x07 \x03(\t\x12$\n\x06layout\x18\x08 \x01(\x0b\x32\x14.pulsesync.v1.Layout\x12\x36\n\x10\x63ontinuity_items\x18\t \x03(\x0b\x32\x1c.pulsesync.v1.ContinuityItem\x12<\n\x0c\x66ield_stamps\x18\n \x03(\x0b\x32&.pulsesync.v1.Profile.FieldStampsEntry\x12\x18\n\x10update_device_id\x18\x0b \x01(\t\x1aQ\n\x10\x46ieldStampsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12,\n\x05value\x18\x02 \x01(\x0b\x32\x1d.pulsesync.v1.HybridTimestamp:\x02\x38\x01\"\x13\n\x11GetProfileRequest\"<\n\x12GetProfileResponse\x12&\n\x07profile\x18\x01 \x01(\x0b\x32\x15.pulsesync.v1.Profile\"_\n\x0bProfileEdit\x12\x12\n\nfield_path\x18\x01 \x01(\t\x12,\n\x05stamp\x18\x02 \x01(\x0b\x32\x1d.pulsesync.v1.HybridTimestamp\x12\x0e\n\x06\x64\x65lete\x18\x03 \x01(\x08\"\x91\x01\n\x14UpdateProfileRequest\x12\x14\n\x0c\x62\x61se_version\x18\x01 \x01(\x04\x12&\n\x07profile\x18\x02 \x01(\x0b\x32\x15.pulsesync.v1.Profile\x12(\n\x05\x65\x64its\x18\x03 \x03(\x0b\x32\x19.pulsesync.v1.ProfileEditJ\x04\x08\x04\x10\x05R\x0bupdate_mask\"m\n\x15UpdateProfileResponse\x12&\n\x07profile\x18\x01 \x01(\x0b\x32\x15.pulsesync.v1.Profile\x12\x19\n\x11overridden_fields\x18\x02 \x03(\t\x12\x11\n\tcommitted\x18\x03 \x01(\x08\",\n\x13WatchProfileRequest\x12\x15\n\rafter_version\x18\x01 \x01(\x04\">\n\x14WatchProfileResponse\x12&\n\x07profile\x18\x01 \x01(\x0b\x32\x15.pulsesync.v1.Profile*D\n\x05Units\x12\x15\n\x11UNITS_UNSPECIFIED\x10\x00\x12\x10\n\x0cUNITS_METRIC\x10\x01\x12\x12\n\x0eUNITS_IMPERIAL\x10\x02\x32\x94\x02\n\x0eProfileService\x12O\n\nGetProfile\x12\x1f.pulsesync.v1.GetProfileRequest\x1a .pulsesync.v1.GetProfileResponse\x12X\n\rUpdateProfile\x12\".pulsesync.v1.UpdateProfileRequest\x1a#.pulsesync.v1.UpdateProfileResponse\x12W\n\x0cWatchProfile\x12!.pulsesync.v1.WatchProfileRequest\x1a\".pulsesync.v1.WatchProfileResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,40 +36,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREFERENCES_APPSETTINGSENTRY']._serialized_options = b'8\001'
   _globals['_PROFILE_FIELDSTAMPSENTRY']._loaded_options = None
   _globals['_PROFILE_FIELDSTAMPSENTRY']._serialized_options = b'8\001'
-  _globals['_UNITS']._serialized_start=1832
-  _globals['_UNITS']._serialized_end=1900
-  _globals['_HYBRIDTIMESTAMP']._serialized_start=112
-  _globals['_HYBRIDTIMESTAMP']._serialized_end=185
-  _globals['_PREFERENCES']._serialized_start=188
-  _globals['_PREFERENCES']._serialized_end=408
-  _globals['_PREFERENCES_APPSETTINGSENTRY']._serialized_start=358
-  _globals['_PREFERENCES_APPSETTINGSENTRY']._serialized_end=408
-  _globals['_GOALS']._serialized_start=410
-  _globals['_GOALS']._serialized_end=497
-  _globals['_QUIETHOURS']._serialized_start=499
-  _globals['_QUIETHOURS']._serialized_end=553
-  _globals['_LAYOUT']._serialized_start=555
-  _globals['_LAYOUT']._serialized_end=608
-  _globals['_CONTINUITYITEM']._serialized_start=611
-  _globals['_CONTINUITYITEM']._serialized_end=776
-  _globals['_PROFILE']._serialized_start=779
-  _globals['_PROFILE']._serialized_end=1270
-  _globals['_PROFILE_FIELDSTAMPSENTRY']._serialized_start=1189
-  _globals['_PROFILE_FIELDSTAMPSENTRY']._serialized_end=1270
-  _globals['_GETPROFILEREQUEST']._serialized_start=1272
-  _globals['_GETPROFILEREQUEST']._serialized_end=1291
-  _globals['_GETPROFILERESPONSE']._serialized_start=1293
-  _globals['_GETPROFILERESPONSE']._serialized_end=1353
-  _globals['_PROFILEEDIT']._serialized_start=1355
-  _globals['_PROFILEEDIT']._serialized_end=1450
-  _globals['_UPDATEPROFILEREQUEST']._serialized_start=1453
-  _globals['_UPDATEPROFILEREQUEST']._serialized_end=1628
-  _globals['_UPDATEPROFILERESPONSE']._serialized_start=1630
-  _globals['_UPDATEPROFILERESPONSE']._serialized_end=1720
-  _globals['_WATCHPROFILEREQUEST']._serialized_start=1722
-  _globals['_WATCHPROFILEREQUEST']._serialized_end=1766
-  _globals['_WATCHPROFILERESPONSE']._serialized_start=1768
-  _globals['_WATCHPROFILERESPONSE']._serialized_end=1830
-  _globals['_PROFILESERVICE']._serialized_start=1903
-  _globals['_PROFILESERVICE']._serialized_end=2179
+  _globals['_UNITS']._serialized_start=1836
+  _globals['_UNITS']._serialized_end=1904
+  _globals['_HYBRIDTIMESTAMP']._serialized_start=78
+  _globals['_HYBRIDTIMESTAMP']._serialized_end=151
+  _globals['_PREFERENCES']._serialized_start=154
+  _globals['_PREFERENCES']._serialized_end=374
+  _globals['_PREFERENCES_APPSETTINGSENTRY']._serialized_start=324
+  _globals['_PREFERENCES_APPSETTINGSENTRY']._serialized_end=374
+  _globals['_GOALS']._serialized_start=376
+  _globals['_GOALS']._serialized_end=463
+  _globals['_QUIETHOURS']._serialized_start=465
+  _globals['_QUIETHOURS']._serialized_end=519
+  _globals['_LAYOUT']._serialized_start=521
+  _globals['_LAYOUT']._serialized_end=597
+  _globals['_CONTINUITYITEM']._serialized_start=600
+  _globals['_CONTINUITYITEM']._serialized_end=765
+  _globals['_PROFILE']._serialized_start=768
+  _globals['_PROFILE']._serialized_end=1285
+  _globals['_PROFILE_FIELDSTAMPSENTRY']._serialized_start=1204
+  _globals['_PROFILE_FIELDSTAMPSENTRY']._serialized_end=1285
+  _globals['_GETPROFILEREQUEST']._serialized_start=1287
+  _globals['_GETPROFILEREQUEST']._serialized_end=1306
+  _globals['_GETPROFILERESPONSE']._serialized_start=1308
+  _globals['_GETPROFILERESPONSE']._serialized_end=1368
+  _globals['_PROFILEEDIT']._serialized_start=1370
+  _globals['_PROFILEEDIT']._serialized_end=1465
+  _globals['_UPDATEPROFILEREQUEST']._serialized_start=1468
+  _globals['_UPDATEPROFILEREQUEST']._serialized_end=1613
+  _globals['_UPDATEPROFILERESPONSE']._serialized_start=1615
+  _globals['_UPDATEPROFILERESPONSE']._serialized_end=1724
+  _globals['_WATCHPROFILEREQUEST']._serialized_start=1726
+  _globals['_WATCHPROFILEREQUEST']._serialized_end=1770
+  _globals['_WATCHPROFILERESPONSE']._serialized_start=1772
+  _globals['_WATCHPROFILERESPONSE']._serialized_end=1834
+  _globals['_PROFILESERVICE']._serialized_start=1907
+  _globals['_PROFILESERVICE']._serialized_end=2183
 # @@protoc_insertion_point(module_scope)

@@ -5,7 +5,6 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
-from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -176,25 +175,33 @@ class Layout(_message.Message):
 
     FEATURE_ORDER_FIELD_NUMBER: _builtins.int
     PINNED_ORDER_FIELD_NUMBER: _builtins.int
+    USAGE_RANKING_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def feature_order(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """The order apps should show their features in: pinned_order when set, else the
-        server's usage ranking.
+        """The order apps should show their features in: pinned_order when set, else
+        usage_ranking. Derived on every version; not editable itself.
         """
 
     @_builtins.property
     def pinned_order(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The person's own order; when non-empty the ranking does not override it."""
 
+    @_builtins.property
+    def usage_ranking(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Features ranked by recency-weighted use across all the person's devices. Maintained
+        by the server (stamped with node_id "server"); devices cannot edit it.
+        """
+
     def __init__(
         self,
         *,
         feature_order: _abc.Iterable[_builtins.str] | None = ...,
         pinned_order: _abc.Iterable[_builtins.str] | None = ...,
+        usage_ranking: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["feature_order", b"feature_order", "pinned_order", b"pinned_order"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["feature_order", b"feature_order", "pinned_order", b"pinned_order", "usage_ranking", b"usage_ranking"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -277,9 +284,12 @@ class Profile(_message.Message):
     LAYOUT_FIELD_NUMBER: _builtins.int
     CONTINUITY_ITEMS_FIELD_NUMBER: _builtins.int
     FIELD_STAMPS_FIELD_NUMBER: _builtins.int
+    UPDATE_DEVICE_ID_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     time_zone: _builtins.str
     """IANA time zone name, e.g. "Europe/Paris"."""
+    update_device_id: _builtins.str
+    """The device whose write produced this version ("server" for the adaptive layout)."""
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -296,8 +306,9 @@ class Profile(_message.Message):
     def continuity_items(self) -> _containers.RepeatedCompositeFieldContainer[Global___ContinuityItem]: ...
     @_builtins.property
     def field_stamps(self) -> _containers.MessageMap[_builtins.str, Global___HybridTimestamp]:
-        """The stamp of every field and continuity item (keys are field paths), so that devices
-        can merge offline edits the way the server does.
+        """The stamp of every field and continuity item (keys are field paths), including
+        cleared ones (tombstones: a stamp without a value), so that devices can merge offline
+        edits exactly the way the server does.
         """
 
     def __init__(
@@ -313,10 +324,11 @@ class Profile(_message.Message):
         layout: Global___Layout | None = ...,
         continuity_items: _abc.Iterable[Global___ContinuityItem] | None = ...,
         field_stamps: _abc.Mapping[_builtins.str, Global___HybridTimestamp] | None = ...,
+        update_device_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["goals", b"goals", "layout", b"layout", "preferences", b"preferences", "quiet_hours", b"quiet_hours", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["continuity_items", b"continuity_items", "field_stamps", b"field_stamps", "goals", b"goals", "layout", b"layout", "muted_nudge_types", b"muted_nudge_types", "preferences", b"preferences", "quiet_hours", b"quiet_hours", "time_zone", b"time_zone", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["continuity_items", b"continuity_items", "field_stamps", b"field_stamps", "goals", b"goals", "layout", b"layout", "muted_nudge_types", b"muted_nudge_types", "preferences", b"preferences", "quiet_hours", b"quiet_hours", "time_zone", b"time_zone", "update_device_id", b"update_device_id", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -359,8 +371,14 @@ Global___GetProfileResponse: _TypeAlias = GetProfileResponse  # noqa: Y015
 
 @_typing.final
 class ProfileEdit(_message.Message):
-    """A change to one field path, e.g. "goals.daily_steps", "quiet_hours", or
-    "continuity_items/<app>/<item_id>".
+    """A change to one field path. Paths are the unit of merging:
+      preferences.theme | preferences.language | preferences.units | preferences.text_scale
+      preferences.app_settings/<key>        goals.daily_steps | goals.daily_study_minutes
+      goals.daily_active_minutes            quiet_hours (start and end together)
+      time_zone                             muted_nudge_types/<type> (present = muted)
+      layout.pinned_order (the whole list)  continuity_items/<app>/<item_id>
+    Keys inside paths are percent-encoded (RFC 3986, no safe characters), so "/" in an app
+    name or item id is "%2F".
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -395,20 +413,20 @@ class UpdateProfileRequest(_message.Message):
     BASE_VERSION_FIELD_NUMBER: _builtins.int
     PROFILE_FIELD_NUMBER: _builtins.int
     EDITS_FIELD_NUMBER: _builtins.int
-    UPDATE_MASK_FIELD_NUMBER: _builtins.int
     base_version: _builtins.int
-    """The version the device's edits were based on."""
+    """The version the device's edits were based on (0 when it has none). An older base is
+    merged, never refused; a base newer than the server's latest is FAILED_PRECONDITION
+    (reason UNKNOWN_VERSION).
+    """
     @_builtins.property
     def profile(self) -> Global___Profile:
-        """The new values of the edited fields."""
+        """The new values of the edited fields (other fields are ignored)."""
 
     @_builtins.property
     def edits(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProfileEdit]:
-        """The edited field paths with their stamps."""
-
-    @_builtins.property
-    def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """Optional AIP-134 style mask; when set it must list the same paths as edits."""
+        """The edited field paths with their stamps; the stamps' node_id must be the calling
+        device's id.
+        """
 
     def __init__(
         self,
@@ -416,11 +434,10 @@ class UpdateProfileRequest(_message.Message):
         base_version: _builtins.int = ...,
         profile: Global___Profile | None = ...,
         edits: _abc.Iterable[Global___ProfileEdit] | None = ...,
-        update_mask: _field_mask_pb2.FieldMask | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["profile", b"profile", "update_mask", b"update_mask"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["profile", b"profile"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_version", b"base_version", "edits", b"edits", "profile", b"profile", "update_mask", b"update_mask"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_version", b"base_version", "edits", b"edits", "profile", b"profile"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -432,21 +449,29 @@ class UpdateProfileResponse(_message.Message):
 
     PROFILE_FIELD_NUMBER: _builtins.int
     OVERRIDDEN_FIELDS_FIELD_NUMBER: _builtins.int
+    COMMITTED_FIELD_NUMBER: _builtins.int
+    committed: _builtins.bool
+    """False when the edits changed nothing (e.g. a retried request): no new version."""
     @_builtins.property
-    def profile(self) -> Global___Profile: ...
+    def profile(self) -> Global___Profile:
+        """The merged profile after this write."""
+
     @_builtins.property
     def overridden_fields(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Field paths where an edit from another device with a newer stamp won."""
+        """Field paths of this request whose edit lost to a newer stamp (another device's edit,
+        or an earlier one of this device that was already newer).
+        """
 
     def __init__(
         self,
         *,
         profile: Global___Profile | None = ...,
         overridden_fields: _abc.Iterable[_builtins.str] | None = ...,
+        committed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["profile", b"profile"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["overridden_fields", b"overridden_fields", "profile", b"profile"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed", b"committed", "overridden_fields", b"overridden_fields", "profile", b"profile"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -458,7 +483,9 @@ class WatchProfileRequest(_message.Message):
 
     AFTER_VERSION_FIELD_NUMBER: _builtins.int
     after_version: _builtins.int
-    """The last version this device has; versions after it are sent first."""
+    """The last version this device has (0 for none); the retained versions after it are
+    sent first, then every new one as it is committed, the device's own included.
+    """
     def __init__(
         self,
         *,
