@@ -426,6 +426,8 @@ class HeartRate(_message.Message):
     CONTACT_FIELD_NUMBER: _builtins.int
     ENERGY_EXPENDED_KJ_FIELD_NUMBER: _builtins.int
     LOCATION_FIELD_NUMBER: _builtins.int
+    RMSSD_MS_FIELD_NUMBER: _builtins.int
+    RMSSD_WINDOW_FIELD_NUMBER: _builtins.int
     sensor_id: _builtins.str
     """Which sensor, as the bridge names it (usually its Bluetooth address)."""
     bpm: _builtins.int
@@ -433,9 +435,17 @@ class HeartRate(_message.Message):
     energy_expended_kj: _builtins.int
     """Cumulative energy expended in kilojoules, when the sensor reports it."""
     location: Global___BodyLocation.ValueType
+    rmssd_ms: _builtins.float
+    """HRV: RMSSD in milliseconds over the RR intervals of the window that closed with this
+    measurement (artefacts filtered), set only on the measurement that closes a window.
+    """
     @_builtins.property
     def rr_intervals_ms(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """RR intervals in milliseconds (converted from the wire's 1/1024 s units)."""
+
+    @_builtins.property
+    def rmssd_window(self) -> _duration_pb2.Duration:
+        """How much beat time that RMSSD window covers."""
 
     def __init__(
         self,
@@ -446,14 +456,21 @@ class HeartRate(_message.Message):
         contact: Global___SensorContact.ValueType = ...,
         energy_expended_kj: _builtins.int | None = ...,
         location: Global___BodyLocation.ValueType = ...,
+        rmssd_ms: _builtins.float | None = ...,
+        rmssd_window: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_energy_expended_kj", b"_energy_expended_kj", "energy_expended_kj", b"energy_expended_kj"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_energy_expended_kj", b"_energy_expended_kj", "_rmssd_ms", b"_rmssd_ms", "energy_expended_kj", b"energy_expended_kj", "rmssd_ms", b"rmssd_ms", "rmssd_window", b"rmssd_window"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_energy_expended_kj", b"_energy_expended_kj", "bpm", b"bpm", "contact", b"contact", "energy_expended_kj", b"energy_expended_kj", "location", b"location", "rr_intervals_ms", b"rr_intervals_ms", "sensor_id", b"sensor_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_energy_expended_kj", b"_energy_expended_kj", "_rmssd_ms", b"_rmssd_ms", "bpm", b"bpm", "contact", b"contact", "energy_expended_kj", b"energy_expended_kj", "location", b"location", "rmssd_ms", b"rmssd_ms", "rmssd_window", b"rmssd_window", "rr_intervals_ms", b"rr_intervals_ms", "sensor_id", b"sensor_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__energy_expended_kj: _TypeAlias = _typing.Literal["energy_expended_kj"]  # noqa: Y015
     _WhichOneofArgType__energy_expended_kj: _TypeAlias = _typing.Literal["_energy_expended_kj", b"_energy_expended_kj"]  # noqa: Y015
+    _WhichOneofReturnType__rmssd_ms: _TypeAlias = _typing.Literal["rmssd_ms"]  # noqa: Y015
+    _WhichOneofArgType__rmssd_ms: _TypeAlias = _typing.Literal["_rmssd_ms", b"_rmssd_ms"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__energy_expended_kj) -> _WhichOneofReturnType__energy_expended_kj | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__rmssd_ms) -> _WhichOneofReturnType__rmssd_ms | None: ...
 
 Global___HeartRate: _TypeAlias = HeartRate  # noqa: Y015
 
