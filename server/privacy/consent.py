@@ -51,6 +51,10 @@ class ConsentStore:
         self._granted: dict[int, frozenset[int]] = {}
         self._watchers: dict[int, list[Watcher]] = defaultdict(list)
         self._lock = asyncio.Lock()
+        # Ledger entries applied so far, for picking up changes made by another process (the
+        # admin CLI): the highest entry seen, and entries this store wrote itself since then.
+        self._seen_entry: int | None = None
+        self._own_entries: set[int] = set()
 
     async def states(self, user_id: int) -> tuple[ConsentState, ...]:
         """One state per category (never-asked categories are not granted)."""
@@ -93,11 +97,13 @@ class ConsentStore:
         now = self._clock.now_us()
         async with self._lock:
             async with self._db.transaction() as tx:
-                await tx.execute(
+                cur = await tx.execute(
                     "INSERT INTO consent_ledger (user_id, category, granted, policy_version, device_id, change_us)"
                     " VALUES (?, ?, ?, ?, ?, ?)",
                     (user_id, category, int(granted), policy_version, device_id, now),
                 )
+            if cur.lastrowid is not None and self._seen_entry is not None:
+                self._own_entries.add(cur.lastrowid)
             self._granted.pop(user_id, None)
             states = await self.states(user_id)
             self._granted[user_id] = frozenset(s.category for s in states if s.granted)
@@ -117,6 +123,36 @@ class ConsentStore:
                     del self._watchers[user_id]
 
         return cancel
+
+    async def sync_external(self) -> int:
+        """Apply ledger entries written by another process; returns how many people changed."""
+        async with self._lock:
+            if self._seen_entry is None:
+                async with self._db.reader.execute(
+                    "SELECT COALESCE(MAX(entry_id), 0) FROM consent_ledger"
+                ) as c:
+                    row = await c.fetchone()
+                self._seen_entry = int(row[0]) if row else 0
+                return 0
+            async with self._db.reader.execute(
+                "SELECT entry_id, user_id FROM consent_ledger WHERE entry_id > ? ORDER BY entry_id",
+                (self._seen_entry,),
+            ) as c:
+                rows = [(int(r[0]), int(r[1])) for r in await c.fetchall()]
+            if not rows:
+                return 0
+            changed = {uid for eid, uid in rows if eid not in self._own_entries}
+            self._seen_entry = rows[-1][0]
+            self._own_entries = {e for e in self._own_entries if e > self._seen_entry}
+            updates: list[tuple[int, tuple[ConsentState, ...]]] = []
+            for user_id in sorted(changed):
+                states = await self.states(user_id)
+                self._granted[user_id] = frozenset(s.category for s in states if s.granted)
+                updates.append((user_id, states))
+        for user_id, states in updates:
+            for watcher in list(self._watchers.get(user_id, ())):
+                watcher(user_id, states)
+        return len(updates)
 
     def forget_user(self, user_id: int) -> None:
         """Drop cached state (after erasure)."""

@@ -231,16 +231,46 @@ Global___GetPrivacySummaryRequest: _TypeAlias = GetPrivacySummaryRequest  # noqa
 class GetPrivacySummaryResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class RecordCountsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     CATEGORIES_FIELD_NUMBER: _builtins.int
     CONSENTS_FIELD_NUMBER: _builtins.int
     NUDGES_SENT_FIELD_NUMBER: _builtins.int
     DEVICE_COUNT_FIELD_NUMBER: _builtins.int
+    LAST_ACTIVITY_TIME_FIELD_NUMBER: _builtins.int
+    RECORD_COUNTS_FIELD_NUMBER: _builtins.int
     nudges_sent: _builtins.int
     device_count: _builtins.int
     @_builtins.property
     def categories(self) -> _containers.RepeatedCompositeFieldContainer[Global___CategorySummary]: ...
     @_builtins.property
     def consents(self) -> _containers.RepeatedCompositeFieldContainer[Global___Consent]: ...
+    @_builtins.property
+    def last_activity_time(self) -> _timestamp_pb2.Timestamp:
+        """The latest event time or device contact; unset when nothing was ever recorded."""
+
+    @_builtins.property
+    def record_counts(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Rows held per record type (archive member name without ".jsonl"), e.g. "events"."""
+
     def __init__(
         self,
         *,
@@ -248,10 +278,12 @@ class GetPrivacySummaryResponse(_message.Message):
         consents: _abc.Iterable[Global___Consent] | None = ...,
         nudges_sent: _builtins.int = ...,
         device_count: _builtins.int = ...,
+        last_activity_time: _timestamp_pb2.Timestamp | None = ...,
+        record_counts: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_activity_time", b"last_activity_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["categories", b"categories", "consents", b"consents", "device_count", b"device_count", "nudges_sent", b"nudges_sent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["categories", b"categories", "consents", b"consents", "device_count", b"device_count", "last_activity_time", b"last_activity_time", "nudges_sent", b"nudges_sent", "record_counts", b"record_counts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -343,9 +375,18 @@ class DeletionReceipt(_message.Message):
     ERASE_TIME_FIELD_NUMBER: _builtins.int
     DELETED_COUNTS_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
+    SUBJECT_SALT_FIELD_NUMBER: _builtins.int
+    SUBJECT_HASH_FIELD_NUMBER: _builtins.int
     receipt_id: _builtins.str
     signature: _builtins.str
-    """SHA-256 over the receipt's canonical form, keyed by the server's receipt key (HMAC)."""
+    """HMAC-SHA256 (hex) over the receipt's canonical form under the server's receipt key.
+    The canonical form is documented in docs/privacy.md.
+    """
+    subject_salt: _builtins.str
+    """Random salt (hex) and SHA-256(salt || user name) (hex): lets the person prove the
+    receipt is theirs without the receipt naming them in the clear.
+    """
+    subject_hash: _builtins.str
     @_builtins.property
     def erase_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -359,10 +400,12 @@ class DeletionReceipt(_message.Message):
         erase_time: _timestamp_pb2.Timestamp | None = ...,
         deleted_counts: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         signature: _builtins.str = ...,
+        subject_salt: _builtins.str = ...,
+        subject_hash: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["erase_time", b"erase_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted_counts", b"deleted_counts", "erase_time", b"erase_time", "receipt_id", b"receipt_id", "signature", b"signature"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted_counts", b"deleted_counts", "erase_time", b"erase_time", "receipt_id", b"receipt_id", "signature", b"signature", "subject_hash", b"subject_hash", "subject_salt", b"subject_salt"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

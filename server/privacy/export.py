@@ -1,0 +1,263 @@
+"""Export: everything held about a person as JSON Lines per record type plus a manifest.
+
+The archive is produced as a stream of (file name, chunk) pairs so neither the server nor the
+client holds it in memory: one `<record type>.jsonl` per table with a `user_id` column (read
+in one snapshot) and per component exporter, then `manifest.json` with each file's record
+count, size and SHA-256. docs/privacy.md documents the format.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import re
+import zipfile
+from collections.abc import AsyncIterable, AsyncIterator
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+import aiosqlite
+from google.protobuf import json_format
+from google.protobuf.message import DecodeError
+
+from pulsesync.server.privacy.registry import UserDataRegistry
+from pulsesync.server.privacy.tables import USER_COLUMN, UserTable, quote, user_tables
+from pulsesync.server.storage.db import BUSY_TIMEOUT_MS
+from pulsesync.v1 import events_pb2
+
+FORMAT: Final = "pulsesync-export"
+FORMAT_VERSION: Final = 1
+MANIFEST: Final = "manifest.json"
+# 64 KiB per message: far below gRPC's message limit, big enough that framing costs nothing.
+CHUNK_BYTES: Final = 64 * 1024
+# Rows fetched per round trip to the database thread.
+_FETCH_ROWS: Final = 500
+# Blob columns holding a serialized pulsesync.v1.Event; exported as the event's JSON form.
+EVENT_BLOB_COLUMNS: Final = frozenset({("events", "body"), ("quarantine", "body")})
+_MEMBER_NAME: Final = re.compile(r"^[a-z0-9_]+\.jsonl$|^manifest\.json$")
+
+
+@dataclass(frozen=True, slots=True)
+class ExportedFile:
+    """A manifest entry."""
+
+    name: str
+    record_type: str
+    source: str  # "table" or "component"
+    count: int
+    bytes: int
+    sha256: str
+    omitted_columns: tuple[str, ...] = ()
+
+
+def encode_blob(table: str, column: str, value: bytes) -> dict[str, Any]:
+    """An event body as its JSON form when that is lossless, otherwise {"base64": ...}."""
+    if (table, column) in EVENT_BLOB_COLUMNS:
+        try:
+            event = events_pb2.Event.FromString(value)
+        except DecodeError:
+            event = None
+        if event is not None and event.SerializeToString() == value:
+            return json_format.MessageToDict(event, preserving_proto_field_name=True)
+    return {"base64": base64.b64encode(value).decode("ascii")}
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return {"base64": base64.b64encode(bytes(value)).decode("ascii")}
+    raise TypeError(f"cannot export a {type(value).__name__}")
+
+
+def _line(record: dict[str, Any]) -> bytes:
+    return (
+        json.dumps(record, ensure_ascii=False, sort_keys=False, default=_json_default) + "\n"
+    ).encode("utf-8")
+
+
+class _FileWriter:
+    """Buffers one archive member's lines into chunks, counting and hashing as it goes."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.count = 0
+        self.size = 0
+        self._hash = hashlib.sha256()
+        self._buf = bytearray()
+
+    def add(self, record: dict[str, Any]) -> bytes | None:
+        data = _line(record)
+        self.count += 1
+        self.size += len(data)
+        self._hash.update(data)
+        self._buf += data
+        if len(self._buf) >= CHUNK_BYTES:
+            out = bytes(self._buf)
+            self._buf.clear()
+            return out
+        return None
+
+    def finish(self) -> bytes:
+        out = bytes(self._buf)
+        self._buf.clear()
+        return out
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+
+async def _table_rows(
+    conn: aiosqlite.Connection, table: UserTable, user_id: int
+) -> AsyncIterator[dict[str, Any]]:
+    cols = table.exported_columns
+    sql = f"SELECT {', '.join(quote(c.name) for c in cols)} FROM {quote(table.name)} WHERE {USER_COLUMN} = ?"
+    async with conn.execute(sql, (user_id,)) as cur:
+        while rows := await cur.fetchmany(_FETCH_ROWS):
+            for row in rows:
+                record: dict[str, Any] = {}
+                for col, value in zip(cols, row, strict=True):
+                    if isinstance(value, bytes):
+                        record[col.name] = encode_blob(table.name, col.name, value)
+                    else:
+                        record[col.name] = value
+                yield record
+
+
+async def export_user(
+    db_path: Path, registry: UserDataRegistry, user_id: int, now_us: int
+) -> AsyncIterator[tuple[str, bytes]]:
+    """Stream the person's archive as (member name, chunk); the manifest comes last.
+
+    Every member yields at least one (possibly empty) chunk, so an empty record type still
+    appears in the archive.
+    """
+    files: list[ExportedFile] = []
+    # A connection of its own, in one read transaction: a consistent snapshot across tables
+    # that neither waits for nor blocks the server's writer.
+    conn = await aiosqlite.connect(db_path, isolation_level=None)
+    try:
+        await conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        await conn.execute("PRAGMA query_only = ON")
+        await conn.execute("BEGIN")
+        for table in await user_tables(conn):
+            if table.name in registry.exporters:
+                continue  # the component exports these records in readable form
+            writer = _FileWriter(f"{table.name}.jsonl")
+            async for record in _table_rows(conn, table, user_id):
+                chunk = writer.add(record)
+                if chunk:
+                    yield writer.name, chunk
+            yield writer.name, writer.finish()
+            files.append(
+                ExportedFile(
+                    writer.name, table.name, "table", writer.count, writer.size,
+                    writer.sha256, table.omitted_columns,
+                )
+            )  # fmt: skip
+        await conn.execute("COMMIT")
+    finally:
+        await conn.close()
+    for record_type, exporter in sorted(registry.exporters.items()):
+        writer = _FileWriter(f"{record_type}.jsonl")
+        async for record in exporter(user_id):
+            chunk = writer.add(record)
+            if chunk:
+                yield writer.name, chunk
+        yield writer.name, writer.finish()
+        files.append(
+            ExportedFile(
+                writer.name, record_type, "component", writer.count, writer.size, writer.sha256
+            )
+        )
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created_us": now_us,
+        "created_time": datetime.fromtimestamp(now_us / 1e6, UTC).isoformat(),
+        "files": [asdict(f) for f in files],
+    }
+    yield MANIFEST, json.dumps(manifest, indent=2).encode("utf-8") + b"\n"
+
+
+def check_member_name(name: str) -> str:
+    """A member name as the server sends it; refuses anything that could escape a folder."""
+    if not _MEMBER_NAME.match(name):
+        raise ValueError(f"unexpected archive member name {name!r}")
+    return name
+
+
+async def write_archive(chunks: AsyncIterable[tuple[str, bytes]], out: Path) -> list[str]:
+    """Write an export stream to a .zip file or into a directory; the member names written."""
+    names: list[str] = []
+    if out.suffix == ".zip":
+        await asyncio.to_thread(out.parent.mkdir, parents=True, exist_ok=True)
+        with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            member = None
+            try:
+                async for name, chunk in chunks:
+                    if not names or names[-1] != name:
+                        if member is not None:
+                            member.close()
+                        names.append(check_member_name(name))
+                        member = zf.open(name, "w", force_zip64=True)
+                    assert member is not None
+                    member.write(chunk)
+            finally:
+                if member is not None:
+                    member.close()
+        return names
+    await asyncio.to_thread(out.mkdir, parents=True, exist_ok=True)
+    handle = None
+    try:
+        async for name, chunk in chunks:
+            if not names or names[-1] != name:
+                if handle is not None:
+                    handle.close()
+                names.append(check_member_name(name))
+                handle = (out / name).open("wb")
+            assert handle is not None
+            handle.write(chunk)
+    finally:
+        if handle is not None:
+            handle.close()
+    return names
+
+
+def read_archive(path: Path) -> dict[str, bytes]:
+    """Every member of an archive written by write_archive (a .zip file or a directory)."""
+    if path.is_dir():
+        return {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.is_file()}
+    with zipfile.ZipFile(path) as zf:
+        return {name: zf.read(name) for name in zf.namelist()}
+
+
+def verify_archive(members: dict[str, bytes]) -> dict[str, Any]:
+    """Check every file against the manifest (count, size, SHA-256); returns the manifest."""
+    if MANIFEST not in members:
+        raise ValueError("archive has no manifest.json")
+    manifest: dict[str, Any] = json.loads(members[MANIFEST])
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"not a {FORMAT} archive")
+    listed = {f["name"] for f in manifest["files"]}
+    extra = set(members) - listed - {MANIFEST}
+    if extra:
+        raise ValueError(f"files not in the manifest: {sorted(extra)}")
+    for f in manifest["files"]:
+        data = members.get(f["name"])
+        if data is None:
+            raise ValueError(f"{f['name']} is listed in the manifest but missing")
+        if hashlib.sha256(data).hexdigest() != f["sha256"] or len(data) != f["bytes"]:
+            raise ValueError(f"{f['name']} does not match its checksum")
+        if data.count(b"\n") != f["count"]:
+            raise ValueError(f"{f['name']} has a different record count than the manifest")
+    return manifest
+
+
+def records(members: dict[str, bytes], record_type: str) -> list[dict[str, Any]]:
+    """The parsed records of one record type in an archive."""
+    data = members.get(f"{record_type}.jsonl", b"")
+    return [json.loads(line) for line in data.split(b"\n") if line]
