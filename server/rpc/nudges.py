@@ -2,37 +2,160 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Final
+
+from google.protobuf import timestamp_pb2
 
 from pulsesync.server.context import AppContext
-from pulsesync.server.errors import Unimplemented
+from pulsesync.server.errors import InvalidArgument, NotFound
 from pulsesync.server.identity import Identity
+from pulsesync.server.nudges.engine import TICK_SECONDS, NudgeEngine
 from pulsesync.server.rpc.base import rpc_method
-from pulsesync.v1 import nudges_pb2, nudges_pb2_grpc
+from pulsesync.v1 import events_pb2, nudges_pb2, nudges_pb2_grpc
 
-_NOT_YET = "nudges are not available in this server version yet"
+log = logging.getLogger(__name__)
+
+DEFAULT_PAGE_SIZE: Final = 50
+MAX_PAGE_SIZE: Final = 500
+
+
+def _ts(us: int | None) -> timestamp_pb2.Timestamp | None:
+    if us is None:
+        return None
+    ts = timestamp_pb2.Timestamp()
+    ts.FromMicroseconds(us)
+    return ts
 
 
 class NudgeServicer(nudges_pb2_grpc.NudgeServiceServicer):
     def __init__(self, app: AppContext) -> None:
         self.app = app
+        seed = app.config.extra.get("nudges.seed")
+        self.engine = NudgeEngine(app, seed=int(seed) if seed else None)
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Run the decision loop unless a simulation drives ticks itself."""
+        if self.app.config.extra.get("nudges.scheduler", "auto") != "manual":
+            self._task = asyncio.create_task(self._loop(), name="nudge-ticks")
+
+    async def stop(self) -> None:
+        self.engine.close()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.engine.tick()
+            except Exception:
+                log.exception("nudge tick failed; retrying at the next tick")
+            await asyncio.sleep(TICK_SECONDS)
 
     @rpc_method(stream=True)
     async def SubscribeNudges(
         self, request: Any, context: Any, me: Identity
     ) -> AsyncIterator[nudges_pb2.SubscribeNudgesResponse]:
-        raise Unimplemented(_NOT_YET)
-        yield  # pragma: no cover
+        queue = self.engine.open_stream(me.user_id, me.device_pk, me.device_id, me.device_kind)
+        try:
+            for nudge in await self.engine.pending_for(me.user_id, me.device_pk, me.device_id):
+                await self.engine.mark_delivered(nudge.nudge_id, me.device_pk)
+                yield nudges_pb2.SubscribeNudgesResponse(nudge=nudge)
+            while True:
+                nudge = await queue.get()
+                if nudge is None:
+                    return  # a newer stream of this device took over
+                if nudge.expire_time.ToMicroseconds() <= self.app.clock.now_us():
+                    continue
+                await self.engine.mark_delivered(nudge.nudge_id, me.device_pk)
+                yield nudges_pb2.SubscribeNudgesResponse(nudge=nudge)
+        finally:
+            await self.engine.close_stream(me.device_pk, queue)
 
     @rpc_method()
     async def RecordNudgeFeedback(
         self, request: Any, context: Any, me: Identity
     ) -> nudges_pb2.RecordNudgeFeedbackResponse:
-        raise Unimplemented(_NOT_YET)
+        if not request.nudge_id:
+            raise InvalidArgument(
+                "nudge_id is required: send the id of the nudge shown", reason="MISSING_FIELD"
+            )
+        if request.action not in events_pb2.NudgeAction.values() or request.action == 0:
+            raise InvalidArgument(
+                "action must be DELIVERED, OPENED, DISMISSED or ACTED",
+                reason="INVALID_NUDGE_ACTION",
+            )
+        async with self.app.db.reader.execute(
+            "SELECT 1 FROM nudges WHERE nudge_id = ? AND user_id = ?",
+            (request.nudge_id, me.user_id),
+        ) as cur:
+            if await cur.fetchone() is None:
+                raise NotFound(
+                    f"no nudge {request.nudge_id!r} for this user", reason="NUDGE_NOT_FOUND"
+                )
+        now = self.app.clock.now_us()
+        at = request.action_time.ToMicroseconds() if request.HasField("action_time") else now
+        async with self.app.db.transaction() as tx:
+            await tx.execute(
+                "INSERT INTO nudge_feedback (user_id, nudge_id, device_pk, action, action_us, received_us)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (me.user_id, request.nudge_id, me.device_pk, int(request.action), at, now),
+            )
+        return nudges_pb2.RecordNudgeFeedbackResponse()
 
     @rpc_method()
     async def ListNudges(
         self, request: Any, context: Any, me: Identity
     ) -> nudges_pb2.ListNudgesResponse:
-        raise Unimplemented(_NOT_YET)
+        size = request.page_size or DEFAULT_PAGE_SIZE
+        if size < 0 or size > MAX_PAGE_SIZE:
+            raise InvalidArgument(
+                f"page_size must be 1..{MAX_PAGE_SIZE}", reason="INVALID_PAGE_SIZE"
+            )
+        try:
+            offset = int(request.page_token) if request.page_token else 0
+        except ValueError:
+            raise InvalidArgument(
+                "page_token is not one this server issued", reason="INVALID_PAGE_TOKEN"
+            ) from None
+        start = request.start_time.ToMicroseconds() if request.HasField("start_time") else 0
+        end = request.end_time.ToMicroseconds() if request.HasField("end_time") else 2**62
+        async with self.app.db.reader.execute(
+            "SELECT n.nudge_id, n.nudge_type, n.title, n.message, n.data, n.probability, n.reasons,"
+            " n.create_us, n.expire_us, n.deliver_us, n.outcome_metric, n.outcome_value, n.outcome_complete,"
+            " d.device_id FROM nudges n LEFT JOIN devices d ON d.device_pk = n.device_pk"
+            " WHERE n.user_id = ? AND n.create_us >= ? AND n.create_us < ?"
+            " ORDER BY n.create_us DESC, n.nudge_id LIMIT ? OFFSET ?",
+            (me.user_id, start, end, size + 1, offset),
+        ) as cur:
+            rows = list(await cur.fetchall())
+        more = len(rows) > size
+        records = []
+        for r in rows[:size]:
+            async with self.app.db.reader.execute(
+                "SELECT action FROM nudge_feedback WHERE nudge_id = ? ORDER BY action_us, feedback_id",
+                (r[0],),
+            ) as cur:
+                feedback = [int(a) for (a,) in await cur.fetchall()]
+            records.append(
+                nudges_pb2.NudgeRecord(
+                    nudge=nudges_pb2.Nudge(
+                        nudge_id=r[0], nudge_type=r[1], title=r[2], message=r[3], data=json.loads(r[4]),
+                        probability=r[5], reasons=json.loads(r[6]), create_time=_ts(r[7]),
+                        expire_time=_ts(r[8]), device_id=r[13] or "",
+                    ),
+                    feedback=feedback,  # type: ignore[arg-type]
+                    outcome=nudges_pb2.NudgeOutcome(metric=r[10], value=r[11] or 0.0, complete=bool(r[12])),
+                    deliver_time=_ts(r[9]),
+                )
+            )  # fmt: skip
+        return nudges_pb2.ListNudgesResponse(
+            nudges=records, next_page_token=str(offset + size) if more else ""
+        )

@@ -1,0 +1,335 @@
+"""Context features, kept up to date incrementally from committed events, per user.
+
+Nothing here rescans history: each committed batch updates small per-user state (per-minute
+step counts for the last few hours, the last activity of each device, heart-rate and HRV
+averages) and a decision reads a snapshot in O(window). Only users who granted
+personalization are tracked; a withdrawal drops their state.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import lru_cache
+from typing import Final
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pulsesync.server.bus import CommittedEvent
+from pulsesync.v1 import common_pb2, events_pb2
+
+US_PER_MIN: Final = 60_000_000
+# Three hours of per-minute steps: the longest window a feature reads (120 min) plus slack
+# for late, out-of-order uploads.
+STEP_HISTORY_MIN: Final = 180
+# Below this many steps in a minute the person counts as sedentary (walking is ~100/min).
+SEDENTARY_STEPS_PER_MIN: Final = 20
+# Sedentary stretches are capped: a night without data is not "sitting for 10 hours".
+MAX_SEDENTARY_MIN: Final = 240
+# EWMA weights: baseline over ~days of 5-minute samples, "now" over the last few samples.
+BASELINE_ALPHA: Final = 0.01
+RECENT_ALPHA: Final = 0.3
+# Past-response estimates are shrunk towards zero with this many pseudo-observations.
+SHRINK_N: Final = 5.0
+HOUR_BUCKETS: Final = 4  # night/morning, midday, afternoon, evening
+
+_KIND_CODE: Final = {
+    common_pb2.DEVICE_KIND_PHONE: 1,
+    common_pb2.DEVICE_KIND_DESKTOP: 2,
+    common_pb2.DEVICE_KIND_WEARABLE_BRIDGE: 3,
+}
+
+# The model's inputs, in order (action-specific columns are appended by the model).
+FEATURE_NAMES: Final = (
+    "local_minute",
+    "weekday",
+    "steps_30",
+    "steps_60",
+    "steps_120",
+    "sedentary_min",
+    "hr_rel",
+    "rmssd_rel",
+    "active_kind",
+    "active_app",
+    "min_since_last_nudge",
+    "nudges_today",
+    "days_since_first_nudge",
+    "hour_past_gain",
+)
+
+
+@lru_cache(maxsize=256)
+def zone(name: str) -> ZoneInfo:
+    """The ZoneInfo for an IANA name, UTC when unknown."""
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        return ZoneInfo("UTC")
+
+
+def local_time(t_us: int, tz: str) -> datetime:
+    """t_us as an aware local datetime in tz."""
+    return datetime.fromtimestamp(t_us / 1e6, UTC).astimezone(zone(tz))
+
+
+def local_day(t_us: int, tz: str) -> int:
+    """The local calendar day (proleptic ordinal) of t_us in tz."""
+    return local_time(t_us, tz).date().toordinal()
+
+
+def app_code(app: str) -> int:
+    """A stable small code for an app name (0 = none)."""
+    return 0 if not app else 1 + zlib.crc32(app.encode()) % 997
+
+
+def rmssd(rr_ms: Iterable[float]) -> float | None:
+    """Root mean square of successive RR differences (ms), or None with fewer than 3."""
+    rr = list(rr_ms)
+    if len(rr) < 3:
+        return None
+    diffs = [(b - a) ** 2 for a, b in zip(rr, rr[1:], strict=False)]
+    return math.sqrt(sum(diffs) / len(diffs))
+
+
+@dataclass(slots=True)
+class _Ewma:
+    baseline: float | None = None
+    recent: float | None = None
+
+    def add(self, x: float) -> None:
+        self.baseline = (
+            x if self.baseline is None else self.baseline + BASELINE_ALPHA * (x - self.baseline)
+        )
+        self.recent = x if self.recent is None else self.recent + RECENT_ALPHA * (x - self.recent)
+
+    def rel(self) -> float:
+        if not self.baseline or self.recent is None:
+            return 0.0
+        return self.recent / self.baseline - 1.0
+
+
+@dataclass(slots=True)
+class _Mean:
+    n: float = 0.0
+    total: float = 0.0
+
+    def add(self, x: float) -> None:
+        self.n += 1
+        self.total += x
+
+    def shrunk(self, prior: float) -> float:
+        return (self.total + SHRINK_N * prior) / (self.n + SHRINK_N)
+
+
+@dataclass(slots=True)
+class UserState:
+    """What the features need about one user, updated event by event."""
+
+    steps_by_min: dict[int, int] = field(default_factory=dict)
+    last_moving_min: int | None = None
+    first_seen_min: int | None = None
+    device_last_us: dict[int, int] = field(default_factory=dict)
+    device_kind: dict[int, int] = field(default_factory=dict)
+    device_app: dict[int, str] = field(default_factory=dict)
+    hr: _Ewma = field(default_factory=_Ewma)
+    hrv: _Ewma = field(default_factory=_Ewma)
+    # feature name -> UTC minute-of-day counts in 30-minute bins, for habitual times.
+    feature_bins: dict[str, list[int]] = field(default_factory=dict)
+    # Nudge history (fed by the engine, not by events).
+    last_nudge_us: int | None = None
+    last_by_type: dict[str, int] = field(default_factory=dict)
+    sent_us: list[int] = field(default_factory=list)
+    first_nudge_us: int | None = None
+    outcome_by_action: dict[str, _Mean] = field(default_factory=dict)
+    outcome_by_hour: dict[tuple[bool, int], _Mean] = field(default_factory=dict)
+
+    def add_steps(self, t_us: int, count: int) -> None:
+        minute = (t_us - 1) // US_PER_MIN  # a count ending at t belongs to the minute before
+        self.steps_by_min[minute] = self.steps_by_min.get(minute, 0) + count
+        if self.steps_by_min[minute] >= SEDENTARY_STEPS_PER_MIN and (
+            self.last_moving_min is None or minute > self.last_moving_min
+        ):
+            self.last_moving_min = minute
+        if len(self.steps_by_min) > 2 * STEP_HISTORY_MIN:
+            newest = max(self.steps_by_min)
+            for m in [m for m in self.steps_by_min if m < newest - STEP_HISTORY_MIN]:
+                del self.steps_by_min[m]
+
+    def steps_since(self, now_us: int, minutes: int) -> int:
+        now_min = now_us // US_PER_MIN
+        return sum(c for m, c in self.steps_by_min.items() if now_min - minutes <= m < now_min)
+
+    def sedentary_min(self, now_us: int) -> float:
+        now_min = now_us // US_PER_MIN
+        since = self.last_moving_min if self.last_moving_min is not None else self.first_seen_min
+        if since is None:
+            return 0.0
+        return float(min(MAX_SEDENTARY_MIN, max(0, now_min - since - 1)))
+
+    def active_device(self, now_us: int, window_us: int) -> int | None:
+        """The device with the most recent event within window_us, if any."""
+        best: tuple[int, int] | None = None
+        for pk, t in self.device_last_us.items():
+            if now_us - t <= window_us and (best is None or t > best[0]):
+                best = (t, pk)
+        return best[1] if best else None
+
+    def habitual_near(self, feature: str, now_us: int, min_uses: int = 3) -> bool:
+        """Whether the person usually uses feature within 30 minutes of this time of day."""
+        bins = self.feature_bins.get(feature)
+        if not bins:
+            return False
+        b = (now_us // US_PER_MIN) % 1440 // 30
+        return bins[b] + bins[(b + 1) % 48] + bins[(b - 1) % 48] >= min_uses
+
+    def record_nudge(self, nudge_type: str, t_us: int) -> None:
+        self.last_nudge_us = t_us
+        self.last_by_type[nudge_type] = t_us
+        self.sent_us.append(t_us)
+        del self.sent_us[: max(0, len(self.sent_us) - 64)]
+        if self.first_nudge_us is None:
+            self.first_nudge_us = t_us
+
+    def record_outcome(self, action: str, local_hour_bucket: int, steps: float) -> None:
+        self.outcome_by_action.setdefault(action, _Mean()).add(steps)
+        key = (action != "none", local_hour_bucket)
+        self.outcome_by_hour.setdefault(key, _Mean()).add(steps)
+
+    def past_gain(self, action: str) -> float:
+        """The user's mean steps after this action minus after sending nothing (shrunk)."""
+        none = self.outcome_by_action.get("none")
+        mine = self.outcome_by_action.get(action)
+        if none is None or mine is None or none.n == 0:
+            return 0.0
+        base = none.total / none.n
+        return mine.shrunk(base) - base
+
+    def hour_gain(self, bucket: int) -> float:
+        sent = self.outcome_by_hour.get((True, bucket))
+        none = self.outcome_by_hour.get((False, bucket))
+        if sent is None or none is None or none.n == 0:
+            return 0.0
+        base = none.total / none.n
+        return sent.shrunk(base) - base
+
+
+def hour_bucket(local_minute: int) -> int:
+    """Which quarter of the waking day: <11:00, <14:00, <17:00, later."""
+    if local_minute < 660:
+        return 0
+    if local_minute < 840:
+        return 1
+    if local_minute < 1020:
+        return 2
+    return 3
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """A snapshot of one user's features at a decision point."""
+
+    values: dict[str, float]
+    past_gain: dict[str, float]
+    active_device_pk: int | None
+    sedentary_min: float
+    steps_per_min_recent: float
+    stress: float
+
+
+class FeatureStore:
+    """Per-user feature state for consenting users, fed by the committed-events bus."""
+
+    def __init__(self, active_window_us: int) -> None:
+        self._users: dict[int, UserState] = {}
+        self._active_window_us = active_window_us
+
+    def user(self, user_id: int) -> UserState:
+        """The user's state (created empty on first use)."""
+        state = self._users.get(user_id)
+        if state is None:
+            state = self._users[user_id] = UserState()
+        return state
+
+    def known_users(self) -> list[int]:
+        return list(self._users)
+
+    def forget(self, user_id: int) -> None:
+        """Drop everything held about the user (consent withdrawn or erased)."""
+        self._users.pop(user_id, None)
+
+    def note_device(self, user_id: int, device_pk: int, kind: int) -> None:
+        self.user(user_id).device_kind[device_pk] = kind
+
+    def apply(self, user_id: int, events: Iterable[CommittedEvent]) -> None:
+        """Fold committed events into the user's state."""
+        state = self.user(user_id)
+        for ev in events:
+            minute = ev.t_us // US_PER_MIN
+            if state.first_seen_min is None or minute < state.first_seen_min:
+                state.first_seen_min = minute
+            if ev.t_us > state.device_last_us.get(ev.device_pk, 0):
+                state.device_last_us[ev.device_pk] = ev.t_us
+            kind = ev.kind
+            if kind in (events_pb2.EVENT_KIND_STEPS, events_pb2.EVENT_KIND_HEART_RATE) or kind in (
+                events_pb2.EVENT_KIND_FEATURE_USE,
+                events_pb2.EVENT_KIND_SCREEN_VIEW,
+                events_pb2.EVENT_KIND_SESSION_START,
+            ):
+                msg = events_pb2.Event.FromString(ev.body)
+                if kind == events_pb2.EVENT_KIND_STEPS:
+                    state.add_steps(ev.t_us, msg.steps.count)
+                elif kind == events_pb2.EVENT_KIND_HEART_RATE:
+                    if msg.heart_rate.bpm:
+                        state.hr.add(float(msg.heart_rate.bpm))
+                    hr = msg.heart_rate
+                    r = hr.rmssd_ms if hr.HasField("rmssd_ms") else rmssd(hr.rr_intervals_ms)
+                    if r is not None and r > 0:
+                        state.hrv.add(r)
+                elif kind == events_pb2.EVENT_KIND_FEATURE_USE:
+                    state.device_app[ev.device_pk] = msg.feature_use.app
+                    bins = state.feature_bins.setdefault(msg.feature_use.feature, [0] * 48)
+                    bins[(ev.t_us // US_PER_MIN) % 1440 // 30] += 1
+                elif kind == events_pb2.EVENT_KIND_SCREEN_VIEW:
+                    state.device_app[ev.device_pk] = msg.screen_view.app
+                else:
+                    state.device_app[ev.device_pk] = msg.session_start.app
+
+    def context(
+        self, user_id: int, now_us: int, tz: str, nudges_today: int, habitual: Iterable[str] = ()
+    ) -> Context:
+        """The user's features at now_us, local time in tz (plus habitual_<feature> flags)."""
+        s = self.user(user_id)
+        lt = local_time(now_us, tz)
+        local_minute = lt.hour * 60 + lt.minute
+        active = s.active_device(now_us, self._active_window_us)
+        steps_30 = s.steps_since(now_us, 30)
+        recent_10 = s.steps_since(now_us, 10) / 10.0
+        stress = max(0.0, -s.hrv.rel())
+        values = {
+            "local_minute": float(local_minute),
+            "weekday": float(lt.weekday()),
+            "steps_30": float(steps_30),
+            "steps_60": float(s.steps_since(now_us, 60)),
+            "steps_120": float(s.steps_since(now_us, 120)),
+            "sedentary_min": s.sedentary_min(now_us),
+            "hr_rel": s.hr.rel(),
+            "rmssd_rel": s.hrv.rel(),
+            "active_kind": float(_KIND_CODE.get(s.device_kind.get(active, 0), 0))
+            if active
+            else 0.0,
+            "active_app": float(app_code(s.device_app.get(active, ""))) if active else 0.0,
+            "min_since_last_nudge": (
+                min(1440.0, (now_us - s.last_nudge_us) / US_PER_MIN) if s.last_nudge_us else 1440.0
+            ),
+            "nudges_today": float(nudges_today),
+            "days_since_first_nudge": (
+                (now_us - s.first_nudge_us) / (1440 * US_PER_MIN) if s.first_nudge_us else 0.0
+            ),
+            "hour_past_gain": s.hour_gain(hour_bucket(local_minute)),
+        }
+        for feature in habitual:
+            values[f"habitual_{feature}"] = float(s.habitual_near(feature, now_us))
+        past = {a: s.past_gain(a) for a in s.outcome_by_action}
+        return Context(values, past, active, values["sedentary_min"], recent_10, stress)

@@ -1,0 +1,65 @@
+"""Helpers: store events as ingest does (insert, then publish on the bus) and build events."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from pulsesync.kinds import kind_of
+from pulsesync.server.app import RunningServer
+from pulsesync.server.bus import CommittedEvent
+from pulsesync.v1 import events_pb2
+
+_seq: dict[int, int] = {}
+
+
+def steps_event(t_us: int, count: int, sensor: str = "watch") -> events_pb2.Event:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromMicroseconds(t_us)
+    return events_pb2.Event(
+        event_id=str(uuid.uuid4()),
+        device_time=ts,
+        steps=events_pb2.Steps(
+            sensor_id=sensor, count=count, interval=duration_pb2.Duration(seconds=60)
+        ),
+    )
+
+
+def app_event(t_us: int, app: str, feature: str = "main") -> events_pb2.Event:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromMicroseconds(t_us)
+    return events_pb2.Event(
+        event_id=str(uuid.uuid4()),
+        device_time=ts,
+        feature_use=events_pb2.FeatureUse(app=app, feature=feature),
+    )
+
+
+async def device_pk_of(server: RunningServer, device_id: str) -> tuple[int, int]:
+    async with server.app.db.reader.execute(
+        "SELECT device_pk, user_id FROM devices WHERE device_id = ?", (device_id,)
+    ) as cur:
+        row = await cur.fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
+async def store(server: RunningServer, device_id: str, events: Sequence[events_pb2.Event]) -> None:
+    """Commit events for a device at their device_time (no skew) and publish them."""
+    device_pk, user_id = await device_pk_of(server, device_id)
+    committed = []
+    async with server.app.db.transaction() as tx:
+        for ev in events:
+            seq = _seq.get(device_pk, 0) + 1
+            _seq[device_pk] = seq
+            ev.seq = seq
+            t_us = ev.device_time.ToMicroseconds()
+            body = ev.SerializeToString()
+            await tx.execute(
+                "INSERT INTO events (device_pk, seq, user_id, t_us, kind, received_us, body) VALUES (?,?,?,?,?,?,?)",
+                (device_pk, seq, user_id, t_us, kind_of(ev), t_us, body),
+            )
+            committed.append(CommittedEvent(user_id, device_pk, seq, t_us, kind_of(ev), body))
+    server.app.bus.publish(user_id, committed)
