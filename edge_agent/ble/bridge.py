@@ -1,0 +1,505 @@
+"""The wearable bridge: keeps chosen BLE sensors connected and turns notifications into events.
+
+One supervised task per sensor (in an `asyncio.TaskGroup`): find it by address with
+`BleakScanner`, connect with `bleak_retry_connector.establish_connection`, discover services,
+read battery / body location / device information, subscribe to every supported measurement,
+then wait for the link to drop and reconnect after a backoff chosen by the class of the error.
+Notifications are parsed in the bleak callback, stamped with the host clock at that moment and
+handed to the `EventSink` without blocking. A malformed payload is counted and logged; it never
+ends the connection loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from bleak import BleakClient, BleakScanner
+from bleak.backends.characteristic import BleakGATTCharacteristic
+from bleak.exc import BleakDeviceNotFoundError, BleakError
+from bleak_retry_connector import (
+    BleakAbortedError,
+    BleakConnectionError,
+    BleakNotFoundError,
+    BleakOutOfConnectionSlotsError,
+    establish_connection,
+)
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from pulsesync.edge_agent.ble import uuids
+from pulsesync.edge_agent.ble.backends import BleBackends
+from pulsesync.edge_agent.ble.derived import (
+    DEFAULT_WHEEL_CIRCUMFERENCE_M,
+    CscCalculator,
+    RmssdWindow,
+    StepsFromCadence,
+)
+from pulsesync.edge_agent.ble.parsers import (
+    BatteryLevel,
+    BodySensorLocation,
+    CscMeasurement,
+    DeviceInformation,
+    GattParseError,
+    HeartRateMeasurement,
+    Location,
+    PlxContinuousMeasurement,
+    RscMeasurement,
+    SensorContact,
+    parse_utf8_string,
+)
+from pulsesync.edge_agent.sink import EventSink
+from pulsesync.v1 import events_pb2
+
+_LOG = logging.getLogger(__name__)
+
+
+class ErrorClass(enum.Enum):
+    """Why a sensor is not connected; each class has its own backoff."""
+
+    LINK_LOST = "link_lost"  # was streaming, link dropped (interference, supervision timeout)
+    NOT_FOUND = "not_found"  # not advertising: out of range, asleep or switched off
+    OUT_OF_SLOTS = "out_of_slots"  # the adapter has no free connection slot
+    CONNECT_FAILED = "connect_failed"  # connection attempts failed or were aborted
+    SETUP_FAILED = "setup_failed"  # connected, but discovery/subscription failed
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Exponential backoff base and cap for one error class, in seconds."""
+
+    base_s: float
+    cap_s: float
+
+    def bounds(self, attempt: int) -> tuple[float, float]:
+        """(lowest, highest) delay before reconnect attempt number `attempt` (0-based)."""
+        high = min(self.cap_s, self.base_s * 2.0 ** min(attempt, 30))
+        return high * JITTER_LOW, high
+
+
+# Jitter draws the delay from [half, full] of the exponential value, so sensors that dropped
+# together (a person walking away with both) do not reconnect in lock-step.
+JITTER_LOW: Final = 0.5
+
+DEFAULT_BACKOFF: Final[dict[ErrorClass, Backoff]] = {
+    # A dropped link usually comes back at once (a body blocking the antenna): retry fast.
+    ErrorClass.LINK_LOST: Backoff(0.25, 10.0),
+    # Out of range: scanning itself waits `scan_timeout_s`; no need to hammer the radio.
+    ErrorClass.NOT_FOUND: Backoff(2.0, 60.0),
+    # bleak-retry-connector waits 4 s when an adapter is out of slots; start there.
+    ErrorClass.OUT_OF_SLOTS: Backoff(4.0, 60.0),
+    ErrorClass.CONNECT_FAILED: Backoff(1.0, 30.0),
+    # Setup failures tend to repeat (firmware quirks): back off harder.
+    ErrorClass.SETUP_FAILED: Backoff(2.0, 120.0),
+}
+
+# A session that streamed this long counts as healthy and resets the attempt counter.
+HEALTHY_SESSION_S: Final = 10.0
+# Parse errors are logged for the first few, then every Nth, so a broken sensor cannot
+# flood the log at its notification rate.
+PARSE_ERROR_LOG_FIRST: Final = 5
+PARSE_ERROR_LOG_EVERY: Final = 100
+
+
+class SensorNotFound(BleakError):
+    """The sensor was not seen advertising during the scan."""
+
+
+class LinkLost(BleakError):
+    """The connection dropped while streaming."""
+
+
+def classify(exc: BaseException) -> ErrorClass:
+    """Pick the backoff class for an error raised while connecting or streaming."""
+    if isinstance(exc, LinkLost):
+        return ErrorClass.LINK_LOST
+    if isinstance(exc, BleakOutOfConnectionSlotsError):
+        return ErrorClass.OUT_OF_SLOTS
+    if isinstance(exc, SensorNotFound | BleakNotFoundError | BleakDeviceNotFoundError):
+        return ErrorClass.NOT_FOUND
+    if isinstance(exc, BleakConnectionError | BleakAbortedError | TimeoutError):
+        return ErrorClass.CONNECT_FAILED
+    return ErrorClass.SETUP_FAILED
+
+
+@dataclass(frozen=True, slots=True)
+class BridgeConfig:
+    """Tunables of the bridge."""
+
+    scan_timeout_s: float = 10.0
+    connect_attempts: int = 4  # bleak-retry-connector's own default
+    steps_window_s: float = 60.0
+    rmssd_window_s: float = 60.0
+    wheel_circumference_m: float = DEFAULT_WHEEL_CIRCUMFERENCE_M
+    backoff: dict[ErrorClass, Backoff] = field(default_factory=lambda: dict(DEFAULT_BACKOFF))
+    seed: int | None = None  # jitter seed, for reproducible runs
+
+
+@dataclass(frozen=True, slots=True)
+class Reconnect:
+    """One recovery: why, which attempt, the chosen delay, and when the link was back."""
+
+    error: ErrorClass
+    attempt: int
+    delay_s: float
+    down_at: float  # monotonic time the failure was noticed
+    up_at: float | None = None  # monotonic time notifications were enabled again
+
+
+@dataclass(slots=True)
+class SensorStats:
+    """Counters of one sensor link (read by the CLI, the tests and the benchmark)."""
+
+    address: str
+    connected: bool = False
+    sessions: int = 0
+    notifications: int = 0
+    events: int = 0
+    parse_errors: int = 0
+    reconnects: list[Reconnect] = field(default_factory=list)
+    info: DeviceInformation | None = None
+    location: Location | None = None
+    services: tuple[str, ...] = ()
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1000
+
+
+_LOCATION_PROTO: Final[dict[Location, int]] = {
+    loc: loc.value + 1
+    for loc in Location  # the proto enum is shifted so zero means unset
+}
+_CONTACT_PROTO: Final[dict[SensorContact, int]] = {
+    SensorContact.NOT_SUPPORTED: events_pb2.SENSOR_CONTACT_NOT_SUPPORTED,
+    SensorContact.DETECTED: events_pb2.SENSOR_CONTACT_DETECTED,
+    SensorContact.NOT_DETECTED: events_pb2.SENSOR_CONTACT_NOT_DETECTED,
+}
+
+
+class SensorLink:
+    """Keeps one sensor connected and streaming, for as long as the task runs."""
+
+    def __init__(
+        self,
+        address: str,
+        sink: EventSink,
+        *,
+        config: BridgeConfig,
+        backends: BleBackends,
+        clock_us: Callable[[], int] = _now_us,
+    ) -> None:
+        self.address = address
+        self.stats = SensorStats(address)
+        self._sink = sink
+        self._config = config
+        self._backends = backends
+        self._clock_us = clock_us
+        self._rng = random.Random(config.seed)
+        self._rmssd = RmssdWindow(config.rmssd_window_s)
+        self._steps = StepsFromCadence(config.steps_window_s)
+        self._csc = CscCalculator(config.wheel_circumference_m)
+        self._last_battery: int | None = None
+        self._session_started: float | None = None
+        self.connected = asyncio.Event()
+
+    # --- supervision ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Connect, stream, and reconnect with backoff; runs until cancelled."""
+        attempt = 0
+        while True:
+            try:
+                await self._session()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # every failure of one sensor is retried, never fatal
+                down_at = time.monotonic()
+                self._mark_down()
+                error = classify(exc)
+                healthy = (
+                    self._session_started is not None
+                    and down_at - self._session_started >= HEALTHY_SESSION_S
+                )
+                if error is ErrorClass.LINK_LOST and healthy:
+                    attempt = 0
+                low, high = self._config.backoff[error].bounds(attempt)
+                delay = self._rng.uniform(low, high)
+                self.stats.reconnects.append(Reconnect(error, attempt, delay, down_at))
+                _LOG.info(
+                    "%s: %s (%s); retrying in %.2f s (attempt %d)",
+                    self.address,
+                    error.value,
+                    exc,
+                    delay,
+                    attempt + 1,
+                )
+                attempt += 1
+                self._session_started = None
+                await asyncio.sleep(delay)
+
+    def _mark_down(self) -> None:
+        self.connected.clear()
+        self.stats.connected = False
+        self._rmssd.reset()
+        self._steps.reset()
+
+    async def _session(self) -> None:
+        scanner_args: dict[str, Any] = (
+            {} if self._backends.scanner is None else {"backend": self._backends.scanner}
+        )
+        device = await BleakScanner.find_device_by_address(
+            self.address, timeout=self._config.scan_timeout_s, **scanner_args
+        )
+        if device is None:
+            raise SensorNotFound(
+                f"{self.address} was not seen advertising within {self._config.scan_timeout_s} s; "
+                "bring it in range and wake it (wear the strap, move the footpod)"
+            )
+        lost = asyncio.Event()
+        client = await establish_connection(
+            BleakClient,
+            device,
+            device.name or self.address,
+            disconnected_callback=lambda _c: lost.set(),
+            max_attempts=self._config.connect_attempts,
+            backend=self._backends.client,
+        )
+        try:
+            await self._setup(client)
+            self._session_started = time.monotonic()
+            self.stats.sessions += 1
+            self.stats.connected = True
+            if self.stats.reconnects and self.stats.reconnects[-1].up_at is None:
+                last = self.stats.reconnects[-1]
+                self.stats.reconnects[-1] = Reconnect(
+                    last.error, last.attempt, last.delay_s, last.down_at, self._session_started
+                )
+            self.connected.set()
+            await lost.wait()
+            raise LinkLost(f"{self.address}: link lost")
+        finally:
+            with contextlib.suppress(BleakError, asyncio.TimeoutError, OSError):
+                await client.disconnect()
+
+    # --- setup ------------------------------------------------------------------------------
+
+    async def _setup(self, client: BleakClient) -> None:
+        services = {s.uuid for s in client.services}
+        self.stats.services = tuple(
+            sorted(uuids.short_name(u) for u in services if u in uuids.SUPPORTED_SERVICES)
+        )
+        self.stats.info = await self._read_info(client)
+        if client.services.get_characteristic(uuids.BODY_SENSOR_LOCATION) is not None:
+            with contextlib.suppress(GattParseError):
+                raw = await client.read_gatt_char(uuids.BODY_SENSOR_LOCATION)
+                self.stats.location = BodySensorLocation.from_bytes(raw).location
+        battery = client.services.get_characteristic(uuids.BATTERY_LEVEL)
+        if battery is not None:
+            if "read" in battery.properties:
+                self._on_battery(await client.read_gatt_char(battery))
+            if "notify" in battery.properties:
+                await client.start_notify(battery, self._guard(self._on_battery))
+        handlers = {
+            uuids.HEART_RATE_MEASUREMENT: self._on_heart_rate,
+            uuids.RSC_MEASUREMENT: self._on_rsc,
+            uuids.CSC_MEASUREMENT: self._on_csc,
+            uuids.PLX_CONTINUOUS_MEASUREMENT: self._on_plx,
+        }
+        subscribed = 0
+        for char_uuid, handler in handlers.items():
+            char = client.services.get_characteristic(char_uuid)
+            if char is not None and {"notify", "indicate"} & set(char.properties):
+                await client.start_notify(char, self._guard(handler))
+                subscribed += 1
+        if not subscribed:
+            raise BleakError(
+                f"{self.address} offers none of the supported measurements "
+                f"({', '.join(uuids.SUPPORTED_SERVICES.values())}); remove it with "
+                "`pulsesync-agent sensors remove`"
+            )
+
+    async def _read_info(self, client: BleakClient) -> DeviceInformation:
+        values: dict[str, str | None] = {}
+        for name, char_uuid in uuids.DEVICE_INFORMATION_STRINGS.items():
+            values[name] = None
+            if client.services.get_characteristic(char_uuid) is None:
+                continue
+            raw = await client.read_gatt_char(char_uuid)
+            try:
+                values[name] = parse_utf8_string(char_uuid, raw)
+            except GattParseError as exc:
+                self._parse_error(exc)
+        return DeviceInformation(**values)
+
+    # --- notifications ----------------------------------------------------------------------
+
+    def _guard(
+        self, handler: Callable[[bytearray], None]
+    ) -> Callable[[BleakGATTCharacteristic, bytearray], None]:
+        def callback(_char: BleakGATTCharacteristic, data: bytearray) -> None:
+            self.stats.notifications += 1
+            try:
+                handler(data)
+            except GattParseError as exc:
+                self._parse_error(exc)
+
+        return callback
+
+    def _parse_error(self, exc: GattParseError) -> None:
+        self.stats.parse_errors += 1
+        n = self.stats.parse_errors
+        if n <= PARSE_ERROR_LOG_FIRST or n % PARSE_ERROR_LOG_EVERY == 0:
+            _LOG.warning("%s: %s [%d parse errors so far]", self.address, exc, n)
+
+    def _record(self, event: events_pb2.Event, at_us: int) -> None:
+        event.device_time.CopyFrom(
+            timestamp_pb2.Timestamp(seconds=at_us // 1_000_000, nanos=at_us % 1_000_000 * 1000)
+        )
+        self._sink.record(event)
+        self.stats.events += 1
+
+    def _on_heart_rate(self, data: bytearray) -> None:
+        at = self._clock_us()
+        m = HeartRateMeasurement.from_bytes(data)
+        hr = events_pb2.HeartRate(
+            sensor_id=self.address,
+            bpm=m.bpm,
+            rr_intervals_ms=m.rr_intervals_ms,
+            contact=_CONTACT_PROTO[m.contact],  # type: ignore[arg-type]
+        )
+        if m.energy_expended_kj is not None:
+            hr.energy_expended_kj = m.energy_expended_kj
+        if self.stats.location is not None:
+            hr.location = _LOCATION_PROTO[self.stats.location]  # type: ignore[assignment]
+        if m.rr_intervals and (window := self._rmssd.add(m.rr_intervals_ms)) is not None:
+            rmssd, span_s, _count = window
+            hr.rmssd_ms = rmssd
+            hr.rmssd_window.CopyFrom(
+                duration_pb2.Duration(seconds=int(span_s), nanos=int(span_s % 1 * 1e9))
+            )
+        self._record(events_pb2.Event(heart_rate=hr), at)
+
+    def _on_rsc(self, data: bytearray) -> None:
+        at = self._clock_us()
+        m = RscMeasurement.from_bytes(data)
+        cadence = events_pb2.Cadence(
+            sensor_id=self.address,
+            motion=events_pb2.MOTION_KIND_RUNNING if m.running else events_pb2.MOTION_KIND_WALKING,
+            cadence_per_min=float(m.cadence_per_min),
+            speed_m_per_s=m.speed_m_per_s,
+        )
+        if m.stride_length_m is not None:
+            cadence.stride_length_m = m.stride_length_m
+        if m.total_distance_m is not None:
+            cadence.total_distance_m = m.total_distance_m
+        self._record(events_pb2.Event(cadence=cadence), at)
+        if (window := self._steps.add(at / 1e6, float(m.cadence_per_min))) is not None:
+            count, span_s = window
+            steps = events_pb2.Steps(
+                sensor_id=self.address,
+                count=count,
+                interval=duration_pb2.Duration(seconds=int(span_s), nanos=int(span_s % 1 * 1e9)),
+                source=events_pb2.STEPS_SOURCE_CADENCE,
+            )
+            self._record(events_pb2.Event(steps=steps), at)
+
+    def _on_csc(self, data: bytearray) -> None:
+        at = self._clock_us()
+        rates = self._csc.update(CscMeasurement.from_bytes(data))
+        if rates.speed_m_per_s is None and rates.cadence_rpm is None:
+            return
+        self._record(
+            events_pb2.Event(
+                cadence=events_pb2.Cadence(
+                    sensor_id=self.address,
+                    motion=events_pb2.MOTION_KIND_CYCLING,
+                    cadence_per_min=rates.cadence_rpm or 0.0,
+                    speed_m_per_s=rates.speed_m_per_s or 0.0,
+                )
+            ),
+            at,
+        )
+
+    def _on_plx(self, data: bytearray) -> None:
+        at = self._clock_us()
+        m = PlxContinuousMeasurement.from_bytes(data)
+        if m.spo2_percent != m.spo2_percent:  # NaN: the oximeter has no reading yet
+            return
+        self._record(
+            events_pb2.Event(
+                oxygen_saturation=events_pb2.OxygenSaturation(
+                    sensor_id=self.address,
+                    spo2_percent=m.spo2_percent,
+                    pulse_rate_bpm=m.pulse_rate_bpm
+                    if m.pulse_rate_bpm == m.pulse_rate_bpm
+                    else 0.0,
+                )
+            ),
+            at,
+        )
+
+    def _on_battery(self, data: bytearray) -> None:
+        at = self._clock_us()
+        level = BatteryLevel.from_bytes(data).percent
+        if level == self._last_battery:
+            return  # re-read on every reconnect; only changes are events
+        self._last_battery = level
+        self._record(
+            events_pb2.Event(
+                battery=events_pb2.Battery(sensor_id=self.address, level_percent=level)
+            ),
+            at,
+        )
+
+
+class Bridge:
+    """Runs one `SensorLink` per chosen sensor address, all in one TaskGroup."""
+
+    def __init__(
+        self,
+        sink: EventSink,
+        addresses: Sequence[str],
+        *,
+        config: BridgeConfig | None = None,
+        backends: BleBackends | None = None,
+        clock_us: Callable[[], int] = _now_us,
+    ) -> None:
+        if not addresses:
+            raise ValueError(
+                "no sensors chosen: run `pulsesync-agent scan`, then "
+                "`pulsesync-agent sensors add ADDRESS`"
+            )
+        cfg = config or BridgeConfig()
+        self.links = [
+            SensorLink(
+                a,
+                sink,
+                config=cfg if cfg.seed is None else dataclasses.replace(cfg, seed=cfg.seed + i),
+                backends=backends or BleBackends(),
+                clock_us=clock_us,
+            )
+            for i, a in enumerate(dict.fromkeys(addresses))
+        ]
+
+    async def run(self) -> None:
+        """Supervise every sensor until cancelled."""
+        async with asyncio.TaskGroup() as tg:
+            for link in self.links:
+                tg.create_task(link.run(), name=f"ble-sensor-{link.address}")
+
+    async def wait_connected(self) -> None:
+        """Wait until every sensor is streaming (callers bound it with asyncio.timeout)."""
+        for link in self.links:
+            await link.connected.wait()
+
+    @property
+    def stats(self) -> list[SensorStats]:
+        return [link.stats for link in self.links]
