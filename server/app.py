@@ -33,6 +33,7 @@ from pulsesync.server.identity import IdentityStore
 from pulsesync.server.metrics import Metrics
 from pulsesync.server.privacy.consent import ConsentStore
 from pulsesync.server.privacy.registry import UserDataRegistry
+from pulsesync.server.profiles.store import ProfileStore
 from pulsesync.server.rpc.devices import DeviceServicer
 from pulsesync.server.rpc.ingest import IngestServicer
 from pulsesync.server.rpc.nudges import NudgeServicer
@@ -136,6 +137,7 @@ async def running_server(
             consent=ConsentStore(db, clock),
             bus=EventBus(),
             user_data=UserDataRegistry(),
+            profiles=await ProfileStore.open(config, db, clock),
         )
         server = grpc.aio.server(options=GRPC_OPTIONS)
         servicers: dict[str, Any] = {}

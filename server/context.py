@@ -11,6 +11,7 @@ from pulsesync.server.identity import IdentityStore
 from pulsesync.server.metrics import Metrics
 from pulsesync.server.privacy.consent import ConsentStore
 from pulsesync.server.privacy.registry import UserDataRegistry
+from pulsesync.server.profiles.store import ProfileStore
 from pulsesync.server.sessions import SessionRegistry
 from pulsesync.server.storage.db import Database
 
@@ -28,3 +29,5 @@ class AppContext:
     consent: ConsentStore
     bus: EventBus
     user_data: UserDataRegistry
+    # Merged, encrypted profiles: `await profiles.get(user_id)` -> pulsesync.v1.Profile.
+    profiles: ProfileStore

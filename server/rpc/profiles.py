@@ -6,33 +6,80 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from pulsesync.server.context import AppContext
-from pulsesync.server.errors import Unimplemented
+from pulsesync.server.errors import FailedPrecondition
 from pulsesync.server.identity import Identity
+from pulsesync.server.privacy.consent import ConsentState
 from pulsesync.server.rpc.base import rpc_method
-from pulsesync.v1 import profiles_pb2, profiles_pb2_grpc
+from pulsesync.v1 import common_pb2, profiles_pb2, profiles_pb2_grpc
 
-_NOT_YET = "profile sync is not available in this server version yet"
+_SYNC = common_pb2.CONSENT_CATEGORY_SYNC
+
+
+def consent_required() -> FailedPrecondition:
+    """The error for profile sync without the person's sync consent."""
+    return FailedPrecondition(
+        "profile sync needs the person's consent to sync between devices "
+        "(CONSENT_CATEGORY_SYNC); grant it with PrivacyService.UpdateConsent (the app's "
+        "privacy settings) and try again",
+        reason="CONSENT_REQUIRED",
+    )
 
 
 class ProfileServicer(profiles_pb2_grpc.ProfileServiceServicer):
     def __init__(self, app: AppContext) -> None:
         self.app = app
+        app.user_data.on_erase("profiles", app.profiles.erase_user)
+        app.user_data.add_exporter("profile", app.profiles.export_user)
+
+    async def start(self) -> None:
+        """Start the adaptive layout's usage ranking (fed by committed events)."""
+        await self.app.profiles.start(self.app.bus, self.app.consent)
+
+    async def stop(self) -> None:
+        await self.app.profiles.stop()
+
+    async def _require_sync(self, user_id: int) -> None:
+        if _SYNC not in await self.app.consent.granted(user_id):
+            raise consent_required()
 
     @rpc_method()
     async def GetProfile(
         self, request: Any, context: Any, me: Identity
     ) -> profiles_pb2.GetProfileResponse:
-        raise Unimplemented(_NOT_YET)
+        return profiles_pb2.GetProfileResponse(profile=await self.app.profiles.get(me.user_id))
 
     @rpc_method()
     async def UpdateProfile(
         self, request: Any, context: Any, me: Identity
     ) -> profiles_pb2.UpdateProfileResponse:
-        raise Unimplemented(_NOT_YET)
+        await self._require_sync(me.user_id)
+        result = await self.app.profiles.update(
+            me.user_id,
+            request.profile,
+            request.edits,
+            base_version=request.base_version,
+            device_id=me.device_id,
+        )
+        return profiles_pb2.UpdateProfileResponse(
+            profile=result.profile,
+            overridden_fields=result.overridden_fields,
+            committed=result.committed,
+        )
 
     @rpc_method(stream=True)
     async def WatchProfile(
         self, request: Any, context: Any, me: Identity
     ) -> AsyncIterator[profiles_pb2.WatchProfileResponse]:
-        raise Unimplemented(_NOT_YET)
-        yield  # pragma: no cover
+        await self._require_sync(me.user_id)
+        store = self.app.profiles
+
+        def on_consent(user_id: int, states: tuple[ConsentState, ...]) -> None:
+            if not any(s.category == _SYNC and s.granted for s in states):
+                store.interrupt_watches(user_id, consent_required())
+
+        cancel = self.app.consent.watch(me.user_id, on_consent)
+        try:
+            async for profile in store.watch(me.user_id, request.after_version):
+                yield profiles_pb2.WatchProfileResponse(profile=profile)
+        finally:
+            cancel()
