@@ -224,7 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands() -> list[Callable[[Any], None]]:
     """Command groups contributed by the server's components (keys, privacy, nudges)."""
-    return []
+    from pulsesync.server.nudges.cli import register as nudges
+
+    return [nudges]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,141 @@
+"""`pulsesync nudges train|evaluate|promote|status`: the learning loop from the command line.
+
+    pulsesync nudges train              # new candidate version from logged decisions
+    pulsesync nudges evaluate [-v N]    # IPS / SNIPS / DR with 95% CIs against the current policy
+    pulsesync nudges promote [-v N]     # promote only if the DR gain's CI is above zero
+    pulsesync nudges status             # versions, the promoted one, logged decisions
+
+They work on the database and model folder directly; a running server picks up a promoted
+model at its next decision tick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from pulsesync.server.nudges.catalog import load_catalog
+from pulsesync.server.nudges.registry import ModelRegistry, version_name
+from pulsesync.server.nudges.training import (
+    DEFAULT_HOLDOUT,
+    evaluate_candidate,
+    logged_decisions,
+    promote_if_better,
+    train_candidate,
+)
+from pulsesync.server.storage.db import Database
+
+
+def _paths(args: argparse.Namespace) -> tuple[Path, ModelRegistry]:
+    db = args.db or args.data_dir / "pulsesync.db"
+    return db, ModelRegistry(args.models or args.data_dir / "nudge_models")
+
+
+def _latest(registry: ModelRegistry, version: int | None) -> int:
+    if version is not None:
+        return version
+    versions = registry.versions()
+    if not versions:
+        raise SystemExit("no model versions yet: run `pulsesync nudges train` first")
+    return versions[-1]
+
+
+async def cmd_train(args: argparse.Namespace) -> int:
+    db_path, registry = _paths(args)
+    async with await Database.open(db_path) as db:
+        try:
+            version = await train_candidate(db, load_catalog(args.catalog), registry, args.holdout)
+        except ValueError as e:
+            raise SystemExit(f"cannot train: {e}") from None
+    meta = registry.meta(version)
+    print(f"saved {version_name(version)} (trained on {meta['trained_on']} decisions)")
+    print(f"next: pulsesync nudges evaluate --version {version}")
+    return 0
+
+
+async def cmd_evaluate(args: argparse.Namespace) -> int:
+    db_path, registry = _paths(args)
+    version = _latest(registry, args.version)
+    async with await Database.open(db_path) as db:
+        try:
+            ev = await evaluate_candidate(db, load_catalog(args.catalog), registry, version)
+        except ValueError as e:
+            raise SystemExit(f"cannot evaluate: {e}") from None
+    print(f"{version_name(version)} vs {ev.against} on {ev.decisions} held-out decisions (steps in 30 min):")
+    for name in ("ips", "snips", "dr"):
+        new, base, diff = ev.estimates[name], ev.estimates[f"{name}_baseline"], ev.estimates[f"{name}_diff"]
+        print(
+            f"  {name.upper():<5} new {new.value:8.1f} [{new.low:.1f}, {new.high:.1f}]"
+            f"  current {base.value:8.1f}  gain {diff.value:+7.1f} [{diff.low:+.1f}, {diff.high:+.1f}]"
+        )
+    print("verdict: better (promotable)" if ev.better else "verdict: not shown to be better; keep the current policy")
+    return 0
+
+
+async def cmd_promote(args: argparse.Namespace) -> int:
+    _, registry = _paths(args)
+    version = _latest(registry, args.version)
+    evaluation: dict[str, Any] | None = registry.meta(version).get("evaluation")
+    if evaluation is None:
+        raise SystemExit(f"{version_name(version)} has not been evaluated: run `pulsesync nudges evaluate -v {version}`")
+    from pulsesync.server.nudges.ope import Estimate
+    from pulsesync.server.nudges.training import Evaluation
+
+    est = {k: Estimate(v["value"], v["low"], v["high"]) for k, v in evaluation.items() if isinstance(v, dict)}
+    ev = Evaluation(version, evaluation["against"], evaluation["decisions"], est, bool(evaluation["better"]))
+    if not promote_if_better(registry, ev):
+        print(f"not promoted: the estimate does not show {version_name(version)} is better than {ev.against}")
+        return 2
+    print(f"promoted {version_name(version)}; running servers load it at their next tick")
+    return 0
+
+
+async def cmd_status(args: argparse.Namespace) -> int:
+    db_path, registry = _paths(args)
+    current = registry.current()
+    print(f"promoted: {version_name(current) if current else 'none (randomized cold start)'}")
+    for v in registry.versions():
+        meta = registry.meta(v)
+        ev = meta.get("evaluation") or {}
+        dr = ev.get("dr_diff", {})
+        verdict = f"DR gain {dr.get('value', 0):+.1f} [{dr.get('low', 0):+.1f}, {dr.get('high', 0):+.1f}]" if dr else "not evaluated"
+        print(f"  {version_name(v)}  trained on {meta.get('trained_on', '?')} decisions  {verdict}")
+    async with await Database.open(db_path) as db:
+        decisions = await logged_decisions(db)
+    print(f"decisions with outcomes (consenting users): {len(decisions)}")
+    if args.json:
+        print(json.dumps({"current": current, "versions": registry.versions(), "decisions": len(decisions)}))
+    return 0
+
+
+def register(sub: Any) -> None:
+    """Add the `nudges` command group to the pulsesync CLI."""
+    from pulsesync.server.cli import add_storage_flags
+
+    group = sub.add_parser("nudges", help="train, evaluate and promote the nudge policy").add_subparsers(
+        dest="nudges_cmd", required=True
+    )
+
+    def common(p: argparse.ArgumentParser) -> None:
+        add_storage_flags(p)
+        p.add_argument("--models", type=Path, default=None, help="model folder (default DATA_DIR/nudge_models)")
+        p.add_argument("--catalog", type=Path, default=None, help="nudge catalog TOML overriding the defaults")
+
+    p = group.add_parser("train", help="train a candidate model from logged decisions")
+    common(p)
+    p.add_argument("--holdout", type=float, default=DEFAULT_HOLDOUT, help="latest fraction kept for evaluation")
+    p.set_defaults(handler=cmd_train)
+    for name, fn, helptext in (
+        ("evaluate", cmd_evaluate, "off-policy estimates of a candidate against the current policy"),
+        ("promote", cmd_promote, "promote an evaluated candidate if it is estimated better"),
+    ):
+        p = group.add_parser(name, help=helptext)
+        common(p)
+        p.add_argument("-v", "--version", type=int, default=None, help="model version (default: latest)")
+        p.set_defaults(handler=fn)
+    p = group.add_parser("status", help="model versions, the promoted one, logged decisions")
+    common(p)
+    p.add_argument("--json", action="store_true", help="also print one JSON line")
+    p.set_defaults(handler=cmd_status)
