@@ -1,24 +1,123 @@
-"""IngestService: the bidi upload stream of event batches."""
+"""IngestService: the bidi upload stream of event batches, and a unary convenience call."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Final
 
 from pulsesync.server.context import AppContext
-from pulsesync.server.errors import Unimplemented
+from pulsesync.server.errors import Aborted, InvalidArgument
 from pulsesync.server.identity import Identity
 from pulsesync.server.rpc.base import rpc_method
+from pulsesync.server.timeline.ingest import IngestPipeline, Prepared
 from pulsesync.v1 import ingest_pb2, ingest_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+# Batches a stream may have between receipt and ack. Eight 500-event batches keep the writer
+# busy across a commit (the next group is ready when the last one lands) while bounding the
+# memory one stream can pin to 8 x 5000 events.
+STREAM_WINDOW: Final = 8
+
+
+class _Replaced:
+    """Queued into an older stream when a newer one from the same device opens."""
+
+
+class _Ended:
+    """The device half-closed the stream (or it failed, with error set)."""
+
+    def __init__(self, error: BaseException | None = None) -> None:
+        self.error = error
+
+
+_Item = Prepared | _Replaced | _Ended
+
+
+class _Stream:
+    """One open Upload stream: the queue between its reader and its responder."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self.window = asyncio.Semaphore(STREAM_WINDOW)
+        self.reader: asyncio.Task[None] | None = None
+
+    def replace(self) -> None:
+        if self.reader is not None:
+            self.reader.cancel()
+        self.queue.put_nowait(_Replaced())
 
 
 class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     def __init__(self, app: AppContext) -> None:
         self.app = app
+        self.pipeline = IngestPipeline(app)
+        self._streams: dict[int, _Stream] = {}
+
+    async def start(self) -> None:
+        await self.pipeline.start()
+
+    async def stop(self) -> None:
+        await self.pipeline.stop()
 
     @rpc_method(stream=True)
     async def Upload(
         self, request_iterator: Any, context: Any, me: Identity
     ) -> AsyncIterator[ingest_pb2.UploadResponse]:
-        raise Unimplemented("ingest is not available yet")
-        yield  # pragma: no cover
+        stream = _Stream()
+        older = self._streams.get(me.device_pk)
+        if older is not None:
+            # Batches of one device must be handled in order: only its newest stream reads.
+            older.replace()
+        self._streams[me.device_pk] = stream
+        stream.reader = asyncio.create_task(self._read(me, request_iterator, stream))
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, _Replaced):
+                    raise Aborted(
+                        "a newer Upload stream from this device replaced this one; "
+                        "unacknowledged batches are handled there",
+                        reason="UPLOAD_STREAM_REPLACED",
+                    )
+                if isinstance(item, _Ended):
+                    if item.error is not None:
+                        raise item.error
+                    return
+                response = await self.pipeline.finish(me, item)
+                stream.window.release()
+                yield response
+        finally:
+            if self._streams.get(me.device_pk) is stream:
+                del self._streams[me.device_pk]
+            stream.reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await stream.reader
+
+    async def _read(self, me: Identity, requests: Any, stream: _Stream) -> None:
+        """Validate batches in arrival order and queue them for the responder."""
+        try:
+            async for request in requests:
+                await stream.window.acquire()
+                received_us = self.app.clock.now_us()
+                batch = request.batch if request.HasField("batch") else None
+                stream.queue.put_nowait(await self.pipeline.prepare(me, batch, received_us))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            stream.queue.put_nowait(_Ended(e))
+        else:
+            stream.queue.put_nowait(_Ended())
+
+    @rpc_method()
+    async def UploadBatch(
+        self, request: ingest_pb2.UploadBatchRequest, context: Any, me: Identity
+    ) -> ingest_pb2.UploadBatchResponse:
+        batch = request.batch if request.HasField("batch") else None
+        prepared = await self.pipeline.prepare(me, batch, self.app.clock.now_us())
+        if prepared.refusal is not None:
+            raise InvalidArgument(prepared.refusal.message, reason=prepared.refusal.reason)
+        return ingest_pb2.UploadBatchResponse(ack=await self.pipeline.finish(me, prepared))

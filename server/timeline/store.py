@@ -104,7 +104,7 @@ class TimelineStore:
         sql.append(" ORDER BY e.t_us, e.device_pk, e.seq LIMIT ?")
         args.append(limit + 1)
         async with self._db.reader.execute("".join(sql), args) as c:
-            rows = await c.fetchall()
+            rows = list(await c.fetchall())
         more = len(rows) > limit
         rows = rows[:limit]
         parse = events_pb2.Event.FromString

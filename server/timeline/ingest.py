@@ -1,0 +1,315 @@
+"""The ingest pipeline: batch checks, consent, validation, skew correction, commit, ack.
+
+    prepared = await pipeline.prepare(identity, batch, received_us)     # in stream order
+    response = await pipeline.finish(identity, prepared)                # after the commit
+
+`prepare` runs for each batch in the order the device sent them and hands the valid events
+to the group-commit writer; `finish` waits for the durable commit, publishes the committed
+events and builds the ack. Splitting the two lets a stream validate its next batch while the
+previous one is being committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Final
+
+import grpc
+
+from pulsesync.kinds import CATEGORY_OF_KIND
+from pulsesync.server.bus import CommittedEvent
+from pulsesync.server.context import AppContext
+from pulsesync.server.errors import Unavailable
+from pulsesync.server.identity import Identity
+from pulsesync.server.timeline.skew import SkewEstimator
+from pulsesync.server.timeline.validate import (
+    KIND_OF_PAYLOAD,
+    MAX_EVENT_ID_LENGTH,
+    PAYLOAD_CHECKS,
+    Problem,
+    check_envelope,
+    check_time,
+    no_payload,
+)
+from pulsesync.server.timeline.writer import (
+    EventRow,
+    GroupCommitWriter,
+    Outcome,
+    PendingBatch,
+    QuarantineRow,
+)
+from pulsesync.v1 import common_pb2, ingest_pb2
+
+log = logging.getLogger(__name__)
+
+# An agent sends at most a few hundred events per batch. 5000 keeps one batch's validation
+# (~10-20 ms) from stalling other streams on the event loop and its serialized size (a few
+# hundred KiB) far below the 16 MiB message limit, while leaving a backlog room to drain fast.
+MAX_BATCH_EVENTS: Final = 5000
+
+_INVALID: Final = ingest_pb2.REJECTION_REASON_INVALID
+_NO_CONSENT: Final = ingest_pb2.REJECTION_REASON_CONSENT_NOT_GRANTED
+_CONFLICT: Final = ingest_pb2.REJECTION_REASON_SEQUENCE_CONFLICT
+_INVALID_ARGUMENT_CODE: Final = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why a whole batch was refused (nothing of it stored)."""
+
+    reason: str
+    message: str
+
+    def detail(self) -> common_pb2.ErrorDetail:
+        return common_pb2.ErrorDetail(
+            code=_INVALID_ARGUMENT_CODE, reason=self.reason, message=self.message
+        )
+
+
+@dataclass(slots=True)
+class Prepared:
+    """A batch after validation: either answered at once or waiting for its commit."""
+
+    batch_id: int
+    received_at: float  # perf_counter() at receipt, for the ack latency
+    clock_offset_us: int
+    refusal: Refusal | None = None
+    acked_through_seq: int = 0
+    rejected: list[ingest_pb2.RejectedEvent] | None = None
+    pending: asyncio.Future[Outcome] | None = None
+    counts: tuple[int, int] = (0, 0)  # (invalid, consent not granted)
+
+
+class IngestPipeline:
+    """Turns upload batches into stored events and acks; one per server."""
+
+    def __init__(self, app: AppContext) -> None:
+        self.app = app
+        self.writer = GroupCommitWriter(app.db)
+        self.skew = SkewEstimator()
+        self._persisted_offset: dict[int, int] = {}
+        self._devices_of_user: dict[int, set[int]] = {}
+        m = app.metrics
+        self._m_accepted = m.ingest_events.labels("accepted")
+        self._m_duplicate = m.ingest_events.labels("duplicate")
+        self._m_invalid = m.ingest_events.labels("invalid")
+        self._m_consent = m.ingest_events.labels("consent_not_granted")
+        self._m_conflict = m.ingest_events.labels("sequence_conflict")
+        self._m_batch_ok = m.ingest_batches.labels("committed")
+        self._m_batch_refused = m.ingest_batches.labels("refused")
+        self._m_batch_ping = m.ingest_batches.labels("empty")
+
+    async def start(self) -> None:
+        """Start the writer and join erasure."""
+        self.writer.start()
+        self.app.user_data.on_erase("ingest", self._on_erase)
+
+    async def stop(self) -> None:
+        """Commit what is queued and stop the writer."""
+        await self.writer.stop()
+
+    async def _on_erase(self, user_id: int) -> None:
+        for device_pk in self._devices_of_user.pop(user_id, set()):
+            self.writer.forget_device(device_pk)
+            self.skew.forget(device_pk)
+            self._persisted_offset.pop(device_pk, None)
+
+    def _refuse(self, batch_id: int, received_at: float, offset: int, r: Refusal) -> Prepared:
+        self._m_batch_refused.inc()
+        return Prepared(batch_id, received_at, offset, refusal=r)
+
+    async def prepare(
+        self, me: Identity, batch: ingest_pb2.EventBatch | None, received_us: int
+    ) -> Prepared:
+        """Check and validate one batch and queue its events for the writer."""
+        received_at = time.perf_counter()
+        dev = me.device_pk
+        uid = me.user_id
+        known_offset = self.skew.estimate(dev) or 0
+        if batch is None:
+            return self._refuse(
+                0,
+                received_at,
+                known_offset,
+                Refusal("MISSING_BATCH", "the request has no batch; set UploadRequest.batch"),
+            )
+        events = batch.events
+        n = len(events)
+        if n > MAX_BATCH_EVENTS:
+            return self._refuse(
+                batch.batch_id,
+                received_at,
+                known_offset,
+                Refusal(
+                    "BATCH_TOO_LARGE",
+                    f"the batch has {n} events; send at most {MAX_BATCH_EVENTS} per batch "
+                    "(split it and resend)",
+                ),
+            )
+        if n == 0:
+            self._m_batch_ping.inc()
+            if batch.HasField("sent_time"):
+                known_offset = self._observe(dev, received_us, batch)
+            return Prepared(batch.batch_id, received_at, known_offset)
+        if not batch.HasField("sent_time"):
+            return self._refuse(
+                batch.batch_id,
+                received_at,
+                known_offset,
+                Refusal(
+                    "MISSING_SENT_TIME",
+                    "the batch has no sent_time; set it to the device clock at sending, "
+                    "it is needed to correct clock skew",
+                ),
+            )
+        self._devices_of_user.setdefault(uid, set()).add(dev)
+        offset = self._observe(dev, received_us, batch)
+        granted = await self.app.consent.granted(uid)
+        allowed = frozenset(k for k, cat in CATEGORY_OF_KIND.items() if cat in granted)
+
+        rows: list[EventRow] = []
+        ids: list[str] = []
+        quarantine: list[QuarantineRow] = []
+        rejected: list[ingest_pb2.RejectedEvent] = []
+        no_consent = 0
+        max_seq = 0
+        last_seq = 0
+        in_order = True
+        checks = PAYLOAD_CHECKS
+        kind_of = KIND_OF_PAYLOAD
+        problem: Problem | None
+        for ev in events:
+            seq = ev.seq
+            if seq > max_seq:
+                max_seq = seq
+            which = ev.WhichOneof("payload")
+            kind = kind_of[which] if which is not None else 0
+            if kind and kind not in allowed:
+                no_consent += 1
+                rejected.append(
+                    ingest_pb2.RejectedEvent(
+                        seq=seq,
+                        event_id=ev.event_id[:MAX_EVENT_ID_LENGTH],
+                        reason=_NO_CONSENT,
+                        detail="consent for this kind of event is not granted; nothing was stored",
+                    )
+                )
+                continue
+            event_id = ev.event_id
+            t_us = 0
+            if (
+                not event_id
+                or len(event_id) > MAX_EVENT_ID_LENGTH
+                or not seq
+                or not ev.HasField("device_time")
+            ):
+                problem = check_envelope(ev)
+            else:
+                dt = ev.device_time
+                t_us = dt.seconds * 1_000_000 + dt.nanos // 1000 + offset
+                if which is None:
+                    problem = no_payload()
+                else:
+                    problem = check_time(t_us, received_us) or checks[which](ev)
+                    if problem is None and not 0 <= dt.nanos < 1_000_000_000:
+                        problem = check_envelope(ev)
+            body = ev.SerializeToString()
+            if problem is not None:
+                quarantine.append(
+                    (
+                        uid,
+                        dev,
+                        seq,
+                        event_id[:MAX_EVENT_ID_LENGTH],
+                        problem.code,
+                        problem.detail,
+                        received_us,
+                        body,
+                    )
+                )
+                rejected.append(
+                    ingest_pb2.RejectedEvent(
+                        seq=seq,
+                        event_id=event_id[:MAX_EVENT_ID_LENGTH],
+                        reason=_INVALID,
+                        detail=problem.detail,
+                    )
+                )
+                self.app.metrics.quarantined.labels(problem.code).inc()
+                continue
+            if seq <= last_seq:
+                in_order = False
+            last_seq = seq
+            rows.append((dev, seq, uid, t_us, kind, received_us, body))
+            ids.append(event_id)
+
+        persist: int | None = None
+        if self._persisted_offset.get(dev) != offset:
+            persist = offset
+            self._persisted_offset[dev] = offset
+        pending = PendingBatch(dev, uid, received_us, rows, ids, quarantine, in_order, persist)
+        self.writer.submit(pending)
+        return Prepared(
+            batch.batch_id,
+            received_at,
+            offset,
+            acked_through_seq=max_seq,
+            rejected=rejected,
+            pending=pending.future,
+            counts=(len(quarantine), no_consent),
+        )
+
+    def _observe(self, dev: int, received_us: int, batch: ingest_pb2.EventBatch) -> int:
+        st = batch.sent_time
+        return self.skew.observe(dev, received_us, st.seconds * 1_000_000 + st.nanos // 1000)
+
+    async def finish(self, me: Identity, p: Prepared) -> ingest_pb2.UploadResponse:
+        """Wait for the batch's commit, publish its events and build the ack."""
+        resp = ingest_pb2.UploadResponse(batch_id=p.batch_id)
+        resp.clock_offset.FromMicroseconds(p.clock_offset_us)
+        if p.refusal is not None:
+            resp.error.CopyFrom(p.refusal.detail())
+            return resp
+        if p.pending is None:  # an empty batch: a ping
+            return resp
+        try:
+            outcome = await p.pending
+        except Exception as e:
+            # The events may or may not be stored; not acking makes the agent resend them and
+            # deduplication makes that safe.
+            raise Unavailable(
+                "the server could not store the batch; resend it", reason="STORAGE_UNAVAILABLE"
+            ) from e
+        rejected = p.rejected or []
+        for c in outcome.conflicts:
+            rejected.append(
+                ingest_pb2.RejectedEvent(
+                    seq=c.seq, event_id=c.event_id, reason=_CONFLICT, detail=c.detail
+                )
+            )
+        if outcome.conflicts:
+            self.app.metrics.quarantined.labels("SEQUENCE_CONFLICT").inc(len(outcome.conflicts))
+            self._m_conflict.inc(len(outcome.conflicts))
+        resp.acked_through_seq = p.acked_through_seq
+        resp.accepted_count = len(outcome.inserted)
+        resp.duplicate_count = outcome.duplicates
+        resp.rejected.extend(rejected)
+        invalid, no_consent = p.counts
+        self._m_accepted.inc(len(outcome.inserted))
+        if outcome.duplicates:
+            self._m_duplicate.inc(outcome.duplicates)
+        if invalid:
+            self._m_invalid.inc(invalid)
+        if no_consent:
+            self._m_consent.inc(no_consent)
+        self._m_batch_ok.inc()
+        if outcome.inserted:
+            self.app.bus.publish(
+                me.user_id,
+                [CommittedEvent(r[2], r[0], r[1], r[3], r[4], r[6]) for r in outcome.inserted],
+            )
+        self.app.metrics.ack_latency.observe(time.perf_counter() - p.received_at)
+        return resp
