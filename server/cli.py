@@ -225,8 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _extra_commands() -> list[Callable[[Any], None]]:
     """Command groups contributed by the server's components (keys, privacy, nudges)."""
     from pulsesync.server.nudges.cli import register as nudges
+    from pulsesync.server.profiles.cli import register as keys
 
-    return [nudges]
+    return [nudges, keys]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
