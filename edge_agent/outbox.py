@@ -1,0 +1,250 @@
+"""The durable outbox: events wait here, in sequence order, until the server acknowledges them.
+
+Each `append` is one SQLite transaction (WAL, synchronous=FULL) that assigns sequence numbers
+from a persisted counter: a number is never handed out twice, even after deletes, crashes and
+restarts. `ack(through_seq)` deletes what the server has handled for good. Reads go through a
+separate query-only connection, so they only ever see committed rows: an event is never sent
+before it is durable here, and a crash can never re-issue a sequence number already sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Final, Self
+
+import aiosqlite
+
+from pulsesync.edge_agent.clock import Clock, SystemClock
+from pulsesync.v1 import events_pb2
+
+log = logging.getLogger(__name__)
+
+# Ride out a checkpoint or a `pulsesync-agent status` reading the file; report a stuck writer.
+BUSY_TIMEOUT_MS: Final = 10_000
+SCHEMA_VERSION: Final = 1
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS outbox (
+    seq  INTEGER PRIMARY KEY,       -- the device's sequence number
+    body BLOB NOT NULL              -- serialized pulsesync.v1.Event (seq, id and time set)
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO meta VALUES ('next_seq', 1), ('acked_through', 0), ('last_ack_us', 0);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxStats:
+    """A snapshot: events waiting, the last sequence number assigned and the last ack."""
+
+    depth: int
+    last_seq: int
+    acked_through: int
+    last_ack_us: int
+
+
+class OutboxError(Exception):
+    """The outbox file cannot be used (wrong format, newer version, unreadable)."""
+
+
+class Outbox:
+    """A SQLite outbox; open with `await Outbox.open(path)` or `async with Outbox.open(...)`."""
+
+    def __init__(
+        self, writer: aiosqlite.Connection, reader: aiosqlite.Connection, path: Path, clock: Clock
+    ) -> None:
+        self._writer = writer
+        self._reader = reader
+        self.path = path
+        self._clock = clock
+        self._lock = asyncio.Lock()
+        self._listeners: list[Callable[[], None]] = []
+        self._last_seq = 0
+        self._acked_through = 0
+
+    @classmethod
+    async def open(cls, path: str | Path, *, clock: Clock | None = None) -> Outbox:
+        """Open (creating if needed) the outbox file at path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        writer = await aiosqlite.connect(path, isolation_level=None)
+        try:
+            await writer.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            await writer.execute("PRAGMA journal_mode = WAL")
+            await writer.execute("PRAGMA synchronous = FULL")
+            (version,) = await _one(writer, "PRAGMA user_version")
+            if version > SCHEMA_VERSION:
+                raise OutboxError(
+                    f"{path} was written by a newer pulsesync-agent (schema {version}); "
+                    "upgrade the agent"
+                )
+            await writer.executescript(
+                f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+            )
+            reader = await aiosqlite.connect(path, isolation_level=None)
+        except sqlite3.DatabaseError as e:
+            await writer.close()
+            raise OutboxError(f"cannot open the outbox {path}: {e}") from e
+        except BaseException:
+            await writer.close()
+            raise
+        await reader.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        await reader.execute("PRAGMA query_only = 1")
+        outbox = cls(writer, reader, path, clock or SystemClock())
+        stats = await outbox.stats()
+        outbox._last_seq, outbox._acked_through = stats.last_seq, stats.acked_through
+        return outbox
+
+    async def close(self) -> None:
+        """Close both connections."""
+        await self._reader.close()
+        await self._writer.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    # -- writes -----------------------------------------------------------------------------
+    async def append(self, events: Sequence[events_pb2.Event]) -> int:
+        """Durably store events in one transaction; returns the last sequence number assigned.
+
+        Assigns each event its `seq` (always), and an `event_id` (UUID4) and `device_time` (now)
+        when unset. The events are modified in place: the outbox owns them from here on.
+        """
+        if not events:
+            return self._last_seq
+        now_us = self._clock.now_us()
+        async with self._lock:
+            await self._writer.execute("BEGIN IMMEDIATE")
+            try:
+                (first,) = await _one(self._writer, "SELECT value FROM meta WHERE key='next_seq'")
+                rows = []
+                for seq, event in enumerate(events, start=first):
+                    event.seq = seq
+                    if not event.event_id:
+                        event.event_id = str(uuid.uuid4())
+                    if not event.HasField("device_time"):
+                        event.device_time.FromMicroseconds(now_us)
+                    rows.append((seq, event.SerializeToString()))
+                last = first + len(events) - 1
+                await self._writer.executemany("INSERT INTO outbox VALUES (?, ?)", rows)
+                await self._writer.execute(
+                    "UPDATE meta SET value = ? WHERE key = 'next_seq'", (last + 1,)
+                )
+                await self._writer.execute("COMMIT")
+            except BaseException:
+                await _rollback(self._writer)
+                raise
+            self._last_seq = last
+        self._notify()
+        return last
+
+    async def ack(self, through_seq: int) -> int:
+        """Delete every event with seq <= through_seq (the server has them); returns how many."""
+        if through_seq <= self._acked_through:
+            return 0
+        async with self._lock:
+            await self._writer.execute("BEGIN IMMEDIATE")
+            try:
+                cur = await self._writer.execute(
+                    "DELETE FROM outbox WHERE seq <= ?", (through_seq,)
+                )
+                deleted = cur.rowcount
+                await self._writer.executemany(
+                    "UPDATE meta SET value = ? WHERE key = ?",
+                    [(through_seq, "acked_through"), (self._clock.now_us(), "last_ack_us")],
+                )
+                await self._writer.execute("COMMIT")
+            except BaseException:
+                await _rollback(self._writer)
+                raise
+            self._acked_through = through_seq
+        self._notify()
+        return deleted
+
+    # -- reads ------------------------------------------------------------------------------
+    async def pending(self, after_seq: int = 0, limit: int = 500) -> list[events_pb2.Event]:
+        """Up to `limit` committed events with seq > after_seq, in sequence order."""
+        rows = await self._reader.execute_fetchall(
+            "SELECT body FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit)
+        )
+        return [events_pb2.Event.FromString(body) for (body,) in rows]
+
+    async def count(self) -> int:
+        """How many events wait for an ack."""
+        (n,) = await _one(self._reader, "SELECT count(*) FROM outbox")
+        return int(n)
+
+    async def stats(self) -> OutboxStats:
+        """Depth, last assigned seq and last ack, as committed."""
+        rows = await self._reader.execute_fetchall("SELECT key, value FROM meta")
+        meta = {str(k): int(v) for k, v in rows}
+        return OutboxStats(
+            depth=await self.count(),
+            last_seq=int(meta["next_seq"]) - 1,
+            acked_through=int(meta["acked_through"]),
+            last_ack_us=int(meta["last_ack_us"]),
+        )
+
+    @property
+    def last_seq(self) -> int:
+        """The last sequence number this process committed (or found at open)."""
+        return self._last_seq
+
+    @property
+    def acked_through(self) -> int:
+        """The highest sequence number the server has acknowledged."""
+        return self._acked_through
+
+    # -- notification -----------------------------------------------------------------------
+    def add_listener(self, fn: Callable[[], None]) -> Callable[[], None]:
+        """Call fn (on the event loop) after every committed append or ack; returns a remover."""
+        self._listeners.append(fn)
+        return lambda: self._listeners.remove(fn)
+
+    def _notify(self) -> None:
+        for fn in list(self._listeners):
+            try:
+                fn()
+            except Exception:
+                log.exception("outbox listener failed")
+
+
+async def _one(conn: aiosqlite.Connection, sql: str) -> tuple[int, ...]:
+    rows = list(await conn.execute_fetchall(sql))
+    return tuple(rows[0])
+
+
+async def _rollback(conn: aiosqlite.Connection) -> None:
+    with contextlib.suppress(sqlite3.Error):  # none open (e.g. COMMIT itself failed)
+        await conn.execute("ROLLBACK")
+
+
+def read_stats(path: str | Path) -> OutboxStats:
+    """Stats of an outbox file without opening it for writing (for `pulsesync-agent status`)."""
+    conn = sqlite3.connect(f"file:{Path(path)}?mode=ro", uri=True)
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        (depth,) = conn.execute("SELECT count(*) FROM outbox").fetchone()
+    except sqlite3.Error as e:
+        raise OutboxError(f"cannot read the outbox {path}: {e}") from e
+    finally:
+        conn.close()
+    return OutboxStats(int(depth), int(meta["next_seq"]) - 1, int(meta["acked_through"]),
+                       int(meta["last_ack_us"]))  # fmt: skip

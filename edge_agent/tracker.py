@@ -1,0 +1,285 @@
+"""The Tracker SDK: what an app calls to record behavior, without ever blocking.
+
+    tracker = Tracker(outbox, StaticConsent())
+    await tracker.start()
+    tracker.screen_view("study", "deck/12", dwell=14.2)   # from any thread
+    ...
+    await tracker.close()                                   # flushes to the outbox
+
+Every recording method is synchronous, thread-safe and returns at once: it checks consent (a
+category the person has not granted is dropped right there, counted, nothing built), stamps
+the device time and appends to an in-memory queue. A flusher task moves the queue to the
+outbox in batches (after a short linger, or as soon as a batch is full), one transaction each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import threading
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Final
+
+from pulsesync.edge_agent.clock import Clock, SystemClock
+from pulsesync.edge_agent.config import (
+    DEFAULT_TRACKER_LINGER_S,
+    DEFAULT_TRACKER_MAX_BATCH,
+    DEFAULT_TRACKER_MAX_QUEUE,
+)
+from pulsesync.edge_agent.consent import ConsentView, StaticConsent
+from pulsesync.edge_agent.outbox import Outbox
+from pulsesync.kinds import category_of
+from pulsesync.v1 import common_pb2, events_pb2
+
+log = logging.getLogger(__name__)
+
+_BEHAVIOR: Final = common_pb2.CONSENT_CATEGORY_BEHAVIOR
+# After a failed outbox write (disk full, I/O error) the flusher keeps the events in memory
+# and retries this often: quick enough to recover, slow enough not to spin on a dead disk.
+_RETRY_WRITE_S: Final = 1.0
+
+Seconds = float | timedelta
+
+
+def _set_duration(field: object, value: Seconds) -> None:
+    seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
+    field.FromMicroseconds(max(0, round(seconds * 1e6)))  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True, slots=True)
+class TrackerStats:
+    """Counters since start: recorded (queued), written to the outbox, dropped, still queued."""
+
+    recorded: int
+    written: int
+    dropped_no_consent: int
+    dropped_overflow: int
+    queued: int
+
+
+class Tracker:
+    """Records app events into an Outbox; implements pulsesync.edge_agent.sink.EventSink."""
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        consent: ConsentView | None = None,
+        *,
+        clock: Clock | None = None,
+        linger_s: float = DEFAULT_TRACKER_LINGER_S,
+        max_batch: int = DEFAULT_TRACKER_MAX_BATCH,
+        max_queue: int = DEFAULT_TRACKER_MAX_QUEUE,
+    ) -> None:
+        self.outbox = outbox
+        self.consent: ConsentView = consent if consent is not None else StaticConsent()
+        self.clock: Clock = clock or SystemClock()
+        self.linger_s = linger_s
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self._queue: collections.deque[events_pb2.Event] = collections.deque()
+        self._lock = threading.Lock()
+        self._write_lock = asyncio.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
+        self._wake = asyncio.Event()  # the queue went from empty to non-empty
+        self._full = asyncio.Event()  # the queue holds a full batch
+        self._task: asyncio.Task[None] | None = None
+        self._recorded = self._written = self._no_consent = self._overflow = 0
+
+    # -- lifetime ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start the flusher on the running event loop."""
+        if self._task is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        if self._queue:
+            self._wake.set()
+        self._task = asyncio.create_task(self._flusher(), name="tracker-flusher")
+
+    async def flush(self) -> None:
+        """Write everything queued so far to the outbox (durably) before returning."""
+        async with self._write_lock:
+            while batch := self._take(self.max_batch):
+                await self._append(batch)
+
+    async def close(self) -> None:
+        """Stop the flusher and flush what is left."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self.flush()
+
+    async def __aenter__(self) -> Tracker:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def stats(self) -> TrackerStats:
+        """A snapshot of the counters."""
+        with self._lock:
+            return TrackerStats(
+                self._recorded, self._written, self._no_consent, self._overflow, len(self._queue)
+            )
+
+    # -- recording (any thread, never blocks) ------------------------------------------------
+    def record(self, event: events_pb2.Event) -> None:
+        """Queue an event (the Tracker owns it from now on; do not modify it afterwards)."""
+        if not self.consent.allows(category_of(event)):
+            self._dropped_for_consent()
+            return
+        if not event.HasField("device_time"):
+            event.device_time.FromMicroseconds(self.clock.now_us())
+        self._enqueue(event)
+
+    def screen_view(
+        self, app: str, screen: str, dwell: Seconds, *, at_us: int | None = None
+    ) -> None:
+        """The person left `screen` of `app` after looking at it for `dwell` (seconds)."""
+        if not self.consent.allows(_BEHAVIOR):
+            self._dropped_for_consent()
+            return
+        event = self._new(at_us)
+        event.screen_view.app, event.screen_view.screen = app, screen
+        _set_duration(event.screen_view.dwell, dwell)
+        self._enqueue(event)
+
+    def tap(self, app: str, screen: str, target: str, *, at_us: int | None = None) -> None:
+        """The person tapped control `target` on `screen`."""
+        if not self.consent.allows(_BEHAVIOR):
+            self._dropped_for_consent()
+            return
+        event = self._new(at_us)
+        event.tap.app, event.tap.screen, event.tap.target = app, screen, target
+        self._enqueue(event)
+
+    def feature_use(
+        self, app: str, feature: str, duration: Seconds = 0.0, *, at_us: int | None = None
+    ) -> None:
+        """The person used `feature` (a stable name, e.g. "flashcards") for `duration`."""
+        if not self.consent.allows(_BEHAVIOR):
+            self._dropped_for_consent()
+            return
+        event = self._new(at_us)
+        event.feature_use.app, event.feature_use.feature = app, feature
+        _set_duration(event.feature_use.duration, duration)
+        self._enqueue(event)
+
+    def search(
+        self, app: str, query: str, result_count: int = 0, *, at_us: int | None = None
+    ) -> None:
+        """The person searched `query` in `app` and got `result_count` results."""
+        if not self.consent.allows(_BEHAVIOR):
+            self._dropped_for_consent()
+            return
+        event = self._new(at_us)
+        event.search.app, event.search.query = app, query
+        event.search.result_count = result_count
+        self._enqueue(event)
+
+    def session_start(
+        self, app: str, session_id: str | None = None, *, at_us: int | None = None
+    ) -> str:
+        """An app session began; returns its id (generated when not given)."""
+        session_id = session_id or uuid.uuid4().hex
+        if not self.consent.allows(_BEHAVIOR):
+            self._dropped_for_consent()
+            return session_id
+        event = self._new(at_us)
+        event.session_start.app, event.session_start.session_id = app, session_id
+        self._enqueue(event)
+        return session_id
+
+    def session_end(
+        self, app: str, session_id: str, duration: Seconds, *, at_us: int | None = None
+    ) -> None:
+        """The app session `session_id` ended after `duration`."""
+        if not self.consent.allows(_BEHAVIOR):
+            self._dropped_for_consent()
+            return
+        event = self._new(at_us)
+        event.session_end.app, event.session_end.session_id = app, session_id
+        _set_duration(event.session_end.duration, duration)
+        self._enqueue(event)
+
+    # -- internals --------------------------------------------------------------------------
+    def _new(self, at_us: int | None) -> events_pb2.Event:
+        event = events_pb2.Event()
+        event.device_time.FromMicroseconds(self.clock.now_us() if at_us is None else at_us)
+        return event
+
+    def _dropped_for_consent(self) -> None:
+        with self._lock:
+            self._no_consent += 1
+
+    def _enqueue(self, event: events_pb2.Event) -> None:
+        with self._lock:
+            n = len(self._queue)
+            if n >= self.max_queue:
+                self._overflow += 1
+                if self._overflow == 1 or self._overflow % 10_000 == 0:
+                    log.warning(
+                        "tracker queue full: dropping events (is the disk stalled?)",
+                        extra={"dropped": self._overflow, "max_queue": self.max_queue},
+                    )
+                return
+            self._queue.append(event)
+            self._recorded += 1
+        if n == 0:
+            self._signal(self._wake)
+        if n + 1 == self.max_batch:
+            self._signal(self._full)
+
+    def _signal(self, ev: asyncio.Event) -> None:
+        loop = self._loop
+        if loop is None:  # not started yet: start() looks at the queue
+            return
+        if threading.get_ident() == self._loop_thread:
+            ev.set()
+        else:
+            with contextlib.suppress(RuntimeError):  # loop closed during shutdown
+                loop.call_soon_threadsafe(ev.set)
+
+    def _take(self, limit: int) -> list[events_pb2.Event]:
+        with self._lock:
+            n = min(limit, len(self._queue))
+            return [self._queue.popleft() for _ in range(n)]
+
+    async def _append(self, batch: list[events_pb2.Event]) -> None:
+        try:
+            await self.outbox.append(batch)
+        except BaseException:
+            with self._lock:  # keep them, in order, for the next attempt
+                self._queue.extendleft(reversed(batch))
+            raise
+        with self._lock:
+            self._written += len(batch)
+
+    async def _flusher(self) -> None:
+        while True:
+            await self._wake.wait()
+            if self.linger_s > 0 and len(self._queue) < self.max_batch:
+                self._full.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.linger_s):
+                        await self._full.wait()
+            try:
+                async with self._write_lock:
+                    while batch := self._take(self.max_batch):
+                        await self._append(batch)
+                        if len(self._queue) < self.max_batch:
+                            break  # a partial batch lingers again
+            except Exception:
+                log.exception("writing to the outbox failed; keeping events and retrying")
+                await asyncio.sleep(_RETRY_WRITE_S)
+            with self._lock:
+                if not self._queue:
+                    self._wake.clear()

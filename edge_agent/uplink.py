@@ -1,0 +1,345 @@
+"""The uplink: streams the outbox to the server and deletes only what the server acknowledges.
+
+One `IngestService.Upload` stream at a time. A sender reads committed events from the outbox
+in sequence order and writes batches, keeping up to `window` batches in flight; a receiver
+applies each ack (`acked_through_seq`: delete everything up to it) and logs rejected events.
+The sender sleeps until the outbox reports an append, then lingers briefly to fill a batch.
+
+Any failure ends the stream; the error is classified (client.classify) and, unless the token
+was refused, the uplink reconnects after a full-jitter exponential backoff and resends
+everything still in the outbox, from the lowest seq. The server dedupes on (device, seq), so
+resending is always safe and nothing committed to the outbox is ever lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Final, TypeAlias
+
+import grpc
+
+from pulsesync.edge_agent.client import (
+    AgentError,
+    Credentials,
+    Disposition,
+    PairingRequired,
+    classify,
+    open_channel,
+    pair_again_message,
+)
+from pulsesync.edge_agent.clock import Clock, SystemClock
+from pulsesync.edge_agent.config import AgentSettings
+from pulsesync.edge_agent.outbox import Outbox
+from pulsesync.v1 import events_pb2, ingest_pb2, ingest_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+BATCH_TOO_LARGE: Final = "BATCH_TOO_LARGE"
+# 2**32 half-second steps is far past any cap; stops the exponent from growing without bound.
+_MAX_EXPONENT: Final = 32
+
+
+class Backoff:
+    """Full-jitter exponential backoff: the n-th delay is uniform in [0, min(cap, base * 2**n)].
+
+    Full jitter spreads a fleet of devices reconnecting after an outage evenly over the window
+    instead of in synchronized waves (AWS Architecture Blog, "Exponential Backoff and Jitter").
+    """
+
+    def __init__(self, base_s: float, cap_s: float, *, rng: random.Random | None = None) -> None:
+        self.base_s = base_s
+        self.cap_s = cap_s
+        self._rng = rng or random.Random()
+        self.attempts = 0
+
+    def ceiling(self) -> float:
+        """The upper bound of the next delay."""
+        return min(self.cap_s, self.base_s * 2.0 ** min(self.attempts, _MAX_EXPONENT))
+
+    def next_delay(self) -> float:
+        """The next delay in seconds; each call widens the window up to the cap."""
+        delay = float(self._rng.uniform(0, self.ceiling()))
+        self.attempts += 1
+        return delay
+
+    def reset(self) -> None:
+        """Start over from the base (after a healthy period)."""
+        self.attempts = 0
+
+
+class _StreamEnded(Exception):
+    """The stream ended without a gRPC error; reconnect."""
+
+
+class _BatchRefused(Exception):
+    """The server refused a whole batch for a reason other than its size."""
+
+
+@dataclass(slots=True)
+class _Inflight:
+    first_seq: int
+    last_seq: int
+    count: int
+    sent_at: float
+
+
+@dataclass(slots=True)
+class _Stream:
+    kick: asyncio.Event = field(default_factory=asyncio.Event)
+    inflight: dict[int, _Inflight] = field(default_factory=dict)
+    rewind_to: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UplinkStats:
+    """Counters since start and the state of the current stream."""
+
+    connected: bool
+    acked_through: int
+    batches_sent: int
+    events_sent: int
+    acks: int
+    reconnects: int
+    rejected: int
+    batch_size: int
+    clock_offset_us: int
+    last_ack_latency_s: float | None
+    last_error: str | None
+
+
+ChannelFactory = Callable[[], grpc.aio.Channel]
+Sleep = Callable[[float], Awaitable[object]]
+_UploadCall: TypeAlias = (
+    "grpc.aio.StreamStreamCall[ingest_pb2.UploadRequest, ingest_pb2.UploadResponse]"
+)
+
+
+class Uplink:
+    """Streams an Outbox to the server's IngestService; `await uplink.run()` until cancelled.
+
+    `run` raises PairingRequired when the server refuses the token and AgentError when
+    retrying cannot help; every other failure is retried.
+    """
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        credentials: Credentials,
+        *,
+        settings: AgentSettings | None = None,
+        clock: Clock | None = None,
+        connect: ChannelFactory | None = None,
+        rng: random.Random | None = None,
+        sleep: Sleep = asyncio.sleep,
+        monotonic: Callable[[], float] = time.monotonic,
+        on_ack: Callable[[ingest_pb2.UploadResponse], None] | None = None,
+    ) -> None:
+        self.outbox = outbox
+        self.credentials = credentials
+        self.settings = settings or AgentSettings()
+        self.batch_size = self.settings.batch_size
+        self._clock: Clock = clock or SystemClock()
+        self._connect: ChannelFactory = connect or (
+            lambda: open_channel(credentials.server, credentials.tls_root_cert)
+        )
+        self.backoff = Backoff(self.settings.backoff_base_s, self.settings.backoff_cap_s, rng=rng)
+        self._sleep = sleep
+        self._monotonic = monotonic
+        self._on_ack = on_ack
+        self._next_batch_id = 1
+        self._connected = False
+        self._batches = self._events = self._acks = self._reconnects = self._rejected = 0
+        self._clock_offset_us = 0
+        self._ack_latency: float | None = None
+        self._last_error: str | None = None
+
+    def stats(self) -> UplinkStats:
+        """A snapshot of the counters."""
+        return UplinkStats(
+            connected=self._connected,
+            acked_through=self.outbox.acked_through,
+            batches_sent=self._batches,
+            events_sent=self._events,
+            acks=self._acks,
+            reconnects=self._reconnects,
+            rejected=self._rejected,
+            batch_size=self.batch_size,
+            clock_offset_us=self._clock_offset_us,
+            last_ack_latency_s=self._ack_latency,
+            last_error=self._last_error,
+        )
+
+    async def run(self) -> None:
+        """Stream until cancelled, reconnecting with backoff after every retryable failure."""
+        while True:
+            started = self._monotonic()
+            try:
+                await self._stream_once()
+            except grpc.aio.AioRpcError as e:
+                disposition = classify(e.code())
+                detail = e.details() or e.code().name
+                if disposition is Disposition.PAIR_AGAIN:
+                    raise PairingRequired(
+                        pair_again_message(self.credentials.server, detail)
+                    ) from e
+                if disposition is Disposition.FATAL:
+                    raise AgentError(
+                        f"the server {self.credentials.server} cannot take uploads ({detail}); "
+                        "upgrade the server or point the agent at another one"
+                    ) from e
+                self._last_error = f"{e.code().name}: {detail}"
+            except (_StreamEnded, _BatchRefused, TimeoutError, OSError) as e:
+                self._last_error = str(e) or type(e).__name__
+            except Exception as e:  # a surprise: keep the data flowing, but make it visible
+                log.exception("upload stream failed unexpectedly")
+                self._last_error = f"{type(e).__name__}: {e}"
+            finally:
+                self._connected = False
+            if self._monotonic() - started >= self.settings.healthy_period_s:
+                self.backoff.reset()
+            delay = self.backoff.next_delay()
+            self._reconnects += 1
+            log.warning(
+                "upload stream to %s ended (%s); reconnecting in %.2f s",
+                self.credentials.server,
+                self._last_error,
+                delay,
+            )
+            await self._sleep(delay)
+
+    # -- one stream -------------------------------------------------------------------------
+    async def _stream_once(self) -> None:
+        channel = self._connect()
+        state = _Stream()
+        remove = self.outbox.add_listener(state.kick.set)
+        # No request iterator: the sender writes with call.write() as batches become ready.
+        stub = ingest_pb2_grpc.IngestServiceStub(channel)
+        call = stub.Upload(metadata=self.credentials.metadata)  # type: ignore[call-arg]
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._send(call, state), name="uplink-send")
+                tg.create_task(self._receive(call, state), name="uplink-receive")
+                tg.create_task(self._watchdog(state), name="uplink-watchdog")
+        except BaseExceptionGroup as group:
+            raise _most_telling(group) from None
+        finally:
+            remove()
+            call.cancel()
+            await channel.close(None)
+
+    async def _send(self, call: _UploadCall, state: _Stream) -> None:
+        after = 0  # a new stream resends everything still in the outbox
+        while True:
+            state.kick.clear()
+            if state.rewind_to is not None:
+                after, state.rewind_to = min(after, state.rewind_to), None
+            if len(state.inflight) >= self.settings.window:
+                await state.kick.wait()
+                continue
+            events = await self.outbox.pending(after, self.batch_size)
+            if not events:
+                await state.kick.wait()
+                if self.settings.uplink_linger_s > 0:
+                    await asyncio.sleep(self.settings.uplink_linger_s)
+                continue
+            await self._write(call, state, events)
+            after = events[-1].seq
+
+    async def _write(
+        self, call: _UploadCall, state: _Stream, events: list[events_pb2.Event]
+    ) -> None:
+        batch_id = self._next_batch_id
+        self._next_batch_id += 1
+        request = ingest_pb2.UploadRequest()
+        request.batch.batch_id = batch_id
+        request.batch.sent_time.FromMicroseconds(self._clock.now_us())
+        request.batch.events.extend(events)
+        state.inflight[batch_id] = _Inflight(
+            events[0].seq, events[-1].seq, len(events), self._monotonic()
+        )
+        await call.write(request)
+        self._batches += 1
+        self._events += len(events)
+
+    async def _receive(self, call: _UploadCall, state: _Stream) -> None:
+        while True:
+            response = await call.read()
+            if response is grpc.aio.EOF:  # type: ignore[attr-defined]
+                raise _StreamEnded("the server ended the upload stream")
+            assert isinstance(response, ingest_pb2.UploadResponse)
+            self._connected = True
+            sent = state.inflight.pop(response.batch_id, None)
+            if sent is not None:
+                self._ack_latency = self._monotonic() - sent.sent_at
+            if response.HasField("error") and response.error.reason:
+                self._refused(response, sent, state)
+            for r in response.rejected:
+                self._rejected += 1
+                log.warning(
+                    "server rejected event seq=%d id=%s: %s (%s)",
+                    r.seq,
+                    r.event_id,
+                    ingest_pb2.RejectionReason.Name(r.reason),
+                    r.detail,
+                )
+            if response.acked_through_seq > self.outbox.acked_through:
+                await self.outbox.ack(response.acked_through_seq)
+            if response.HasField("clock_offset"):
+                self._clock_offset_us = response.clock_offset.ToMicroseconds()
+            self._acks += 1
+            if self._on_ack is not None:
+                self._on_ack(response)
+            state.kick.set()
+
+    def _refused(
+        self, response: ingest_pb2.UploadResponse, sent: _Inflight | None, state: _Stream
+    ) -> None:
+        error = response.error
+        if error.reason != BATCH_TOO_LARGE:
+            raise _BatchRefused(f"batch refused: {error.reason}: {error.message}")
+        size = sent.count if sent is not None else self.batch_size
+        smaller = max(1, min(self.batch_size, size // 2))
+        if smaller < self.batch_size:
+            log.warning(
+                "server refused a batch of %d events as too large; sending %d per batch",
+                size,
+                smaller,
+            )
+            self.batch_size = smaller
+        # Nothing of the refused batch was stored: send again from the last acked seq.
+        state.rewind_to = self.outbox.acked_through
+
+    async def _watchdog(self, state: _Stream) -> None:
+        timeout = self.settings.ack_timeout_s
+        while True:
+            await asyncio.sleep(timeout / 4)
+            if state.inflight:
+                oldest = min(i.sent_at for i in state.inflight.values())
+                if self._monotonic() - oldest > timeout:
+                    raise TimeoutError(f"no ack for {timeout:g} s: the connection looks dead")
+
+
+def _most_telling(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error to classify from a failed stream: a gRPC status beats everything else."""
+    leaves: list[BaseException] = []
+
+    def walk(g: BaseException) -> None:
+        if isinstance(g, BaseExceptionGroup):
+            for e in g.exceptions:
+                walk(e)
+        else:
+            leaves.append(g)
+
+    walk(group)
+    for e in leaves:
+        if isinstance(e, grpc.aio.AioRpcError):
+            return e
+    for e in leaves:
+        if not isinstance(e, asyncio.CancelledError):
+            return e
+    return leaves[0]
