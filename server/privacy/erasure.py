@@ -82,7 +82,7 @@ class ScrubReport:
     vacuum_seconds: float
     checkpoint_seconds: float
     checkpoint_busy: bool
-    db_bytes_before: int
+    db_bytes_before: int  # database file plus WAL
     db_bytes_after: int
 
 
@@ -94,7 +94,7 @@ def scrub_file(path: Path) -> ScrubReport:
     versions. A separate connection takes SQLite's own locks (waiting up to the busy timeout
     for a running transaction), so the server keeps serving meanwhile.
     """
-    before = path.stat().st_size
+    before = _on_disk(path)
     conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
     try:
         conn.execute("PRAGMA secure_delete = ON")
@@ -106,7 +106,13 @@ def scrub_file(path: Path) -> ScrubReport:
         t2 = time.perf_counter()
     finally:
         conn.close()
-    return ScrubReport(t1 - t0, t2 - t1, bool(busy), before, path.stat().st_size)
+    return ScrubReport(t1 - t0, t2 - t1, bool(busy), before, _on_disk(path))
+
+
+def _on_disk(path: Path) -> int:
+    """Bytes of the database file plus its write-ahead log."""
+    wal = path.with_name(path.name + "-wal")
+    return path.stat().st_size + (wal.stat().st_size if wal.exists() else 0)
 
 
 class Eraser:

@@ -83,13 +83,17 @@ async def test_bad_category_is_invalid_argument(
         assert info.reason == "INVALID_CONSENT_CATEGORY"
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.UpdateConsent(
-            privacy_pb2.UpdateConsentRequest(category=BEHAVIOR, granted=True, policy_version="v" * 65),
+            privacy_pb2.UpdateConsentRequest(
+                category=BEHAVIOR, granted=True, policy_version="v" * 65
+            ),
             metadata=phone.metadata,
             timeout=5,
         )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     # the server keeps working for this device
-    resp = await stub.GetConsents(privacy_pb2.GetConsentsRequest(), metadata=phone.metadata, timeout=5)
+    resp = await stub.GetConsents(
+        privacy_pb2.GetConsentsRequest(), metadata=phone.metadata, timeout=5
+    )
     assert granted(resp) == set()
 
 
