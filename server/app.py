@@ -117,6 +117,23 @@ def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials([(key, cert)])
 
 
+async def build_app(config: ServerConfig, db: Database, clock: Clock) -> AppContext:
+    """The shared context over an open database (also used by offline admin commands)."""
+    metrics = Metrics()
+    return AppContext(
+        config=config,
+        db=db,
+        clock=clock,
+        identity=IdentityStore(db, clock),
+        sessions=SessionRegistry(metrics),
+        metrics=metrics,
+        consent=ConsentStore(db, clock),
+        bus=EventBus(),
+        user_data=UserDataRegistry(),
+        profiles=await ProfileStore.open(config, db, clock),
+    )
+
+
 @asynccontextmanager
 async def running_server(
     config: ServerConfig, *, clock: Clock | None = None
@@ -125,20 +142,7 @@ async def running_server(
     async with AsyncExitStack() as stack:
         db = await Database.open(config.database)
         stack.push_async_callback(db.close)
-        clock = clock or SystemClock()
-        metrics = Metrics()
-        app = AppContext(
-            config=config,
-            db=db,
-            clock=clock,
-            identity=IdentityStore(db, clock),
-            sessions=SessionRegistry(metrics),
-            metrics=metrics,
-            consent=ConsentStore(db, clock),
-            bus=EventBus(),
-            user_data=UserDataRegistry(),
-            profiles=await ProfileStore.open(config, db, clock),
-        )
+        app = await build_app(config, db, clock or SystemClock())
         server = grpc.aio.server(options=GRPC_OPTIONS)
         servicers: dict[str, Any] = {}
         for make, register, name in SERVICES:
@@ -183,7 +187,7 @@ async def running_server(
         metrics_port: int | None = None
         if config.metrics_port is not None:
             http_server, _thread = start_http_server(
-                config.metrics_port, addr=config.host, registry=metrics.registry
+                config.metrics_port, addr=config.host, registry=app.metrics.registry
             )
             stack.callback(http_server.server_close)
             stack.callback(http_server.shutdown)
