@@ -18,7 +18,7 @@ from typing import Final, Self
 class GattParseError(ValueError):
     """A characteristic value that does not match its specified layout."""
 
-    def __init__(self, characteristic: str, data: bytes, problem: str) -> None:
+    def __init__(self, characteristic: str, data: bytes | bytearray, problem: str) -> None:
         self.characteristic = characteristic
         self.data = bytes(data)
         self.problem = problem
@@ -101,7 +101,8 @@ def float_to_sfloat(value: float, exponent: int = -1) -> int:
     if math.isnan(value):
         return SFLOAT_NAN
     mantissa = round(value / 10.0**exponent)
-    if not -2046 <= mantissa <= 2045 or not -8 <= exponent <= 7:
+    # Mantissas +-2046..2048 are the reserved special values (NaN, NRes, INF), hence +-2045.
+    if not -2045 <= mantissa <= 2045 or not -8 <= exponent <= 7:
         raise ValueError(f"{value} does not fit an SFLOAT with exponent {exponent}")
     return ((exponent & 0xF) << 12) | (mantissa & 0x0FFF)
 
