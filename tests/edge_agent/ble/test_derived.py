@@ -21,7 +21,8 @@ from pulsesync.edge_agent.ble.parsers import CrankData, CscMeasurement, WheelDat
 def test_first_csc_measurement_only_primes():
     calc = CscCalculator(wheel_circumference_m=2.0)
     rates = calc.update(CscMeasurement(WheelData(10, 1000), CrankData(5, 1000)))
-    assert rates.speed_m_per_s is None and rates.cadence_rpm is None
+    assert rates.speed_m_per_s is None
+    assert rates.cadence_rpm is None
 
 
 def test_csc_speed_and_cadence_from_consecutive_counters():
@@ -48,7 +49,8 @@ def test_csc_repeated_counters_give_no_rate():
     m = CscMeasurement(WheelData(7, 300), CrankData(3, 300))
     calc.update(m)
     rates = calc.update(m)
-    assert rates.speed_m_per_s is None and rates.cadence_rpm is None
+    assert rates.speed_m_per_s is None
+    assert rates.cadence_rpm is None
 
 
 @given(
