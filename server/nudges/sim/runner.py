@@ -1,0 +1,294 @@
+"""Drive a real server with simulated people: pairing, uploads, nudge streams and feedback.
+
+Each arm starts `running_server` on 127.0.0.1:0 with a fake clock and a manual nudge
+scheduler, pairs every person's devices through the real PairDevice RPC, keeps a real
+SubscribeNudges stream open per phone and desktop, uploads each device's events every
+`BLOCK_MIN` simulated minutes through the real IngestService.UploadBatch RPC, then moves the
+clock and runs one nudge tick. Nudges arrive over the streams; the simulated person responds
+(or not) and the device reports feedback through RecordNudgeFeedback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+import grpc
+import numpy as np
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from pulsesync.server.app import running_server
+from pulsesync.server.clock import FakeClock
+from pulsesync.server.config import ServerConfig
+from pulsesync.server.nudges.sim.behavior import Day, Person, day_plan, response_probability, response_walk
+from pulsesync.server.nudges.training import evaluate_candidate, promote_if_better, train_candidate
+from pulsesync.v1 import common_pb2, devices_pb2, devices_pb2_grpc, events_pb2, ingest_pb2, ingest_pb2_grpc, nudges_pb2, nudges_pb2_grpc
+
+START: Final = int(datetime(2026, 1, 5, tzinfo=UTC).timestamp() * 1_000_000)  # a Monday
+US_MIN: Final = 60_000_000
+BLOCK_MIN: Final = 30  # upload and decide every half hour of simulated time
+NUDGE_SERVICE: Final = "pulsesync.v1.NudgeService"
+
+ARM_CATALOGS: Final = {
+    "none": "[policy]\ncold_start_send_probability = 0.0\n",
+    "randomized": "",
+    "fixed": '[policy]\nschedule = ["10:00", "14:00", "17:30"]\ncold_start_send_probability = 1.0\nsedentary_trigger_min = 100000\n',
+    "learned": "",
+}
+
+
+@dataclass(slots=True)
+class _Device:
+    device_id: str
+    token: str
+    kind: int
+    seq: int = 0
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token}"),)
+
+
+@dataclass(slots=True)
+class ArmResult:
+    """What one arm produced: the server's decision log plus the simulator's truth."""
+
+    name: str
+    decisions: list[tuple[Any, ...]]  # (user index, minute, version, options, chosen, prob, outcome, nudge type)
+    added: np.ndarray  # (people, minutes) steps added by responses
+    baseline_steps: float
+    nudges_sent: dict[int, int]  # day -> count
+    delivered: int
+    latencies: list[float]
+    evaluation: dict[str, Any] | None = None
+    promote_minute: int | None = None
+    upload_s: float = 0.0
+    events: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _ts(us: int) -> timestamp_pb2.Timestamp:
+    t = timestamp_pb2.Timestamp()
+    t.FromMicroseconds(us)
+    return t
+
+
+def _events(d: Day, added: np.ndarray, day: int, lo: int, hi: int, kind: int) -> list[events_pb2.Event]:
+    out = []
+    for m in range(lo, hi):
+        t_us = START + (day * 1440 + m + 1) * US_MIN
+        if kind == common_pb2.DEVICE_KIND_WEARABLE_BRIDGE:
+            steps = int(d.steps[m] + added[day * 1440 + m])
+            if steps > 0:
+                out.append(events_pb2.Event(event_id=str(uuid.uuid4()), device_time=_ts(t_us), steps=events_pb2.Steps(
+                    sensor_id="strap", count=steps, interval=duration_pb2.Duration(seconds=60),
+                    source=events_pb2.STEPS_SOURCE_COUNTER)))  # fmt: skip
+            if m % 10 == 0 and (steps > 0 or d.device[m]):
+                bpm = 62 + steps // 3
+                rr = [60000.0 / bpm + j for j in (-12.0, 9.0, -7.0, 11.0)]
+                out.append(events_pb2.Event(event_id=str(uuid.uuid4()), device_time=_ts(t_us),
+                           heart_rate=events_pb2.HeartRate(sensor_id="strap", bpm=bpm, rr_intervals_ms=rr)))  # fmt: skip
+        elif m % 10 == 0:
+            want = 1 if kind == common_pb2.DEVICE_KIND_PHONE else 2
+            if d.device[m] == want:
+                out.append(events_pb2.Event(event_id=str(uuid.uuid4()), device_time=_ts(t_us),
+                           feature_use=events_pb2.FeatureUse(app=d.app[m], feature="main")))  # fmt: skip
+    return out
+
+
+async def _pair(channel: grpc.aio.Channel, srv: Any, name: str, kinds: Sequence[int]) -> tuple[int, list[_Device]]:
+    ids = srv.app.identity
+    user_id = await ids.add_user(name)
+    for cat in (common_pb2.CONSENT_CATEGORY_BEHAVIOR, common_pb2.CONSENT_CATEGORY_ACTIVITY, common_pb2.CONSENT_CATEGORY_PERSONALIZATION):
+        await srv.app.consent.set(user_id, cat, True, device_id="simulator")
+    stub = devices_pb2_grpc.DeviceServiceStub(channel)
+    devices = []
+    for kind in kinds:
+        code, _ = await ids.create_pairing_code(user_id)
+        resp = await stub.PairDevice(devices_pb2.PairDeviceRequest(pairing_code=code, device_name=f"{name}-{kind}", kind=kind), timeout=10)  # type: ignore[arg-type]
+        devices.append(_Device(resp.device.device_id, resp.token, kind))
+    return user_id, devices
+
+
+async def run_arm(
+    name: str,
+    persons: Sequence[Person],
+    days: int,
+    seed: int,
+    workdir: Path,
+    *,
+    train_day: int = 10,
+    retrain_every: int = 7,
+    latency_probe: int = 0,
+) -> ArmResult:
+    """Simulate `days` days of `persons` under one policy arm; the log and the truth."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    catalog = workdir / "catalog.toml"
+    catalog.write_text(ARM_CATALOGS[name] or "# defaults\n")
+    clock = FakeClock(START)
+    config = ServerConfig(port=0, data_dir=workdir, grace_seconds=0.5,
+                          extra={"nudges.scheduler": "manual", "nudges.seed": str(seed), "nudge_catalog": str(catalog)})  # fmt: skip
+    minutes = days * 1440 + 120
+    added = np.zeros((len(persons), minutes), dtype=np.int64)
+    sent: dict[int, int] = {}
+    inbox: list[tuple[int, _Device, nudges_pb2.Nudge]] = []
+    result = ArmResult(name, [], added, 0.0, sent, 0, [])
+    async with running_server(config, clock=clock) as srv, grpc.aio.insecure_channel(srv.address) as channel:
+        engine = srv.servicers[NUDGE_SERVICE].engine
+        ingest = ingest_pb2_grpc.IngestServiceStub(channel)
+        nudge_stub = nudges_pb2_grpc.NudgeServiceStub(channel)
+        users: list[int] = []
+        devices: list[list[_Device]] = []
+        for p in persons:
+            kinds = [common_pb2.DEVICE_KIND_WEARABLE_BRIDGE, common_pb2.DEVICE_KIND_PHONE]
+            if p.has_desktop:
+                kinds.append(common_pb2.DEVICE_KIND_DESKTOP)
+            uid, devs = await _pair(channel, srv, f"sim{p.index:03d}", kinds)
+            users.append(uid)
+            devices.append(devs)
+        index_of = {u: i for i, u in enumerate(users)}
+
+        async def listen(i: int, dev: _Device) -> None:
+            call = nudge_stub.SubscribeNudges(nudges_pb2.SubscribeNudgesRequest(), metadata=dev.metadata)
+            async for resp in call:
+                inbox.append((i, dev, resp.nudge))
+
+        listeners = [asyncio.create_task(listen(i, d)) for i, devs in enumerate(devices) for d in devs if d.kind != common_pb2.DEVICE_KIND_WEARABLE_BRIDGE]
+        while srv.app.sessions.connected_device_count() < len(listeners):
+            await asyncio.sleep(0.01)
+        first_nudge: dict[int, int] = {}
+        try:
+            for day in range(days):
+                plans = [day_plan(p, day, seed) for p in persons]
+                result.baseline_steps += float(sum(int(pl.steps.sum()) for pl in plans))
+                for lo in range(0, 1440, BLOCK_MIN):
+                    hi = lo + BLOCK_MIN
+                    t0 = time.perf_counter()
+                    calls = []
+                    for i, devs in enumerate(devices):
+                        for dev in devs:
+                            evs = _events(plans[i], added[i], day, lo, hi, dev.kind)
+                            if not evs:
+                                continue
+                            for ev in evs:
+                                dev.seq += 1
+                                ev.seq = dev.seq
+                            result.events += len(evs)
+                            batch = ingest_pb2.EventBatch(batch_id=dev.seq, sent_time=_ts(START + (day * 1440 + hi) * US_MIN), events=evs)
+                            calls.append(ingest.UploadBatch(ingest_pb2.UploadBatchRequest(batch=batch), metadata=dev.metadata, timeout=30))
+                    clock.set_us(START + (day * 1440 + hi) * US_MIN)
+                    await asyncio.gather(*calls)
+                    result.upload_s += time.perf_counter() - t0
+                    if name == "learned" and lo == 0 and day >= train_day and (day - train_day) % retrain_every == 0:
+                        await _learn(srv, engine, result, day * 1440)
+                    made = await engine.tick()
+                    want = sum(1 for d in made if d.nudge is not None and d.nudge.device_id)
+                    for d in made:
+                        if d.nudge is not None:
+                            sent[day] = sent.get(day, 0) + 1
+                    for _ in range(2000):
+                        if len(inbox) >= want:
+                            break
+                        await asyncio.sleep(0.001)
+                    feedback = []
+                    for i, dev, nudge in inbox:
+                        minute = hi
+                        abs_min = day * 1440 + minute
+                        first_nudge.setdefault(i, abs_min)
+                        d = plans[i]
+                        want_kind = 1 if dev.kind == common_pb2.DEVICE_KIND_PHONE else 2
+                        on_active = int(d.device[min(minute, 1439)]) == want_kind or (d.device[min(minute, 1439)] == 0 and want_kind == 1)
+                        prob = response_probability(persons[i], nudge.nudge_type, d, minute, (abs_min - first_nudge[i]) / 1440, on_active)
+                        rng = random.Random(f"resp-{seed}-{i}-{abs_min}-{nudge.nudge_type}")
+                        acted = rng.random() < prob
+                        actions = [events_pb2.NUDGE_ACTION_DELIVERED]
+                        if on_active or rng.random() < 0.5:
+                            actions.append(events_pb2.NUDGE_ACTION_OPENED)
+                        if acted:
+                            delay, dur, spm = response_walk(nudge.nudge_type, rng)
+                            s = abs_min + delay
+                            added[i, s : s + dur] += int(spm)
+                            actions.append(events_pb2.NUDGE_ACTION_ACTED)
+                        elif events_pb2.NUDGE_ACTION_OPENED in actions:
+                            actions.append(events_pb2.NUDGE_ACTION_DISMISSED)
+                        for a in actions:
+                            feedback.append(nudge_stub.RecordNudgeFeedback(
+                                nudges_pb2.RecordNudgeFeedbackRequest(nudge_id=nudge.nudge_id, action=a),  # type: ignore[arg-type]
+                                metadata=dev.metadata, timeout=10))  # fmt: skip
+                        result.delivered += 1
+                    inbox.clear()
+                    await asyncio.gather(*feedback)
+            # Let the last outcomes complete.
+            clock.advance(3 * 3600)
+            await engine.complete_outcomes(clock.now_us())
+            if latency_probe:
+                result.extra["probe"] = await _latency_probe(srv, engine, users, devices, ingest, latency_probe)
+        finally:
+            for t in listeners:
+                t.cancel()
+            await asyncio.gather(*listeners, return_exceptions=True)
+        result.latencies = list(engine.latencies)
+        async with srv.app.db.reader.execute(
+            "SELECT d.user_id, d.decision_us, d.policy_version, d.options, d.chosen, d.probability, d.outcome_steps,"
+            " d.outcome_complete FROM nudge_decisions d ORDER BY d.decision_us"
+        ) as cur:
+            for uid, at, version, options, chosen, prob, outcome, complete in await cur.fetchall():
+                if complete:
+                    result.decisions.append((index_of[uid], (at - START) // US_MIN, version, options, chosen, prob, outcome))
+    return result
+
+
+async def _learn(srv: Any, engine: Any, result: ArmResult, minute: int) -> None:
+    db, catalog, registry = srv.app.db, engine.catalog, engine.registry
+    try:
+        version = await train_candidate(db, catalog, registry)
+        evaluation = await evaluate_candidate(db, catalog, registry, version)
+    except ValueError as e:
+        result.extra.setdefault("train_errors", []).append(str(e))
+        return
+    promoted = promote_if_better(registry, evaluation)
+    result.extra.setdefault("evaluations", []).append({"minute": minute, "promoted": promoted, **evaluation.as_dict()})
+    if promoted and result.promote_minute is None:
+        result.promote_minute = minute
+        result.evaluation = evaluation.as_dict()
+
+
+async def _latency_probe(srv: Any, engine: Any, users: list[int], devices: list[list[_Device]], ingest: Any, n: int) -> dict[str, float]:
+    """Decision latency while a device uploads 500-event batches as fast as it can."""
+    stop = asyncio.Event()
+    dev = devices[0][0]
+    clock_now = srv.app.clock.now_us()
+    uploaded = 0
+
+    async def load() -> None:
+        nonlocal uploaded
+        while not stop.is_set():
+            evs = []
+            for _ in range(500):
+                dev.seq += 1
+                evs.append(events_pb2.Event(event_id=str(uuid.uuid4()), seq=dev.seq, device_time=_ts(clock_now - 60 * US_MIN),
+                           heart_rate=events_pb2.HeartRate(sensor_id="strap", bpm=70)))  # fmt: skip
+            await ingest.UploadBatch(ingest_pb2.UploadBatchRequest(batch=ingest_pb2.EventBatch(batch_id=dev.seq, sent_time=_ts(clock_now), events=evs)),
+                                     metadata=dev.metadata, timeout=30)  # fmt: skip
+            uploaded += len(evs)
+
+    task = asyncio.create_task(load())
+    await asyncio.sleep(0.2)
+    lat = []
+    t0 = time.perf_counter()
+    for k in range(n):
+        d = await engine.decide(users[k % len(users)], srv.app.clock.now_us(), "probe")
+        lat.append(d.latency_s)
+        await asyncio.sleep(0)
+    elapsed = time.perf_counter() - t0
+    stop.set()
+    await task
+    arr = np.array(lat) * 1000
+    return {"p50_ms": float(np.percentile(arr, 50)), "p99_ms": float(np.percentile(arr, 99)), "ingest_events_per_s": uploaded / max(elapsed, 1e-9)}
