@@ -185,3 +185,50 @@ async def test_scrub_reports_a_smaller_file(server: RunningServer) -> None:
     assert not report.checkpoint_busy
     assert report.db_bytes_after < report.db_bytes_before
     assert not server.app.db.path.with_name(server.app.db.path.name + "-wal").stat().st_size
+
+
+async def test_erasure_shreds_the_profile_key_and_rotation_retires_backups(
+    server: RunningServer, channel: grpc.aio.Channel
+) -> None:
+    from pulsesync.server.profiles.cli import rotate
+    from pulsesync.server.profiles.crypto import (
+        FileKeyStore,
+        KeyFileError,
+        WrappedKey,
+        data_key_context,
+    )
+
+    phone = await pair_device(server, NAME)
+    await pair_device(server, "bo")
+    ada_id, bo_id = await user_id(server, NAME), await user_id(server, "bo")
+    for uid, value in ((ada_id, "zelda-profile-secret"), (bo_id, "bo-profile")):
+        await server.app.profiles.edit(
+            uid, lambda p, v=value: p.preferences.app_settings.__setitem__("note", v)
+        )
+    async with server.app.db.reader.execute(
+        "SELECT key_id, kek_id, wrapped_key FROM profile_keys WHERE user_id = ?", (ada_id,)
+    ) as c:
+        row = await c.fetchone()
+    assert row is not None
+    old = WrappedKey(str(row[1]), bytes(row[2]))
+    context = data_key_context(ada_id, str(row[0]))
+    keystore = server.app.profiles.keystore
+    assert isinstance(keystore, FileKeyStore)
+    assert old.blob in database_bytes(server.app.db.path)
+
+    stub = privacy_pb2_grpc.PrivacyServiceStub(channel)
+    resp = await stub.EraseData(
+        privacy_pb2.EraseDataRequest(confirmation="ERASE"), metadata=phone.metadata, timeout=30
+    )
+    assert resp.receipt.deleted_counts["profile_keys"] == 1
+    assert resp.receipt.deleted_counts["profile_versions"] == 1
+    # the wrapped key is gone from the database file and its log...
+    assert old.blob not in database_bytes(server.app.db.path)
+    # ...but a backup taken before the erasure still holds it, and the current KEK still
+    # opens it: rotating the KEK (which drops the retired one) is what makes backups unreadable
+    assert len(await keystore.unwrap(old, context)) == 32
+    await rotate(server.app.db, keystore, server.app.clock.now_us())
+    with pytest.raises(KeyFileError):
+        await keystore.unwrap(old, context)
+    server.app.profiles.forget_caches()
+    assert (await server.app.profiles.get(bo_id)).preferences.app_settings["note"] == "bo-profile"

@@ -160,3 +160,30 @@ def test_blob_encoding_is_lossless() -> None:
     assert encode_blob("events", "body", b"\xff\xfe") == {"base64": "//4="}
     assert encode_blob("other", "body", raw) == {"base64": base64.b64encode(raw).decode()}
     json.dumps(as_json)
+
+
+async def test_the_profile_is_exported_decrypted_and_key_material_never(
+    server: RunningServer, channel: grpc.aio.Channel, tmp_path: Path
+) -> None:
+    phone = await pair_device(server, "ada")
+    uid = await user_id(server, "ada")
+    await server.app.profiles.edit(
+        uid, lambda p: p.preferences.app_settings.__setitem__("reader.font", "serif-large")
+    )
+    stub = privacy_pb2_grpc.PrivacyServiceStub(channel)
+    await write_archive(rpc_chunks(stub, phone), tmp_path / "ada.zip")
+    members = read_archive(tmp_path / "ada.zip")
+    manifest = verify_archive(members)
+    [profile] = records(members, "profile")
+    assert profile["preferences"]["app_settings"] == {"reader.font": "serif-large"}
+    by_name = {f["name"]: f for f in manifest["files"]}
+    assert "wrapped_key" in by_name["profile_keys.jsonl"]["omitted_columns"]
+    assert {"nonce", "ciphertext"} <= set(by_name["profile_versions.jsonl"]["omitted_columns"])
+    [key_row] = records(members, "profile_keys")
+    assert "wrapped_key" not in key_row
+    async with server.app.db.reader.execute(
+        "SELECT wrapped_key FROM profile_keys WHERE user_id = ?", (uid,)
+    ) as c:
+        row = await c.fetchone()
+    assert row is not None
+    assert base64.b64encode(row[0]) not in b"".join(members.values())

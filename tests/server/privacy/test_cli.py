@@ -1,0 +1,97 @@
+"""`pulsesync privacy ...` on a database file, with no server running."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from pulsesync.kinds import kind_of
+from pulsesync.server.cli import main
+from pulsesync.server.clock import SystemClock
+from pulsesync.server.identity import IdentityStore
+from pulsesync.server.privacy.consent import ConsentStore
+from pulsesync.server.privacy.export import read_archive, records
+from pulsesync.server.storage.db import Database
+from pulsesync.v1 import common_pb2
+from tests.server.privacy.support import database_bytes, search
+
+T0 = 1_767_225_600_000_000
+
+
+async def _seed(db_path: Path) -> str:
+    async with await Database.open(db_path) as db:
+        ids = IdentityStore(db, SystemClock())
+        uid = await ids.user_id_by_name("zoe")
+        code, _ = await ids.create_pairing_code(uid)
+        device, _, _ = await ids.pair(code, "ada-phone", common_pb2.DEVICE_KIND_PHONE)
+        async with db.transaction() as tx:
+            for i in range(5):
+                e = search(f"cli-query-{i}", i + 1, T0)
+                await tx.execute(
+                    "INSERT INTO events (device_pk, seq, user_id, t_us, kind, received_us, body)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (device.device_pk, i + 1, uid, T0 + i, kind_of(e), T0, e.SerializeToString()),
+                )
+        return device.device_id
+
+
+async def _granted(db_path: Path) -> frozenset[int]:
+    async with await Database.open(db_path) as db:
+        uid = await IdentityStore(db, SystemClock()).user_id_by_name("zoe")
+        return await ConsentStore(db, SystemClock()).granted(uid)
+
+
+def test_privacy_commands_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    flags = ["--data-dir", str(tmp_path)]
+    assert main(["users", "add", "zoe", *flags]) == 0
+    device_id = asyncio.run(_seed(tmp_path / "pulsesync.db"))
+
+    assert main(["privacy", "consent", "zoe", "activity", "grant", *flags]) == 0
+    assert main(["privacy", "consent", "zoe", "BEHAVIOR", "grant", *flags]) == 0
+    assert main(["privacy", "consent", "zoe", "behavior", "withdraw", *flags]) == 0
+    assert asyncio.run(_granted(tmp_path / "pulsesync.db")) == {
+        common_pb2.CONSENT_CATEGORY_ACTIVITY
+    }
+    assert main(["privacy", "consent", "zoe", "location", "grant", *flags]) == 1
+    assert "unknown consent category" in capsys.readouterr().err
+
+    assert main(["privacy", "summary", "zoe", "--json", *flags]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    behavior = next(c for c in summary["categories"] if c["category"] == "behavior")
+    assert behavior["records"] == 5
+    assert behavior["devices"] == [device_id]
+    assert summary["consents"] == {
+        "behavior": False, "activity": True, "personalization": False, "sync": False,
+    }  # fmt: skip
+    assert main(["privacy", "summary", "zoe", *flags]) == 0
+    assert "behavior" in capsys.readouterr().out
+
+    out = tmp_path / "zoe.zip"
+    assert main(["privacy", "export", "zoe", "--out", str(out), *flags]) == 0
+    members = read_archive(out)
+    assert len(records(members, "events")) == 5
+    assert len(records(members, "consent_ledger")) == 3
+    assert main(["privacy", "verify-export", str(out)]) == 0
+    capsys.readouterr()
+
+    assert main(["privacy", "erase", "zoe", *flags]) == 2
+    assert "--yes" in capsys.readouterr().err
+    assert main(["privacy", "erase", "zoe", "--yes", *flags]) == 0
+    receipt = json.loads(capsys.readouterr().out)
+    assert receipt["deleted_counts"]["events"] == 5
+    assert "zoe" not in json.dumps(receipt)
+    blob = database_bytes(tmp_path / "pulsesync.db")
+    assert b"cli-query" not in blob
+    assert device_id.encode() not in blob
+    assert main(["privacy", "summary", "zoe", *flags]) == 1
+
+    assert main(["privacy", "audit", *flags]) == 0
+    log = capsys.readouterr().out.splitlines()
+    assert [line.split()[2] for line in log] == [
+        "erase", "export", "summary", "summary", "consent", "consent", "consent",
+    ]  # fmt: skip
+    assert all("zoe" not in line and device_id not in line for line in log)
+    assert (tmp_path / "receipt.key").stat().st_mode & 0o777 == 0o600
