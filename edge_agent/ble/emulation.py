@@ -100,7 +100,7 @@ class EmulatedSensor:
                 out.append(connection)
         return out
 
-    async def _notify(self, characteristic: gatt.Characteristic[Any], value: bytes) -> bool:
+    async def _notify(self, characteristic: gatt.Characteristic[Any], value: Any) -> bool:
         targets = self.subscribed(characteristic)
         for connection in targets:
             await self.device.notify_subscriber(connection, characteristic, value)
@@ -134,7 +134,7 @@ class EmulatedSensor:
         """Change the battery level and notify subscribers."""
         self.battery = percent
         if self._battery_char is not None:
-            await self._notify(self._battery_char, bytes([percent]))
+            await self._notify(self._battery_char, percent)  # the adapter packs the uint8
 
     async def tick(self) -> bytes | None:
         """Produce one measurement; returns its payload when it reached a subscriber."""
