@@ -93,8 +93,9 @@ def failing_client_backend(air: VirtualAir, failures: list[BaseException]) -> ty
     return FailingClient
 
 
-async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Poll a condition every few ms, failing after timeout seconds."""
-    async with asyncio.timeout(timeout):
-        while not predicate():
+async def wait_until(predicate: Callable[[], bool], within_s: float = 5.0) -> None:
+    """Poll a condition every few ms (notifications cross several loop hops), failing after
+    within_s seconds."""
+    async with asyncio.timeout(within_s):
+        while not predicate():  # noqa: ASYNC110 - the condition is external state, no event
             await asyncio.sleep(0.005)

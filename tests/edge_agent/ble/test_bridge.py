@@ -151,7 +151,7 @@ async def test_link_drops_mid_stream_lose_and_duplicate_nothing_and_reconnect_wi
                 # measurements produced while the link is down reach nobody
                 for _ in range(3):
                     assert await sensor.tick() is None
-                await wait_until(lambda l=link, s=sessions: l.stats.sessions == s + 1)
+                await wait_until(lambda lk=link, s=sessions: lk.stats.sessions == s + 1)
             for _ in range(10):
                 await w.strap.tick()
                 await w.pod.tick()
