@@ -8,6 +8,8 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any, Final
 
+from google.protobuf.message import DecodeError
+
 from pulsesync.server.context import AppContext
 from pulsesync.server.errors import Aborted, InvalidArgument
 from pulsesync.server.identity import Identity
@@ -90,6 +92,14 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 response = await self.pipeline.finish(me, item)
                 stream.window.release()
                 yield response
+        except asyncio.CancelledError:
+            # Cut off (device revoked, user erased): end with the reason's status. The reason
+            # is read here, while the session is still tracked, because the seam's own lookup
+            # runs after the tracking context has already forgotten it.
+            reason = self.app.sessions.reason_for(asyncio.current_task())
+            if reason is None:
+                raise
+            raise reason from None
         finally:
             if self._streams.get(me.device_pk) is stream:
                 del self._streams[me.device_pk]
@@ -107,6 +117,16 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 stream.queue.put_nowait(await self.pipeline.prepare(me, batch, received_us))
         except asyncio.CancelledError:
             raise
+        except DecodeError:
+            stream.queue.put_nowait(
+                _Ended(
+                    InvalidArgument(
+                        "a message on the stream is not a valid pulsesync.v1.UploadRequest; "
+                        "check the client's protobuf encoding (batches acked before it are stored)",
+                        reason="MALFORMED_MESSAGE",
+                    )
+                )
+            )
         except Exception as e:
             stream.queue.put_nowait(_Ended(e))
         else:

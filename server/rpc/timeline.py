@@ -2,27 +2,137 @@
 
 from __future__ import annotations
 
-from typing import Any
+import base64
+import binascii
+import hashlib
+import struct
+from typing import Any, Final
 
 from pulsesync.server.context import AppContext
-from pulsesync.server.errors import Unimplemented
+from pulsesync.server.errors import InvalidArgument
 from pulsesync.server.identity import Identity
 from pulsesync.server.rpc.base import rpc_method
-from pulsesync.v1 import timeline_pb2, timeline_pb2_grpc
+from pulsesync.server.rpc.convert import duration, ts, us_of
+from pulsesync.server.timeline.store import MAX_SUMMARY_BUCKETS, Cursor, TimelineStore
+from pulsesync.v1 import events_pb2, timeline_pb2, timeline_pb2_grpc
+
+# AIP-158: a default that fills a screen, and a maximum that keeps one response well under a
+# megabyte and one read under ~10 ms.
+DEFAULT_PAGE_SIZE: Final = 200
+MAX_PAGE_SIZE: Final = 1000
+# A bucket narrower than a minute says nothing about steps or heart rate that the raw events
+# do not; one hour is what a day view shows.
+MIN_BUCKET_US: Final = 60 * 1_000_000
+DEFAULT_BUCKET_US: Final = 3600 * 1_000_000
+
+# version, digest of the query the token belongs to, then the cursor (t_us, device_pk, seq).
+_TOKEN: Final = struct.Struct(">B16sqqq")
+_TOKEN_VERSION: Final = 1
+_KINDS: Final = frozenset(events_pb2.EventKind.values()) - {events_pb2.EVENT_KIND_UNSPECIFIED}
+
+
+def _query_digest(
+    user_id: int, start: int, end: int, kinds: list[int], devices: list[str]
+) -> bytes:
+    key = f"{user_id}|{start}|{end}|{','.join(map(str, kinds))}|{','.join(devices)}"
+    return hashlib.sha256(key.encode()).digest()[:16]
+
+
+def encode_page_token(digest: bytes, cursor: Cursor) -> str:
+    """An opaque token for the page after cursor, bound to the query by its digest."""
+    raw = _TOKEN.pack(_TOKEN_VERSION, digest, cursor.t_us, cursor.device_pk, cursor.seq)
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_page_token(token: str, digest: bytes) -> Cursor:
+    """The cursor in a token from the same query; InvalidArgument otherwise."""
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        version, bound, t_us, device_pk, seq = _TOKEN.unpack(raw)
+    except (binascii.Error, struct.error, ValueError):
+        raise InvalidArgument(
+            "page_token is not a token this server issued; start again without it",
+            reason="INVALID_PAGE_TOKEN",
+        ) from None
+    if version != _TOKEN_VERSION or bound != digest:
+        raise InvalidArgument(
+            "page_token belongs to a different query; send the same time range, kinds and "
+            "device_ids as the request that returned it, or start again without it",
+            reason="INVALID_PAGE_TOKEN",
+        )
+    return Cursor(t_us, device_pk, seq)
+
+
+def _time_range(request: Any) -> tuple[int, int]:
+    if not request.HasField("start_time") or not request.HasField("end_time"):
+        raise InvalidArgument(
+            "start_time and end_time are both required", reason="MISSING_TIME_RANGE"
+        )
+    start, end = us_of(request.start_time), us_of(request.end_time)
+    if end <= start:
+        raise InvalidArgument("end_time must be after start_time", reason="INVALID_TIME_RANGE")
+    return start, end
 
 
 class TimelineServicer(timeline_pb2_grpc.TimelineServiceServicer):
     def __init__(self, app: AppContext) -> None:
         self.app = app
+        self.store = TimelineStore(app.db)
 
     @rpc_method()
     async def ListEvents(
-        self, request: Any, context: Any, me: Identity
+        self, request: timeline_pb2.ListEventsRequest, context: Any, me: Identity
     ) -> timeline_pb2.ListEventsResponse:
-        raise Unimplemented("timeline is not available yet")
+        start, end = _time_range(request)
+        if request.page_size < 0:
+            raise InvalidArgument("page_size must not be negative", reason="INVALID_PAGE_SIZE")
+        size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        kinds = sorted({int(k) for k in request.kinds})
+        unknown = [k for k in kinds if k not in _KINDS]
+        if unknown:
+            raise InvalidArgument(
+                f"unknown event kinds {unknown}; use EventKind values", reason="INVALID_KIND"
+            )
+        devices = sorted(set(request.device_ids))
+        digest = _query_digest(me.user_id, start, end, kinds, devices)
+        after = decode_page_token(request.page_token, digest) if request.page_token else None
+        events, cursor = await self.store.page(
+            me.user_id, start, end, kinds, device_ids=devices, after=after, limit=size
+        )
+        resp = timeline_pb2.ListEventsResponse(
+            next_page_token=encode_page_token(digest, cursor) if cursor is not None else ""
+        )
+        for e in events:
+            item = resp.events.add(device_id=e.device_id, device_kind=e.device_kind)
+            item.event.CopyFrom(e.event)
+            item.time.CopyFrom(ts(e.t_us))
+        return resp
 
     @rpc_method()
     async def SummarizeActivity(
-        self, request: Any, context: Any, me: Identity
+        self, request: timeline_pb2.SummarizeActivityRequest, context: Any, me: Identity
     ) -> timeline_pb2.SummarizeActivityResponse:
-        raise Unimplemented("activity summaries are not available yet")
+        start, end = _time_range(request)
+        bucket = request.bucket.ToMicroseconds() if request.HasField("bucket") else 0
+        bucket = bucket or DEFAULT_BUCKET_US
+        if bucket < MIN_BUCKET_US:
+            raise InvalidArgument("bucket must be at least one minute", reason="INVALID_BUCKET")
+        if (end - start) // bucket > MAX_SUMMARY_BUCKETS:
+            raise InvalidArgument(
+                f"the range holds more than {MAX_SUMMARY_BUCKETS} buckets; "
+                "use wider buckets or a shorter range",
+                reason="TOO_MANY_BUCKETS",
+            )
+        buckets = await self.store.summarize(me.user_id, start, end, bucket)
+        resp = timeline_pb2.SummarizeActivityResponse()
+        for b in buckets:
+            out = resp.buckets.add(
+                steps=b.steps,
+                mean_heart_rate_bpm=b.mean_heart_rate_bpm,
+                hrv_rmssd_ms=b.hrv_rmssd_ms,
+                event_count=b.event_count,
+            )
+            out.start_time.CopyFrom(ts(b.start_us))
+            for app_name, us in b.app_time_us.items():
+                out.app_time[app_name].CopyFrom(duration(us))
+        return resp

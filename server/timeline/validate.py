@@ -151,6 +151,12 @@ def _check_heart_rate(e: events_pb2.Event) -> Problem | None:
                     "VALUE_OUT_OF_RANGE",
                     f"heart_rate RR interval {r} ms; expected more than 0 and at most {MAX_RR_MS:g}",
                 )
+    if p.HasField("rmssd_ms"):
+        problem = _finite_in("heart_rate.rmssd_ms", p.rmssd_ms, MAX_RR_MS) or _bad_duration(
+            "heart_rate.rmssd_window", p.rmssd_window
+        )
+        if problem is not None:
+            return problem
     if p.contact not in _CONTACT:
         return _unknown_enum("heart_rate.contact", p.contact)
     if p.location not in _LOCATION:

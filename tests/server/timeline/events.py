@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from google.protobuf import timestamp_pb2
 
-from pulsesync.v1 import events_pb2, ingest_pb2
+from pulsesync.v1 import events_pb2, ingest_pb2, ingest_pb2_grpc
 
 
 def ts(us: int) -> timestamp_pb2.Timestamp:
@@ -48,3 +49,26 @@ def batch(batch_id: int, sent_us: int, events: Iterable[events_pb2.Event]) -> in
 
 def request(b: ingest_pb2.EventBatch) -> ingest_pb2.UploadRequest:
     return ingest_pb2.UploadRequest(batch=b)
+
+
+def open_upload(channel: Any, metadata: Any, timeout: float = 10) -> Any:
+    """A new Upload stream call (typed loosely: the grpc stubs do not model aio streams)."""
+    stub: Any = ingest_pb2_grpc.IngestServiceStub(channel)
+    return stub.Upload(metadata=metadata, timeout=timeout)
+
+
+async def upload(
+    channel: Any, metadata: Any, batches: Sequence[ingest_pb2.EventBatch]
+) -> list[ingest_pb2.UploadResponse]:
+    """Send batches on one Upload stream, half-close, and return every ack."""
+    call = open_upload(channel, metadata, timeout=30)
+    for b in batches:
+        await call.write(request(b))
+    await call.done_writing()
+    return [resp async for resp in call]
+
+
+async def fetch(db: Any, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    """All rows of a read query on the server's read connection."""
+    async with db.reader.execute(sql, args) as c:
+        return [tuple(r) for r in await c.fetchall()]
