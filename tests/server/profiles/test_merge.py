@@ -45,7 +45,7 @@ def set_value(p: profiles_pb2.Profile, path: str, n: int) -> None:
         p.quiet_hours.start_minute = 60 * n
         p.quiet_hours.end_minute = 7 * 60
     elif path == "layout.pinned_order":
-        p.layout.pinned_order[:] = ["a", "b", "c"][n % 3 :] + ["x"]
+        p.layout.pinned_order[:] = [*["a", "b", "c"][n % 3 :], "x"]
     elif path.startswith("muted_nudge_types/"):
         p.muted_nudge_types.append(path.split("/")[1])
     elif path.startswith("preferences.app_settings/"):

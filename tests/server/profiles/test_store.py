@@ -218,7 +218,8 @@ async def test_nonce_is_fresh_per_write(env: Env) -> None:
         await write(env.store, 1, marked(n), 1000 + n, base=n)
     async with env.db.reader.execute("SELECT nonce FROM profile_versions") as cur:
         nonces = [bytes(r[0]) for r in await cur.fetchall()]
-    assert len(nonces) == 5 and len(set(nonces)) == 5
+    assert len(nonces) == 5
+    assert len(set(nonces)) == 5
     assert all(len(n) == 12 for n in nonces)
 
 
@@ -232,7 +233,8 @@ async def test_key_file_is_private_and_wrong_or_missing_key_refuses(env: Env) ->
     FileKeyStore.create(path)
     with pytest.raises(KeyFileError, match="wrong key file") as err:
         await env.reopen()
-    assert str(path) in err.value.message and "--key-file" in err.value.message
+    assert str(path) in err.value.message
+    assert "--key-file" in err.value.message
     # Missing key file while the database holds wrapped keys: refuses.
     path.unlink()
     with pytest.raises(KeyFileError, match="does not exist"):
@@ -263,7 +265,8 @@ async def test_rotation_rewraps_keys_and_old_versions_stay_readable(env: Env) ->
     assert isinstance(keystore, FileKeyStore)
     old_id = keystore.primary_id
     done = await rotate(env.db, keystore, env.clock.now_us())
-    assert done.rewrapped == 2 and done.removed == (old_id,)
+    assert done.rewrapped == 2
+    assert done.removed == (old_id,)
     assert done.new_kek_id != old_id
     async with env.db.reader.execute("SELECT nonce, ciphertext FROM profile_versions") as cur:
         assert await cur.fetchall() == before  # profiles were not re-encrypted
@@ -311,7 +314,8 @@ async def test_stale_base_is_merged_and_names_the_fields_another_device_won(env:
         base_version=0,
         device_id="dev_b",
     )
-    assert result.committed and result.overridden_fields == ("time_zone",)
+    assert result.committed
+    assert result.overridden_fields == ("time_zone",)
     p = result.profile
     assert (p.version, p.time_zone, p.goals.daily_steps, p.goals.daily_study_minutes) == (
         2,
@@ -331,7 +335,8 @@ async def test_stale_base_is_merged_and_names_the_fields_another_device_won(env:
         base_version=1,
         device_id="dev_b",
     )
-    assert not again.committed and again.profile.version == 2
+    assert not again.committed
+    assert again.profile.version == 2
     # A delete is a tombstone that wins over an older value.
     gone = await env.store.update(
         1,
@@ -402,7 +407,8 @@ async def test_erasure_destroys_the_data_key_and_export_decrypts(env: Env) -> No
     await write(env.store, 1, marked(), 1000)
     await write(env.store, 2, marked(), 1000, node="dev_b")
     exported = [r async for r in env.store.export_user(1)]
-    assert len(exported) == 1 and exported[0]["preferences"]["theme"].startswith(MARKERS["theme"])
+    assert len(exported) == 1
+    assert exported[0]["preferences"]["theme"].startswith(MARKERS["theme"])
     # Erasure deletes the rows of every user_id table, then runs the hooks.
     async with env.db.transaction() as tx:
         for table in ("profile_versions",):
