@@ -86,6 +86,7 @@ class _Inflight:
     last_seq: int
     count: int
     sent_at: float
+    epoch: int
 
 
 @dataclass(slots=True)
@@ -93,6 +94,11 @@ class _Stream:
     kick: asyncio.Event = field(default_factory=asyncio.Event)
     inflight: dict[int, _Inflight] = field(default_factory=dict)
     rewind_to: int | None = None
+    # Bumped by each refused batch. Acks of batches read from the outbox in an earlier epoch
+    # may only cover seqs below the refused one: the server acks a batch's highest seq, and
+    # that must not vouch for the refused events, which were never stored.
+    epoch: int = 0
+    stale_ack_cap: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,17 +247,20 @@ class Uplink:
             if len(state.inflight) >= self.settings.window:
                 await state.kick.wait()
                 continue
+            epoch = state.epoch
             events = await self.outbox.pending(after, self.batch_size)
+            if state.epoch != epoch:
+                continue  # a batch was refused meanwhile: these may be past the rewind point
             if not events:
                 await state.kick.wait()
                 if self.settings.uplink_linger_s > 0:
                     await asyncio.sleep(self.settings.uplink_linger_s)
                 continue
-            await self._write(call, state, events)
+            await self._write(call, state, events, epoch)
             after = events[-1].seq
 
     async def _write(
-        self, call: _UploadCall, state: _Stream, events: list[events_pb2.Event]
+        self, call: _UploadCall, state: _Stream, events: list[events_pb2.Event], epoch: int
     ) -> None:
         batch_id = self._next_batch_id
         self._next_batch_id += 1
@@ -260,8 +269,9 @@ class Uplink:
         request.batch.sent_time.FromMicroseconds(self._clock.now_us())
         request.batch.events.extend(events)
         state.inflight[batch_id] = _Inflight(
-            events[0].seq, events[-1].seq, len(events), self._monotonic()
+            events[0].seq, events[-1].seq, len(events), self._monotonic(), epoch
         )
+        log.debug("batch %d: seq %d..%d", batch_id, events[0].seq, events[-1].seq)
         await call.write(request)
         self._batches += 1
         self._events += len(events)
@@ -287,8 +297,17 @@ class Uplink:
                     ingest_pb2.RejectionReason.Name(r.reason),
                     r.detail,
                 )
-            if response.acked_through_seq > self.outbox.acked_through:
-                await self.outbox.ack(response.acked_through_seq)
+            acked = response.acked_through_seq
+            if state.epoch and (sent is None or sent.epoch < state.epoch):
+                acked = min(acked, state.stale_ack_cap)
+            log.debug(
+                "batch %d: acked through %d (applied %d)",
+                response.batch_id,
+                response.acked_through_seq,
+                acked,
+            )
+            if acked > self.outbox.acked_through:
+                await self.outbox.ack(acked)
             if response.HasField("clock_offset"):
                 self._clock_offset_us = response.clock_offset.ToMicroseconds()
             self._acks += 1
@@ -311,8 +330,13 @@ class Uplink:
                 smaller,
             )
             self.batch_size = smaller
-        # Nothing of the refused batch was stored: send again from the last acked seq.
+        # Nothing of the refused batch was stored: send again from the last acked seq, and
+        # distrust acks of batches already in flight beyond the refused batch's first seq.
         state.rewind_to = self.outbox.acked_through
+        cap = sent.first_seq - 1 if sent is not None else self.outbox.acked_through
+        if state.epoch:
+            cap = min(cap, state.stale_ack_cap)
+        state.epoch, state.stale_ack_cap = state.epoch + 1, cap
 
     async def _watchdog(self, state: _Stream) -> None:
         timeout = self.settings.ack_timeout_s
