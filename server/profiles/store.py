@@ -99,7 +99,7 @@ class _DataKey:
     key: bytes
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Watcher:
     items: deque[profiles_pb2.Profile] = field(default_factory=deque)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
