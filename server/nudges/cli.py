@@ -63,14 +63,24 @@ async def cmd_evaluate(args: argparse.Namespace) -> int:
             ev = await evaluate_candidate(db, load_catalog(args.catalog), registry, version)
         except ValueError as e:
             raise SystemExit(f"cannot evaluate: {e}") from None
-    print(f"{version_name(version)} vs {ev.against} on {ev.decisions} held-out decisions (steps in 30 min):")
+    print(
+        f"{version_name(version)} vs {ev.against} on {ev.decisions} held-out decisions (steps in 30 min):"
+    )
     for name in ("ips", "snips", "dr"):
-        new, base, diff = ev.estimates[name], ev.estimates[f"{name}_baseline"], ev.estimates[f"{name}_diff"]
+        new, base, diff = (
+            ev.estimates[name],
+            ev.estimates[f"{name}_baseline"],
+            ev.estimates[f"{name}_diff"],
+        )
         print(
             f"  {name.upper():<5} new {new.value:8.1f} [{new.low:.1f}, {new.high:.1f}]"
             f"  current {base.value:8.1f}  gain {diff.value:+7.1f} [{diff.low:+.1f}, {diff.high:+.1f}]"
         )
-    print("verdict: better (promotable)" if ev.better else "verdict: not shown to be better; keep the current policy")
+    print(
+        "verdict: better (promotable)"
+        if ev.better
+        else "verdict: not shown to be better; keep the current policy"
+    )
     return 0
 
 
@@ -79,14 +89,24 @@ async def cmd_promote(args: argparse.Namespace) -> int:
     version = _latest(registry, args.version)
     evaluation: dict[str, Any] | None = registry.meta(version).get("evaluation")
     if evaluation is None:
-        raise SystemExit(f"{version_name(version)} has not been evaluated: run `pulsesync nudges evaluate -v {version}`")
+        raise SystemExit(
+            f"{version_name(version)} has not been evaluated: run `pulsesync nudges evaluate -v {version}`"
+        )
     from pulsesync.server.nudges.ope import Estimate
     from pulsesync.server.nudges.training import Evaluation
 
-    est = {k: Estimate(v["value"], v["low"], v["high"]) for k, v in evaluation.items() if isinstance(v, dict)}
-    ev = Evaluation(version, evaluation["against"], evaluation["decisions"], est, bool(evaluation["better"]))
+    est = {
+        k: Estimate(v["value"], v["low"], v["high"])
+        for k, v in evaluation.items()
+        if isinstance(v, dict)
+    }
+    ev = Evaluation(
+        version, evaluation["against"], evaluation["decisions"], est, bool(evaluation["better"])
+    )
     if not promote_if_better(registry, ev):
-        print(f"not promoted: the estimate does not show {version_name(version)} is better than {ev.against}")
+        print(
+            f"not promoted: the estimate does not show {version_name(version)} is better than {ev.against}"
+        )
         return 2
     print(f"promoted {version_name(version)}; running servers load it at their next tick")
     return 0
@@ -100,13 +120,21 @@ async def cmd_status(args: argparse.Namespace) -> int:
         meta = registry.meta(v)
         ev = meta.get("evaluation") or {}
         dr = ev.get("dr_diff", {})
-        verdict = f"DR gain {dr.get('value', 0):+.1f} [{dr.get('low', 0):+.1f}, {dr.get('high', 0):+.1f}]" if dr else "not evaluated"
+        verdict = (
+            f"DR gain {dr.get('value', 0):+.1f} [{dr.get('low', 0):+.1f}, {dr.get('high', 0):+.1f}]"
+            if dr
+            else "not evaluated"
+        )
         print(f"  {version_name(v)}  trained on {meta.get('trained_on', '?')} decisions  {verdict}")
     async with await Database.open(db_path) as db:
         decisions = await logged_decisions(db)
     print(f"decisions with outcomes (consenting users): {len(decisions)}")
     if args.json:
-        print(json.dumps({"current": current, "versions": registry.versions(), "decisions": len(decisions)}))
+        print(
+            json.dumps(
+                {"current": current, "versions": registry.versions(), "decisions": len(decisions)}
+            )
+        )
     return 0
 
 
@@ -114,26 +142,38 @@ def register(sub: Any) -> None:
     """Add the `nudges` command group to the pulsesync CLI."""
     from pulsesync.server.cli import add_storage_flags
 
-    group = sub.add_parser("nudges", help="train, evaluate and promote the nudge policy").add_subparsers(
-        dest="nudges_cmd", required=True
-    )
+    group = sub.add_parser(
+        "nudges", help="train, evaluate and promote the nudge policy"
+    ).add_subparsers(dest="nudges_cmd", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
         add_storage_flags(p)
-        p.add_argument("--models", type=Path, default=None, help="model folder (default DATA_DIR/nudge_models)")
-        p.add_argument("--catalog", type=Path, default=None, help="nudge catalog TOML overriding the defaults")
+        p.add_argument(
+            "--models", type=Path, default=None, help="model folder (default DATA_DIR/nudge_models)"
+        )
+        p.add_argument(
+            "--catalog", type=Path, default=None, help="nudge catalog TOML overriding the defaults"
+        )
 
     p = group.add_parser("train", help="train a candidate model from logged decisions")
     common(p)
-    p.add_argument("--holdout", type=float, default=DEFAULT_HOLDOUT, help="latest fraction kept for evaluation")
+    p.add_argument(
+        "--holdout", type=float, default=DEFAULT_HOLDOUT, help="latest fraction kept for evaluation"
+    )
     p.set_defaults(handler=cmd_train)
     for name, fn, helptext in (
-        ("evaluate", cmd_evaluate, "off-policy estimates of a candidate against the current policy"),
+        (
+            "evaluate",
+            cmd_evaluate,
+            "off-policy estimates of a candidate against the current policy",
+        ),
         ("promote", cmd_promote, "promote an evaluated candidate if it is estimated better"),
     ):
         p = group.add_parser(name, help=helptext)
         common(p)
-        p.add_argument("-v", "--version", type=int, default=None, help="model version (default: latest)")
+        p.add_argument(
+            "-v", "--version", type=int, default=None, help="model version (default: latest)"
+        )
         p.set_defaults(handler=fn)
     p = group.add_parser("status", help="model versions, the promoted one, logged decisions")
     common(p)

@@ -90,6 +90,16 @@ def _ts(us: int) -> timestamp_pb2.Timestamp:
     return ts
 
 
+async def steps_in_window(
+    timeline: TimelineStore, user_id: int, start_us: int, window_us: int
+) -> int:
+    """Sum of the counts of the user's Steps events with start <= corrected time < start + window."""
+    events = await timeline.events(
+        user_id, start_us, start_us + window_us, kinds={events_pb2.EVENT_KIND_STEPS}
+    )
+    return sum(e.event.steps.count for e in events)
+
+
 class NudgeEngine:
     """Decides, delivers and measures nudges for every user of one server."""
 
@@ -460,13 +470,9 @@ class NudgeEngine:
 
     async def steps_after(self, user_id: int, start_us: int) -> int:
         """Steps whose event time falls in [start, start + window): the outcome, from the timeline."""
-        events = await self.timeline.events(
-            user_id,
-            start_us,
-            start_us + self.catalog.policy.outcome_window_us,
-            kinds={events_pb2.EVENT_KIND_STEPS},
+        return await steps_in_window(
+            self.timeline, user_id, start_us, self.catalog.policy.outcome_window_us
         )
-        return sum(e.event.steps.count for e in events)
 
     async def complete_outcomes(self, now: int) -> int:
         """Compute outcomes of decisions whose window and grace have passed; how many."""

@@ -41,7 +41,11 @@ class Estimate:
     high: float
 
     def as_dict(self) -> dict[str, float]:
-        return {"value": round(self.value, 3), "low": round(self.low, 3), "high": round(self.high, 3)}
+        return {
+            "value": round(self.value, 3),
+            "low": round(self.low, 3),
+            "high": round(self.high, 3),
+        }
 
 
 def policy_matrix(
@@ -59,7 +63,9 @@ def policy_matrix(
             probs = randomized(options, settings.cold_start_send_probability)
         else:
             predicted = {o: float(q[i, index[o]]) for o in options}
-            probs = greedy_with_floor(options, predicted, settings.min_gain_steps, settings.exploration_floor)
+            probs = greedy_with_floor(
+                options, predicted, settings.min_gain_steps, settings.exploration_floor
+            )
         for o, p in probs.items():
             out[i, index[o]] = p
     return out
@@ -99,19 +105,29 @@ def estimate(
     def stats(w: Matrix, wr: Matrix, dr: Matrix) -> dict[str, tuple[float, Matrix]]:
         return {
             "ips": (float(wr.mean()), wr[idx].mean(axis=1)),
-            "snips": (float(wr.sum() / max(w.sum(), 1e-12)), wr[idx].sum(axis=1) / np.maximum(w[idx].sum(axis=1), 1e-12)),
+            "snips": (
+                float(wr.sum() / max(w.sum(), 1e-12)),
+                wr[idx].sum(axis=1) / np.maximum(w[idx].sum(axis=1), 1e-12),
+            ),
             "dr": (float(dr.mean()), dr[idx].mean(axis=1)),
         }
 
     target = stats(*_per_decision(decisions, actions, pi, q))
-    out = {k: Estimate(v, float(np.percentile(b, lo_q)), float(np.percentile(b, hi_q))) for k, (v, b) in target.items()}
+    out = {
+        k: Estimate(v, float(np.percentile(b, lo_q)), float(np.percentile(b, hi_q)))
+        for k, (v, b) in target.items()
+    }
     if baseline_pi is not None:
         base = stats(*_per_decision(decisions, actions, baseline_pi, q))
         for k, (v, b) in target.items():
             bv, bb = base[k]
             diff = b - bb
-            out[f"{k}_baseline"] = Estimate(bv, float(np.percentile(bb, lo_q)), float(np.percentile(bb, hi_q)))
-            out[f"{k}_diff"] = Estimate(v - bv, float(np.percentile(diff, lo_q)), float(np.percentile(diff, hi_q)))
+            out[f"{k}_baseline"] = Estimate(
+                bv, float(np.percentile(bb, lo_q)), float(np.percentile(bb, hi_q))
+            )
+            out[f"{k}_diff"] = Estimate(
+                v - bv, float(np.percentile(diff, lo_q)), float(np.percentile(diff, hi_q))
+            )
     return out
 
 

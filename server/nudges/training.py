@@ -41,7 +41,18 @@ async def logged_decisions(db: Database, since_us: int = 0) -> list[LoggedDecisi
     for user_id, at, features, options, chosen, prob, outcome in rows:
         f = json.loads(features)
         past = f.pop("past_gain", {})
-        out.append(LoggedDecision(int(user_id), int(at), f, past, json.loads(options), chosen, float(prob), float(outcome)))
+        out.append(
+            LoggedDecision(
+                int(user_id),
+                int(at),
+                f,
+                past,
+                json.loads(options),
+                chosen,
+                float(prob),
+                float(outcome),
+            )
+        )
     return out
 
 
@@ -65,15 +76,21 @@ class Evaluation:
         }
 
 
-async def train_candidate(db: Database, catalog: Catalog, registry: ModelRegistry, holdout: float = DEFAULT_HOLDOUT) -> int:
+async def train_candidate(
+    db: Database, catalog: Catalog, registry: ModelRegistry, holdout: float = DEFAULT_HOLDOUT
+) -> int:
     """Train on the earliest (1 - holdout) decisions; save as a new, unpromoted version."""
     decisions = await logged_decisions(db)
     need = catalog.policy.min_training_decisions
     if len(decisions) < need:
-        raise ValueError(f"only {len(decisions)} decisions with outcomes; training needs {need} (policy.min_training_decisions)")
+        raise ValueError(
+            f"only {len(decisions)} decisions with outcomes; training needs {need} (policy.min_training_decisions)"
+        )
     cut = int(len(decisions) * (1 - holdout))
     model = train(decisions[:cut], catalog.actions, "candidate")
-    holdout_from = decisions[cut].decision_us if cut < len(decisions) else decisions[-1].decision_us + 1
+    holdout_from = (
+        decisions[cut].decision_us if cut < len(decisions) else decisions[-1].decision_us + 1
+    )
     return registry.save(model, {"trained_on": cut, "holdout_from_us": holdout_from})
 
 
@@ -81,7 +98,9 @@ def split(decisions: Sequence[LoggedDecision], from_us: int) -> list[LoggedDecis
     return [d for d in decisions if d.decision_us >= from_us]
 
 
-async def evaluate_candidate(db: Database, catalog: Catalog, registry: ModelRegistry, version: int) -> Evaluation:
+async def evaluate_candidate(
+    db: Database, catalog: Catalog, registry: ModelRegistry, version: int
+) -> Evaluation:
     """Estimate the candidate against the current policy on its held-out decisions."""
     meta = registry.meta(version)
     held = split(await logged_decisions(db), int(meta["holdout_from_us"]))
@@ -91,7 +110,9 @@ async def evaluate_candidate(db: Database, catalog: Catalog, registry: ModelRegi
     current_v = registry.current()
     current = registry.load(current_v) if current_v is not None and current_v != version else None
     est = evaluate_model(candidate, current, held, catalog.policy)
-    evaluation = Evaluation(version, version_name(current_v) if current else "randomized", len(held), est, better(est))
+    evaluation = Evaluation(
+        version, version_name(current_v) if current else "randomized", len(held), est, better(est)
+    )
     registry.update_meta(version, evaluation=evaluation.as_dict())
     return evaluation
 

@@ -22,7 +22,7 @@ WALK_SPM: Final = 100  # steps per minute of brisk walking
 # Response probabilities at habituation multiplier 1, before context: calibrated once so that
 # the p=0.6 randomized policy shows HeartSteps' effects (walking ~+24%, all suggestions ~+14%
 # over the 30 minutes after a decision point), not tuned against any learned policy.
-BASE_RESPONSE: Final = {"walking_suggestion": 0.16, "break_from_sitting": 0.06}
+BASE_RESPONSE: Final = {"walking_suggestion": 0.035, "break_from_sitting": 0.012}
 # Habituation: 2x in the first days, fading with this time constant (days) so that the mean
 # over four weeks is ~1x (HeartSteps: about twice the average effect early, gone by ~4 weeks).
 HABITUATION_DAYS: Final = 18.0
@@ -79,7 +79,9 @@ def people(n: int, seed: int) -> list[Person]:
     return out
 
 
-def _walk(steps: npt.NDArray[np.int64], rng: random.Random, start: int, minutes: int, spm: float) -> None:
+def _walk(
+    steps: npt.NDArray[np.int64], rng: random.Random, start: int, minutes: int, spm: float
+) -> None:
     for m in range(max(0, start), min(MIN_PER_DAY, start + minutes)):
         steps[m] += int(rng.gauss(spm, spm * 0.1))
 
@@ -91,7 +93,10 @@ def day_plan(p: Person, day: int, seed: int) -> Day:
     busy = np.zeros(MIN_PER_DAY, dtype=np.bool_)
     device = np.zeros(MIN_PER_DAY, dtype=np.int8)
     weekday = day % 7 < 5
-    wake, sleep = p.wake_min + rng.randint(-20, 20), min(MIN_PER_DAY - 1, p.sleep_min + rng.randint(-30, 30))
+    wake, sleep = (
+        p.wake_min + rng.randint(-20, 20),
+        min(MIN_PER_DAY - 1, p.sleep_min + rng.randint(-30, 30)),
+    )
     for m in range(wake, sleep):  # pottering about: a few steps in some minutes
         if rng.random() < 0.35:
             steps[m] += rng.randint(3, 30)
@@ -111,7 +116,13 @@ def day_plan(p: Person, day: int, seed: int) -> Day:
             _walk(steps, rng, 720 + rng.randint(0, 30), rng.randint(10, 25), WALK_SPM)
     else:
         for _ in range(rng.randint(1, 3)):
-            _walk(steps, rng, rng.randint(wake + 60, sleep - 120), rng.randint(10, 40), WALK_SPM * 0.95)
+            _walk(
+                steps,
+                rng,
+                rng.randint(wake + 60, sleep - 120),
+                rng.randint(10, 40),
+                WALK_SPM * 0.95,
+            )
     if rng.random() < p.evening_walker:
         _walk(steps, rng, rng.randint(1110, 1230), rng.randint(15, 35), WALK_SPM)
     for block in range(wake // 10, sleep // 10):  # phone use outside desk time
@@ -119,7 +130,10 @@ def day_plan(p: Person, day: int, seed: int) -> Day:
             device[block * 10 : block * 10 + 10] = 1
     if not p.has_desktop:
         device[device == 2] = 1
-    apps = ["calendar" if busy[m] else ("editor" if device[m] == 2 else "social") for m in range(MIN_PER_DAY)]
+    apps = [
+        "calendar" if busy[m] else ("editor" if device[m] == 2 else "social")
+        for m in range(MIN_PER_DAY)
+    ]
     return Day(steps, busy, device, apps)
 
 
