@@ -39,7 +39,7 @@ async def rotate(db: Database, keystore: FileKeyStore, now_us: int) -> Rotation:
             "SELECT user_id, key_id, kek_id, wrapped_key FROM profile_keys WHERE kek_id != ?",
             (new_id,),
         ) as cur:
-            rows = await cur.fetchall()
+            rows = list(await cur.fetchall())
         for user_id, key_id, kek_id, blob in rows:
             context = data_key_context(int(user_id), str(key_id))
             key = await keystore.unwrap(WrappedKey(str(kek_id), bytes(blob)), context)

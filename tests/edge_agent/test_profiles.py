@@ -89,7 +89,11 @@ async def test_change_reaches_subscriber_and_state_survives_restart(
     seen: list[profiles_pb2.Profile] = []
     b.subscribe(seen.append)
     async with online(a, server, dev_a), online(b, server, dev_b):
-        a.edit(lambda p: p.continuity_items.add(app="video", item_id="ep1", position="t=1312s"))
+
+        def watch_video(p: profiles_pb2.Profile) -> None:
+            p.continuity_items.add(app="video", item_id="ep1", position="t=1312s")
+
+        a.edit(watch_video)
         got = await b.wait_for(lambda p: len(p.continuity_items) == 1)
         assert got.continuity_items[0].position == "t=1312s"
         assert seen[-1].continuity_items[0].position == "t=1312s"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import grpc
 import pytest
@@ -14,6 +15,13 @@ from pulsesync.server.profiles.hlc import Stamp
 from pulsesync.server.rpc.base import error_info
 from pulsesync.v1 import common_pb2, events_pb2, profiles_pb2, profiles_pb2_grpc
 from tests.support.server import PairedDevice, pair_device
+
+
+async def next_version(watch: Any) -> profiles_pb2.WatchProfileResponse:
+    """The next message of a watch stream (within 5 s)."""
+    msg = await asyncio.wait_for(watch.read(), 5)
+    assert isinstance(msg, profiles_pb2.WatchProfileResponse)
+    return msg
 
 
 def update_request(
@@ -40,7 +48,7 @@ async def test_change_on_a_reaches_b_open_stream(
     )
     assert resp.committed
     assert resp.profile.version == 1
-    got = await asyncio.wait_for(watch.read(), 5)
+    got = await next_version(watch)
     assert got.profile.goals.daily_steps == 9000
     assert got.profile.update_device_id == a.device_id
     assert got.profile.field_stamps["goals.daily_steps"].node_id == a.device_id
@@ -61,7 +69,7 @@ async def test_reconnect_resumes_without_gaps(
     watch = stub.WatchProfile(
         profiles_pb2.WatchProfileRequest(after_version=1), metadata=b.metadata, timeout=10
     )
-    seen = [(await asyncio.wait_for(watch.read(), 5)).profile.version for _ in range(2)]
+    seen = [(await next_version(watch)).profile.version for _ in range(2)]
 
     async def writes() -> None:
         for n in range(4, 6):
@@ -70,7 +78,7 @@ async def test_reconnect_resumes_without_gaps(
             )
 
     writer = asyncio.create_task(writes())
-    seen += [(await asyncio.wait_for(watch.read(), 5)).profile.version for _ in range(2)]
+    seen += [(await next_version(watch)).profile.version for _ in range(2)]
     await writer
     assert seen == [2, 3, 4, 5]
     watch.cancel()
@@ -122,7 +130,7 @@ async def test_user_a_cannot_read_or_watch_user_b(
     await stub.UpdateProfile(
         update_request(ada, 0, daily_steps=7), metadata=ada.metadata, timeout=5
     )
-    first = await asyncio.wait_for(watch.read(), 5)
+    first = await next_version(watch)
     assert first.profile.goals.daily_steps == 7
     watch.cancel()
     # Stamps naming another device are refused: a device cannot write as someone else.
@@ -165,10 +173,10 @@ async def test_sync_needs_consent(server: RunningServer, channel: grpc.aio.Chann
         update_request(dev, 0, daily_steps=1), metadata=dev.metadata, timeout=5
     )
     watch = stub.WatchProfile(profiles_pb2.WatchProfileRequest(), metadata=dev.metadata, timeout=10)
-    assert (await asyncio.wait_for(watch.read(), 5)).profile.version == 1
+    assert (await next_version(watch)).profile.version == 1
     await server.app.consent.set(user_id, sync, False, device_id=dev.device_id)
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await asyncio.wait_for(watch.read(), 5)
+        await next_version(watch)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     info = error_info(err.value)
     assert info is not None
@@ -234,7 +242,7 @@ async def test_adaptive_layout_ranks_recent_use_unless_pinned(server: RunningSer
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.UpdateProfile(bad, metadata=dev.metadata, timeout=5)
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    await channel.close()
+    await channel.close(None)
     # Scores survive a restart of the ranker: they are stored per user.
     async with server.app.db.reader.execute(
         "SELECT feature FROM profile_feature_usage WHERE user_id = ? ORDER BY feature", (user_id,)

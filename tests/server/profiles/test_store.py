@@ -6,6 +6,7 @@ import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,6 +34,12 @@ MARKERS = {
     "muted": "zq-marker-muted-0b8e",
     "pinned": "zq-marker-pinned-c4d1",
 }
+
+
+def one(row: Any) -> Any:
+    """A row that must exist."""
+    assert row is not None
+    return row
 
 
 @dataclass
@@ -114,7 +121,7 @@ async def test_every_flipped_byte_fails_with_an_integrity_error(env: Env) -> Non
     async with env.db.reader.execute(
         "SELECT key_id, nonce, ciphertext FROM profile_versions WHERE user_id = 1"
     ) as cur:
-        key_id, nonce, ciphertext = await cur.fetchone()
+        key_id, nonce, ciphertext = one(await cur.fetchone())
     sealed = bytes(nonce) + bytes(ciphertext)
     # Every byte of the sealed form, against the real cipher and associated data.
     dk = env.store._keys[1]
@@ -163,7 +170,7 @@ async def test_swapped_users_ciphertexts_fail(env: Env) -> None:
             async with tx.execute(
                 "SELECT key_id, nonce, ciphertext FROM profile_versions WHERE user_id = ?", (uid,)
             ) as cur:
-                rows[uid] = await cur.fetchone()
+                rows[uid] = one(await cur.fetchone())
         for uid, other in ((1, 2), (2, 1)):
             await tx.execute(
                 "UPDATE profile_versions SET nonce = ?, ciphertext = ? WHERE user_id = ?",
@@ -202,7 +209,7 @@ async def test_replayed_old_version_fails(env: Env) -> None:
         async with tx.execute(
             "SELECT nonce, ciphertext FROM profile_versions WHERE user_id = 1 AND version = 1"
         ) as cur:
-            old = await cur.fetchone()
+            old = one(await cur.fetchone())
         await tx.execute(
             "UPDATE profile_versions SET nonce = ?, ciphertext = ? WHERE user_id = 1 AND version = 2",
             (old[0], old[1]),
@@ -415,7 +422,7 @@ async def test_erasure_destroys_the_data_key_and_export_decrypts(env: Env) -> No
             await tx.execute(f"DELETE FROM {table} WHERE user_id = 1")
     await env.store.erase_user(1)
     async with env.db.reader.execute("SELECT COUNT(*) FROM profile_keys WHERE user_id = 1") as cur:
-        assert (await cur.fetchone())[0] == 0
+        assert (one(await cur.fetchone()))[0] == 0
     assert 1 not in env.store._keys
     assert (await env.store.get(1)).version == 0
     assert [r async for r in env.store.export_user(1)] == []
