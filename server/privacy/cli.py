@@ -46,7 +46,7 @@ def parse_category(text: str) -> int:
     """A ConsentCategory from "behavior", "ACTIVITY" or "CONSENT_CATEGORY_SYNC"."""
     name = text.strip().upper().removeprefix(_PREFIX)
     for category in CATEGORIES:
-        if common_pb2.ConsentCategory.Name(category) == _PREFIX + name:  # type: ignore[arg-type]
+        if common_pb2.ConsentCategory.Name(category) == _PREFIX + name:
             return category
     raise InvalidArgument(
         f"unknown consent category {text!r}; use one of "

@@ -93,7 +93,7 @@ async def summarize(
     async with conn.execute(
         "SELECT device_pk, device_id, last_seen_us FROM devices WHERE user_id = ?", (user_id,)
     ) as c:
-        device_rows = await c.fetchall()
+        device_rows = list(await c.fetchall())
     device_ids = {int(r[0]): str(r[1]) for r in device_rows}
 
     tables = await user_tables(conn)

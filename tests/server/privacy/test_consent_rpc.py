@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import grpc
 import pytest
@@ -16,7 +17,7 @@ BEHAVIOR = common_pb2.CONSENT_CATEGORY_BEHAVIOR
 ACTIVITY = common_pb2.CONSENT_CATEGORY_ACTIVITY
 
 
-def granted(resp: privacy_pb2.GetConsentsResponse | privacy_pb2.WatchConsentsResponse) -> set[int]:
+def granted(resp: Any) -> set[int]:
     return {c.category for c in resp.consents if c.granted}
 
 
@@ -58,7 +59,7 @@ async def test_update_is_recorded_in_the_ledger_with_device_and_policy(
         " WHERE user_id = ? ORDER BY entry_id",
         (uid,),
     ) as c:
-        ledger = await c.fetchall()
+        ledger = list(await c.fetchall())
     assert ledger == [
         (ACTIVITY, 1, "2026-07", phone.device_id),
         (ACTIVITY, 0, CURRENT_POLICY_VERSION, phone.device_id),
@@ -119,7 +120,7 @@ async def test_changes_reach_the_other_devices_live(
         metadata=phone.metadata,
         timeout=5,
     )
-    change = await asyncio.wait_for(watch.read(), 5)
+    change: Any = await asyncio.wait_for(watch.read(), 5)
     assert granted(change) == {BEHAVIOR}
     changed = next(c for c in change.consents if c.category == BEHAVIOR)
     assert changed.device_id == phone.device_id

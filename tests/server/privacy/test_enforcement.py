@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -61,7 +62,8 @@ async def test_refused_events_are_not_stored_and_never_reach_subscribers(tmp_pat
         server.app.bus.subscribe(lambda _uid, events: seen.extend(events))
         now = clock.now_us()
         async with grpc.aio.insecure_channel(server.address) as ch:
-            call = ingest_pb2_grpc.IngestServiceStub(ch).Upload(metadata=phone.metadata, timeout=10)
+            stub: Any = ingest_pb2_grpc.IngestServiceStub(ch)
+            call: Any = stub.Upload(metadata=phone.metadata, timeout=10)
             await call.write(
                 request(
                     1,
@@ -73,13 +75,13 @@ async def test_refused_events_are_not_stored_and_never_reach_subscribers(tmp_pat
                     ],
                 )
             )
-            ack = await call.read()
+            ack: Any = await call.read()
             await call.done_writing()
         assert ack.accepted_count == 2
         assert [(r.seq, r.reason) for r in ack.rejected] == [(2, REFUSED)]
         assert ack.acked_through_seq == 3  # refused is handled for good: the device may drop it
         async with server.app.db.reader.execute("SELECT seq, kind FROM events ORDER BY seq") as c:
-            stored = await c.fetchall()
+            stored = list(await c.fetchall())
         assert stored == [(1, events_pb2.EVENT_KIND_SEARCH), (3, events_pb2.EVENT_KIND_SEARCH)]
         assert sorted(e.seq for e in seen) == [1, 3]
         assert all(e.kind != events_pb2.EVENT_KIND_HEART_RATE for e in seen)
@@ -95,11 +97,12 @@ async def test_withdrawal_mid_stream_stops_storage_of_later_events(tmp_path: Pat
         server.app.bus.subscribe(lambda _uid, events: seen.extend(events))
         now = clock.now_us()
         async with grpc.aio.insecure_channel(server.address) as ch:
-            call = ingest_pb2_grpc.IngestServiceStub(ch).Upload(metadata=phone.metadata, timeout=10)
+            stub: Any = ingest_pb2_grpc.IngestServiceStub(ch)
+            call: Any = stub.Upload(metadata=phone.metadata, timeout=10)
             await call.write(
                 request(1, now, [search_event(1, now, "before"), heart_event(2, now, "s")])
             )
-            first = await call.read()
+            first: Any = await call.read()
             assert first.accepted_count == 2
 
             # withdrawn on another device while this stream stays open
@@ -113,7 +116,7 @@ async def test_withdrawal_mid_stream_stops_storage_of_later_events(tmp_path: Pat
                     2, now, [search_event(3, now, "after-withdrawal"), heart_event(4, now, "s")]
                 )
             )
-            second = await call.read()
+            second: Any = await call.read()
             assert second.accepted_count == 1
             assert [(r.seq, r.reason) for r in second.rejected] == [(3, REFUSED)]
 
@@ -125,7 +128,7 @@ async def test_withdrawal_mid_stream_stops_storage_of_later_events(tmp_path: Pat
                 )
             await server.app.consent.sync_external()  # what the background tick runs
             await call.write(request(3, now, [heart_event(5, now, "s")]))
-            third = await call.read()
+            third: Any = await call.read()
             assert third.accepted_count == 0
             assert [(r.seq, r.reason) for r in third.rejected] == [(5, REFUSED)]
             await call.done_writing()

@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+from typing import Any
 
 import grpc
 import pytest
@@ -202,9 +203,11 @@ async def test_erasure_shreds_the_profile_key_and_rotation_retires_backups(
     await pair_device(server, "bo")
     ada_id, bo_id = await user_id(server, NAME), await user_id(server, "bo")
     for uid, value in ((ada_id, "zelda-profile-secret"), (bo_id, "bo-profile")):
-        await server.app.profiles.edit(
-            uid, lambda p, v=value: p.preferences.app_settings.__setitem__("note", v)
-        )
+
+        def set_note(p: Any, v: str = value) -> None:
+            p.preferences.app_settings["note"] = v
+
+        await server.app.profiles.edit(uid, set_note)
     async with server.app.db.reader.execute(
         "SELECT key_id, kek_id, wrapped_key FROM profile_keys WHERE user_id = ?", (ada_id,)
     ) as c:

@@ -38,9 +38,10 @@ T0 = 1_767_225_600_000_000
 async def rpc_chunks(
     stub: privacy_pb2_grpc.PrivacyServiceStub, device: PairedDevice
 ) -> AsyncIterator[tuple[str, bytes]]:
-    async for msg in stub.ExportData(
+    call: Any = stub.ExportData(
         privacy_pb2.ExportDataRequest(), metadata=device.metadata, timeout=30
-    ):
+    )
+    async for msg in call:
         yield msg.file_name, msg.chunk
 
 
