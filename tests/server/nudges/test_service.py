@@ -1,0 +1,118 @@
+"""NudgeService over real gRPC: delivery to the device in use, consent, feedback, listing."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from pulsesync.server.app import RunningServer, running_server
+from pulsesync.server.clock import FakeClock
+from pulsesync.server.config import ServerConfig
+from pulsesync.server.rpc.base import error_info
+from pulsesync.v1 import common_pb2, events_pb2, nudges_pb2, nudges_pb2_grpc
+from tests.server.nudges.support import app_event, device_pk_of, steps_event, store
+from tests.support.server import pair_device
+
+MIN = 60_000_000
+NOON = 1_767_268_800_000_000  # 2026-01-01T12:00Z
+
+
+@pytest.fixture
+async def nudge_server(tmp_path: Path) -> AsyncIterator[tuple[RunningServer, FakeClock]]:
+    clock = FakeClock(NOON - 100 * MIN)
+    config = ServerConfig(port=0, data_dir=tmp_path, grace_seconds=0.5,
+                          extra={"nudges.scheduler": "manual", "nudges.seed": "3"})  # fmt: skip
+    async with running_server(config, clock=clock) as srv:
+        yield srv, clock
+
+
+def engine(srv: RunningServer):
+    return srv.servicers["pulsesync.v1.NudgeService"].engine
+
+
+async def test_nudge_goes_to_the_device_in_use_and_feedback_is_recorded(nudge_server) -> None:
+    srv, clock = nudge_server
+    phone = await pair_device(srv, "ada", kind=common_pb2.DEVICE_KIND_PHONE)
+    laptop = await pair_device(srv, "ada", kind=common_pb2.DEVICE_KIND_DESKTOP)
+    eng = engine(srv)
+    eng.catalog = eng.catalog.__class__(
+        eng.catalog.policy.__class__(**{**{f: getattr(eng.catalog.policy, f) for f in eng.catalog.policy.__slots__},
+                                        "cold_start_send_probability": 1.0}),  # fmt: skip
+        eng.catalog.types,
+    )
+    async with grpc.aio.insecure_channel(srv.address) as ch:
+        stub = nudges_pb2_grpc.NudgeServiceStub(ch)
+        calls = {d.device_id: stub.SubscribeNudges(nudges_pb2.SubscribeNudgesRequest(), metadata=d.metadata) for d in (phone, laptop)}
+        for _ in range(200):
+            if srv.app.sessions.connected_device_count() == 2:
+                break
+            await asyncio.sleep(0.01)
+        start = clock.now_us()
+        await store(srv, phone.device_id, [steps_event(start + m * MIN, 2) for m in range(1, 95)])
+        await store(srv, laptop.device_id, [app_event(start + 95 * MIN, "editor")])  # the laptop is in use now
+        clock.set_us(start + 96 * MIN)
+        await eng.tick()
+        clock.set_us(NOON + 20 * MIN)
+        made = await eng.tick()
+        sent = [d for d in made if d.nudge is not None]
+        assert sent, [d.eligibility for d in made]
+        laptop_pk, _ = await device_pk_of(srv, laptop.device_id)
+        assert all(d.eligibility.device_for[d.chosen] == laptop_pk for d in sent)
+        resp = await asyncio.wait_for(calls[laptop.device_id].read(), 5)
+        assert resp.nudge.device_id == laptop.device_id
+        await stub.RecordNudgeFeedback(
+            nudges_pb2.RecordNudgeFeedbackRequest(nudge_id=resp.nudge.nudge_id, action=events_pb2.NUDGE_ACTION_ACTED),
+            metadata=laptop.metadata, timeout=5,
+        )  # fmt: skip
+        listed = await stub.ListNudges(nudges_pb2.ListNudgesRequest(), metadata=phone.metadata, timeout=5)
+        assert [r.nudge.nudge_id for r in listed.nudges] == [resp.nudge.nudge_id]
+        assert list(listed.nudges[0].feedback) == [events_pb2.NUDGE_ACTION_ACTED]
+        assert listed.nudges[0].deliver_time.ToMicroseconds() > 0
+        # Outcome computed by the server once the window and grace have passed.
+        await store(srv, phone.device_id, [steps_event(NOON + 25 * MIN, 700)])
+        clock.set_us(NOON + 20 * MIN + 61 * MIN)
+        await eng.complete_outcomes(clock.now_us())
+        listed = await stub.ListNudges(nudges_pb2.ListNudgesRequest(), metadata=phone.metadata, timeout=5)
+        assert listed.nudges[0].outcome.complete
+        assert listed.nudges[0].outcome.value == 700 + 2 * 0
+        for c in calls.values():
+            c.cancel()
+
+
+async def test_users_without_personalization_consent_are_never_nudged(nudge_server) -> None:
+    srv, clock = nudge_server
+    cats = (common_pb2.CONSENT_CATEGORY_BEHAVIOR, common_pb2.CONSENT_CATEGORY_ACTIVITY)
+    phone = await pair_device(srv, "bo", kind=common_pb2.DEVICE_KIND_PHONE, consents=cats)
+    eng = engine(srv)
+    await store(srv, phone.device_id, [steps_event(clock.now_us() + m * MIN, 1) for m in range(1, 100)])
+    for k in range(1, 40):
+        clock.set_us(NOON - 100 * MIN + k * 15 * MIN)
+        made = await eng.tick()
+        assert all(d.nudge is None for d in made)
+    _, uid = await device_pk_of(srv, phone.device_id)
+    assert uid not in eng.features.known_users()  # their events never reached the features
+
+
+async def test_feedback_errors(nudge_server) -> None:
+    srv, _ = nudge_server
+    a = await pair_device(srv, "cy")
+    async with grpc.aio.insecure_channel(srv.address) as ch:
+        stub = nudges_pb2_grpc.NudgeServiceStub(ch)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.RecordNudgeFeedback(nudges_pb2.RecordNudgeFeedbackRequest(nudge_id="ndg_x", action=1), metadata=a.metadata, timeout=5)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.RecordNudgeFeedback(nudges_pb2.RecordNudgeFeedbackRequest(nudge_id="ndg_x"), metadata=a.metadata, timeout=5)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        info = error_info(err.value)
+        assert info is not None and info.reason == "INVALID_NUDGE_ACTION"
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.ListNudges(nudges_pb2.ListNudgesRequest(page_token="zz"), metadata=a.metadata, timeout=5)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        # The server still answers.
+        ok = await stub.ListNudges(nudges_pb2.ListNudgesRequest(), metadata=a.metadata, timeout=5)
+        assert len(ok.nudges) == 0
