@@ -282,7 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands() -> list[Callable[[Any], None]]:
     """Command groups contributed by agent components (e.g. BLE `scan`): register(subparsers)."""
-    return []
+    from pulsesync.edge_agent.ble.cli import register as ble
+
+    return [ble]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

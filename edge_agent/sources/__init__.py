@@ -15,6 +15,8 @@ from pulsesync.edge_agent.sources.base import EventSource, SourceFactory, Source
 SOURCES: Final[dict[str, str]] = {
     "simulated-phone": "pulsesync.edge_agent.sources.simulated:SimulatedPhone",
     "simulated-desktop": "pulsesync.edge_agent.sources.simulated:SimulatedDesktop",
+    "emulated-wearable": "pulsesync.edge_agent.sources.wearable:create",
+    "wearable": "pulsesync.edge_agent.sources.wearable:create_real",
     # One line per additional source, e.g. "emulated-wearable": "...sources.wearable:create".
 }
 
