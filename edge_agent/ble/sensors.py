@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import re
@@ -42,7 +43,7 @@ class SensorStore:
     def __init__(self, state_dir: Path) -> None:
         self.path = Path(state_dir) / SENSORS_FILE
 
-    def list(self) -> list[ChosenSensor]:
+    def list(self) -> builtins.list[ChosenSensor]:
         """The chosen sensors, in the order they were added."""
         if not self.path.exists():
             return []
@@ -64,7 +65,7 @@ class SensorStore:
         self._write(kept)
         return len(kept) != len(sensors)
 
-    def _write(self, sensors: list[ChosenSensor]) -> None:
+    def _write(self, sensors: builtins.list[ChosenSensor]) -> None:
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".ble_sensors.")
         with os.fdopen(fd, "w") as f:
