@@ -1,0 +1,98 @@
+"""The device side of nudges: keep a SubscribeNudges stream open, show each nudge, report feedback.
+
+    receiver = NudgeReceiver(credentials, presenter)
+    await receiver.run()      # reconnects with capped backoff until cancelled
+
+A `Presenter` shows a nudge (a notification, a banner) and returns what the person did;
+the receiver reports DELIVERED at once and then each action through RecordNudgeFeedback.
+Outcomes such as steps afterwards are measured by the server, never sent from here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Final, Protocol
+
+import grpc
+from google.protobuf import timestamp_pb2
+
+from pulsesync.edge_agent.client import (
+    AgentError,
+    Credentials,
+    Disposition,
+    classify,
+    open_channel,
+    pair_again_message,
+)
+from pulsesync.edge_agent.uplink import Backoff
+from pulsesync.v1 import events_pb2, nudges_pb2, nudges_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+# Reconnect quickly after a blip, but never hammer a server that is down.
+BACKOFF_BASE_S: Final = 0.5
+BACKOFF_CAP_S: Final = 30.0
+FEEDBACK_TIMEOUT_S: Final = 10.0
+
+
+class Presenter(Protocol):
+    """Shows a nudge to the person; returns the actions they took (OPENED, DISMISSED, ACTED)."""
+
+    async def show(self, nudge: nudges_pb2.Nudge) -> Sequence[int]: ...
+
+
+class NudgeReceiver:
+    """Subscribes to the device's nudges with reconnect, shows them, reports feedback."""
+
+    def __init__(self, credentials: Credentials, presenter: Presenter) -> None:
+        self._server = credentials.server
+        self._credentials = credentials
+        self._presenter = presenter
+        self._backoff = Backoff(BACKOFF_BASE_S, BACKOFF_CAP_S)
+        self.received: int = 0
+
+    async def run(self) -> None:
+        """Until cancelled: subscribe, handle nudges, reconnect after failures."""
+        while True:
+            try:
+                await self._subscribe_once()
+            except grpc.aio.AioRpcError as e:
+                disposition = classify(e.code())
+                if disposition is Disposition.PAIR_AGAIN:
+                    raise AgentError(pair_again_message(self._server, e.details() or "")) from e
+                if disposition is Disposition.FATAL:
+                    raise AgentError(f"the server cannot send nudges: {e.details()}") from e
+                delay = self._backoff.next_delay()
+                log.info(
+                    "nudge stream lost; reconnecting",
+                    extra={"code": e.code().name, "delay_s": delay},
+                )
+                await asyncio.sleep(delay)
+
+    async def _subscribe_once(self) -> None:
+        async with open_channel(self._server, self._credentials.tls_root_cert) as channel:
+            stub = nudges_pb2_grpc.NudgeServiceStub(channel)
+            call = stub.SubscribeNudges(
+                nudges_pb2.SubscribeNudgesRequest(), metadata=self._credentials.metadata
+            )
+            async for resp in call:
+                self._backoff.reset()
+                self.received += 1
+                await self._feedback(stub, resp.nudge.nudge_id, events_pb2.NUDGE_ACTION_DELIVERED)
+                for action in await self._presenter.show(resp.nudge):
+                    await self._feedback(stub, resp.nudge.nudge_id, action)
+        # The server ended the stream (a newer one of this device took over): reconnect.
+        await asyncio.sleep(self._backoff.next_delay())
+
+    async def _feedback(
+        self, stub: nudges_pb2_grpc.NudgeServiceStub, nudge_id: str, action: int
+    ) -> None:
+        ts = timestamp_pb2.Timestamp()
+        ts.GetCurrentTime()
+        await stub.RecordNudgeFeedback(
+            nudges_pb2.RecordNudgeFeedbackRequest(nudge_id=nudge_id, action=action, action_time=ts),  # type: ignore[arg-type]
+            metadata=self._credentials.metadata,
+            timeout=FEEDBACK_TIMEOUT_S,
+        )
