@@ -104,7 +104,7 @@ class IngestPipeline:
 
     async def start(self) -> None:
         """Start the writer and join erasure."""
-        self.writer.start()
+        await self.writer.start()
         self.app.user_data.on_erase("ingest", self._on_erase)
 
     async def stop(self) -> None:
