@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -86,9 +86,7 @@ class NudgeReceiver:
         # The server ended the stream (a newer one of this device took over): reconnect.
         await asyncio.sleep(self._backoff.next_delay())
 
-    async def _feedback(
-        self, stub: nudges_pb2_grpc.NudgeServiceStub, nudge_id: str, action: int
-    ) -> None:
+    async def _feedback(self, stub: Any, nudge_id: str, action: int) -> None:
         ts = timestamp_pb2.Timestamp()
         ts.GetCurrentTime()
         await stub.RecordNudgeFeedback(

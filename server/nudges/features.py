@@ -8,6 +8,7 @@ personalization are tracked; a withdrawal drops their state.
 
 from __future__ import annotations
 
+import itertools
 import math
 import zlib
 from collections.abc import Iterable
@@ -89,7 +90,7 @@ def rmssd(rr_ms: Iterable[float]) -> float | None:
     rr = list(rr_ms)
     if len(rr) < 3:
         return None
-    diffs = [(b - a) ** 2 for a, b in zip(rr, rr[1:], strict=False)]
+    diffs = [(b - a) ** 2 for a, b in itertools.pairwise(rr)]
     return math.sqrt(sum(diffs) / len(diffs))
 
 
@@ -316,7 +317,7 @@ class FeatureStore:
             "sedentary_min": s.sedentary_min(now_us),
             "hr_rel": s.hr.rel(),
             "rmssd_rel": s.hrv.rel(),
-            "active_kind": float(_KIND_CODE.get(s.device_kind.get(active, 0), 0))
+            "active_kind": float(_KIND_CODE.get(s.device_kind.get(active, 0), 0))  # type: ignore[call-overload]
             if active
             else 0.0,
             "active_app": float(app_code(s.device_app.get(active, ""))) if active else 0.0,

@@ -111,7 +111,11 @@ async def evaluate_candidate(
     current = registry.load(current_v) if current_v is not None and current_v != version else None
     est = evaluate_model(candidate, current, held, catalog.policy)
     evaluation = Evaluation(
-        version, version_name(current_v) if current else "randomized", len(held), est, better(est)
+        version,
+        version_name(current_v) if current is not None and current_v is not None else "randomized",
+        len(held),
+        est,
+        better(est),
     )
     registry.update_meta(version, evaluation=evaluation.as_dict())
     return evaluation

@@ -69,9 +69,10 @@ class NudgeServicer(nudges_pb2_grpc.NudgeServiceServicer):
                 await self.engine.mark_delivered(nudge.nudge_id, me.device_pk)
                 yield nudges_pb2.SubscribeNudgesResponse(nudge=nudge)
             while True:
-                nudge = await queue.get()
-                if nudge is None:
+                item = await queue.get()
+                if item is None:
                     return  # a newer stream of this device took over
+                nudge = item
                 if nudge.expire_time.ToMicroseconds() <= self.app.clock.now_us():
                     continue
                 await self.engine.mark_delivered(nudge.nudge_id, me.device_pk)

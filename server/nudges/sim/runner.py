@@ -27,9 +27,24 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from pulsesync.server.app import running_server
 from pulsesync.server.clock import FakeClock
 from pulsesync.server.config import ServerConfig
-from pulsesync.server.nudges.sim.behavior import Day, Person, day_plan, response_probability, response_walk
+from pulsesync.server.nudges.sim.behavior import (
+    Day,
+    Person,
+    day_plan,
+    response_probability,
+    response_walk,
+)
 from pulsesync.server.nudges.training import evaluate_candidate, promote_if_better, train_candidate
-from pulsesync.v1 import common_pb2, devices_pb2, devices_pb2_grpc, events_pb2, ingest_pb2, ingest_pb2_grpc, nudges_pb2, nudges_pb2_grpc
+from pulsesync.v1 import (
+    common_pb2,
+    devices_pb2,
+    devices_pb2_grpc,
+    events_pb2,
+    ingest_pb2,
+    ingest_pb2_grpc,
+    nudges_pb2,
+    nudges_pb2_grpc,
+)
 
 START: Final = int(datetime(2026, 1, 5, tzinfo=UTC).timestamp() * 1_000_000)  # a Monday
 US_MIN: Final = 60_000_000
@@ -61,7 +76,9 @@ class ArmResult:
     """What one arm produced: the server's decision log plus the simulator's truth."""
 
     name: str
-    decisions: list[tuple[Any, ...]]  # (user index, minute, version, options, chosen, prob, outcome, nudge type)
+    decisions: list[
+        tuple[Any, ...]
+    ]  # (user index, minute, version, options, chosen, prob, outcome, nudge type)
     added: np.ndarray  # (people, minutes) steps added by responses
     baseline_steps: float
     nudges_sent: dict[int, int]  # day -> count
@@ -74,13 +91,20 @@ class ArmResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def _write_catalog(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
 def _ts(us: int) -> timestamp_pb2.Timestamp:
     t = timestamp_pb2.Timestamp()
     t.FromMicroseconds(us)
     return t
 
 
-def _events(d: Day, added: np.ndarray, day: int, lo: int, hi: int, kind: int) -> list[events_pb2.Event]:
+def _events(
+    d: Day, added: np.ndarray, day: int, lo: int, hi: int, kind: int
+) -> list[events_pb2.Event]:
     out = []
     for m in range(lo, hi):
         t_us = START + (day * 1440 + m + 1) * US_MIN
@@ -103,16 +127,29 @@ def _events(d: Day, added: np.ndarray, day: int, lo: int, hi: int, kind: int) ->
     return out
 
 
-async def _pair(channel: grpc.aio.Channel, srv: Any, name: str, kinds: Sequence[int]) -> tuple[int, list[_Device]]:
+async def _pair(
+    channel: grpc.aio.Channel, srv: Any, name: str, kinds: Sequence[int]
+) -> tuple[int, list[_Device]]:
     ids = srv.app.identity
     user_id = await ids.add_user(name)
-    for cat in (common_pb2.CONSENT_CATEGORY_BEHAVIOR, common_pb2.CONSENT_CATEGORY_ACTIVITY, common_pb2.CONSENT_CATEGORY_PERSONALIZATION):
+    for cat in (
+        common_pb2.CONSENT_CATEGORY_BEHAVIOR,
+        common_pb2.CONSENT_CATEGORY_ACTIVITY,
+        common_pb2.CONSENT_CATEGORY_PERSONALIZATION,
+    ):
         await srv.app.consent.set(user_id, cat, True, device_id="simulator")
     stub = devices_pb2_grpc.DeviceServiceStub(channel)
     devices = []
     for kind in kinds:
         code, _ = await ids.create_pairing_code(user_id)
-        resp = await stub.PairDevice(devices_pb2.PairDeviceRequest(pairing_code=code, device_name=f"{name}-{kind}", kind=kind), timeout=10)  # type: ignore[arg-type]
+        resp = await stub.PairDevice(
+            devices_pb2.PairDeviceRequest(
+                pairing_code=code,
+                device_name=f"{name}-{kind}",
+                kind=kind,  # type: ignore[arg-type]
+            ),
+            timeout=10,
+        )
         devices.append(_Device(resp.device.device_id, resp.token, kind))
     return user_id, devices
 
@@ -129,9 +166,8 @@ async def run_arm(
     latency_probe: int = 0,
 ) -> ArmResult:
     """Simulate `days` days of `persons` under one policy arm; the log and the truth."""
-    workdir.mkdir(parents=True, exist_ok=True)
     catalog = workdir / "catalog.toml"
-    catalog.write_text(ARM_CATALOGS[name] or "# defaults\n")
+    await asyncio.to_thread(_write_catalog, catalog, ARM_CATALOGS[name] or "# defaults\n")
     clock = FakeClock(START)
     config = ServerConfig(port=0, data_dir=workdir, grace_seconds=0.5,
                           extra={"nudges.scheduler": "manual", "nudges.seed": str(seed), "nudge_catalog": str(catalog)})  # fmt: skip
@@ -140,7 +176,10 @@ async def run_arm(
     sent: dict[int, int] = {}
     inbox: list[tuple[int, _Device, nudges_pb2.Nudge]] = []
     result = ArmResult(name, [], added, 0.0, sent, 0, [])
-    async with running_server(config, clock=clock) as srv, grpc.aio.insecure_channel(srv.address) as channel:
+    async with (
+        running_server(config, clock=clock) as srv,
+        grpc.aio.insecure_channel(srv.address) as channel,
+    ):
         engine = srv.servicers[NUDGE_SERVICE].engine
         ingest = ingest_pb2_grpc.IngestServiceStub(channel)
         nudge_stub = nudges_pb2_grpc.NudgeServiceStub(channel)
@@ -156,12 +195,21 @@ async def run_arm(
         index_of = {u: i for i, u in enumerate(users)}
 
         async def listen(i: int, dev: _Device) -> None:
-            call = nudge_stub.SubscribeNudges(nudges_pb2.SubscribeNudgesRequest(), metadata=dev.metadata)
+            call = nudge_stub.SubscribeNudges(
+                nudges_pb2.SubscribeNudgesRequest(), metadata=dev.metadata
+            )
             async for resp in call:
                 inbox.append((i, dev, resp.nudge))
 
-        listeners = [asyncio.create_task(listen(i, d)) for i, devs in enumerate(devices) for d in devs if d.kind != common_pb2.DEVICE_KIND_WEARABLE_BRIDGE]
-        while srv.app.sessions.connected_device_count() < len(listeners):
+        listeners = [
+            asyncio.create_task(listen(i, d))
+            for i, devs in enumerate(devices)
+            for d in devs
+            if d.kind != common_pb2.DEVICE_KIND_WEARABLE_BRIDGE
+        ]
+        for _ in range(1000):  # bounded: streams open within milliseconds on loopback
+            if srv.app.sessions.connected_device_count() >= len(listeners):
+                break
             await asyncio.sleep(0.01)
         first_nudge: dict[int, int] = {}
         try:
@@ -181,12 +229,27 @@ async def run_arm(
                                 dev.seq += 1
                                 ev.seq = dev.seq
                             result.events += len(evs)
-                            batch = ingest_pb2.EventBatch(batch_id=dev.seq, sent_time=_ts(START + (day * 1440 + hi) * US_MIN), events=evs)
-                            calls.append(ingest.UploadBatch(ingest_pb2.UploadBatchRequest(batch=batch), metadata=dev.metadata, timeout=30))
+                            batch = ingest_pb2.EventBatch(
+                                batch_id=dev.seq,
+                                sent_time=_ts(START + (day * 1440 + hi) * US_MIN),
+                                events=evs,
+                            )
+                            calls.append(
+                                ingest.UploadBatch(
+                                    ingest_pb2.UploadBatchRequest(batch=batch),
+                                    metadata=dev.metadata,
+                                    timeout=30,
+                                )
+                            )
                     clock.set_us(START + (day * 1440 + hi) * US_MIN)
                     await asyncio.gather(*calls)
                     result.upload_s += time.perf_counter() - t0
-                    if name == "learned" and lo == 0 and day >= train_day and (day - train_day) % retrain_every == 0:
+                    if (
+                        name == "learned"
+                        and lo == 0
+                        and day >= train_day
+                        and (day - train_day) % retrain_every == 0
+                    ):
                         await _learn(srv, engine, result, day * 1440)
                     made = await engine.tick()
                     want = sum(1 for d in made if d.nudge is not None and d.nudge.device_id)
@@ -204,8 +267,17 @@ async def run_arm(
                         first_nudge.setdefault(i, abs_min)
                         d = plans[i]
                         want_kind = 1 if dev.kind == common_pb2.DEVICE_KIND_PHONE else 2
-                        on_active = int(d.device[min(minute, 1439)]) == want_kind or (d.device[min(minute, 1439)] == 0 and want_kind == 1)
-                        prob = response_probability(persons[i], nudge.nudge_type, d, minute, (abs_min - first_nudge[i]) / 1440, on_active)
+                        on_active = int(d.device[min(minute, 1439)]) == want_kind or (
+                            d.device[min(minute, 1439)] == 0 and want_kind == 1
+                        )
+                        prob = response_probability(
+                            persons[i],
+                            nudge.nudge_type,
+                            d,
+                            minute,
+                            (abs_min - first_nudge[i]) / 1440,
+                            on_active,
+                        )
                         rng = random.Random(f"resp-{seed}-{i}-{abs_min}-{nudge.nudge_type}")
                         acted = rng.random() < prob
                         actions = [events_pb2.NUDGE_ACTION_DELIVERED]
@@ -220,7 +292,7 @@ async def run_arm(
                             actions.append(events_pb2.NUDGE_ACTION_DISMISSED)
                         for a in actions:
                             feedback.append(nudge_stub.RecordNudgeFeedback(
-                                nudges_pb2.RecordNudgeFeedbackRequest(nudge_id=nudge.nudge_id, action=a),  # type: ignore[arg-type]
+                                nudges_pb2.RecordNudgeFeedbackRequest(nudge_id=nudge.nudge_id, action=a),
                                 metadata=dev.metadata, timeout=10))  # fmt: skip
                         result.delivered += 1
                     inbox.clear()
@@ -229,7 +301,9 @@ async def run_arm(
             clock.advance(3 * 3600)
             await engine.complete_outcomes(clock.now_us())
             if latency_probe:
-                result.extra["probe"] = await _latency_probe(srv, engine, users, devices, ingest, latency_probe)
+                result.extra["probe"] = await _latency_probe(
+                    srv, engine, users, devices, ingest, latency_probe
+                )
         finally:
             for t in listeners:
                 t.cancel()
@@ -241,7 +315,17 @@ async def run_arm(
         ) as cur:
             for uid, at, version, options, chosen, prob, outcome, complete in await cur.fetchall():
                 if complete:
-                    result.decisions.append((index_of[uid], (at - START) // US_MIN, version, options, chosen, prob, outcome))
+                    result.decisions.append(
+                        (
+                            index_of[uid],
+                            (at - START) // US_MIN,
+                            version,
+                            options,
+                            chosen,
+                            prob,
+                            outcome,
+                        )
+                    )
     return result
 
 
@@ -254,13 +338,17 @@ async def _learn(srv: Any, engine: Any, result: ArmResult, minute: int) -> None:
         result.extra.setdefault("train_errors", []).append(str(e))
         return
     promoted = promote_if_better(registry, evaluation)
-    result.extra.setdefault("evaluations", []).append({"minute": minute, "promoted": promoted, **evaluation.as_dict()})
+    result.extra.setdefault("evaluations", []).append(
+        {"minute": minute, "promoted": promoted, **evaluation.as_dict()}
+    )
     if promoted and result.promote_minute is None:
         result.promote_minute = minute
         result.evaluation = evaluation.as_dict()
 
 
-async def _latency_probe(srv: Any, engine: Any, users: list[int], devices: list[list[_Device]], ingest: Any, n: int) -> dict[str, float]:
+async def _latency_probe(
+    srv: Any, engine: Any, users: list[int], devices: list[list[_Device]], ingest: Any, n: int
+) -> dict[str, float]:
     """Decision latency while a device uploads 500-event batches as fast as it can."""
     stop = asyncio.Event()
     dev = devices[0][0]
@@ -291,4 +379,8 @@ async def _latency_probe(srv: Any, engine: Any, users: list[int], devices: list[
     stop.set()
     await task
     arr = np.array(lat) * 1000
-    return {"p50_ms": float(np.percentile(arr, 50)), "p99_ms": float(np.percentile(arr, 99)), "ingest_events_per_s": uploaded / max(elapsed, 1e-9)}
+    return {
+        "p50_ms": float(np.percentile(arr, 50)),
+        "p99_ms": float(np.percentile(arr, 99)),
+        "ingest_events_per_s": uploaded / max(elapsed, 1e-9),
+    }

@@ -27,7 +27,9 @@ def logged(n: int, seed: int) -> list[LoggedDecision]:
         probs = randomized(options, 0.6)
         chosen = "walking_suggestion" if rng.random() < 0.6 else "none"
         y = rng.gauss(200, 50) + (300 if chosen != "none" and sed > 60 else 0)
-        out.append(LoggedDecision(1, i, {"sedentary_min": sed}, {}, probs, chosen, probs[chosen], y))
+        out.append(
+            LoggedDecision(1, i, {"sedentary_min": sed}, {}, probs, chosen, probs[chosen], y)
+        )
     return out
 
 
@@ -37,7 +39,9 @@ def test_ips_and_dr_cover_the_true_value_of_a_known_policy() -> None:
     # Target: walk exactly when sedentary > 60. True value: 200 + 300 * P(sed > 60) = 350.
     pi = np.zeros((n, len(ACTIONS)))
     for i, d in enumerate(data):
-        pi[i, ACTIONS.index("walking_suggestion" if d.features["sedentary_min"] > 60 else "none")] = 1.0
+        pi[
+            i, ACTIONS.index("walking_suggestion" if d.features["sedentary_min"] > 60 else "none")
+        ] = 1.0
     q = np.full((n, len(ACTIONS)), 200.0)  # a poor outcome model: DR must still be right
     est = estimate(data, ACTIONS, pi, q)
     truth = 200 + 300 * np.mean([d.features["sedentary_min"] > 60 for d in data])

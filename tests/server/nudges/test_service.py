@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -39,21 +40,26 @@ async def test_nudge_goes_to_the_device_in_use_and_feedback_is_recorded(nudge_se
     phone = await pair_device(srv, "ada", kind=common_pb2.DEVICE_KIND_PHONE)
     laptop = await pair_device(srv, "ada", kind=common_pb2.DEVICE_KIND_DESKTOP)
     eng = engine(srv)
-    eng.catalog = eng.catalog.__class__(
-        eng.catalog.policy.__class__(**{**{f: getattr(eng.catalog.policy, f) for f in eng.catalog.policy.__slots__},
-                                        "cold_start_send_probability": 1.0}),  # fmt: skip
-        eng.catalog.types,
+    eng.catalog = replace(
+        eng.catalog, policy=replace(eng.catalog.policy, cold_start_send_probability=1.0)
     )
     async with grpc.aio.insecure_channel(srv.address) as ch:
         stub = nudges_pb2_grpc.NudgeServiceStub(ch)
-        calls = {d.device_id: stub.SubscribeNudges(nudges_pb2.SubscribeNudgesRequest(), metadata=d.metadata) for d in (phone, laptop)}
+        calls = {
+            d.device_id: stub.SubscribeNudges(
+                nudges_pb2.SubscribeNudgesRequest(), metadata=d.metadata
+            )
+            for d in (phone, laptop)
+        }
         for _ in range(200):
             if srv.app.sessions.connected_device_count() == 2:
                 break
             await asyncio.sleep(0.01)
         start = clock.now_us()
         await store(srv, phone.device_id, [steps_event(start + m * MIN, 2) for m in range(1, 95)])
-        await store(srv, laptop.device_id, [app_event(start + 95 * MIN, "editor")])  # the laptop is in use now
+        await store(
+            srv, laptop.device_id, [app_event(start + 95 * MIN, "editor")]
+        )  # the laptop is in use now
         clock.set_us(start + 96 * MIN)
         await eng.tick()
         clock.set_us(NOON + 20 * MIN)
@@ -68,7 +74,9 @@ async def test_nudge_goes_to_the_device_in_use_and_feedback_is_recorded(nudge_se
             nudges_pb2.RecordNudgeFeedbackRequest(nudge_id=resp.nudge.nudge_id, action=events_pb2.NUDGE_ACTION_ACTED),
             metadata=laptop.metadata, timeout=5,
         )  # fmt: skip
-        listed = await stub.ListNudges(nudges_pb2.ListNudgesRequest(), metadata=phone.metadata, timeout=5)
+        listed = await stub.ListNudges(
+            nudges_pb2.ListNudgesRequest(), metadata=phone.metadata, timeout=5
+        )
         assert [r.nudge.nudge_id for r in listed.nudges] == [resp.nudge.nudge_id]
         assert list(listed.nudges[0].feedback) == [events_pb2.NUDGE_ACTION_ACTED]
         assert listed.nudges[0].deliver_time.ToMicroseconds() > 0
@@ -76,7 +84,9 @@ async def test_nudge_goes_to_the_device_in_use_and_feedback_is_recorded(nudge_se
         await store(srv, phone.device_id, [steps_event(NOON + 25 * MIN, 700)])
         clock.set_us(NOON + 20 * MIN + 61 * MIN)
         await eng.complete_outcomes(clock.now_us())
-        listed = await stub.ListNudges(nudges_pb2.ListNudgesRequest(), metadata=phone.metadata, timeout=5)
+        listed = await stub.ListNudges(
+            nudges_pb2.ListNudgesRequest(), metadata=phone.metadata, timeout=5
+        )
         assert listed.nudges[0].outcome.complete
         assert listed.nudges[0].outcome.value == 700 + 2 * 0
         for c in calls.values():
@@ -88,7 +98,9 @@ async def test_users_without_personalization_consent_are_never_nudged(nudge_serv
     cats = (common_pb2.CONSENT_CATEGORY_BEHAVIOR, common_pb2.CONSENT_CATEGORY_ACTIVITY)
     phone = await pair_device(srv, "bo", kind=common_pb2.DEVICE_KIND_PHONE, consents=cats)
     eng = engine(srv)
-    await store(srv, phone.device_id, [steps_event(clock.now_us() + m * MIN, 1) for m in range(1, 100)])
+    await store(
+        srv, phone.device_id, [steps_event(clock.now_us() + m * MIN, 1) for m in range(1, 100)]
+    )
     for k in range(1, 40):
         clock.set_us(NOON - 100 * MIN + k * 15 * MIN)
         made = await eng.tick()
@@ -103,15 +115,26 @@ async def test_feedback_errors(nudge_server) -> None:
     async with grpc.aio.insecure_channel(srv.address) as ch:
         stub = nudges_pb2_grpc.NudgeServiceStub(ch)
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await stub.RecordNudgeFeedback(nudges_pb2.RecordNudgeFeedbackRequest(nudge_id="ndg_x", action=1), metadata=a.metadata, timeout=5)
+            await stub.RecordNudgeFeedback(
+                nudges_pb2.RecordNudgeFeedbackRequest(nudge_id="ndg_x", action=1),
+                metadata=a.metadata,
+                timeout=5,
+            )
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await stub.RecordNudgeFeedback(nudges_pb2.RecordNudgeFeedbackRequest(nudge_id="ndg_x"), metadata=a.metadata, timeout=5)
+            await stub.RecordNudgeFeedback(
+                nudges_pb2.RecordNudgeFeedbackRequest(nudge_id="ndg_x"),
+                metadata=a.metadata,
+                timeout=5,
+            )
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         info = error_info(err.value)
-        assert info is not None and info.reason == "INVALID_NUDGE_ACTION"
+        assert info is not None
+        assert info.reason == "INVALID_NUDGE_ACTION"
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await stub.ListNudges(nudges_pb2.ListNudgesRequest(page_token="zz"), metadata=a.metadata, timeout=5)
+            await stub.ListNudges(
+                nudges_pb2.ListNudgesRequest(page_token="zz"), metadata=a.metadata, timeout=5
+            )
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         # The server still answers.
         ok = await stub.ListNudges(nudges_pb2.ListNudgesRequest(), metadata=a.metadata, timeout=5)
