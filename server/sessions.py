@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,8 +20,11 @@ class SessionRegistry:
         self._metrics = metrics
         self._by_device: dict[int, set[asyncio.Task[object]]] = defaultdict(set)
         self._users: dict[int, int] = {}
-        # Why a task was cut off; read by the rpc seam to send the right status.
-        self._reasons: dict[asyncio.Task[object], PulseSyncError] = {}
+        # Why a task was cut off; consumed by the rpc seam (after `track` has exited) to send
+        # the right status. Weak keys: a reason never consumed dies with its task.
+        self._reasons: weakref.WeakKeyDictionary[asyncio.Task[object], PulseSyncError] = (
+            weakref.WeakKeyDictionary()
+        )
 
     @contextmanager
     def track(self, identity: Identity, *, exclusive_key: str | None = None) -> Iterator[None]:
@@ -38,7 +42,6 @@ class SessionRegistry:
             if not tasks:
                 self._by_device.pop(identity.device_pk, None)
                 self._users.pop(identity.device_pk, None)
-            self._reasons.pop(task, None)
             self._metrics.connected_devices.set(len(self._by_device))
 
     def cut_off_device(self, device_pk: int, error: PulseSyncError | None = None) -> int:
@@ -59,8 +62,8 @@ class SessionRegistry:
         return sum(self.cut_off_device(pk, error) for pk in devices)
 
     def reason_for(self, task: asyncio.Task[object] | None) -> PulseSyncError | None:
-        """Why this task was cut off, if it was."""
-        return self._reasons.get(task) if task is not None else None
+        """Why this task was cut off, if it was (read once)."""
+        return self._reasons.pop(task, None) if task is not None else None
 
     def connected_devices(self) -> list[int]:
         """Device keys with at least one open stream."""
