@@ -363,7 +363,8 @@ class ProfileStore:
 
     # -- watching ----------------------------------------------------------------------------
     async def watch(self, user_id: int, after_version: int) -> AsyncIterator[profiles_pb2.Profile]:
-        """Every retained version after `after_version`, then each new one as committed."""
+        """Every retained version after `after_version` (only the latest when it is 0), then
+        each new one as it is committed."""
         watcher = _Watcher()
         # Subscribe before reading, so a version committed in between is queued, not missed.
         self._watchers[user_id].add(watcher)
@@ -377,9 +378,15 @@ class ProfileStore:
                     reason="UNKNOWN_VERSION",
                 )
             last = after_version
-            for profile in await self.versions_after(user_id, last):
-                yield profile
-                last = profile.version
+            if after_version == 0:
+                # A device with nothing needs only the latest snapshot (a complete state).
+                if head.version:
+                    yield await self.get(user_id)
+                    last = head.version
+            else:
+                for profile in await self.versions_after(user_id, last):
+                    yield profile
+                    last = profile.version
             while True:
                 await watcher.wake.wait()
                 watcher.wake.clear()

@@ -483,8 +483,9 @@ class WatchProfileRequest(_message.Message):
 
     AFTER_VERSION_FIELD_NUMBER: _builtins.int
     after_version: _builtins.int
-    """The last version this device has (0 for none); the retained versions after it are
-    sent first, then every new one as it is committed, the device's own included.
+    """The last version this device has (0 for none: only the latest version is sent); the
+    retained versions after it are sent first, then every new one as it is committed, the
+    device's own included.
     """
     def __init__(
         self,

@@ -65,6 +65,12 @@ async def test_reconnect_resumes_without_gaps(
         await stub.UpdateProfile(
             update_request(a, n - 1, daily_steps=1000 * n), metadata=a.metadata, timeout=5
         )
+    # A device with nothing gets only the latest snapshot.
+    fresh = stub.WatchProfile(profiles_pb2.WatchProfileRequest(), metadata=b.metadata, timeout=10)
+    first = await next_version(fresh)
+    assert first.profile.version == 3
+    assert first.profile.goals.daily_steps == 3000
+    fresh.cancel()
     # B last saw version 1: it gets 2 and 3 first, then 4 and 5 live, in order.
     watch = stub.WatchProfile(
         profiles_pb2.WatchProfileRequest(after_version=1), metadata=b.metadata, timeout=10
