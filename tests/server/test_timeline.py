@@ -101,7 +101,7 @@ async def test_filters_and_page_size_limits(fake_server: RunningServer, clock: F
         await upload(
             ch, band.metadata, [batch(1, now, [heart_rate(i, now - 3 * S) for i in range(1, 1201)])]
         )
-        rng = {"start_time": ts(now - HOUR), "end_time": ts(now + S)}
+        rng: dict[str, Any] = {"start_time": ts(now - HOUR), "end_time": ts(now + S)}
         only_steps = await _list_all(ch, band, kinds=[events_pb2.EVENT_KIND_STEPS], **rng)
         only_phone = await _list_all(ch, band, device_ids=[phone.device_id], **rng)
         default = await _stub(ch).ListEvents(
@@ -182,7 +182,7 @@ async def test_users_see_only_their_own_timeline(
     now = clock.now_us()
     async with grpc.aio.insecure_channel(fake_server.address) as ch:
         await upload(ch, ada.metadata, [batch(1, now, [heart_rate(1, now - S)])])
-        rng = {"start_time": ts(now - HOUR), "end_time": ts(now + S)}
+        rng: dict[str, Any] = {"start_time": ts(now - HOUR), "end_time": ts(now + S)}
         assert len(await _list_all(ch, ada, **rng)) == 1
         assert await _list_all(ch, bo, **rng) == []
         assert await _list_all(ch, bo, device_ids=[ada.device_id], **rng) == []
