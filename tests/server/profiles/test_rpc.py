@@ -259,3 +259,35 @@ async def test_adaptive_layout_ranks_recent_use_unless_pinned(server: RunningSer
 async def test_erasure_hook_and_exporter_are_registered(server: RunningServer) -> None:
     assert "profiles" in [name for name, _ in server.app.user_data.erase_hooks]
     assert "profile" in server.app.user_data.exporters
+
+
+async def test_feature_use_uploaded_by_one_device_reorders_the_layout_on_another(
+    server: RunningServer, channel: grpc.aio.Channel
+) -> None:
+    """End to end: ingest commits FEATURE_USE events, the ranking reaches B's watch."""
+    from google.protobuf import timestamp_pb2
+
+    from pulsesync.v1 import ingest_pb2, ingest_pb2_grpc
+
+    phone = await pair_device(server, "fay", kind=common_pb2.DEVICE_KIND_PHONE)
+    desktop = await pair_device(server, "fay", kind=common_pb2.DEVICE_KIND_DESKTOP)
+    stub = profiles_pb2_grpc.ProfileServiceStub(channel)
+    watch = stub.WatchProfile(
+        profiles_pb2.WatchProfileRequest(), metadata=desktop.metadata, timeout=10
+    )
+    now = timestamp_pb2.Timestamp()
+    now.GetCurrentTime()
+    batch = ingest_pb2.EventBatch(batch_id=1, sent_time=now)
+    for seq, feature in enumerate(["timer", "flashcards", "flashcards", "flashcards", "timer"], 1):
+        event = batch.events.add(event_id=f"00000000-0000-4000-8000-{seq:012d}", seq=seq)
+        event.device_time.CopyFrom(now)
+        event.feature_use.app = "study"
+        event.feature_use.feature = feature
+    resp = await ingest_pb2_grpc.IngestServiceStub(channel).UploadBatch(
+        ingest_pb2.UploadBatchRequest(batch=batch), metadata=phone.metadata, timeout=5
+    )
+    assert resp.ack.accepted_count == 5
+    got = await next_version(watch)
+    assert list(got.profile.layout.feature_order) == ["flashcards", "timer"]
+    assert got.profile.update_device_id == "server"
+    watch.cancel()
