@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from functools import partial
 
 import pytest
 from bleak.exc import BleakError
@@ -16,6 +17,7 @@ from pulsesync.edge_agent.ble.bridge import (
     BridgeConfig,
     ErrorClass,
     LinkLost,
+    SensorLink,
     SensorNotFound,
     classify,
 )
@@ -39,6 +41,10 @@ FAST = {
 # Scanning plus connecting on the virtual link takes tens of ms; this bounds "reconnected
 # promptly after the backoff" generously for a loaded 2-core machine.
 RECONNECT_SLACK_S = 2.0
+
+
+def _has_sessions(link: SensorLink, n: int) -> bool:
+    return link.stats.sessions == n
 
 
 def config(**kw) -> BridgeConfig:
@@ -151,7 +157,7 @@ async def test_link_drops_mid_stream_lose_and_duplicate_nothing_and_reconnect_wi
                 # measurements produced while the link is down reach nobody
                 for _ in range(3):
                     assert await sensor.tick() is None
-                await wait_until(lambda lk=link, s=sessions: lk.stats.sessions == s + 1)
+                await wait_until(partial(_has_sessions, link, sessions + 1))
             for _ in range(10):
                 await w.strap.tick()
                 await w.pod.tick()

@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from functools import partial
 
 import grpc
 import pytest
 
 from pulsesync.edge_agent.agent import Agent
-from pulsesync.edge_agent.ble.bridge import Bridge, BridgeConfig, ErrorClass
+from pulsesync.edge_agent.ble.bridge import Bridge, BridgeConfig, ErrorClass, SensorLink
 from pulsesync.edge_agent.client import Credentials
 from pulsesync.edge_agent.config import AgentSettings
 from pulsesync.v1 import common_pb2, events_pb2, timeline_pb2, timeline_pb2_grpc
@@ -30,9 +31,13 @@ from tests.support.tcp_proxy import tcp_proxy
 pytestmark = pytest.mark.slow
 
 
-async def _timeline(address: str, metadata, kinds: list[int]) -> list[timeline_pb2.TimelineEvent]:
+def _has_sessions(link: SensorLink, n: int) -> bool:
+    return link.stats.sessions == n
+
+
+async def _timeline(address: str, metadata, kinds: list[int]) -> list[events_pb2.TimelineEvent]:
     now = time.time()
-    out: list[timeline_pb2.TimelineEvent] = []
+    out: list[events_pb2.TimelineEvent] = []
     token = ""
     async with grpc.aio.insecure_channel(address) as channel:
         stub = timeline_pb2_grpc.TimelineServiceStub(channel)
@@ -91,7 +96,7 @@ async def test_strap_and_footpod_reach_the_timeline_through_drops_and_an_outage(
                             sessions = link.stats.sessions
                             await sensor.drop_link()
                             assert await sensor.tick() is None  # produced while down
-                            await wait_until(lambda lk=link, s=sessions: lk.stats.sessions == s + 1)
+                            await wait_until(partial(_has_sessions, link, sessions + 1))
                     for _ in range(5):
                         await w.strap.tick()
                         await w.pod.tick()

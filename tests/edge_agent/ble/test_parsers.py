@@ -43,10 +43,11 @@ def _vectors(kind: str) -> list[Any]:
     ]
 
 
-def _num(x: Any) -> float:
-    return (
-        {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}.get(x, x) if isinstance(x, str) else x
-    )
+_SPECIAL: dict[str, float] = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def _num(x: Any) -> Any:
+    return _SPECIAL.get(x, x) if isinstance(x, str) else x
 
 
 def _same(a: float | None, b: Any) -> bool:

@@ -27,7 +27,9 @@ async def test_emulated_wearable_streams_strap_and_footpod_through_the_bridge():
     # a few measurements may go out before the bridge has subscribed; most arrive
     assert len(hr) >= duration * 0.7
     assert len(cadence) >= duration * 0.7
-    assert all(h.rr_intervals_ms for h in hr)
+    # about one beat per emulated second; a second without a completed beat sends no RR
+    beats = sum(len(h.rr_intervals_ms) for h in hr)
+    assert len(hr) * 0.8 <= beats <= len(hr) * 3
     times = [e.device_time.ToMicroseconds() for e in sink.events]
     assert times == sorted(times)
     assert start <= times[0] <= times[-1] <= start + (duration + 5) * 1e6
