@@ -137,6 +137,13 @@ async def _print_progress(agent: Agent, started: float, every_s: float) -> None:
         print(_progress(agent, started), flush=True)
 
 
+async def _run_for(work: Coroutine[Any, Any, None], seconds: float | None) -> None:
+    """Run work, stopping it after `seconds` of real time (None: until it ends)."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await work
+
+
 async def cmd_run(args: argparse.Namespace) -> int:
     paths = StatePaths(args.state_dir)
     paths.ensure()
@@ -151,7 +158,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
         SourceOptions(
             seed=args.seed,
             clock=clock,
-            duration_s=None if args.duration is None else args.duration * speed,
+            duration_s=None,  # the run ends by the wall clock (below), not simulated time
             extra=extra,
         ),
     )
@@ -170,7 +177,9 @@ async def cmd_run(args: argparse.Namespace) -> int:
             )
             uplink = agent.uplink_task
             assert uplink is not None
-            source_task = asyncio.create_task(source.run(agent.tracker), name="source")
+            source_task = asyncio.create_task(
+                _run_for(source.run(agent.tracker), args.duration), name="source"
+            )
             stopper = asyncio.create_task(stop.wait())
             progress = asyncio.create_task(_print_progress(agent, started, args.progress))
             try:

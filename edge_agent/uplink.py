@@ -17,6 +17,7 @@ import asyncio
 import logging
 import random
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Final, TypeAlias
@@ -288,15 +289,8 @@ class Uplink:
                 self._ack_latency = self._monotonic() - sent.sent_at
             if response.HasField("error") and response.error.reason:
                 self._refused(response, sent, state)
-            for r in response.rejected:
-                self._rejected += 1
-                log.warning(
-                    "server rejected event seq=%d id=%s: %s (%s)",
-                    r.seq,
-                    r.event_id,
-                    ingest_pb2.RejectionReason.Name(r.reason),
-                    r.detail,
-                )
+            if response.rejected:
+                self._log_rejected(response)
             acked = response.acked_through_seq
             if state.epoch and (sent is None or sent.epoch < state.epoch):
                 acked = min(acked, state.stale_ack_cap)
@@ -314,6 +308,30 @@ class Uplink:
             if self._on_ack is not None:
                 self._on_ack(response)
             state.kick.set()
+
+    def _log_rejected(self, response: ingest_pb2.UploadResponse) -> None:
+        """One warning per batch (count per reason, first detail); each event at debug."""
+        self._rejected += len(response.rejected)
+        by_reason = Counter(ingest_pb2.RejectionReason.Name(r.reason) for r in response.rejected)
+        first = response.rejected[0]
+        log.warning(
+            "server rejected %d events of batch %d (%s); e.g. seq %d: %s",
+            len(response.rejected),
+            response.batch_id,
+            ", ".join(
+                f"{n} {reason.removeprefix('REJECTION_REASON_')}" for reason, n in by_reason.items()
+            ),
+            first.seq,
+            first.detail,
+        )
+        for r in response.rejected:
+            log.debug(
+                "rejected seq=%d id=%s: %s (%s)",
+                r.seq,
+                r.event_id,
+                ingest_pb2.RejectionReason.Name(r.reason),
+                r.detail,
+            )
 
     def _refused(
         self, response: ingest_pb2.UploadResponse, sent: _Inflight | None, state: _Stream
