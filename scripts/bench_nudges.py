@@ -100,7 +100,7 @@ async def main() -> int:
     learned = results["learned"]
     lo = learned.promote_minute if learned.promote_minute is not None else args.train_day * 1440
     print(
-        f"\nComparison window: day {lo / 1440:.1f} to day {args.days} (after the learned policy's promotion)"
+        f"\nComparison window: day {lo / 1440:.1f} to day {args.days} (from the learned arm's first promotion, or its first training if none)"
     )
     stats = {name: arm_stats(r, lo, end, args.people) for name, r in results.items()}
     print(

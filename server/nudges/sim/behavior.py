@@ -22,7 +22,7 @@ WALK_SPM: Final = 100  # steps per minute of brisk walking
 # Response probabilities at habituation multiplier 1, before context: calibrated once so that
 # the p=0.6 randomized policy shows HeartSteps' effects (walking ~+24%, all suggestions ~+14%
 # over the 30 minutes after a decision point), not tuned against any learned policy.
-BASE_RESPONSE: Final = {"walking_suggestion": 0.035, "break_from_sitting": 0.012}
+BASE_RESPONSE: Final = {"walking_suggestion": 0.043, "break_from_sitting": 0.003}
 # Habituation: 2x in the first days, fading with this time constant (days) so that the mean
 # over four weeks is ~1x (HeartSteps: about twice the average effect early, gone by ~4 weeks).
 HABITUATION_DAYS: Final = 18.0
