@@ -38,6 +38,8 @@ class NudgeServicer(nudges_pb2_grpc.NudgeServiceServicer):
         seed = app.config.extra.get("nudges.seed")
         self.engine = NudgeEngine(app, seed=int(seed) if seed else None)
         self._task: asyncio.Task[None] | None = None
+        # Real seconds between decision ticks; an accelerated clock (the demo) wants shorter.
+        self._tick_s = float(app.config.extra.get("nudges.tick_seconds", TICK_SECONDS))
 
     async def start(self) -> None:
         """Run the decision loop unless a simulation drives ticks itself."""
@@ -57,7 +59,7 @@ class NudgeServicer(nudges_pb2_grpc.NudgeServiceServicer):
                 await self.engine.tick()
             except Exception:
                 log.exception("nudge tick failed; retrying at the next tick")
-            await asyncio.sleep(TICK_SECONDS)
+            await asyncio.sleep(self._tick_s)
 
     @rpc_method(stream=True)
     async def SubscribeNudges(
