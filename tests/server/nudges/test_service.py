@@ -69,6 +69,7 @@ async def test_nudge_goes_to_the_device_in_use_and_feedback_is_recorded(nudge_se
         laptop_pk, _ = await device_pk_of(srv, laptop.device_id)
         assert all(d.eligibility.device_for[d.chosen] == laptop_pk for d in sent)
         resp = await asyncio.wait_for(calls[laptop.device_id].read(), 5)
+        assert isinstance(resp, nudges_pb2.SubscribeNudgesResponse)
         assert resp.nudge.device_id == laptop.device_id
         await stub.RecordNudgeFeedback(
             nudges_pb2.RecordNudgeFeedbackRequest(nudge_id=resp.nudge.nudge_id, action=events_pb2.NUDGE_ACTION_ACTED),
@@ -116,7 +117,9 @@ async def test_feedback_errors(nudge_server) -> None:
         stub = nudges_pb2_grpc.NudgeServiceStub(ch)
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.RecordNudgeFeedback(
-                nudges_pb2.RecordNudgeFeedbackRequest(nudge_id="ndg_x", action=1),
+                nudges_pb2.RecordNudgeFeedbackRequest(
+                    nudge_id="ndg_x", action=events_pb2.NUDGE_ACTION_DELIVERED
+                ),
                 metadata=a.metadata,
                 timeout=5,
             )
