@@ -14,11 +14,11 @@ import contextlib
 import logging
 import sqlite3
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Final, Self
+from typing import Any, Final, Self
 
 import aiosqlite
 
@@ -124,10 +124,15 @@ class Outbox:
         """Durably store events in one transaction; returns the last sequence number assigned.
 
         Assigns each event its `seq` (always), and an `event_id` (UUID4) and `device_time` (now)
-        when unset. The events are modified in place: the outbox owns them from here on.
+        when unset. The events are modified in place: the outbox owns them from here on. If
+        the append fails, their `seq` is reset to 0; a nonzero seq means committed, even when
+        the caller was cancelled meanwhile.
         """
         if not events:
             return self._last_seq
+        return await _to_completion(self._append(events))
+
+    async def _append(self, events: Sequence[events_pb2.Event]) -> int:
         now_us = self._clock.now_us()
         async with self._lock:
             await self._writer.execute("BEGIN IMMEDIATE")
@@ -149,6 +154,8 @@ class Outbox:
                 await self._writer.execute("COMMIT")
             except BaseException:
                 await _rollback(self._writer)
+                for event in events:
+                    event.seq = 0
                 raise
             self._last_seq = last
         self._notify()
@@ -158,6 +165,9 @@ class Outbox:
         """Delete every event with seq <= through_seq (the server has them); returns how many."""
         if through_seq <= self._acked_through:
             return 0
+        return await _to_completion(self._ack(through_seq))
+
+    async def _ack(self, through_seq: int) -> int:
         async with self._lock:
             await self._writer.execute("BEGIN IMMEDIATE")
             try:
@@ -223,6 +233,18 @@ class Outbox:
                 fn()
             except Exception:
                 log.exception("outbox listener failed")
+
+
+async def _to_completion(work: Coroutine[Any, Any, int]) -> int:
+    """Run a transaction to its end even if the caller is cancelled: a transaction cut off
+    between BEGIN and COMMIT would leave the connection inside it. On cancellation the caller
+    still gets CancelledError, after the transaction has finished."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait({task})
+        raise
 
 
 async def _one(conn: aiosqlite.Connection, sql: str) -> tuple[int, ...]:

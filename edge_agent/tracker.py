@@ -138,6 +138,7 @@ class Tracker:
             return
         if not event.HasField("device_time"):
             event.device_time.FromMicroseconds(self.clock.now_us())
+        event.seq = 0  # the outbox assigns it; zero marks "not yet committed"
         self._enqueue(event)
 
     def screen_view(
@@ -257,8 +258,12 @@ class Tracker:
         try:
             await self.outbox.append(batch)
         except BaseException:
-            with self._lock:  # keep them, in order, for the next attempt
-                self._queue.extendleft(reversed(batch))
+            if batch[0].seq == 0:  # not committed (a committed batch has its seqs set)
+                with self._lock:  # keep them, in order, for the next attempt
+                    self._queue.extendleft(reversed(batch))
+            else:
+                with self._lock:
+                    self._written += len(batch)
             raise
         with self._lock:
             self._written += len(batch)

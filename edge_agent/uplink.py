@@ -77,6 +77,14 @@ class _StreamEnded(Exception):
     """The stream ended without a gRPC error; reconnect."""
 
 
+class _CallEnded(Exception):
+    """A write found the RPC already over; carries the call's final status to classify."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code, self.details = code, details
+
+
 class _BatchRefused(Exception):
     """The server refused a whole batch for a reason other than its size."""
 
@@ -187,9 +195,11 @@ class Uplink:
             started = self._monotonic()
             try:
                 await self._stream_once()
-            except grpc.aio.AioRpcError as e:
-                disposition = classify(e.code())
-                detail = e.details() or e.code().name
+            except (grpc.aio.AioRpcError, _CallEnded) as e:
+                code = e.code() if isinstance(e, grpc.aio.AioRpcError) else e.code
+                detail = (e.details() if isinstance(e, grpc.aio.AioRpcError) else e.details) or ""
+                disposition = classify(code)
+                detail = detail or code.name
                 if disposition is Disposition.PAIR_AGAIN:
                     raise PairingRequired(
                         pair_again_message(self.credentials.server, detail)
@@ -199,7 +209,7 @@ class Uplink:
                         f"the server {self.credentials.server} cannot take uploads ({detail}); "
                         "upgrade the server or point the agent at another one"
                     ) from e
-                self._last_error = f"{e.code().name}: {detail}"
+                self._last_error = f"{code.name}: {detail}"
             except (_StreamEnded, _BatchRefused, TimeoutError, OSError) as e:
                 self._last_error = str(e) or type(e).__name__
             except Exception as e:  # a surprise: keep the data flowing, but make it visible
@@ -273,7 +283,10 @@ class Uplink:
             events[0].seq, events[-1].seq, len(events), self._monotonic(), epoch
         )
         log.debug("batch %d: seq %d..%d", batch_id, events[0].seq, events[-1].seq)
-        await call.write(request)
+        try:
+            await call.write(request)
+        except asyncio.InvalidStateError:
+            raise _CallEnded(await call.code(), await call.details() or "") from None
         self._batches += 1
         self._events += len(events)
 
@@ -379,7 +392,7 @@ def _most_telling(group: BaseExceptionGroup[BaseException]) -> BaseException:
 
     walk(group)
     for e in leaves:
-        if isinstance(e, grpc.aio.AioRpcError):
+        if isinstance(e, grpc.aio.AioRpcError | _CallEnded):
             return e
     for e in leaves:
         if not isinstance(e, asyncio.CancelledError):

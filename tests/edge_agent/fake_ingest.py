@@ -76,6 +76,12 @@ class FakeIngest(ingest_pb2_grpc.IngestServiceServicer):
                 accepted_count=len(batch.events),
             )
 
+    async def UploadBatch(
+        self, request: ingest_pb2.UploadBatchRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> ingest_pb2.UploadBatchResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the agent streams; not used here")
+        raise AssertionError("unreachable")
+
     async def wait_stored(self, n: int, timeout_s: float = 10.0) -> None:
         async with asyncio.timeout(timeout_s):
             while len(self.stored) < n:

@@ -78,7 +78,8 @@ async def test_revoked_device_is_told_to_pair_again(server: RunningServer, tmp_p
         agent.tracker.tap("study", "home", "again")
         with pytest.raises(PairingRequired, match="pulsesync-agent pair"):
             await agent.drain(timeout_s=10)
-        assert agent.uplink_task is not None and agent.uplink_task.done()
+        assert agent.uplink_task is not None
+        assert agent.uplink_task.done()
 
 
 async def test_cli_pair_status_and_run(server: RunningServer, tmp_path: Path) -> None:
@@ -104,14 +105,16 @@ async def test_cli_pair_status_and_run(server: RunningServer, tmp_path: Path) ->
     creds_file = state / "credentials.json"
     assert creds_file.stat().st_mode & 0o777 == 0o600
     creds = Credentials.load(creds_file)
-    assert creds.token not in out + err and creds.token not in repr(creds)
+    assert creds.token not in out + err
+    assert creds.token not in repr(creds)
 
     rc, out, err = await cli("run", "--source", "simulated-phone", "--speed", "2000",
                              "--duration", "1.5", "--seed", "4", "--progress", "0.5")  # fmt: skip
     assert rc == 0, err
     assert "every event is acknowledged" in out
     stats = read_stats(state / "outbox.db")
-    assert stats.depth == 0 and stats.last_seq > 20
+    assert stats.depth == 0
+    assert stats.last_seq > 20
     events = await stored(server, creds.device_id)
     assert [e.seq for e in events] == list(range(1, stats.last_seq + 1))
 
@@ -121,4 +124,5 @@ async def test_cli_pair_status_and_run(server: RunningServer, tmp_path: Path) ->
     assert "0 events waiting" in out
 
     rc, _, err = await cli("pair", "--server", server.address, "--code", code, "--kind", "phone")
-    assert rc == 1 and "pairing failed" in err, "a used code is refused with a clear message"
+    assert rc == 1, "a used code is refused"
+    assert "pairing failed" in err

@@ -94,3 +94,24 @@ async def test_not_an_outbox_is_a_clear_error(tmp_path: Path) -> None:
     bad.write_bytes(b"this is not a database" * 100)
     with pytest.raises(OutboxError, match="cannot open the outbox"):
         await Outbox.open(bad)
+
+
+async def test_cancelled_caller_never_leaves_a_transaction_open(tmp_path: Path) -> None:
+    import asyncio
+
+    async with await Outbox.open(tmp_path / "o.db") as ob:
+        await ob.append(taps(10))
+        for _ in range(3):  # cancel at several points of the transaction
+            ack = asyncio.create_task(ob.ack(ob.acked_through + 2))
+            batch = taps(3)
+            append = asyncio.create_task(ob.append(batch))
+            await asyncio.sleep(0)
+            ack.cancel()
+            append.cancel()
+            for task in (ack, append):
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+            assert all(e.seq > 0 for e in batch), "the append ran to its commit"
+        assert ob.acked_through == 6
+        assert await ob.append(taps(1)) == 20
+        assert [e.seq for e in await ob.pending()] == list(range(7, 21))

@@ -14,6 +14,7 @@ from pulsesync.edge_agent.client import PairingRequired
 from pulsesync.edge_agent.config import AgentSettings
 from pulsesync.edge_agent.outbox import Outbox
 from pulsesync.edge_agent.uplink import Backoff, Uplink
+from pulsesync.v1 import ingest_pb2
 from tests.edge_agent.fake_ingest import FakeIngest, credentials_for, fake_ingest_server
 from tests.edge_agent.helpers import taps, until_empty
 
@@ -213,7 +214,8 @@ async def test_rejected_events_are_logged(outbox: Outbox, caplog: pytest.LogCapt
             async for response in super().Upload(request_iterator, context):
                 if response.acked_through_seq:
                     r = response.rejected.add()
-                    r.seq, r.event_id, r.reason = 2, "x", 1
+                    r.seq, r.event_id = 2, "x"
+                    r.reason = ingest_pb2.REJECTION_REASON_INVALID
                     r.detail = "device_time is 3650 days in the future"
                 yield response
 
