@@ -224,11 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands() -> list[Callable[[Any], None]]:
     """Command groups contributed by the server's components (keys, privacy, nudges)."""
+    from pulsesync.server.demo.cli import register as demo
     from pulsesync.server.nudges.cli import register as nudges
     from pulsesync.server.privacy.cli import register as privacy
     from pulsesync.server.profiles.cli import register as keys
 
-    return [nudges, keys, privacy]
+    return [demo, nudges, keys, privacy]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,1 @@
+"""`pulsesync demo`: one simulated day of a person across phone, desktop and wearable."""
