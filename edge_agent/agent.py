@@ -40,6 +40,7 @@ class Agent:
         consent: ConsentView | None = None,
         settings: AgentSettings | None = None,
         clock: Clock | None = None,
+        uplink_clock: Clock | None = None,
         drain_on_exit_s: float = 0.0,
         on_ack: Callable[[ingest_pb2.UploadResponse], None] | None = None,
     ) -> None:
@@ -48,6 +49,10 @@ class Agent:
         self.consent = consent
         self.settings = settings or AgentSettings()
         self.clock = clock
+        # The device's real clock, which stamps each batch's sent_time (the server corrects
+        # skew from it). It differs from `clock` when a simulation backdates events on a real
+        # device; a world that simulates the server's time too passes the same clock to both.
+        self.uplink_clock = uplink_clock
         self.drain_on_exit_s = drain_on_exit_s
         self._on_ack = on_ack
         self._outbox: Outbox | None = None
@@ -101,7 +106,13 @@ class Agent:
         )
         await self._tracker.start()
         if self.credentials is not None:
-            self._uplink = Uplink(self._outbox, self.credentials, settings=s, on_ack=self._on_ack)
+            self._uplink = Uplink(
+                self._outbox,
+                self.credentials,
+                settings=s,
+                clock=self.uplink_clock,
+                on_ack=self._on_ack,
+            )
             self._uplink_task = asyncio.create_task(self._uplink.run(), name="uplink")
 
     async def stop(self) -> None:
