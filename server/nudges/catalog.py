@@ -62,6 +62,7 @@ class PolicySettings:
     sedentary_trigger_min: int
     exploration_floor: float
     min_gain_steps: float
+    send_budget: float
     cold_start_send_probability: float
     min_training_decisions: int
     daily_cap: int
@@ -157,6 +158,7 @@ def parse_catalog(raw: dict[str, Any]) -> Catalog:
             sedentary_trigger_min=int(p["sedentary_trigger_min"]),
             exploration_floor=float(p["exploration_floor"]),
             min_gain_steps=float(p["min_gain_steps"]),
+            send_budget=float(p.get("send_budget", 1.0)),
             cold_start_send_probability=float(p["cold_start_send_probability"]),
             min_training_decisions=int(p["min_training_decisions"]),
             daily_cap=int(p["daily_cap"]),
@@ -173,6 +175,8 @@ def parse_catalog(raw: dict[str, Any]) -> Catalog:
         raise ValueError(f"nudge catalog is missing the key {e.args[0]!r}") from None
     if not 0.0 <= policy.exploration_floor < 0.5:
         raise ValueError("policy.exploration_floor must be in [0, 0.5)")
+    if not 0.0 <= policy.send_budget <= 1.0:
+        raise ValueError("policy.send_budget must be in [0, 1]")
     if not 0.0 <= policy.cold_start_send_probability <= 1.0:
         raise ValueError("policy.cold_start_send_probability must be in [0, 1]")
     if NONE_ACTION in {t.name for t in types}:

@@ -366,7 +366,13 @@ class NudgeEngine:
             if model and len(elig.options) > 1
             else None
         )
-        choice = choose(elig.options, predicted, self.catalog.policy, self.rng)
+        choice = choose(
+            elig.options,
+            predicted,
+            self.catalog.policy,
+            self.rng,
+            model.min_gain(self.catalog.policy.min_gain_steps) if model else None,
+        )
         version = model.version if model else COLD_START
         nudge = (
             self._make_nudge(choice.chosen, choice.probability, elig, ctx, profile, now)

@@ -1,11 +1,19 @@
 """The outcome model: LightGBM predicts steps in the next 30 minutes for each candidate action.
 
-Two boosters make one prediction, q(x, a) = base(x) + effect(x, a):
-* `base` predicts the outcome from the context alone (what happens if nothing is sent);
-* `effect` predicts what is left (the outcome minus a cross-fitted base) from the context
-  and the action, weighted by the inverse logged propensity (capped), so that its trees spend
-  their splits on how the action changes the outcome rather than on re-learning the baseline
-  (a residualized "S-learner"). Sending nothing is an action like any other.
+Two boosters make one prediction, q(x, a) = base(x) + effect(x, a), with effect(x, none) = 0:
+* `base` predicts the outcome when nothing is sent, from the context alone (fitted on the
+  decisions where nothing was sent: the pre-decision steps, time of day and routine explain
+  much of the 30-minute outcome);
+* `effect` predicts what a nudge of each type adds over sending nothing. With HeartSteps-sized
+  effects (tens of steps against an outcome whose spread is hundreds) it is learned from the
+  outcome minus a cross-fitted base, as an R-learner (Nie & Wager, 2021) per type against
+  sending nothing: target (y - base(x)) / (t - e), weight (t - e)^2, where t says whether the
+  type was sent and e is its logged probability among {type, none}. The exact logged
+  propensities make the target unbiased; the residual removes the baseline's variance.
+
+The model also carries its `send_threshold`: the predicted gain a nudge must reach to get the
+greedy mass, set at training so the greedy policy would send at no more than `send_budget` of
+the decision points that had a choice (never below the catalog's `min_gain_steps`).
 """
 
 from __future__ import annotations
@@ -22,28 +30,40 @@ import numpy.typing as npt
 
 from pulsesync.server.nudges.features import FEATURE_NAMES
 
+NONE: Final = "none"
 ACTION_COLUMNS: Final = ("action", "action_past_gain")
 COLUMNS: Final = (*FEATURE_NAMES, *ACTION_COLUMNS)
-# Inverse-propensity weights are capped: a 5% exploration choice counts 10x, not 20x, which
-# trades a little bias for much less variance with a few thousand decisions.
-MAX_WEIGHT: Final = 10.0
-# Small trees, strong leaves: a few thousand noisy outcomes support little more.
+# Baseline: a few thousand outcomes, strong leaves; squared error (DR needs conditional means,
+# and a robust loss would shrink the rare long walks that make up the effect).
 BASE_PARAMS: Final[dict[str, Any]] = {
-    "objective": "huber",
-    "alpha": 600.0,  # steps: outcomes beyond this are treated linearly (walks are heavy-tailed)
+    "objective": "regression",
     "learning_rate": 0.05,
-    "num_leaves": 15,
-    "min_data_in_leaf": 40,
-    "feature_fraction": 0.9,
-    "bagging_fraction": 0.9,
+    "num_leaves": 7,
+    "min_data_in_leaf": 60,
+    "lambda_l2": 10.0,
+    "feature_fraction": 0.8,
+    "bagging_fraction": 0.8,
     "bagging_freq": 1,
-    "lambda_l2": 1.0,
     "verbosity": -1,
     "num_threads": 1,
     "deterministic": True,
     "seed": 7,
 }
-ROUNDS: Final = 200
+BASE_ROUNDS: Final = 150
+# Effect: the signal is ~10x weaker than the baseline's, so shallower trees, bigger leaves and
+# a slower rate (measured on simulated logs: deeper trees fit the noise and rank types wrongly).
+EFFECT_PARAMS: Final[dict[str, Any]] = {
+    **BASE_PARAMS,
+    "num_leaves": 4,
+    "min_data_in_leaf": 150,
+    "learning_rate": 0.03,
+}
+EFFECT_ROUNDS: Final = 200
+# Cross-fitting folds for the residuals (by user: a person's own days never fit their residual).
+FOLDS: Final = 2
+# R-learner rows whose conditional propensity is this close to 0 or 1 are skipped: their
+# target (y - base) / (t - e) would be unbounded (the exploration floor keeps them rare).
+MIN_PROPENSITY: Final = 0.02
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,13 +95,23 @@ class OutcomeModel:
     """Predicts the outcome of each candidate action in a context."""
 
     def __init__(
-        self, base: lgb.Booster, effect: lgb.Booster, actions: Sequence[str], version: str
+        self,
+        base: lgb.Booster,
+        effect: lgb.Booster,
+        actions: Sequence[str],
+        version: str,
+        send_threshold: float = 0.0,
     ) -> None:
         self.base = base
         self.effect = effect
         self.actions = tuple(actions)
         self.version = version
+        self.send_threshold = send_threshold
         self._index = {a: i for i, a in enumerate(self.actions)}
+
+    def min_gain(self, catalog_min_gain: float) -> float:
+        """The gain over sending nothing a nudge must be predicted to reach."""
+        return max(catalog_min_gain, self.send_threshold)
 
     def predict(
         self, features: Mapping[str, float], past_gain: Mapping[str, float], options: Sequence[str]
@@ -92,7 +122,10 @@ class OutcomeModel:
         )
         b = self.base.predict(x[:, : len(FEATURE_NAMES)], num_threads=1)
         e = self.effect.predict(x, num_threads=1)
-        return {a: float(bv + ev) for a, bv, ev in zip(options, b, e, strict=True)}
+        return {
+            a: float(bv + (ev if a in self._index and a != NONE else 0.0))
+            for a, bv, ev in zip(options, b, e, strict=True)
+        }
 
     def predict_many(
         self, decisions: Sequence[LoggedDecision], actions: Sequence[str]
@@ -105,22 +138,25 @@ class OutcomeModel:
             for a in actions
         ]
         x = np.array(rows, dtype=np.float64).reshape(n * len(actions), len(COLUMNS))
-        q = self.base.predict(x[:, : len(FEATURE_NAMES)], num_threads=1) + self.effect.predict(
-            x, num_threads=1
+        known = np.array([a in self._index and a != NONE for a in actions] * n)
+        q = self.base.predict(x[:, : len(FEATURE_NAMES)], num_threads=1) + np.where(
+            known, self.effect.predict(x, num_threads=1), 0.0
         )
         return np.asarray(q, dtype=np.float64).reshape(n, len(actions))
 
     def save(self, stem: Path) -> None:
-        """Write stem.base.txt, stem.effect.txt and stem.json."""
+        """Write stem.base.txt, stem.effect.txt (the registry writes stem.json)."""
         self.base.save_model(str(stem.with_suffix(".base.txt")))
         self.effect.save_model(str(stem.with_suffix(".effect.txt")))
 
     @classmethod
-    def load(cls, stem: Path, actions: Sequence[str], version: str) -> OutcomeModel:
+    def load(
+        cls, stem: Path, actions: Sequence[str], version: str, send_threshold: float = 0.0
+    ) -> OutcomeModel:
         """Read a model written by save()."""
         base = lgb.Booster(model_file=str(stem.with_suffix(".base.txt")))
         effect = lgb.Booster(model_file=str(stem.with_suffix(".effect.txt")))
-        return cls(base, effect, actions, version)
+        return cls(base, effect, actions, version, send_threshold)
 
 
 def _fit(
@@ -129,6 +165,8 @@ def _fit(
     w: npt.NDArray[np.float64] | None,
     names: Sequence[str],
     categorical: Sequence[str],
+    params: Mapping[str, Any],
+    rounds: int,
 ) -> lgb.Booster:
     data = lgb.Dataset(
         x,
@@ -138,35 +176,123 @@ def _fit(
         categorical_feature=list(categorical),
         free_raw_data=True,
     )
-    return lgb.train(BASE_PARAMS, data, num_boost_round=ROUNDS)
+    return lgb.train(dict(params), data, num_boost_round=rounds)
+
+
+_BASE_CAT: Final = ("active_kind", "active_app")
+
+
+def _context(decisions: Sequence[LoggedDecision]) -> npt.NDArray[np.float64]:
+    return np.array(
+        [[float(d.features.get(n, 0.0)) for n in FEATURE_NAMES] for d in decisions],
+        dtype=np.float64,
+    ).reshape(len(decisions), len(FEATURE_NAMES))
+
+
+def _fit_base(decisions: Sequence[LoggedDecision]) -> lgb.Booster:
+    return _fit(
+        _context(decisions),
+        np.array([d.outcome for d in decisions], dtype=np.float64),
+        None,
+        FEATURE_NAMES,
+        _BASE_CAT,
+        BASE_PARAMS,
+        BASE_ROUNDS,
+    )
 
 
 def train(
-    decisions: Sequence[LoggedDecision], actions: Sequence[str], version: str
+    decisions: Sequence[LoggedDecision],
+    actions: Sequence[str],
+    version: str,
+    *,
+    send_budget: float = 1.0,
+    min_gain: float = 0.0,
 ) -> OutcomeModel:
-    """Fit base and effect boosters on logged decisions (needs at least a few hundred)."""
+    """Fit the base and effect boosters on logged decisions (needs a few hundred at least)."""
     if len(decisions) < 50:
         raise ValueError(
             f"need at least 50 decisions with outcomes to train, have {len(decisions)}"
         )
+    nothing = [d for d in decisions if d.chosen == NONE]
+    if len(nothing) < 20:
+        raise ValueError(f"need decisions where nothing was sent to train, have {len(nothing)}")
     index = {a: i for i, a in enumerate(actions)}
-    x = np.array(
-        [row(d.features, d.past_gain, index.get(d.chosen, 0), d.chosen) for d in decisions],
-        dtype=np.float64,
+    # Cross-fitted baseline by user: each residual comes from a model that never saw the person.
+    resid = np.empty(len(decisions))
+    fold_of = np.array([d.user_id % FOLDS for d in decisions])
+    x_all = _context(decisions)
+    y_all = np.array([d.outcome for d in decisions], dtype=np.float64)
+    for k in range(FOLDS):
+        fit_on = [d for d in nothing if d.user_id % FOLDS != k]
+        part = fold_of == k
+        if not part.any():
+            continue
+        if (
+            len(fit_on) < 20
+        ):  # one user only: fall back to all of them (still out of sample in time)
+            fit_on = nothing
+        m = _fit_base(fit_on)
+        resid[part] = y_all[part] - m.predict(x_all[part], num_threads=1)
+    base = _fit_base(nothing)
+    rows: list[list[float]] = []
+    target: list[float] = []
+    weight: list[float] = []
+    for d, r in zip(decisions, resid, strict=True):
+        e0 = d.options.get(NONE, 0.0)
+        if d.chosen not in index:
+            continue
+        for a, ea in d.options.items():
+            if a == NONE or a not in index or ea <= 0.0 or e0 <= 0.0:
+                continue
+            if d.chosen not in (a, NONE):
+                continue
+            e = ea / (ea + e0)
+            if not MIN_PROPENSITY <= e <= 1 - MIN_PROPENSITY:
+                continue
+            t = 1.0 if d.chosen == a else 0.0
+            rows.append(row(d.features, d.past_gain, index[a], a))
+            target.append(r / (t - e))
+            weight.append((t - e) ** 2)
+    if len(rows) < 50:
+        raise ValueError(
+            f"need at least 50 decisions where a nudge or nothing was randomized, have {len(rows)}"
+        )
+    effect = _fit(
+        np.array(rows, dtype=np.float64),
+        np.array(target, dtype=np.float64),
+        np.array(weight, dtype=np.float64),
+        COLUMNS,
+        [*_BASE_CAT, "action"],
+        EFFECT_PARAMS,
+        EFFECT_ROUNDS,
     )
-    y = np.array([d.outcome for d in decisions], dtype=np.float64)
-    w = np.minimum(1.0 / np.array([d.probability for d in decisions]), MAX_WEIGHT)
-    xb = x[:, : len(FEATURE_NAMES)]
-    base_cat = ["active_kind", "active_app"]
-    # Cross-fitted baseline: each half's residual comes from a model that never saw it.
-    fold = np.arange(len(decisions)) % 2 == 0
-    resid = np.empty_like(y)
-    for part in (fold, ~fold):
-        m = _fit(xb[~part], y[~part], None, FEATURE_NAMES, base_cat)
-        resid[part] = y[part] - m.predict(xb[part], num_threads=1)
-    base = _fit(xb, y, None, FEATURE_NAMES, base_cat)
-    effect = _fit(x, resid, w, COLUMNS, [*base_cat, "action"])
-    return OutcomeModel(base, effect, actions, version)
+    model = OutcomeModel(base, effect, actions, version)
+    model.send_threshold = _threshold(model, decisions, send_budget, min_gain)
+    return model
+
+
+def _threshold(
+    model: OutcomeModel, decisions: Sequence[LoggedDecision], budget: float, min_gain: float
+) -> float:
+    """The smallest gain threshold at which the greedy policy sends at <= budget of choices."""
+    choice = [d for d in decisions if len(d.options) > 1]
+    if not choice or budget >= 1.0:
+        return min_gain
+    q = model.predict_many(choice, model.actions)
+    index = {a: j for j, a in enumerate(model.actions)}
+    best = np.array(
+        [
+            max(
+                (q[i, index[a]] - q[i, index[NONE]] for a in d.options if a in index and a != NONE),
+                default=-np.inf,
+            )
+            for i, d in enumerate(choice)
+        ]
+    )
+    if budget <= 0.0:
+        return float(max(min_gain, best.max(initial=min_gain) + 1.0))
+    return float(max(min_gain, np.quantile(best, 1.0 - budget)))
 
 
 def meta_json(model: OutcomeModel, extra: Mapping[str, Any]) -> str:
@@ -176,6 +302,7 @@ def meta_json(model: OutcomeModel, extra: Mapping[str, Any]) -> str:
             "version": model.version,
             "actions": list(model.actions),
             "columns": list(COLUMNS),
+            "send_threshold": model.send_threshold,
             **extra,
         },
         indent=2,

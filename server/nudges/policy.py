@@ -3,7 +3,9 @@
 Cold start (no promoted model): HeartSteps' micro-randomized policy. With probability
 `cold_start_send_probability` (0.6) a nudge is sent, its type drawn uniformly from the
 eligible types; otherwise nothing. Learned: the option with the highest predicted outcome,
-where a nudge must beat sending nothing by `min_gain_steps`, gets the greedy mass; every
+where a nudge must beat sending nothing by the model's threshold (at least `min_gain_steps`;
+see model.py: set so the policy sends at no more than `send_budget` of the decision points
+with a choice), gets the greedy mass; every
 eligible option keeps `exploration_floor`. The probabilities always sum to one over exactly
 the eligible options, and the one of the option chosen is what is logged.
 """
@@ -76,12 +78,12 @@ def choose(
     predicted: Mapping[str, float] | None,
     settings: PolicySettings,
     rng: random.Random,
+    min_gain: float | None = None,
 ) -> Choice:
     """The policy: randomized without a model, greedy with an exploration floor with one."""
     if predicted is None:
         probs = randomized(options, settings.cold_start_send_probability)
     else:
-        probs = greedy_with_floor(
-            options, predicted, settings.min_gain_steps, settings.exploration_floor
-        )
+        gain = settings.min_gain_steps if min_gain is None else min_gain
+        probs = greedy_with_floor(options, predicted, gain, settings.exploration_floor)
     return Choice(probs, draw(probs, rng))

@@ -90,7 +90,10 @@ class ModelRegistry:
         """The model of a saved version."""
         meta = self.meta(version)
         return OutcomeModel.load(
-            self.root / version_name(version), meta["actions"], version_name(version)
+            self.root / version_name(version),
+            meta["actions"],
+            version_name(version),
+            float(meta.get("send_threshold", 0.0)),
         )
 
     def changed(self) -> bool:
