@@ -158,7 +158,10 @@ def register(sub: Any) -> None:
     p = group.add_parser("train", help="train a candidate model from logged decisions")
     common(p)
     p.add_argument(
-        "--holdout", type=float, default=DEFAULT_HOLDOUT, help="latest fraction kept for evaluation"
+        "--holdout",
+        type=float,
+        default=DEFAULT_HOLDOUT,
+        help="latest fraction kept for evaluation (default 0: cross-fitted over people)",
     )
     p.set_defaults(handler=cmd_train)
     for name, fn, helptext in (

@@ -8,9 +8,10 @@ r_i, a target policy pi and an outcome model q:
     SNIPS = sum(w_i r_i) / sum(w_i)
     DR    = mean( sum_a pi(a | x_i) q(x_i, a) + w_i (r_i - q(x_i, a_i)) )
 
-Confidence intervals are percentile bootstrap intervals over decisions; the difference
-between two policies is bootstrapped on the same resamples (paired), which is what promotion
-looks at.
+Confidence intervals are percentile bootstrap intervals that resample *people* (a person's
+decisions are correlated: their responsiveness, routine and habituation are shared), or single
+decisions when no clusters are given; the difference between two policies is bootstrapped on
+the same resamples (paired), which is what promotion looks at.
 """
 
 from __future__ import annotations
@@ -53,8 +54,10 @@ def policy_matrix(
     actions: Sequence[str],
     settings: PolicySettings,
     q: Matrix | None,
+    min_gain: float | None = None,
 ) -> Matrix:
     """pi(a | x_i) over actions for every decision: greedy on q, or randomized when q is None."""
+    gain = settings.min_gain_steps if min_gain is None else min_gain
     index = {a: j for j, a in enumerate(actions)}
     out = np.zeros((len(decisions), len(actions)))
     for i, d in enumerate(decisions):
@@ -63,9 +66,7 @@ def policy_matrix(
             probs = randomized(options, settings.cold_start_send_probability)
         else:
             predicted = {o: float(q[i, index[o]]) for o in options}
-            probs = greedy_with_floor(
-                options, predicted, settings.min_gain_steps, settings.exploration_floor
-            )
+            probs = greedy_with_floor(options, predicted, gain, settings.exploration_floor)
         for o, p in probs.items():
             out[i, index[o]] = p
     return out
@@ -92,24 +93,41 @@ def estimate(
     q: Matrix,
     *,
     baseline_pi: Matrix | None = None,
+    clusters: Sequence[int] | None = None,
     seed: int = 0,
 ) -> dict[str, Estimate]:
-    """IPS, SNIPS and DR of pi (and of pi minus baseline_pi, keys "*_diff"), with CIs."""
+    """IPS, SNIPS and DR of pi (and of pi minus baseline_pi, keys "*_diff"), with CIs.
+
+    With clusters (e.g. the user of each decision) the bootstrap resamples whole clusters.
+    """
     n = len(decisions)
     if n == 0:
         raise ValueError("no logged decisions with outcomes to evaluate on")
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, size=(BOOTSTRAP, n))
+    if clusters is None:
+        member = np.arange(n)
+    else:
+        _, member = np.unique(np.asarray(clusters), return_inverse=True)
+    n_clusters = int(member.max()) + 1
+    # counts[b, c]: how often cluster c is drawn in resample b (multinomial = draw with replacement).
+    counts = rng.multinomial(
+        n_clusters, np.full(n_clusters, 1.0 / n_clusters), size=BOOTSTRAP
+    ).astype(np.float64)
     lo_q, hi_q = (1 - LEVEL) / 2 * 100, (1 + LEVEL) / 2 * 100
+    size = counts @ np.bincount(member, minlength=n_clusters).astype(np.float64)
+
+    def per_cluster(v: Matrix) -> Matrix:
+        return np.bincount(member, weights=v, minlength=n_clusters).astype(np.float64)
 
     def stats(w: Matrix, wr: Matrix, dr: Matrix) -> dict[str, tuple[float, Matrix]]:
+        sw, swr, sdr = per_cluster(w), per_cluster(wr), per_cluster(dr)
         return {
-            "ips": (float(wr.mean()), wr[idx].mean(axis=1)),
+            "ips": (float(wr.mean()), counts @ swr / np.maximum(size, 1.0)),
             "snips": (
                 float(wr.sum() / max(w.sum(), 1e-12)),
-                wr[idx].sum(axis=1) / np.maximum(w[idx].sum(axis=1), 1e-12),
+                counts @ swr / np.maximum(counts @ sw, 1e-12),
             ),
-            "dr": (float(dr.mean()), dr[idx].mean(axis=1)),
+            "dr": (float(dr.mean()), counts @ sdr / np.maximum(size, 1.0)),
         }
 
     target = stats(*_per_decision(decisions, actions, pi, q))
@@ -131,6 +149,32 @@ def estimate(
     return out
 
 
+def candidate_matrices(
+    candidate: OutcomeModel, decisions: Sequence[LoggedDecision], settings: PolicySettings
+) -> tuple[Matrix, Matrix]:
+    """(q, pi) of a candidate model on decisions it did not see."""
+    q = candidate.predict_many(decisions, candidate.actions)
+    pi = policy_matrix(
+        decisions, candidate.actions, settings, q, candidate.min_gain(settings.min_gain_steps)
+    )
+    return q, pi
+
+
+def current_matrix(
+    current: OutcomeModel | None,
+    decisions: Sequence[LoggedDecision],
+    actions: Sequence[str],
+    settings: PolicySettings,
+) -> Matrix:
+    """pi of the current policy (the randomized cold start when there is no model)."""
+    if current is None:
+        return policy_matrix(decisions, actions, settings, None)
+    q_cur = current.predict_many(decisions, actions)
+    return policy_matrix(
+        decisions, actions, settings, q_cur, current.min_gain(settings.min_gain_steps)
+    )
+
+
 def evaluate_model(
     candidate: OutcomeModel,
     current: OutcomeModel | None,
@@ -139,12 +183,17 @@ def evaluate_model(
     seed: int = 0,
 ) -> dict[str, Estimate]:
     """Estimates of the candidate's policy against the current one on held-out decisions."""
-    actions = candidate.actions
-    q = candidate.predict_many(decisions, actions)
-    pi_new = policy_matrix(decisions, actions, settings, q)
-    q_cur = current.predict_many(decisions, actions) if current is not None else None
-    pi_cur = policy_matrix(decisions, actions, settings, q_cur)
-    return estimate(decisions, actions, pi_new, q, baseline_pi=pi_cur, seed=seed)
+    q, pi_new = candidate_matrices(candidate, decisions, settings)
+    pi_cur = current_matrix(current, decisions, candidate.actions, settings)
+    return estimate(
+        decisions,
+        candidate.actions,
+        pi_new,
+        q,
+        baseline_pi=pi_cur,
+        clusters=[d.user_id for d in decisions],
+        seed=seed,
+    )
 
 
 def better(estimates: dict[str, Estimate]) -> bool:

@@ -1,9 +1,13 @@
 """The learning loop: logged decisions -> candidate model -> off-policy evaluation -> promotion.
 
 Only decisions of users whose personalization consent is granted *now* are read, so a
-withdrawal removes a person from every later model. A candidate is trained on the earliest
-(1 - holdout) of the decisions and evaluated on the rest, so the estimate is never computed
-on data the model has seen.
+withdrawal removes a person from every later model. The estimate is never computed on data
+the model that scores it has seen. By default (holdout 0) the candidate is trained on every
+decision and evaluated by cross-fitting over people: the people are split into `EVAL_FOLDS`
+groups, a model is trained the same way on the other groups, and it scores (outcome model and
+policy) the held-out group's decisions; so every decision is used for the estimate, and the
+bootstrap resamples people. With holdout > 0 the latest fraction of decisions is kept for
+evaluation instead (temporal split).
 """
 
 from __future__ import annotations
@@ -13,14 +17,25 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+import numpy as np
+
 from pulsesync.server.nudges.catalog import Catalog
-from pulsesync.server.nudges.model import LoggedDecision, train
-from pulsesync.server.nudges.ope import Estimate, better, evaluate_model
+from pulsesync.server.nudges.model import LoggedDecision, OutcomeModel, train
+from pulsesync.server.nudges.ope import (
+    Estimate,
+    better,
+    candidate_matrices,
+    current_matrix,
+    estimate,
+    evaluate_model,
+)
 from pulsesync.server.nudges.registry import ModelRegistry, version_name
 from pulsesync.server.storage.db import Database
 from pulsesync.v1 import common_pb2
 
-DEFAULT_HOLDOUT: Final = 0.25
+DEFAULT_HOLDOUT: Final = 0.0
+# People-groups for the cross-fitted estimate: each fold model sees 3/4 of the people.
+EVAL_FOLDS: Final = 4
 
 _CONSENTING: Final = (
     "SELECT c.user_id FROM consent_ledger c WHERE c.category = ? AND c.granted = 1 AND c.entry_id ="
@@ -86,16 +101,62 @@ async def train_candidate(
         raise ValueError(
             f"only {len(decisions)} decisions with outcomes; training needs {need} (policy.min_training_decisions)"
         )
-    cut = int(len(decisions) * (1 - holdout))
-    model = train(decisions[:cut], catalog.actions, "candidate")
+    cut = int(len(decisions) * (1 - holdout)) if holdout > 0 else len(decisions)
+    model = _train(decisions[:cut], catalog)
     holdout_from = (
         decisions[cut].decision_us if cut < len(decisions) else decisions[-1].decision_us + 1
     )
-    return registry.save(model, {"trained_on": cut, "holdout_from_us": holdout_from})
+    return registry.save(
+        model,
+        {
+            "trained_on": cut,
+            "trained_until_us": decisions[-1].decision_us + 1,
+            "holdout_from_us": holdout_from if holdout > 0 else None,
+            "send_budget": catalog.policy.send_budget,
+        },
+    )
+
+
+def _train(decisions: Sequence[LoggedDecision], catalog: Catalog) -> OutcomeModel:
+    p = catalog.policy
+    return train(
+        decisions,
+        catalog.actions,
+        "candidate",
+        send_budget=p.send_budget,
+        min_gain=p.min_gain_steps,
+    )
 
 
 def split(decisions: Sequence[LoggedDecision], from_us: int) -> list[LoggedDecision]:
     return [d for d in decisions if d.decision_us >= from_us]
+
+
+def cross_fitted(
+    decisions: Sequence[LoggedDecision], catalog: Catalog, current: OutcomeModel | None
+) -> dict[str, Estimate]:
+    """Estimates of the training procedure's policy against the current one, cross-fitted by people."""
+    actions = catalog.actions
+    n = len(decisions)
+    q = np.zeros((n, len(actions)))
+    pi_new = np.zeros((n, len(actions)))
+    fold = np.array([d.user_id % EVAL_FOLDS for d in decisions])
+    for k in range(EVAL_FOLDS):
+        part = np.flatnonzero(fold == k)
+        if part.size == 0:
+            continue
+        held = [decisions[int(i)] for i in part]
+        rest = [d for d, f in zip(decisions, fold, strict=True) if f != k]
+        q[part], pi_new[part] = candidate_matrices(_train(rest, catalog), held, catalog.policy)
+    pi_cur = current_matrix(current, decisions, actions, catalog.policy)
+    return estimate(
+        decisions,
+        actions,
+        pi_new,
+        q,
+        baseline_pi=pi_cur,
+        clusters=[d.user_id for d in decisions],
+    )
 
 
 async def evaluate_candidate(
@@ -103,13 +164,23 @@ async def evaluate_candidate(
 ) -> Evaluation:
     """Estimate the candidate against the current policy on its held-out decisions."""
     meta = registry.meta(version)
-    held = split(await logged_decisions(db), int(meta["holdout_from_us"]))
-    if not held:
-        raise ValueError(f"{version_name(version)} has no held-out decisions with outcomes yet")
-    candidate = registry.load(version)
+    decisions = await logged_decisions(db)
     current_v = registry.current()
     current = registry.load(current_v) if current_v is not None and current_v != version else None
-    est = evaluate_model(candidate, current, held, catalog.policy)
+    if meta.get("holdout_from_us") is not None:
+        held = split(decisions, int(meta["holdout_from_us"]))
+        if not held:
+            raise ValueError(f"{version_name(version)} has no held-out decisions with outcomes yet")
+        est = evaluate_model(registry.load(version), current, held, catalog.policy)
+    else:
+        until = int(meta.get("trained_until_us", 2**62))
+        held = [d for d in decisions if d.decision_us < until]
+        if len({d.user_id for d in held}) < EVAL_FOLDS:
+            raise ValueError(
+                f"cross-fitted evaluation needs decisions of at least {EVAL_FOLDS} people;"
+                " train with --holdout 0.25 to evaluate on the latest decisions instead"
+            )
+        est = cross_fitted(held, catalog, current)
     evaluation = Evaluation(
         version,
         version_name(current_v) if current is not None and current_v is not None else "randomized",
