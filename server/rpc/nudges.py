@@ -122,31 +122,39 @@ class NudgeServicer(nudges_pb2_grpc.NudgeServiceServicer):
             raise InvalidArgument(
                 f"page_size must be 1..{MAX_PAGE_SIZE}", reason="INVALID_PAGE_SIZE"
             )
-        try:
-            offset = int(request.page_token) if request.page_token else 0
-        except ValueError:
-            raise InvalidArgument(
-                "page_token is not one this server issued", reason="INVALID_PAGE_TOKEN"
-            ) from None
+        after = _parse_token(request.page_token)
         start = request.start_time.ToMicroseconds() if request.HasField("start_time") else 0
         end = request.end_time.ToMicroseconds() if request.HasField("end_time") else 2**62
+        # Keyset paging on (create_us DESC, nudge_id): a page never skips or repeats a nudge
+        # when new ones arrive between calls, and reading page k costs the same as page 1.
+        keyset, params = "", [me.user_id, start, end]
+        if after is not None:
+            keyset = " AND (n.create_us < ? OR (n.create_us = ? AND n.nudge_id > ?))"
+            params += [after[0], after[0], after[1]]
         async with self.app.db.reader.execute(
             "SELECT n.nudge_id, n.nudge_type, n.title, n.message, n.data, n.probability, n.reasons,"
             " n.create_us, n.expire_us, n.deliver_us, n.outcome_metric, n.outcome_value, n.outcome_complete,"
             " d.device_id FROM nudges n LEFT JOIN devices d ON d.device_pk = n.device_pk"
             " WHERE n.user_id = ? AND n.create_us >= ? AND n.create_us < ?"
-            " ORDER BY n.create_us DESC, n.nudge_id LIMIT ? OFFSET ?",
-            (me.user_id, start, end, size + 1, offset),
+            + keyset
+            + " ORDER BY n.create_us DESC, n.nudge_id LIMIT ?",
+            (*params, size + 1),
         ) as cur:
             rows = list(await cur.fetchall())
         more = len(rows) > size
-        records = []
-        for r in rows[:size]:
+        rows = rows[:size]
+        feedback: dict[str, list[int]] = {r[0]: [] for r in rows}
+        if rows:  # one query for the page's feedback, not one per nudge
+            marks = ",".join("?" * len(rows))
             async with self.app.db.reader.execute(
-                "SELECT action FROM nudge_feedback WHERE nudge_id = ? ORDER BY action_us, feedback_id",
-                (r[0],),
+                f"SELECT nudge_id, action FROM nudge_feedback WHERE user_id = ? AND nudge_id IN ({marks})"
+                " ORDER BY action_us, feedback_id",
+                (me.user_id, *feedback),
             ) as cur:
-                feedback = [int(a) for (a,) in await cur.fetchall()]
+                for nudge_id, action in await cur.fetchall():
+                    feedback[nudge_id].append(int(action))
+        records = []
+        for r in rows:
             records.append(
                 nudges_pb2.NudgeRecord(
                     nudge=nudges_pb2.Nudge(
@@ -154,11 +162,23 @@ class NudgeServicer(nudges_pb2_grpc.NudgeServiceServicer):
                         probability=r[5], reasons=json.loads(r[6]), create_time=_ts(r[7]),
                         expire_time=_ts(r[8]), device_id=r[13] or "",
                     ),
-                    feedback=feedback,  # type: ignore[arg-type]
+                    feedback=feedback[r[0]],  # type: ignore[arg-type]
                     outcome=nudges_pb2.NudgeOutcome(metric=r[10], value=r[11] or 0.0, complete=bool(r[12])),
                     deliver_time=_ts(r[9]),
                 )
             )  # fmt: skip
-        return nudges_pb2.ListNudgesResponse(
-            nudges=records, next_page_token=str(offset + size) if more else ""
+        token = f"{rows[-1][7]}:{rows[-1][0]}" if more and rows else ""
+        return nudges_pb2.ListNudgesResponse(nudges=records, next_page_token=token)
+
+
+def _parse_token(token: str) -> tuple[int, str] | None:
+    """(create_us, nudge_id) of the last nudge of the previous page, or None for the first."""
+    if not token:
+        return None
+    create_us, sep, nudge_id = token.partition(":")
+    if not sep or not nudge_id.startswith("ndg_") or not create_us.lstrip("-").isdigit():
+        raise InvalidArgument(
+            "page_token is not one this server issued: pass next_page_token unchanged",
+            reason="INVALID_PAGE_TOKEN",
         )
+    return int(create_us), nudge_id

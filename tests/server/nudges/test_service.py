@@ -142,3 +142,48 @@ async def test_feedback_errors(nudge_server) -> None:
         # The server still answers.
         ok = await stub.ListNudges(nudges_pb2.ListNudgesRequest(), metadata=a.metadata, timeout=5)
         assert len(ok.nudges) == 0
+
+
+async def _add_nudge(srv: RunningServer, user_id: int, nudge_id: str, create_us: int) -> None:
+    async with srv.app.db.transaction() as tx:
+        await tx.execute(
+            "INSERT INTO nudges (nudge_id, user_id, decision_id, nudge_type, device_pk, title, message, data,"
+            " probability, reasons, create_us, expire_us, state, outcome_metric)"
+            " VALUES (?, ?, 0, 'walking_suggestion', NULL, 't', 'm', '{}', 0.5, '[]', ?, ?, 'pending', 'steps_30m')",
+            (nudge_id, user_id, create_us, create_us + 20 * MIN),
+        )
+
+
+async def test_list_pages_are_keyset_and_carry_their_feedback(nudge_server) -> None:
+    srv, _ = nudge_server
+    a = await pair_device(srv, "di")
+    _, uid = await device_pk_of(srv, a.device_id)
+    times = [NOON - k // 2 * MIN for k in range(7)]  # pairs share a creation time
+    ids = [f"ndg_{k:02d}" for k in range(7)]
+    for nid, t in zip(ids, times, strict=True):
+        await _add_nudge(srv, uid, nid, t)
+    async with grpc.aio.insecure_channel(srv.address) as ch:
+        stub = nudges_pb2_grpc.NudgeServiceStub(ch)
+        for nid in ids[:3]:
+            await stub.RecordNudgeFeedback(
+                nudges_pb2.RecordNudgeFeedbackRequest(nudge_id=nid, action=events_pb2.NUDGE_ACTION_OPENED),
+                metadata=a.metadata, timeout=5,
+            )  # fmt: skip
+        seen: list[str] = []
+        token = ""
+        for page in range(10):  # bounded
+            resp = await stub.ListNudges(
+                nudges_pb2.ListNudgesRequest(page_size=3, page_token=token),
+                metadata=a.metadata,
+                timeout=5,
+            )
+            seen += [r.nudge.nudge_id for r in resp.nudges]
+            for r in resp.nudges:
+                opened = [events_pb2.NUDGE_ACTION_OPENED] if r.nudge.nudge_id in ids[:3] else []
+                assert list(r.feedback) == opened
+            if page == 0:
+                await _add_nudge(srv, uid, "ndg_new", NOON + 5 * MIN)  # newer: must not shift pages
+            token = resp.next_page_token
+            if not token:
+                break
+        assert seen == ids  # newest first, ties by id; nothing skipped or repeated
