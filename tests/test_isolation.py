@@ -188,13 +188,13 @@ async def _call(
                         got.append(item.SerializeToString())
             call.cancel()
         else:
-            call = ch.stream_stream(path, ser, de)(metadata=md, timeout=10)
-            await call.write(req)
+            bidi: Any = ch.stream_stream(path, ser, de)(metadata=md, timeout=10)  # type: ignore[call-arg]
+            await bidi.write(req)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(1.0):
-                    got.append((await call.read()).SerializeToString())
-            await call.done_writing()
-            call.cancel()
+                    got.append((await bidi.read()).SerializeToString())
+            await bidi.done_writing()
+            bidi.cancel()
     except grpc.aio.AioRpcError as e:
         return got, e.code()
     return got, grpc.StatusCode.OK
