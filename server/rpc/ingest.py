@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any, Final
 
 from google.protobuf.message import DecodeError
@@ -36,13 +37,56 @@ class _Ended:
         self.error = error
 
 
-_Item = Prepared | _Replaced | _Ended
+@dataclass(frozen=True, slots=True)
+class _Batch:
+    """A prepared batch with the range of sequence numbers it carried."""
+
+    prepared: Prepared
+    low: int
+    high: int
+
+
+_Item = _Batch | _Replaced | _Ended
+
+
+class _RefusedRange:
+    """Keeps acks honest after a refused batch.
+
+    An ack promises that *every* event of the device up to `acked_through_seq` is handled.
+    When a batch is refused (nothing stored) and a later batch is accepted, the later batch's
+    highest seq would break that promise for the refused seqs; so acks stay below the refused
+    range until batches covering it from its start are accepted.
+    """
+
+    def __init__(self) -> None:
+        self.low: int | None = None  # first seq of the refused range not yet handled
+        self.high = 0
+        self.withheld = 0  # the highest ack held back while the range was open
+
+    def refused(self, low: int, high: int) -> None:
+        self.low = low if self.low is None else min(self.low, low)
+        self.high = max(self.high, high)
+
+    def cap(self, ack: int, low: int, high: int) -> int:
+        """The ack to send for an accepted batch of seqs [low, high] whose own ack is `ack`."""
+        if self.low is None or ack == 0:
+            return ack
+        if low <= self.low:  # the device resent from the refused point
+            self.low = max(self.low, high + 1)
+            if self.low > self.high:
+                # Every refused seq is handled now, and everything below the acks held
+                # back meanwhile was stored.
+                self.low, ack, self.withheld = None, max(ack, self.withheld), 0
+                return ack
+        self.withheld = max(self.withheld, ack)
+        return min(ack, self.low - 1)
 
 
 class _Stream:
     """One open Upload stream: the queue between its reader and its responder."""
 
     def __init__(self) -> None:
+        self.refused = _RefusedRange()
         self.queue: asyncio.Queue[_Item] = asyncio.Queue()
         self.window = asyncio.Semaphore(STREAM_WINDOW)
         self.reader: asyncio.Task[None] | None = None
@@ -89,8 +133,15 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                     if item.error is not None:
                         raise item.error
                     return
-                response = await self.pipeline.finish(me, item)
+                response = await self.pipeline.finish(me, item.prepared)
                 stream.window.release()
+                if item.prepared.refusal is not None:
+                    if item.high:
+                        stream.refused.refused(item.low, item.high)
+                else:
+                    response.acked_through_seq = stream.refused.cap(
+                        response.acked_through_seq, item.low, item.high
+                    )
                 yield response
         except asyncio.CancelledError:
             # Cut off (device revoked, user erased): end with the reason's status. The reason
@@ -114,7 +165,10 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 await stream.window.acquire()
                 received_us = self.app.clock.now_us()
                 batch = request.batch if request.HasField("batch") else None
-                stream.queue.put_nowait(await self.pipeline.prepare(me, batch, received_us))
+                prepared = await self.pipeline.prepare(me, batch, received_us)
+                seqs = [e.seq for e in batch.events] if batch is not None else []
+                low, high = (min(seqs), max(seqs)) if seqs else (0, 0)
+                stream.queue.put_nowait(_Batch(prepared, low, high))
         except asyncio.CancelledError:
             raise
         except DecodeError:

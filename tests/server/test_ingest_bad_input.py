@@ -139,3 +139,28 @@ async def test_unknown_kinds_far_future_times_and_unknown_enums_are_quarantined(
         (6, "UNKNOWN_ENUM_VALUE"),
     ]
     await _assert_healthy(server, ada, 8)
+
+
+async def test_acks_after_a_refused_batch_never_cover_its_events(
+    server: RunningServer, ada: PairedDevice
+) -> None:
+    """A later accepted batch's ack stays below a refused batch's seqs until they are resent."""
+    now = server.app.clock.now_us()
+
+    def hr_batch(batch_id: int, seqs: range) -> ingest_pb2.EventBatch:
+        return batch(batch_id, now, [heart_rate(s, now) for s in seqs])
+
+    async with grpc.aio.insecure_channel(server.address) as ch:
+        acks = await upload(
+            ch,
+            ada.metadata,
+            [
+                hr_batch(1, range(10, 10 + MAX_BATCH_EVENTS + 1)),  # refused: one too many
+                hr_batch(2, range(5011, 5012)),  # accepted, but 10..5010 are not stored
+                hr_batch(3, range(10, 2010)),  # the device resends the refused range...
+                hr_batch(4, range(2010, 5011)),  # ...in smaller batches
+            ],
+        )
+    assert acks[0].error.reason == "BATCH_TOO_LARGE"
+    assert [a.acked_through_seq for a in acks] == [0, 9, 2009, 5011]
+    assert await _stored_seqs(server) == [1, 2, 3, *range(10, 5012)]
