@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class CommittedEvent:
-    """An event as stored: who, which device, corrected time, kind and serialized body."""
+class CommittedEvent(NamedTuple):
+    """An event as stored: who, which device, corrected time, kind and serialized body.
+
+    A NamedTuple rather than a frozen dataclass: one is built per ingested event on the hot
+    path, and a tuple is several times cheaper to build, with the same attribute access.
+    """
 
     user_id: int
     device_pk: int
