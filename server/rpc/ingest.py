@@ -143,14 +143,6 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                         response.acked_through_seq, item.low, item.high
                     )
                 yield response
-        except asyncio.CancelledError:
-            # Cut off (device revoked, user erased): end with the reason's status. The reason
-            # is read here, while the session is still tracked, because the seam's own lookup
-            # runs after the tracking context has already forgotten it.
-            reason = self.app.sessions.reason_for(asyncio.current_task())
-            if reason is None:
-                raise
-            raise reason from None
         finally:
             if self._streams.get(me.device_pk) is stream:
                 del self._streams[me.device_pk]

@@ -120,14 +120,6 @@ class PrivacyServicer(privacy_pb2_grpc.PrivacyServiceServicer):
                 await task
         self._tasks = []
 
-    def _cut_off_reason(self) -> BaseException | None:
-        """Why this stream's task was cancelled by erasure or revocation, if it was.
-
-        Read here, inside the stream, because the session registry forgets the reason as soon
-        as the stream's tracking scope exits (before the rpc seam would look it up).
-        """
-        return self.app.sessions.reason_for(asyncio.current_task())
-
     @rpc_method()
     async def GetConsents(
         self, request: privacy_pb2.GetConsentsRequest, context: Any, me: Identity
@@ -168,12 +160,7 @@ class PrivacyServicer(privacy_pb2_grpc.PrivacyServiceServicer):
             sent = await self.app.consent.states(me.user_id)
             yield privacy_pb2.WatchConsentsResponse(consents=[consent_message(s) for s in sent])
             while True:
-                try:
-                    await changed.wait()
-                except asyncio.CancelledError:
-                    if (reason := self._cut_off_reason()) is None:
-                        raise
-                    raise reason from None
+                await changed.wait()
                 changed.clear()
                 if latest and latest[0] != sent:
                     sent = latest[0]
@@ -193,13 +180,8 @@ class PrivacyServicer(privacy_pb2_grpc.PrivacyServiceServicer):
     async def ExportData(
         self, request: privacy_pb2.ExportDataRequest, context: Any, me: Identity
     ) -> AsyncIterator[privacy_pb2.ExportDataResponse]:
-        try:
-            async for name, chunk in self.center.export(me.user_id, Actor.DEVICE):
-                yield privacy_pb2.ExportDataResponse(file_name=name, chunk=chunk)
-        except asyncio.CancelledError:
-            if (reason := self._cut_off_reason()) is None:
-                raise
-            raise reason from None
+        async for name, chunk in self.center.export(me.user_id, Actor.DEVICE):
+            yield privacy_pb2.ExportDataResponse(file_name=name, chunk=chunk)
 
     @rpc_method()
     async def EraseData(
