@@ -14,6 +14,7 @@ async generators for server streams) and decorated with `@rpc_method()`. The dec
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import logging
@@ -88,6 +89,35 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: PulseSyncEr
     await context.abort(status.code, status.details, status.trailing_metadata)
 
 
+@contextlib.asynccontextmanager
+async def _seam(app: AppContext, context: Any, name: str) -> AsyncIterator[None]:
+    """Map errors to statuses (a cut-off stream ends with its reason) and count the call."""
+    code = "OK"
+    try:
+        yield
+    except PulseSyncError as e:
+        code = e.code.name
+        await _abort(context, e)
+    except asyncio.CancelledError:
+        reason = app.sessions.reason_for(asyncio.current_task())
+        if reason is None:
+            code = "CANCELLED"
+            raise
+        code = reason.code.name
+        await _abort(context, reason)
+    finally:
+        app.metrics.rpcs.labels(name, code).inc()
+
+
+def _tracked(
+    app: AppContext, identity: Identity | None, stream: bool
+) -> contextlib.AbstractContextManager[None]:
+    """While a stream is open, its task is registered so that it can be cut off."""
+    if stream and identity is not None:
+        return app.sessions.track(identity)
+    return contextlib.nullcontext()
+
+
 def _method_name(fn: Callable[..., Any]) -> str:
     return fn.__qualname__.replace("Servicer.", "Service.")
 
@@ -102,54 +132,21 @@ def rpc_method(*, public: bool = False, stream: bool = False) -> Callable[[Any],
 
             @functools.wraps(fn)
             async def gen_wrapper(self: HasApp, request: Any, context: Any) -> AsyncIterator[Any]:
-                app = self.app
-                code = "OK"
-                try:
-                    identity = None if public else await authenticate(app, context)
-                    if stream and identity is not None:
-                        with app.sessions.track(identity):
-                            async for item in fn(self, request, context, identity):
-                                yield item
-                    else:
+                async with _seam(self.app, context, name):
+                    identity = None if public else await authenticate(self.app, context)
+                    with _tracked(self.app, identity, stream):
                         async for item in fn(self, request, context, identity):
                             yield item
-                except PulseSyncError as e:
-                    code = e.code.name
-                    await _abort(context, e)
-                except asyncio.CancelledError:
-                    reason = app.sessions.reason_for(asyncio.current_task())
-                    if reason is None:
-                        code = "CANCELLED"
-                        raise
-                    code = reason.code.name
-                    await _abort(context, reason)
-                finally:
-                    app.metrics.rpcs.labels(name, code).inc()
 
             return gen_wrapper
 
         @functools.wraps(fn)
         async def wrapper(self: HasApp, request: Any, context: Any) -> Any:
-            app = self.app
-            code = "OK"
-            try:
-                identity = None if public else await authenticate(app, context)
-                if stream and identity is not None:
-                    with app.sessions.track(identity):
-                        return await fn(self, request, context, identity)
-                return await fn(self, request, context, identity)
-            except PulseSyncError as e:
-                code = e.code.name
-                await _abort(context, e)
-            except asyncio.CancelledError:
-                reason = app.sessions.reason_for(asyncio.current_task())
-                if reason is None:
-                    code = "CANCELLED"
-                    raise
-                code = reason.code.name
-                await _abort(context, reason)
-            finally:
-                app.metrics.rpcs.labels(name, code).inc()
+            async with _seam(self.app, context, name):
+                identity = None if public else await authenticate(self.app, context)
+                with _tracked(self.app, identity, stream):
+                    return await fn(self, request, context, identity)
+            raise AssertionError("unreachable: the seam aborts the call on every error")
 
         return wrapper
 
