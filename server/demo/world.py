@@ -21,7 +21,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, BinaryIO, Final
+from typing import Any, BinaryIO, Final, TypeVar
 
 import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
@@ -630,8 +630,8 @@ class DemoWorld:
     ) -> None:
         timeline = timeline_pb2_grpc.TimelineServiceStub(channel)
         start, end = _ts(self.start_us - 3600 * 1_000_000), _ts(self.end_us + 3600 * 1_000_000)
-        token = ""
-        for _ in range(10_000):
+
+        async def events_page(token: str) -> tuple[list[events_pb2.TimelineEvent], str]:
             page = await timeline.ListEvents(
                 timeline_pb2.ListEventsRequest(
                     start_time=start, end_time=end, page_size=1000, page_token=token
@@ -639,10 +639,9 @@ class DemoWorld:
                 metadata=md,
                 timeout=30,
             )
-            person.timeline.extend(page.events)
-            token = page.next_page_token
-            if not token:
-                break
+            return list(page.events), page.next_page_token
+
+        person.timeline = await _all_pages(events_page)
         summary = await timeline.SummarizeActivity(
             timeline_pb2.SummarizeActivityRequest(
                 start_time=_ts(self.start_us), end_time=_ts(self.end_us), bucket=_dur(15 * 60)
@@ -652,19 +651,18 @@ class DemoWorld:
         )
         person.buckets = list(summary.buckets)
         nudges = nudges_pb2_grpc.NudgeServiceStub(channel)
-        token = ""
-        for _ in range(1000):
-            resp = await nudges.ListNudges(
+
+        async def nudges_page(token: str) -> tuple[list[nudges_pb2.NudgeRecord], str]:
+            page = await nudges.ListNudges(
                 nudges_pb2.ListNudgesRequest(
                     start_time=start, end_time=end, page_size=200, page_token=token
                 ),
                 metadata=md,
                 timeout=30,
             )
-            person.nudge_records.extend(resp.nudges)
-            token = resp.next_page_token
-            if not token:
-                break
+            return list(page.nudges), page.next_page_token
+
+        person.nudge_records = await _all_pages(nudges_page)
         privacy = privacy_pb2_grpc.PrivacyServiceStub(channel)
         person.summary = await privacy.GetPrivacySummary(
             privacy_pb2.GetPrivacySummaryRequest(), metadata=md, timeout=30
@@ -726,6 +724,24 @@ class DemoWorld:
             f"erased: {deleted} rows deleted, keys destroyed, receipt {resp.receipt.receipt_id[:12]}…; "
             f"the phone's token is {'refused' if person.erased_token_refused else 'STILL ACCEPTED'}",
         )
+
+
+T = TypeVar("T")
+# A person's day is a few tens of thousands of events: 1000 pages of 1000 is far beyond it,
+# and bounds the loop should a server keep returning a next page.
+MAX_PAGES: Final = 1000
+
+
+async def _all_pages(fetch: Callable[[str], Awaitable[tuple[list[T], str]]]) -> list[T]:
+    """Every item of a paginated list RPC (fetch(token) -> (items, next_page_token))."""
+    items: list[T] = []
+    token = ""
+    for _ in range(MAX_PAGES):
+        page, token = await fetch(token)
+        items.extend(page)
+        if not token:
+            return items
+    raise RuntimeError(f"more than {MAX_PAGES} pages: the server keeps returning a next page")
 
 
 def _ts(us: int) -> timestamp_pb2.Timestamp:
