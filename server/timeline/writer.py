@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import itertools
 import logging
 from dataclasses import dataclass, field
 from typing import Final
@@ -41,6 +43,12 @@ INSERT_EVENTS: Final = (
     "INSERT INTO events (device_pk, seq, user_id, t_us, kind, received_us, body)"
     " VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
+# Rows per multi-row INSERT statement (7 values each, well under SQLite's 32766 variables).
+# One statement steps through all its rows with the GIL released, where executemany releases
+# and re-takes the GIL around every row: while the event loop validates the next batches, a
+# per-row hand-off leaves the writer thread waiting for the GIL most of the time.
+INSERT_CHUNK: Final = 250
+_INSERT_EVENTS_PREFIX: Final = INSERT_EVENTS.split(" VALUES ")[0] + " VALUES "
 INSERT_QUARANTINE: Final = (
     "INSERT INTO quarantine (user_id, device_pk, seq, event_id, reason, detail, received_us, body)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
@@ -196,7 +204,7 @@ class GroupCommitWriter:
                 else:
                     # Lookups must see this group's earlier rows: write them first.
                     if rows:
-                        await tx.executemany(INSERT_EVENTS, rows)
+                        await insert_events(tx, rows)
                         rows = []
                     outcome = await _dedupe(tx, b, hwm)
                     rows.extend(outcome.inserted)
@@ -220,7 +228,7 @@ class GroupCommitWriter:
                 if b.clock_offset_us is not None:
                     offsets[dev] = b.clock_offset_us
             if rows:
-                await tx.executemany(INSERT_EVENTS, rows)
+                await insert_events(tx, rows)
             if quarantine:
                 await tx.executemany(INSERT_QUARANTINE, quarantine)
             if offsets:
@@ -231,6 +239,18 @@ class GroupCommitWriter:
         self.commits += 1
         self._hwm.update(tentative)
         return outcomes
+
+
+@functools.cache
+def _insert_many_sql(n: int) -> str:
+    return _INSERT_EVENTS_PREFIX + ",".join(["(?,?,?,?,?,?,?)"] * n)
+
+
+async def insert_events(tx: aiosqlite.Connection, rows: list[EventRow]) -> None:
+    """INSERT rows into events, INSERT_CHUNK rows per statement."""
+    for i in range(0, len(rows), INSERT_CHUNK):
+        chunk = rows[i : i + INSERT_CHUNK]
+        await tx.execute(_insert_many_sql(len(chunk)), list(itertools.chain.from_iterable(chunk)))
 
 
 def _resolve(batch: PendingBatch, outcome: Outcome) -> None:
