@@ -17,6 +17,7 @@ from pulsesync.server.demo.world import DemoOptions, DemoResult, DemoWorld
 STYLES = {
     "nudge": "bold green",
     "feedback": "green",
+    "outcome": "bold green",
     "profile": "bold cyan",
     "consent": "bold yellow",
     "privacy": "bold magenta",

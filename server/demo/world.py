@@ -157,6 +157,7 @@ class PersonRun:
     erased_token_refused: bool = False
     device_names: dict[str, str] = field(default_factory=dict)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    outcomes_shown: set[str] = field(default_factory=set)
 
     @property
     def name(self) -> str:
@@ -476,6 +477,7 @@ class DemoWorld:
                     await self._consent_moment(person)
             if m % 60 == 59:
                 self._merged_so_far()
+                await self._outcomes_so_far()
             self.progress(t)
         self.progress(self.end_us)
 
@@ -530,6 +532,50 @@ class DemoWorld:
                 tracker.tap(app, "article", "share", at_us=at)
         else:
             tracker.screen_view(app, "player", 60.0, at_us=at)
+
+    async def _nudge_history(
+        self, channel: grpc.aio.Channel, md: tuple[tuple[str, str], ...]
+    ) -> list[nudges_pb2.NudgeRecord]:
+        """The person's nudges with feedback and outcomes (ListNudges, every page)."""
+        nudges = nudges_pb2_grpc.NudgeServiceStub(channel)
+        start, end = _ts(self.start_us - 3600 * 1_000_000), _ts(self.end_us + 3600 * 1_000_000)
+
+        async def page(token: str) -> tuple[list[nudges_pb2.NudgeRecord], str]:
+            resp = await nudges.ListNudges(
+                nudges_pb2.ListNudgesRequest(
+                    start_time=start, end_time=end, page_size=200, page_token=token
+                ),
+                metadata=md,
+                timeout=30,
+            )
+            return list(resp.nudges), resp.next_page_token
+
+        return await _all_pages(page)
+
+    async def _outcomes_so_far(self) -> None:
+        """Announce outcomes the server has measured since the last look (its window of
+        30 minutes after the nudge, plus a grace period for late uploads, has closed)."""
+        for person in self.people:
+            phone = person.devices["phone"]
+            async with open_channel(phone.creds.server) as channel:
+                records = await self._nudge_history(channel, phone.creds.metadata)
+            for r in records:
+                if not r.outcome.complete or r.nudge.nudge_id in person.outcomes_shown:
+                    continue
+                person.outcomes_shown.add(r.nudge.nudge_id)
+                acted = events_pb2.NUDGE_ACTION_ACTED in r.feedback
+                when = datetime.fromtimestamp(r.nudge.create_time.ToMicroseconds() / 1e6, UTC)
+                value = (
+                    f"{r.outcome.value:.0f} steps in the next 30 min"
+                    if r.outcome.metric == "steps_30m"
+                    else f"{r.outcome.metric} = {r.outcome.value:g}"
+                )
+                self.note(
+                    person,
+                    "outcome",
+                    f"{r.nudge.nudge_type} at {when:%H:%M} "
+                    f"({'acted on' if acted else 'not acted on'}): {value}, measured from the timeline",
+                )
 
     def _merged_so_far(self) -> None:
         for person in self.people:
@@ -650,19 +696,7 @@ class DemoWorld:
             timeout=30,
         )
         person.buckets = list(summary.buckets)
-        nudges = nudges_pb2_grpc.NudgeServiceStub(channel)
-
-        async def nudges_page(token: str) -> tuple[list[nudges_pb2.NudgeRecord], str]:
-            page = await nudges.ListNudges(
-                nudges_pb2.ListNudgesRequest(
-                    start_time=start, end_time=end, page_size=200, page_token=token
-                ),
-                metadata=md,
-                timeout=30,
-            )
-            return list(page.nudges), page.next_page_token
-
-        person.nudge_records = await _all_pages(nudges_page)
+        person.nudge_records = await self._nudge_history(channel, md)
         privacy = privacy_pb2_grpc.PrivacyServiceStub(channel)
         person.summary = await privacy.GetPrivacySummary(
             privacy_pb2.GetPrivacySummaryRequest(), metadata=md, timeout=30

@@ -59,6 +59,9 @@ def test_report_has_every_section_with_data(demo: DemoResult) -> None:
     for record in person.nudge_records:
         assert record.nudge.nudge_type in nudges
     assert all(0 < r.nudge.probability <= 1 for r in person.nudge_records)
+    shown = [h for h in demo.happenings if h.what == "outcome"]
+    assert shown, "outcomes measured during the run are announced as they complete"
+    assert all("measured from the timeline" in h.text for h in shown)
     assert "nudges sent" in _section(html, "policy")
 
     assert person.profile_latency_ms is not None
