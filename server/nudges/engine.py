@@ -37,7 +37,6 @@ from pulsesync.server.nudges.eligibility import (
     template_values,
 )
 from pulsesync.server.nudges.features import (
-    US_PER_MIN,
     FeatureStore,
     hour_bucket,
     local_day,
@@ -170,12 +169,14 @@ class NudgeEngine:
         if not ok:
             self.features.forget(user_id)
             self._last_tick.pop(user_id, None)
+            self._trigger_stretch.pop(user_id, None)
 
     async def _erase(self, user_id: int) -> None:
         self.features.forget(user_id)
         self._consenting.pop(user_id, None)
         self._history.pop(user_id, None)
         self._last_tick.pop(user_id, None)
+        self._trigger_stretch.pop(user_id, None)
         cancel = self._unwatch.pop(user_id, None)
         if cancel:
             cancel()
@@ -323,9 +324,25 @@ class NudgeEngine:
         if last is None or now <= last:
             return None
         p = self.catalog.policy
-        lt_now = local_time(now, profile.time_zone)
-        lt_last = local_time(last, profile.time_zone)
-        for minute in p.schedule_min:
+        state = self.features.user(user_id)
+        # A sedentary stretch is named by the minute it began after, not by now minus its
+        # (capped) length: once the length reaches its cap the latter moves every tick.
+        since = state.sedentary_since()
+        long_stretch = since if state.sedentary_min(now) >= p.sedentary_trigger_min else None
+        if self._scheduled_between(last, now, profile.time_zone):
+            if long_stretch is not None:  # this decision point serves the stretch
+                self._trigger_stretch[user_id] = long_stretch
+            return "schedule"
+        if long_stretch is not None and self._trigger_stretch.get(user_id) != long_stretch:
+            self._trigger_stretch[user_id] = long_stretch
+            return "sedentary"
+        return None
+
+    def _scheduled_between(self, last: int, now: int, tz: str) -> bool:
+        """Whether a scheduled local time falls in (last, now]."""
+        lt_now = local_time(now, tz)
+        lt_last = local_time(last, tz)
+        for minute in self.catalog.policy.schedule_min:
             for day in {lt_last.date(), lt_now.date()}:
                 t = lt_now.replace(
                     year=day.year,
@@ -337,15 +354,8 @@ class NudgeEngine:
                     microsecond=0,
                 )
                 if lt_last < t <= lt_now:
-                    return "schedule"
-        state = self.features.user(user_id)
-        sed = state.sedentary_min(now)
-        if sed >= p.sedentary_trigger_min:
-            stretch_start = now // US_PER_MIN - int(sed)
-            if self._trigger_stretch.get(user_id) != stretch_start:
-                self._trigger_stretch[user_id] = stretch_start
-                return "sedentary"
-        return None
+                    return True
+        return False
 
     async def decide(self, user_id: int, now: int, trigger: str) -> Decision:
         """One decision point: eligibility, prediction, choice, log, delivery."""

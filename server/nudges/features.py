@@ -162,12 +162,15 @@ class UserState:
         now_min = now_us // US_PER_MIN
         return sum(c for m, c in self.steps_by_min.items() if now_min - minutes <= m < now_min)
 
+    def sedentary_since(self) -> int | None:
+        """The minute the current sedentary stretch began after (its identity), if any data."""
+        return self.last_moving_min if self.last_moving_min is not None else self.first_seen_min
+
     def sedentary_min(self, now_us: int) -> float:
-        now_min = now_us // US_PER_MIN
-        since = self.last_moving_min if self.last_moving_min is not None else self.first_seen_min
+        since = self.sedentary_since()
         if since is None:
             return 0.0
-        return float(min(MAX_SEDENTARY_MIN, max(0, now_min - since - 1)))
+        return float(min(MAX_SEDENTARY_MIN, max(0, now_us // US_PER_MIN - since - 1)))
 
     def active_device(self, now_us: int, window_us: int) -> int | None:
         """The device with the most recent event within window_us, if any."""
