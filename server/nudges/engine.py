@@ -19,7 +19,7 @@ import random
 import secrets
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -37,6 +37,7 @@ from pulsesync.server.nudges.eligibility import (
     template_values,
 )
 from pulsesync.server.nudges.features import (
+    US_PER_MIN,
     FeatureStore,
     hour_bucket,
     local_day,
@@ -92,11 +93,27 @@ def _ts(us: int) -> timestamp_pb2.Timestamp:
 async def steps_in_window(
     timeline: TimelineStore, user_id: int, start_us: int, window_us: int
 ) -> int:
-    """Sum of the counts of the user's Steps events with start <= corrected time < start + window."""
+    """Steps of the user's Steps events with start <= corrected time < start + window.
+
+    Two devices counting the same walk (a phone in the pocket and a watch) are not added up:
+    counts are summed per device and minute, and each minute takes its largest device total.
+    """
     events = await timeline.events(
         user_id, start_us, start_us + window_us, kinds={events_pb2.EVENT_KIND_STEPS}
     )
-    return sum(e.event.steps.count for e in events)
+    return dedup_steps((e.device_id, e.t_us, e.event.steps.count) for e in events)
+
+
+def dedup_steps(counts: Iterable[tuple[object, int, int]]) -> int:
+    """Total steps from (device, time, count): per minute, the largest device's sum."""
+    per: dict[tuple[int, object], int] = {}
+    for device, t_us, count in counts:
+        key = ((t_us - 1) // US_PER_MIN, device)  # a count ending at t belongs to the minute before
+        per[key] = per.get(key, 0) + count
+    best: dict[int, int] = {}
+    for (minute, _), total in per.items():
+        best[minute] = max(best.get(minute, 0), total)
+    return sum(best.values())
 
 
 class NudgeEngine:

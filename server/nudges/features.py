@@ -129,6 +129,7 @@ class UserState:
     """What the features need about one user, updated event by event."""
 
     steps_by_min: dict[int, int] = field(default_factory=dict)
+    device_steps: dict[int, dict[int, int]] = field(default_factory=dict)  # minute -> device -> n
     last_moving_min: int | None = None
     first_seen_min: int | None = None
     device_last_us: dict[int, int] = field(default_factory=dict)
@@ -146,9 +147,12 @@ class UserState:
     outcome_by_action: dict[str, _Mean] = field(default_factory=dict)
     outcome_by_hour: dict[tuple[bool, int], _Mean] = field(default_factory=dict)
 
-    def add_steps(self, t_us: int, count: int) -> None:
+    def add_steps(self, t_us: int, count: int, device_pk: int = 0) -> None:
+        """Count steps ending at t_us; a minute keeps its largest device total (no double count)."""
         minute = (t_us - 1) // US_PER_MIN  # a count ending at t belongs to the minute before
-        self.steps_by_min[minute] = self.steps_by_min.get(minute, 0) + count
+        devices = self.device_steps.setdefault(minute, {})
+        devices[device_pk] = devices.get(device_pk, 0) + count
+        self.steps_by_min[minute] = max(devices.values())
         if self.steps_by_min[minute] >= SEDENTARY_STEPS_PER_MIN and (
             self.last_moving_min is None or minute > self.last_moving_min
         ):
@@ -157,6 +161,7 @@ class UserState:
             newest = max(self.steps_by_min)
             for m in [m for m in self.steps_by_min if m < newest - STEP_HISTORY_MIN]:
                 del self.steps_by_min[m]
+                self.device_steps.pop(m, None)
 
     def steps_since(self, now_us: int, minutes: int) -> int:
         now_min = now_us // US_PER_MIN
@@ -283,7 +288,7 @@ class FeatureStore:
             ):
                 msg = events_pb2.Event.FromString(ev.body)
                 if kind == events_pb2.EVENT_KIND_STEPS:
-                    state.add_steps(ev.t_us, msg.steps.count)
+                    state.add_steps(ev.t_us, msg.steps.count, ev.device_pk)
                 elif kind == events_pb2.EVENT_KIND_HEART_RATE:
                     if msg.heart_rate.bpm:
                         state.hr.add(float(msg.heart_rate.bpm))
