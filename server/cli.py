@@ -52,6 +52,11 @@ def add_storage_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _env_path(name: str) -> Path | None:
+    """PULSESYNC_<name> as a path, for commands without the flag (e.g. `privacy erase`)."""
+    return Path(v) if (v := env(name)) else None
+
+
 def config_from(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         host=getattr(args, "host", DEFAULT_HOST),
@@ -61,7 +66,8 @@ def config_from(args: argparse.Namespace) -> ServerConfig:
         tls_cert=getattr(args, "tls_cert", None),
         tls_key=getattr(args, "tls_key", None),
         metrics_port=getattr(args, "metrics_port", None),
-        key_file=getattr(args, "key_file", None),
+        key_file=getattr(args, "key_file", None) or _env_path("KEY_FILE"),
+        key_vault=getattr(args, "key_vault", None) or _env_path("KEY_VAULT"),
         port_file=getattr(args, "port_file", None),
     )
 
@@ -182,6 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=Path(v) if (v := env("KEY_FILE")) else None,
         help="profile key-encryption key file (default DATA_DIR/kek.key)",
+    )
+    serve.add_argument(
+        "--key-vault",
+        type=Path,
+        default=Path(v) if (v := env("KEY_VAULT")) else None,
+        help="profile data key vault: back it up apart from the database, with short "
+        "retention (default DATA_DIR/keyvault.db)",
     )
     serve.add_argument(
         "--port-file", type=Path, default=None, help="write the bound port here once listening"

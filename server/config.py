@@ -34,6 +34,9 @@ class ServerConfig:
     metrics_port: int | None = None
     # The key-encryption key file for profile encryption (created with mode 0600 if missing).
     key_file: Path | None = None
+    # The key vault holding each person's wrapped data key, apart from the database so that
+    # database backups hold ciphertext only (created with mode 0600 if missing).
+    key_vault: Path | None = None
     # Write the bound gRPC port here once listening (for supervisors and tests using port 0).
     port_file: Path | None = None
     grace_seconds: float = 5.0
@@ -46,6 +49,10 @@ class ServerConfig:
     @property
     def kek_file(self) -> Path:
         return self.key_file or self.data_dir / "kek.key"
+
+    @property
+    def vault_file(self) -> Path:
+        return self.key_vault or self.data_dir / "keyvault.db"
 
     @property
     def address(self) -> str:

@@ -1,9 +1,9 @@
 """`pulsesync keys ...`: administer the profile key-encryption key.
 
-    pulsesync keys rotate [--data-dir D] [--db FILE] [--key-file FILE]
+    pulsesync keys rotate [--data-dir D] [--db FILE] [--key-file FILE] [--key-vault FILE]
 
-Rotation adds a new key-encryption key to the key file, re-wraps every user's data key
-under it in one transaction (profiles themselves are not re-encrypted, so every stored
+Rotation adds a new key-encryption key to the key file, re-wraps every user's data key in
+the key vault under it in one transaction (profiles themselves are not re-encrypted, so every stored
 version stays readable), then removes the retired key from the file once no data key uses
 it. It works on the files directly, with the server stopped or running.
 """
@@ -13,13 +13,18 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from pulsesync.server.clock import SystemClock
 from pulsesync.server.config import env
-from pulsesync.server.profiles.crypto import FileKeyStore, WrappedKey, data_key_context
+from pulsesync.server.profiles.crypto import FileKeyStore, data_key_context
 from pulsesync.server.profiles.store import ProfileStore
+from pulsesync.server.profiles.vault import KeyVault
 from pulsesync.server.storage.db import Database
+
+# Re-wrap passes: a key added by a running server during a pass under the old primary is
+# picked up by the next; two are enough, more only bound the loop.
+_REWRAP_ROUNDS: Final = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,28 +36,27 @@ class Rotation:
     removed: tuple[str, ...]
 
 
-async def rotate(db: Database, keystore: FileKeyStore, now_us: int) -> Rotation:
+async def rotate(vault: KeyVault, keystore: FileKeyStore, now_us: int) -> Rotation:
     """Introduce a new KEK and re-wrap every data key under it (see module docstring)."""
     new_id = keystore.add_primary()
-    async with db.transaction() as tx:
-        async with tx.execute(
-            "SELECT user_id, key_id, kek_id, wrapped_key FROM profile_keys WHERE kek_id != ?",
-            (new_id,),
-        ) as cur:
-            rows = list(await cur.fetchall())
-        for user_id, key_id, kek_id, blob in rows:
-            context = data_key_context(int(user_id), str(key_id))
-            key = await keystore.unwrap(WrappedKey(str(kek_id), bytes(blob)), context)
-            wrapped = await keystore.wrap(key, context)
-            await tx.execute(
-                "UPDATE profile_keys SET kek_id = ?, wrapped_key = ?, wrap_us = ? WHERE user_id = ?",
-                (wrapped.kek_id, wrapped.blob, now_us, user_id),
-            )
-    async with db.reader.execute("SELECT DISTINCT kek_id FROM profile_keys") as cur:
-        in_use = {str(r[0]) for r in await cur.fetchall()}
+    rewrapped = 0
+    for _ in range(_REWRAP_ROUNDS):
+        pending = [k for k in await vault.all() if k.wrapped.kek_id != new_id]
+        if not pending:
+            break
+        updates = []
+        for key in pending:
+            context = data_key_context(key.user_id, key.key_id)
+            data_key = await keystore.unwrap(key.wrapped, context)
+            updates.append((key, await keystore.wrap(data_key, context)))
+        # Compare-and-set per row: a key erased or re-wrapped meanwhile is left alone.
+        rewrapped += await vault.replace_wrapped(updates, now_us)
+    in_use = set(await vault.kek_counts())
     retired = set(keystore.key_ids()) - in_use - {new_id}
     keystore.drop(retired)
-    return Rotation(new_id, len(rows), tuple(sorted(retired)))
+    # The old wraps are useless without the retired KEK; compact anyway so none linger.
+    await vault.compact()
+    return Rotation(new_id, rewrapped, tuple(sorted(retired)))
 
 
 async def cmd_rotate(args: argparse.Namespace) -> int:
@@ -60,12 +64,16 @@ async def cmd_rotate(args: argparse.Namespace) -> int:
 
     config = config_from(args)
     async with await Database.open(config.database) as db:
-        # Opening the store checks that the key file fits the database before touching it.
+        # Opening the store checks that the key file and vault fit the database first.
         store = await ProfileStore.open(config, db, SystemClock())
         assert isinstance(store.keystore, FileKeyStore)
-        done = await rotate(db, store.keystore, SystemClock().now_us())
+        assert store.vault is not None
+        done = await rotate(store.vault, store.keystore, SystemClock().now_us())
     print(f"new key-encryption key {done.new_kek_id} in {config.kek_file}")
-    print(f"re-wrapped {done.rewrapped} profile data key(s); profiles were not re-encrypted")
+    print(
+        f"re-wrapped {done.rewrapped} profile data key(s) in {config.vault_file}; "
+        "profiles were not re-encrypted"
+    )
     if done.removed:
         print(f"removed retired key(s) {', '.join(done.removed)} from the key file")
     print("back up the key file now, apart from the database")
@@ -88,5 +96,11 @@ def register(sub: Any) -> None:
         type=Path,
         default=Path(v) if (v := env("KEY_FILE")) else None,
         help="profile key-encryption key file (env PULSESYNC_KEY_FILE; default DATA_DIR/kek.key)",
+    )
+    p.add_argument(
+        "--key-vault",
+        type=Path,
+        default=Path(v) if (v := env("KEY_VAULT")) else None,
+        help="profile data key vault (env PULSESYNC_KEY_VAULT; default DATA_DIR/keyvault.db)",
     )
     p.set_defaults(handler=cmd_rotate)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import sqlite3
 from collections import OrderedDict, defaultdict, deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ from pulsesync.server.errors import (
     ResourceExhausted,
 )
 from pulsesync.server.privacy.consent import ConsentStore
-from pulsesync.server.profiles import document
+from pulsesync.server.profiles import document, upgrade
 from pulsesync.server.profiles.crypto import (
     KEY_BYTES,
     AesGcmSealer,
@@ -46,13 +45,13 @@ from pulsesync.server.profiles.crypto import (
     PlaintextSealer,
     ProfileIntegrityError,
     Sealer,
-    WrappedKey,
     data_key_context,
     profile_aad,
 )
 from pulsesync.server.profiles.document import SERVER_NODE, Entry, State
 from pulsesync.server.profiles.hlc import HybridClock
 from pulsesync.server.profiles.layout import UsageRanker
+from pulsesync.server.profiles.vault import KeyVault, VaultKey
 from pulsesync.server.storage.db import Database
 from pulsesync.v1 import profiles_pb2
 
@@ -99,6 +98,10 @@ class _DataKey:
     key: bytes
 
 
+# The baseline benchmark's "key": no encryption, so no key material anywhere.
+_PLAINTEXT_KEY: Final = _DataKey("plaintext", bytes(KEY_BYTES))
+
+
 @dataclass(slots=True, eq=False)
 class _Watcher:
     items: deque[profiles_pb2.Profile] = field(default_factory=deque)
@@ -126,13 +129,19 @@ class ProfileStore:
     """Reads, merges, encrypts and versions profiles; see the module docstring."""
 
     def __init__(
-        self, db: Database, clock: Clock, keystore: KeyStore | None, sealer: Sealer
+        self,
+        db: Database,
+        clock: Clock,
+        keystore: KeyStore | None,
+        sealer: Sealer,
+        vault: KeyVault | None = None,
     ) -> None:
-        if sealer.encrypted and keystore is None:
-            raise ValueError("an encrypting sealer needs a KeyStore")
+        if sealer.encrypted and (keystore is None or vault is None):
+            raise ValueError("an encrypting sealer needs a KeyStore and a KeyVault")
         self.db = db
         self.clock = clock
         self.keystore = keystore
+        self.vault = vault
         self.sealer = sealer
         self.hlc = HybridClock(SERVER_NODE, lambda: clock.now_us() // 1000)
         self._heads: OrderedDict[int, _Head] = OrderedDict()
@@ -148,20 +157,22 @@ class ProfileStore:
     # -- opening -----------------------------------------------------------------------------
     @classmethod
     async def open(cls, config: ServerConfig, db: Database, clock: Clock) -> ProfileStore:
-        """The store for a server: load (or create) the key file and check it fits the DB."""
-        wrapped = await _wrapped_key_counts(db)
+        """The store for a server: open (or create) the key vault and the key file, move data
+        keys out of a database of the previous layout, and check that both fit the database."""
         if config.extra.get(PLAINTEXT_BENCHMARK_FLAG) == "yes":
-            if wrapped:
+            if await _has_ciphertext(db) or await upgrade.legacy_keys(db):
                 raise KeyFileError(
                     "this database holds encrypted profiles; the plaintext benchmark mode "
                     "needs a fresh database"
                 )
             return cls(db, clock, None, PlaintextSealer())
+        vault = await upgrade.open_vault(config, db, clock.now_us())
+        wrapped = await vault.kek_counts()
         path = config.kek_file
         in_use = sum(wrapped.values())
         if in_use and not path.exists():
             raise KeyFileError(
-                f"the database {config.database} holds {in_use} profile data key(s) wrapped "
+                f"the key vault {vault.path} holds {in_use} profile data key(s) wrapped "
                 f"by {', '.join(sorted(wrapped))}, but the key file {path} does not exist. "
                 "Restore it from your backup and point --key-file (or PULSESYNC_KEY_FILE) at "
                 "it; without it the stored profiles cannot be decrypted."
@@ -173,29 +184,47 @@ class ProfileStore:
         if missing:
             raise KeyFileError(
                 f"the key file {path} does not hold {', '.join(sorted(missing))}, which wraps "
-                f"the profile data keys in {config.database}: it is the wrong key file for this "
+                f"the profile data keys in {vault.path}: it is the wrong key file for this "
                 "database. Point --key-file (or PULSESYNC_KEY_FILE) at the key file this "
                 "database was used with."
             )
-        store = cls(db, clock, keystore, AesGcmSealer())
+        store = cls(db, clock, keystore, AesGcmSealer(), vault)
         await store._verify_keys(path)
+        await store._report_unkeyed()
         return store
 
     async def _verify_keys(self, path: object) -> None:
         """Unwrap one data key per KEK: a key file that does not fit refuses to start."""
-        async with self.db.reader.execute(
-            "SELECT kek_id, MIN(user_id) FROM profile_keys GROUP BY kek_id"
-        ) as cur:
-            samples = await cur.fetchall()
-        for kek_id, user_id in samples:
+        assert self.vault is not None
+        samples: dict[str, int] = {}
+        for key in await self.vault.all():
+            samples.setdefault(key.wrapped.kek_id, key.user_id)
+        for kek_id, user_id in sorted(samples.items()):
             try:
-                await self._data_key(int(user_id))
+                await self._data_key(user_id)
             except ProfileIntegrityError:
                 raise KeyFileError(
                     f"the key file {path} does not unwrap the profile data keys wrapped by "
-                    f"{kek_id} (user {user_id}): the key file or the database was altered. "
-                    "Restore the matching key file or database from backup."
+                    f"{kek_id} (user {user_id}) in {self.vault.path}: the key file or the "
+                    "key vault was altered. Restore the matching key file or key vault from "
+                    "backup."
                 ) from None
+
+    async def _report_unkeyed(self) -> None:
+        """Log people whose profile ciphertext has no data key: erased after this database
+        was backed up (restored backup), so their profile reads as erased."""
+        assert self.vault is not None
+        async with self.db.reader.execute("SELECT DISTINCT user_id FROM profile_versions") as cur:
+            with_profiles = {int(r[0]) for r in await cur.fetchall()}
+        unkeyed = sorted(with_profiles - await self.vault.user_ids())
+        if unkeyed:
+            log.warning(
+                "profiles without a data key in the key vault: these people were erased after "
+                "the database was backed up, or the vault is older than the database; their "
+                "profiles cannot be decrypted. Erase them again (`pulsesync privacy erase`) "
+                "to remove the rest of their data from this restored database",
+                extra={"users": unkeyed[:50], "count": len(unkeyed), "vault": str(self.vault.path)},
+            )
 
     # -- reading -----------------------------------------------------------------------------
     async def get(self, user_id: int) -> profiles_pb2.Profile:
@@ -321,13 +350,8 @@ class ProfileStore:
                 reason="PROFILE_TOO_LARGE",
             )
         dk = self._keys.get(user_id) or await self._load_key(user_id)
-        new_key: tuple[_DataKey, WrappedKey] | None = None
         if dk is None:
-            dk = _DataKey("dk_" + secrets.token_hex(8), secrets.token_bytes(KEY_BYTES))
-            wrapped = WrappedKey("plaintext", b"")
-            if self.keystore is not None:
-                wrapped = await self.keystore.wrap(dk.key, data_key_context(user_id, dk.key_id))
-            new_key = (dk, wrapped)
+            dk = await self._new_key(user_id)
         nonce, ciphertext = self.sealer.seal(
             dk.key, plaintext, profile_aad(user_id, version, dk.key_id)
         )
@@ -339,16 +363,6 @@ class ProfileStore:
                 row = await cur.fetchone()
             if int((row[0] if row else None) or 0) != base:
                 raise _Conflict
-            if new_key is not None:
-                key, wrapped = new_key
-                try:
-                    await tx.execute(
-                        "INSERT INTO profile_keys (user_id, key_id, kek_id, wrapped_key,"
-                        " create_us, wrap_us) VALUES (?, ?, ?, ?, ?, ?)",
-                        (user_id, key.key_id, wrapped.kek_id, wrapped.blob, now, now),
-                    )
-                except sqlite3.IntegrityError:
-                    raise _Conflict from None
             await tx.execute(
                 "INSERT INTO profile_versions (user_id, version, key_id, nonce, ciphertext,"
                 " device_id, create_us) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -360,6 +374,17 @@ class ProfileStore:
             )
         self._keys[user_id] = dk
         return _Head(version, state, profile)
+
+    async def _new_key(self, user_id: int) -> _DataKey:
+        """A fresh data key, stored wrapped in the vault (durably) before anything uses it."""
+        if self.keystore is None or self.vault is None:
+            return _PLAINTEXT_KEY
+        dk = _DataKey("dk_" + secrets.token_hex(8), secrets.token_bytes(KEY_BYTES))
+        wrapped = await self.keystore.wrap(dk.key, data_key_context(user_id, dk.key_id))
+        now = self.clock.now_us()
+        if not await self.vault.add(VaultKey(user_id, dk.key_id, wrapped, now, now)):
+            raise _Conflict  # another process gave the person a key first: use that one
+        return dk
 
     # -- watching ----------------------------------------------------------------------------
     async def watch(self, user_id: int, after_version: int) -> AsyncIterator[profiles_pb2.Profile]:
@@ -453,15 +478,24 @@ class ProfileStore:
 
     # -- privacy -----------------------------------------------------------------------------
     async def erase_user(self, user_id: int) -> None:
-        """Crypto-shred: destroy the user's data key and rows, drop caches, end watches."""
+        """Crypto-shred: destroy the user's data key in the vault (and compact it, so no copy
+        of the wrapped key remains), delete their rows, drop caches, end watches."""
         async with self._lock:
+            if self.vault is not None:
+                shredded = await self.vault.shred(user_id)
+                if shredded.checkpoint_busy:
+                    log.warning(
+                        "the key vault's log stayed busy after an erasure; the wrapped key is "
+                        "deleted but its old page stays in the log until the next checkpoint",
+                        extra={"vault": str(self.vault.path)},
+                    )
             async with self.db.writer.execute("PRAGMA secure_delete") as cur:
                 row = await cur.fetchone()
             before = int(row[0]) if row else 0
             await self.db.writer.execute("PRAGMA secure_delete = ON")
             try:
                 async with self.db.transaction() as tx:
-                    for table in ("profile_keys", "profile_versions", "profile_feature_usage"):
+                    for table in ("profile_versions", "profile_feature_usage"):
                         await tx.execute(f"DELETE FROM {table} WHERE user_id = ?", (user_id,))
             finally:
                 await self.db.writer.execute(f"PRAGMA secure_delete = {before}")
@@ -515,19 +549,13 @@ class ProfileStore:
             self._heads.popitem(last=False)
 
     async def _load_key(self, user_id: int) -> _DataKey | None:
-        async with self.db.reader.execute(
-            "SELECT key_id, kek_id, wrapped_key FROM profile_keys WHERE user_id = ?", (user_id,)
-        ) as cur:
-            row = await cur.fetchone()
-        if row is None:
+        if self.keystore is None or self.vault is None:
+            return _PLAINTEXT_KEY
+        stored = await self.vault.get(user_id)
+        if stored is None:
             return None
-        key_id, kek_id, blob = str(row[0]), str(row[1]), bytes(row[2])
-        if self.keystore is None:
-            return _DataKey(key_id, bytes(KEY_BYTES))
-        key = await self.keystore.unwrap(
-            WrappedKey(kek_id, blob), data_key_context(user_id, key_id)
-        )
-        dk = _DataKey(key_id, key)
+        key = await self.keystore.unwrap(stored.wrapped, data_key_context(user_id, stored.key_id))
+        dk = _DataKey(stored.key_id, key)
         self._keys[user_id] = dk
         return dk
 
@@ -569,8 +597,6 @@ class _Conflict(Exception):
     """Another writer committed first (compare-and-set lost)."""
 
 
-async def _wrapped_key_counts(db: Database) -> dict[str, int]:
-    async with db.reader.execute(
-        "SELECT kek_id, COUNT(*) FROM profile_keys GROUP BY kek_id"
-    ) as cur:
-        return {str(k): int(n) for k, n in await cur.fetchall()}
+async def _has_ciphertext(db: Database) -> bool:
+    async with db.reader.execute("SELECT 1 FROM profile_versions LIMIT 1") as cur:
+        return await cur.fetchone() is not None

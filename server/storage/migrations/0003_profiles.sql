@@ -1,14 +1,17 @@
--- Profiles: per-user data keys (wrapped by the key-encryption key), encrypted profile
--- versions, and the recency-weighted feature usage behind the adaptive layout.
--- Every table has a user_id column, so erasure deletes a person's rows generically.
+-- Profiles: encrypted profile versions, and the recency-weighted feature usage behind the
+-- adaptive layout. Every per-person table has a user_id column, so erasure deletes a person's
+-- rows generically.
+--
+-- The per-person data keys are NOT here: they live in the key vault (DATA_DIR/keyvault.db,
+-- server/profiles/vault.py), so that a backup of this database holds ciphertext only and
+-- erasing a person's key reaches every backup. Databases created before kept them in a
+-- `profile_keys` table; the profile store moves those rows to the vault on first start.
 
-CREATE TABLE profile_keys (
-    user_id     INTEGER PRIMARY KEY REFERENCES users(user_id) ON DELETE CASCADE,
-    key_id      TEXT NOT NULL,                  -- public id of the data key (bound in AAD)
-    kek_id      TEXT NOT NULL,                  -- which key-encryption key wraps it
-    wrapped_key BLOB NOT NULL,                  -- nonce || AES-GCM(KEK, data key)
-    create_us   INTEGER NOT NULL,
-    wrap_us     INTEGER NOT NULL                -- last (re-)wrap, e.g. by `keys rotate`
+-- Which key vault holds the data keys of this database's profiles (one row; no personal data).
+CREATE TABLE profile_vault (
+    singleton   INTEGER PRIMARY KEY CHECK (singleton = 1),
+    vault_id    TEXT NOT NULL,                  -- the vault's random id (vault_meta.vault_id)
+    bind_us     INTEGER NOT NULL
 );
 
 -- Appended once per version; a version is never rewritten. Clustered on (user, version).

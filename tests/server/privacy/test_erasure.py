@@ -3,6 +3,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import sqlite3
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -188,16 +191,13 @@ async def test_scrub_reports_a_smaller_file(server: RunningServer) -> None:
     assert not server.app.db.path.with_name(server.app.db.path.name + "-wal").stat().st_size
 
 
-async def test_erasure_shreds_the_profile_key_and_rotation_retires_backups(
-    server: RunningServer, channel: grpc.aio.Channel
+async def test_erasure_shreds_the_profile_key_so_a_database_backup_cannot_open_it(
+    server: RunningServer, channel: grpc.aio.Channel, tmp_path: Path
 ) -> None:
-    from pulsesync.server.profiles.cli import rotate
-    from pulsesync.server.profiles.crypto import (
-        FileKeyStore,
-        KeyFileError,
-        WrappedKey,
-        data_key_context,
-    )
+    from pulsesync.server.profiles.crypto import ProfileIntegrityError
+    from pulsesync.server.profiles.store import ProfileStore
+    from pulsesync.server.profiles.vault import vault_bytes
+    from pulsesync.server.storage.db import Database
 
     phone = await pair_device(server, NAME)
     await pair_device(server, "bo")
@@ -208,30 +208,40 @@ async def test_erasure_shreds_the_profile_key_and_rotation_retires_backups(
             p.preferences.app_settings["note"] = v
 
         await server.app.profiles.edit(uid, set_note)
-    async with server.app.db.reader.execute(
-        "SELECT key_id, kek_id, wrapped_key FROM profile_keys WHERE user_id = ?", (ada_id,)
-    ) as c:
-        row = await c.fetchone()
-    assert row is not None
-    old = WrappedKey(str(row[1]), bytes(row[2]))
-    context = data_key_context(ada_id, str(row[0]))
-    keystore = server.app.profiles.keystore
-    assert isinstance(keystore, FileKeyStore)
-    assert old.blob in database_bytes(server.app.db.path)
+    vault = server.app.profiles.vault
+    assert vault is not None
+    ada_key = await vault.get(ada_id)
+    assert ada_key is not None
+    # The database holds ciphertext only: no wrapped key in it, so none in its backups.
+    assert ada_key.wrapped.blob not in database_bytes(server.app.db.path)
+    assert ada_key.wrapped.blob in vault_bytes(vault.path)
+    backup = tmp_path / "backup" / "pulsesync.db"
+    backup.parent.mkdir()
+    with sqlite3.connect(server.app.db.path) as live, sqlite3.connect(backup) as copy:
+        live.backup(copy)
+    live.close()
+    copy.close()
 
     stub = privacy_pb2_grpc.PrivacyServiceStub(channel)
     resp = await stub.EraseData(
         privacy_pb2.EraseDataRequest(confirmation="ERASE"), metadata=phone.metadata, timeout=30
     )
-    assert resp.receipt.deleted_counts["profile_keys"] == 1
     assert resp.receipt.deleted_counts["profile_versions"] == 1
-    # the wrapped key is gone from the database file and its log...
-    assert old.blob not in database_bytes(server.app.db.path)
-    # ...but a backup taken before the erasure still holds it, and the current KEK still
-    # opens it: rotating the KEK (which drops the retired one) is what makes backups unreadable
-    assert len(await keystore.unwrap(old, context)) == 32
-    await rotate(server.app.db, keystore, server.app.clock.now_us())
-    with pytest.raises(KeyFileError):
-        await keystore.unwrap(old, context)
+    assert "profile_keys" not in resp.receipt.deleted_counts
+    # The erase hook destroyed the key: not in the vault, its log or the database.
+    assert await vault.get(ada_id) is None
+    assert ada_key.wrapped.blob not in vault_bytes(vault.path)
+    assert ada_key.wrapped.blob not in database_bytes(server.app.db.path)
+
+    # The backup from before the erasure, opened with the live key file and vault: the
+    # erased person's profile is there as ciphertext but cannot be decrypted; bo's can.
+    config = replace(server.app.config, db_path=backup)
+    async with await Database.open(backup) as db:
+        store = await ProfileStore.open(config, db, server.app.clock)
+        with pytest.raises(ProfileIntegrityError) as err:
+            await store.get(ada_id)
+        assert err.value.reason == "PROFILE_KEY_MISSING"
+        assert (await store.get(bo_id)).preferences.app_settings["note"] == "bo-profile"
+    assert b"zelda-profile-secret" not in database_bytes(backup)
     server.app.profiles.forget_caches()
     assert (await server.app.profiles.get(bo_id)).preferences.app_settings["note"] == "bo-profile"

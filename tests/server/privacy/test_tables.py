@@ -12,6 +12,7 @@ NOT_PERSONAL = {
     "schema_migrations": "migration bookkeeping",
     "privacy_audit": "pseudonymous by design; must outlive erasure",
     "deletion_receipts": "salted hashes only; must outlive erasure",
+    "profile_vault": "the id of the key vault holding the data keys; names nobody",
 }
 
 

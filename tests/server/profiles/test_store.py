@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,17 +187,18 @@ async def test_swapped_users_ciphertexts_fail(env: Env) -> None:
     env.store.forget_caches()
     with pytest.raises(ProfileIntegrityError, match="names data key"):
         await env.store.get(1)
-    # Swapping the wrapped data keys fails too (they are bound to their user).
-    async with env.db.transaction() as tx:
-        async with tx.execute(
-            "SELECT user_id, key_id, wrapped_key FROM profile_keys ORDER BY user_id"
-        ) as cur:
-            k1, k2 = await cur.fetchall()
+    # Swapping the wrapped data keys in the vault fails too (they are bound to their user).
+    vault = env.config.vault_file
+    with sqlite3.connect(vault) as conn:
+        k1, k2 = conn.execute(
+            "SELECT user_id, key_id, wrapped_key FROM data_keys ORDER BY user_id"
+        ).fetchall()
         for (uid, _, _), (_, key_id, wrapped) in ((k1, k2), (k2, k1)):
-            await tx.execute(
-                "UPDATE profile_keys SET key_id = ?, wrapped_key = ? WHERE user_id = ?",
+            conn.execute(
+                "UPDATE data_keys SET key_id = ?, wrapped_key = ? WHERE user_id = ?",
                 (key_id, wrapped, uid),
             )
+    conn.close()
     env.store.forget_caches()
     with pytest.raises(ProfileIntegrityError, match="wrapped data key"):
         await env.store.get(1)
@@ -271,20 +273,19 @@ async def test_rotation_rewraps_keys_and_old_versions_stay_readable(env: Env) ->
     keystore = env.store.keystore
     assert isinstance(keystore, FileKeyStore)
     old_id = keystore.primary_id
-    done = await rotate(env.db, keystore, env.clock.now_us())
+    assert env.store.vault is not None
+    done = await rotate(env.store.vault, keystore, env.clock.now_us())
     assert done.rewrapped == 2
     assert done.removed == (old_id,)
     assert done.new_kek_id != old_id
     async with env.db.reader.execute("SELECT nonce, ciphertext FROM profile_versions") as cur:
         assert await cur.fetchall() == before  # profiles were not re-encrypted
-    async with env.db.reader.execute("SELECT DISTINCT kek_id FROM profile_keys") as cur:
-        assert [r[0] for r in await cur.fetchall()] == [done.new_kek_id]
+    assert await env.store.vault.kek_counts() == {done.new_kek_id: 2}
     assert old_id not in env.config.kek_file.read_text()
     store = await env.reopen()  # a restart with the rotated key file
     assert (await store.get_version(1, 1)).preferences.theme.endswith("-1")
     assert (await store.get(1)).preferences.theme.endswith("-2")
     assert (await store.get(2)).preferences.theme.endswith("-3")
-    # The pre-rotation key file no longer opens this database.
 
 
 async def test_stale_base_is_merged_and_names_the_fields_another_device_won(env: Env) -> None:
@@ -421,8 +422,9 @@ async def test_erasure_destroys_the_data_key_and_export_decrypts(env: Env) -> No
         for table in ("profile_versions",):
             await tx.execute(f"DELETE FROM {table} WHERE user_id = 1")
     await env.store.erase_user(1)
-    async with env.db.reader.execute("SELECT COUNT(*) FROM profile_keys WHERE user_id = 1") as cur:
-        assert (one(await cur.fetchone()))[0] == 0
+    assert env.store.vault is not None
+    assert await env.store.vault.get(1) is None
+    assert await env.store.vault.get(2) is not None
     assert 1 not in env.store._keys
     assert (await env.store.get(1)).version == 0
     assert [r async for r in env.store.export_user(1)] == []
