@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from pulsesync.server.app import running_server
-from pulsesync.server.cli import main
+from pulsesync.server.cli import build_parser, config_from, main
 from pulsesync.server.config import ServerConfig
 from pulsesync.server.profiles.crypto import FileKeyStore, KeyFileError
+from pulsesync.server.profiles.vault import KeyVaultError
 
 
 async def _server_with_a_profile(config: ServerConfig) -> None:
@@ -55,3 +57,29 @@ async def test_cli_rotate_then_the_server_reads_old_versions(
     assert (tmp_path / "kek.key").stat().st_mode & 0o777 == 0o600
     async with running_server(config) as server:
         assert (await server.app.profiles.get_version(1, 1)).time_zone == "UTC"
+
+
+async def test_server_refuses_a_missing_key_vault_and_takes_it_by_env(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = ServerConfig(port=0, data_dir=tmp_path, grace_seconds=0.2)
+    await _server_with_a_profile(config)
+    moved = tmp_path / "vault-elsewhere.db"
+    (tmp_path / "keyvault.db").rename(moved)
+    with pytest.raises(KeyVaultError) as err:
+        async with running_server(config):
+            pass
+    assert str(tmp_path / "keyvault.db") in err.value.message
+    assert "PULSESYNC_KEY_VAULT" in err.value.message
+    # The flag and the environment variable reach every command's configuration.
+    args = build_parser().parse_args(
+        ["serve", "--data-dir", str(tmp_path), "--key-vault", str(moved)]
+    )
+    assert config_from(args).vault_file == moved
+    monkeypatch.setenv("PULSESYNC_KEY_VAULT", str(moved))
+    args = build_parser().parse_args(["privacy", "audit", "--data-dir", str(tmp_path)])
+    assert config_from(args).vault_file == moved
+    rc = await asyncio.to_thread(main, ["keys", "rotate", "--data-dir", str(tmp_path)])
+    assert rc == 0
+    async with running_server(replace(config, key_vault=moved)) as server:
+        assert (await server.app.profiles.get(1)).time_zone == "UTC"
