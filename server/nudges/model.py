@@ -101,6 +101,7 @@ class OutcomeModel:
         actions: Sequence[str],
         version: str,
         send_threshold: float = 0.0,
+        learned_actions: Sequence[str] | None = None,
     ) -> None:
         self.base = base
         self.effect = effect
@@ -108,6 +109,12 @@ class OutcomeModel:
         self.version = version
         self.send_threshold = send_threshold
         self._index = {a: i for i, a in enumerate(self.actions)}
+        # Types with R-learner rows in training; any other (e.g. a type never sent, or one
+        # whose outcome is "acted") is predicted like sending nothing, never from trees that
+        # never saw it.
+        self.learned_actions = frozenset(
+            a for a in (self.actions if learned_actions is None else learned_actions) if a != NONE
+        )
 
     def min_gain(self, catalog_min_gain: float) -> float:
         """The gain over sending nothing a nudge must be predicted to reach."""
@@ -123,7 +130,7 @@ class OutcomeModel:
         b = self.base.predict(x[:, : len(FEATURE_NAMES)], num_threads=1)
         e = self.effect.predict(x, num_threads=1)
         return {
-            a: float(bv + (ev if a in self._index and a != NONE else 0.0))
+            a: float(bv + (ev if a in self.learned_actions else 0.0))
             for a, bv, ev in zip(options, b, e, strict=True)
         }
 
@@ -138,7 +145,7 @@ class OutcomeModel:
             for a in actions
         ]
         x = np.array(rows, dtype=np.float64).reshape(n * len(actions), len(COLUMNS))
-        known = np.array([a in self._index and a != NONE for a in actions] * n)
+        known = np.array([a in self.learned_actions for a in actions] * n)
         q = self.base.predict(x[:, : len(FEATURE_NAMES)], num_threads=1) + np.where(
             known, self.effect.predict(x, num_threads=1), 0.0
         )
@@ -151,12 +158,17 @@ class OutcomeModel:
 
     @classmethod
     def load(
-        cls, stem: Path, actions: Sequence[str], version: str, send_threshold: float = 0.0
+        cls,
+        stem: Path,
+        actions: Sequence[str],
+        version: str,
+        send_threshold: float = 0.0,
+        learned_actions: Sequence[str] | None = None,
     ) -> OutcomeModel:
         """Read a model written by save()."""
         base = lgb.Booster(model_file=str(stem.with_suffix(".base.txt")))
         effect = lgb.Booster(model_file=str(stem.with_suffix(".effect.txt")))
-        return cls(base, effect, actions, version, send_threshold)
+        return cls(base, effect, actions, version, send_threshold, learned_actions)
 
 
 def _fit(
@@ -238,6 +250,7 @@ def train(
     rows: list[list[float]] = []
     target: list[float] = []
     weight: list[float] = []
+    learned: set[str] = set()
     for d, r in zip(decisions, resid, strict=True):
         e0 = d.options.get(NONE, 0.0)
         if d.chosen not in index:
@@ -252,6 +265,7 @@ def train(
                 continue
             t = 1.0 if d.chosen == a else 0.0
             rows.append(row(d.features, d.past_gain, index[a], a))
+            learned.add(a)
             target.append(r / (t - e))
             weight.append((t - e) ** 2)
     if len(rows) < 50:
@@ -267,7 +281,7 @@ def train(
         EFFECT_PARAMS,
         EFFECT_ROUNDS,
     )
-    model = OutcomeModel(base, effect, actions, version)
+    model = OutcomeModel(base, effect, actions, version, learned_actions=sorted(learned))
     model.send_threshold = _threshold(model, decisions, send_budget, min_gain)
     return model
 
@@ -303,6 +317,7 @@ def meta_json(model: OutcomeModel, extra: Mapping[str, Any]) -> str:
             "actions": list(model.actions),
             "columns": list(COLUMNS),
             "send_threshold": model.send_threshold,
+            "learned_actions": sorted(model.learned_actions),
             **extra,
         },
         indent=2,

@@ -94,6 +94,7 @@ class ModelRegistry:
             meta["actions"],
             version_name(version),
             float(meta.get("send_threshold", 0.0)),
+            meta.get("learned_actions"),
         )
 
     def changed(self) -> bool:

@@ -68,6 +68,10 @@ def test_trained_model_learns_the_effect_and_registry_promotes_and_reloads(tmp_p
     assert not reg.changed()
     loaded = reg.load(v)
     assert np.allclose(loaded.predict_many(data[:20], ACTIONS), q[:20])
+    # Types never sent in training (here all but walking) are predicted like sending nothing.
+    assert loaded.learned_actions == {"walking_suggestion"}
+    for other in ("break_from_sitting", "resume_item", "study_reminder", "wind_down"):
+        assert np.allclose(q[:, ACTIONS.index(other)], q[:, ACTIONS.index("none")])
 
 
 def people_logs(n_users: int, per_user: int, effect: float, seed: int) -> list[LoggedDecision]:
