@@ -350,28 +350,36 @@ class ProfileStore:
                 reason="PROFILE_TOO_LARGE",
             )
         dk = self._keys.get(user_id) or await self._load_key(user_id)
+        created = dk is None
         if dk is None:
             dk = await self._new_key(user_id)
         nonce, ciphertext = self.sealer.seal(
             dk.key, plaintext, profile_aad(user_id, version, dk.key_id)
         )
         now = self.clock.now_us()
-        async with self.db.transaction() as tx:
-            async with tx.execute(
-                "SELECT MAX(version) FROM profile_versions WHERE user_id = ?", (user_id,)
-            ) as cur:
-                row = await cur.fetchone()
-            if int((row[0] if row else None) or 0) != base:
-                raise _Conflict
-            await tx.execute(
-                "INSERT INTO profile_versions (user_id, version, key_id, nonce, ciphertext,"
-                " device_id, create_us) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (user_id, version, dk.key_id, nonce, ciphertext, device_id, now),
-            )
-            await tx.execute(
-                "DELETE FROM profile_versions WHERE user_id = ? AND version <= ?",
-                (user_id, version - MAX_RETAINED_VERSIONS),
-            )
+        try:
+            async with self.db.transaction() as tx:
+                async with tx.execute(
+                    "SELECT MAX(version) FROM profile_versions WHERE user_id = ?", (user_id,)
+                ) as cur:
+                    row = await cur.fetchone()
+                if int((row[0] if row else None) or 0) != base:
+                    raise _Conflict
+                await tx.execute(
+                    "INSERT INTO profile_versions (user_id, version, key_id, nonce, ciphertext,"
+                    " device_id, create_us) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (user_id, version, dk.key_id, nonce, ciphertext, device_id, now),
+                )
+                await tx.execute(
+                    "DELETE FROM profile_versions WHERE user_id = ? AND version <= ?",
+                    (user_id, version - MAX_RETAINED_VERSIONS),
+                )
+        except _Conflict:
+            raise  # another writer won; the new key (if any) is the person's key, keep it
+        except Exception:
+            if created:
+                await self._discard_unused_key(user_id, dk.key_id)
+            raise
         self._keys[user_id] = dk
         return _Head(version, state, profile)
 
@@ -385,6 +393,19 @@ class ProfileStore:
         if not await self.vault.add(VaultKey(user_id, dk.key_id, wrapped, now, now)):
             raise _Conflict  # another process gave the person a key first: use that one
         return dk
+
+    async def _discard_unused_key(self, user_id: int, key_id: str) -> None:
+        """Remove a key made for a write that failed (e.g. the person was erased meanwhile),
+        unless a version of another writer uses it, so no orphan key outlives an erasure."""
+        if self.vault is None:
+            return
+        async with self.db.reader.execute(
+            "SELECT 1 FROM profile_versions WHERE user_id = ? AND key_id = ? LIMIT 1",
+            (user_id, key_id),
+        ) as cur:
+            if await cur.fetchone() is not None:
+                return
+        await self.vault.discard(user_id, key_id)
 
     # -- watching ----------------------------------------------------------------------------
     async def watch(self, user_id: int, after_version: int) -> AsyncIterator[profiles_pb2.Profile]:

@@ -338,6 +338,17 @@ class KeyVault:
 
         return await self._run(q)
 
+    async def discard(self, user_id: int, key_id: str) -> bool:
+        """Delete one key if it is still the person's (no compaction: it protected nothing)."""
+
+        def q(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute(
+                "DELETE FROM data_keys WHERE user_id = ? AND key_id = ?", (user_id, key_id)
+            )
+            return cur.rowcount > 0
+
+        return await self._run(q)
+
     async def compact(self) -> bool:
         """VACUUM and empty the log (after a rotation); whether the log stayed busy."""
         return await self._run(_compact)

@@ -340,3 +340,13 @@ async def test_rotation_rewraps_the_vault_and_new_writes_use_the_new_kek(env: En
     cy = await env.vault.get(3)
     assert cy is not None
     assert cy.wrapped.kek_id == done.new_kek_id
+
+
+async def test_a_write_that_fails_after_its_key_was_made_leaves_no_key_behind(env: Env) -> None:
+    # A write racing an erasure: the person's row is gone, so the version cannot commit.
+    with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"):
+        await set_note(env.store, 9, "late write")
+    assert await env.vault.get(9) is None
+    assert await env.vault.user_ids() == set()
+    await set_note(env.store, 1, "ada-note")  # and the store keeps working
+    assert await env.vault.user_ids() == {1}
