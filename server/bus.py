@@ -2,14 +2,16 @@
 
 Ingest publishes each batch *after* it is durably committed; the nudge features and the
 adaptive layout subscribe. Subscribers must be quick and must not raise: they run on the
-ingest path (a slow one would slow acks). Heavy work belongs on a queue of the subscriber's.
+ingest path (a slow one would slow acks). Heavy work belongs on a queue of the subscriber's;
+keep the published sequence itself on that queue (see CommittedBatch for why).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Iterator, Sequence
+from typing import Final, NamedTuple, overload
 
 log = logging.getLogger(__name__)
 
@@ -18,7 +20,9 @@ class CommittedEvent(NamedTuple):
     """An event as stored: who, which device, corrected time, kind and serialized body.
 
     A NamedTuple rather than a frozen dataclass: one is built per ingested event on the hot
-    path, and a tuple is several times cheaper to build, with the same attribute access.
+    path, and a tuple is several times cheaper to build, with the same attribute access. The
+    fields are in the order of ingest's INSERT columns, so that a row becomes one in place
+    (see CommittedBatch).
     """
 
     user_id: int
@@ -27,6 +31,46 @@ class CommittedEvent(NamedTuple):
     t_us: int
     kind: int
     body: bytes
+    received_us: int = 0  # server time of receipt
+
+
+# A committed row in CommittedEvent's field order, as ingest inserts it.
+CommittedRow = tuple[int, int, int, int, int, bytes, int]
+
+_as_event: Final = functools.partial(tuple.__new__, CommittedEvent)
+
+
+class CommittedBatch(Sequence[CommittedEvent]):
+    """The events of one committed batch: plain row tuples, CommittedEvents built on access.
+
+    Why not a list of CommittedEvents: subscribers keep batches until they get to them (the
+    nudge features fold them in every few seconds), and CPython's cyclic GC untracks plain
+    tuples of ints and bytes but never a tuple subclass, so every retained CommittedEvent would
+    be traversed by every full collection. Built on access, a CommittedEvent lives as long as
+    the subscriber's loop iteration.
+    """
+
+    __slots__ = ("_rows",)
+
+    def __init__(self, rows: list[CommittedRow]) -> None:
+        self._rows = rows
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @overload
+    def __getitem__(self, i: int) -> CommittedEvent: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[CommittedEvent]: ...
+
+    def __getitem__(self, i: int | slice) -> CommittedEvent | Sequence[CommittedEvent]:
+        if isinstance(i, slice):
+            return CommittedBatch(self._rows[i])
+        return _as_event(self._rows[i])
+
+    def __iter__(self) -> Iterator[CommittedEvent]:
+        return map(_as_event, self._rows)
 
 
 Subscriber = Callable[[int, Sequence[CommittedEvent]], None]

@@ -158,8 +158,13 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 received_us = self.app.clock.now_us()
                 batch = request.batch if request.HasField("batch") else None
                 prepared = await self.pipeline.prepare(me, batch, received_us)
-                seqs = [e.seq for e in batch.events] if batch is not None else []
-                low, high = (min(seqs), max(seqs)) if seqs else (0, 0)
+                if prepared.refusal is not None and batch is not None and batch.events:
+                    # A refused batch was not read event by event: its range is needed to
+                    # hold acks below it (see _RefusedRange).
+                    seqs = [e.seq for e in batch.events]
+                    low, high = min(seqs), max(seqs)
+                else:
+                    low, high = prepared.seq_range
                 stream.queue.put_nowait(_Batch(prepared, low, high))
         except asyncio.CancelledError:
             raise

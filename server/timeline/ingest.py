@@ -12,6 +12,7 @@ previous one is being committed.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from typing import Final
 import grpc
 
 from pulsesync.kinds import CATEGORY_OF_KIND
-from pulsesync.server.bus import CommittedEvent
+from pulsesync.server.bus import CommittedBatch
 from pulsesync.server.context import AppContext
 from pulsesync.server.errors import Unavailable
 from pulsesync.server.identity import Identity
@@ -28,7 +29,9 @@ from pulsesync.server.timeline.skew import SkewEstimator
 from pulsesync.server.timeline.validate import (
     KIND_OF_PAYLOAD,
     MAX_EVENT_ID_LENGTH,
+    MAX_NAME_LENGTH,
     PAYLOAD_CHECKS,
+    SHORT_EVENT_CHECKS,
     Problem,
     check_envelope,
     check_time,
@@ -41,7 +44,7 @@ from pulsesync.server.timeline.writer import (
     PendingBatch,
     QuarantineRow,
 )
-from pulsesync.v1 import common_pb2, ingest_pb2
+from pulsesync.v1 import common_pb2, events_pb2, ingest_pb2
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,39 @@ _INVALID: Final = ingest_pb2.REJECTION_REASON_INVALID
 _NO_CONSENT: Final = ingest_pb2.REJECTION_REASON_CONSENT_NOT_GRANTED
 _CONFLICT: Final = ingest_pb2.REJECTION_REASON_SEQUENCE_CONFLICT
 _INVALID_ARGUMENT_CODE: Final = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+_NANOS: Final = 1_000_000_000
+_NO_SEQ: Final = 1 << 64  # above every uint64 seq: the start of a running minimum
+# Payload field name -> EventKind, and None (no known payload) -> 0, for the row's kind.
+_KIND_OF: Final[dict[str | None, int]] = {None: 0}
+_KIND_OF.update(KIND_OF_PAYLOAD)
+
+
+@functools.lru_cache(maxsize=64)
+def _allowed_payloads(granted: frozenset[int]) -> frozenset[str]:
+    """The payload field names whose kind's consent category is among granted."""
+    return frozenset(
+        name for name, kind in KIND_OF_PAYLOAD.items() if CATEGORY_OF_KIND.get(kind) in granted
+    )
+
+
+def _slow_problem(
+    ev: events_pb2.Event, which: str | None, t_us: int, received_us: int
+) -> Problem | None:
+    """All checks of an event off the fast path (a missing or odd field), in their order."""
+    event_id = ev.event_id
+    if (
+        not event_id
+        or len(event_id) > MAX_EVENT_ID_LENGTH
+        or not ev.seq
+        or not ev.HasField("device_time")
+    ):
+        return check_envelope(ev)
+    if which is None:
+        return no_payload()
+    problem = check_time(t_us, received_us) or PAYLOAD_CHECKS[which](ev)
+    if problem is None and not 0 <= ev.device_time.nanos < _NANOS:
+        problem = check_envelope(ev)
+    return problem
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +117,7 @@ class Prepared:
     rejected: list[ingest_pb2.RejectedEvent] | None = None
     pending: asyncio.Future[Outcome] | None = None
     counts: tuple[int, int] = (0, 0)  # (invalid, consent not granted)
+    seq_range: tuple[int, int] = (0, 0)  # lowest and highest seq of the batch's events
 
 
 class IngestPipeline:
@@ -168,7 +205,7 @@ class IngestPipeline:
         self._devices_of_user.setdefault(uid, set()).add(dev)
         offset = self._observe(dev, received_us, batch)
         granted = await self.app.consent.granted(uid)
-        allowed = frozenset(k for k, cat in CATEGORY_OF_KIND.items() if cat in granted)
+        allowed = _allowed_payloads(granted)
 
         rows: list[EventRow] = []
         ids: list[str] = []
@@ -176,18 +213,21 @@ class IngestPipeline:
         rejected: list[ingest_pb2.RejectedEvent] = []
         no_consent = 0
         max_seq = 0
+        min_seq = _NO_SEQ
         last_seq = 0
         in_order = True
-        checks = PAYLOAD_CHECKS
-        kind_of = KIND_OF_PAYLOAD
+        kind_of = _KIND_OF
+        add_row = rows.append
+        add_id = ids.append
         problem: Problem | None
         for ev in events:
             seq = ev.seq
             if seq > max_seq:
                 max_seq = seq
+            if seq < min_seq:
+                min_seq = seq
             which = ev.WhichOneof("payload")
-            kind = kind_of[which] if which is not None else 0
-            if kind and kind not in allowed:
+            if which is not None and which not in allowed:
                 no_consent += 1
                 rejected.append(
                     ingest_pb2.RejectedEvent(
@@ -199,24 +239,24 @@ class IngestPipeline:
                 )
                 continue
             event_id = ev.event_id
-            t_us = 0
-            if (
-                not event_id
-                or len(event_id) > MAX_EVENT_ID_LENGTH
-                or not seq
-                or not ev.HasField("device_time")
-            ):
-                problem = check_envelope(ev)
-            else:
-                dt = ev.device_time
-                t_us = dt.seconds * 1_000_000 + dt.nanos // 1000 + offset
-                if which is None:
-                    problem = no_payload()
-                else:
-                    problem = check_time(t_us, received_us) or checks[which](ev)
-                    if problem is None and not 0 <= dt.nanos < 1_000_000_000:
-                        problem = check_envelope(ev)
             body = ev.SerializeToString()
+            dt = ev.device_time
+            seconds = dt.seconds
+            nanos = dt.nanos
+            t_us = seconds * 1_000_000 + nanos // 1000 + offset
+            if (
+                seconds  # a set device_time (an unset one reads 0) past 1970: the fast path
+                and seq
+                and event_id
+                and len(event_id) <= MAX_EVENT_ID_LENGTH
+                and 0 <= nanos < _NANOS
+                and which is not None
+            ):
+                problem = check_time(t_us, received_us) or (
+                    SHORT_EVENT_CHECKS if len(body) <= MAX_NAME_LENGTH else PAYLOAD_CHECKS
+                )[which](ev)
+            else:
+                problem = _slow_problem(ev, which, t_us, received_us)
             if problem is not None:
                 quarantine.append(
                     (
@@ -243,8 +283,8 @@ class IngestPipeline:
             if seq <= last_seq:
                 in_order = False
             last_seq = seq
-            rows.append((dev, seq, uid, t_us, kind, received_us, body))
-            ids.append(event_id)
+            add_row((uid, dev, seq, t_us, kind_of[which], body, received_us))
+            add_id(event_id)
 
         persist: int | None = None
         if self._persisted_offset.get(dev) != offset:
@@ -260,6 +300,7 @@ class IngestPipeline:
             rejected=rejected,
             pending=pending.future,
             counts=(len(quarantine), no_consent),
+            seq_range=(min_seq, max_seq),
         )
 
     def _observe(self, dev: int, received_us: int, batch: ingest_pb2.EventBatch) -> int:
@@ -307,9 +348,7 @@ class IngestPipeline:
             self._m_consent.inc(no_consent)
         self._m_batch_ok.inc()
         if outcome.inserted:
-            self.app.bus.publish(
-                me.user_id,
-                [CommittedEvent(r[2], r[0], r[1], r[3], r[4], r[6]) for r in outcome.inserted],
-            )
+            # The inserted rows are in CommittedEvent's field order: published as they are.
+            self.app.bus.publish(me.user_id, CommittedBatch(outcome.inserted))
         self.app.metrics.ack_latency.observe(time.perf_counter() - p.received_at)
         return resp

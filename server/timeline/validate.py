@@ -135,6 +135,10 @@ def _check_session_end(e: events_pb2.Event) -> Problem | None:
 
 def _check_heart_rate(e: events_pb2.Event) -> Problem | None:
     p = e.heart_rate
+    return _heart_rate_values(p) or _long("heart_rate.sensor_id", p.sensor_id)
+
+
+def _heart_rate_values(p: events_pb2.HeartRate) -> Problem | None:
     bpm = p.bpm
     if not 0 < bpm <= MAX_BPM:
         return Problem("VALUE_OUT_OF_RANGE", f"heart_rate.bpm is {bpm}; expected 1..{MAX_BPM}")
@@ -161,18 +165,22 @@ def _check_heart_rate(e: events_pb2.Event) -> Problem | None:
         return _unknown_enum("heart_rate.contact", p.contact)
     if p.location not in _LOCATION:
         return _unknown_enum("heart_rate.location", p.location)
-    return _long("heart_rate.sensor_id", p.sensor_id)
+    return None
 
 
 def _check_steps(e: events_pb2.Event) -> Problem | None:
     p = e.steps
+    return _steps_values(p) or _long("steps.sensor_id", p.sensor_id)
+
+
+def _steps_values(p: events_pb2.Steps) -> Problem | None:
     if p.count > MAX_STEPS_PER_EVENT:
         return Problem(
             "VALUE_OUT_OF_RANGE", f"steps.count is {p.count}; at most {MAX_STEPS_PER_EVENT}"
         )
     if p.source not in _STEPS_SOURCE:
         return _unknown_enum("steps.source", p.source)
-    return _bad_duration("steps.interval", p.interval) or _long("steps.sensor_id", p.sensor_id)
+    return _bad_duration("steps.interval", p.interval)
 
 
 def _finite_in(what: str, value: float, high: float) -> Problem | None:
@@ -239,6 +247,23 @@ PAYLOAD_CHECKS: Final[dict[str, Callable[[events_pb2.Event], Problem | None]]] =
     "nudge_interaction": _check_nudge,
 }
 assert set(PAYLOAD_CHECKS) == set(KIND_OF_PAYLOAD), "every payload kind needs a check"
+
+# The same checks for an event whose serialized size is at most MAX_NAME_LENGTH bytes: none of
+# its strings can then be longer than any length limit (a character takes at least one byte of
+# UTF-8 and every limit is at least MAX_NAME_LENGTH), so the length checks are skipped. Most
+# sensor and app events are well under 256 bytes; this saves a few field reads per event.
+SHORT_EVENT_CHECKS: Final[dict[str, Callable[[events_pb2.Event], Problem | None]]] = {
+    **PAYLOAD_CHECKS,
+    "screen_view": lambda e: _bad_duration("screen_view.dwell", e.screen_view.dwell),
+    "tap": lambda e: None,
+    "feature_use": lambda e: _bad_duration("feature_use.duration", e.feature_use.duration),
+    "search": lambda e: None,
+    "session_start": lambda e: None,
+    "session_end": lambda e: _bad_duration("session_end.duration", e.session_end.duration),
+    "heart_rate": lambda e: _heart_rate_values(e.heart_rate),
+    "steps": lambda e: _steps_values(e.steps),
+}
+assert MAX_NAME_LENGTH <= MAX_QUERY_LENGTH, "short events skip every length check"
 
 
 def check_envelope(e: events_pb2.Event) -> Problem | None:

@@ -19,6 +19,7 @@ from typing import Final
 
 import aiosqlite
 
+from pulsesync.server.bus import CommittedRow
 from pulsesync.server.storage.db import Database
 from pulsesync.v1 import events_pb2
 
@@ -34,13 +35,14 @@ WRITER_CACHE_KIB: Final = 64 * 1024
 # SQLite's default limit on host parameters is 32766; lookups use far fewer per statement.
 _LOOKUP_CHUNK: Final = 500
 
-# (device_pk, seq, user_id, t_us, kind, received_us, body)
-EventRow = tuple[int, int, int, int, int, int, bytes]
+# (user_id, device_pk, seq, t_us, kind, body, received_us): the INSERT's columns and the
+# fields of the CommittedEvent published after the commit, so one plain tuple serves both.
+EventRow = CommittedRow
 # (user_id, device_pk, seq, event_id, reason, detail, received_us, body)
 QuarantineRow = tuple[int, int, int, str, str, str, int, bytes]
 
 INSERT_EVENTS: Final = (
-    "INSERT INTO events (device_pk, seq, user_id, t_us, kind, received_us, body)"
+    "INSERT INTO events (user_id, device_pk, seq, t_us, kind, body, received_us)"
     " VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
 # Rows per multi-row INSERT statement (7 values each, well under SQLite's 32766 variables).
@@ -196,11 +198,11 @@ class GroupCommitWriter:
                     hwm = self._hwm.get(dev)
                     if hwm is None:
                         hwm = await _load_hwm(tx, dev)
-                if b.in_order and (not b.rows or b.rows[0][1] > hwm):
+                if b.in_order and (not b.rows or b.rows[0][2] > hwm):
                     rows.extend(b.rows)
                     outcomes.append(Outcome(b.rows, 0, []))
                     if b.rows:
-                        hwm = b.rows[-1][1]
+                        hwm = b.rows[-1][2]
                 else:
                     # Lookups must see this group's earlier rows: write them first.
                     if rows:
@@ -222,7 +224,7 @@ class GroupCommitWriter:
                         )
                         for c, body in _conflict_bodies(b, outcome)
                     )
-                    hwm = max([hwm, *(r[1] for r in outcome.inserted)])
+                    hwm = max([hwm, *(r[2] for r in outcome.inserted)])
                 tentative[dev] = hwm
                 quarantine.extend(b.quarantine)
                 if b.clock_offset_us is not None:
@@ -266,7 +268,7 @@ async def _load_hwm(tx: aiosqlite.Connection, device_pk: int) -> int:
 
 async def _dedupe(tx: aiosqlite.Connection, b: PendingBatch, hwm: int) -> Outcome:
     """The slow path: some seqs are at or below the mark, or the batch is out of order."""
-    below = sorted({r[1] for r in b.rows if r[1] <= hwm})
+    below = sorted({r[2] for r in b.rows if r[2] <= hwm})
     stored: dict[int, str] = {}
     for i in range(0, len(below), _LOOKUP_CHUNK):
         chunk = below[i : i + _LOOKUP_CHUNK]
@@ -280,7 +282,7 @@ async def _dedupe(tx: aiosqlite.Connection, b: PendingBatch, hwm: int) -> Outcom
     duplicates = 0
     conflicts: list[Conflict] = []
     for row, event_id in zip(b.rows, b.event_ids, strict=True):
-        seq = row[1]
+        seq = row[2]
         prior = stored.get(seq)
         if prior is None:
             inserted.append(row)
@@ -295,12 +297,12 @@ async def _dedupe(tx: aiosqlite.Connection, b: PendingBatch, hwm: int) -> Outcom
                     f"seq {seq} already holds event {prior!r}; seqs must not be reused",
                 )
             )
-    inserted.sort(key=lambda r: r[1])
+    inserted.sort(key=lambda r: r[2])
     return Outcome(inserted, duplicates, conflicts)
 
 
 def _conflict_bodies(b: PendingBatch, outcome: Outcome) -> list[tuple[Conflict, bytes]]:
     if not outcome.conflicts:
         return []
-    body_of = {(r[1], eid): r[6] for r, eid in zip(b.rows, b.event_ids, strict=True)}
+    body_of = {(r[2], eid): r[5] for r, eid in zip(b.rows, b.event_ids, strict=True)}
     return [(c, body_of[(c.seq, c.event_id)]) for c in outcome.conflicts]

@@ -10,7 +10,7 @@ from pulsesync.v1 import events_pb2
 def _batch(device_pk: int, seqs: list[int], ids: list[str] | None = None) -> PendingBatch:
     ids = ids or [f"{device_pk}-{s}" for s in seqs]
     rows = [
-        (device_pk, s, 1, 1000 + s, 20, 0, events_pb2.Event(event_id=i, seq=s).SerializeToString())
+        (1, device_pk, s, 1000 + s, 20, events_pb2.Event(event_id=i, seq=s).SerializeToString(), 0)
         for s, i in zip(seqs, ids, strict=True)
     ]
     return PendingBatch(device_pk, 1, 0, rows, ids, [], seqs == sorted(set(seqs)), None)
@@ -35,7 +35,7 @@ async def test_concurrent_batches_share_one_commit(tmp_path: Path) -> None:
         await writer.stop()
         assert writer.commits == 2
         assert (len(new.inserted), new.duplicates) == (2, 0)
-        assert ([r[1] for r in replay.inserted], replay.duplicates) == ([6], 3)
+        assert ([r[2] for r in replay.inserted], replay.duplicates) == ([6], 3)
         assert [c.seq for c in conflict.conflicts] == [2]
         async with db.reader.execute("SELECT count(*) FROM events") as c:
             assert (await c.fetchone()) == (33,)
