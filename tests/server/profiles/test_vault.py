@@ -219,6 +219,7 @@ async def test_a_database_of_the_old_layout_is_upgraded_on_start(env: Env) -> No
     keys = await make_old_layout(env)
     assert len(keys) == 2
     assert keys[0].wrapped.blob in on_disk(env.config.database)
+    old_backup = backup_of(env.config.database, env.config.data_dir.parent / "old" / "p.db")
 
     store = await env.reopen()
     assert await note_of(store, 1) == "ada-note"
@@ -236,6 +237,12 @@ async def test_a_database_of_the_old_layout_is_upgraded_on_start(env: Env) -> No
     await erase(env, 1)
     assert keys[0].wrapped.blob not in vault_bytes(env.config.vault_file)
     assert await note_of(await env.reopen(), 2) == "bo-note"
+    # A backup from before the upgrade is never merged into the live vault (it would bring
+    # back the erased person's key): it refuses to start beside it.
+    async with await Database.open(old_backup) as db:
+        with pytest.raises(KeyVaultError, match="another database"):
+            await ProfileStore.open(replace(env.config, db_path=old_backup), db, env.clock)
+    assert await env.vault.get(1) is None
 
 
 async def test_an_upgrade_interrupted_after_the_copy_is_finished_on_the_next_start(
