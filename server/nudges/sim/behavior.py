@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from typing import Final
 
 import numpy as np
@@ -19,10 +20,10 @@ import numpy.typing as npt
 
 MIN_PER_DAY: Final = 1440
 WALK_SPM: Final = 100  # steps per minute of brisk walking
-# Response probabilities at habituation multiplier 1, before context: calibrated once so that
-# the p=0.6 randomized policy shows HeartSteps' effects (walking ~+24%, all suggestions ~+14%
-# over the 30 minutes after a decision point), not tuned against any learned policy.
-BASE_RESPONSE: Final = {"walking_suggestion": 0.043, "break_from_sitting": 0.003}
+# Response probabilities at multiplier 1 (person, context, habituation): calibrated on the
+# p=0.6 randomized arm only (sim/calibrate.py; docs/nudges.md has the procedure and figures),
+# never against a learned policy. Break-from-sitting: 0, HeartSteps' anti-sedentary finding.
+BASE_RESPONSE: Final = {"walking_suggestion": 0.0397, "break_from_sitting": 0.0}
 # Habituation: 2x in the first days, fading with this time constant (days) so that the mean
 # over four weeks is ~1x (HeartSteps: about twice the average effect early, gone by ~4 weeks).
 HABITUATION_DAYS: Final = 18.0
@@ -32,6 +33,7 @@ WALKING_MULT: Final = 0.2  # already walking: little to add
 GOOD_HOUR_MULT: Final = 1.4  # lunch and early evening
 EARLY_MULT: Final = 0.6  # before 09:00
 WRONG_DEVICE_MULT: Final = 0.4  # shown on a device the person is not using
+MAX_RESPONSE: Final = 0.95  # nobody answers every nudge
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +78,11 @@ def people(n: int, seed: int) -> list[Person]:
                 has_desktop=worker or rng.random() < 0.5,
             )
         )
-    return out
+    # The cohort's mean responsiveness is exactly 1: the seed and the size of the cohort change
+    # who responds, not how much the cohort responds on average (without this, the cohort mean
+    # of 24 lognormal draws alone moves the HeartSteps figures by ~15%).
+    mean = sum(p.responsiveness for p in out) / max(1, len(out))
+    return [replace(p, responsiveness=p.responsiveness / mean) for p in out]
 
 
 def _walk(
@@ -142,13 +148,10 @@ def habituation(days_since_first: float) -> float:
     return 2.0 * math.exp(-days_since_first / HABITUATION_DAYS)
 
 
-def response_probability(
+def context_multiplier(
     p: Person, nudge_type: str, d: Day, minute: int, days_since_first: float, on_active_device: bool
 ) -> float:
-    """The chance the person goes for a walk after this nudge (the simulator's truth)."""
-    base = BASE_RESPONSE.get(nudge_type, 0.0)
-    if base == 0.0:
-        return 0.0
+    """What the person, the context and habituation do to the base response probability."""
     m = min(max(minute, 0), MIN_PER_DAY - 1)
     lo = max(0, m - 60)
     sedentary = bool(d.steps[lo:m].max(initial=0) < 20) and m - lo >= 60
@@ -168,7 +171,33 @@ def response_probability(
         mult *= EARLY_MULT
     if not on_active_device:
         mult *= WRONG_DEVICE_MULT
-    return min(0.95, base * mult)
+    return float(mult)
+
+
+def response_probability(
+    p: Person,
+    nudge_type: str,
+    d: Day,
+    minute: int,
+    days_since_first: float,
+    on_active_device: bool,
+    base_response: Mapping[str, float] = BASE_RESPONSE,
+) -> float:
+    """The chance the person goes for a walk after this nudge (the simulator's truth)."""
+    base = base_response.get(nudge_type, 0.0)
+    if base == 0.0:
+        return 0.0
+    return min(
+        MAX_RESPONSE,
+        base * context_multiplier(p, nudge_type, d, minute, days_since_first, on_active_device),
+    )
+
+
+def expected_walk_steps(nudge_type: str) -> float:
+    """Mean steps a responding walk adds (all of it falls inside the 30-minute window)."""
+    if nudge_type == "break_from_sitting":
+        return 7 * int(WALK_SPM * 0.8)  # 5-9 min
+    return 11 * WALK_SPM  # 8-14 min
 
 
 def response_walk(nudge_type: str, rng: random.Random) -> tuple[int, int, float]:

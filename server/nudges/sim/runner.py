@@ -14,7 +14,7 @@ import asyncio
 import random
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,8 +28,10 @@ from pulsesync.server.app import running_server
 from pulsesync.server.clock import FakeClock
 from pulsesync.server.config import ServerConfig
 from pulsesync.server.nudges.sim.behavior import (
+    BASE_RESPONSE,
     Day,
     Person,
+    context_multiplier,
     day_plan,
     response_probability,
     response_walk,
@@ -88,6 +90,8 @@ class ArmResult:
     promote_minute: int | None = None
     upload_s: float = 0.0
     events: int = 0
+    # Per delivered nudge: (person, minute, type, response probability, context multiplier).
+    responses: list[tuple[int, int, str, float, float]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -164,6 +168,7 @@ async def run_arm(
     train_day: int = 10,
     retrain_every: int = 7,
     latency_probe: int = 0,
+    base_response: Mapping[str, float] = BASE_RESPONSE,
 ) -> ArmResult:
     """Simulate `days` days of `persons` under one policy arm; the log and the truth."""
     catalog = workdir / "catalog.toml"
@@ -270,14 +275,15 @@ async def run_arm(
                         on_active = int(d.device[min(minute, 1439)]) == want_kind or (
                             d.device[min(minute, 1439)] == 0 and want_kind == 1
                         )
+                        since_first = (abs_min - first_nudge[i]) / 1440
                         prob = response_probability(
-                            persons[i],
-                            nudge.nudge_type,
-                            d,
-                            minute,
-                            (abs_min - first_nudge[i]) / 1440,
-                            on_active,
+                            persons[i], nudge.nudge_type, d, minute, since_first, on_active,
+                            base_response,
+                        )  # fmt: skip
+                        mult = context_multiplier(
+                            persons[i], nudge.nudge_type, d, minute, since_first, on_active
                         )
+                        result.responses.append((i, abs_min, nudge.nudge_type, prob, mult))
                         rng = random.Random(f"resp-{seed}-{i}-{abs_min}-{nudge.nudge_type}")
                         acted = rng.random() < prob
                         actions = [events_pb2.NUDGE_ACTION_DELIVERED]
@@ -384,3 +390,11 @@ async def _latency_probe(
         "p99_ms": float(np.percentile(arr, 99)),
         "ingest_events_per_s": uploaded / max(elapsed, 1e-9),
     }
+
+
+def run_arm_blocking(name: str, workdir: str, kwargs: dict[str, Any]) -> ArmResult:
+    """run_arm in its own event loop (for a worker process); logging below WARNING is off."""
+    import logging
+
+    logging.disable(logging.WARNING)
+    return asyncio.run(run_arm(name, workdir=Path(workdir), **kwargs))
