@@ -1,26 +1,34 @@
-"""Group commit: one task writes the pending batches of every stream in one transaction.
+"""Group commit: one thread writes the pending batches of every stream in one transaction.
 
 A durable commit costs an fsync; sharing it among all the batches that arrived while the
 previous commit ran is what lets many devices ingest at the speed of the disk instead of at
 one fsync per batch. The writer is also the only place that decides duplicates and sequence
 conflicts, so its in-memory per-device high-water mark (the largest stored seq) is always
 right for the rows it wrote: a batch entirely above the mark is inserted without any lookup.
+
+The writer is a thread with its own SQLite connection that runs a whole group (BEGIN, the
+inserts, COMMIT) in one go. Driving the statements from the event loop instead (one await per
+statement on the shared aiosqlite connection) made every statement wait for the loop to come
+round, behind the validation of other batches: the disk sat idle while the loop was busy,
+and the loop while the disk was. Other writers (devices, consent, erasure) keep using
+`Database.transaction()`; SQLite's write lock and busy timeout order the two connections.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import collections
 import functools
 import itertools
 import logging
+import sqlite3
+import sys
+import threading
 from dataclasses import dataclass, field
 from typing import Final
 
-import aiosqlite
-
 from pulsesync.server.bus import CommittedRow
-from pulsesync.server.storage.db import Database
+from pulsesync.server.storage.db import BUSY_TIMEOUT_MS, Database
 from pulsesync.v1 import events_pb2
 
 log = logging.getLogger(__name__)
@@ -34,6 +42,8 @@ MAX_GROUP_EVENTS: Final = 20_000
 WRITER_CACHE_KIB: Final = 64 * 1024
 # SQLite's default limit on host parameters is 32766; lookups use far fewer per statement.
 _LOOKUP_CHUNK: Final = 500
+# How long stop() waits for the queued batches to be committed.
+STOP_TIMEOUT_S: Final = 10.0
 
 # (user_id, device_pk, seq, t_us, kind, body, received_us): the INSERT's columns and the
 # fields of the CommittedEvent published after the commit, so one plain tuple serves both.
@@ -45,11 +55,17 @@ INSERT_EVENTS: Final = (
     "INSERT INTO events (user_id, device_pk, seq, t_us, kind, body, received_us)"
     " VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
-# Rows per multi-row INSERT statement (7 values each, well under SQLite's 32766 variables).
-# One statement steps through all its rows with the GIL released, where executemany releases
-# and re-takes the GIL around every row: while the event loop validates the next batches, a
-# per-row hand-off leaves the writer thread waiting for the GIL most of the time.
-INSERT_CHUNK: Final = 250
+# Rows per multi-row INSERT statement: 7 values each, 28,000 in all, under SQLite's limit of
+# 32,766 host parameters. One statement steps through all its rows with the GIL released,
+# where executemany releases and re-takes the GIL around every row. Each statement ends with
+# the writer thread asking for the GIL back while the event loop validates other batches;
+# 4000 rows make that once for a typical group.
+INSERT_CHUNK: Final = 4000
+# The interpreter's GIL switch interval while the writer runs. A thread that wants the GIL
+# back from a busy thread waits this long before the holder is asked to yield; the default
+# 5 ms is longer than SQLite needs for a 4000-row statement or a commit, so the writer thread
+# would wait for the event loop more than it works. 0.5 ms keeps it working.
+GIL_SWITCH_INTERVAL_S: Final = 0.0005
 _INSERT_EVENTS_PREFIX: Final = INSERT_EVENTS.split(" VALUES ")[0] + " VALUES "
 INSERT_QUARANTINE: Final = (
     "INSERT INTO quarantine (user_id, device_pk, seq, event_id, reason, detail, received_us, body)"
@@ -100,104 +116,151 @@ class WriterClosed(RuntimeError):
     """The writer is stopping; the batch was not stored."""
 
 
+# What the writer thread hands back to the event loop for one batch.
+_Result = tuple[PendingBatch, "Outcome | BaseException"]
+
+
 class GroupCommitWriter:
-    """Serializes all ingest writes through one task and shares commits between batches."""
+    """Serializes all ingest writes through one thread and shares commits between batches."""
 
     def __init__(self, db: Database) -> None:
         self._db = db
-        self._queue: asyncio.Queue[PendingBatch] = asyncio.Queue()
+        self._incoming: list[PendingBatch] = []  # submitted during this loop iteration
+        self._handoff_due = False
+        self._queue: collections.deque[PendingBatch] = collections.deque()  # for the thread
+        self._ready = threading.Condition()
+        self._stopping = False
         self._hwm: dict[int, int] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        self._switch_interval: float | None = None  # the interpreter's, to restore
         self.commits = 0  # transactions committed (for tests and benchmarks)
 
     async def start(self) -> None:
-        """Size the write connection's page cache and start the writer task."""
-        await self._db.writer.execute(f"PRAGMA cache_size = -{WRITER_CACHE_KIB}")
-        self._task = asyncio.create_task(self._run(), name="ingest-writer")
+        """Open the writer's own connection and start its thread."""
+        self._loop = asyncio.get_running_loop()
+        conn = await asyncio.to_thread(_connect, str(self._db.path))
+        self._thread = threading.Thread(
+            target=self._run, args=(conn,), name="ingest-writer", daemon=True
+        )
+        self._thread.start()
+        interval = sys.getswitchinterval()
+        if interval > GIL_SWITCH_INTERVAL_S:
+            self._switch_interval = interval
+            sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
 
     async def stop(self) -> None:
         """Commit what is queued, then stop."""
         self._closed = True
-        if self._task is None:
+        if self._thread is None:
             return
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(10):
-                await self._queue.join()
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        while not self._queue.empty():
-            pending = self._queue.get_nowait()
+        self._handoff()
+        with self._ready:
+            self._stopping = True
+            self._ready.notify()
+        await asyncio.to_thread(self._thread.join, STOP_TIMEOUT_S)
+        if self._thread.is_alive():
+            log.warning("the ingest writer did not finish its queue in time")
+        with self._ready:
+            left = list(self._queue)
+            self._queue.clear()
+        for pending in left:
             if not pending.future.done():
                 pending.future.set_exception(WriterClosed("the server is shutting down"))
+        if self._switch_interval is not None:
+            sys.setswitchinterval(self._switch_interval)
+            self._switch_interval = None
 
     def submit(self, batch: PendingBatch) -> asyncio.Future[Outcome]:
         """Queue a batch; the future resolves once it is durably committed."""
-        if self._closed:
+        if self._closed or self._loop is None:
             batch.future.set_exception(WriterClosed("the server is shutting down"))
-        else:
-            self._queue.put_nowait(batch)
+            return batch.future
+        self._incoming.append(batch)
+        if not self._handoff_due:
+            # One hand-off per loop iteration: batches submitted together reach the thread
+            # together (and share a commit), and the thread is woken once for them.
+            self._handoff_due = True
+            self._loop.call_soon(self._handoff)
         return batch.future
 
     def forget_device(self, device_pk: int) -> None:
         """Drop the cached high-water mark (after the device's rows were deleted)."""
         self._hwm.pop(device_pk, None)
 
-    async def _run(self) -> None:
-        while True:
-            group = [await self._queue.get()]
-            size = group[0].size
-            while size < MAX_GROUP_EVENTS and not self._queue.empty():
-                batch = self._queue.get_nowait()
-                group.append(batch)
-                size += batch.size
-            try:
-                await self._commit_group(group)
-            finally:
-                for _ in group:
-                    self._queue.task_done()
+    def _handoff(self) -> None:
+        self._handoff_due = False
+        if not self._incoming:
+            return
+        with self._ready:
+            self._queue.extend(self._incoming)
+            self._ready.notify()
+        self._incoming = []
 
-    async def _commit_group(self, group: list[PendingBatch]) -> None:
+    # -- the writer thread ----------------------------------------------------------------
+    def _run(self, conn: sqlite3.Connection) -> None:
         try:
-            outcomes = await self._commit(group)
-        except Exception:
+            while True:
+                with self._ready:
+                    while not self._queue and not self._stopping:
+                        self._ready.wait()
+                    if not self._queue:
+                        return
+                    group = [self._queue.popleft()]
+                    size = group[0].size
+                    while size < MAX_GROUP_EVENTS and self._queue:
+                        batch = self._queue.popleft()
+                        group.append(batch)
+                        size += batch.size
+                results = self._commit_group(conn, group)
+                assert self._loop is not None
+                try:
+                    self._loop.call_soon_threadsafe(_resolve_all, results)
+                except RuntimeError:  # the loop is closed: nobody waits for these any more
+                    return
+        finally:
+            conn.close()
+
+    def _commit_group(self, conn: sqlite3.Connection, group: list[PendingBatch]) -> list[_Result]:
+        try:
+            outcomes = self._commit(conn, group)
+        except Exception as e:
             if len(group) == 1:
-                self._fail(group[0])
-                return
+                return [(group[0], self._fail(group[0], e))]
             # One bad batch must not sink the others: retry them one by one.
             log.warning("group commit failed; retrying its batches one by one", exc_info=True)
+            results: list[_Result] = []
             for batch in group:
                 try:
-                    (outcome,) = await self._commit([batch])
-                except Exception:
-                    self._fail(batch)
+                    (outcome,) = self._commit(conn, [batch])
+                except Exception as e1:
+                    results.append((batch, self._fail(batch, e1)))
                 else:
-                    _resolve(batch, outcome)
-            return
-        for batch, outcome in zip(group, outcomes, strict=True):
-            _resolve(batch, outcome)
+                    results.append((batch, outcome))
+            return results
+        return list(zip(group, outcomes, strict=True))
 
-    def _fail(self, batch: PendingBatch) -> None:
-        log.exception("could not store a batch", extra={"device_pk": batch.device_pk})
+    def _fail(self, batch: PendingBatch, error: Exception) -> BaseException:
+        log.error("could not store a batch", extra={"device_pk": batch.device_pk}, exc_info=error)
         self._hwm.pop(batch.device_pk, None)
-        if not batch.future.done():
-            batch.future.set_exception(RuntimeError("storing the batch failed"))
+        return RuntimeError("storing the batch failed")
 
-    async def _commit(self, group: list[PendingBatch]) -> list[Outcome]:
+    def _commit(self, conn: sqlite3.Connection, group: list[PendingBatch]) -> list[Outcome]:
         tentative: dict[int, int] = {}
         outcomes: list[Outcome] = []
         rows: list[EventRow] = []
         quarantine: list[QuarantineRow] = []
         offsets: dict[int, int] = {}
-        async with self._db.transaction() as tx:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
             for b in group:
                 dev = b.device_pk
                 hwm = tentative.get(dev)
                 if hwm is None:
                     hwm = self._hwm.get(dev)
                     if hwm is None:
-                        hwm = await _load_hwm(tx, dev)
+                        hwm = _load_hwm(conn, dev)
                 if b.in_order and (not b.rows or b.rows[0][2] > hwm):
                     rows.extend(b.rows)
                     outcomes.append(Outcome(b.rows, 0, []))
@@ -206,9 +269,9 @@ class GroupCommitWriter:
                 else:
                     # Lookups must see this group's earlier rows: write them first.
                     if rows:
-                        await insert_events(tx, rows)
+                        insert_events(conn, rows)
                         rows = []
-                    outcome = await _dedupe(tx, b, hwm)
+                    outcome = _dedupe(conn, b, hwm)
                     rows.extend(outcome.inserted)
                     outcomes.append(outcome)
                     quarantine.extend(
@@ -230,17 +293,47 @@ class GroupCommitWriter:
                 if b.clock_offset_us is not None:
                     offsets[dev] = b.clock_offset_us
             if rows:
-                await insert_events(tx, rows)
+                insert_events(conn, rows)
             if quarantine:
-                await tx.executemany(INSERT_QUARANTINE, quarantine)
+                conn.executemany(INSERT_QUARANTINE, quarantine)
             if offsets:
-                await tx.executemany(
+                conn.executemany(
                     "UPDATE devices SET clock_offset_us = ? WHERE device_pk = ?",
                     [(off, dev) for dev, off in offsets.items()],
                 )
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
         self.commits += 1
         self._hwm.update(tentative)
         return outcomes
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    """The writer thread's connection: durable commits, a page cache sized for a group."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute(f"PRAGMA cache_size = -{WRITER_CACHE_KIB}")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _resolve_all(results: list[_Result]) -> None:
+    for batch, result in results:
+        if batch.future.done():
+            continue
+        if isinstance(result, BaseException):
+            batch.future.set_exception(result)
+        else:
+            batch.future.set_result(result)
 
 
 @functools.cache
@@ -248,36 +341,29 @@ def _insert_many_sql(n: int) -> str:
     return _INSERT_EVENTS_PREFIX + ",".join(["(?,?,?,?,?,?,?)"] * n)
 
 
-async def insert_events(tx: aiosqlite.Connection, rows: list[EventRow]) -> None:
+def insert_events(conn: sqlite3.Connection, rows: list[EventRow]) -> None:
     """INSERT rows into events, INSERT_CHUNK rows per statement."""
     for i in range(0, len(rows), INSERT_CHUNK):
         chunk = rows[i : i + INSERT_CHUNK]
-        await tx.execute(_insert_many_sql(len(chunk)), list(itertools.chain.from_iterable(chunk)))
+        conn.execute(_insert_many_sql(len(chunk)), list(itertools.chain.from_iterable(chunk)))
 
 
-def _resolve(batch: PendingBatch, outcome: Outcome) -> None:
-    if not batch.future.done():
-        batch.future.set_result(outcome)
-
-
-async def _load_hwm(tx: aiosqlite.Connection, device_pk: int) -> int:
-    async with tx.execute("SELECT max(seq) FROM events WHERE device_pk = ?", (device_pk,)) as c:
-        row = await c.fetchone()
+def _load_hwm(conn: sqlite3.Connection, device_pk: int) -> int:
+    row = conn.execute("SELECT max(seq) FROM events WHERE device_pk = ?", (device_pk,)).fetchone()
     return int(row[0]) if row is not None and row[0] is not None else 0
 
 
-async def _dedupe(tx: aiosqlite.Connection, b: PendingBatch, hwm: int) -> Outcome:
+def _dedupe(conn: sqlite3.Connection, b: PendingBatch, hwm: int) -> Outcome:
     """The slow path: some seqs are at or below the mark, or the batch is out of order."""
     below = sorted({r[2] for r in b.rows if r[2] <= hwm})
     stored: dict[int, str] = {}
     for i in range(0, len(below), _LOOKUP_CHUNK):
         chunk = below[i : i + _LOOKUP_CHUNK]
-        async with tx.execute(
+        for seq, body in conn.execute(
             f"SELECT seq, body FROM events WHERE device_pk = ? AND seq IN ({','.join('?' * len(chunk))})",
             (b.device_pk, *chunk),
-        ) as c:
-            for seq, body in await c.fetchall():
-                stored[int(seq)] = events_pb2.Event.FromString(body).event_id
+        ):
+            stored[int(seq)] = events_pb2.Event.FromString(body).event_id
     inserted: list[EventRow] = []
     duplicates = 0
     conflicts: list[Conflict] = []
