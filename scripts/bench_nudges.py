@@ -6,11 +6,12 @@ its own real server over gRPC. Prints the HeartSteps calibration check first, th
 gained per nudge, nudges per day, total outcome, the off-policy estimate against what
 happened, decision latency under ingest load, and one JSON line.
 
-    python scripts/bench_nudges.py [--people 16] [--days 28] [--seed 7] [--quick]
+    python scripts/bench_nudges.py [--people 40] [--days 28] [--seed 7] [--jobs 2] [--quick]
 
-The three reference arms run their servers on tmpfs (/dev/shm, when there is one) because only
-their policy outcomes are read; the learned arm, whose decision latency is reported, keeps
-its database on disk with durable commits.
+The arms run in `--jobs` worker processes (2: about 3 minutes on a 2-core machine). The three
+reference arms run their servers on tmpfs (/dev/shm, when there is one) because only their
+policy outcomes are read; the learned arm, whose decision latency is reported, keeps its
+database on disk with durable commits.
 """
 
 from __future__ import annotations

@@ -133,29 +133,43 @@ def split(decisions: Sequence[LoggedDecision], from_us: int) -> list[LoggedDecis
 
 
 def cross_fitted(
-    decisions: Sequence[LoggedDecision], catalog: Catalog, current: OutcomeModel | None
+    decisions: Sequence[LoggedDecision],
+    catalog: Catalog,
+    current: OutcomeModel | None,
+    score_from_us: int = 0,
 ) -> dict[str, Estimate]:
-    """Estimates of the training procedure's policy against the current one, cross-fitted by people."""
+    """Estimates of the training procedure's policy against the current one, cross-fitted by people.
+
+    Fold models train on every decision of the other people; only decisions at or after
+    score_from_us are scored (against a promoted model: those it was not trained on).
+    """
     actions = catalog.actions
-    n = len(decisions)
+    scored = [d for d in decisions if d.decision_us >= score_from_us]
+    if len({d.user_id for d in scored}) < EVAL_FOLDS:
+        raise ValueError(
+            f"cross-fitted evaluation needs decisions of at least {EVAL_FOLDS} people"
+            " logged after the current model's training; log more decisions first"
+        )
+    n = len(scored)
     q = np.zeros((n, len(actions)))
     pi_new = np.zeros((n, len(actions)))
-    fold = np.array([d.user_id % EVAL_FOLDS for d in decisions])
+    fold_all = [d.user_id % EVAL_FOLDS for d in decisions]
+    fold = np.array([d.user_id % EVAL_FOLDS for d in scored])
     for k in range(EVAL_FOLDS):
         part = np.flatnonzero(fold == k)
         if part.size == 0:
             continue
-        held = [decisions[int(i)] for i in part]
-        rest = [d for d, f in zip(decisions, fold, strict=True) if f != k]
+        held = [scored[int(i)] for i in part]
+        rest = [d for d, f in zip(decisions, fold_all, strict=True) if f != k]
         q[part], pi_new[part] = candidate_matrices(_train(rest, catalog), held, catalog.policy)
-    pi_cur = current_matrix(current, decisions, actions, catalog.policy)
+    pi_cur = current_matrix(current, scored, actions, catalog.policy)
     return estimate(
-        decisions,
+        scored,
         actions,
         pi_new,
         q,
         baseline_pi=pi_cur,
-        clusters=[d.user_id for d in decisions],
+        clusters=[d.user_id for d in scored],
     )
 
 
@@ -175,12 +189,21 @@ async def evaluate_candidate(
     else:
         until = int(meta.get("trained_until_us", 2**62))
         held = [d for d in decisions if d.decision_us < until]
+        # A promoted model's policy scored on its own training decisions looks better than it
+        # is (its greedy choices fit those outcomes' noise): score only the decisions logged
+        # after its training.
+        score_from = (
+            int(registry.meta(current_v).get("trained_until_us", 0))
+            if current is not None and current_v is not None
+            else 0
+        )
         if len({d.user_id for d in held}) < EVAL_FOLDS:
             raise ValueError(
                 f"cross-fitted evaluation needs decisions of at least {EVAL_FOLDS} people;"
                 " train with --holdout 0.25 to evaluate on the latest decisions instead"
             )
-        est = cross_fitted(held, catalog, current)
+        est = cross_fitted(held, catalog, current, score_from)
+        held = [d for d in held if d.decision_us >= score_from]
     evaluation = Evaluation(
         version,
         version_name(current_v) if current is not None and current_v is not None else "randomized",
