@@ -117,6 +117,11 @@ class Database:
         # BEGIN to COMMIT so that two tasks' statements never interleave.
         self._write_lock = asyncio.Lock()
 
+    @property
+    def write_lock(self) -> asyncio.Lock:
+        """Held by every `transaction()` from before its BEGIN until after its COMMIT."""
+        return self._write_lock
+
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
         """A write transaction (BEGIN IMMEDIATE ... COMMIT, ROLLBACK on error)."""

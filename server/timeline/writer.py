@@ -11,7 +11,7 @@ inserts, COMMIT) in one go. Driving the statements from the event loop instead (
 statement on the shared aiosqlite connection) made every statement wait for the loop to come
 round, behind the validation of other batches: the disk sat idle while the loop was busy,
 and the loop while the disk was. Other writers (devices, consent, erasure) keep using
-`Database.transaction()`; SQLite's write lock and busy timeout order the two connections.
+`Database.transaction()`; the writer lets them go first (see `_commit`).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import logging
 import sqlite3
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -42,6 +43,9 @@ MAX_GROUP_EVENTS: Final = 20_000
 WRITER_CACHE_KIB: Final = 64 * 1024
 # SQLite's default limit on host parameters is 32766; lookups use far fewer per statement.
 _LOOKUP_CHUNK: Final = 500
+# How often the writer thread looks whether another writer's transaction has ended: well
+# under the ~1 ms such a transaction takes.
+OTHER_WRITER_POLL_S: Final = 0.0002
 # How long stop() waits for the queued batches to be committed.
 STOP_TIMEOUT_S: Final = 10.0
 
@@ -252,6 +256,14 @@ class GroupCommitWriter:
         rows: list[EventRow] = []
         quarantine: list[QuarantineRow] = []
         offsets: dict[int, int] = {}
+        # Other writers (profiles, consent, devices, erasure) hold the database's write lock
+        # for the length of their transaction: let them go first. Waiting here in short naps
+        # rather than in BEGIN keeps them from being starved by a stream of groups (SQLite's
+        # busy handler sleeps 1, 2, 5... ms and would rarely find the lock free between two
+        # groups) and keeps the writer from oversleeping behind them.
+        lock = self._db.write_lock
+        while lock.locked():
+            time.sleep(OTHER_WRITER_POLL_S)
         conn.execute("BEGIN IMMEDIATE")
         try:
             for b in group:
