@@ -167,6 +167,9 @@ class NudgeEngine:
             user_id, events = self._pending.popleft()
             if await self._consents(user_id):
                 self.features.apply(user_id, events)
+            # A tick may find many thousands of batches queued under heavy ingest: let the
+            # event loop serve streams between them instead of stalling every ack.
+            await asyncio.sleep(0)
 
     async def _consents(self, user_id: int) -> bool:
         known = self._consenting.get(user_id)

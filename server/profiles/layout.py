@@ -40,6 +40,8 @@ SCREEN_VIEW_WEIGHT: Final = 0.5
 MAX_RANKED: Final = 32
 # Scores kept per person; the weakest beyond this are dropped (they would rank last anyway).
 MAX_TRACKED: Final = 256
+# Usage is folded into the ranking at most this often (one write per person per interval).
+COALESCE_SECONDS: Final = 0.5
 
 
 def decay(score: float, elapsed_us: int) -> float:
@@ -137,6 +139,11 @@ class UsageRanker:
     async def _run(self) -> None:
         while True:
             await self._wake.wait()
+            # Gather a moment's worth of uses first: a busy ingest publishes hundreds of
+            # batches a second, and one durable write per batch would queue every one of them
+            # behind the database's write lock, slowing ingest for a ranking nobody reads
+            # faster than this.
+            await asyncio.sleep(COALESCE_SECONDS)
             self._wake.clear()
             batch, self._pending = self._pending, []
             by_user: dict[int, list[tuple[str, float, int]]] = defaultdict(list)
