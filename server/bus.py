@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from typing import Final, NamedTuple, overload
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,10 @@ class CommittedBatch(Sequence[CommittedEvent]):
 
     def __iter__(self) -> Iterator[CommittedEvent]:
         return map(_as_event, self._rows)
+
+    def of_kinds(self, kinds: Container[int]) -> Iterator[CommittedEvent]:
+        """The events of these kinds; rows of other kinds are never turned into events."""
+        return (_as_event(r) for r in self._rows if r[4] in kinds)
 
 
 Subscriber = Callable[[int, Sequence[CommittedEvent]], None]

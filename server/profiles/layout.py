@@ -21,7 +21,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
 
-from pulsesync.server.bus import CommittedEvent
+from pulsesync.server.bus import CommittedBatch, CommittedEvent
 from pulsesync.server.privacy.consent import ConsentStore
 from pulsesync.v1 import common_pb2, events_pb2, profiles_pb2
 
@@ -40,6 +40,9 @@ SCREEN_VIEW_WEIGHT: Final = 0.5
 MAX_RANKED: Final = 32
 # Scores kept per person; the weakest beyond this are dropped (they would rank last anyway).
 MAX_TRACKED: Final = 256
+_USAGE_KINDS: Final = frozenset(
+    {events_pb2.EVENT_KIND_FEATURE_USE, events_pb2.EVENT_KIND_SCREEN_VIEW}
+)
 # Usage is folded into the ranking at most this often (one write per person per interval).
 COALESCE_SECONDS: Final = 0.5
 
@@ -94,12 +97,12 @@ class UsageRanker:
 
     def on_events(self, user_id: int, events: Sequence[CommittedEvent]) -> None:
         """Bus subscriber: queue the usage events of a committed batch (quick, never raises)."""
-        for event in events:
-            if event.kind not in (
-                events_pb2.EVENT_KIND_FEATURE_USE,
-                events_pb2.EVENT_KIND_SCREEN_VIEW,
-            ):
-                continue
+        usage = (
+            events.of_kinds(_USAGE_KINDS)
+            if isinstance(events, CommittedBatch)
+            else (e for e in events if e.kind in _USAGE_KINDS)
+        )
+        for event in usage:
             try:
                 use = use_of(event)
             except Exception:
