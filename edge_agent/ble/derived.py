@@ -3,13 +3,13 @@ counters (with wrap-around), steps integrated from RSC cadence, and HRV RMSSD wi
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final
 
 from pulsesync.edge_agent.ble.parsers import CscMeasurement
+from pulsesync.hrv import rmssd_ms
 
 EVENT_TIME_UNITS_PER_SECOND: Final = 1024  # CSC last-event times are in 1/1024 s.
 WHEEL_REVOLUTIONS_MODULO: Final = 1 << 32  # uint32 cumulative wheel revolutions.
@@ -90,15 +90,6 @@ class StepsFromCadence:
     def reset(self) -> None:
         """Forget the running sample after a disconnect (the carried fraction is kept)."""
         self._window_start = self._last_time = None
-
-
-def rmssd_ms(rr_ms: Iterable[float]) -> float | None:
-    """Root mean square of successive RR differences in ms (None with fewer than two)."""
-    rr = list(rr_ms)
-    if len(rr) < 2:
-        return None
-    diffs = [(b - a) ** 2 for a, b in itertools.pairwise(rr)]
-    return math.sqrt(sum(diffs) / len(diffs))
 
 
 # RR intervals outside this range are artefacts (missed or extra beats), not physiology:

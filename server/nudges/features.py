@@ -8,8 +8,6 @@ personalization are tracked; a withdrawal drops their state.
 
 from __future__ import annotations
 
-import itertools
-import math
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -18,6 +16,7 @@ from functools import lru_cache
 from typing import Final
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from pulsesync.hrv import rmssd_ms
 from pulsesync.server.bus import CommittedEvent
 from pulsesync.v1 import common_pb2, events_pb2
 
@@ -83,15 +82,6 @@ def local_day(t_us: int, tz: str) -> int:
 def app_code(app: str) -> int:
     """A stable small code for an app name (0 = none)."""
     return 0 if not app else 1 + zlib.crc32(app.encode()) % 997
-
-
-def rmssd(rr_ms: Iterable[float]) -> float | None:
-    """Root mean square of successive RR differences (ms), or None with fewer than 3."""
-    rr = list(rr_ms)
-    if len(rr) < 3:
-        return None
-    diffs = [(b - a) ** 2 for a, b in itertools.pairwise(rr)]
-    return math.sqrt(sum(diffs) / len(diffs))
 
 
 @dataclass(slots=True)
@@ -293,7 +283,11 @@ class FeatureStore:
                     if msg.heart_rate.bpm:
                         state.hr.add(float(msg.heart_rate.bpm))
                     hr = msg.heart_rate
-                    r = hr.rmssd_ms if hr.HasField("rmssd_ms") else rmssd(hr.rr_intervals_ms)
+                    r = (
+                        hr.rmssd_ms
+                        if hr.HasField("rmssd_ms")
+                        else rmssd_ms(hr.rr_intervals_ms, min_intervals=3)
+                    )
                     if r is not None and r > 0:
                         state.hrv.add(r)
                 elif kind == events_pb2.EVENT_KIND_FEATURE_USE:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import itertools
-import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
+from pulsesync.hrv import pooled_rmssd_ms
 from pulsesync.v1 import events_pb2
 
 if TYPE_CHECKING:
@@ -47,17 +46,6 @@ class _Acc:
     rr: dict[tuple[str, str], list[float]] = field(default_factory=lambda: defaultdict(list))
     app_us: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     count: int = 0
-
-
-def rmssd(series: Iterable[list[float]]) -> float:
-    """Root mean square of successive RR differences (ms), pooled over series; 0 if none."""
-    total = 0.0
-    n = 0
-    for rr in series:
-        for a, b in itertools.pairwise(rr):
-            total += (b - a) ** 2
-            n += 1
-    return math.sqrt(total / n) if n else 0.0
 
 
 def summarize_events(
@@ -100,7 +88,7 @@ def summarize_events(
             start_us=start_us + i * bucket_us,
             steps=acc.steps,
             mean_heart_rate_bpm=acc.bpm_sum / acc.bpm_n if acc.bpm_n else 0.0,
-            hrv_rmssd_ms=rmssd(acc.rr.values()),
+            hrv_rmssd_ms=pooled_rmssd_ms(acc.rr.values()) or 0.0,
             app_time_us=dict(acc.app_us),
             event_count=acc.count if counts is None else counts.get(i, 0),
         )

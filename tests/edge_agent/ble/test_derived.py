@@ -13,9 +13,9 @@ from pulsesync.edge_agent.ble.derived import (
     CscCalculator,
     RmssdWindow,
     StepsFromCadence,
-    rmssd_ms,
 )
 from pulsesync.edge_agent.ble.parsers import CrankData, CscMeasurement, WheelData
+from pulsesync.hrv import rmssd_ms
 
 
 def test_first_csc_measurement_only_primes():
