@@ -533,12 +533,17 @@ class DemoWorld:
         else:
             tracker.screen_view(app, "player", 60.0, at_us=at)
 
+    def _history_range(self) -> tuple[timestamp_pb2.Timestamp, timestamp_pb2.Timestamp]:
+        """The simulated period with an hour on each side (late uploads, outcome windows)."""
+        hour = 3600 * 1_000_000
+        return _ts(self.start_us - hour), _ts(self.end_us + hour)
+
     async def _nudge_history(
         self, channel: grpc.aio.Channel, md: tuple[tuple[str, str], ...]
     ) -> list[nudges_pb2.NudgeRecord]:
         """The person's nudges with feedback and outcomes (ListNudges, every page)."""
         nudges = nudges_pb2_grpc.NudgeServiceStub(channel)
-        start, end = _ts(self.start_us - 3600 * 1_000_000), _ts(self.end_us + 3600 * 1_000_000)
+        start, end = self._history_range()
 
         async def page(token: str) -> tuple[list[nudges_pb2.NudgeRecord], str]:
             resp = await nudges.ListNudges(
@@ -675,7 +680,7 @@ class DemoWorld:
         self, person: PersonRun, channel: grpc.aio.Channel, md: tuple[tuple[str, str], ...]
     ) -> None:
         timeline = timeline_pb2_grpc.TimelineServiceStub(channel)
-        start, end = _ts(self.start_us - 3600 * 1_000_000), _ts(self.end_us + 3600 * 1_000_000)
+        start, end = self._history_range()
 
         async def events_page(token: str) -> tuple[list[events_pb2.TimelineEvent], str]:
             page = await timeline.ListEvents(
