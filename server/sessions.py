@@ -71,6 +71,3 @@ class SessionRegistry:
 
     def connected_device_count(self) -> int:
         return len(self._by_device)
-
-    def is_connected(self, device_pk: int) -> bool:
-        return bool(self._by_device.get(device_pk))
