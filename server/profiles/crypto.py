@@ -97,6 +97,16 @@ def _aead_seal(key: bytes, plaintext: bytes, aad: bytes) -> bytes:
     return nonce + AESGCM(key).encrypt(nonce, plaintext, aad)
 
 
+def shared_with_others(path: Path, st: os.stat_result, what: str) -> str | None:
+    """Why a secret file must not be used, if group or others may access it (else None)."""
+    if not st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        return None
+    return (
+        f"{what} {path} is accessible by other users (mode "
+        f"{stat.S_IMODE(st.st_mode):04o}); run `chmod 600 {path}` and start again"
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class _Kek:
     kek_id: str
@@ -132,11 +142,8 @@ class FileKeyStore:
             raw = path.read_bytes()
         except OSError as e:
             raise KeyFileError(f"cannot read the key file {path}: {e.strerror}") from None
-        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise KeyFileError(
-                f"the key file {path} is accessible by other users (mode "
-                f"{stat.S_IMODE(st.st_mode):04o}); run `chmod 600 {path}` and start again"
-            )
+        if (problem := shared_with_others(path, st, "the key file")) is not None:
+            raise KeyFileError(problem)
         try:
             doc = json.loads(raw)
             if doc.get("format") != _KEK_FORMAT:

@@ -22,7 +22,6 @@ import asyncio
 import os
 import secrets
 import sqlite3
-import stat
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -30,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
-from pulsesync.server.profiles.crypto import KeyFileError, WrappedKey
+from pulsesync.server.profiles.crypto import KeyFileError, WrappedKey, shared_with_others
 
 VAULT_FORMAT: Final = "pulsesync-keyvault-v1"
 # Long enough to ride out another process's (the CLI's) short transaction on the vault.
@@ -155,11 +154,8 @@ class KeyVault:
             st = path.stat()
         except OSError as e:
             raise KeyVaultError(f"cannot read the key vault {path}: {e.strerror}") from None
-        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise KeyVaultError(
-                f"the key vault {path} is accessible by other users (mode "
-                f"{stat.S_IMODE(st.st_mode):04o}); run `chmod 600 {path}` and start again"
-            )
+        if (problem := shared_with_others(path, st, "the key vault")) is not None:
+            raise KeyVaultError(problem)
         vault = cls(path, "")
         try:
             with vault._connect() as conn:
