@@ -392,7 +392,7 @@ class NudgeEngine:
         )  # fmt: skip
         model = self.model
         predicted = (
-            model.predict(ctx.values, ctx.past_gain, elig.options)
+            model.predict(ctx.values, ctx.past_gain, elig.options, ctx.past_response)
             if model and len(elig.options) > 1
             else None
         )
@@ -474,7 +474,7 @@ class NudgeEngine:
         predicted: dict[str, float] | None,
         nudge: nudges_pb2.Nudge | None,
     ) -> int:
-        features = {**ctx.values, "past_gain": ctx.past_gain}
+        features = {**ctx.values, "past_gain": ctx.past_gain, "past_response": ctx.past_response}
         async with self.app.db.transaction() as tx:
             cur = await tx.execute(
                 "INSERT INTO nudge_decisions (user_id, decision_us, trigger, policy_version, features, options,"
@@ -526,17 +526,21 @@ class NudgeEngine:
         for decision_id, user_id, decision_us, chosen, nudge_id, features in rows:
             steps = float(await self.steps_after(user_id, decision_us))
             done.append((steps, decision_id))
+            acted: float | None = None
             if nudge_id:
                 metric = (
                     self.catalog.type(chosen).outcome
                     if chosen in self.catalog.actions
                     else "steps_30m"
                 )
-                value = steps if metric == "steps_30m" else await self._acted(nudge_id)
-                nudge_updates.append((value, nudge_id))
+                acted = await self._acted(nudge_id)
+                nudge_updates.append((steps if metric == "steps_30m" else acted, nudge_id))
             if user_id in self.features.known_users():
                 minute = int(json.loads(features).get("local_minute", 0))
-                self.features.user(user_id).record_outcome(chosen, hour_bucket(minute), steps)
+                state = self.features.user(user_id)
+                state.record_outcome(chosen, hour_bucket(minute), steps)
+                if acted is not None:
+                    state.record_response(chosen, acted > 0)
         async with self.app.db.transaction() as tx:
             await tx.executemany(
                 "UPDATE nudge_decisions SET outcome_steps = ?, outcome_complete = 1 WHERE decision_id = ?",

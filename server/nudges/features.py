@@ -33,6 +33,8 @@ BASELINE_ALPHA: Final = 0.01
 RECENT_ALPHA: Final = 0.3
 # Past-response estimates are shrunk towards zero with this many pseudo-observations.
 SHRINK_N: Final = 5.0
+# The acted share of a nudge type counts this many pseudo-nudges not acted on.
+RESPONSE_PRIOR_NUDGES: Final = 5.0
 HOUR_BUCKETS: Final = 4  # night/morning, midday, afternoon, evening
 
 _KIND_CODE: Final = {
@@ -136,6 +138,7 @@ class UserState:
     first_nudge_us: int | None = None
     outcome_by_action: dict[str, _Mean] = field(default_factory=dict)
     outcome_by_hour: dict[tuple[bool, int], _Mean] = field(default_factory=dict)
+    acted_by_type: dict[str, _Mean] = field(default_factory=dict)  # 1 acted, 0 not, per nudge
 
     def add_steps(self, t_us: int, count: int, device_pk: int = 0) -> None:
         """Count steps ending at t_us; a minute keeps its largest device total (no double count)."""
@@ -196,6 +199,21 @@ class UserState:
         key = (action != "none", local_hour_bucket)
         self.outcome_by_hour.setdefault(key, _Mean()).add(steps)
 
+    def record_response(self, nudge_type: str, acted: bool) -> None:
+        """Whether the person acted on a nudge of this type (from device feedback)."""
+        self.acted_by_type.setdefault(nudge_type, _Mean()).add(1.0 if acted else 0.0)
+
+    def past_response(self, nudge_type: str) -> float:
+        """The share of this type's nudges the person acted on, shrunk towards none.
+
+        Shrunk towards 0 by RESPONSE_PRIOR_NUDGES pseudo-nudges: acting once on the first
+        nudge is weak evidence, acting on a few of thirty is not.
+        """
+        rate = self.acted_by_type.get(nudge_type)
+        if rate is None:
+            return 0.0
+        return rate.total / (rate.n + RESPONSE_PRIOR_NUDGES)
+
     def past_gain(self, action: str) -> float:
         """The user's mean steps after this action minus after sending nothing (shrunk)."""
         none = self.outcome_by_action.get("none")
@@ -235,6 +253,7 @@ class Context:
     sedentary_min: float
     steps_per_min_recent: float
     stress: float
+    past_response: dict[str, float] = field(default_factory=dict)  # nudge type -> acted share
 
 
 class FeatureStore:
@@ -335,4 +354,5 @@ class FeatureStore:
         for feature in habitual:
             values[f"habitual_{feature}"] = float(s.habitual_near(feature, now_us))
         past = {a: s.past_gain(a) for a in s.outcome_by_action}
-        return Context(values, past, active, values["sedentary_min"], recent_10, stress)
+        response = {t: s.past_response(t) for t in s.acted_by_type}
+        return Context(values, past, active, values["sedentary_min"], recent_10, stress, response)

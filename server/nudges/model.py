@@ -11,6 +11,15 @@ Two boosters make one prediction, q(x, a) = base(x) + effect(x, a), with effect(
   type was sent and e is its logged probability among {type, none}. The exact logged
   propensities make the target unbiased; the residual removes the baseline's variance.
 
+A third booster, `response`, predicts the chance the person acts on a nudge (the device's
+ACTED feedback) from the same inputs. Acting is a far less noisy signal than 30-minute steps (a
+yes/no per nudge instead of an outcome whose spread is ~15 times the effect), so once a type
+has MIN_ACTS acted nudges its effect is predicted as P(act | x, a) x the steps an act adds,
+measured as the mean residual after acted minus after not-acted nudges of the type. That reads
+"a nudge adds steps through the people who act on it"; the promotion gate (ope.py) checks the
+resulting policy on the measured steps, so a type whose acts add no steps gets no effect and a
+proposal that does not pay off is not promoted. Types with fewer acts keep the R-learner.
+
 The model also carries its `send_threshold`: the predicted gain a nudge must reach to get the
 greedy mass, set at training so the greedy policy would send at no more than `send_budget` of
 the decision points that had a choice (never below the catalog's `min_gain_steps`).
@@ -19,8 +28,8 @@ the decision points that had a choice (never below the catalog's `min_gain_steps
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -31,7 +40,7 @@ import numpy.typing as npt
 from pulsesync.server.nudges.features import FEATURE_NAMES
 
 NONE: Final = "none"
-ACTION_COLUMNS: Final = ("action", "action_past_gain")
+ACTION_COLUMNS: Final = ("action", "action_past_gain", "action_past_response")
 COLUMNS: Final = (*FEATURE_NAMES, *ACTION_COLUMNS)
 # Baseline: a few thousand outcomes, strong leaves; squared error (DR needs conditional means,
 # and a robust loss would shrink the rare long walks that make up the effect).
@@ -64,6 +73,19 @@ FOLDS: Final = 2
 # R-learner rows whose conditional propensity is this close to 0 or 1 are skipped: their
 # target (y - base) / (t - e) would be unbounded (the exploration floor keeps them rare).
 MIN_PROPENSITY: Final = 0.02
+# Acting on a nudge: a yes/no per sent nudge, a few percent of them yes. Small trees with
+# leaves big enough to hold several acts.
+RESPONSE_PARAMS: Final[dict[str, Any]] = {
+    **BASE_PARAMS,
+    "objective": "binary",
+    "num_leaves": 4,
+    "min_data_in_leaf": 80,
+    "learning_rate": 0.05,
+}
+RESPONSE_ROUNDS: Final = 150
+# A type's effect comes from the response model once this many of its nudges were acted on.
+MIN_ACTS: Final = 20
+_NO_RESPONSE: Final[Mapping[str, float]] = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,16 +100,23 @@ class LoggedDecision:
     chosen: str
     probability: float
     outcome: float
+    acted: bool = False  # the device reported that the person acted on the nudge sent
+    past_response: Mapping[str, float] = field(default_factory=dict)  # type -> acted share
 
 
 def row(
-    features: Mapping[str, float], past_gain: Mapping[str, float], action_index: int, action: str
+    features: Mapping[str, float],
+    past_gain: Mapping[str, float],
+    action_index: int,
+    action: str,
+    past_response: Mapping[str, float] = _NO_RESPONSE,
 ) -> list[float]:
     """One model input row for an action."""
     return [
         *(float(features.get(n, 0.0)) for n in FEATURE_NAMES),
         float(action_index),
         float(past_gain.get(action, 0.0)),
+        float(past_response.get(action, 0.0)),
     ]
 
 
@@ -102,6 +131,8 @@ class OutcomeModel:
         version: str,
         send_threshold: float = 0.0,
         learned_actions: Sequence[str] | None = None,
+        response: lgb.Booster | None = None,
+        act_gain: Mapping[str, float] | None = None,
     ) -> None:
         self.base = base
         self.effect = effect
@@ -115,24 +146,41 @@ class OutcomeModel:
         self.learned_actions = frozenset(
             a for a in (self.actions if learned_actions is None else learned_actions) if a != NONE
         )
+        # Types whose effect is P(act) x the steps an act adds (see the module docstring).
+        self.response = response
+        self.act_gain = dict(act_gain or {}) if response is not None else {}
 
     def min_gain(self, catalog_min_gain: float) -> float:
         """The gain over sending nothing a nudge must be predicted to reach."""
         return max(catalog_min_gain, self.send_threshold)
 
+    def _q(self, x: npt.NDArray[np.float64], actions: Sequence[str]) -> npt.NDArray[np.float64]:
+        """Predicted outcomes of input rows x, row i being for actions[i]."""
+        effect = np.zeros(len(actions))
+        learned = np.array([a in self.learned_actions for a in actions], dtype=bool)
+        if learned.any():
+            effect = np.where(learned, self.effect.predict(x, num_threads=1), 0.0)
+        gain = np.array([self.act_gain.get(a, np.nan) for a in actions], dtype=np.float64)
+        by_acts = ~np.isnan(gain)
+        if self.response is not None and by_acts.any():
+            p_act = self.response.predict(x, num_threads=1)
+            effect = np.where(by_acts, p_act * np.nan_to_num(gain), effect)
+        base = self.base.predict(x[:, : len(FEATURE_NAMES)], num_threads=1)
+        return np.asarray(base + effect, dtype=np.float64)
+
     def predict(
-        self, features: Mapping[str, float], past_gain: Mapping[str, float], options: Sequence[str]
+        self,
+        features: Mapping[str, float],
+        past_gain: Mapping[str, float],
+        options: Sequence[str],
+        past_response: Mapping[str, float] = _NO_RESPONSE,
     ) -> dict[str, float]:
         """Predicted outcome for each option (actions unknown to the model get send-nothing's)."""
         x = np.array(
-            [row(features, past_gain, self._index.get(a, 0), a) for a in options], dtype=np.float64
+            [row(features, past_gain, self._index.get(a, 0), a, past_response) for a in options],
+            dtype=np.float64,
         )
-        b = self.base.predict(x[:, : len(FEATURE_NAMES)], num_threads=1)
-        e = self.effect.predict(x, num_threads=1)
-        return {
-            a: float(bv + (ev if a in self.learned_actions else 0.0))
-            for a, bv, ev in zip(options, b, e, strict=True)
-        }
+        return {a: float(v) for a, v in zip(options, self._q(x, options), strict=True)}
 
     def predict_many(
         self, decisions: Sequence[LoggedDecision], actions: Sequence[str]
@@ -140,21 +188,19 @@ class OutcomeModel:
         """q(x_i, a) for every decision i and action a: shape (n, len(actions))."""
         n = len(decisions)
         rows = [
-            row(d.features, d.past_gain, self._index.get(a, 0), a)
+            row(d.features, d.past_gain, self._index.get(a, 0), a, d.past_response)
             for d in decisions
             for a in actions
         ]
         x = np.array(rows, dtype=np.float64).reshape(n * len(actions), len(COLUMNS))
-        known = np.array([a in self.learned_actions for a in actions] * n)
-        q = self.base.predict(x[:, : len(FEATURE_NAMES)], num_threads=1) + np.where(
-            known, self.effect.predict(x, num_threads=1), 0.0
-        )
-        return np.asarray(q, dtype=np.float64).reshape(n, len(actions))
+        return self._q(x, list(actions) * n).reshape(n, len(actions))
 
     def save(self, stem: Path) -> None:
-        """Write stem.base.txt, stem.effect.txt (the registry writes stem.json)."""
+        """Write stem.base.txt, stem.effect.txt and stem.response.txt (the registry: stem.json)."""
         self.base.save_model(str(stem.with_suffix(".base.txt")))
         self.effect.save_model(str(stem.with_suffix(".effect.txt")))
+        if self.response is not None:
+            self.response.save_model(str(stem.with_suffix(".response.txt")))
 
     @classmethod
     def load(
@@ -164,11 +210,20 @@ class OutcomeModel:
         version: str,
         send_threshold: float = 0.0,
         learned_actions: Sequence[str] | None = None,
+        act_gain: Mapping[str, float] | None = None,
     ) -> OutcomeModel:
         """Read a model written by save()."""
         base = lgb.Booster(model_file=str(stem.with_suffix(".base.txt")))
         effect = lgb.Booster(model_file=str(stem.with_suffix(".effect.txt")))
-        return cls(base, effect, actions, version, send_threshold, learned_actions)
+        response_file = stem.with_suffix(".response.txt")
+        response = (
+            lgb.Booster(model_file=str(response_file))
+            if act_gain and response_file.exists()
+            else None
+        )
+        return cls(
+            base, effect, actions, version, send_threshold, learned_actions, response, act_gain
+        )
 
 
 def _fit(
@@ -220,6 +275,7 @@ def train(
     *,
     send_budget: float = 1.0,
     min_gain: float = 0.0,
+    steps_types: Collection[str] | None = None,
 ) -> OutcomeModel:
     """Fit the base and effect boosters on logged decisions (needs a few hundred at least)."""
     if len(decisions) < 50:
@@ -281,9 +337,56 @@ def train(
         EFFECT_PARAMS,
         EFFECT_ROUNDS,
     )
-    model = OutcomeModel(base, effect, actions, version, learned_actions=sorted(learned))
+    steps = [a for a in actions if a != NONE] if steps_types is None else list(steps_types)
+    response, act_gain = _fit_response(decisions, resid, index, steps)
+    model = OutcomeModel(base, effect, actions, version, 0.0, sorted(learned), response, act_gain)
     model.send_threshold = _threshold(model, decisions, send_budget, min_gain)
     return model
+
+
+def _fit_response(
+    decisions: Sequence[LoggedDecision],
+    resid: npt.NDArray[np.float64],
+    index: Mapping[str, int],
+    steps_types: Collection[str],
+) -> tuple[lgb.Booster | None, dict[str, float]]:
+    """The acting model over every sent nudge, and the steps an act adds per steps type.
+
+    The steps an act adds: the mean cross-fitted residual after acted nudges minus after the
+    others, per type once it has MIN_ACTS acts. A steps type with fewer acts gets the value
+    pooled over all steps types: its effect is then P(act) x that, near zero for a type that
+    was sent often and hardly ever acted on (rather than its R-learner estimate, which is
+    noise around zero and would win the greedy mass by chance). Types whose outcome is not
+    steps keep the R-learner.
+    """
+    sent = [
+        (d, r)
+        for d, r in zip(decisions, resid, strict=True)
+        if d.chosen != NONE and d.chosen in index
+    ]
+
+    def gain(rows: list[tuple[LoggedDecision, float]]) -> float | None:
+        acted = [r for d, r in rows if d.acted]
+        other = [r for d, r in rows if not d.acted]
+        if len(acted) < MIN_ACTS or not other:
+            return None
+        return max(0.0, float(np.mean(acted)) - float(np.mean(other)))
+
+    pooled = gain([(d, r) for d, r in sent if d.chosen in steps_types])
+    if pooled is None:
+        return None, {}
+    act_gain: dict[str, float] = {}
+    for a in steps_types:
+        if a in index and a != NONE:
+            own = gain([(d, r) for d, r in sent if d.chosen == a])
+            act_gain[a] = pooled if own is None else own
+    x = np.array(
+        [row(d.features, d.past_gain, index[d.chosen], d.chosen, d.past_response) for d, _ in sent],
+        dtype=np.float64,
+    )
+    y = np.array([1.0 if d.acted else 0.0 for d, _ in sent], dtype=np.float64)
+    response = _fit(x, y, None, COLUMNS, [*_BASE_CAT, "action"], RESPONSE_PARAMS, RESPONSE_ROUNDS)
+    return response, act_gain
 
 
 def _threshold(
@@ -318,6 +421,7 @@ def meta_json(model: OutcomeModel, extra: Mapping[str, Any]) -> str:
             "columns": list(COLUMNS),
             "send_threshold": model.send_threshold,
             "learned_actions": sorted(model.learned_actions),
+            "act_gain": model.act_gain,
             **extra,
         },
         indent=2,

@@ -8,6 +8,11 @@ r_i, a target policy pi and an outcome model q:
     SNIPS = sum(w_i r_i) / sum(w_i)
     DR    = mean( sum_a pi(a | x_i) q(x_i, a) + w_i (r_i - q(x_i, a_i)) )
 
+The policy's objective counts a cost for every nudge (`min_gain_steps`: a nudge must add at
+least that many steps to be worth an interruption), so the same estimates are also reported net
+of it: NET = DR - cost x (chance the policy sends a nudge), exact given pi. Promotion looks at
+the net difference: a policy that reaches the same steps with fewer nudges is better.
+
 Confidence intervals are percentile bootstrap intervals that resample *people* (a person's
 decisions are correlated: their responsiveness, routine and habituation are shared), or single
 decisions when no clusters are given; the difference between two policies is bootstrapped on
@@ -24,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pulsesync.server.nudges.catalog import PolicySettings
-from pulsesync.server.nudges.model import LoggedDecision, OutcomeModel
+from pulsesync.server.nudges.model import NONE, LoggedDecision, OutcomeModel
 from pulsesync.server.nudges.policy import greedy_with_floor, randomized
 
 BOOTSTRAP: Final = 400  # resamples: percentile bounds stable to ~1% of their width
@@ -73,8 +78,12 @@ def policy_matrix(
 
 
 def _per_decision(
-    decisions: Sequence[LoggedDecision], actions: Sequence[str], pi: Matrix, q: Matrix
-) -> tuple[Matrix, Matrix, Matrix]:
+    decisions: Sequence[LoggedDecision],
+    actions: Sequence[str],
+    pi: Matrix,
+    q: Matrix,
+    send_cost: float,
+) -> tuple[Matrix, Matrix, Matrix, Matrix]:
     index = {a: j for j, a in enumerate(actions)}
     chosen = np.array([index[d.chosen] for d in decisions])
     rows = np.arange(len(decisions))
@@ -83,7 +92,8 @@ def _per_decision(
     w = pi[rows, chosen] / p
     dm = (pi * q).sum(axis=1)
     dr = dm + w * (r - q[rows, chosen])
-    return w, w * r, dr
+    sends = pi.sum(axis=1) - (pi[:, index[NONE]] if NONE in index else 0.0)
+    return w, w * r, dr, dr - send_cost * sends
 
 
 def estimate(
@@ -95,8 +105,9 @@ def estimate(
     baseline_pi: Matrix | None = None,
     clusters: Sequence[int] | None = None,
     seed: int = 0,
+    send_cost: float = 0.0,
 ) -> dict[str, Estimate]:
-    """IPS, SNIPS and DR of pi (and of pi minus baseline_pi, keys "*_diff"), with CIs.
+    """IPS, SNIPS, DR and NET of pi (and of pi minus baseline_pi, keys "*_diff"), with CIs.
 
     With clusters (e.g. the user of each decision) the bootstrap resamples whole clusters.
     """
@@ -119,8 +130,8 @@ def estimate(
     def per_cluster(v: Matrix) -> Matrix:
         return np.bincount(member, weights=v, minlength=n_clusters).astype(np.float64)
 
-    def stats(w: Matrix, wr: Matrix, dr: Matrix) -> dict[str, tuple[float, Matrix]]:
-        sw, swr, sdr = per_cluster(w), per_cluster(wr), per_cluster(dr)
+    def stats(w: Matrix, wr: Matrix, dr: Matrix, net: Matrix) -> dict[str, tuple[float, Matrix]]:
+        sw, swr, sdr, snet = per_cluster(w), per_cluster(wr), per_cluster(dr), per_cluster(net)
         return {
             "ips": (float(wr.mean()), counts @ swr / np.maximum(size, 1.0)),
             "snips": (
@@ -128,15 +139,16 @@ def estimate(
                 counts @ swr / np.maximum(counts @ sw, 1e-12),
             ),
             "dr": (float(dr.mean()), counts @ sdr / np.maximum(size, 1.0)),
+            "net": (float(net.mean()), counts @ snet / np.maximum(size, 1.0)),
         }
 
-    target = stats(*_per_decision(decisions, actions, pi, q))
+    target = stats(*_per_decision(decisions, actions, pi, q, send_cost))
     out = {
         k: Estimate(v, float(np.percentile(b, lo_q)), float(np.percentile(b, hi_q)))
         for k, (v, b) in target.items()
     }
     if baseline_pi is not None:
-        base = stats(*_per_decision(decisions, actions, baseline_pi, q))
+        base = stats(*_per_decision(decisions, actions, baseline_pi, q, send_cost))
         for k, (v, b) in target.items():
             bv, bb = base[k]
             diff = b - bb
@@ -193,10 +205,12 @@ def evaluate_model(
         baseline_pi=pi_cur,
         clusters=[d.user_id for d in decisions],
         seed=seed,
+        send_cost=settings.min_gain_steps,
     )
 
 
 def better(estimates: dict[str, Estimate]) -> bool:
-    """Promote only if the doubly robust gain's whole confidence interval is above zero."""
-    diff = estimates.get("dr_diff")
+    """Promote only if the whole confidence interval of the net gain (DR less the cost of the
+    nudges, see the module docstring) is above zero."""
+    diff = estimates.get("net_diff")
     return diff is not None and diff.low > 0.0

@@ -1,7 +1,8 @@
 """Versioned model files and the pointer to the promoted one, re-read when it changes.
 
     <models>/model-v0003.base.txt     LightGBM text model (baseline)
-    <models>/model-v0003.effect.txt   LightGBM text model (action effect)
+    <models>/model-v0003.effect.txt   LightGBM text model (action effect, R-learner)
+    <models>/model-v0003.response.txt LightGBM text model (chance of acting on a nudge)
     <models>/model-v0003.json         metadata: actions, columns, training and evaluation
     <models>/current.json             {"version": 3, ...}: the promoted model
 
@@ -95,6 +96,7 @@ class ModelRegistry:
             version_name(version),
             float(meta.get("send_threshold", 0.0)),
             meta.get("learned_actions"),
+            meta.get("act_gain"),
         )
 
     def changed(self) -> bool:

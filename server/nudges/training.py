@@ -31,7 +31,7 @@ from pulsesync.server.nudges.ope import (
 )
 from pulsesync.server.nudges.registry import ModelRegistry, version_name
 from pulsesync.server.storage.db import Database
-from pulsesync.v1 import common_pb2
+from pulsesync.v1 import common_pb2, events_pb2
 
 DEFAULT_HOLDOUT: Final = 0.0
 # People-groups for the cross-fitted estimate: each fold model sees 3/4 of the people.
@@ -46,16 +46,19 @@ _CONSENTING: Final = (
 async def logged_decisions(db: Database, since_us: int = 0) -> list[LoggedDecision]:
     """Decisions with complete outcomes of consenting users, oldest first."""
     async with db.reader.execute(
-        "SELECT user_id, decision_us, features, options, chosen, probability, outcome_steps"
-        f" FROM nudge_decisions WHERE outcome_complete = 1 AND decision_us >= ? AND user_id IN ({_CONSENTING})"
-        " ORDER BY decision_us, decision_id",
-        (since_us, common_pb2.CONSENT_CATEGORY_PERSONALIZATION),
+        "SELECT d.user_id, d.decision_us, d.features, d.options, d.chosen, d.probability,"
+        " d.outcome_steps, EXISTS (SELECT 1 FROM nudge_feedback f WHERE f.nudge_id = d.nudge_id"
+        " AND f.user_id = d.user_id AND f.action = ?)"
+        " FROM nudge_decisions d WHERE d.outcome_complete = 1 AND d.decision_us >= ?"
+        f" AND d.user_id IN ({_CONSENTING}) ORDER BY d.decision_us, d.decision_id",
+        (events_pb2.NUDGE_ACTION_ACTED, since_us, common_pb2.CONSENT_CATEGORY_PERSONALIZATION),
     ) as cur:
         rows = await cur.fetchall()
     out = []
-    for user_id, at, features, options, chosen, prob, outcome in rows:
+    for user_id, at, features, options, chosen, prob, outcome, acted in rows:
         f = json.loads(features)
         past = f.pop("past_gain", {})
+        response = f.pop("past_response", {})
         out.append(
             LoggedDecision(
                 int(user_id),
@@ -66,6 +69,8 @@ async def logged_decisions(db: Database, since_us: int = 0) -> list[LoggedDecisi
                 chosen,
                 float(prob),
                 float(outcome),
+                bool(acted),
+                response,
             )
         )
     return out
@@ -125,6 +130,7 @@ def _train(decisions: Sequence[LoggedDecision], catalog: Catalog) -> OutcomeMode
         "candidate",
         send_budget=p.send_budget,
         min_gain=p.min_gain_steps,
+        steps_types=[t.name for t in catalog.types if t.outcome == "steps_30m"],
     )
 
 
@@ -170,6 +176,7 @@ def cross_fitted(
         q,
         baseline_pi=pi_cur,
         clusters=[d.user_id for d in scored],
+        send_cost=catalog.policy.min_gain_steps,
     )
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from pulsesync.server.nudges.catalog import load_catalog
 from pulsesync.server.nudges.model import LoggedDecision, train
@@ -139,3 +141,89 @@ def test_an_incumbent_model_is_scored_only_on_decisions_it_was_not_trained_on() 
     # ...scored on the decisions logged after its training, the two are not told apart.
     fresh = cross_fitted(data, CATALOG, current, score_from_us=300)["dr_diff"]
     assert fresh.low < 0.0 < fresh.high, fresh
+
+
+def acting_logs(n_users: int, per_user: int, seed: int) -> list[LoggedDecision]:
+    """Randomized logs where a walking suggestion works only through the people who act on it:
+    they act 12% of the time when sedentary for over an hour, 1% otherwise, and acting adds
+    a ~1000-step walk; nobody ever acts on a break suggestion; the outcome is otherwise noise."""
+    rng = random.Random(seed)
+    out = []
+    for u in range(1, n_users + 1):
+        for i in range(per_user):
+            sed = rng.uniform(0, 120)
+            options = ["none", "walking_suggestion", "break_from_sitting"]
+            probs = randomized(options, 0.6)
+            u01 = rng.random()
+            chosen = (
+                "none"
+                if u01 < 0.4
+                else ("walking_suggestion" if u01 < 0.7 else "break_from_sitting")
+            )
+            walk = chosen == "walking_suggestion"
+            acted = walk and rng.random() < (0.12 if sed > 60 else 0.01)
+            y = max(0.0, rng.gauss(300, 400)) + (rng.gauss(1000, 100) if acted else 0.0)
+            out.append(
+                LoggedDecision(
+                    u, i, {"sedentary_min": sed}, {}, probs, chosen, probs[chosen], y, acted
+                )
+            )
+    return out
+
+
+def test_acting_model_learns_where_people_act_and_what_an_act_adds(tmp_path: Path) -> None:
+    data = acting_logs(10, 400, 21)
+    model = train(data, ACTIONS, "candidate", send_budget=1.0, min_gain=20.0)
+    assert model.response is not None
+    # The steps an act adds, from the residuals of acted against other walking suggestions.
+    assert 800 < model.act_gain["walking_suggestion"] < 1200, model.act_gain
+    q = model.predict_many(data, ACTIONS)
+    walk, none = ACTIONS.index("walking_suggestion"), ACTIONS.index("none")
+    sed = np.array([d.features["sedentary_min"] for d in data])
+    effect = q[:, walk] - q[:, none]
+    # True effects: 120 steps when sedentary, 10 otherwise.
+    assert 60 < np.median(effect[sed > 70]) < 200
+    assert np.median(effect[sed < 50]) < 40
+    pi = policy_matrix(data, ACTIONS, CATALOG.policy, q, model.min_gain(20.0))
+    assert pi[sed > 70, walk].mean() > 0.8
+    assert pi[sed < 50, walk].mean() < 0.2
+    # Sent a thousand times and never acted on: the pooled act gain times a chance of acting
+    # near zero. The break suggestion only ever gets the exploration floor.
+    brk = ACTIONS.index("break_from_sitting")
+    assert model.act_gain["break_from_sitting"] == pytest.approx(
+        model.act_gain["walking_suggestion"], rel=0.05
+    )
+    assert np.abs(q[:, brk] - q[:, none]).max() < 20.0
+    assert pi[:, brk].max() <= CATALOG.policy.exploration_floor + 1e-9
+    # The acting model is saved and loaded with the others.
+    reg = ModelRegistry(tmp_path / "models")
+    loaded = reg.load(reg.save(model, {}))
+    assert loaded.act_gain == model.act_gain
+    assert np.allclose(loaded.predict_many(data[:50], ACTIONS), q[:50])
+
+
+def test_acting_model_needs_enough_acts() -> None:
+    data = [replace(d, acted=False) for d in acting_logs(4, 300, 22)]
+    model = train(data, ACTIONS, "candidate")
+    assert model.response is None
+    assert model.act_gain == {}
+
+
+def test_net_estimate_counts_the_cost_of_each_nudge() -> None:
+    # No effect at all: sending half as often reaches the same steps with fewer interruptions.
+    data = people_logs(8, 300, 0.0, 23)
+    n = len(data)
+    walk, none = ACTIONS.index("walking_suggestion"), ACTIONS.index("none")
+    pi_cur = policy_matrix(data, ACTIONS, CATALOG.policy, None)
+    pi_new = np.zeros((n, len(ACTIONS)))
+    pi_new[:, walk], pi_new[:, none] = 0.3, 0.7
+    q = np.zeros((n, len(ACTIONS)))
+    est = estimate(data, ACTIONS, pi_new, q, baseline_pi=pi_cur, send_cost=20.0)
+    sends_cur = 1.0 - pi_cur[:, none].mean()
+    assert abs(est["dr_diff"].value) < 15.0
+    assert est["dr_diff"].low < 0.0 < est["dr_diff"].high
+    cost_saved = 20.0 * (sends_cur - 0.3)
+    assert est["net_diff"].value == pytest.approx(est["dr_diff"].value + cost_saved)
+    # Without a cost the two are the same estimate.
+    free = estimate(data, ACTIONS, pi_new, q, baseline_pi=pi_cur)
+    assert free["net_diff"].value == pytest.approx(free["dr_diff"].value)

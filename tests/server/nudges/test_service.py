@@ -13,6 +13,7 @@ import pytest
 from pulsesync.server.app import RunningServer, running_server
 from pulsesync.server.clock import FakeClock
 from pulsesync.server.config import ServerConfig
+from pulsesync.server.nudges.training import logged_decisions
 from pulsesync.server.rpc.base import error_info
 from pulsesync.v1 import common_pb2, events_pb2, nudges_pb2, nudges_pb2_grpc
 from tests.server.nudges.support import app_event, device_pk_of, steps_event, store
@@ -90,6 +91,13 @@ async def test_nudge_goes_to_the_device_in_use_and_feedback_is_recorded(nudge_se
         )
         assert listed.nudges[0].outcome.complete
         assert listed.nudges[0].outcome.value == 700 + 2 * 0
+        # The ACTED feedback feeds the person's past response and the training log.
+        kind = resp.nudge.nudge_type
+        uid = sent[0].user_id
+        assert eng.features.user(uid).past_response(kind) == pytest.approx(1 / (1 + 5))
+        logged = {d.chosen: d for d in await logged_decisions(srv.app.db)}
+        assert logged[kind].acted
+        assert not any(d.acted for d in logged.values() if d.chosen == "none")
         for c in calls.values():
             c.cancel()
 
