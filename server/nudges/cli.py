@@ -1,8 +1,8 @@
 """`pulsesync nudges train|evaluate|promote|status`: the learning loop from the command line.
 
     pulsesync nudges train              # new candidate version from logged decisions
-    pulsesync nudges evaluate [-v N]    # IPS / SNIPS / DR with 95% CIs against the current policy
-    pulsesync nudges promote [-v N]     # promote only if the DR gain's CI is above zero
+    pulsesync nudges evaluate [-v N]    # IPS / SNIPS / DR / NET with 95% CIs against the current policy
+    pulsesync nudges promote [-v N]     # promote only if the net gain's CI is above zero
     pulsesync nudges status             # versions, the promoted one, logged decisions
 
 They work on the database and model folder directly; a running server picks up a promoted
@@ -66,7 +66,7 @@ async def cmd_evaluate(args: argparse.Namespace) -> int:
     print(
         f"{version_name(version)} vs {ev.against} on {ev.decisions} held-out decisions (steps in 30 min):"
     )
-    for name in ("ips", "snips", "dr"):
+    for name in ("ips", "snips", "dr", "net"):
         new, base, diff = (
             ev.estimates[name],
             ev.estimates[f"{name}_baseline"],
@@ -76,6 +76,10 @@ async def cmd_evaluate(args: argparse.Namespace) -> int:
             f"  {name.upper():<5} new {new.value:8.1f} [{new.low:.1f}, {new.high:.1f}]"
             f"  current {base.value:8.1f}  gain {diff.value:+7.1f} [{diff.low:+.1f}, {diff.high:+.1f}]"
         )
+    cost = load_catalog(args.catalog).policy.min_gain_steps
+    print(
+        f"  (NET: DR less {cost:g} steps per nudge sent, the policy's objective; the gate uses it)"
+    )
     print(
         "verdict: better (promotable)"
         if ev.better
@@ -119,10 +123,10 @@ async def cmd_status(args: argparse.Namespace) -> int:
     for v in registry.versions():
         meta = registry.meta(v)
         ev = meta.get("evaluation") or {}
-        dr = ev.get("dr_diff", {})
+        net = ev.get("net_diff", {})
         verdict = (
-            f"DR gain {dr.get('value', 0):+.1f} [{dr.get('low', 0):+.1f}, {dr.get('high', 0):+.1f}]"
-            if dr
+            f"net gain {net.get('value', 0):+.1f} [{net.get('low', 0):+.1f}, {net.get('high', 0):+.1f}]"
+            if net
             else "not evaluated"
         )
         print(f"  {version_name(v)}  trained on {meta.get('trained_on', '?')} decisions  {verdict}")
