@@ -161,6 +161,10 @@ class NudgeEngine:
         # On the ingest path: only queue; the tick folds them in.
         self._pending.append((user_id, events))
 
+    def pending_events(self) -> int:
+        """Committed events queued for the next fold into the features."""
+        return sum(len(events) for _, events in self._pending)
+
     async def flush(self) -> None:
         """Fold queued committed events into the features of consenting users."""
         while self._pending:

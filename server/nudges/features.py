@@ -31,6 +31,10 @@ MAX_SEDENTARY_MIN: Final = 240
 # EWMA weights: baseline over ~days of 5-minute samples, "now" over the last few samples.
 BASELINE_ALPHA: Final = 0.01
 RECENT_ALPHA: Final = 0.3
+# ...which is why heart rate is sampled, not folded event by event: a strap notifies about once
+# a second, and at that rate the baseline would span minutes, not days. One reading per user
+# per 5 minutes feeds the averages; the others are skipped before their body is even parsed.
+HR_SAMPLE_US: Final = 5 * US_PER_MIN
 # Past-response estimates are shrunk towards zero with this many pseudo-observations.
 SHRINK_N: Final = 5.0
 # The acted share of a nudge type counts this many pseudo-nudges not acted on.
@@ -129,6 +133,7 @@ class UserState:
     device_app: dict[int, str] = field(default_factory=dict)
     hr: _Ewma = field(default_factory=_Ewma)
     hrv: _Ewma = field(default_factory=_Ewma)
+    hr_sampled_us: int | None = None  # the time of the last heart rate reading folded in
     # feature name -> UTC minute-of-day counts in 30-minute bins, for habitual times.
     feature_bins: dict[str, list[int]] = field(default_factory=dict)
     # Nudge history (fed by the engine, not by events).
@@ -290,6 +295,11 @@ class FeatureStore:
             if ev.t_us > state.device_last_us.get(ev.device_pk, 0):
                 state.device_last_us[ev.device_pk] = ev.t_us
             kind = ev.kind
+            if kind == events_pb2.EVENT_KIND_HEART_RATE:
+                last = state.hr_sampled_us
+                if last is not None and abs(ev.t_us - last) < HR_SAMPLE_US:
+                    continue
+                state.hr_sampled_us = ev.t_us
             if kind in (events_pb2.EVENT_KIND_STEPS, events_pb2.EVENT_KIND_HEART_RATE) or kind in (
                 events_pb2.EVENT_KIND_FEATURE_USE,
                 events_pb2.EVENT_KIND_SCREEN_VIEW,
