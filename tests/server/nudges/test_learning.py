@@ -76,6 +76,14 @@ def test_trained_model_learns_the_effect_and_registry_promotes_and_reloads(tmp_p
         assert np.allclose(q[:, ACTIONS.index(other)], q[:, ACTIONS.index("none")])
 
 
+def draw_three(rng: random.Random) -> tuple[dict[str, float], str]:
+    """The randomized policy over none, walking and break: (its probabilities, the draw)."""
+    probs = randomized(["none", "walking_suggestion", "break_from_sitting"], 0.6)
+    u01 = rng.random()
+    chosen = "none" if u01 < 0.4 else ("walking_suggestion" if u01 < 0.7 else "break_from_sitting")
+    return probs, chosen
+
+
 def people_logs(n_users: int, per_user: int, effect: float, seed: int) -> list[LoggedDecision]:
     """Randomized logs of several people; walking adds `effect` steps when sedentary > 60 min."""
     rng = random.Random(seed)
@@ -84,14 +92,7 @@ def people_logs(n_users: int, per_user: int, effect: float, seed: int) -> list[L
         level = rng.gauss(200, 40)  # people differ in their baseline
         for i in range(per_user):
             sed = rng.uniform(0, 120)
-            options = ["none", "walking_suggestion", "break_from_sitting"]
-            probs = randomized(options, 0.6)
-            u01 = rng.random()
-            chosen = (
-                "none"
-                if u01 < 0.4
-                else ("walking_suggestion" if u01 < 0.7 else "break_from_sitting")
-            )
+            probs, chosen = draw_three(rng)
             y = level + sed + rng.gauss(0, 150)
             if chosen == "walking_suggestion" and sed > 60:
                 y += effect
@@ -152,14 +153,7 @@ def acting_logs(n_users: int, per_user: int, seed: int) -> list[LoggedDecision]:
     for u in range(1, n_users + 1):
         for i in range(per_user):
             sed = rng.uniform(0, 120)
-            options = ["none", "walking_suggestion", "break_from_sitting"]
-            probs = randomized(options, 0.6)
-            u01 = rng.random()
-            chosen = (
-                "none"
-                if u01 < 0.4
-                else ("walking_suggestion" if u01 < 0.7 else "break_from_sitting")
-            )
+            probs, chosen = draw_three(rng)
             walk = chosen == "walking_suggestion"
             acted = walk and rng.random() < (0.12 if sed > 60 else 0.01)
             y = max(0.0, rng.gauss(300, 400)) + (rng.gauss(1000, 100) if acted else 0.0)
