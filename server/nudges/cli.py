@@ -123,10 +123,13 @@ async def cmd_status(args: argparse.Namespace) -> int:
     for v in registry.versions():
         meta = registry.meta(v)
         ev = meta.get("evaluation") or {}
-        net = ev.get("net_diff", {})
+        # Evaluations made before the net estimate existed have the DR gain only.
+        label, gain = (
+            ("net gain", ev.get("net_diff")) if "net_diff" in ev else ("DR gain", ev.get("dr_diff"))
+        )
         verdict = (
-            f"net gain {net.get('value', 0):+.1f} [{net.get('low', 0):+.1f}, {net.get('high', 0):+.1f}]"
-            if net
+            f"{label} {gain['value']:+.1f} [{gain['low']:+.1f}, {gain['high']:+.1f}]"
+            if gain
             else "not evaluated"
         )
         print(f"  {version_name(v)}  trained on {meta.get('trained_on', '?')} decisions  {verdict}")

@@ -13,12 +13,14 @@ Two boosters make one prediction, q(x, a) = base(x) + effect(x, a), with effect(
 
 A third booster, `response`, predicts the chance the person acts on a nudge (the device's
 ACTED feedback) from the same inputs. Acting is a far less noisy signal than 30-minute steps (a
-yes/no per nudge instead of an outcome whose spread is ~15 times the effect), so once a type
-has MIN_ACTS acted nudges its effect is predicted as P(act | x, a) x the steps an act adds,
-measured as the mean residual after acted minus after not-acted nudges of the type. That reads
-"a nudge adds steps through the people who act on it"; the promotion gate (ope.py) checks the
-resulting policy on the measured steps, so a type whose acts add no steps gets no effect and a
-proposal that does not pay off is not promoted. Types with fewer acts keep the R-learner.
+yes/no per nudge instead of an outcome whose spread is ~15 times the effect), so once the types
+whose outcome is steps have MIN_ACTS acted nudges between them, their effect is predicted as
+P(act | x, a) x the steps an act adds: the mean residual after acted minus after not-acted
+nudges, of the type itself once it has MIN_ACTS acts, else pooled over the steps types. That
+reads "a nudge adds steps through the people who act on it"; the promotion gate (ope.py)
+checks the resulting policy on the measured steps, so a type whose acts add no steps gets no
+effect and a proposal that does not pay off is not promoted. Types whose outcome is not steps
+keep the R-learner.
 
 The model also carries its `send_threshold`: the predicted gain a nudge must reach to get the
 greedy mass, set at training so the greedy policy would send at no more than `send_budget` of
@@ -83,7 +85,8 @@ RESPONSE_PARAMS: Final[dict[str, Any]] = {
     "learning_rate": 0.05,
 }
 RESPONSE_ROUNDS: Final = 150
-# A type's effect comes from the response model once this many of its nudges were acted on.
+# Acted nudges needed before the response model predicts effects (and, per type, before a
+# type's own steps per act replace the pooled figure).
 MIN_ACTS: Final = 20
 _NO_RESPONSE: Final[Mapping[str, float]] = {}
 
@@ -133,7 +136,15 @@ class OutcomeModel:
         learned_actions: Sequence[str] | None = None,
         response: lgb.Booster | None = None,
         act_gain: Mapping[str, float] | None = None,
+        columns: Sequence[str] = COLUMNS,
     ) -> None:
+        if tuple(columns) != COLUMNS[: len(columns)]:
+            raise ValueError(
+                f"the model was trained on other inputs ({', '.join(columns)}); train a new one"
+            )
+        # Inputs are only ever appended: a model saved before the last ones were added reads
+        # the leading columns of a row.
+        self.columns = tuple(columns)
         self.base = base
         self.effect = effect
         self.actions = tuple(actions)
@@ -156,14 +167,15 @@ class OutcomeModel:
 
     def _q(self, x: npt.NDArray[np.float64], actions: Sequence[str]) -> npt.NDArray[np.float64]:
         """Predicted outcomes of input rows x, row i being for actions[i]."""
+        x_model = x[:, : len(self.columns)]
         effect = np.zeros(len(actions))
         learned = np.array([a in self.learned_actions for a in actions], dtype=bool)
         if learned.any():
-            effect = np.where(learned, self.effect.predict(x, num_threads=1), 0.0)
+            effect = np.where(learned, self.effect.predict(x_model, num_threads=1), 0.0)
         gain = np.array([self.act_gain.get(a, np.nan) for a in actions], dtype=np.float64)
         by_acts = ~np.isnan(gain)
         if self.response is not None and by_acts.any():
-            p_act = self.response.predict(x, num_threads=1)
+            p_act = self.response.predict(x_model, num_threads=1)
             effect = np.where(by_acts, p_act * np.nan_to_num(gain), effect)
         base = self.base.predict(x[:, : len(FEATURE_NAMES)], num_threads=1)
         return np.asarray(base + effect, dtype=np.float64)
@@ -211,6 +223,7 @@ class OutcomeModel:
         send_threshold: float = 0.0,
         learned_actions: Sequence[str] | None = None,
         act_gain: Mapping[str, float] | None = None,
+        columns: Sequence[str] = COLUMNS,
     ) -> OutcomeModel:
         """Read a model written by save()."""
         base = lgb.Booster(model_file=str(stem.with_suffix(".base.txt")))
@@ -222,7 +235,15 @@ class OutcomeModel:
             else None
         )
         return cls(
-            base, effect, actions, version, send_threshold, learned_actions, response, act_gain
+            base,
+            effect,
+            actions,
+            version,
+            send_threshold,
+            learned_actions,
+            response,
+            act_gain,
+            columns,
         )
 
 
@@ -418,7 +439,7 @@ def meta_json(model: OutcomeModel, extra: Mapping[str, Any]) -> str:
         {
             "version": model.version,
             "actions": list(model.actions),
-            "columns": list(COLUMNS),
+            "columns": list(model.columns),
             "send_threshold": model.send_threshold,
             "learned_actions": sorted(model.learned_actions),
             "act_gain": model.act_gain,

@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 from typing import Any, Final
 
-from pulsesync.server.nudges.model import OutcomeModel, meta_json
+from pulsesync.server.nudges.model import COLUMNS, OutcomeModel, meta_json
 
 _STEM: Final = re.compile(r"^model-v(\d{4,})\.json$")
 
@@ -97,6 +97,7 @@ class ModelRegistry:
             float(meta.get("send_threshold", 0.0)),
             meta.get("learned_actions"),
             meta.get("act_gain"),
+            meta.get("columns", COLUMNS),
         )
 
     def changed(self) -> bool:

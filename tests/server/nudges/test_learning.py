@@ -10,7 +10,17 @@ import numpy as np
 import pytest
 
 from pulsesync.server.nudges.catalog import load_catalog
-from pulsesync.server.nudges.model import LoggedDecision, train
+from pulsesync.server.nudges.features import FEATURE_NAMES
+from pulsesync.server.nudges.model import (
+    BASE_PARAMS,
+    COLUMNS,
+    EFFECT_PARAMS,
+    LoggedDecision,
+    OutcomeModel,
+    _fit,
+    row,
+    train,
+)
 from pulsesync.server.nudges.ope import better, estimate, policy_matrix
 from pulsesync.server.nudges.policy import randomized
 from pulsesync.server.nudges.registry import ModelRegistry
@@ -221,3 +231,20 @@ def test_net_estimate_counts_the_cost_of_each_nudge() -> None:
     # Without a cost the two are the same estimate.
     free = estimate(data, ACTIONS, pi_new, q, baseline_pi=pi_cur)
     assert free["net_diff"].value == pytest.approx(free["dr_diff"].value)
+
+
+def test_a_model_saved_before_an_input_was_added_still_loads_and_predicts(tmp_path: Path) -> None:
+    # A model from before `action_past_response` existed: its boosters read one column fewer.
+    data = people_logs(4, 300, 300.0, 31)
+    old_columns = COLUMNS[:-1]
+    x = np.array([row(d.features, d.past_gain, ACTIONS.index(d.chosen), d.chosen) for d in data])
+    y = np.array([d.outcome for d in data])
+    base = _fit(x[:, : len(FEATURE_NAMES)], y, None, FEATURE_NAMES, (), BASE_PARAMS, 20)
+    effect = _fit(x[:, : len(old_columns)], y, None, old_columns, (), EFFECT_PARAMS, 20)
+    old = OutcomeModel(base, effect, ACTIONS, "old", columns=old_columns)
+    reg = ModelRegistry(tmp_path / "models")
+    loaded = reg.load(reg.save(old, {}))
+    assert loaded.columns == old_columns
+    assert np.allclose(loaded.predict_many(data, ACTIONS), old.predict_many(data, ACTIONS))
+    with pytest.raises(ValueError, match="other inputs"):
+        OutcomeModel(base, effect, ACTIONS, "odd", columns=("steps_30", *old_columns))
