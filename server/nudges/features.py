@@ -28,11 +28,12 @@ STEP_HISTORY_MIN: Final = 180
 SEDENTARY_STEPS_PER_MIN: Final = 20
 # Sedentary stretches are capped: a night without data is not "sitting for 10 hours".
 MAX_SEDENTARY_MIN: Final = 240
-# EWMA weights: baseline over ~days of 5-minute samples, "now" over the last few samples.
+# EWMA weights over 5-minute samples: the baseline's time constant is 100 samples (~8 hours
+# of wear), "now" is the last few samples.
 BASELINE_ALPHA: Final = 0.01
 RECENT_ALPHA: Final = 0.3
 # ...which is why heart rate is sampled, not folded event by event: a strap notifies about once
-# a second, and at that rate the baseline would span minutes, not days. One reading per user
+# a second, and at that rate the baseline would span under two minutes. One reading per user
 # per 5 minutes feeds the averages; the others are skipped before their body is even parsed.
 HR_SAMPLE_US: Final = 5 * US_PER_MIN
 # Past-response estimates are shrunk towards zero with this many pseudo-observations.
