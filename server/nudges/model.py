@@ -298,7 +298,11 @@ def train(
     min_gain: float = 0.0,
     steps_types: Collection[str] | None = None,
 ) -> OutcomeModel:
-    """Fit the base and effect boosters on logged decisions (needs a few hundred at least)."""
+    """Fit the base, effect and acting models on logged decisions (a few hundred at least).
+
+    steps_types: the types whose outcome is steps (the acting model predicts their effect);
+    by default every type.
+    """
     if len(decisions) < 50:
         raise ValueError(
             f"need at least 50 decisions with outcomes to train, have {len(decisions)}"
@@ -341,7 +345,7 @@ def train(
             if not MIN_PROPENSITY <= e <= 1 - MIN_PROPENSITY:
                 continue
             t = 1.0 if d.chosen == a else 0.0
-            rows.append(row(d.features, d.past_gain, index[a], a))
+            rows.append(row(d.features, d.past_gain, index[a], a, d.past_response))
             learned.add(a)
             target.append(r / (t - e))
             weight.append((t - e) ** 2)
