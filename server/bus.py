@@ -55,6 +55,11 @@ class CommittedBatch(Sequence[CommittedEvent]):
     def __init__(self, rows: list[CommittedRow]) -> None:
         self._rows = rows
 
+    @property
+    def rows(self) -> Sequence[CommittedRow]:
+        """The plain rows, in CommittedEvent's field order (they unpack the same way)."""
+        return self._rows
+
     def __len__(self) -> int:
         return len(self._rows)
 

@@ -58,6 +58,9 @@ TICK_SECONDS: Final = 15.0
 HISTORY_US: Final = 48 * 3600 * 1_000_000
 # A device stream holds at most this many undelivered nudges (caps make more impossible).
 STREAM_QUEUE: Final = 32
+# Committed events queued for the features before a fold starts without waiting for the
+# tick: heavy ingest would otherwise queue 15 s of it (about a gigabyte at 300k events/s).
+FOLD_BACKLOG_EVENTS: Final = 50_000
 
 
 @dataclass(slots=True)
@@ -138,6 +141,9 @@ class NudgeEngine:
         self.rng = random.Random(seed if seed is not None else secrets.randbits(64))
         self.latencies: list[float] = []
         self._pending: deque[tuple[int, Sequence[CommittedEvent]]] = deque()
+        self._pending_events = 0
+        self._fold_lock = asyncio.Lock()  # one fold at a time, so batches fold in order
+        self._backlog_fold: asyncio.Task[None] | None = None
         self._consenting: dict[int, bool] = {}
         self._unwatch: dict[int, Any] = {}
         self._last_tick: dict[int, int] = {}
@@ -155,24 +161,45 @@ class NudgeEngine:
         self._unsubscribe()
         for cancel in self._unwatch.values():
             cancel()
+        if self._backlog_fold is not None:
+            self._backlog_fold.cancel()
 
     # -- events ---------------------------------------------------------------------------
     def _on_events(self, user_id: int, events: Sequence[CommittedEvent]) -> None:
-        # On the ingest path: only queue; the tick folds them in.
+        # On the ingest path: only queue; the tick folds them in, or a fold of its own starts
+        # when heavy ingest queues more than FOLD_BACKLOG_EVENTS before the next tick.
         self._pending.append((user_id, events))
+        self._pending_events += len(events)
+        if self._pending_events >= FOLD_BACKLOG_EVENTS and self._backlog_fold is None:
+            self._backlog_fold = asyncio.get_running_loop().create_task(
+                self._fold_backlog(), name="nudge-feature-fold"
+            )
+
+    async def _fold_backlog(self) -> None:
+        try:
+            await self.flush()
+        except Exception:
+            log.exception("folding queued events into the nudge features failed")
+        finally:
+            self._backlog_fold = None
 
     def pending_events(self) -> int:
         """Committed events queued for the next fold into the features."""
-        return sum(len(events) for _, events in self._pending)
+        return self._pending_events
 
     async def flush(self) -> None:
         """Fold queued committed events into the features of consenting users."""
+        async with self._fold_lock:
+            await self._fold_pending()
+
+    async def _fold_pending(self) -> None:
         while self._pending:
             user_id, events = self._pending.popleft()
+            self._pending_events -= len(events)
             if await self._consents(user_id):
                 self.features.apply(user_id, events)
-            # A tick may find many thousands of batches queued under heavy ingest: let the
-            # event loop serve streams between them instead of stalling every ack.
+            # Under heavy ingest many batches are queued: let the event loop serve streams
+            # between them instead of stalling every ack.
             await asyncio.sleep(0)
 
     async def _consents(self, user_id: int) -> bool:

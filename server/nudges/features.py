@@ -17,7 +17,7 @@ from typing import Final
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pulsesync.hrv import rmssd_ms
-from pulsesync.server.bus import CommittedEvent
+from pulsesync.server.bus import CommittedBatch, CommittedEvent
 from pulsesync.v1 import common_pb2, events_pb2
 
 US_PER_MIN: Final = 60_000_000
@@ -41,6 +41,15 @@ SHRINK_N: Final = 5.0
 # The acted share of a nudge type counts this many pseudo-nudges not acted on.
 RESPONSE_PRIOR_NUDGES: Final = 5.0
 HOUR_BUCKETS: Final = 4  # night/morning, midday, afternoon, evening
+
+_STEPS: Final = events_pb2.EVENT_KIND_STEPS
+_HEART_RATE: Final = events_pb2.EVENT_KIND_HEART_RATE
+_FEATURE_USE: Final = events_pb2.EVENT_KIND_FEATURE_USE
+_SCREEN_VIEW: Final = events_pb2.EVENT_KIND_SCREEN_VIEW
+# The kinds whose bodies the features read; every event marks its device as in use.
+_FOLDED_KINDS: Final = frozenset(
+    {_STEPS, _HEART_RATE, _FEATURE_USE, _SCREEN_VIEW, events_pb2.EVENT_KIND_SESSION_START}
+)
 
 _KIND_CODE: Final = {
     common_pb2.DEVICE_KIND_PHONE: 1,
@@ -289,45 +298,46 @@ class FeatureStore:
     def apply(self, user_id: int, events: Iterable[CommittedEvent]) -> None:
         """Fold committed events into the user's state."""
         state = self.user(user_id)
-        for ev in events:
-            minute = ev.t_us // US_PER_MIN
-            if state.first_seen_min is None or minute < state.first_seen_min:
-                state.first_seen_min = minute
-            if ev.t_us > state.device_last_us.get(ev.device_pk, 0):
-                state.device_last_us[ev.device_pk] = ev.t_us
-            kind = ev.kind
-            if kind == events_pb2.EVENT_KIND_HEART_RATE:
+        # A committed batch's plain rows unpack like CommittedEvents, without building them.
+        rows = events.rows if isinstance(events, CommittedBatch) else events
+        first_seen = state.first_seen_min
+        last_seen = state.device_last_us
+        for _, device_pk, _, t_us, kind, body, _ in rows:
+            minute = t_us // US_PER_MIN
+            if first_seen is None or minute < first_seen:
+                first_seen = minute
+            if t_us > last_seen.get(device_pk, 0):
+                last_seen[device_pk] = t_us
+            if kind not in _FOLDED_KINDS:
+                continue
+            if kind == _HEART_RATE:
                 last = state.hr_sampled_us
-                if last is not None and abs(ev.t_us - last) < HR_SAMPLE_US:
+                if last is not None and abs(t_us - last) < HR_SAMPLE_US:
                     continue
-                state.hr_sampled_us = ev.t_us
-            if kind in (events_pb2.EVENT_KIND_STEPS, events_pb2.EVENT_KIND_HEART_RATE) or kind in (
-                events_pb2.EVENT_KIND_FEATURE_USE,
-                events_pb2.EVENT_KIND_SCREEN_VIEW,
-                events_pb2.EVENT_KIND_SESSION_START,
-            ):
-                msg = events_pb2.Event.FromString(ev.body)
-                if kind == events_pb2.EVENT_KIND_STEPS:
-                    state.add_steps(ev.t_us, msg.steps.count, ev.device_pk)
-                elif kind == events_pb2.EVENT_KIND_HEART_RATE:
-                    if msg.heart_rate.bpm:
-                        state.hr.add(float(msg.heart_rate.bpm))
-                    hr = msg.heart_rate
-                    r = (
-                        hr.rmssd_ms
-                        if hr.HasField("rmssd_ms")
-                        else rmssd_ms(hr.rr_intervals_ms, min_intervals=3)
-                    )
-                    if r is not None and r > 0:
-                        state.hrv.add(r)
-                elif kind == events_pb2.EVENT_KIND_FEATURE_USE:
-                    state.device_app[ev.device_pk] = msg.feature_use.app
-                    bins = state.feature_bins.setdefault(msg.feature_use.feature, [0] * 48)
-                    bins[(ev.t_us // US_PER_MIN) % 1440 // 30] += 1
-                elif kind == events_pb2.EVENT_KIND_SCREEN_VIEW:
-                    state.device_app[ev.device_pk] = msg.screen_view.app
-                else:
-                    state.device_app[ev.device_pk] = msg.session_start.app
+                state.hr_sampled_us = t_us
+            msg = events_pb2.Event.FromString(body)
+            if kind == _STEPS:
+                state.add_steps(t_us, msg.steps.count, device_pk)
+            elif kind == _HEART_RATE:
+                hr = msg.heart_rate
+                if hr.bpm:
+                    state.hr.add(float(hr.bpm))
+                r = (
+                    hr.rmssd_ms
+                    if hr.HasField("rmssd_ms")
+                    else rmssd_ms(hr.rr_intervals_ms, min_intervals=3)
+                )
+                if r is not None and r > 0:
+                    state.hrv.add(r)
+            elif kind == _FEATURE_USE:
+                state.device_app[device_pk] = msg.feature_use.app
+                bins = state.feature_bins.setdefault(msg.feature_use.feature, [0] * 48)
+                bins[minute % 1440 // 30] += 1
+            elif kind == _SCREEN_VIEW:
+                state.device_app[device_pk] = msg.screen_view.app
+            else:
+                state.device_app[device_pk] = msg.session_start.app
+        state.first_seen_min = first_seen
 
     def context(
         self, user_id: int, now_us: int, tz: str, nudges_today: int, habitual: Iterable[str] = ()

@@ -13,6 +13,7 @@ import pytest
 from pulsesync.server.app import RunningServer, running_server
 from pulsesync.server.clock import FakeClock
 from pulsesync.server.config import ServerConfig
+from pulsesync.server.nudges import engine as engine_module
 from pulsesync.server.nudges.training import logged_decisions
 from pulsesync.server.rpc.base import error_info
 from pulsesync.v1 import common_pb2, events_pb2, nudges_pb2, nudges_pb2_grpc
@@ -195,3 +196,28 @@ async def test_list_pages_are_keyset_and_carry_their_feedback(nudge_server) -> N
             if not token:
                 break
         assert seen == ids  # newest first, ties by id; nothing skipped or repeated
+
+
+async def test_a_backlog_of_committed_events_is_folded_without_waiting_for_the_tick(
+    nudge_server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    srv, clock = nudge_server
+    monkeypatch.setattr(engine_module, "FOLD_BACKLOG_EVENTS", 100)
+    phone = await pair_device(srv, "cy", kind=common_pb2.DEVICE_KIND_PHONE)
+    eng = engine(srv)
+    start = clock.now_us()
+
+    def batch(b: int) -> list[events_pb2.Event]:
+        return [steps_event(start + (b * 60 + m) * MIN, 5) for m in range(1, 61)]
+
+    await store(srv, phone.device_id, batch(0))
+    await asyncio.sleep(0.05)
+    assert eng.pending_events() == 60  # below the mark: waits for the tick (none runs here)
+    await store(srv, phone.device_id, batch(1))  # crosses the mark: a fold starts
+    for _ in range(200):  # bounded: the fold yields between batches
+        if eng.pending_events() == 0:
+            break
+        await asyncio.sleep(0.005)
+    assert eng.pending_events() == 0
+    _, uid = await device_pk_of(srv, phone.device_id)
+    assert eng.features.user(uid).steps_since(start + 120 * MIN, 120) == 120 * 5
