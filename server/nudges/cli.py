@@ -58,9 +58,10 @@ async def cmd_train(args: argparse.Namespace) -> int:
 async def cmd_evaluate(args: argparse.Namespace) -> int:
     db_path, registry = _paths(args)
     version = _latest(registry, args.version)
+    catalog = load_catalog(args.catalog)
     async with await Database.open(db_path) as db:
         try:
-            ev = await evaluate_candidate(db, load_catalog(args.catalog), registry, version)
+            ev = await evaluate_candidate(db, catalog, registry, version)
         except ValueError as e:
             raise SystemExit(f"cannot evaluate: {e}") from None
     print(
@@ -76,7 +77,7 @@ async def cmd_evaluate(args: argparse.Namespace) -> int:
             f"  {name.upper():<5} new {new.value:8.1f} [{new.low:.1f}, {new.high:.1f}]"
             f"  current {base.value:8.1f}  gain {diff.value:+7.1f} [{diff.low:+.1f}, {diff.high:+.1f}]"
         )
-    cost = load_catalog(args.catalog).policy.min_gain_steps
+    cost = catalog.policy.min_gain_steps
     print(
         f"  (NET: DR less {cost:g} steps per nudge sent, the policy's objective; the gate uses it)"
     )
