@@ -37,6 +37,7 @@ from pulsesync.edge_agent.clock import Clock, SystemClock
 from pulsesync.edge_agent.config import AgentSettings
 from pulsesync.edge_agent.outbox import Outbox
 from pulsesync.v1 import events_pb2, ingest_pb2, ingest_pb2_grpc
+from pulsesync.wire import STREAM_OPEN
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +239,7 @@ class Uplink:
         stub = ingest_pb2_grpc.IngestServiceStub(channel)
         call = stub.Upload(metadata=self.credentials.metadata)  # type: ignore[call-arg]
         try:
+            await self._accepted(call)
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._send(call, state), name="uplink-send")
                 tg.create_task(self._receive(call, state), name="uplink-receive")
@@ -248,6 +250,17 @@ class Uplink:
             remove()
             call.cancel()
             await channel.close(None)
+
+    async def _accepted(self, call: _UploadCall) -> None:
+        """Wait until the server has accepted the stream (see pulsesync.wire.STREAM_OPEN).
+
+        A refused stream then ends with the server's own status (UNAUTHENTICATED for a revoked
+        token) instead of the INTERNAL that a write racing the refusal would report.
+        """
+        async with asyncio.timeout(self.settings.ack_timeout_s):
+            metadata = await call.initial_metadata()
+        if STREAM_OPEN not in list(metadata or ()):
+            raise _CallEnded(await call.code(), await call.details() or "")
 
     async def _send(self, call: _UploadCall, state: _Stream) -> None:
         after = 0  # a new stream resends everything still in the outbox

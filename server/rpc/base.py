@@ -7,8 +7,10 @@ async generators for server streams) and decorated with `@rpc_method()`. The dec
   (skipped for `public=True` methods such as pairing) -- the acting user never comes from the
   request body;
 * turns a `PulseSyncError` into its gRPC status with a `google.rpc.ErrorInfo` detail;
-* for streams (`stream=True`), registers the serving task so that revoking the device or
-  erasing the user ends the stream at once with UNAUTHENTICATED.
+* for streams (`stream=True`), sends the initial metadata `pulsesync.wire.STREAM_OPEN` once
+  the caller is authenticated (a client may wait for it before writing), and registers the
+  serving task so that revoking the device or erasing the user ends the stream at once with
+  UNAUTHENTICATED.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from grpc_status import rpc_status
 from pulsesync.server.context import AppContext
 from pulsesync.server.errors import DOMAIN, PulseSyncError, Unauthenticated
 from pulsesync.server.identity import Identity
+from pulsesync.wire import STREAM_OPEN
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +137,8 @@ def rpc_method(*, public: bool = False, stream: bool = False) -> Callable[[Any],
             async def gen_wrapper(self: HasApp, request: Any, context: Any) -> AsyncIterator[Any]:
                 async with _seam(self.app, context, name):
                     identity = None if public else await authenticate(self.app, context)
+                    if stream:
+                        await context.send_initial_metadata((STREAM_OPEN,))
                     with _tracked(self.app, identity, stream):
                         async for item in fn(self, request, context, identity):
                             yield item

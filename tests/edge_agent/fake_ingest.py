@@ -18,6 +18,7 @@ import grpc
 
 from pulsesync.edge_agent.client import Credentials
 from pulsesync.v1 import common_pb2, ingest_pb2, ingest_pb2_grpc
+from pulsesync.wire import STREAM_OPEN
 
 TOKEN = "fake-device-token"
 
@@ -44,6 +45,7 @@ class FakeIngest(ingest_pb2_grpc.IngestServiceServicer):
         metadata = dict(context.invocation_metadata() or ())
         if metadata.get("authorization") != f"Bearer {self.token}":
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "device token revoked")
+        await context.send_initial_metadata((STREAM_OPEN,))
         self.streams += 1
         drop = self.drop_after.pop(0) if self.drop_after else None
         handled = 0

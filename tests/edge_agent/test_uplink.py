@@ -144,10 +144,9 @@ async def test_unauthenticated_stops_with_pair_again(outbox: Outbox) -> None:
         with pytest.raises(PairingRequired, match="Pair it again"):
             async with asyncio.timeout(10):
                 await uplink.run()
-    # The refusal ends the run. Rarely, gRPC reports the first refused stream as INTERNAL
-    # ("Internal error from Core": the server closed it while the client was still writing),
-    # which the uplink rightly retries once before it sees UNAUTHENTICATED.
-    assert len(sleeps.delays) <= 1
+    # The refusal ends the run at once: the uplink waits for the server to accept the stream
+    # before writing, so it sees UNAUTHENTICATED, never a racing write's INTERNAL.
+    assert sleeps.delays == []
     assert await outbox.count() == 3, "nothing deleted"
 
 

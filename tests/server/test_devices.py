@@ -5,7 +5,8 @@ import pytest
 
 from pulsesync.server.app import RunningServer
 from pulsesync.server.rpc.base import error_info
-from pulsesync.v1 import common_pb2, devices_pb2, devices_pb2_grpc
+from pulsesync.v1 import common_pb2, devices_pb2, devices_pb2_grpc, ingest_pb2_grpc
+from pulsesync.wire import STREAM_OPEN
 from tests.support.server import pair_device
 
 
@@ -74,3 +75,21 @@ async def test_bad_pairing_request_is_invalid_argument(channel: grpc.aio.Channel
             timeout=5,
         )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_a_stream_is_opened_only_for_a_valid_token(
+    server: RunningServer, channel: grpc.aio.Channel
+) -> None:
+    """Streams announce acceptance in their initial metadata; a refused one ends without it,
+    with the server's status (what the agent's uplink waits on before its first write)."""
+    phone = await pair_device(server, "ada", kind=common_pb2.DEVICE_KIND_PHONE)
+    stub = ingest_pb2_grpc.IngestServiceStub(channel)
+
+    accepted = stub.Upload(metadata=phone.metadata, timeout=5)  # type: ignore[call-arg]
+    assert STREAM_OPEN in list(await accepted.initial_metadata())
+    accepted.cancel()
+
+    bad_token = (("authorization", "Bearer not-a-token"),)
+    refused = stub.Upload(metadata=bad_token, timeout=5)  # type: ignore[call-arg]
+    assert STREAM_OPEN not in list(await refused.initial_metadata() or ())
+    assert await refused.code() == grpc.StatusCode.UNAUTHENTICATED

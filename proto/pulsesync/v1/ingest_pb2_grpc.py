@@ -55,6 +55,9 @@ class IngestServiceServicer:
         """A device streams batches and receives one response per batch, after the batch is
         durably committed. A bad batch or bad event gets a reason in its response; the stream
         stays open. Opening a new Upload stream from the same device closes the older one.
+        Once the device is authenticated the server sends the initial metadata
+        "pulsesync-stream: open"; a client should wait for it before its first write, since some
+        gRPC clients report a write racing a refusal as INTERNAL instead of the refusal's status.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -37,6 +37,9 @@ class IngestServiceStub:
     """A device streams batches and receives one response per batch, after the batch is
     durably committed. A bad batch or bad event gets a reason in its response; the stream
     stays open. Opening a new Upload stream from the same device closes the older one.
+    Once the device is authenticated the server sends the initial metadata
+    "pulsesync-stream: open"; a client should wait for it before its first write, since some
+    gRPC clients report a write racing a refusal as INTERNAL instead of the refusal's status.
     """
     UploadBatch: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.UploadBatchRequest, _ingest_pb2.UploadBatchResponse]
     """One batch per call, answered after it is durably committed; the same validation,
@@ -53,6 +56,9 @@ class IngestServiceAsyncStub(IngestServiceStub):
     """A device streams batches and receives one response per batch, after the batch is
     durably committed. A bad batch or bad event gets a reason in its response; the stream
     stays open. Opening a new Upload stream from the same device closes the older one.
+    Once the device is authenticated the server sends the initial metadata
+    "pulsesync-stream: open"; a client should wait for it before its first write, since some
+    gRPC clients report a write racing a refusal as INTERNAL instead of the refusal's status.
     """
     UploadBatch: _aio.UnaryUnaryMultiCallable[_ingest_pb2.UploadBatchRequest, _ingest_pb2.UploadBatchResponse]  # type: ignore[assignment]
     """One batch per call, answered after it is durably committed; the same validation,
@@ -72,6 +78,9 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
         """A device streams batches and receives one response per batch, after the batch is
         durably committed. A bad batch or bad event gets a reason in its response; the stream
         stays open. Opening a new Upload stream from the same device closes the older one.
+        Once the device is authenticated the server sends the initial metadata
+        "pulsesync-stream: open"; a client should wait for it before its first write, since some
+        gRPC clients report a write racing a refusal as INTERNAL instead of the refusal's status.
         """
 
     @_abc_1.abstractmethod
