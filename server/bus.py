@@ -11,6 +11,8 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Container, Iterator, Sequence
+from itertools import compress
+from operator import itemgetter
 from typing import Final, NamedTuple, overload
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,7 @@ class CommittedEvent(NamedTuple):
 CommittedRow = tuple[int, int, int, int, int, bytes, int]
 
 _as_event: Final = functools.partial(tuple.__new__, CommittedEvent)
+_KIND: Final = itemgetter(4)  # a row's kind
 
 
 class CommittedBatch(Sequence[CommittedEvent]):
@@ -79,7 +82,8 @@ class CommittedBatch(Sequence[CommittedEvent]):
 
     def of_kinds(self, kinds: Container[int]) -> Iterator[CommittedEvent]:
         """The events of these kinds; rows of other kinds are never turned into events."""
-        return (_as_event(r) for r in self._rows if r[4] in kinds)
+        rows = self._rows
+        return map(_as_event, compress(rows, map(kinds.__contains__, map(_KIND, rows))))
 
 
 Subscriber = Callable[[int, Sequence[CommittedEvent]], None]

@@ -45,3 +45,47 @@ def test_heart_rate_is_sampled_every_five_minutes_not_every_notification() -> No
     # A reading 5 minutes after the last sample is taken.
     store.apply(1, CommittedBatch([_hr_row(T0 + 1200 * 1_000_000, 110, 1201)]))
     assert s.hr.recent == pytest.approx(80.0 + RECENT_ALPHA * 30.0)
+
+
+def _mixed_rows(n: int) -> list[tuple[int, int, int, int, int, bytes, int]]:
+    """Two devices, one row every 7 s: heart rate, steps, feature use, screen views, sessions."""
+    rows = []
+    for i in range(n):
+        device_pk = 1 + i % 2
+        t_us = T0 + i * 7_000_000
+        ev = events_pb2.Event(event_id=f"e{i}", seq=i + 1)
+        match i % 5:
+            case 0:
+                ev.heart_rate.bpm = 60 + i % 50
+                ev.heart_rate.rr_intervals_ms.extend([800.0 + i % 40, 790.0, 805.0])
+            case 1:
+                ev.steps.count = (i * 13) % 90
+            case 2:
+                ev.feature_use.app, ev.feature_use.feature = f"app{i % 3}", f"f{i % 4}"
+            case 3:
+                ev.screen_view.app, ev.screen_view.screen = f"app{i % 4}", "home"
+            case _:
+                ev.session_start.app = f"app{i % 5}"
+        kind = {
+            "heart_rate": events_pb2.EVENT_KIND_HEART_RATE,
+            "steps": events_pb2.EVENT_KIND_STEPS,
+            "feature_use": events_pb2.EVENT_KIND_FEATURE_USE,
+            "screen_view": events_pb2.EVENT_KIND_SCREEN_VIEW,
+            "session_start": events_pb2.EVENT_KIND_SESSION_START,
+        }[ev.WhichOneof("payload") or ""]
+        rows.append((1, device_pk, i + 1, t_us, kind, ev.SerializeToString(), t_us))
+    return rows
+
+
+@pytest.mark.parametrize("batch", [7, 60, 1000])
+def test_a_batch_folds_like_its_events_one_by_one(batch: int) -> None:
+    """The batch fold (C-level passes, steps summed per minute, the last app per device) ends
+    in the state that folding every event on its own does."""
+    rows = _mixed_rows(1000)
+    one_by_one, batched = FeatureStore(15 * US_PER_MIN), FeatureStore(15 * US_PER_MIN)
+    for row in rows:
+        one_by_one.apply(1, CommittedBatch([row]))
+    for lo in range(0, len(rows), batch):
+        batched.apply(1, CommittedBatch(rows[lo : lo + batch]))
+    assert batched.user(1) == one_by_one.user(1)
+    assert one_by_one.user(1).hr.baseline is not None  # heart rate was sampled at all
