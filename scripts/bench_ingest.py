@@ -11,7 +11,8 @@ One invocation measures, on the same machine and disk:
    the timed part) so that the run starts with a large table without ingesting it first;
 2. naive: one unary UploadBatch call per event, so one commit per event;
 3. floor: raw sqlite3.executemany of the same rows into a plain table (no index) in
-   2000-row transactions, WAL + synchronous=FULL: what the disk and SQLite alone can do.
+   2000-row transactions, WAL + synchronous=FULL and the server's page size: what the disk
+   and SQLite alone can do.
 The clients run in a separate process so that they do not share the server's core.
 Prints each rate, vs_naive and vs_floor, ack latency p50/p99, and one JSON line at the end.
 """
@@ -40,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 from pulsesync.server.app import running_server  # noqa: E402
 from pulsesync.server.config import ServerConfig  # noqa: E402
 from pulsesync.server.privacy.consent import CATEGORIES  # noqa: E402
+from pulsesync.server.storage.db import PAGE_SIZE  # noqa: E402
 from pulsesync.v1 import common_pb2, events_pb2, ingest_pb2, ingest_pb2_grpc  # noqa: E402
 
 UPLOAD: Final = "/pulsesync.v1.IngestService/Upload"
@@ -196,6 +198,7 @@ def floor(path: Path, n_events: int) -> float:
         for s in range(1, n_events + 1)
     ]
     conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")  # as the server's database: a fair floor
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = FULL")
     conn.execute(

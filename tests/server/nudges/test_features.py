@@ -49,7 +49,7 @@ def test_heart_rate_is_sampled_every_five_minutes_not_every_notification() -> No
 
 def _mixed_rows(n: int) -> list[tuple[int, int, int, int, int, bytes, int]]:
     """Two devices, one row every 7 s: heart rate, steps, feature use, screen views, sessions."""
-    rows = []
+    rows: list[tuple[int, int, int, int, int, bytes, int]] = []
     for i in range(n):
         device_pk = 1 + i % 2
         t_us = T0 + i * 7_000_000
