@@ -222,6 +222,15 @@ def _process_cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+def _writer_cpu(pid: int | None) -> float:
+    """CPU seconds of the ingest writer process so far (Linux /proc; 0 where unavailable)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _pct(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, int(q * len(s)))]
@@ -264,15 +273,17 @@ async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         )
         proc.start()
         assert await asyncio.to_thread(parent.recv) == "ready"
-        commits0 = server.servicers["pulsesync.v1.IngestService"].pipeline.writer.commits
+        writer = server.servicers["pulsesync.v1.IngestService"].pipeline.writer
+        commits0 = writer.commits
         parent.send(time.time() + 0.5)
-        # CPU of the server process and of its event loop thread (this one) over the run:
+        # CPU of the server (its process and the ingest writer process) and of its event loop
+        # thread (this one) over the run:
         # what each ingested event costs, a figure that other jobs on the machine disturb less
         # than the wall-clock rate.
-        cpu0, loop0 = _process_cpu(), time.thread_time()
+        cpu0, loop0, writer0 = _process_cpu(), time.thread_time(), _writer_cpu(writer.pid)
         t0, t1, latencies = await asyncio.to_thread(parent.recv)
-        cpu1, loop1 = _process_cpu(), time.thread_time()
-        commits = server.servicers["pulsesync.v1.IngestService"].pipeline.writer.commits - commits0
+        cpu1, loop1, writer1 = _process_cpu(), time.thread_time(), _writer_cpu(writer.pid)
+        commits = writer.commits - commits0
         # Off the ack path, the nudge features fold every committed event of a consenting
         # person on their next tick (every 15 s): measured here on what the run queued.
         engine = server.servicers["pulsesync.v1.NudgeService"].engine
@@ -304,8 +315,9 @@ async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "batch_events": args.batch,
         "sustained_events": sent,
         "events_per_commit": round(sent / max(commits, 1)),
-        "server_cpu_us_per_event": round((cpu1 - cpu0) / sent * 1e6, 2),
+        "server_cpu_us_per_event": round((cpu1 - cpu0 + writer1 - writer0) / sent * 1e6, 2),
         "loop_cpu_us_per_event": round((loop1 - loop0) / sent * 1e6, 2),
+        "writer_cpu_us_per_event": round((writer1 - writer0) / sent * 1e6, 2),
         "nudge_fold_us_per_event": round(fold_cpu / queued * 1e6, 2) if queued else None,
     }
 
@@ -339,7 +351,8 @@ def main() -> None:
     )
     print(
         f"server CPU per event {r['server_cpu_us_per_event']} us "
-        f"(event loop thread {r['loop_cpu_us_per_event']} us)"
+        f"(event loop thread {r['loop_cpu_us_per_event']} us, "
+        f"writer process {r['writer_cpu_us_per_event']} us)"
     )
     if r["nudge_fold_us_per_event"] is not None:
         print(

@@ -12,7 +12,7 @@ import logging
 import re
 import sqlite3
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
@@ -122,23 +122,39 @@ class Database:
         # One writer connection is shared by every task: a transaction holds this lock from
         # BEGIN to COMMIT so that two tasks' statements never interleave.
         self._write_lock = asyncio.Lock()
+        self._write_watchers: list[Callable[[bool], None]] = []
 
     @property
     def write_lock(self) -> asyncio.Lock:
         """Held by every `transaction()` from before its BEGIN until after its COMMIT."""
         return self._write_lock
 
+    def watch_writes(self, fn: Callable[[bool], None]) -> Callable[[], None]:
+        """Call fn(True) when a `transaction()` takes the write lock and fn(False) when it
+        lets go (for a writer on another connection that yields to these); returns an
+        unwatch function."""
+        self._write_watchers.append(fn)
+        return lambda: self._write_watchers.remove(fn)
+
+    def _signal_writes(self, held: bool) -> None:
+        for fn in self._write_watchers:
+            fn(held)
+
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
         """A write transaction (BEGIN IMMEDIATE ... COMMIT, ROLLBACK on error)."""
         async with self._write_lock:
-            await self.writer.execute("BEGIN IMMEDIATE")
+            self._signal_writes(True)
             try:
-                yield self.writer
-            except BaseException:
-                await self.writer.execute("ROLLBACK")
-                raise
-            await self.writer.execute("COMMIT")
+                await self.writer.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self.writer
+                except BaseException:
+                    await self.writer.execute("ROLLBACK")
+                    raise
+                await self.writer.execute("COMMIT")
+            finally:
+                self._signal_writes(False)
 
     @classmethod
     async def open(cls, path: str | Path) -> Database:

@@ -1,9 +1,18 @@
+"""The ingest writer process: shared commits, dedupe, stop, restart, and yielding to the
+server's own transactions."""
+
 from __future__ import annotations
 
+import asyncio
+import os
+import threading
 from pathlib import Path
 
+import pytest
+
 from pulsesync.server.storage.db import Database
-from pulsesync.server.timeline.writer import GroupCommitWriter, PendingBatch
+from pulsesync.server.timeline import committer, writer
+from pulsesync.server.timeline.writer import GroupCommitWriter, PendingBatch, WriterClosed
 from pulsesync.v1 import events_pb2
 
 
@@ -41,3 +50,82 @@ async def test_concurrent_batches_share_one_commit(tmp_path: Path) -> None:
             assert (await c.fetchone()) == (33,)
         async with db.reader.execute("SELECT device_pk, seq, reason FROM quarantine") as c:
             assert list(await c.fetchall()) == [(2, 2, "SEQUENCE_CONFLICT")]
+
+
+async def _count(db: Database) -> int:
+    async with db.reader.execute("SELECT count(*) FROM events") as c:
+        row = await c.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def test_stop_commits_everything_queued(tmp_path: Path) -> None:
+    async with await Database.open(tmp_path / "db.sqlite") as db:
+        w = GroupCommitWriter(db)
+        await w.start()
+        futures = [w.submit(_batch(dev, list(range(1, 101)))) for dev in range(1, 21)]
+        await w.stop()
+        assert all(f.done() and not f.exception() for f in futures)
+        assert await _count(db) == 2000
+        late = w.submit(_batch(99, [1]))
+        with pytest.raises(WriterClosed):
+            await late
+
+
+async def test_waits_for_the_servers_own_transaction(tmp_path: Path) -> None:
+    async with await Database.open(tmp_path / "db.sqlite") as db:
+        w = GroupCommitWriter(db)
+        await w.start()
+        async with db.transaction() as tx:
+            await tx.execute("INSERT INTO users (name, create_us) VALUES ('ada', 0)")
+            pending = w.submit(_batch(1, [1, 2]))
+            await asyncio.sleep(0.3)
+            assert not pending.done(), "the writer went ahead of a running transaction"
+        assert len((await asyncio.wait_for(pending, 10)).inserted) == 2
+        await w.stop()
+
+
+async def test_a_dead_writer_process_is_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(writer, "RESTART_DELAY_S", 0.05)
+    async with await Database.open(tmp_path / "db.sqlite") as db:
+        w = GroupCommitWriter(db)
+        await w.start()
+        async with db.transaction():  # holds the writer before its next group
+            lost = w.submit(_batch(1, [1, 2, 3]))
+            await asyncio.sleep(0.1)
+            w._proc.kill()  # type: ignore[union-attr]
+            with pytest.raises(WriterClosed, match="resend"):
+                await asyncio.wait_for(lost, 10)
+        for _ in range(200):  # a new process starts after RESTART_DELAY_S
+            if w._proc is not None and w._proc.returncode is None:
+                break
+            await asyncio.sleep(0.05)
+        resent = await asyncio.wait_for(w.submit(_batch(1, [1, 2, 3])), 10)
+        await w.stop()
+        assert len(resent.inserted) == 3
+        assert await _count(db) == 3
+
+
+def test_turn_signals_hold_and_release_the_committer() -> None:
+    read_end, write_end = os.pipe()
+    turn = committer._Turn(read_end)
+    try:
+        os.write(write_end, b"1")
+        for _ in range(500):  # until the follower thread has read the signal
+            if not turn._free.is_set():
+                break
+            threading.Event().wait(0.01)
+        waited = threading.Event()
+
+        def wait_turn() -> None:
+            turn.wait()
+            waited.set()
+
+        threading.Thread(target=wait_turn, daemon=True).start()
+        assert not waited.wait(0.2), "a held turn must block"
+        os.write(write_end, b"0")
+        assert waited.wait(5)
+    finally:
+        os.close(write_end)  # the follower thread ends at end of pipe

@@ -1,0 +1,421 @@
+"""The ingest writer process: group commit of validated batches into SQLite.
+
+    python -m pulsesync.server.timeline.committer DB_PATH CONTROL_FD BUSY_TIMEOUT_MS
+
+The server starts this process (see writer.GroupCommitWriter) and talks to it over pipes:
+
+* stdin carries framed requests, in order: `("batch", token, device_pk, user_id,
+  received_us, rows, event_ids, quarantine, in_order, clock_offset_us)` and
+  `("forget", device_pk)` (the device's rows were erased: drop its cached high-water mark);
+* stdout carries one framed reply per transaction: `(commits, results)`, a result being
+  `(token, inserted, duplicates, conflicts)` or `(token, error_message)`, where `inserted` is
+  None when every row was inserted, else the indexes of the inserted rows;
+* CONTROL_FD is a pipe on which the server writes b"1" while one of its own transactions
+  (profiles, consent, devices, erasure) holds the database and b"0" after: the writer lets
+  those go first instead of leaving them to SQLite's busy handler, which sleeps 1, 2, 5... ms
+  and would rarely find the lock free between two groups.
+
+A frame is a 4-byte little-endian length and a `marshal` payload: the fastest serializer of
+tuples of ints, strings and bytes that the standard library has, and both ends are the same
+Python. Closing stdin stops the process once everything queued is committed.
+
+Why a process: a durable commit (`sqlite3` binding ~7 parameters per row, the b-tree inserts,
+the WAL write and fsync) is the largest share of ingest's CPU after validation. In a thread it
+competes with the event loop for the GIL; in its own process it runs beside it, and the loop
+pays only for marshalling the rows (~0.06 us each).
+
+A durable commit costs an fsync; sharing it among all the batches that arrived while the
+previous commit ran is what lets many devices ingest at the speed of the disk instead of at
+one fsync per batch. The writer is also the only place that decides duplicates and sequence
+conflicts, so its in-memory per-device high-water mark (the largest stored seq) is always
+right for the rows it wrote: a batch entirely above the mark is inserted without any lookup.
+
+This module imports only the standard library at startup, so that the process starts fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+import marshal
+import os
+import queue
+import sqlite3
+import struct
+import sys
+import threading
+from dataclasses import dataclass
+from typing import IO, Any, Final
+
+log = logging.getLogger("pulsesync.server.timeline.committer")
+
+# Events per transaction. A transaction holds the write lock while it runs: ~20k rows is
+# ~0.1-0.2 s of SQLite work, which bounds the ack latency a burst can add while still
+# sharing each fsync among dozens of 500-event batches.
+MAX_GROUP_EVENTS: Final = 20_000
+# Page cache of the write connection, in KiB (negative = KiB for SQLite). A group of 20k rows
+# dirties a few MiB of b-tree pages; the 2 MiB default spills them to the WAL mid-transaction.
+WRITER_CACHE_KIB: Final = 64 * 1024
+# SQLite's default limit on host parameters is 32766; lookups use far fewer per statement.
+_LOOKUP_CHUNK: Final = 500
+# Rows per multi-row INSERT statement: 7 values each, 28,000 in all, under SQLite's limit of
+# 32,766 host parameters. One statement binds all its rows and steps through them at once.
+INSERT_CHUNK: Final = 4000
+INSERT_EVENTS: Final = (
+    "INSERT INTO events (user_id, device_pk, seq, t_us, kind, body, received_us)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+_INSERT_EVENTS_PREFIX: Final = INSERT_EVENTS.split(" VALUES ")[0] + " VALUES "
+INSERT_QUARANTINE: Final = (
+    "INSERT INTO quarantine (user_id, device_pk, seq, event_id, reason, detail, received_us, body)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+# A pipe that holds several 500-event batches (~60 KiB each) lets a group form in one read.
+PIPE_BYTES: Final = 1 << 20
+_F_SETPIPE_SZ: Final = 1031  # Linux fcntl; elsewhere pipes keep their size
+_LENGTH: Final = struct.Struct("<I")
+
+# (user_id, device_pk, seq, t_us, kind, body, received_us): the INSERT's columns.
+EventRow = tuple[int, int, int, int, int, bytes, int]
+# (user_id, device_pk, seq, event_id, reason, detail, received_us, body)
+QuarantineRow = tuple[int, int, int, str, str, str, int, bytes]
+# (seq, event_id, detail) of an event whose seq already holds a different event.
+ConflictRow = tuple[int, str, str]
+
+
+@dataclass(slots=True)
+class Batch:
+    """A validated batch, as the server sent it."""
+
+    token: int
+    device_pk: int
+    user_id: int
+    received_us: int
+    rows: list[EventRow]
+    event_ids: list[str]  # parallel to rows
+    quarantine: list[QuarantineRow]
+    in_order: bool  # rows' seqs strictly increase
+    clock_offset_us: int | None  # persist to devices.clock_offset_us when set
+
+    @property
+    def size(self) -> int:
+        return len(self.rows) + len(self.quarantine) + 1
+
+
+@dataclass(slots=True)
+class Stored:
+    """What the commit did with a batch's rows."""
+
+    inserted: list[int] | None  # indexes into Batch.rows; None: all of them
+    duplicates: int
+    conflicts: list[ConflictRow]
+
+
+# -- framing ----------------------------------------------------------------------------------
+def frame(message: Any) -> bytes:
+    payload = marshal.dumps(message)
+    return _LENGTH.pack(len(payload)) + payload
+
+
+def unframe(payload: bytes) -> Any:
+    """The message of a frame's payload (the bytes after its length)."""
+    return marshal.loads(payload)
+
+
+def read_frame(stream: IO[bytes]) -> Any:
+    """The next message, or None at the end of the stream."""
+    head = stream.read(_LENGTH.size)
+    if len(head) < _LENGTH.size:
+        return None
+    (n,) = _LENGTH.unpack(head)
+    payload = stream.read(n)
+    if len(payload) < n:
+        return None
+    return unframe(payload)
+
+
+def widen_pipe(fd: int) -> None:
+    """Ask for a PIPE_BYTES pipe buffer where the system allows it."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(fd, _F_SETPIPE_SZ, PIPE_BYTES)
+    except (ImportError, OSError):
+        pass
+
+
+# -- the commit -------------------------------------------------------------------------------
+def connect(path: str, busy_timeout_ms: int) -> sqlite3.Connection:
+    """The writer's connection: durable commits, a page cache sized for a group."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute(f"PRAGMA cache_size = -{WRITER_CACHE_KIB}")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+class Committer:
+    """Commits groups of batches on one connection; keeps each device's high-water mark."""
+
+    def __init__(self, conn: sqlite3.Connection, *, wait_turn: Any = None) -> None:
+        self.conn = conn
+        self.commits = 0
+        self._hwm: dict[int, int] = {}
+        # Called before each BEGIN: returns once the server's own writers are done.
+        self._wait_turn = wait_turn or (lambda: None)
+
+    def forget(self, device_pk: int) -> None:
+        self._hwm.pop(device_pk, None)
+
+    def commit_group(self, group: list[Batch]) -> list[Stored | BaseException]:
+        """Store every batch of the group in one transaction (one by one if that fails)."""
+        try:
+            return list(self._commit(group))
+        except Exception as e:
+            if len(group) == 1:
+                return [self._failed(group[0], e)]
+            # One bad batch must not sink the others: retry them one by one.
+            log.warning("group commit failed; retrying its batches one by one", exc_info=True)
+            results: list[Stored | BaseException] = []
+            for batch in group:
+                try:
+                    (stored,) = self._commit([batch])
+                except Exception as e1:
+                    results.append(self._failed(batch, e1))
+                else:
+                    results.append(stored)
+            return results
+
+    def _failed(self, batch: Batch, error: Exception) -> BaseException:
+        log.error("could not store a batch of device %d", batch.device_pk, exc_info=error)
+        self._hwm.pop(batch.device_pk, None)
+        return error
+
+    def _commit(self, group: list[Batch]) -> list[Stored]:
+        conn = self.conn
+        tentative: dict[int, int] = {}
+        results: list[Stored] = []
+        rows: list[EventRow] = []
+        quarantine: list[QuarantineRow] = []
+        offsets: dict[int, int] = {}
+        self._wait_turn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for b in group:
+                dev = b.device_pk
+                hwm = tentative.get(dev)
+                if hwm is None:
+                    hwm = self._hwm.get(dev)
+                    if hwm is None:
+                        hwm = _load_hwm(conn, dev)
+                if b.in_order and (not b.rows or b.rows[0][2] > hwm):
+                    rows.extend(b.rows)
+                    results.append(Stored(None, 0, []))
+                    if b.rows:
+                        hwm = b.rows[-1][2]
+                else:
+                    # Lookups must see this group's earlier rows: write them first.
+                    if rows:
+                        insert_events(conn, rows)
+                        rows = []
+                    stored = _dedupe(conn, b, hwm)
+                    assert stored.inserted is not None
+                    inserted = [b.rows[i] for i in stored.inserted]
+                    rows.extend(inserted)
+                    results.append(stored)
+                    body_of = {
+                        (r[2], eid): r[5] for r, eid in zip(b.rows, b.event_ids, strict=True)
+                    }
+                    quarantine.extend(
+                        (
+                            b.user_id,
+                            dev,
+                            seq,
+                            event_id,
+                            "SEQUENCE_CONFLICT",
+                            detail,
+                            b.received_us,
+                            body_of[(seq, event_id)],
+                        )
+                        for seq, event_id, detail in stored.conflicts
+                    )
+                    hwm = max([hwm, *(r[2] for r in inserted)])
+                tentative[dev] = hwm
+                quarantine.extend(b.quarantine)
+                if b.clock_offset_us is not None:
+                    offsets[dev] = b.clock_offset_us
+            if rows:
+                insert_events(conn, rows)
+            if quarantine:
+                conn.executemany(INSERT_QUARANTINE, quarantine)
+            if offsets:
+                conn.executemany(
+                    "UPDATE devices SET clock_offset_us = ? WHERE device_pk = ?",
+                    [(off, dev) for dev, off in offsets.items()],
+                )
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        self.commits += 1
+        self._hwm.update(tentative)
+        return results
+
+
+@functools.cache
+def _insert_many_sql(n: int) -> str:
+    return _INSERT_EVENTS_PREFIX + ",".join(["(?,?,?,?,?,?,?)"] * n)
+
+
+def insert_events(conn: sqlite3.Connection, rows: list[EventRow]) -> None:
+    """INSERT rows into events, INSERT_CHUNK rows per statement."""
+    for i in range(0, len(rows), INSERT_CHUNK):
+        chunk = rows[i : i + INSERT_CHUNK]
+        conn.execute(_insert_many_sql(len(chunk)), list(itertools.chain.from_iterable(chunk)))
+
+
+def _load_hwm(conn: sqlite3.Connection, device_pk: int) -> int:
+    row = conn.execute("SELECT max(seq) FROM events WHERE device_pk = ?", (device_pk,)).fetchone()
+    return int(row[0]) if row is not None and row[0] is not None else 0
+
+
+def _dedupe(conn: sqlite3.Connection, b: Batch, hwm: int) -> Stored:
+    """The slow path: some seqs are at or below the mark, or the batch is out of order."""
+    from pulsesync.v1 import events_pb2  # only replays and conflicts need to read stored bodies
+
+    below = sorted({r[2] for r in b.rows if r[2] <= hwm})
+    stored: dict[int, str] = {}
+    for i in range(0, len(below), _LOOKUP_CHUNK):
+        chunk = below[i : i + _LOOKUP_CHUNK]
+        for seq, body in conn.execute(
+            f"SELECT seq, body FROM events WHERE device_pk = ? AND seq IN ({','.join('?' * len(chunk))})",
+            (b.device_pk, *chunk),
+        ):
+            stored[int(seq)] = events_pb2.Event.FromString(body).event_id
+    inserted: list[int] = []
+    duplicates = 0
+    conflicts: list[ConflictRow] = []
+    for i, (row, event_id) in enumerate(zip(b.rows, b.event_ids, strict=True)):
+        seq = row[2]
+        prior = stored.get(seq)
+        if prior is None:
+            inserted.append(i)
+            stored[seq] = event_id
+        elif prior == event_id:
+            duplicates += 1
+        else:
+            conflicts.append(
+                (seq, event_id, f"seq {seq} already holds event {prior!r}; seqs must not be reused")
+            )
+    inserted.sort(key=lambda i: b.rows[i][2])
+    return Stored(inserted, duplicates, conflicts)
+
+
+# -- the process ------------------------------------------------------------------------------
+class _Turn:
+    """Follows the server's b"1"/b"0" signals: is one of its own transactions running?"""
+
+    def __init__(self, fd: int) -> None:
+        self._free = threading.Event()
+        self._free.set()
+        self._fd = fd
+        threading.Thread(target=self._follow, name="writer-turn", daemon=True).start()
+
+    def _follow(self) -> None:
+        while True:
+            try:
+                signals = os.read(self._fd, 4096)
+            except OSError:
+                signals = b""
+            if not signals:  # the server is gone: never wait for it again
+                self._free.set()
+                return
+            if signals[-1:] == b"1":
+                self._free.clear()
+            else:
+                self._free.set()
+
+    def wait(self) -> None:
+        self._free.wait()
+
+
+def _read_requests(stream: IO[bytes], into: queue.SimpleQueue[Any]) -> None:
+    """Reader thread: queue each request as it arrives, then None at the end of stdin."""
+    try:
+        while (message := read_frame(stream)) is not None:
+            into.put(message)
+    finally:
+        into.put(None)
+
+
+def serve(
+    conn: sqlite3.Connection, control_fd: int, requests: IO[bytes], replies: IO[bytes]
+) -> None:
+    """Commit the requests on `requests` and answer on `replies` until `requests` ends."""
+    committer = Committer(conn, wait_turn=_Turn(control_fd).wait)
+    inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    threading.Thread(
+        target=_read_requests, args=(requests, inbox), name="writer-requests", daemon=True
+    ).start()
+    replies.write(frame(("ready",)))
+    replies.flush()
+    held: list[Any] = []  # a request that ended the last group, handled next
+    try:
+        while True:
+            message = held.pop() if held else inbox.get()
+            if message is None:
+                return
+            if message[0] == "forget":
+                committer.forget(message[1])
+                continue
+            group = [Batch(*message[1:])]
+            size = group[0].size
+            # Everything that arrived while the last group committed shares this one's fsync.
+            while size < MAX_GROUP_EVENTS:
+                try:
+                    message = inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if message is None or message[0] != "batch":
+                    held.append(message)  # handled after this group, in order
+                    break
+                group.append(Batch(*message[1:]))
+                size += group[-1].size
+            commits = committer.commits
+            results = committer.commit_group(group)
+            reply = [
+                (b.token, f"{type(r).__name__}: {r}")
+                if isinstance(r, BaseException)
+                else (b.token, r.inserted, r.duplicates, r.conflicts)
+                for b, r in zip(group, results, strict=True)
+            ]
+            replies.write(frame((committer.commits - commits, reply)))
+            replies.flush()
+    finally:
+        committer.conn.close()
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(
+        level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    path, control_fd, busy_timeout_ms = argv[0], int(argv[1]), int(argv[2])
+    widen_pipe(sys.stdin.fileno())
+    widen_pipe(sys.stdout.fileno())
+    try:
+        serve(connect(path, busy_timeout_ms), control_fd, sys.stdin.buffer, sys.stdout.buffer)
+    except BrokenPipeError:  # the server is gone
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
