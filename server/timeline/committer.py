@@ -41,6 +41,7 @@ import logging
 import marshal
 import os
 import queue
+import signal
 import sqlite3
 import struct
 import sys
@@ -407,6 +408,10 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(
         level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    # Ctrl-C in a terminal and a service manager's SIGTERM reach the whole process group: the
+    # server stops gracefully and then closes stdin, after which the queue is committed.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     path, control_fd, busy_timeout_ms = argv[0], int(argv[1]), int(argv[2])
     widen_pipe(sys.stdin.fileno())
     widen_pipe(sys.stdout.fileno())
