@@ -5,7 +5,7 @@
 The server starts this process (see writer.GroupCommitWriter) and talks to it over pipes:
 
 * stdin carries framed requests, in order: `("batch", token, device_pk, user_id,
-  received_us, rows, event_ids, quarantine, in_order, clock_offset_us)` and
+  received_us, rows, quarantine, in_order, clock_offset_us)` and
   `("forget", device_pk)` (the device's rows were erased: drop its cached high-water mark);
 * stdout carries one framed reply per transaction: `(commits, results)`, a result being
   `(token, inserted, duplicates, conflicts)` or `(token, error_message)`, where `inserted` is
@@ -46,7 +46,7 @@ import sqlite3
 import struct
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Any, Final
 
 log = logging.getLogger("pulsesync.server.timeline.committer")
@@ -94,7 +94,6 @@ class Batch:
     user_id: int
     received_us: int
     rows: list[EventRow]
-    event_ids: list[str]  # parallel to rows
     quarantine: list[QuarantineRow]
     in_order: bool  # rows' seqs strictly increase
     clock_offset_us: int | None  # persist to devices.clock_offset_us when set
@@ -111,6 +110,7 @@ class Stored:
     inserted: list[int] | None  # indexes into Batch.rows; None: all of them
     duplicates: int
     conflicts: list[ConflictRow]
+    conflicting: list[int] = field(default_factory=list)  # their indexes into Batch.rows
 
 
 # -- framing ----------------------------------------------------------------------------------
@@ -231,9 +231,6 @@ class Committer:
                     inserted = [b.rows[i] for i in stored.inserted]
                     rows.extend(inserted)
                     results.append(stored)
-                    body_of = {
-                        (r[2], eid): r[5] for r, eid in zip(b.rows, b.event_ids, strict=True)
-                    }
                     quarantine.extend(
                         (
                             b.user_id,
@@ -243,9 +240,11 @@ class Committer:
                             "SEQUENCE_CONFLICT",
                             detail,
                             b.received_us,
-                            body_of[(seq, event_id)],
+                            b.rows[i][5],
                         )
-                        for seq, event_id, detail in stored.conflicts
+                        for (seq, event_id, detail), i in zip(
+                            stored.conflicts, stored.conflicting, strict=True
+                        )
                     )
                     hwm = max([hwm, *(r[2] for r in inserted)])
                 tentative[dev] = hwm
@@ -304,8 +303,10 @@ def _dedupe(conn: sqlite3.Connection, b: Batch, hwm: int) -> Stored:
     inserted: list[int] = []
     duplicates = 0
     conflicts: list[ConflictRow] = []
-    for i, (row, event_id) in enumerate(zip(b.rows, b.event_ids, strict=True)):
+    conflicting: list[int] = []
+    for i, row in enumerate(b.rows):
         seq = row[2]
+        event_id = events_pb2.Event.FromString(row[5]).event_id
         prior = stored.get(seq)
         if prior is None:
             inserted.append(i)
@@ -316,8 +317,9 @@ def _dedupe(conn: sqlite3.Connection, b: Batch, hwm: int) -> Stored:
             conflicts.append(
                 (seq, event_id, f"seq {seq} already holds event {prior!r}; seqs must not be reused")
             )
+            conflicting.append(i)
     inserted.sort(key=lambda i: b.rows[i][2])
-    return Stored(inserted, duplicates, conflicts)
+    return Stored(inserted, duplicates, conflicts, conflicting)
 
 
 # -- the process ------------------------------------------------------------------------------

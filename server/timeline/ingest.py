@@ -210,7 +210,6 @@ class IngestPipeline:
         allowed = _allowed_payloads(granted)
 
         rows: list[EventRow] = []
-        ids: list[str] = []
         quarantine: list[QuarantineRow] = []
         rejected: list[ingest_pb2.RejectedEvent] = []
         no_consent = 0
@@ -223,7 +222,6 @@ class IngestPipeline:
         # check_time's bounds, for the fast path to compare inline.
         earliest_us = received_us - MAX_AGE_US
         latest_us = received_us + MAX_FUTURE_US
-        add_id = ids.append
         problem: Problem | None
         for ev in events:
             seq = ev.seq
@@ -292,13 +290,12 @@ class IngestPipeline:
                 in_order = False
             last_seq = seq
             add_row((uid, dev, seq, t_us, kind_of[which], body, received_us))
-            add_id(event_id)
 
         persist: int | None = None
         if self._persisted_offset.get(dev) != offset:
             persist = offset
             self._persisted_offset[dev] = offset
-        pending = PendingBatch(dev, uid, received_us, rows, ids, quarantine, in_order, persist)
+        pending = PendingBatch(dev, uid, received_us, rows, quarantine, in_order, persist)
         self.writer.submit(pending)
         return Prepared(
             batch.batch_id,

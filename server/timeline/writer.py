@@ -69,7 +69,6 @@ class PendingBatch:
     user_id: int
     received_us: int
     rows: list[EventRow]
-    event_ids: list[str]  # parallel to rows
     quarantine: list[QuarantineRow]
     in_order: bool  # rows' seqs strictly increase
     clock_offset_us: int | None  # persist to devices.clock_offset_us when set
@@ -147,7 +146,6 @@ class GroupCommitWriter:
                     batch.user_id,
                     batch.received_us,
                     batch.rows,
-                    batch.event_ids,
                     batch.quarantine,
                     batch.in_order,
                     batch.clock_offset_us,

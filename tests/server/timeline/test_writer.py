@@ -22,7 +22,7 @@ def _batch(device_pk: int, seqs: list[int], ids: list[str] | None = None) -> Pen
         (1, device_pk, s, 1000 + s, 20, events_pb2.Event(event_id=i, seq=s).SerializeToString(), 0)
         for s, i in zip(seqs, ids, strict=True)
     ]
-    return PendingBatch(device_pk, 1, 0, rows, ids, [], seqs == sorted(set(seqs)), None)
+    return PendingBatch(device_pk, 1, 0, rows, [], seqs == sorted(set(seqs)), None)
 
 
 async def test_concurrent_batches_share_one_commit(tmp_path: Path) -> None:
