@@ -279,7 +279,11 @@ def insert_events(conn: sqlite3.Connection, rows: list[EventRow]) -> None:
     """INSERT rows into events, INSERT_CHUNK rows per statement."""
     for i in range(0, len(rows), INSERT_CHUNK):
         chunk = rows[i : i + INSERT_CHUNK]
-        conn.execute(_insert_many_sql(len(chunk)), list(itertools.chain.from_iterable(chunk)))
+        params: list[Any] = list(itertools.chain.from_iterable(chunk))
+        # sqlite3 binds int, float, str and bytearray directly but looks a bytes value up in
+        # its adapter registry first (~0.2 us each); a bytearray copy of the body is cheaper.
+        params[5::7] = map(bytearray, params[5::7])
+        conn.execute(_insert_many_sql(len(chunk)), params)
 
 
 def _load_hwm(conn: sqlite3.Connection, device_pk: int) -> int:
