@@ -131,8 +131,11 @@ class GroupCommitWriter:
     def submit(self, batch: PendingBatch) -> asyncio.Future[Outcome]:
         """Queue a batch; the future resolves once it is durably committed."""
         proc = self._proc
-        if self._closed or proc is None or proc.stdin is None or proc.stdin.is_closing():
+        if self._closed:
             batch.future.set_exception(WriterClosed("the server is shutting down"))
+            return batch.future
+        if proc is None or proc.stdin is None or proc.stdin.is_closing():
+            batch.future.set_exception(WriterClosed("the ingest writer is restarting; resend"))
             return batch.future
         self._next_token += 1
         token = self._next_token
@@ -214,6 +217,7 @@ class GroupCommitWriter:
             pass  # the process exited
         if self._closed:
             return
+        self._proc = None  # until a new one runs, batches are refused at once
         code = await proc.wait()
         log.error("the ingest writer process exited (code %s); starting a new one", code)
         self._close_turn()

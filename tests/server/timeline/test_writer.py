@@ -98,6 +98,9 @@ async def test_a_dead_writer_process_is_replaced(
             w._proc.kill()  # type: ignore[union-attr]
             with pytest.raises(WriterClosed, match="resend"):
                 await asyncio.wait_for(lost, 10)
+            # Until the new process runs, a batch is refused at once (never left waiting).
+            with pytest.raises(WriterClosed, match="restarting"):
+                await asyncio.wait_for(w.submit(_batch(1, [1])), 1)
         for _ in range(200):  # a new process starts after RESTART_DELAY_S
             if w._proc is not None and w._proc.returncode is None:
                 break
