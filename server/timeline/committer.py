@@ -87,9 +87,8 @@ ConflictRow = tuple[int, str, str]
 
 @dataclass(slots=True)
 class Batch:
-    """A validated batch, as the server sent it."""
+    """A validated batch: what the server sends the writer (after a token naming it)."""
 
-    token: int
     device_pk: int
     user_id: int
     received_us: int
@@ -97,6 +96,18 @@ class Batch:
     quarantine: list[QuarantineRow]
     in_order: bool  # rows' seqs strictly increase
     clock_offset_us: int | None  # persist to devices.clock_offset_us when set
+
+    def fields(self) -> tuple[Any, ...]:
+        """The fields in order, for the wire (`Batch(*fields)` on the other side)."""
+        return (
+            self.device_pk,
+            self.user_id,
+            self.received_us,
+            self.rows,
+            self.quarantine,
+            self.in_order,
+            self.clock_offset_us,
+        )
 
     @property
     def size(self) -> int:
@@ -383,7 +394,7 @@ def serve(
             if message[0] == "forget":
                 committer.forget(message[1])
                 continue
-            group = [Batch(*message[1:])]
+            tokens, group = [message[1]], [Batch(*message[2:])]
             size = group[0].size
             # Everything that arrived while the last group committed shares this one's fsync.
             while size < MAX_GROUP_EVENTS:
@@ -394,15 +405,16 @@ def serve(
                 if message is None or message[0] != "batch":
                     held.append(message)  # handled after this group, in order
                     break
-                group.append(Batch(*message[1:]))
+                tokens.append(message[1])
+                group.append(Batch(*message[2:]))
                 size += group[-1].size
             commits = committer.commits
             results = committer.commit_group(group)
             reply = [
-                (b.token, f"{type(r).__name__}: {r}")
+                (token, f"{type(r).__name__}: {r}")
                 if isinstance(r, BaseException)
-                else (b.token, r.inserted, r.duplicates, r.conflicts)
-                for b, r in zip(group, results, strict=True)
+                else (token, r.inserted, r.duplicates, r.conflicts)
+                for token, r in zip(tokens, results, strict=True)
             ]
             replies.write(frame((committer.commits - commits, reply)))
             replies.flush()

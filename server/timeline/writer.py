@@ -26,7 +26,7 @@ from typing import Any, Final
 from pulsesync.server.bus import CommittedRow
 from pulsesync.server.storage.db import BUSY_TIMEOUT_MS, Database
 from pulsesync.server.timeline import committer
-from pulsesync.server.timeline.committer import QuarantineRow
+from pulsesync.server.timeline.committer import Batch, QuarantineRow
 
 log = logging.getLogger(__name__)
 
@@ -62,16 +62,9 @@ class Outcome:
 
 
 @dataclass(slots=True)
-class PendingBatch:
+class PendingBatch(Batch):
     """A validated batch waiting for the writer."""
 
-    device_pk: int
-    user_id: int
-    received_us: int
-    rows: list[EventRow]
-    quarantine: list[QuarantineRow]
-    in_order: bool  # rows' seqs strictly increase
-    clock_offset_us: int | None  # persist to devices.clock_offset_us when set
     future: asyncio.Future[Outcome] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -140,21 +133,7 @@ class GroupCommitWriter:
         self._next_token += 1
         token = self._next_token
         self._waiting[token] = batch
-        proc.stdin.write(
-            committer.frame(
-                (
-                    "batch",
-                    token,
-                    batch.device_pk,
-                    batch.user_id,
-                    batch.received_us,
-                    batch.rows,
-                    batch.quarantine,
-                    batch.in_order,
-                    batch.clock_offset_us,
-                )
-            )
-        )
+        proc.stdin.write(committer.frame(("batch", token, *batch.fields())))
         return batch.future
 
     def forget_device(self, device_pk: int) -> None:
