@@ -103,16 +103,14 @@ class GroupCommitWriter:
             proc.stdin.close()  # the process commits what it has, answers, and exits
             with contextlib.suppress(ConnectionError):
                 await proc.stdin.wait_closed()
-        if reader is not None:
+        if proc is not None:
             try:
-                await asyncio.wait_for(asyncio.shield(reader), STOP_TIMEOUT_S)
+                await asyncio.wait_for(proc.wait(), STOP_TIMEOUT_S)
             except TimeoutError:
                 log.warning("the ingest writer did not finish its queue in time")
-                reader.cancel()
-        if proc is not None:
-            if proc.returncode is None:
-                proc.kill()
-            await proc.wait()
+                await _kill(proc)
+        if reader is not None:
+            await asyncio.wait_for(reader, STOP_TIMEOUT_S)  # the answers the process sent
         self._close_turn()
         self._fail_waiting("the server is shutting down")
 
@@ -172,9 +170,7 @@ class GroupCommitWriter:
         try:
             ready = await asyncio.wait_for(_read_message(proc.stdout), START_TIMEOUT_S)
         except (TimeoutError, asyncio.IncompleteReadError) as e:
-            if proc.returncode is None:
-                proc.kill()
-            await proc.wait()
+            await _kill(proc)
             self._close_turn()
             raise RuntimeError(
                 f"the ingest writer could not open {self._db.path} (see the log above)"
@@ -206,8 +202,8 @@ class GroupCommitWriter:
             await self._spawn()
 
     def _resolve(self, result: tuple[Any, ...]) -> None:
-        batch = self._waiting.pop(result[0])
-        if batch.future.done():
+        batch = self._waiting.pop(result[0], None)
+        if batch is None or batch.future.done():
             return
         if len(result) == 2:
             batch.future.set_exception(RuntimeError(f"storing the batch failed: {result[1]}"))
@@ -234,6 +230,19 @@ class GroupCommitWriter:
         if self._turn is not None:
             os.close(self._turn)
             self._turn = None
+
+
+async def _kill(proc: asyncio.subprocess.Process) -> None:
+    """Kill the process and reap it; for a process that should be running.
+
+    Never call it on one that may just have exited on its own: Popen.send_signal() polls
+    first, and a poll that reaps the process leaves asyncio's child watcher no exit status
+    (it logs "Unknown child process" and reports 255).
+    """
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+    await proc.wait()
 
 
 async def _read_message(stream: asyncio.StreamReader) -> Any:
