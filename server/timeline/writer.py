@@ -98,7 +98,7 @@ class GroupCommitWriter:
         self._closed = True
         if self._unwatch is not None:
             self._unwatch()
-        proc, reader = self._proc, self._reader
+        proc = self._proc
         if proc is not None and proc.stdin is not None:
             proc.stdin.close()  # the process commits what it has, answers, and exits
             with contextlib.suppress(ConnectionError):
@@ -109,8 +109,13 @@ class GroupCommitWriter:
             except TimeoutError:
                 log.warning("the ingest writer did not finish its queue in time")
                 await _kill(proc)
+        reader = self._reader  # a restart in progress may have started a new one
         if reader is not None:
-            await asyncio.wait_for(reader, STOP_TIMEOUT_S)  # the answers the process sent
+            if self._proc is None:
+                reader.cancel()  # between two processes: do not start another
+            # The answers the process sent before it exited.
+            await asyncio.wait({reader}, timeout=STOP_TIMEOUT_S)
+            reader.cancel()
         self._close_turn()
         self._fail_waiting("the server is shutting down")
 
@@ -180,7 +185,7 @@ class GroupCommitWriter:
         self._reader = asyncio.create_task(self._answers(proc), name="ingest-writer-answers")
 
     async def _answers(self, proc: asyncio.subprocess.Process) -> None:
-        """Resolve each batch's future as the process answers; restart it if it dies."""
+        """Resolve each batch's future as the process answers; replace it if it dies."""
         assert proc.stdout is not None
         try:
             while True:
@@ -190,6 +195,9 @@ class GroupCommitWriter:
                     self._resolve(result)
         except asyncio.IncompleteReadError:
             pass  # the process exited
+        except Exception:
+            log.exception("unreadable answer from the ingest writer; replacing it")
+            await _kill(proc)
         if self._closed:
             return
         self._proc = None  # until a new one runs, batches are refused at once
@@ -197,9 +205,13 @@ class GroupCommitWriter:
         log.error("the ingest writer process exited (code %s); starting a new one", code)
         self._close_turn()
         self._fail_waiting("the ingest writer restarted; resend the batch")
-        await asyncio.sleep(RESTART_DELAY_S)
-        if not self._closed:
-            await self._spawn()
+        while not self._closed:
+            await asyncio.sleep(RESTART_DELAY_S)
+            try:
+                await self._spawn()
+                return
+            except Exception:
+                log.exception("could not start the ingest writer; trying again")
 
     def _resolve(self, result: tuple[Any, ...]) -> None:
         batch = self._waiting.pop(result[0], None)
