@@ -137,6 +137,11 @@ class _Mean:
         return (self.total + SHRINK_N * prior) / (self.n + SHRINK_N)
 
 
+def steps_minute(t_us: int) -> int:
+    """The minute a step count ending at t_us belongs to: the one before t."""
+    return (t_us - 1) // US_PER_MIN
+
+
 @dataclass(slots=True)
 class UserState:
     """What the features need about one user, updated event by event."""
@@ -164,8 +169,7 @@ class UserState:
 
     def add_steps(self, t_us: int, count: int, device_pk: int = 0) -> None:
         """Count steps ending at t_us; a minute keeps its largest device total (no double count)."""
-        # A count ending at t belongs to the minute before.
-        self.add_minute_steps((t_us - 1) // US_PER_MIN, count, device_pk)
+        self.add_minute_steps(steps_minute(t_us), count, device_pk)
 
     def add_minute_steps(self, minute: int, count: int, device_pk: int = 0) -> None:
         """Count steps a device took in a minute (see add_steps)."""
@@ -350,10 +354,7 @@ class FeatureStore:
         app_event: dict[int, bytes] = {}  # device -> the body of its last app event
         for _, device_pk, _, t_us, kind, body, _ in compress(rows, map(folded.__contains__, kinds)):
             if kind == _STEPS:
-                key = (
-                    device_pk,
-                    (t_us - 1) // US_PER_MIN,
-                )  # a count ending at t: the minute before
+                key = (device_pk, steps_minute(t_us))
                 steps[key] = steps.get(key, 0) + events_pb2.Event.FromString(body).steps.count
             elif kind == _HEART_RATE:
                 last = state.hr_sampled_us

@@ -124,11 +124,6 @@ class Database:
         self._write_lock = asyncio.Lock()
         self._write_watchers: list[Callable[[bool], None]] = []
 
-    @property
-    def write_lock(self) -> asyncio.Lock:
-        """Held by every `transaction()` from before its BEGIN until after its COMMIT."""
-        return self._write_lock
-
     def watch_writes(self, fn: Callable[[bool], None]) -> Callable[[], None]:
         """Call fn(True) when a `transaction()` takes the write lock and fn(False) when it
         lets go (for a writer on another connection that yields to these); returns an

@@ -30,7 +30,8 @@ one fsync per batch. The writer is also the only place that decides duplicates a
 conflicts, so its in-memory per-device high-water mark (the largest stored seq) is always
 right for the rows it wrote: a batch entirely above the mark is inserted without any lookup.
 
-This module imports only the standard library at startup, so that the process starts fast.
+This module imports only the standard library (and the row type of `bus`, itself standard
+library only) at startup, so that the process starts fast.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ import sys
 import threading
 from dataclasses import dataclass, field
 from typing import IO, Any, Final
+
+from pulsesync.server.bus import CommittedRow
 
 log = logging.getLogger("pulsesync.server.timeline.committer")
 
@@ -77,8 +80,9 @@ PIPE_BYTES: Final = 1 << 20
 _F_SETPIPE_SZ: Final = 1031  # Linux fcntl; elsewhere pipes keep their size
 _LENGTH: Final = struct.Struct("<I")
 
-# (user_id, device_pk, seq, t_us, kind, body, received_us): the INSERT's columns.
-EventRow = tuple[int, int, int, int, int, bytes, int]
+# (user_id, device_pk, seq, t_us, kind, body, received_us): the INSERT's columns and the
+# fields of the CommittedEvent published after the commit, so one plain tuple serves both.
+EventRow = CommittedRow
 # (user_id, device_pk, seq, event_id, reason, detail, received_us, body)
 QuarantineRow = tuple[int, int, int, str, str, str, int, bytes]
 # (seq, event_id, detail) of an event whose seq already holds a different event.

@@ -23,10 +23,9 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from pulsesync.server.bus import CommittedRow
 from pulsesync.server.storage.db import BUSY_TIMEOUT_MS, Database
 from pulsesync.server.timeline import committer
-from pulsesync.server.timeline.committer import Batch, QuarantineRow
+from pulsesync.server.timeline.committer import Batch, EventRow, QuarantineRow
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +36,6 @@ STOP_TIMEOUT_S: Final = 10.0
 # Before starting a new process after one died: a crash loop must not spin.
 RESTART_DELAY_S: Final = 1.0
 
-# (user_id, device_pk, seq, t_us, kind, body, received_us): the INSERT's columns and the
-# fields of the CommittedEvent published after the commit, so one plain tuple serves both.
-EventRow = CommittedRow
 __all__ = ["Conflict", "EventRow", "GroupCommitWriter", "Outcome", "PendingBatch", "QuarantineRow"]
 
 
