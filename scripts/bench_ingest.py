@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -300,13 +299,6 @@ async def _sustained(server: Any, parent: Any, sent: int) -> dict[str, Any]:
 async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     config = ServerConfig(port=0, data_dir=work, grace_seconds=2)
     sent = args.events // args.agents // args.batch * args.batch * args.agents
-    with contextlib.ExitStack() as stack:
-        return await _bench(args, work, config, sent, stack)
-
-
-async def _bench(
-    args: argparse.Namespace, work: Path, config: ServerConfig, sent: int, stack: Any
-) -> dict[str, Any]:
     async with running_server(config) as server:
         ids = server.app.identity
         user_id = await ids.add_user("bench")
@@ -348,23 +340,22 @@ async def _bench(
         # on this kind of machine its throughput drifts down as writes accumulate. The floor
         # runs in a process of its own (in a thread here it shared the GIL with the idle
         # server and lost ~20%).
-        floor_pool = ProcessPoolExecutor(1, mp_context=ctx)
-        stack.callback(floor_pool.shutdown)
         loop = asyncio.get_running_loop()
         runs: list[dict[str, Any]] = []
         floors: list[int] = []
-        for r in range(args.repeat):
-            await asyncio.to_thread(settle_disk)
-            assert await asyncio.to_thread(parent.recv) == "ready"
-            runs.append(await _sustained(server, parent, sent))
-            floor_path = work / f"floor-{r}.db"
-            floors.append(
-                round(await loop.run_in_executor(floor_pool, floor_process, floor_path, sent))
-            )
-            print(
-                f"run {r + 1}: {runs[-1]['sustained_events_per_s']:,} events/s "
-                f"(ack p99 {runs[-1]['ack_p99_ms']} ms), floor {floors[-1]:,} rows/s"
-            )
+        with ProcessPoolExecutor(1, mp_context=ctx) as floor_pool:
+            for r in range(args.repeat):
+                await asyncio.to_thread(settle_disk)
+                assert await asyncio.to_thread(parent.recv) == "ready"
+                runs.append(await _sustained(server, parent, sent))
+                floor_path = work / f"floor-{r}.db"
+                floors.append(
+                    round(await loop.run_in_executor(floor_pool, floor_process, floor_path, sent))
+                )
+                print(
+                    f"run {r + 1}: {runs[-1]['sustained_events_per_s']:,} events/s "
+                    f"(ack p99 {runs[-1]['ack_p99_ms']} ms), floor {floors[-1]:,} rows/s"
+                )
         async with server.app.db.reader.execute("SELECT count(*) FROM events") as c:
             row = await c.fetchone()
         table_rows = int(row[0]) if row else 0
