@@ -36,6 +36,7 @@ from pulsesync.server.privacy.registry import UserDataRegistry
 from pulsesync.server.profiles.store import ProfileStore
 from pulsesync.server.rpc.devices import DeviceServicer
 from pulsesync.server.rpc.ingest import IngestServicer
+from pulsesync.server.rpc.ingest import add_to_server as add_ingest_service_to_server
 from pulsesync.server.rpc.nudges import NudgeServicer
 from pulsesync.server.rpc.privacy import PrivacyServicer
 from pulsesync.server.rpc.profiles import ProfileServicer
@@ -46,7 +47,6 @@ from pulsesync.v1 import (
     devices_pb2,
     devices_pb2_grpc,
     ingest_pb2,
-    ingest_pb2_grpc,
     nudges_pb2,
     nudges_pb2_grpc,
     privacy_pb2,
@@ -63,7 +63,7 @@ log = logging.getLogger(__name__)
 SERVICES: list[tuple[Callable[[AppContext], Any], Callable[[Any, grpc.aio.Server], None], str]] = [
     (DeviceServicer, devices_pb2_grpc.add_DeviceServiceServicer_to_server,
      devices_pb2.DESCRIPTOR.services_by_name["DeviceService"].full_name),
-    (IngestServicer, ingest_pb2_grpc.add_IngestServiceServicer_to_server,
+    (IngestServicer, add_ingest_service_to_server,
      ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name),
     (TimelineServicer, timeline_pb2_grpc.add_TimelineServiceServicer_to_server,
      timeline_pb2.DESCRIPTOR.services_by_name["TimelineService"].full_name),

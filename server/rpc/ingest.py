@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Final
 
+import grpc
 from google.protobuf.message import DecodeError
 
 from pulsesync.server.context import AppContext
@@ -16,6 +17,7 @@ from pulsesync.server.errors import Aborted, InvalidArgument
 from pulsesync.server.identity import Identity
 from pulsesync.server.rpc.base import rpc_method
 from pulsesync.server.timeline.ingest import IngestPipeline, Prepared
+from pulsesync.server.timeline.received import parse_upload
 from pulsesync.v1 import ingest_pb2, ingest_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -153,11 +155,12 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     async def _read(self, me: Identity, requests: Any, stream: _Stream) -> None:
         """Validate batches in arrival order and queue them for the responder."""
         try:
-            async for request in requests:
+            async for raw in requests:
                 await stream.window.acquire()
                 received_us = self.app.clock.now_us()
-                batch = request.batch if request.HasField("batch") else None
-                prepared = await self.pipeline.prepare(me, batch, received_us)
+                received = parse_upload(raw, ingest_pb2.UploadRequest)
+                prepared = await self.pipeline.prepare(me, received, received_us)
+                batch = received.batch
                 if prepared.refusal is not None and batch is not None and batch.events:
                     # A refused batch was not read event by event: its range is needed to
                     # hold acks below it (see _RefusedRange).
@@ -185,10 +188,41 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
 
     @rpc_method()
     async def UploadBatch(
-        self, request: ingest_pb2.UploadBatchRequest, context: Any, me: Identity
+        self, raw: bytes, context: Any, me: Identity
     ) -> ingest_pb2.UploadBatchResponse:
-        batch = request.batch if request.HasField("batch") else None
-        prepared = await self.pipeline.prepare(me, batch, self.app.clock.now_us())
+        try:
+            received = parse_upload(raw, ingest_pb2.UploadBatchRequest)
+        except DecodeError:
+            raise InvalidArgument(
+                "the request is not a valid pulsesync.v1.UploadBatchRequest; "
+                "check the client's protobuf encoding",
+                reason="MALFORMED_MESSAGE",
+            ) from None
+        prepared = await self.pipeline.prepare(me, received, self.app.clock.now_us())
         if prepared.refusal is not None:
             raise InvalidArgument(prepared.refusal.message, reason=prepared.refusal.reason)
         return ingest_pb2.UploadBatchResponse(ack=await self.pipeline.finish(me, prepared))
+
+
+def add_to_server(servicer: IngestServicer, server: Any) -> None:
+    """Register IngestService like the generated add_IngestServiceServicer_to_server, except
+    that the requests reach the servicer as bytes: the pipeline keeps each event's bytes as
+    sent (see timeline/received.py), and a malformed request gets a clear INVALID_ARGUMENT."""
+    handlers = {
+        "Upload": grpc.stream_stream_rpc_method_handler(
+            servicer.Upload,
+            request_deserializer=None,
+            response_serializer=ingest_pb2.UploadResponse.SerializeToString,
+        ),
+        "UploadBatch": grpc.unary_unary_rpc_method_handler(
+            servicer.UploadBatch,
+            request_deserializer=None,
+            response_serializer=ingest_pb2.UploadBatchResponse.SerializeToString,
+        ),
+    }
+    service = ingest_pb2.DESCRIPTOR.services_by_name["IngestService"]
+    assert set(handlers) == set(service.methods_by_name), "every method needs a handler"
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(service.full_name, handlers)

@@ -1,6 +1,7 @@
 """The ingest pipeline: batch checks, consent, validation, skew correction, commit, ack.
 
-    prepared = await pipeline.prepare(identity, batch, received_us)     # in stream order
+    received = parse_upload(raw, ingest_pb2.UploadRequest)              # see received.py
+    prepared = await pipeline.prepare(identity, received, received_us)  # in stream order
     response = await pipeline.finish(identity, prepared)                # after the commit
 
 `prepare` runs for each batch in the order the device sent them and hands the valid events
@@ -25,6 +26,7 @@ from pulsesync.server.bus import CommittedBatch
 from pulsesync.server.context import AppContext
 from pulsesync.server.errors import Unavailable
 from pulsesync.server.identity import Identity
+from pulsesync.server.timeline.received import Received
 from pulsesync.server.timeline.skew import SkewEstimator
 from pulsesync.server.timeline.validate import (
     KIND_OF_PAYLOAD,
@@ -160,11 +162,10 @@ class IngestPipeline:
         self._m_batch_refused.inc()
         return Prepared(batch_id, received_at, offset, refusal=r)
 
-    async def prepare(
-        self, me: Identity, batch: ingest_pb2.EventBatch | None, received_us: int
-    ) -> Prepared:
+    async def prepare(self, me: Identity, received: Received, received_us: int) -> Prepared:
         """Check and validate one batch and queue its events for the writer."""
         received_at = time.perf_counter()
+        batch = received.batch
         dev = me.device_pk
         uid = me.user_id
         known_offset = self.skew.estimate(dev) or 0
@@ -223,7 +224,7 @@ class IngestPipeline:
         earliest_us = received_us - MAX_AGE_US
         latest_us = received_us + MAX_FUTURE_US
         problem: Problem | None
-        for ev in events:
+        for ev, body in zip(events, received.bodies, strict=True):
             seq = ev.seq
             if seq > max_seq:
                 max_seq = seq
@@ -242,7 +243,6 @@ class IngestPipeline:
                 )
                 continue
             event_id = ev.event_id
-            body = ev.SerializeToString()
             dt = ev.device_time
             seconds = dt.seconds
             nanos = dt.nanos

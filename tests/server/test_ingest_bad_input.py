@@ -67,6 +67,24 @@ async def test_malformed_bytes_end_the_stream_with_a_clear_status(
     await _assert_healthy(server, ada, 4)
 
 
+async def test_a_malformed_unary_upload_is_invalid_argument(
+    server: RunningServer, ada: PairedDevice
+) -> None:
+    async with grpc.aio.insecure_channel(server.address) as ch:
+        raw: Any = ch.unary_unary(
+            "/pulsesync.v1.IngestService/UploadBatch",
+            request_serializer=None,
+            response_deserializer=None,
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await raw(b"\x0a\xff\xff\xff\x0f\x01", metadata=ada.metadata, timeout=5)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_info(err.value).reason == "MALFORMED_MESSAGE"  # type: ignore[union-attr]
+    assert "not a valid pulsesync.v1.UploadBatchRequest" in (err.value.details() or "")
+    assert await _stored_seqs(server) == [1, 2, 3]
+    await _assert_healthy(server, ada, 4)
+
+
 async def test_a_message_over_16_mib_is_resource_exhausted(
     server: RunningServer, ada: PairedDevice
 ) -> None:
