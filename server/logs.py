@@ -31,6 +31,11 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False)
 
 
+def uses_json_lines() -> bool:
+    """Whether this process logs JSON lines (for child processes to log the same way)."""
+    return any(isinstance(h.formatter, JsonFormatter) for h in logging.getLogger().handlers)
+
+
 def setup_logging(level: str = "info", *, json_lines: bool = True) -> None:
     """Configure the root logger once for a process."""
     handler = logging.StreamHandler(sys.stderr)

@@ -1,6 +1,6 @@
 """The ingest writer process: group commit of validated batches into SQLite.
 
-    python -m pulsesync.server.timeline.committer DB_PATH CONTROL_FD BUSY_TIMEOUT_MS
+    python -m pulsesync.server.timeline.committer DB_PATH CONTROL_FD BUSY_TIMEOUT_MS LOG_FORMAT
 
 The server starts this process (see writer.GroupCommitWriter) and talks to it over pipes:
 
@@ -30,8 +30,9 @@ one fsync per batch. The writer is also the only place that decides duplicates a
 conflicts, so its in-memory per-device high-water mark (the largest stored seq) is always
 right for the rows it wrote: a batch entirely above the mark is inserted without any lookup.
 
-This module imports only the standard library (and the row type of `bus`, itself standard
-library only) at startup, so that the process starts fast.
+This module imports only the standard library (and the row type of `bus` and the log format
+of `logs`, both standard library only) at startup, so that the process starts fast. LOG_FORMAT
+is the server's: "json" (one JSON object per line, as `pulsesync serve` logs) or "text".
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any, Final
 
 from pulsesync.server.bus import CommittedRow
+from pulsesync.server.logs import setup_logging
 
 log = logging.getLogger("pulsesync.server.timeline.committer")
 
@@ -382,7 +384,8 @@ def serve(
     conn: sqlite3.Connection, control_fd: int, requests: IO[bytes], replies: IO[bytes]
 ) -> None:
     """Commit the requests on `requests` and answer on `replies` until `requests` ends."""
-    committer = Committer(conn, wait_turn=_Turn(control_fd).wait)
+    wait_turn = _Turn(control_fd).wait
+    committer = Committer(conn, wait_turn=wait_turn)
     inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
     threading.Thread(
         target=_read_requests, args=(requests, inbox), name="writer-requests", daemon=True
@@ -398,9 +401,12 @@ def serve(
             if message[0] == "forget":
                 committer.forget(message[1])
                 continue
+            # The server's own transactions go first; batches that arrive meanwhile join this
+            # group, as does everything that arrived while the last group committed: they all
+            # share one fsync.
+            wait_turn()
             tokens, group = [message[1]], [Batch(*message[2:])]
             size = group[0].size
-            # Everything that arrived while the last group committed shares this one's fsync.
             while size < MAX_GROUP_EVENTS:
                 try:
                     message = inbox.get_nowait()
@@ -427,18 +433,22 @@ def serve(
 
 
 def main(argv: list[str]) -> int:
-    logging.basicConfig(
-        level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    path, control_fd, busy_timeout_ms, log_format = argv[0], int(argv[1]), int(argv[2]), argv[3]
+    # The server's format ("json" lines or "text"), on the stderr it shares with the server.
+    setup_logging("warning", json_lines=log_format == "json")
     # Ctrl-C in a terminal and a service manager's SIGTERM reach the whole process group: the
     # server stops gracefully and then closes stdin, after which the queue is committed.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    path, control_fd, busy_timeout_ms = argv[0], int(argv[1]), int(argv[2])
     widen_pipe(sys.stdin.fileno())
     widen_pipe(sys.stdout.fileno())
     try:
-        serve(connect(path, busy_timeout_ms), control_fd, sys.stdin.buffer, sys.stdout.buffer)
+        conn = connect(path, busy_timeout_ms)
+    except sqlite3.Error:
+        log.exception("the ingest writer could not open the database", extra={"path": path})
+        return 1
+    try:
+        serve(conn, control_fd, sys.stdin.buffer, sys.stdout.buffer)
     except BrokenPipeError:  # the server is gone
         return 1
     return 0

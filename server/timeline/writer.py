@@ -23,6 +23,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from pulsesync.server.logs import uses_json_lines
 from pulsesync.server.storage.db import BUSY_TIMEOUT_MS, Database
 from pulsesync.server.timeline import committer
 from pulsesync.server.timeline.committer import Batch, EventRow, QuarantineRow
@@ -152,6 +153,7 @@ class GroupCommitWriter:
                 str(self._db.path),
                 str(turn_r),
                 str(BUSY_TIMEOUT_MS),
+                "json" if uses_json_lines() else "text",
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 pass_fds=(turn_r,),

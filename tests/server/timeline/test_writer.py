@@ -4,7 +4,10 @@ server's own transactions."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -29,17 +32,22 @@ async def test_concurrent_batches_share_one_commit(tmp_path: Path) -> None:
     async with await Database.open(tmp_path / "db.sqlite") as db:
         writer = GroupCommitWriter(db)
         await writer.start()
-        batches = [_batch(dev, [1, 2, 3]) for dev in range(1, 11)]
-        futures = [writer.submit(b) for b in batches]
+        # Batches that arrive while one of the server's own transactions runs are committed
+        # together after it (without it, how many share a commit depends on timing).
+        async with db.transaction():
+            futures = [writer.submit(_batch(dev, [1, 2, 3])) for dev in range(1, 11)]
+            await asyncio.sleep(0.3)
         outcomes = [await f for f in futures]
         assert writer.commits == 1
         assert all(len(o.inserted) == 3 for o in outcomes)
         # Replays and conflicts in one group, behind a new batch of the same device.
-        again = [
-            writer.submit(_batch(1, [4, 5])),
-            writer.submit(_batch(1, [3, 4, 5, 6])),
-            writer.submit(_batch(2, [2], ids=["other"])),
-        ]
+        async with db.transaction():
+            again = [
+                writer.submit(_batch(1, [4, 5])),
+                writer.submit(_batch(1, [3, 4, 5, 6])),
+                writer.submit(_batch(2, [2], ids=["other"])),
+            ]
+            await asyncio.sleep(0.3)
         new, replay, conflict = [await f for f in again]
         await writer.stop()
         assert writer.commits == 2
@@ -136,3 +144,29 @@ def test_turn_signals_hold_and_release_the_committer() -> None:
         assert waited.wait(5)
     finally:
         os.close(write_end)  # the follower thread ends at end of pipe
+
+
+@pytest.mark.parametrize("log_format", ["json", "text"])
+def test_the_process_logs_in_the_servers_format(tmp_path: Path, log_format: str) -> None:
+    control_r, control_w = os.pipe()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", committer.__name__, str(tmp_path / "no" / "db.sqlite"),
+             str(control_r), "1000", log_format],
+            pass_fds=(control_r,), stdin=subprocess.DEVNULL, capture_output=True, text=True,
+            timeout=60, check=False,
+        )  # fmt: skip
+    finally:
+        os.close(control_r)
+        os.close(control_w)
+    assert done.returncode == 1
+    (first, *rest) = done.stderr.splitlines()
+    if log_format == "json":
+        assert rest == []  # the traceback is inside the one JSON line
+        record = json.loads(first)
+        assert (record["level"], record["logger"]) == ("error", committer.__name__)
+        assert record["message"] == "the ingest writer could not open the database"
+        assert "unable to open database file" in record["exception"]
+    else:
+        assert "ERROR pulsesync.server.timeline.committer: the ingest writer could not" in first
+        assert "unable to open database file" in done.stderr
