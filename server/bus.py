@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable, Container, Iterator, Sequence
 from itertools import compress
 from operator import itemgetter
-from typing import Final, NamedTuple, overload
+from typing import Any, Final, NamedTuple, overload
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +53,13 @@ class CommittedBatch(Sequence[CommittedEvent]):
     the subscriber's loop iteration.
     """
 
-    __slots__ = ("_rows",)
+    __slots__ = ("_rows", "summary")
 
-    def __init__(self, rows: list[CommittedRow]) -> None:
+    def __init__(self, rows: list[CommittedRow], summary: tuple[Any, ...] | None = None) -> None:
         self._rows = rows
+        # What the ingest writer process summarized of these rows for the nudge features
+        # (see timeline/summary.py), or None.
+        self.summary = summary
 
     @property
     def rows(self) -> Sequence[CommittedRow]:

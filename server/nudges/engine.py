@@ -37,7 +37,6 @@ from pulsesync.server.nudges.eligibility import (
     template_values,
 )
 from pulsesync.server.nudges.features import (
-    US_PER_MIN,
     FeatureStore,
     hour_bucket,
     local_day,
@@ -48,6 +47,7 @@ from pulsesync.server.nudges.policy import COLD_START, choose
 from pulsesync.server.nudges.profiles import ProfileSource, profile_source
 from pulsesync.server.nudges.registry import ModelRegistry
 from pulsesync.server.timeline.store import TimelineStore
+from pulsesync.server.timeline.summary import steps_minute
 from pulsesync.v1 import common_pb2, events_pb2, nudges_pb2
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ def dedup_steps(counts: Iterable[tuple[object, int, int]]) -> int:
     """Total steps from (device, time, count): per minute, the largest device's sum."""
     per: dict[tuple[int, object], int] = {}
     for device, t_us, count in counts:
-        key = ((t_us - 1) // US_PER_MIN, device)  # a count ending at t belongs to the minute before
+        key = (steps_minute(t_us), device)
         per[key] = per.get(key, 0) + count
     best: dict[int, int] = {}
     for (minute, _), total in per.items():

@@ -9,7 +9,7 @@ personalization are tracked; a withdrawal drops their state.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -19,10 +19,11 @@ from typing import Final
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pulsesync.hrv import rmssd_ms
-from pulsesync.server.bus import CommittedBatch, CommittedEvent
+from pulsesync.server.bus import CommittedBatch, CommittedEvent, CommittedRow
+from pulsesync.server.timeline.summary import US_PER_MIN as US_PER_MIN
+from pulsesync.server.timeline.summary import BatchSummary, steps_minute, summarize
 from pulsesync.v1 import common_pb2, events_pb2
 
-US_PER_MIN: Final = 60_000_000
 # Three hours of per-minute steps: the longest window a feature reads (120 min) plus slack
 # for late, out-of-order uploads.
 STEP_HISTORY_MIN: Final = 180
@@ -44,19 +45,9 @@ SHRINK_N: Final = 5.0
 RESPONSE_PRIOR_NUDGES: Final = 5.0
 HOUR_BUCKETS: Final = 4  # night/morning, midday, afternoon, evening
 
-_STEPS: Final = events_pb2.EVENT_KIND_STEPS
 _HEART_RATE: Final = events_pb2.EVENT_KIND_HEART_RATE
 _FEATURE_USE: Final = events_pb2.EVENT_KIND_FEATURE_USE
-_SCREEN_VIEW: Final = events_pb2.EVENT_KIND_SCREEN_VIEW
-# The kinds whose bodies the features read; every event marks its device as in use.
-_FOLDED_KINDS: Final = frozenset(
-    {_STEPS, _HEART_RATE, _FEATURE_USE, _SCREEN_VIEW, events_pb2.EVENT_KIND_SESSION_START}
-)
-_FOLDED_BUT_HEART_RATE: Final = _FOLDED_KINDS - {_HEART_RATE}
-# Fields of a committed row (CommittedEvent's order), for C-level passes over a batch.
-_DEVICE_PK: Final = itemgetter(1)
-_T_US: Final = itemgetter(3)
-_KIND: Final = itemgetter(4)
+_KIND: Final = itemgetter(4)  # a committed row's kind, for C-level passes over a batch
 
 _KIND_CODE: Final = {
     common_pb2.DEVICE_KIND_PHONE: 1,
@@ -135,11 +126,6 @@ class _Mean:
 
     def shrunk(self, prior: float) -> float:
         return (self.total + SHRINK_N * prior) / (self.n + SHRINK_N)
-
-
-def steps_minute(t_us: int) -> int:
-    """The minute a step count ending at t_us belongs to: the one before t."""
-    return (t_us - 1) // US_PER_MIN
 
 
 @dataclass(slots=True)
@@ -313,72 +299,70 @@ class FeatureStore:
     def apply(self, user_id: int, events: Iterable[CommittedEvent]) -> None:
         """Fold committed events into the user's state.
 
-        Most rows are never looked at one by one: the batch's time range and kinds are taken
-        with C-level passes (map, min, max, set), and only rows of a folded kind go through
-        the Python loop, heart rate only when the batch can hold a new 5-minute sample. Under
-        heavy ingest this fold runs on the event loop beside validation, so its cost per row
-        is the server's.
+        A batch is folded from its summary (timeline/summary.py): its time range, the latest
+        time of each device, the kinds present, the steps per device and minute, and where
+        its app events are. The ingest writer process summarizes each batch as it commits
+        it; a batch that arrives without one is summarized here. Rows are read only for the
+        app events and, when a new 5-minute sample is due, heart rate.
         """
         # A committed batch's plain rows unpack like CommittedEvents, without building them.
-        rows = events.rows if isinstance(events, CommittedBatch) else list(events)
-        if not rows:
+        batch = events if isinstance(events, CommittedBatch) else CommittedBatch(list(events))
+        rows = batch.rows
+        plain = batch.summary if batch.summary is not None else summarize(rows)
+        if plain is None:
             return
+        s = BatchSummary.read(plain)
         state = self.user(user_id)
-        times = list(map(_T_US, rows))
-        earliest, latest = min(times), max(times)
-        minute = earliest // US_PER_MIN
+        minute = s.earliest_us // US_PER_MIN
         if state.first_seen_min is None or minute < state.first_seen_min:
             state.first_seen_min = minute
         last_seen = state.device_last_us
-        devices = set(map(_DEVICE_PK, rows))
-        if len(devices) == 1:  # a batch comes from one device
-            (device_pk,) = devices
-            if latest > last_seen.get(device_pk, 0):
-                last_seen[device_pk] = latest
-        else:
-            for device_pk, t_us in zip(map(_DEVICE_PK, rows), times, strict=True):
-                if t_us > last_seen.get(device_pk, 0):
-                    last_seen[device_pk] = t_us
-        kinds = list(map(_KIND, rows))
-        sampled = state.hr_sampled_us
-        folded = (
-            _FOLDED_BUT_HEART_RATE  # every reading is within HR_SAMPLE_US of the last sample
-            if sampled is not None
-            and latest - sampled < HR_SAMPLE_US
-            and sampled - earliest < HR_SAMPLE_US
-            else _FOLDED_KINDS
-        )
-        if folded.isdisjoint(kinds):
-            return
-        steps: dict[tuple[int, int], int] = {}  # (device, minute) -> the batch's steps in it
-        app_event: dict[int, bytes] = {}  # device -> the body of its last app event
-        for _, device_pk, _, t_us, kind, body, _ in compress(rows, map(folded.__contains__, kinds)):
-            if kind == _STEPS:
-                key = (device_pk, steps_minute(t_us))
-                steps[key] = steps.get(key, 0) + events_pb2.Event.FromString(body).steps.count
-            elif kind == _HEART_RATE:
-                last = state.hr_sampled_us
-                if last is not None and abs(t_us - last) < HR_SAMPLE_US:
-                    continue
-                state.hr_sampled_us = t_us
-                hr = events_pb2.Event.FromString(body).heart_rate
-                if hr.bpm:
-                    state.hr.add(float(hr.bpm))
-                r = (
-                    hr.rmssd_ms
-                    if hr.HasField("rmssd_ms")
-                    else rmssd_ms(hr.rr_intervals_ms, min_intervals=3)
-                )
-                if r is not None and r > 0:
-                    state.hrv.add(r)
-            else:
-                app_event[device_pk] = body
-                if kind == _FEATURE_USE:
-                    feature = events_pb2.Event.FromString(body).feature_use.feature
-                    bins = state.feature_bins.setdefault(feature, [0] * 48)
-                    bins[t_us // US_PER_MIN % 1440 // 30] += 1
-        for (device_pk, minute), count in steps.items():
+        for device_pk, t_us in s.device_latest:
+            if t_us > last_seen.get(device_pk, 0):
+                last_seen[device_pk] = t_us
+        for device_pk, minute, count in s.steps:
             state.add_minute_steps(minute, count, device_pk)
+        sampled = state.hr_sampled_us
+        if _HEART_RATE in s.kinds and not (
+            # every reading is within HR_SAMPLE_US of the last sample: none is due
+            sampled is not None
+            and s.latest_us - sampled < HR_SAMPLE_US
+            and sampled - s.earliest_us < HR_SAMPLE_US
+        ):
+            self._sample_heart_rate(state, rows)
+        if s.app_rows:
+            self._fold_app_events(state, [rows[i] for i in s.app_rows])
+
+    @staticmethod
+    def _sample_heart_rate(state: UserState, rows: Sequence[CommittedRow]) -> None:
+        """One heart-rate reading per HR_SAMPLE_US into the averages, in row order."""
+        for row in compress(rows, map(_HEART_RATE.__eq__, map(_KIND, rows))):
+            t_us = row[3]
+            last = state.hr_sampled_us
+            if last is not None and abs(t_us - last) < HR_SAMPLE_US:
+                continue
+            state.hr_sampled_us = t_us
+            hr = events_pb2.Event.FromString(row[5]).heart_rate
+            if hr.bpm:
+                state.hr.add(float(hr.bpm))
+            r = (
+                hr.rmssd_ms
+                if hr.HasField("rmssd_ms")
+                else rmssd_ms(hr.rr_intervals_ms, min_intervals=3)
+            )
+            if r is not None and r > 0:
+                state.hrv.add(r)
+
+    @staticmethod
+    def _fold_app_events(state: UserState, rows: list[CommittedRow]) -> None:
+        """Feature use by half hour of the day, and the app last named on each device."""
+        app_event: dict[int, bytes] = {}  # device -> the body of its last app event
+        for _, device_pk, _, t_us, kind, body, _ in rows:
+            app_event[device_pk] = body
+            if kind == _FEATURE_USE:
+                feature = events_pb2.Event.FromString(body).feature_use.feature
+                bins = state.feature_bins.setdefault(feature, [0] * 48)
+                bins[t_us // US_PER_MIN % 1440 // 30] += 1
         for device_pk, body in app_event.items():  # the app in use is the last one named
             msg = events_pb2.Event.FromString(body)
             which = msg.WhichOneof("payload")

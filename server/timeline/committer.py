@@ -8,8 +8,9 @@ The server starts this process (see writer.GroupCommitWriter) and talks to it ov
   received_us, rows, quarantine, in_order, clock_offset_us)` and
   `("forget", device_pk)` (the device's rows were erased: drop its cached high-water mark);
 * stdout carries one framed reply per transaction: `(commits, results)`, a result being
-  `(token, inserted, duplicates, conflicts)` or `(token, error_message)`, where `inserted` is
-  None when every row was inserted, else the indexes of the inserted rows;
+  `(token, inserted, duplicates, conflicts, summary)` or `(token, error_message)`, where
+  `inserted` is None when every row was inserted, else the indexes of the inserted rows, and
+  `summary` is what the nudge features fold of those rows (see summary.py);
 * CONTROL_FD is a pipe on which the server writes b"1" while one of its own transactions
   (profiles, consent, devices, erasure) holds the database and b"0" after: the writer lets
   those go first instead of leaving them to SQLite's busy handler, which sleeps 1, 2, 5... ms
@@ -30,9 +31,10 @@ one fsync per batch. The writer is also the only place that decides duplicates a
 conflicts, so its in-memory per-device high-water mark (the largest stored seq) is always
 right for the rows it wrote: a batch entirely above the mark is inserted without any lookup.
 
-This module imports only the standard library (and the row type of `bus` and the log format
-of `logs`, both standard library only) at startup, so that the process starts fast. LOG_FORMAT
-is the server's: "json" (one JSON object per line, as `pulsesync serve` logs) or "text".
+At startup this module imports the standard library, the row type of `bus`, the log format of
+`logs`, and `summary` with the event protobufs (~15 ms), so that the process starts fast.
+LOG_FORMAT is the server's: "json" (one JSON object per line, as `pulsesync serve` logs) or
+"text".
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ from typing import IO, Any, Final
 
 from pulsesync.server.bus import CommittedRow
 from pulsesync.server.logs import setup_logging
+from pulsesync.server.timeline.summary import summarize
+from pulsesync.v1 import events_pb2
 
 log = logging.getLogger("pulsesync.server.timeline.committer")
 
@@ -310,8 +314,6 @@ def _load_hwm(conn: sqlite3.Connection, device_pk: int) -> int:
 
 def _dedupe(conn: sqlite3.Connection, b: Batch, hwm: int) -> Stored:
     """The slow path: some seqs are at or below the mark, or the batch is out of order."""
-    from pulsesync.v1 import events_pb2  # only replays and conflicts need to read stored bodies
-
     below = sorted({r[2] for r in b.rows if r[2] <= hwm})
     stored: dict[int, str] = {}
     for i in range(0, len(below), _LOOKUP_CHUNK):
@@ -423,13 +425,24 @@ def serve(
             reply = [
                 (token, f"{type(r).__name__}: {r}")
                 if isinstance(r, BaseException)
-                else (token, r.inserted, r.duplicates, r.conflicts)
-                for token, r in zip(tokens, results, strict=True)
+                else (token, r.inserted, r.duplicates, r.conflicts, _summary(b, r))
+                for token, b, r in zip(tokens, group, results, strict=True)
             ]
             replies.write(frame((committer.commits - commits, reply)))
             replies.flush()
     finally:
         committer.conn.close()
+
+
+def _summary(batch: Batch, stored: Stored) -> tuple[Any, ...] | None:
+    """The summary of the rows the commit inserted, for the features; None if it fails
+    (the server then summarizes them itself)."""
+    rows = batch.rows if stored.inserted is None else [batch.rows[i] for i in stored.inserted]
+    try:
+        return summarize(rows, batch.device_pk)
+    except Exception:
+        log.exception("could not summarize a committed batch", extra={"device": batch.device_pk})
+        return None
 
 
 def main(argv: list[str]) -> int:

@@ -354,6 +354,6 @@ class IngestPipeline:
         self._m_batch_ok.inc()
         if outcome.inserted:
             # The inserted rows are in CommittedEvent's field order: published as they are.
-            self.app.bus.publish(me.user_id, CommittedBatch(outcome.inserted))
+            self.app.bus.publish(me.user_id, CommittedBatch(outcome.inserted, outcome.summary))
         self.app.metrics.ack_latency.observe(time.perf_counter() - p.received_at)
         return resp

@@ -61,7 +61,10 @@ class Received:
     bodies: list[bytes]
 
 
-def parse_upload(raw: bytes, request_type: Any) -> Received:
+def parse_upload(
+    raw: bytes,
+    request_type: type[ingest_pb2.UploadRequest] | type[ingest_pb2.UploadBatchRequest],
+) -> Received:
     """Parse an UploadRequest or UploadBatchRequest; DecodeError when the bytes are not one."""
     request = request_type.FromString(raw)
     if not request.HasField("batch"):

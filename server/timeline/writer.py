@@ -56,6 +56,7 @@ class Outcome:
     inserted: list[EventRow]
     duplicates: int
     conflicts: list[Conflict]
+    summary: tuple[Any, ...] | None = None  # of the inserted rows (see summary.py)
 
 
 @dataclass(slots=True)
@@ -218,10 +219,10 @@ class GroupCommitWriter:
         if len(result) == 2:
             batch.future.set_exception(RuntimeError(f"storing the batch failed: {result[1]}"))
             return
-        _, inserted, duplicates, conflicts = result
+        _, inserted, duplicates, conflicts, summary = result
         rows = batch.rows if inserted is None else [batch.rows[i] for i in inserted]
         batch.future.set_result(
-            Outcome(rows, duplicates, [Conflict(*c) for c in conflicts]),
+            Outcome(rows, duplicates, [Conflict(*c) for c in conflicts], summary),
         )
 
     def _fail_waiting(self, why: str) -> None:

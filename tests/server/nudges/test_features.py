@@ -3,10 +3,13 @@ rate is sampled."""
 
 from __future__ import annotations
 
+import marshal
+
 import pytest
 
 from pulsesync.server.bus import CommittedBatch
 from pulsesync.server.nudges.features import RECENT_ALPHA, US_PER_MIN, FeatureStore, UserState
+from pulsesync.server.timeline.summary import summarize
 from pulsesync.v1 import events_pb2
 
 T0 = 1_767_225_600_000_000
@@ -89,3 +92,28 @@ def test_a_batch_folds_like_its_events_one_by_one(batch: int) -> None:
         batched.apply(1, CommittedBatch(rows[lo : lo + batch]))
     assert batched.user(1) == one_by_one.user(1)
     assert one_by_one.user(1).hr.baseline is not None  # heart rate was sampled at all
+
+
+def test_a_batch_folds_the_same_from_the_writers_summary() -> None:
+    """Batches of one device, each with the summary the writer process sends over its pipe,
+    fold to the state that summarizing them on the event loop gives."""
+    rows = _mixed_rows(1000)
+    here, from_writer = FeatureStore(15 * US_PER_MIN), FeatureStore(15 * US_PER_MIN)
+    for lo in range(0, len(rows), 50):
+        for device_pk in (1, 2):
+            part = [r for r in rows[lo : lo + 50] if r[1] == device_pk]
+            here.apply(1, CommittedBatch(part))
+            sent = marshal.loads(marshal.dumps(summarize(part)))
+            from_writer.apply(1, CommittedBatch(part, sent))
+    assert from_writer.user(1) == here.user(1)
+    assert here.user(1).steps_by_min
+    assert here.user(1).device_app
+
+
+def test_the_fold_takes_steps_from_the_summary_without_reading_rows() -> None:
+    store = FeatureStore(15 * US_PER_MIN)
+    minute = T0 // US_PER_MIN
+    summary = (T0, T0, ((1, T0),), (events_pb2.EVENT_KIND_STEPS,), ((1, minute, 42),), ())
+    store.apply(1, CommittedBatch([], summary))
+    assert store.user(1).steps_by_min == {minute: 42}
+    assert store.user(1).device_last_us == {1: T0}

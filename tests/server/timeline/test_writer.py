@@ -15,6 +15,7 @@ import pytest
 
 from pulsesync.server.storage.db import Database
 from pulsesync.server.timeline import committer, writer
+from pulsesync.server.timeline.summary import summarize
 from pulsesync.server.timeline.writer import GroupCommitWriter, PendingBatch, WriterClosed
 from pulsesync.v1 import events_pb2
 
@@ -54,6 +55,13 @@ async def test_concurrent_batches_share_one_commit(tmp_path: Path) -> None:
         assert (len(new.inserted), new.duplicates) == (2, 0)
         assert ([r[2] for r in replay.inserted], replay.duplicates) == ([6], 3)
         assert [c.seq for c in conflict.conflicts] == [2]
+        # Each answer carries the summary of the rows it inserted (times are 1000 + seq).
+        assert new.summary == summarize(new.inserted)
+        assert new.summary is not None
+        assert new.summary[:2] == (1004, 1005)
+        assert replay.summary is not None
+        assert replay.summary[:2] == (1006, 1006)
+        assert conflict.summary is None
         async with db.reader.execute("SELECT count(*) FROM events") as c:
             assert (await c.fetchone()) == (33,)
         async with db.reader.execute("SELECT device_pk, seq, reason FROM quarantine") as c:
