@@ -1,15 +1,15 @@
 """What the nudge features fold from a committed batch, summarized beside the commit.
 
 The features fold every committed event (see nudges/features.py): time range, the device's
-last activity, steps per minute, heart-rate samples, the app in use. Reading each row for that
-on the event loop cost about as much as a tenth of ingest. The writer process has every row
-of a batch and a share of the other core, so it summarizes each batch's inserted rows as it
-commits them, and the fold reads the summary: a time range, the kinds present, the steps per
-minute and where the app events are. Heart-rate rows are still read by the fold, and only
-when a new 5-minute sample is due.
+last activity, steps per minute, heart-rate samples, the app in use. Reading every row for
+that took about a tenth of the event loop's time under heavy ingest. The writer process has
+every row of a batch and a share of the other core, so it summarizes each batch's inserted
+rows as it commits them, and the fold reads the summary: a time range, the kinds present, the
+steps per device and minute and where the app events are. Heart-rate rows are still read by
+the fold, and only when a new 5-minute sample is due.
 
 `summarize` runs in the writer process and returns plain tuples (they cross the pipe with
-`marshal`); `BatchSummary(*summary)` reads one on the server's side.
+`marshal`); `BatchSummary.read(summary)` reads one on the server's side.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def summarize(rows: Sequence[CommittedRow], device_pk: int | None = None) -> tup
     else:
         latest: dict[int, int] = {}
         for dev, t_us in zip(map(_DEVICE_PK, rows), times, strict=True):
-            if t_us > latest.get(dev, t_us - 1):
+            if dev not in latest or t_us > latest[dev]:
                 latest[dev] = t_us
         device_latest = tuple(latest.items())
     present = set(kinds)
