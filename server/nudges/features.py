@@ -13,13 +13,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
-from itertools import compress
-from operator import itemgetter
 from typing import Final
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pulsesync.hrv import rmssd_ms
-from pulsesync.server.bus import CommittedBatch, CommittedEvent, CommittedRow
+from pulsesync.server.bus import CommittedBatch, CommittedEvent, CommittedRow, rows_of_kinds
 from pulsesync.server.timeline.summary import US_PER_MIN as US_PER_MIN
 from pulsesync.server.timeline.summary import BatchSummary, steps_minute, summarize
 from pulsesync.v1 import common_pb2, events_pb2
@@ -47,7 +45,7 @@ HOUR_BUCKETS: Final = 4  # night/morning, midday, afternoon, evening
 
 _HEART_RATE: Final = events_pb2.EVENT_KIND_HEART_RATE
 _FEATURE_USE: Final = events_pb2.EVENT_KIND_FEATURE_USE
-_KIND: Final = itemgetter(4)  # a committed row's kind, for C-level passes over a batch
+_HEART_ONLY: Final = frozenset({_HEART_RATE})
 
 _KIND_CODE: Final = {
     common_pb2.DEVICE_KIND_PHONE: 1,
@@ -336,7 +334,7 @@ class FeatureStore:
     @staticmethod
     def _sample_heart_rate(state: UserState, rows: Sequence[CommittedRow]) -> None:
         """One heart-rate reading per HR_SAMPLE_US into the averages, in row order."""
-        for row in compress(rows, map(_HEART_RATE.__eq__, map(_KIND, rows))):
+        for row in rows_of_kinds(rows, _HEART_ONLY):
             t_us = row[3]
             last = state.hr_sampled_us
             if last is not None and abs(t_us - last) < HR_SAMPLE_US:

@@ -43,13 +43,12 @@ def steps_minute(t_us: int) -> int:
     return (t_us - 1) // US_PER_MIN
 
 
-def steps_by_minute(rows: Iterable[CommittedRow]) -> dict[tuple[int, int], int]:
-    """The counts of the steps rows among rows, summed per (device, minute), in row order."""
+def steps_by_minute(steps_rows: Iterable[CommittedRow]) -> dict[tuple[int, int], int]:
+    """The counts of steps rows summed per (device, minute), in row order."""
     steps: dict[tuple[int, int], int] = {}
-    for _, device_pk, _, t_us, kind, body, _ in rows:
-        if kind == STEPS:
-            key = (device_pk, steps_minute(t_us))
-            steps[key] = steps.get(key, 0) + events_pb2.Event.FromString(body).steps.count
+    for _, device_pk, _, t_us, _, body, _ in steps_rows:
+        key = (device_pk, steps_minute(t_us))
+        steps[key] = steps.get(key, 0) + events_pb2.Event.FromString(body).steps.count
     return steps
 
 

@@ -56,7 +56,7 @@ class Outcome:
     inserted: list[EventRow]
     duplicates: int
     conflicts: list[Conflict]
-    summary: tuple[Any, ...] | None = None  # of the inserted rows (see summary.py)
+    summary: tuple[Any, ...] | None  # of the inserted rows (see summary.py)
 
 
 @dataclass(slots=True)
