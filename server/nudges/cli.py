@@ -81,11 +81,16 @@ async def cmd_evaluate(args: argparse.Namespace) -> int:
     print(
         f"  (NET: DR less {cost:g} steps per nudge sent, the policy's objective; the gate uses it)"
     )
+    support = ev.estimates.get("support")
+    if support is not None:
+        print(f"  support: {support.value:.0%} of the candidate's choices are on logged actions")
     print(
         "verdict: better (promotable)"
         if ev.better
         else "verdict: not shown to be better; keep the current policy"
     )
+    if ev.reason:
+        print(f"gate: {ev.reason}")
     return 0
 
 
@@ -106,12 +111,19 @@ async def cmd_promote(args: argparse.Namespace) -> int:
         if isinstance(v, dict)
     }
     ev = Evaluation(
-        version, evaluation["against"], evaluation["decisions"], est, bool(evaluation["better"])
+        version,
+        evaluation["against"],
+        evaluation["decisions"],
+        est,
+        bool(evaluation["better"]),
+        str(evaluation.get("reason", "")),
     )
     if not promote_if_better(registry, ev):
         print(
             f"not promoted: the estimate does not show {version_name(version)} is better than {ev.against}"
         )
+        if ev.reason:
+            print(f"gate: {ev.reason}")
         return 2
     print(f"promoted {version_name(version)}; running servers load it at their next tick")
     return 0

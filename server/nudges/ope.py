@@ -17,10 +17,22 @@ Confidence intervals are percentile bootstrap intervals that resample *people* (
 decisions are correlated: their responsiveness, routine and habituation are shared), or single
 decisions when no clusters are given; the difference between two policies is bootstrapped on
 the same resamples (paired), which is what promotion looks at.
+
+Bad logs are refused, not scored: a logged probability outside (0, 1] (0 makes w infinite), a
+non-finite outcome or a chosen action outside the action set raises `LogError` naming the
+decision and what is wrong, before any arithmetic. Support is checked and reported: `support`
+is the share of the target policy's probability mass on actions the log could have taken at
+that decision (offered with a positive logged probability) and that the log actually took at
+least `MIN_CHOSEN` times; below `MIN_SUPPORT` the gate refuses to promote and says why (IPS
+and DR cannot see the outcome of actions the log never takes). `clip` caps the importance
+weights w_i at a maximum (lower variance, biased towards the logged outcomes: use it when a
+few tiny logged probabilities dominate the estimate; the weight bound is reported as
+`clip`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -35,7 +47,50 @@ from pulsesync.server.nudges.policy import greedy_with_floor, randomized
 BOOTSTRAP: Final = 400  # resamples: percentile bounds stable to ~1% of their width
 LEVEL: Final = 0.95
 
+# Share of the target's probability mass that must fall on supported actions for a promotion.
+MIN_SUPPORT: Final = 0.95
+# An action the log took fewer times than this has no outcomes to estimate its value from.
+MIN_CHOSEN: Final = 10
+
 Matrix = npt.NDArray[np.float64]
+
+
+class LogError(ValueError):
+    """A logged decision off-policy estimates cannot use; the message says which and why."""
+
+
+def check_log(decisions: Sequence[LoggedDecision], actions: Sequence[str]) -> None:
+    """Raise LogError at the first decision whose probability, outcome or action is unusable."""
+    known = set(actions)
+    for i, d in enumerate(decisions):
+        where = f"decision {i} (user {d.user_id}, at {d.decision_us} us)"
+        p = d.probability
+        if not (math.isfinite(p) and 0.0 < p <= 1.0):
+            raise LogError(
+                f"{where}: logged probability {p!r} is outside (0, 1]; the importance weight"
+                " would be infinite or meaningless, so the log cannot be evaluated"
+            )
+        if d.chosen not in known:
+            raise LogError(f"{where}: chosen action {d.chosen!r} is not one of {sorted(known)}")
+        if not math.isfinite(d.outcome):
+            raise LogError(f"{where}: outcome {d.outcome!r} is not a finite number")
+
+
+def support(decisions: Sequence[LoggedDecision], actions: Sequence[str], pi: Matrix) -> float:
+    """Share of pi's probability mass on actions the log could take there and took MIN_CHOSEN times."""
+    if not decisions:
+        return 0.0
+    taken: dict[str, int] = {}
+    for d in decisions:
+        taken[d.chosen] = taken.get(d.chosen, 0) + 1
+    ok = np.zeros_like(pi)
+    for i, d in enumerate(decisions):
+        for j, a in enumerate(actions):
+            if taken.get(a, 0) >= MIN_CHOSEN and (
+                d.options.get(a, 0.0) > 0.0 or (a == d.chosen and not d.options)
+            ):
+                ok[i, j] = 1.0
+    return float((pi * ok).sum() / max(float(pi.sum()), 1e-12))
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +138,7 @@ def _per_decision(
     pi: Matrix,
     q: Matrix,
     send_cost: float,
+    clip: float | None = None,
 ) -> tuple[Matrix, Matrix, Matrix, Matrix]:
     index = {a: j for j, a in enumerate(actions)}
     chosen = np.array([index[d.chosen] for d in decisions])
@@ -90,6 +146,8 @@ def _per_decision(
     p = np.array([d.probability for d in decisions])
     r = np.array([d.outcome for d in decisions])
     w = pi[rows, chosen] / p
+    if clip is not None:
+        w = np.minimum(w, clip)
     dm = (pi * q).sum(axis=1)
     dr = dm + w * (r - q[rows, chosen])
     sends = pi.sum(axis=1) - (pi[:, index[NONE]] if NONE in index else 0.0)
@@ -106,14 +164,20 @@ def estimate(
     clusters: Sequence[int] | None = None,
     seed: int = 0,
     send_cost: float = 0.0,
+    clip: float | None = None,
 ) -> dict[str, Estimate]:
     """IPS, SNIPS, DR and NET of pi (and of pi minus baseline_pi, keys "*_diff"), with CIs.
 
     With clusters (e.g. the user of each decision) the bootstrap resamples whole clusters.
+    The log is checked first (LogError names the first bad decision); "support" reports the
+    share of pi's mass the log supports, and "clip" the weight bound when one is given.
     """
     n = len(decisions)
     if n == 0:
         raise ValueError("no logged decisions with outcomes to evaluate on")
+    if clip is not None and not (math.isfinite(clip) and clip >= 1.0):
+        raise ValueError(f"weight clip {clip!r} must be a finite number >= 1")
+    check_log(decisions, actions)
     rng = np.random.default_rng(seed)
     if clusters is None:
         member = np.arange(n)
@@ -142,13 +206,17 @@ def estimate(
             "net": (float(net.mean()), counts @ snet / np.maximum(size, 1.0)),
         }
 
-    target = stats(*_per_decision(decisions, actions, pi, q, send_cost))
+    target = stats(*_per_decision(decisions, actions, pi, q, send_cost, clip))
     out = {
         k: Estimate(v, float(np.percentile(b, lo_q)), float(np.percentile(b, hi_q)))
         for k, (v, b) in target.items()
     }
+    share = support(decisions, actions, pi)
+    out["support"] = Estimate(share, share, share)
+    if clip is not None:
+        out["clip"] = Estimate(clip, clip, clip)
     if baseline_pi is not None:
-        base = stats(*_per_decision(decisions, actions, baseline_pi, q, send_cost))
+        base = stats(*_per_decision(decisions, actions, baseline_pi, q, send_cost, clip))
         for k, (v, b) in target.items():
             bv, bb = base[k]
             diff = b - bb
@@ -209,8 +277,37 @@ def evaluate_model(
     )
 
 
-def better(estimates: dict[str, Estimate]) -> bool:
-    """Promote only if the whole confidence interval of the net gain (DR less the cost of the
-    nudges, see the module docstring) is above zero."""
+def gate(estimates: dict[str, Estimate]) -> tuple[bool, str]:
+    """(promote?, why): promote only if the log supports the target policy and the whole
+    confidence interval of the net gain (DR less the cost of the nudges) is above zero."""
     diff = estimates.get("net_diff")
-    return diff is not None and diff.low > 0.0
+    if diff is None:
+        return False, "no net gain against the current policy was estimated"
+    bad = sorted(
+        k
+        for k, e in estimates.items()
+        if not all(math.isfinite(x) for x in (e.value, e.low, e.high))
+    )
+    if bad:
+        return False, f"refused: estimates {', '.join(bad)} are not finite numbers"
+    share = estimates.get("support")
+    if share is not None and share.value < MIN_SUPPORT:
+        return False, (
+            f"refused: only {share.value:.0%} of the candidate's choices are on actions the log"
+            f" supports (needs {MIN_SUPPORT:.0%}); log more exploration of those actions first"
+        )
+    interval = f"[{diff.low:+.1f}, {diff.high:+.1f}]"
+    if diff.low > 0.0:
+        return (
+            True,
+            f"net gain {diff.value:+.1f} steps per decision, 95% interval {interval} above 0",
+        )
+    return False, (
+        f"net gain {diff.value:+.1f} steps per decision, 95% interval {interval} not above 0:"
+        " not shown to be better"
+    )
+
+
+def better(estimates: dict[str, Estimate]) -> bool:
+    """Promote only if the gate (support, finite estimates, net gain above zero) says so."""
+    return gate(estimates)[0]

@@ -23,11 +23,11 @@ from pulsesync.server.nudges.catalog import Catalog
 from pulsesync.server.nudges.model import LoggedDecision, OutcomeModel, train
 from pulsesync.server.nudges.ope import (
     Estimate,
-    better,
     candidate_matrices,
     current_matrix,
     estimate,
     evaluate_model,
+    gate,
 )
 from pulsesync.server.nudges.registry import ModelRegistry, version_name
 from pulsesync.server.storage.db import Database
@@ -85,6 +85,7 @@ class Evaluation:
     decisions: int
     estimates: dict[str, Estimate]
     better: bool
+    reason: str = ""  # the gate's reason for its verdict (ope.gate)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -92,6 +93,7 @@ class Evaluation:
             "against": self.against,
             "decisions": self.decisions,
             "better": self.better,
+            "reason": self.reason,
             **{k: v.as_dict() for k, v in self.estimates.items()},
         }
 
@@ -211,12 +213,14 @@ async def evaluate_candidate(
             )
         est = cross_fitted(held, catalog, current, score_from)
         held = [d for d in held if d.decision_us >= score_from]
+    promote, reason = gate(est)
     evaluation = Evaluation(
         version,
         version_name(current_v) if current is not None and current_v is not None else "randomized",
         len(held),
         est,
-        better(est),
+        promote,
+        reason,
     )
     registry.update_meta(version, evaluation=evaluation.as_dict())
     return evaluation
