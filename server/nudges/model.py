@@ -4,7 +4,10 @@ Two boosters make one prediction, q(x, a) = base(x) + effect(x, a), with effect(
 * `base` predicts the outcome when nothing is sent, from the context alone (fitted on the
   decisions where nothing was sent: the pre-decision steps, time of day and routine explain
   much of the 30-minute outcome);
-* `effect` predicts what a nudge of each type adds over sending nothing. With HeartSteps-sized
+* `effect` predicts what a nudge of each type adds over sending nothing, one booster per type
+  (a single booster with the type as an input column was measured to hardly ever split on it:
+  the types' learned effects came out within a few steps of each other in every context, while
+  their logged outcomes differed by tens of steps). With HeartSteps-sized
   effects (tens of steps against an outcome whose spread is hundreds) it is learned from the
   outcome minus a cross-fitted base, as an R-learner (Nie & Wager, 2021) per type against
   sending nothing: target (y - base(x)) / (t - e), weight (t - e)^2, where t says whether the
@@ -75,6 +78,8 @@ FOLDS: Final = 2
 # R-learner rows whose conditional propensity is this close to 0 or 1 are skipped: their
 # target (y - base) / (t - e) would be unbounded (the exploration floor keeps them rare).
 MIN_PROPENSITY: Final = 0.02
+# A type needs this many randomized rows (sent or not, against nothing) for an effect booster.
+MIN_EFFECT_ROWS: Final = 30
 # Acting on a nudge: a yes/no per sent nudge, a few percent of them yes. Small trees with
 # leaves big enough to hold several acts.
 RESPONSE_PARAMS: Final[dict[str, Any]] = {
@@ -129,7 +134,7 @@ class OutcomeModel:
     def __init__(
         self,
         base: lgb.Booster,
-        effect: lgb.Booster,
+        effect: lgb.Booster | Mapping[str, lgb.Booster],
         actions: Sequence[str],
         version: str,
         send_threshold: float = 0.0,
@@ -146,7 +151,11 @@ class OutcomeModel:
         # the leading columns of a row.
         self.columns = tuple(columns)
         self.base = base
+        # One booster per type; a model saved before that has one booster shared by the types.
         self.effect = effect
+        self.effects: dict[str, lgb.Booster] = (
+            {} if isinstance(effect, lgb.Booster) else dict(effect)
+        )
         self.actions = tuple(actions)
         self.version = version
         self.send_threshold = send_threshold
@@ -170,8 +179,14 @@ class OutcomeModel:
         x_model = x[:, : len(self.columns)]
         effect = np.zeros(len(actions))
         learned = np.array([a in self.learned_actions for a in actions], dtype=bool)
-        if learned.any():
+        if learned.any() and isinstance(self.effect, lgb.Booster):
             effect = np.where(learned, self.effect.predict(x_model, num_threads=1), 0.0)
+        elif learned.any():
+            kinds = np.array(actions, dtype=object)
+            for a, booster in self.effects.items():
+                mask = (kinds == a) & learned
+                if mask.any():
+                    effect[mask] = booster.predict(x_model[mask], num_threads=1)
         gain = np.array([self.act_gain.get(a, np.nan) for a in actions], dtype=np.float64)
         by_acts = ~np.isnan(gain)
         if self.response is not None and by_acts.any():
@@ -208,9 +223,13 @@ class OutcomeModel:
         return self._q(x, list(actions) * n).reshape(n, len(actions))
 
     def save(self, stem: Path) -> None:
-        """Write stem.base.txt, stem.effect.txt and stem.response.txt (the registry: stem.json)."""
+        """Write stem.base.txt, stem.effect.<type>.txt (or stem.effect.txt for a shared effect
+        booster) and stem.response.txt (the registry: stem.json)."""
         self.base.save_model(str(stem.with_suffix(".base.txt")))
-        self.effect.save_model(str(stem.with_suffix(".effect.txt")))
+        if isinstance(self.effect, lgb.Booster):
+            self.effect.save_model(str(stem.with_suffix(".effect.txt")))
+        for a, booster in self.effects.items():
+            booster.save_model(str(stem.with_suffix(f".effect.{a}.txt")))
         if self.response is not None:
             self.response.save_model(str(stem.with_suffix(".response.txt")))
 
@@ -227,7 +246,16 @@ class OutcomeModel:
     ) -> OutcomeModel:
         """Read a model written by save()."""
         base = lgb.Booster(model_file=str(stem.with_suffix(".base.txt")))
-        effect = lgb.Booster(model_file=str(stem.with_suffix(".effect.txt")))
+        shared = stem.with_suffix(".effect.txt")
+        effect: lgb.Booster | dict[str, lgb.Booster] = (
+            lgb.Booster(model_file=str(shared))
+            if shared.exists()
+            else {
+                a: lgb.Booster(model_file=str(stem.with_suffix(f".effect.{a}.txt")))
+                for a in (actions if learned_actions is None else learned_actions)
+                if a != NONE and stem.with_suffix(f".effect.{a}.txt").exists()
+            }
+        )
         response_file = stem.with_suffix(".response.txt")
         response = (
             lgb.Booster(model_file=str(response_file))
@@ -328,10 +356,9 @@ def train(
         m = _fit_base(fit_on)
         resid[part] = y_all[part] - m.predict(x_all[part], num_threads=1)
     base = _fit_base(nothing)
-    rows: list[list[float]] = []
-    target: list[float] = []
-    weight: list[float] = []
-    learned: set[str] = set()
+    rows: dict[str, list[list[float]]] = {}
+    target: dict[str, list[float]] = {}
+    weight: dict[str, list[float]] = {}
     for d, r in zip(decisions, resid, strict=True):
         e0 = d.options.get(NONE, 0.0)
         if d.chosen not in index:
@@ -345,26 +372,35 @@ def train(
             if not MIN_PROPENSITY <= e <= 1 - MIN_PROPENSITY:
                 continue
             t = 1.0 if d.chosen == a else 0.0
-            rows.append(row(d.features, d.past_gain, index[a], a, d.past_response))
-            learned.add(a)
-            target.append(r / (t - e))
-            weight.append((t - e) ** 2)
-    if len(rows) < 50:
+            rows.setdefault(a, []).append(
+                row(d.features, d.past_gain, index[a], a, d.past_response)
+            )
+            target.setdefault(a, []).append(r / (t - e))
+            weight.setdefault(a, []).append((t - e) ** 2)
+    total = sum(len(v) for v in rows.values())
+    if total < 50:
         raise ValueError(
-            f"need at least 50 decisions where a nudge or nothing was randomized, have {len(rows)}"
+            f"need at least 50 decisions where a nudge or nothing was randomized, have {total}"
         )
-    effect = _fit(
-        np.array(rows, dtype=np.float64),
-        np.array(target, dtype=np.float64),
-        np.array(weight, dtype=np.float64),
-        COLUMNS,
-        [*_BASE_CAT, "action"],
-        EFFECT_PARAMS,
-        EFFECT_ROUNDS,
-    )
+    # One booster per type with enough randomized rows; with few rows its big leaves make it
+    # the type's average effect. A type with fewer rows is predicted like sending nothing.
+    effects = {
+        a: _fit(
+            np.array(rows[a], dtype=np.float64),
+            np.array(target[a], dtype=np.float64),
+            np.array(weight[a], dtype=np.float64),
+            COLUMNS,
+            list(_BASE_CAT),
+            EFFECT_PARAMS,
+            EFFECT_ROUNDS,
+        )
+        for a in sorted(rows)
+        if len(rows[a]) >= MIN_EFFECT_ROWS
+    }
+    learned = set(effects)
     steps = [a for a in actions if a != NONE] if steps_types is None else list(steps_types)
     response, act_gain = _fit_response(decisions, resid, index, steps)
-    model = OutcomeModel(base, effect, actions, version, 0.0, sorted(learned), response, act_gain)
+    model = OutcomeModel(base, effects, actions, version, 0.0, sorted(learned), response, act_gain)
     model.send_threshold = _threshold(model, decisions, send_budget, min_gain)
     return model
 

@@ -1,7 +1,7 @@
 """Versioned model files and the pointer to the promoted one, re-read when it changes.
 
     <models>/model-v0003.base.txt     LightGBM text model (baseline)
-    <models>/model-v0003.effect.txt   LightGBM text model (action effect, R-learner)
+    <models>/model-v0003.effect.<type>.txt  LightGBM text model per type (its effect, R-learner)
     <models>/model-v0003.response.txt LightGBM text model (chance of acting on a nudge)
     <models>/model-v0003.json         metadata: actions, columns, training and evaluation
     <models>/current.json             {"version": 3, ...}: the promoted model
