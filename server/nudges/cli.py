@@ -4,6 +4,7 @@
     pulsesync nudges evaluate [-v N]    # IPS / SNIPS / DR / NET with 95% CIs against the current policy
     pulsesync nudges promote [-v N]     # promote only if the net gain's CI is above zero
     pulsesync nudges status             # versions, the promoted one, logged decisions
+    pulsesync nudges import-log FILE    # add decisions logged elsewhere (CSV or JSON Lines)
 
 They work on the database and model folder directly; a running server picks up a promoted
 model at its next decision tick.
@@ -129,6 +130,26 @@ async def cmd_promote(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_import_log(args: argparse.Namespace) -> int:
+    from pulsesync.server.nudges.importlog import LogFormatError, import_file
+
+    db_path, _ = _paths(args)
+    catalog = load_catalog(args.catalog)
+    async with await Database.open(db_path) as db:
+        try:
+            summary = await import_file(db, args.file, catalog.actions)
+        except LogFormatError as e:
+            raise SystemExit(f"cannot import {args.file}: {e}") from None
+        except OSError as e:
+            raise SystemExit(f"cannot read {args.file}: {e.strerror}") from None
+    print(
+        f"imported {summary.stored} decisions of {summary.people} people from {args.file.name}"
+        f" ({summary.unavailable} unavailable rows skipped, {summary.rows} rows read)"
+    )
+    print("next: pulsesync nudges train")
+    return 0
+
+
 async def cmd_status(args: argparse.Namespace) -> int:
     db_path, registry = _paths(args)
     current = registry.current()
@@ -202,3 +223,10 @@ def register(sub: Any) -> None:
     common(p)
     p.add_argument("--json", action="store_true", help="also print one JSON line")
     p.set_defaults(handler=cmd_status)
+    p = group.add_parser(
+        "import-log",
+        help="import logged decisions (pulsesync-decisions/1, CSV or JSON Lines) for training",
+    )
+    common(p)
+    p.add_argument("file", type=Path, help="the decision log (docs/nudges.md: import format)")
+    p.set_defaults(handler=cmd_import_log)

@@ -53,7 +53,17 @@ async def logged_decisions(db: Database, since_us: int = 0) -> list[LoggedDecisi
         f" AND d.user_id IN ({_CONSENTING}) ORDER BY d.decision_us, d.decision_id",
         (events_pb2.NUDGE_ACTION_ACTED, since_us, common_pb2.CONSENT_CATEGORY_PERSONALIZATION),
     ) as cur:
-        rows = await cur.fetchall()
+        rows = list(await cur.fetchall())
+    # Decisions imported from another deployment or a trial (importlog.py): their people have
+    # negative ids, and they are ordered with the server's own by time.
+    async with db.reader.execute(
+        "SELECT -person_key, decision_us, features, options, chosen, probability, outcome_steps, 0"
+        " FROM imported_decisions WHERE decision_us >= ? ORDER BY decision_us, row_id",
+        (since_us,),
+    ) as cur:
+        imported = list(await cur.fetchall())
+    if imported:
+        rows = sorted([*rows, *imported], key=lambda r: int(r[1]))
     out = []
     for user_id, at, features, options, chosen, prob, outcome, acted in rows:
         f = json.loads(features)
