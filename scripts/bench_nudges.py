@@ -116,6 +116,10 @@ async def main() -> int:
         cal["ok_all"],
         cal["ok_walking"],
     )
+    print("\nHeartSteps V1 decision-point figures (trial vs this randomized arm; sim/trial.py):")
+    for row in cal["trial"]:
+        print(f"  {row['figure']:<16} trial {row['trial']:+9.3f}  range [{row['low']:+.3f}, {row['high']:+.3f}]"
+              f"  simulated {row['simulated']:+9.3f}  {'OK' if row['ok'] else 'OUTSIDE'}")  # fmt: skip
     print(
         "\nHeartSteps calibration (p=0.6 randomized arm, steps in the 30 min after a decision point"
         " with an activity suggestion; expected = response probability x mean walk):"
@@ -197,6 +201,8 @@ async def main() -> int:
         "calibration_all": round(all_eff, 4), "calibration_walking": round(walk_eff, 4),
         "calibration_expected": [round(cal["all_expected"], 4), round(cal["walking_expected"], 4)],
         "calibration_ok": ok_all and ok_walk,
+        "trial_ok": cal["ok_trial"],
+        "trial_failed": [row["figure"] for row in cal["trial"] if not row["ok"]],
         "steps_per_nudge": {k: round(v["steps_per_nudge"], 1) for k, v in stats.items()},
         "nudges_per_day": {k: round(v["nudges_per_day"], 2) for k, v in stats.items()},
         "gained_per_person_day": {k: round(v["gained_per_person_day"], 1) for k, v in stats.items()},

@@ -25,6 +25,10 @@ from typing import Any, Final
 
 from pulsesync.server.nudges.sim.behavior import BASE_RESPONSE, expected_walk_steps, people
 from pulsesync.server.nudges.sim.runner import ArmResult, run_arm_blocking
+from pulsesync.server.nudges.sim.trial import Point, compare, figures
+
+# The five daily decision points (catalog schedule, local minutes) -> HeartSteps slot 1-5.
+SLOT_OF: Final = {510: 1, 735: 2, 930: 3, 1080: 4, 1230: 5}
 
 WALK: Final = "walking_suggestion"
 BREAK: Final = "break_from_sitting"
@@ -74,8 +78,36 @@ def sums(r: ArmResult, lo_min: int, hi_min: int) -> Sums:
     return out
 
 
+def points(r: ArmResult) -> list[Point]:
+    """The randomized arm's scheduled decision points with a choice, as trial.Point rows."""
+    out = []
+    for i, minute, _v, options, chosen, _p, outcome, *_ in r.decisions:
+        slot = SLOT_OF.get(int(minute) % 1440)
+        opts = json.loads(options) if isinstance(options, str) else options
+        if slot is None or len(opts) < 2:  # a trigger, or not available (nothing to randomize)
+            continue
+        out.append(Point(int(i), slot, int(minute) // (7 * 1440) + 1, str(chosen), float(outcome)))
+    return out
+
+
+def trial_check(r: ArmResult) -> list[dict[str, Any]]:
+    """Every HeartSteps V1 row (trial.TRIAL) against this randomized arm: figure, range, ok."""
+    return [
+        {
+            "figure": c.row.name,
+            "trial": c.row.point,
+            "low": round(c.row.low, 4),
+            "high": round(c.row.high, 4),
+            "simulated": round(c.simulated, 4),
+            "ok": c.ok,
+        }
+        for c in compare(figures(points(r)))
+    ]
+
+
 def check(r: ArmResult, days: int) -> dict[str, Any]:
-    """The HeartSteps figures of a randomized arm (the bench prints these)."""
+    """The HeartSteps figures of a randomized arm (the bench prints these), and every trial
+    row checked (`trial`: figure, trial point, accepted range, simulated, ok; `ok_trial`)."""
     end = days * 1440
     whole, first, last = sums(r, 0, end), sums(r, 0, 7 * 1440), sums(r, end - 7 * 1440, end)
     all_, walking = whole.effect(ACTIVITY), whole.effect((WALK,))
@@ -93,6 +125,8 @@ def check(r: ArmResult, days: int) -> dict[str, Any]:
     }
     fig["ok_all"] = within(all_, TARGET_ALL)
     fig["ok_walking"] = within(walking, TARGET_WALK)
+    fig["trial"] = trial_check(r)
+    fig["ok_trial"] = all(row["ok"] for row in fig["trial"])
     return fig
 
 
