@@ -196,6 +196,26 @@ async def main() -> int:
     print(
         f"All simulated decisions: p50 {np.percentile(lat_all, 50):.2f} ms  p99 {np.percentile(lat_all, 99):.2f} ms"
     )
+    # The goal: at least the better baseline's (randomized p=0.6, fixed three-a-day) steps
+    # gained per person-day, at no more nudges per day than either, >= 1.5x the randomized
+    # policy's expected steps per nudge, the DR estimate's interval covering the truth.
+    best = max(("randomized", "fixed"), key=lambda k: stats[k]["gained_per_person_day"])
+    vs_best = stats["learned"]["gained_per_person_day"] - stats[best]["gained_per_person_day"]
+    fewest = min(stats[k]["nudges_per_day"] for k in ("randomized", "fixed"))
+    covered = bool(ope) and ope["dr_gain_ci"][0] <= ope["true_gain"] <= ope["dr_gain_ci"][1]
+    goal = (
+        vs_best >= 0.0
+        and stats["learned"]["nudges_per_day"] <= fewest
+        and ratio_expected >= 1.5
+        and covered
+        and probe.get("p99_ms", 0.0) < 25.0
+    )
+    print(
+        f"Goal: gained vs best baseline ({best}) {vs_best:+.1f} steps/person-day, nudges/day"
+        f" {stats['learned']['nudges_per_day']:.2f} (baselines' fewest {fewest:.2f}),"
+        f" {ratio_expected:.2f}x expected steps/nudge, DR interval covers the truth: {covered}"
+        f"  -> {'MET' if goal else 'NOT MET'}"
+    )
     print(f"total {time.perf_counter() - t0:.0f} s")
     print(json.dumps({
         "calibration_all": round(all_eff, 4), "calibration_walking": round(walk_eff, 4),
@@ -211,6 +231,8 @@ async def main() -> int:
         "no_more_nudges": fewer, "promoted_day": lo / 1440 if learned.promote_minute is not None else None,
         "ope": {k: (round(v, 2) if isinstance(v, float) else v) for k, v in ope.items()},
         "ope_error": round(ope["ope_error"], 2) if ope else None,
+        "ope_covered": covered, "vs_best_baseline_gained": round(vs_best, 1), "best_baseline": best,
+        "goal_met": goal,
         "decision_p50_ms": round(probe.get("p50_ms", 0.0), 2), "decision_p99_ms": round(probe.get("p99_ms", 0.0), 2),
         "people": args.people, "days": args.days, "seed": args.seed,
     }))  # fmt: skip
