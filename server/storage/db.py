@@ -135,19 +135,52 @@ class Database:
         for fn in self._write_watchers:
             fn(held)
 
+    async def _settle(self, sql: str) -> bool:
+        """Run sql on the write connection to its end even if the caller is cancelled meanwhile
+        (the statement runs on in aiosqlite's thread regardless, so abandoning it would leave
+        the connection in an unknown state); returns whether a cancellation arrived."""
+        task = asyncio.ensure_future(self.writer.execute(sql))
+        cancelled = False
+        while True:
+            try:
+                await asyncio.shield(task)
+                return cancelled
+            except asyncio.CancelledError:
+                if task.done():
+                    raise
+                cancelled = True
+
+    async def _rollback_if_open(self) -> bool:
+        """ROLLBACK if the connection is inside a transaction (SQLite rolls back by itself on
+        some errors, e.g. a full disk); returns whether a cancellation arrived meanwhile."""
+        if self.writer.in_transaction:
+            return await self._settle("ROLLBACK")
+        return False
+
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        """A write transaction (BEGIN IMMEDIATE ... COMMIT, ROLLBACK on error)."""
+        """A write transaction (BEGIN IMMEDIATE ... COMMIT, ROLLBACK on error).
+
+        Cancellation-safe: BEGIN, COMMIT and ROLLBACK always run to their end, and a task
+        cancelled at any await leaves the connection outside any transaction."""
         async with self._write_lock:
             self._signal_writes(True)
             try:
-                await self.writer.execute("BEGIN IMMEDIATE")
+                if await self._settle("BEGIN IMMEDIATE"):
+                    await self._rollback_if_open()
+                    raise asyncio.CancelledError
                 try:
                     yield self.writer
                 except BaseException:
-                    await self.writer.execute("ROLLBACK")
+                    await self._rollback_if_open()
                     raise
-                await self.writer.execute("COMMIT")
+                try:
+                    cancelled = await self._settle("COMMIT")
+                except BaseException:
+                    await self._rollback_if_open()
+                    raise
+                if cancelled:
+                    raise asyncio.CancelledError
             finally:
                 self._signal_writes(False)
 
