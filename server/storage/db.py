@@ -21,6 +21,8 @@ from typing import Final
 
 import aiosqlite
 
+from pulsesync.server.storage.files import private_database
+
 log = logging.getLogger(__name__)
 
 # Long enough to ride out a checkpoint or a burst from another process (the CLI), short
@@ -65,6 +67,8 @@ def _configure(conn: sqlite3.Connection) -> None:
 
 def migrate(path: str | Path) -> list[str]:
     """Apply pending migrations to the database at path (created if missing); names applied."""
+    if str(path) != ":memory:":
+        private_database(Path(path))  # before SQLite creates anything: 0700 dir, 0600 files
     conn = sqlite3.connect(path, isolation_level=None)
     try:
         _configure(conn)
@@ -188,8 +192,6 @@ class Database:
     async def open(cls, path: str | Path) -> Database:
         """Migrate, then open the write and read connections."""
         path = Path(path)
-        if str(path) != ":memory:":
-            path.parent.mkdir(parents=True, exist_ok=True)
         migrate(path)
         writer = await aiosqlite.connect(path, isolation_level=None)
         reader = await aiosqlite.connect(path, isolation_level=None)
