@@ -27,7 +27,7 @@ from pulsesync.server.context import AppContext
 from pulsesync.server.errors import Unavailable
 from pulsesync.server.identity import Identity
 from pulsesync.server.timeline.received import Received
-from pulsesync.server.timeline.skew import SkewEstimator
+from pulsesync.server.timeline.skew import MAX_OFFSET_US, SkewEstimator
 from pulsesync.server.timeline.validate import (
     KIND_OF_PAYLOAD,
     MAX_AGE_US,
@@ -191,7 +191,7 @@ class IngestPipeline:
             )
         if n == 0:
             self._m_batch_ping.inc()
-            if batch.HasField("sent_time"):
+            if batch.HasField("sent_time") and self._plausible(received_us, batch):
                 known_offset = self._observe(dev, received_us, batch)
             return Prepared(batch.batch_id, received_at, known_offset)
         if not batch.HasField("sent_time"):
@@ -203,6 +203,18 @@ class IngestPipeline:
                     "MISSING_SENT_TIME",
                     "the batch has no sent_time; set it to the device clock at sending, "
                     "it is needed to correct clock skew",
+                ),
+            )
+        if not self._plausible(received_us, batch):
+            return self._refuse(
+                batch.batch_id,
+                received_at,
+                known_offset,
+                Refusal(
+                    "IMPLAUSIBLE_SENT_TIME",
+                    "the batch's sent_time is more than "
+                    f"{MAX_OFFSET_US // 3_600_000_000} hours away from the server's clock; "
+                    "set the device clock (network time) and send it again",
                 ),
             )
         self._devices_of_user.setdefault(uid, set()).add(dev)
@@ -307,6 +319,11 @@ class IngestPipeline:
             counts=(len(quarantine), no_consent),
             seq_range=(min_seq, max_seq),
         )
+
+    @staticmethod
+    def _plausible(received_us: int, batch: ingest_pb2.EventBatch) -> bool:
+        st = batch.sent_time
+        return SkewEstimator.plausible(received_us, st.seconds * 1_000_000 + st.nanos // 1000)
 
     def _observe(self, dev: int, received_us: int, batch: ingest_pb2.EventBatch) -> int:
         st = batch.sent_time
