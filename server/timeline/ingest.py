@@ -34,6 +34,7 @@ from pulsesync.server.timeline.validate import (
     MAX_EVENT_ID_LENGTH,
     MAX_FUTURE_US,
     MAX_NAME_LENGTH,
+    MAX_SEQ,
     PAYLOAD_CHECKS,
     SHORT_EVENT_CHECKS,
     Problem,
@@ -84,7 +85,7 @@ def _slow_problem(
     if (
         not event_id
         or len(event_id) > MAX_EVENT_ID_LENGTH
-        or not ev.seq
+        or not 0 < ev.seq <= MAX_SEQ
         or not ev.HasField("device_time")
     ):
         return check_envelope(ev)
@@ -261,7 +262,7 @@ class IngestPipeline:
             t_us = seconds * 1_000_000 + nanos // 1000 + offset
             if (
                 seconds  # a set device_time (an unset one reads 0) past 1970: the fast path
-                and seq
+                and 0 < seq <= MAX_SEQ
                 and event_id
                 and len(event_id) <= MAX_EVENT_ID_LENGTH
                 and 0 <= nanos < _NANOS
@@ -280,7 +281,7 @@ class IngestPipeline:
                     (
                         uid,
                         dev,
-                        seq,
+                        min(seq, MAX_SEQ),  # SEQ_TOO_LARGE: the exact value stays in the body
                         event_id[:MAX_EVENT_ID_LENGTH],
                         problem.code,
                         problem.detail,

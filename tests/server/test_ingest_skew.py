@@ -1,4 +1,4 @@
-"""An implausible batch sent_time is refused and never moves the device's skew estimate."""
+"""Ingest refusals and quarantines of hostile values: implausible sent_time, seq beyond int64."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 from pulsesync.server.app import RunningServer
 from pulsesync.server.clock import FakeClock
 from pulsesync.server.timeline import skew
+from pulsesync.v1 import ingest_pb2
 from tests.server.timeline.events import batch, fetch, heart_rate, upload
 from tests.support.server import pair_device, start_server
 
@@ -63,3 +64,20 @@ def test_one_sample_far_below_the_estimate_does_not_move_it_until_confirmed() ->
     for i in range(skew.CONFIRM_SAMPLES - 1):
         assert est.observe(1, (110 + i) * S, (110 + i) * S + 3600 * S) == 20_000
     assert est.observe(1, 120 * S, 120 * S + 3600 * S - 5_000) == -3600 * S
+
+
+async def test_a_seq_beyond_sqlite_integer_is_quarantined_and_the_valid_event_stored(
+    fake_server: RunningServer, clock: FakeClock
+) -> None:
+    dev = await pair_device(fake_server, "ada")
+    now = clock.now_us()
+    async with grpc.aio.insecure_channel(fake_server.address) as ch:
+        (ack,) = await upload(
+            ch, dev.metadata, [batch(1, now, [heart_rate(1, now), heart_rate(2**63, now)])]
+        )
+    assert not ack.error.reason
+    assert [(r.seq, r.reason) for r in ack.rejected] == [
+        (2**63, ingest_pb2.REJECTION_REASON_INVALID)
+    ]
+    assert await fetch(fake_server.app.db, "SELECT seq FROM events") == [(1,)]
+    assert await fetch(fake_server.app.db, "SELECT reason FROM quarantine") == [("SEQ_TOO_LARGE",)]
