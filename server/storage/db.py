@@ -65,10 +65,47 @@ def _configure(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA foreign_keys = ON")
 
 
+class DatabaseDamaged(RuntimeError):
+    """SQLite reports the database file as damaged: the server must not serve or write it."""
+
+
+def damaged_message(path: str | Path, detail: str) -> str:
+    """What an operator reads when the database is damaged: what is wrong and what to do."""
+    return (
+        f"the database {path} is damaged ({detail}); the server will not serve or write to it. "
+        "Stop here and restore the file (with its -wal file, if any) from a backup, or recover "
+        f"what SQLite can still read with `sqlite3 {path} .recover | sqlite3 recovered.db` and "
+        "start with --db recovered.db"
+    )
+
+
+def check_integrity(path: str | Path) -> None:
+    """Raise DatabaseDamaged unless SQLite's quick_check passes on the database at path.
+
+    quick_check reads every page and checks the b-tree structure (not that index entries match
+    their rows, which the full integrity_check also does): O(N) in the file size but without
+    integrity_check's index lookups; docs/storage.md gives its measured cost."""
+    if str(path) == ":memory:" or not Path(path).exists():
+        return
+    try:
+        conn = sqlite3.connect(path, isolation_level=None)
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            problems = [str(r[0]) for r in conn.execute("PRAGMA quick_check(5)")]
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as e:  # "file is not a database", "malformed", ...
+        raise DatabaseDamaged(damaged_message(path, str(e))) from None
+    if problems != ["ok"]:
+        detail = "; ".join(line for p in problems for line in p.splitlines() if line.strip())
+        raise DatabaseDamaged(damaged_message(path, detail))
+
+
 def migrate(path: str | Path) -> list[str]:
     """Apply pending migrations to the database at path (created if missing); names applied."""
     if str(path) != ":memory:":
         private_database(Path(path))  # before SQLite creates anything: 0700 dir, 0600 files
+    check_integrity(path)
     conn = sqlite3.connect(path, isolation_level=None)
     try:
         _configure(conn)
