@@ -21,6 +21,7 @@ from typing import Final
 
 import aiosqlite
 
+from pulsesync.server.errors import ResourceExhausted
 from pulsesync.server.storage.files import private_database
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,15 @@ def _configure(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = FULL")
     conn.execute("PRAGMA foreign_keys = ON")
+
+
+def _raise_if_full(e: BaseException) -> None:
+    """A full disk (SQLITE_FULL) as RESOURCE_EXHAUSTED with a reason, for the caller's client."""
+    if isinstance(e, sqlite3.Error) and e.sqlite_errorcode == sqlite3.SQLITE_FULL:
+        raise ResourceExhausted(
+            "the server's storage is full; nothing was written. Retry later (reads still work)",
+            reason="STORAGE_FULL",
+        ) from e
 
 
 class DatabaseDamaged(RuntimeError):
@@ -212,13 +222,15 @@ class Database:
                     raise asyncio.CancelledError
                 try:
                     yield self.writer
-                except BaseException:
+                except BaseException as e:
                     await self._rollback_if_open()
+                    _raise_if_full(e)
                     raise
                 try:
                     cancelled = await self._settle("COMMIT")
-                except BaseException:
+                except BaseException as e:
                     await self._rollback_if_open()
+                    _raise_if_full(e)
                     raise
                 if cancelled:
                     raise asyncio.CancelledError
