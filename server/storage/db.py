@@ -94,7 +94,7 @@ def check_integrity(path: str | Path) -> None:
 
     quick_check reads every page and checks the b-tree structure (not that index entries match
     their rows, which the full integrity_check also does): O(N) in the file size but without
-    integrity_check's index lookups; docs/storage.md gives its measured cost."""
+    integrity_check's index lookups; the README gives its measured cost."""
     if str(path) == ":memory:" or not Path(path).exists():
         return
     try:
