@@ -134,7 +134,8 @@ class NudgeServicer(nudges_pb2_grpc.NudgeServiceServicer):
         end = timestamp_us(request.end_time, "end_time") if request.HasField("end_time") else 2**62
         # Keyset paging on (create_us DESC, nudge_id): a page never skips or repeats a nudge
         # when new ones arrive between calls, and reading page k costs the same as page 1.
-        keyset, params = "", [me.user_id, start, end]
+        keyset = ""
+        params: list[int | str] = [me.user_id, start, end]
         if after is not None:
             keyset = " AND (n.create_us < ? OR (n.create_us = ? AND n.nudge_id > ?))"
             params += [after[0], after[0], after[1]]

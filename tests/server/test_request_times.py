@@ -52,7 +52,8 @@ async def test_out_of_range_times_are_invalid_argument_on_every_time_range(
             await call()
         assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT, exc.value.details()
         info = error_info(exc.value)
-        assert info is not None and info.reason == "INVALID_TIMESTAMP"
+        assert info is not None
+        assert info.reason == "INVALID_TIMESTAMP"
 
 
 async def test_nanos_out_of_range_are_invalid_argument(
@@ -68,4 +69,5 @@ async def test_nanos_out_of_range_are_invalid_argument(
             timeout=10,
         )
     info = error_info(exc.value)
-    assert info is not None and info.reason == "INVALID_TIMESTAMP"
+    assert info is not None
+    assert info.reason == "INVALID_TIMESTAMP"
