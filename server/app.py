@@ -42,7 +42,7 @@ from pulsesync.server.rpc.privacy import PrivacyServicer
 from pulsesync.server.rpc.profiles import ProfileServicer
 from pulsesync.server.rpc.timeline import TimelineServicer
 from pulsesync.server.sessions import SessionRegistry
-from pulsesync.server.storage.db import Database
+from pulsesync.server.storage.db import Database, DatabaseDamaged
 from pulsesync.v1 import (
     devices_pb2,
     devices_pb2_grpc,
@@ -140,7 +140,10 @@ async def running_server(
 ) -> AsyncIterator[RunningServer]:
     """Start a server for config; stop it gracefully on exit."""
     async with AsyncExitStack() as stack:
-        db = await Database.open(config.database)
+        try:
+            db = await Database.open(config.database)
+        except DatabaseDamaged as e:
+            raise SystemExit(str(e)) from None  # a clear refusal, no traceback
         stack.push_async_callback(db.close)
         app = await build_app(config, db, clock or SystemClock())
         server = grpc.aio.server(options=GRPC_OPTIONS)

@@ -10,6 +10,7 @@ field ever names a user.
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
 import sqlite3
 from dataclasses import dataclass
@@ -21,10 +22,13 @@ from pulsesync.server.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    PulseSyncError,
     Unauthenticated,
 )
 from pulsesync.server.storage.db import Database
 from pulsesync.v1 import common_pb2
+
+log = logging.getLogger(__name__)
 
 # Ten minutes: long enough to walk to the other device and type it, short enough that a
 # code seen over someone's shoulder is soon useless.
@@ -288,7 +292,12 @@ class IdentityStore:
         if now - self._last_touch.get(device_pk, 0) < TOUCH_INTERVAL_US:
             return
         self._last_touch[device_pk] = now
-        async with self._db.transaction() as tx:
-            await tx.execute(
-                "UPDATE devices SET last_seen_us = ? WHERE device_pk = ?", (now, device_pk)
-            )
+        # Best effort: every call authenticates, and a full disk or a long lock must not turn
+        # reads into errors for a value that is only informational. The next touch retries.
+        try:
+            async with self._db.transaction() as tx:
+                await tx.execute(
+                    "UPDATE devices SET last_seen_us = ? WHERE device_pk = ?", (now, device_pk)
+                )
+        except (sqlite3.Error, PulseSyncError) as e:
+            log.warning("could not record last_seen of device %d: %s", device_pk, e)

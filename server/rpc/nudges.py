@@ -16,6 +16,7 @@ from pulsesync.server.errors import InvalidArgument, NotFound
 from pulsesync.server.identity import Identity
 from pulsesync.server.nudges.engine import TICK_SECONDS, NudgeEngine
 from pulsesync.server.rpc.base import rpc_method
+from pulsesync.server.rpc.times import timestamp_us
 from pulsesync.v1 import events_pb2, nudges_pb2, nudges_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,11 @@ class NudgeServicer(nudges_pb2_grpc.NudgeServiceServicer):
                     f"no nudge {request.nudge_id!r} for this user", reason="NUDGE_NOT_FOUND"
                 )
         now = self.app.clock.now_us()
-        at = request.action_time.ToMicroseconds() if request.HasField("action_time") else now
+        at = (
+            timestamp_us(request.action_time, "action_time")
+            if request.HasField("action_time")
+            else now
+        )
         async with self.app.db.transaction() as tx:
             await tx.execute(
                 "INSERT INTO nudge_feedback (user_id, nudge_id, device_pk, action, action_us, received_us)"
@@ -123,11 +128,14 @@ class NudgeServicer(nudges_pb2_grpc.NudgeServiceServicer):
                 f"page_size must be 1..{MAX_PAGE_SIZE}", reason="INVALID_PAGE_SIZE"
             )
         after = _parse_token(request.page_token)
-        start = request.start_time.ToMicroseconds() if request.HasField("start_time") else 0
-        end = request.end_time.ToMicroseconds() if request.HasField("end_time") else 2**62
+        start = (
+            timestamp_us(request.start_time, "start_time") if request.HasField("start_time") else 0
+        )
+        end = timestamp_us(request.end_time, "end_time") if request.HasField("end_time") else 2**62
         # Keyset paging on (create_us DESC, nudge_id): a page never skips or repeats a nudge
         # when new ones arrive between calls, and reading page k costs the same as page 1.
-        keyset, params = "", [me.user_id, start, end]
+        keyset = ""
+        params: list[int | str] = [me.user_id, start, end]
         if after is not None:
             keyset = " AND (n.create_us < ? OR (n.create_us = ? AND n.nudge_id > ?))"
             params += [after[0], after[0], after[1]]

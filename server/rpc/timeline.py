@@ -12,7 +12,8 @@ from pulsesync.server.context import AppContext
 from pulsesync.server.errors import InvalidArgument
 from pulsesync.server.identity import Identity
 from pulsesync.server.rpc.base import rpc_method
-from pulsesync.server.rpc.convert import duration, ts, us_of
+from pulsesync.server.rpc.convert import duration, ts
+from pulsesync.server.rpc.times import timestamp_us
 from pulsesync.server.timeline.store import MAX_SUMMARY_BUCKETS, Cursor, TimelineStore
 from pulsesync.v1 import events_pb2, timeline_pb2, timeline_pb2_grpc
 
@@ -68,7 +69,8 @@ def _time_range(request: Any) -> tuple[int, int]:
         raise InvalidArgument(
             "start_time and end_time are both required", reason="MISSING_TIME_RANGE"
         )
-    start, end = us_of(request.start_time), us_of(request.end_time)
+    start = timestamp_us(request.start_time, "start_time")
+    end = timestamp_us(request.end_time, "end_time")
     if end <= start:
         raise InvalidArgument("end_time must be after start_time", reason="INVALID_TIME_RANGE")
     return start, end

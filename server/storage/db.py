@@ -21,6 +21,9 @@ from typing import Final
 
 import aiosqlite
 
+from pulsesync.server.errors import ResourceExhausted
+from pulsesync.server.storage.files import private_database
+
 log = logging.getLogger(__name__)
 
 # Long enough to ride out a checkpoint or a burst from another process (the CLI), short
@@ -63,8 +66,56 @@ def _configure(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA foreign_keys = ON")
 
 
+def _raise_if_full(e: BaseException) -> None:
+    """A full disk (SQLITE_FULL) as RESOURCE_EXHAUSTED with a reason, for the caller's client."""
+    if isinstance(e, sqlite3.Error) and e.sqlite_errorcode == sqlite3.SQLITE_FULL:
+        raise ResourceExhausted(
+            "the server's storage is full; nothing was written. Retry later (reads still work)",
+            reason="STORAGE_FULL",
+        ) from e
+
+
+class DatabaseDamaged(RuntimeError):
+    """SQLite reports the database file as damaged: the server must not serve or write it."""
+
+
+def damaged_message(path: str | Path, detail: str) -> str:
+    """What an operator reads when the database is damaged: what is wrong and what to do."""
+    return (
+        f"the database {path} is damaged ({detail}); the server will not serve or write to it. "
+        "Stop here and restore the file (with its -wal file, if any) from a backup, or recover "
+        f"what SQLite can still read with `sqlite3 {path} .recover | sqlite3 recovered.db` and "
+        "start with --db recovered.db"
+    )
+
+
+def check_integrity(path: str | Path) -> None:
+    """Raise DatabaseDamaged unless SQLite's quick_check passes on the database at path.
+
+    quick_check reads every page and checks the b-tree structure (not that index entries match
+    their rows, which the full integrity_check also does): O(N) in the file size but without
+    integrity_check's index lookups; the README gives its measured cost."""
+    if str(path) == ":memory:" or not Path(path).exists():
+        return
+    try:
+        conn = sqlite3.connect(path, isolation_level=None)
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            problems = [str(r[0]) for r in conn.execute("PRAGMA quick_check(5)")]
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as e:  # "file is not a database", "malformed", ...
+        raise DatabaseDamaged(damaged_message(path, str(e))) from None
+    if problems != ["ok"]:
+        detail = "; ".join(line for p in problems for line in p.splitlines() if line.strip())
+        raise DatabaseDamaged(damaged_message(path, detail))
+
+
 def migrate(path: str | Path) -> list[str]:
     """Apply pending migrations to the database at path (created if missing); names applied."""
+    if str(path) != ":memory:":
+        private_database(Path(path))  # before SQLite creates anything: 0700 dir, 0600 files
+    check_integrity(path)
     conn = sqlite3.connect(path, isolation_level=None)
     try:
         _configure(conn)
@@ -135,19 +186,54 @@ class Database:
         for fn in self._write_watchers:
             fn(held)
 
+    async def _settle(self, sql: str) -> bool:
+        """Run sql on the write connection to its end even if the caller is cancelled meanwhile
+        (the statement runs on in aiosqlite's thread regardless, so abandoning it would leave
+        the connection in an unknown state); returns whether a cancellation arrived."""
+        task = asyncio.ensure_future(self.writer.execute(sql))
+        cancelled = False
+        while True:
+            try:
+                await asyncio.shield(task)
+                return cancelled
+            except asyncio.CancelledError:
+                if task.done():
+                    raise
+                cancelled = True
+
+    async def _rollback_if_open(self) -> bool:
+        """ROLLBACK if the connection is inside a transaction (SQLite rolls back by itself on
+        some errors, e.g. a full disk); returns whether a cancellation arrived meanwhile."""
+        if self.writer.in_transaction:
+            return await self._settle("ROLLBACK")
+        return False
+
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        """A write transaction (BEGIN IMMEDIATE ... COMMIT, ROLLBACK on error)."""
+        """A write transaction (BEGIN IMMEDIATE ... COMMIT, ROLLBACK on error).
+
+        Cancellation-safe: BEGIN, COMMIT and ROLLBACK always run to their end, and a task
+        cancelled at any await leaves the connection outside any transaction."""
         async with self._write_lock:
             self._signal_writes(True)
             try:
-                await self.writer.execute("BEGIN IMMEDIATE")
+                if await self._settle("BEGIN IMMEDIATE"):
+                    await self._rollback_if_open()
+                    raise asyncio.CancelledError
                 try:
                     yield self.writer
-                except BaseException:
-                    await self.writer.execute("ROLLBACK")
+                except BaseException as e:
+                    await self._rollback_if_open()
+                    _raise_if_full(e)
                     raise
-                await self.writer.execute("COMMIT")
+                try:
+                    cancelled = await self._settle("COMMIT")
+                except BaseException as e:
+                    await self._rollback_if_open()
+                    _raise_if_full(e)
+                    raise
+                if cancelled:
+                    raise asyncio.CancelledError
             finally:
                 self._signal_writes(False)
 
@@ -155,8 +241,6 @@ class Database:
     async def open(cls, path: str | Path) -> Database:
         """Migrate, then open the write and read connections."""
         path = Path(path)
-        if str(path) != ":memory:":
-            path.parent.mkdir(parents=True, exist_ok=True)
         migrate(path)
         writer = await aiosqlite.connect(path, isolation_level=None)
         reader = await aiosqlite.connect(path, isolation_level=None)

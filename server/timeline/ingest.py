@@ -27,13 +27,14 @@ from pulsesync.server.context import AppContext
 from pulsesync.server.errors import Unavailable
 from pulsesync.server.identity import Identity
 from pulsesync.server.timeline.received import Received
-from pulsesync.server.timeline.skew import SkewEstimator
+from pulsesync.server.timeline.skew import MAX_OFFSET_US, SkewEstimator
 from pulsesync.server.timeline.validate import (
     KIND_OF_PAYLOAD,
     MAX_AGE_US,
     MAX_EVENT_ID_LENGTH,
     MAX_FUTURE_US,
     MAX_NAME_LENGTH,
+    MAX_SEQ,
     PAYLOAD_CHECKS,
     SHORT_EVENT_CHECKS,
     Problem,
@@ -84,7 +85,7 @@ def _slow_problem(
     if (
         not event_id
         or len(event_id) > MAX_EVENT_ID_LENGTH
-        or not ev.seq
+        or not 0 < ev.seq <= MAX_SEQ
         or not ev.HasField("device_time")
     ):
         return check_envelope(ev)
@@ -191,7 +192,7 @@ class IngestPipeline:
             )
         if n == 0:
             self._m_batch_ping.inc()
-            if batch.HasField("sent_time"):
+            if batch.HasField("sent_time") and self._plausible(received_us, batch):
                 known_offset = self._observe(dev, received_us, batch)
             return Prepared(batch.batch_id, received_at, known_offset)
         if not batch.HasField("sent_time"):
@@ -203,6 +204,18 @@ class IngestPipeline:
                     "MISSING_SENT_TIME",
                     "the batch has no sent_time; set it to the device clock at sending, "
                     "it is needed to correct clock skew",
+                ),
+            )
+        if not self._plausible(received_us, batch):
+            return self._refuse(
+                batch.batch_id,
+                received_at,
+                known_offset,
+                Refusal(
+                    "IMPLAUSIBLE_SENT_TIME",
+                    "the batch's sent_time is more than "
+                    f"{MAX_OFFSET_US // 3_600_000_000} hours away from the server's clock; "
+                    "set the device clock (network time) and send it again",
                 ),
             )
         self._devices_of_user.setdefault(uid, set()).add(dev)
@@ -249,7 +262,7 @@ class IngestPipeline:
             t_us = seconds * 1_000_000 + nanos // 1000 + offset
             if (
                 seconds  # a set device_time (an unset one reads 0) past 1970: the fast path
-                and seq
+                and 0 < seq <= MAX_SEQ
                 and event_id
                 and len(event_id) <= MAX_EVENT_ID_LENGTH
                 and 0 <= nanos < _NANOS
@@ -268,7 +281,7 @@ class IngestPipeline:
                     (
                         uid,
                         dev,
-                        seq,
+                        min(seq, MAX_SEQ),  # SEQ_TOO_LARGE: the exact value stays in the body
                         event_id[:MAX_EVENT_ID_LENGTH],
                         problem.code,
                         problem.detail,
@@ -307,6 +320,11 @@ class IngestPipeline:
             counts=(len(quarantine), no_consent),
             seq_range=(min_seq, max_seq),
         )
+
+    @staticmethod
+    def _plausible(received_us: int, batch: ingest_pb2.EventBatch) -> bool:
+        st = batch.sent_time
+        return SkewEstimator.plausible(received_us, st.seconds * 1_000_000 + st.nanos // 1000)
 
     def _observe(self, dev: int, received_us: int, batch: ingest_pb2.EventBatch) -> int:
         st = batch.sent_time

@@ -266,6 +266,11 @@ SHORT_EVENT_CHECKS: Final[dict[str, Callable[[events_pb2.Event], Problem | None]
 assert MAX_NAME_LENGTH <= MAX_QUERY_LENGTH, "short events skip every length check"
 
 
+# Sequence numbers are stored in SQLite INTEGER columns (signed 64-bit); a device counting from 1
+# never gets near this, so a larger one is a bug or a hostile client, never data.
+MAX_SEQ: Final = 2**63 - 1
+
+
 def check_envelope(e: events_pb2.Event) -> Problem | None:
     """Problems with the fields every event carries (id, seq, time), or None."""
     event_id = e.event_id
@@ -278,6 +283,10 @@ def check_envelope(e: events_pb2.Event) -> Problem | None:
         )
     if e.seq == 0:
         return Problem("MISSING_SEQ", "seq is 0; sequence numbers start at 1")
+    if e.seq > MAX_SEQ:
+        return Problem(
+            "SEQ_TOO_LARGE", f"seq is {e.seq}; sequence numbers must be at most {MAX_SEQ}"
+        )
     if not e.HasField("device_time"):
         return Problem("MISSING_DEVICE_TIME", "device_time is not set")
     if not 0 <= e.device_time.nanos < _NANOS:

@@ -194,3 +194,25 @@ async def test_the_profile_is_exported_decrypted_and_key_material_never(
         assert secret not in archive
         assert base64.b64encode(secret) not in archive
         assert secret.hex().encode() not in archive
+
+
+def test_a_body_json_cannot_carry_is_exported_as_its_bytes() -> None:
+    event = search("q", 1, T0)
+    event.device_time.seconds = 253_402_300_800  # year 10000: no JSON form exists
+    raw = event.SerializeToString()
+    assert encode_blob("quarantine", "body", raw) == {"base64": base64.b64encode(raw).decode()}
+
+
+async def test_export_succeeds_with_a_quarantined_event_of_an_extreme_time(
+    server: RunningServer, channel: grpc.aio.Channel, tmp_path: Path
+) -> None:
+    phone, _, _ = await seed(server)
+    extreme = search("far-future", 97, T0)
+    extreme.device_time.seconds = 253_402_300_800
+    await quarantine(server, phone.device_id, extreme.SerializeToString(), 97, T0, "too late")
+    stub = privacy_pb2_grpc.PrivacyServiceStub(channel)
+    await write_archive(rpc_chunks(stub, phone), tmp_path / "out")
+    members = read_archive(tmp_path / "out")
+    verify_archive(members)
+    bodies = [r["body"] for r in records(members, "quarantine")]
+    assert {"base64": base64.b64encode(extreme.SerializeToString()).decode()} in bodies

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from pathlib import Path
 
-from pulsesync.server.storage.db import PAGE_SIZE, migrate
+import pytest
+
+from pulsesync.server.storage.db import PAGE_SIZE, Database, migrate
 
 
 def _page_size(path: Path) -> int:
@@ -29,3 +32,55 @@ def test_an_existing_database_keeps_its_page_size(tmp_path: Path) -> None:
     conn.close()
     migrate(path)
     assert _page_size(path) == 4096
+
+
+async def test_a_transaction_cancelled_while_waiting_for_the_lock_leaves_the_connection_clean(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "db.sqlite"
+    async with await Database.open(path) as db:
+        other = sqlite3.connect(path, isolation_level=None, timeout=0)
+        other.execute("BEGIN IMMEDIATE")  # the ingest writer, say, holds the write lock
+
+        async def write() -> None:
+            async with db.transaction() as conn:
+                await conn.execute("INSERT INTO users (name, create_us) VALUES ('x', 1)")
+
+        task = asyncio.create_task(write())
+        await asyncio.sleep(0.3)  # BEGIN IMMEDIATE is now waiting in aiosqlite's thread
+        task.cancel()
+        other.execute("ROLLBACK")
+        other.close()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not db.writer.in_transaction
+        async with db.transaction() as conn:
+            await conn.execute("INSERT INTO users (name, create_us) VALUES ('ada', 1)")
+        async with db.reader.execute("SELECT name FROM users") as cur:
+            assert [r[0] for r in await cur.fetchall()] == ["ada"]
+
+
+async def test_a_transaction_cancelled_during_commit_commits_and_leaves_the_connection_clean(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "db.sqlite"
+    async with await Database.open(path) as db:
+        inserted = asyncio.Event()
+
+        async def write() -> None:
+            async with db.transaction() as conn:
+                await conn.execute("INSERT INTO users (name, create_us) VALUES ('x', 1)")
+                inserted.set()
+            # COMMIT starts here; the cancel below lands while it runs
+
+        task = asyncio.create_task(write())
+        await inserted.wait()
+        await asyncio.sleep(0)  # let the task reach the COMMIT await
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not db.writer.in_transaction
+        async with db.transaction() as conn:
+            await conn.execute("INSERT INTO users (name, create_us) VALUES ('ada', 1)")
+        async with db.reader.execute("SELECT name FROM users ORDER BY name") as cur:
+            assert [r[0] for r in await cur.fetchall()] == ["ada", "x"]
