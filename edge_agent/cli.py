@@ -46,6 +46,7 @@ from pulsesync.edge_agent.config import (
     env,
     env_or,
 )
+from pulsesync.edge_agent.consent import StaticConsent
 from pulsesync.edge_agent.outbox import OutboxError, read_stats
 from pulsesync.edge_agent.sources import SOURCES, SourceOptions, create_source
 
@@ -169,7 +170,11 @@ async def cmd_run(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     started = time.monotonic()
     with _exclusive(paths.lock):
-        agent = Agent(paths.outbox, creds, settings=_settings(args), clock=clock)
+        # Consent is granted explicitly here (the Tracker denies by default); the server still
+        # checks each category before storing, so nothing ungranted there is kept.
+        agent = Agent(
+            paths.outbox, creds, consent=StaticConsent(), settings=_settings(args), clock=clock
+        )
         async with agent:
             print(
                 f"device {creds.device_id} -> {creds.server}: source {args.source} "

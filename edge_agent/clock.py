@@ -4,22 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Final, Protocol
+from typing import Final
 
-
-class Clock(Protocol):
-    """Wall-clock time in integer microseconds since the Unix epoch."""
-
-    def now_us(self) -> int: ...
-
-
-class SystemClock:
-    """The host's wall clock."""
-
-    def now_us(self) -> int:
-        """Microseconds since the epoch, now."""
-        return time.time_ns() // 1000
-
+from pulsesync.timeutil import Clock as Clock
+from pulsesync.timeutil import SystemClock as SystemClock
 
 # A sleep shorter than this is not worth a trip through the event loop's timer heap.
 _MIN_SLEEP_S: Final = 0.0005

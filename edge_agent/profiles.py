@@ -27,12 +27,11 @@ from typing import Final
 
 import grpc
 
+from pulsesync import profile_document as document
 from pulsesync.edge_agent.client import AgentError, Disposition, classify
-from pulsesync.server.errors import PulseSyncError
-from pulsesync.server.profiles import document
-from pulsesync.server.profiles.document import Entry, State
-from pulsesync.server.profiles.hlc import HybridClock, Stamp
-from pulsesync.server.rpc.base import error_info
+from pulsesync.hlc import HybridClock, Stamp
+from pulsesync.profile_document import Entry, State
+from pulsesync.status import error_info
 from pulsesync.v1 import profiles_pb2, profiles_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -124,7 +123,7 @@ class ProfileSync:
                 raise ValueError(f"{path} is kept by the server; set layout.pinned_order instead")
         try:
             document.validate(draft, changed)
-        except PulseSyncError as e:
+        except document.DocumentError as e:
             raise ValueError(e.message) from None
         for path in changed:
             self._pending[path] = Entry(self.hlc.tick(), values.get(path))

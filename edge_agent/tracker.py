@@ -1,6 +1,6 @@
 """The Tracker SDK: what an app calls to record behavior, without ever blocking.
 
-    tracker = Tracker(outbox, StaticConsent())
+    tracker = Tracker(outbox, SyncedConsent(...))   # no consent given: nothing is recorded
     await tracker.start()
     tracker.screen_view("study", "deck/12", dwell=14.2)   # from any thread
     ...
@@ -75,7 +75,8 @@ class Tracker:
         max_queue: int = DEFAULT_TRACKER_MAX_QUEUE,
     ) -> None:
         self.outbox = outbox
-        self.consent: ConsentView = consent if consent is not None else StaticConsent()
+        # Default deny: without a consent view, no category is granted (as the consent module promises).
+        self.consent: ConsentView = consent if consent is not None else StaticConsent(())
         self.clock: Clock = clock or SystemClock()
         self.linger_s = linger_s
         self.max_batch = max_batch

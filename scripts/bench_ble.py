@@ -41,6 +41,7 @@ from pulsesync.edge_agent.ble.bumble_backend import VirtualAir  # noqa: E402
 from pulsesync.edge_agent.ble.emulation import EmulatedSensor, Footpod, HeartRateStrap  # noqa: E402
 from pulsesync.edge_agent.ble.parsers import HeartRateMeasurement, RscMeasurement  # noqa: E402
 from pulsesync.edge_agent.client import Credentials  # noqa: E402
+from pulsesync.edge_agent.consent import StaticConsent  # noqa: E402
 from pulsesync.v1 import common_pb2, events_pb2  # noqa: E402
 from tests.support.server import pair_device, start_server  # noqa: E402
 
@@ -117,7 +118,9 @@ async def bench_bridge(n_sensors: int, seconds: float, tmp: Path) -> tuple[float
     sensors = _sensors(air, n_sensors)
     for s in sensors:
         await s.start()
-    async with Agent(tmp / "bench-outbox.db") as agent:  # collect only: no uplink
+    async with Agent(
+        tmp / "bench-outbox.db", consent=StaticConsent()
+    ) as agent:  # collect only: no uplink
         bridge = Bridge(
             agent.tracker,
             [s.address for s in sensors],
@@ -166,7 +169,7 @@ async def bench_delay(n_sensors: int, rate_hz: float, seconds: float, tmp: Path)
             token=device.token,
             kind=common_pb2.DEVICE_KIND_WEARABLE_BRIDGE,
         )
-        async with Agent(tmp / "delay-outbox.db", creds) as agent:
+        async with Agent(tmp / "delay-outbox.db", creds, consent=StaticConsent()) as agent:
             bridge = Bridge(
                 agent.tracker,
                 [s.address for s in sensors],

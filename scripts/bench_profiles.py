@@ -29,9 +29,9 @@ from typing import Any
 
 import grpc
 
+from pulsesync.hlc import HybridClock
 from pulsesync.server.app import RunningServer, running_server
 from pulsesync.server.config import ServerConfig
-from pulsesync.server.profiles.hlc import HybridClock
 from pulsesync.server.profiles.store import PLAINTEXT_BENCHMARK_FLAG
 from pulsesync.v1 import common_pb2, devices_pb2, devices_pb2_grpc, profiles_pb2, profiles_pb2_grpc
 

@@ -22,9 +22,9 @@ from typing import Any, Final
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
-from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from pulsesync.server import reflection
 from pulsesync.server.bus import EventBus
 from pulsesync.server.clock import Clock, SystemClock
 from pulsesync.server.config import MAX_MESSAGE_BYTES, ServerConfig
@@ -157,7 +157,7 @@ async def running_server(
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
             [name for *_, name in SERVICES]
-            + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name],
             server,
         )
 

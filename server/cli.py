@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
+import importlib
 import os
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from pulsesync.server.clock import SystemClock
 from pulsesync.server.config import DEFAULT_DATA_DIR, DEFAULT_HOST, DEFAULT_PORT, ServerConfig, env
@@ -147,7 +149,7 @@ async def cmd_devices_revoke(args: argparse.Namespace) -> int:
     return await _with_identity(args, run)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(load: Iterable[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pulsesync", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--log-level", default=env("LOG_LEVEL", "info"), help="debug, info, warning"
@@ -231,23 +233,60 @@ def build_parser() -> argparse.ArgumentParser:
     add_storage_flags(p)
     p.set_defaults(handler=cmd_devices_revoke)
 
-    for register in _extra_commands():
+    for register in _extra_commands(load):
         register(sub)
     return parser
 
 
-def _extra_commands() -> list[Callable[[Any], None]]:
-    """Command groups contributed by the server's components (keys, privacy, nudges)."""
-    from pulsesync.server.demo.cli import register as demo
-    from pulsesync.server.nudges.cli import register as nudges
-    from pulsesync.server.privacy.cli import register as privacy
-    from pulsesync.server.profiles.cli import register as keys
+# Command groups contributed by the server's components. Their modules import what the command
+# needs (the demo: rich, matplotlib and the whole server; nudges: LightGBM), so only the group
+# named on the command line is imported; `pulsesync --help` lists the others by name.
+_EXTRA_COMMANDS: Final = {
+    "demo": (
+        "pulsesync.server.demo.cli",
+        "play a simulated day of one person across phone, desktop and wearable on a real "
+        "server on loopback, then write an HTML report",
+    ),
+    "nudges": ("pulsesync.server.nudges.cli", "train, evaluate and promote the nudge policy"),
+    "keys": ("pulsesync.server.profiles.cli", "manage the profile encryption keys"),
+    "privacy": (
+        "pulsesync.server.privacy.cli",
+        "consent, summary, export and erasure of a person's data",
+    ),
+}
 
-    return [demo, nudges, keys, privacy]
+
+def _extra_commands(load: Iterable[str] | None = None) -> list[Callable[[Any], None]]:
+    """Command groups contributed by the server's components (keys, privacy, nudges, demo);
+    those not in `load` (all when None) are registered by name and help only."""
+    registers: list[Callable[[Any], None]] = []
+    for name, (module, helptext) in _EXTRA_COMMANDS.items():
+        if load is None or name in load:
+            registers.append(importlib.import_module(module).register)
+        else:
+            registers.append(functools.partial(_placeholder, name, helptext))
+    return registers
+
+
+def _placeholder(name: str, helptext: str, sub: Any) -> None:
+    sub.add_parser(name, help=helptext)
+
+
+def _command_in(argv: Sequence[str]) -> str | None:
+    """The command named in argv (the first word that is not an option or an option's value)."""
+    args = iter(argv)
+    for arg in args:
+        if arg == "--log-level":
+            next(args, None)
+        elif not arg.startswith("-"):
+            return arg
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = _command_in(argv)
+    args = build_parser(load=() if command is None else (command,)).parse_args(argv)
     setup_logging(args.log_level, json_lines=args.command == "serve")
     try:
         handler: Handler = args.handler

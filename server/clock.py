@@ -2,21 +2,8 @@
 
 from __future__ import annotations
 
-import time
-from typing import Protocol
-
-
-class Clock(Protocol):
-    """Wall-clock time in integer microseconds since the Unix epoch."""
-
-    def now_us(self) -> int: ...
-
-
-class SystemClock:
-    """The host's wall clock."""
-
-    def now_us(self) -> int:
-        return time.time_ns() // 1000
+from pulsesync.timeutil import Clock as Clock
+from pulsesync.timeutil import SystemClock as SystemClock
 
 
 class FakeClock:

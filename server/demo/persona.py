@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from pulsesync.edge_agent.ble.physiology import Activity, Bout
-
-US_PER_MIN: Final = 60_000_000
+from pulsesync.timeutil import US_PER_MIN
 
 
 class Doing:

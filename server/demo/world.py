@@ -41,6 +41,8 @@ from pulsesync.server.config import ServerConfig
 from pulsesync.server.demo.persona import Doing, Persona, PersonaTrack
 from pulsesync.server.identity import IdentityStore
 from pulsesync.server.storage.db import Database
+from pulsesync.timeutil import US_PER_MIN
+from pulsesync.timeutil import timestamp as _ts
 from pulsesync.v1 import (
     common_pb2,
     devices_pb2,
@@ -58,7 +60,6 @@ from pulsesync.v1 import (
 
 log = logging.getLogger(__name__)
 
-US_PER_MIN: Final = 60_000_000
 KIND_LABEL: Final = {
     common_pb2.DEVICE_KIND_PHONE: "phone",
     common_pb2.DEVICE_KIND_DESKTOP: "desktop",
@@ -781,12 +782,6 @@ async def _all_pages(fetch: Callable[[str], Awaitable[tuple[list[T], str]]]) -> 
         if not token:
             return items
     raise RuntimeError(f"more than {MAX_PAGES} pages: the server keeps returning a next page")
-
-
-def _ts(us: int) -> timestamp_pb2.Timestamp:
-    t = timestamp_pb2.Timestamp()
-    t.FromMicroseconds(us)
-    return t
 
 
 def _dur(seconds: int) -> duration_pb2.Duration:

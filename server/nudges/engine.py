@@ -24,8 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from google.protobuf import timestamp_pb2
-
 from pulsesync.server.bus import CommittedEvent
 from pulsesync.server.context import AppContext
 from pulsesync.server.nudges.catalog import NONE_ACTION, Catalog, load_catalog
@@ -48,6 +46,7 @@ from pulsesync.server.nudges.profiles import ProfileSource, profile_source
 from pulsesync.server.nudges.registry import ModelRegistry
 from pulsesync.server.timeline.store import TimelineStore
 from pulsesync.server.timeline.summary import steps_minute
+from pulsesync.timeutil import timestamp as _ts
 from pulsesync.v1 import common_pb2, events_pb2, nudges_pb2
 
 log = logging.getLogger(__name__)
@@ -85,12 +84,6 @@ class Decision:
     chosen: str
     nudge: nudges_pb2.Nudge | None
     latency_s: float
-
-
-def _ts(us: int) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromMicroseconds(us)
-    return ts
 
 
 async def steps_in_window(

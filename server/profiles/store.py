@@ -24,6 +24,7 @@ from typing import Any, Final
 from cryptography.exceptions import InvalidTag
 from google.protobuf import json_format
 
+from pulsesync.hlc import HybridClock
 from pulsesync.server.bus import EventBus
 from pulsesync.server.clock import Clock
 from pulsesync.server.config import ServerConfig
@@ -49,7 +50,6 @@ from pulsesync.server.profiles.crypto import (
     profile_aad,
 )
 from pulsesync.server.profiles.document import SERVER_NODE, Entry, State
-from pulsesync.server.profiles.hlc import HybridClock
 from pulsesync.server.profiles.layout import UsageRanker
 from pulsesync.server.profiles.vault import KeyVault, VaultKey
 from pulsesync.server.storage.db import Database

@@ -31,6 +31,7 @@ from grpc_status import rpc_status
 from pulsesync.server.context import AppContext
 from pulsesync.server.errors import DOMAIN, PulseSyncError, Unauthenticated
 from pulsesync.server.identity import Identity
+from pulsesync.status import error_info as error_info  # the client helper, kept importable here
 from pulsesync.wire import STREAM_OPEN
 
 log = logging.getLogger(__name__)
@@ -52,19 +53,6 @@ def to_status(error: PulseSyncError) -> grpc.Status:
     detail.Pack(info)
     status = status_pb2.Status(code=error.code.value[0], message=error.message, details=[detail])
     return rpc_status.to_status(status)
-
-
-def error_info(err: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
-    """Client side: the ErrorInfo detail of a failed call, if the server sent one."""
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    if status is None:
-        return None
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info
-    return None
 
 
 def bearer_token(context: grpc.aio.ServicerContext[Any, Any]) -> str:

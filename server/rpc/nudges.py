@@ -9,28 +9,19 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any, Final
 
-from google.protobuf import timestamp_pb2
-
 from pulsesync.server.context import AppContext
 from pulsesync.server.errors import InvalidArgument, NotFound
 from pulsesync.server.identity import Identity
 from pulsesync.server.nudges.engine import TICK_SECONDS, NudgeEngine
 from pulsesync.server.rpc.base import rpc_method
 from pulsesync.server.rpc.times import timestamp_us
+from pulsesync.timeutil import optional_timestamp as _ts
 from pulsesync.v1 import events_pb2, nudges_pb2, nudges_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PAGE_SIZE: Final = 50
 MAX_PAGE_SIZE: Final = 500
-
-
-def _ts(us: int | None) -> timestamp_pb2.Timestamp | None:
-    if us is None:
-        return None
-    ts = timestamp_pb2.Timestamp()
-    ts.FromMicroseconds(us)
-    return ts
 
 
 class NudgeServicer(nudges_pb2_grpc.NudgeServiceServicer):

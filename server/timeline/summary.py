@@ -20,9 +20,9 @@ from operator import itemgetter
 from typing import Any, Final, NamedTuple
 
 from pulsesync.server.bus import CommittedRow
+from pulsesync.timeutil import US_PER_MIN as US_PER_MIN
 from pulsesync.v1 import events_pb2
 
-US_PER_MIN: Final = 60_000_000
 STEPS: Final = events_pb2.EVENT_KIND_STEPS
 # The kinds that tell which app is in use on a device (the last one in a batch wins).
 APP_KINDS: Final = frozenset(

@@ -12,6 +12,7 @@ import pytest
 from pulsesync.edge_agent.agent import Agent
 from pulsesync.edge_agent.client import Credentials, PairingRequired
 from pulsesync.edge_agent.config import AgentSettings
+from pulsesync.edge_agent.consent import StaticConsent
 from pulsesync.edge_agent.outbox import read_stats
 from pulsesync.server.app import RunningServer
 from pulsesync.v1 import common_pb2, devices_pb2, devices_pb2_grpc, events_pb2
@@ -33,7 +34,9 @@ async def stored(server: RunningServer, device_id: str) -> list[events_pb2.Event
 
 async def test_tracked_events_reach_the_server_once(server: RunningServer, tmp_path: Path) -> None:
     phone = await pair_device(server, "ada")
-    async with Agent(tmp_path / "outbox.db", _creds(server, phone)) as agent:
+    async with Agent(
+        tmp_path / "outbox.db", _creds(server, phone), consent=StaticConsent()
+    ) as agent:
         sid = agent.tracker.session_start("study")
         for i in range(300):
             agent.tracker.tap("study", "deck", f"card_{i}")
@@ -51,11 +54,15 @@ async def test_collects_offline_and_sends_after_restart(
     server: RunningServer, tmp_path: Path
 ) -> None:
     phone = await pair_device(server, "ada")
-    async with Agent(tmp_path / "outbox.db") as agent:  # no credentials: collect only
+    async with Agent(
+        tmp_path / "outbox.db", consent=StaticConsent()
+    ) as agent:  # no credentials: collect only
         for i in range(50):
             agent.tracker.search("study", f"query {i}", i)
     assert read_stats(tmp_path / "outbox.db").depth == 50
-    async with Agent(tmp_path / "outbox.db", _creds(server, phone)) as agent:
+    async with Agent(
+        tmp_path / "outbox.db", _creds(server, phone), consent=StaticConsent()
+    ) as agent:
         agent.tracker.tap("study", "home", "start")
         assert await agent.drain(timeout_s=10)
     events = await stored(server, phone.device_id)
@@ -66,7 +73,9 @@ async def test_revoked_device_is_told_to_pair_again(server: RunningServer, tmp_p
     phone = await pair_device(server, "ada")
     desktop = await pair_device(server, "ada", kind=common_pb2.DEVICE_KIND_DESKTOP)
     settings = AgentSettings(backoff_base_s=0.05, backoff_cap_s=0.2)
-    async with Agent(tmp_path / "outbox.db", _creds(server, phone), settings=settings) as agent:
+    async with Agent(
+        tmp_path / "outbox.db", _creds(server, phone), consent=StaticConsent(), settings=settings
+    ) as agent:
         agent.tracker.tap("study", "home", "start")
         assert await agent.drain(timeout_s=10)
         async with grpc.aio.insecure_channel(server.address) as ch:

@@ -44,7 +44,7 @@ class _Clock:
 async def test_recording_from_another_thread_never_blocks_on_a_busy_outbox(
     gated: GatedOutbox,
 ) -> None:
-    tracker = Tracker(gated, linger_s=0.001, max_batch=500)
+    tracker = Tracker(gated, StaticConsent(), linger_s=0.001, max_batch=500)
     await tracker.start()
 
     def app_thread() -> None:
@@ -68,7 +68,7 @@ async def test_recording_from_another_thread_never_blocks_on_a_busy_outbox(
 
 
 async def test_overflow_drops_and_counts_instead_of_blocking(gated: GatedOutbox) -> None:
-    tracker = Tracker(gated, linger_s=0, max_batch=10, max_queue=50)
+    tracker = Tracker(gated, StaticConsent(), linger_s=0, max_batch=10, max_queue=50)
     await tracker.start()
     for i in range(200):
         tracker.tap("study", "home", str(i))
@@ -103,7 +103,7 @@ async def test_categories_without_consent_are_dropped(tmp_path: Path) -> None:
 
 async def test_typed_methods_build_the_events(tmp_path: Path) -> None:
     async with await Outbox.open(tmp_path / "o.db") as ob:
-        async with Tracker(ob, clock=_Clock()) as tracker:
+        async with Tracker(ob, StaticConsent(), clock=_Clock()) as tracker:
             sid = tracker.session_start("study", at_us=1_767_225_000_000_000)
             tracker.screen_view("study", "deck/3", 12.25)
             tracker.feature_use("study", "flashcards", 60)
@@ -120,7 +120,7 @@ async def test_typed_methods_build_the_events(tmp_path: Path) -> None:
 
 async def test_events_are_batched_per_transaction(gated: GatedOutbox) -> None:
     gated.gate.set()
-    tracker = Tracker(gated, linger_s=0.05, max_batch=100)
+    tracker = Tracker(gated, StaticConsent(), linger_s=0.05, max_batch=100)
     await tracker.start()
     for i in range(250):
         tracker.tap("study", "home", str(i))
@@ -128,3 +128,15 @@ async def test_events_are_batched_per_transaction(gated: GatedOutbox) -> None:
     assert sum(gated.batches) == 250
     assert max(gated.batches) <= 100
     assert len(gated.batches) <= 4, "lingering gathers events into few transactions"
+
+
+async def test_without_a_consent_view_nothing_is_recorded(tmp_path: Path) -> None:
+    async with await Outbox.open(tmp_path / "o.db") as ob:
+        async with Tracker(ob) as tracker:
+            tracker.tap("study", "home", "start")
+            hr = events_pb2.Event()
+            hr.heart_rate.bpm = 72
+            tracker.record(hr)
+        stored = await ob.pending()
+    assert stored == [], "the default consent view must deny every category"
+    assert tracker.stats().dropped_no_consent == 2

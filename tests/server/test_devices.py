@@ -4,7 +4,7 @@ import grpc
 import pytest
 
 from pulsesync.server.app import RunningServer
-from pulsesync.server.rpc.base import error_info
+from pulsesync.status import error_info
 from pulsesync.v1 import common_pb2, devices_pb2, devices_pb2_grpc, ingest_pb2_grpc
 from pulsesync.wire import STREAM_OPEN
 from tests.support.server import pair_device

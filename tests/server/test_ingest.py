@@ -12,8 +12,8 @@ import pytest
 from pulsesync.server.app import RunningServer
 from pulsesync.server.bus import CommittedEvent
 from pulsesync.server.clock import FakeClock
-from pulsesync.server.rpc.base import error_info
 from pulsesync.server.timeline.store import TimelineStore
+from pulsesync.status import error_info
 from pulsesync.v1 import common_pb2, events_pb2, ingest_pb2, ingest_pb2_grpc
 from tests.server.timeline.events import (
     batch,

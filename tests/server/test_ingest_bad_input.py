@@ -9,9 +9,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pulsesync.server.app import RunningServer
-from pulsesync.server.rpc.base import error_info
 from pulsesync.server.timeline.ingest import MAX_BATCH_EVENTS
 from pulsesync.server.timeline.store import TimelineStore
+from pulsesync.status import error_info
 from pulsesync.v1 import events_pb2, ingest_pb2
 from tests.server.timeline.events import batch, fetch, heart_rate, open_upload, request, ts, upload
 from tests.support.server import PairedDevice, pair_device

@@ -12,8 +12,8 @@ from google.protobuf import duration_pb2
 
 from pulsesync.server.app import RunningServer
 from pulsesync.server.clock import FakeClock
-from pulsesync.server.rpc.base import error_info
 from pulsesync.server.timeline.store import TimelineStore
+from pulsesync.status import error_info
 from pulsesync.v1 import common_pb2, events_pb2, timeline_pb2, timeline_pb2_grpc
 from tests.server.timeline.events import batch, heart_rate, screen_view, steps, ts, upload
 from tests.support.server import PairedDevice, pair_device, start_server

@@ -24,13 +24,14 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19pulsesync/v1/common.proto\x12\x0cpulsesync.v1\"<\n\x0b\x45rrorDetail\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t*z\n\nDeviceKind\x12\x1b\n\x17\x44\x45VICE_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x45VICE_KIND_PHONE\x10\x01\x12\x17\n\x13\x44\x45VICE_KIND_DESKTOP\x10\x02\x12\x1f\n\x1b\x44\x45VICE_KIND_WEARABLE_BRIDGE\x10\x03*\xb2\x01\n\x0f\x43onsentCategory\x12 \n\x1c\x43ONSENT_CATEGORY_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x43ONSENT_CATEGORY_BEHAVIOR\x10\x01\x12\x1d\n\x19\x43ONSENT_CATEGORY_ACTIVITY\x10\x02\x12$\n CONSENT_CATEGORY_PERSONALIZATION\x10\x03\x12\x19\n\x15\x43ONSENT_CATEGORY_SYNC\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19pulsesync/v1/common.proto\x12\x0cpulsesync.v1\"<\n\x0b\x45rrorDetail\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t*z\n\nDeviceKind\x12\x1b\n\x17\x44\x45VICE_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x45VICE_KIND_PHONE\x10\x01\x12\x17\n\x13\x44\x45VICE_KIND_DESKTOP\x10\x02\x12\x1f\n\x1b\x44\x45VICE_KIND_WEARABLE_BRIDGE\x10\x03*\xb2\x01\n\x0f\x43onsentCategory\x12 \n\x1c\x43ONSENT_CATEGORY_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x43ONSENT_CATEGORY_BEHAVIOR\x10\x01\x12\x1d\n\x19\x43ONSENT_CATEGORY_ACTIVITY\x10\x02\x12$\n CONSENT_CATEGORY_PERSONALIZATION\x10\x03\x12\x19\n\x15\x43ONSENT_CATEGORY_SYNC\x10\x04\x42n\n\x10\x63om.pulsesync.v1P\x01Z>github.com/pulsesync/pulsesync/gen/go/pulsesync/v1;pulsesyncv1\xa2\x02\x03PSX\xaa\x02\x0cPulseSync.V1\xba\x02\x02PSb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pulsesync.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\020com.pulsesync.v1P\001Z>github.com/pulsesync/pulsesync/gen/go/pulsesync/v1;pulsesyncv1\242\002\003PSX\252\002\014PulseSync.V1\272\002\002PS'
   _globals['_DEVICEKIND']._serialized_start=105
   _globals['_DEVICEKIND']._serialized_end=227
   _globals['_CONSENTCATEGORY']._serialized_start=230

@@ -22,7 +22,7 @@ from typing import Any, Final
 
 import grpc
 import numpy as np
-from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf import duration_pb2
 
 from pulsesync.server.app import running_server
 from pulsesync.server.clock import FakeClock
@@ -37,6 +37,7 @@ from pulsesync.server.nudges.sim.behavior import (
     response_walk,
 )
 from pulsesync.server.nudges.training import evaluate_candidate, promote_if_better, train_candidate
+from pulsesync.timeutil import timestamp as _ts
 from pulsesync.v1 import (
     common_pb2,
     devices_pb2,
@@ -98,12 +99,6 @@ class ArmResult:
 def _write_catalog(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
-
-
-def _ts(us: int) -> timestamp_pb2.Timestamp:
-    t = timestamp_pb2.Timestamp()
-    t.FromMicroseconds(us)
-    return t
 
 
 def _events(

@@ -15,6 +15,7 @@ from pulsesync.edge_agent.agent import Agent
 from pulsesync.edge_agent.ble.bridge import Bridge, BridgeConfig, ErrorClass, SensorLink
 from pulsesync.edge_agent.client import Credentials
 from pulsesync.edge_agent.config import AgentSettings
+from pulsesync.edge_agent.consent import StaticConsent
 from pulsesync.v1 import common_pb2, events_pb2, timeline_pb2, timeline_pb2_grpc
 from tests.edge_agent.ble.test_bridge import (
     FAST,
@@ -66,7 +67,9 @@ async def test_strap_and_footpod_reach_the_timeline_through_drops_and_an_outage(
                 kind=common_pb2.DEVICE_KIND_WEARABLE_BRIDGE,
             )
             settings = AgentSettings(backoff_base_s=0.05, backoff_cap_s=0.3)
-            async with Agent(tmp_path / "outbox.db", creds, settings=settings) as agent:
+            async with Agent(
+                tmp_path / "outbox.db", creds, consent=StaticConsent(), settings=settings
+            ) as agent:
                 bridge = Bridge(
                     agent.tracker,
                     [w.strap.address, w.pod.address],

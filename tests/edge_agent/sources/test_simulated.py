@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from pulsesync.edge_agent.consent import StaticConsent
 from pulsesync.edge_agent.outbox import Outbox
 from pulsesync.edge_agent.sources import SOURCES, SourceOptions, create_source
 from pulsesync.edge_agent.sources.base import InstantClock
@@ -53,7 +54,7 @@ async def test_run_records_the_plan_up_to_the_duration(tmp_path: Path) -> None:
     options = SourceOptions(seed=3, clock=InstantClock(START), duration_s=6 * 3600)
     source = create_source("simulated-phone", options)
     async with await Outbox.open(tmp_path / "o.db") as ob:
-        async with Tracker(ob) as tracker:
+        async with Tracker(ob, StaticConsent()) as tracker:
             await source.run(tracker)
         stored = await ob.pending(limit=100_000)
     end = START + 6 * 3600 * 1_000_000

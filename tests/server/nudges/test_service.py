@@ -15,7 +15,7 @@ from pulsesync.server.clock import FakeClock
 from pulsesync.server.config import ServerConfig
 from pulsesync.server.nudges import engine as engine_module
 from pulsesync.server.nudges.training import logged_decisions
-from pulsesync.server.rpc.base import error_info
+from pulsesync.status import error_info
 from pulsesync.v1 import common_pb2, events_pb2, nudges_pb2, nudges_pb2_grpc
 from tests.server.nudges.support import app_event, device_pk_of, steps_event, store
 from tests.support.server import pair_device

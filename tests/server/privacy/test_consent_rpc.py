@@ -8,7 +8,7 @@ import pytest
 
 from pulsesync.server.app import RunningServer
 from pulsesync.server.privacy.consent import CURRENT_POLICY_VERSION, ConsentStore
-from pulsesync.server.rpc.base import error_info
+from pulsesync.status import error_info
 from pulsesync.v1 import common_pb2, privacy_pb2, privacy_pb2_grpc
 from tests.server.privacy.support import user_id
 from tests.support.server import pair_device

@@ -15,8 +15,8 @@ from pulsesync.server.app import RunningServer
 from pulsesync.server.privacy.audit import AuditLog
 from pulsesync.server.privacy.erasure import DeletionReceipt, scrub_file, verify_receipt
 from pulsesync.server.privacy.tables import user_tables
-from pulsesync.server.rpc.base import error_info
 from pulsesync.server.rpc.privacy import PrivacyServicer
+from pulsesync.status import error_info
 from pulsesync.v1 import common_pb2, devices_pb2, devices_pb2_grpc, privacy_pb2, privacy_pb2_grpc
 from tests.server.privacy.support import (
     database_bytes,

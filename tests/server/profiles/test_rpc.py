@@ -9,10 +9,10 @@ from typing import Any
 import grpc
 import pytest
 
+from pulsesync.hlc import Stamp
 from pulsesync.server.app import RunningServer
 from pulsesync.server.bus import CommittedEvent
-from pulsesync.server.profiles.hlc import Stamp
-from pulsesync.server.rpc.base import error_info
+from pulsesync.status import error_info
 from pulsesync.v1 import common_pb2, events_pb2, profiles_pb2, profiles_pb2_grpc
 from tests.support.server import PairedDevice, pair_device
 

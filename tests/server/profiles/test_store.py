@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from pulsesync.hlc import Stamp
 from pulsesync.server.clock import FakeClock
 from pulsesync.server.config import ServerConfig
 from pulsesync.server.errors import FailedPrecondition, InvalidArgument, PermissionDenied
@@ -23,7 +24,6 @@ from pulsesync.server.profiles.crypto import (
     ProfileIntegrityError,
     profile_aad,
 )
-from pulsesync.server.profiles.hlc import Stamp
 from pulsesync.server.profiles.store import ProfileStore
 from pulsesync.server.storage.db import Database
 from pulsesync.v1 import profiles_pb2
