@@ -18,7 +18,7 @@ from pulsesync.server.storage.db import Database
 from pulsesync.server.timeline.aggregates import SUMMARY_KINDS, ActivityBucket, summarize_events
 from pulsesync.v1 import events_pb2
 
-__all__ = ["ActivityBucket", "Cursor", "StoredEvent", "TimelineStore"]
+__all__ = ["ActivityBucket", "Cursor", "StoredEvent", "TimelineStore", "UploadState"]
 
 # A summary reads every event of its range into memory: a year of one-minute buckets is
 # already more than anyone can look at, so larger requests are refused rather than served slowly.
@@ -44,6 +44,32 @@ class Cursor:
     t_us: int
     device_pk: int
     seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class UploadState:
+    """The server's watermark for one device."""
+
+    acked_through_seq: int  # every seq at or below is handled for good; 0 when none is
+    last_commit_us: int | None  # receive time of the device's latest committed event
+
+
+async def upload_state(db: Database, user_id: int, device_pk: int) -> UploadState:
+    """The device's acked-through mark and last commit time, from what is stored.
+
+    The one place the mark is read from the database: it is the mark an upload ack reports
+    (the highest sequence number stored or quarantined for the device).
+    """
+    async with db.reader.execute(
+        "SELECT max(seq), max(received_us) FROM ("
+        " SELECT seq, received_us FROM events WHERE device_pk = ?"
+        " UNION ALL SELECT seq, received_us FROM quarantine WHERE user_id = ? AND device_pk = ?)",
+        (device_pk, user_id, device_pk),
+    ) as c:
+        row = await c.fetchone()
+    if row is None or row[0] is None:
+        return UploadState(0, None)
+    return UploadState(int(row[0]), int(row[1]))
 
 
 class TimelineStore:
