@@ -24,3 +24,12 @@ FROM (
 )
 GROUP BY device_pk, run
 ORDER BY max(received_us), device_pk, min(seq);
+
+-- Token rotation (DeviceService.RotateDeviceToken): when the current token was issued (NULL:
+-- at pairing), and the token it replaced, still accepted until prev_token_expire_us so that a
+-- device whose rotation response was lost can retry with the token it holds.
+ALTER TABLE devices ADD COLUMN token_issue_us INTEGER;
+ALTER TABLE devices ADD COLUMN prev_token_hash BLOB;
+ALTER TABLE devices ADD COLUMN prev_token_expire_us INTEGER;
+CREATE UNIQUE INDEX devices_by_prev_token ON devices(prev_token_hash)
+    WHERE prev_token_hash IS NOT NULL;
