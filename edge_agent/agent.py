@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -21,6 +22,7 @@ from pulsesync.edge_agent.client import Credentials
 from pulsesync.edge_agent.clock import Clock
 from pulsesync.edge_agent.config import AgentSettings, StatePaths
 from pulsesync.edge_agent.consent import ConsentView
+from pulsesync.edge_agent.credentials import rotate_if_due
 from pulsesync.edge_agent.outbox import Outbox
 from pulsesync.edge_agent.tracker import Tracker
 from pulsesync.edge_agent.uplink import Uplink
@@ -59,12 +61,16 @@ class Agent:
         self._tracker: Tracker | None = None
         self._uplink: Uplink | None = None
         self._uplink_task: asyncio.Task[None] | None = None
+        # Where the credentials were loaded from: set, the token is rotated when due at start.
+        self.credentials_path: Path | None = None
 
     @classmethod
     def from_state_dir(cls, state_dir: str | Path, **kwargs: object) -> Agent:
         """An agent over a state directory written by `pulsesync-agent pair`."""
         paths = StatePaths(Path(state_dir))
-        return cls(paths.outbox, Credentials.load(paths.credentials), **kwargs)  # type: ignore[arg-type]
+        agent = cls(paths.outbox, Credentials.load(paths.credentials), **kwargs)  # type: ignore[arg-type]
+        agent.credentials_path = paths.credentials  # so that start() can rotate the token
+        return agent
 
     # -- parts ------------------------------------------------------------------------------
     @property
@@ -105,6 +111,10 @@ class Agent:
             max_queue=s.tracker_max_queue,
         )
         await self._tracker.start()
+        if self.credentials is not None and self.credentials_path is not None:
+            self.credentials = await rotate_if_due(
+                self.credentials, self.credentials_path, now_us=time.time_ns() // 1000
+            )
         if self.credentials is not None:
             self._uplink = Uplink(
                 self._outbox,

@@ -124,7 +124,15 @@ async def build_app(config: ServerConfig, db: Database, clock: Clock) -> AppCont
         config=config,
         db=db,
         clock=clock,
-        identity=IdentityStore(db, clock),
+        identity=IdentityStore(
+            db,
+            clock,
+            max_token_age_us=(
+                round(config.max_token_age_s * 1_000_000)
+                if config.max_token_age_s is not None
+                else None
+            ),
+        ),
         sessions=SessionRegistry(metrics),
         metrics=metrics,
         consent=ConsentStore(db, clock),

@@ -24,7 +24,7 @@ from typing import Any, Final
 from pulsesync.server.clock import SystemClock
 from pulsesync.server.config import DEFAULT_DATA_DIR, DEFAULT_HOST, DEFAULT_PORT, ServerConfig, env
 from pulsesync.server.errors import PulseSyncError
-from pulsesync.server.identity import IdentityStore
+from pulsesync.server.identity import IdentityStore, parse_duration_s
 from pulsesync.server.logs import setup_logging
 from pulsesync.server.storage.db import Database
 from pulsesync.v1 import common_pb2
@@ -71,6 +71,7 @@ def config_from(args: argparse.Namespace) -> ServerConfig:
         key_file=getattr(args, "key_file", None) or _env_path("KEY_FILE"),
         key_vault=getattr(args, "key_vault", None) or _env_path("KEY_VAULT"),
         port_file=getattr(args, "port_file", None),
+        max_token_age_s=getattr(args, "max_token_age", None),
     )
 
 
@@ -200,6 +201,14 @@ def build_parser(load: Iterable[str] | None = None) -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--port-file", type=Path, default=None, help="write the bound port here once listening"
+    )
+    serve.add_argument(
+        "--max-token-age",
+        type=parse_duration_s,
+        default=parse_duration_s(v) if (v := env("MAX_TOKEN_AGE")) else None,
+        metavar="DURATION",
+        help="refuse device tokens older than this (e.g. 90d, 12h, 3600s) with TOKEN_EXPIRED; "
+        "agents rotate theirs well before (default: no limit)",
     )
     serve.set_defaults(handler=cmd_serve)
 

@@ -41,6 +41,8 @@ class ServerConfig:
     port_file: Path | None = None
     grace_seconds: float = 5.0
     extra: dict[str, str] = field(default_factory=dict)
+    # Device tokens older than this are refused (TOKEN_EXPIRED); None: no limit.
+    max_token_age_s: float | None = None
 
     @property
     def database(self) -> Path:

@@ -43,6 +43,10 @@ MAX_NAME_LENGTH: Final = 100
 TOUCH_INTERVAL_US: Final = 60 * 1_000_000
 # A revocation written by another process (the admin CLI) reaches unary calls within this.
 TOKEN_CACHE_US: Final = 5 * 1_000_000
+# After RotateDeviceToken the replaced token still works this long: enough for a device whose
+# response was lost to retry with the token it holds, or to finish calls already in flight;
+# short, so that a token that leaked and was rotated away soon stops working.
+ROTATION_GRACE_US: Final = 10 * 60 * 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +71,23 @@ class DeviceRecord:
     last_seen_us: int | None
     revoke_us: int | None
     clock_offset_us: int
+
+
+_DURATION_UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
+
+
+def parse_duration_s(text: str) -> float:
+    """Seconds in "90d", "12h", "30m", "45s" or a bare number of seconds (for --max-token-age)."""
+    text = text.strip().lower()
+    unit = _DURATION_UNITS.get(text[-1:]) if text else None
+    number = text[:-1] if unit else text
+    try:
+        value = float(number) * (unit or 1)
+    except ValueError:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 90d, 12h, 30m or 3600)") from None
+    if not value > 0:
+        raise ValueError("a duration must be positive")
+    return value
 
 
 def hash_secret(secret: str) -> bytes:
@@ -101,9 +122,11 @@ _DEVICE_COLUMNS: Final = (
 class IdentityStore:
     """Reads and writes users, devices and pairing codes; resolves tokens to identities."""
 
-    def __init__(self, db: Database, clock: Clock) -> None:
+    def __init__(self, db: Database, clock: Clock, *, max_token_age_us: int | None = None) -> None:
         self._db = db
         self._clock = clock
+        # Operator's limit on a token's age (None: tokens never age out); see authenticate.
+        self.max_token_age_us = max_token_age_us
         # token hash -> (identity, expiry), for the hot path (every call authenticates).
         # Revocation and erasure through this server evict entries at once; the expiry bounds
         # how long a revocation made by another process (the admin CLI) takes to apply.
@@ -213,9 +236,11 @@ class IdentityStore:
         if cached is not None and cached[1] > now:
             return cached[0]
         async with self._db.reader.execute(
-            "SELECT d.user_id, u.name, d.device_pk, d.device_id, d.kind, d.revoke_us"
-            " FROM devices d JOIN users u USING (user_id) WHERE d.token_hash = ?",
-            (key,),
+            "SELECT d.user_id, u.name, d.device_pk, d.device_id, d.kind, d.revoke_us,"
+            " d.token_hash = ?, coalesce(d.token_issue_us, d.pair_us), d.prev_token_expire_us"
+            " FROM devices d JOIN users u USING (user_id)"
+            " WHERE d.token_hash = ? OR d.prev_token_hash = ?",
+            (key, key, key),
         ) as c:
             row = await c.fetchone()
         if row is None:
@@ -224,9 +249,67 @@ class IdentityStore:
             )
         if row[5] is not None:
             raise Unauthenticated("this device was revoked; pair it again", reason="DEVICE_REVOKED")
+        if row[6]:
+            valid_until = (
+                int(row[7]) + self.max_token_age_us if self.max_token_age_us is not None else None
+            )
+            if valid_until is not None and valid_until <= now:
+                raise Unauthenticated(
+                    "this device token is older than the server's maximum token age; rotate "
+                    "tokens (RotateDeviceToken) well before that age, or pair the device again",
+                    reason="TOKEN_EXPIRED",
+                )
+        else:
+            valid_until = int(row[8]) if row[8] is not None else now
+            if valid_until <= now:
+                raise Unauthenticated(
+                    "this token was replaced by RotateDeviceToken and its grace period is over; "
+                    "use the new token, or pair the device again if it was lost",
+                    reason="TOKEN_ROTATED",
+                )
         identity = Identity(int(row[0]), str(row[1]), int(row[2]), str(row[3]), int(row[4]))
-        self._cache[key] = (identity, now + TOKEN_CACHE_US)
+        expiry = now + TOKEN_CACHE_US
+        self._cache[key] = (identity, expiry if valid_until is None else min(expiry, valid_until))
         return identity
+
+    async def rotate_token(self, me: Identity, token: str) -> tuple[str, int, int]:
+        """A new token for the calling device: (token, issue time, old token's expiry).
+
+        The token the call was made with keeps working for ROTATION_GRACE_US. A device whose
+        rotation response was lost calls again with that older token: the token it never
+        received is replaced and the older one keeps its original grace period.
+        """
+        key = hash_secret(token)
+        now = self._clock.now_us()
+        new = _TOKEN_PREFIX + secrets.token_urlsafe(32)
+        async with self._db.transaction() as tx:
+            async with tx.execute(
+                "SELECT token_hash = ?, prev_token_expire_us FROM devices"
+                " WHERE device_pk = ? AND user_id = ? AND revoke_us IS NULL",
+                (key, me.device_pk, me.user_id),
+            ) as c:
+                row = await c.fetchone()
+            if row is None:
+                raise Unauthenticated(
+                    "this device was revoked; pair it again", reason="DEVICE_REVOKED"
+                )
+            if row[0]:
+                grace_until = now + ROTATION_GRACE_US
+                await tx.execute(
+                    "UPDATE devices SET prev_token_hash = token_hash, prev_token_expire_us = ?,"
+                    " token_hash = ?, token_issue_us = ? WHERE device_pk = ?",
+                    (grace_until, hash_secret(new), now, me.device_pk),
+                )
+            else:  # called with the previous token, still in its grace period
+                grace_until = int(row[1])
+                await tx.execute(
+                    "UPDATE devices SET token_hash = ?, token_issue_us = ? WHERE device_pk = ?",
+                    (hash_secret(new), now, me.device_pk),
+                )
+        # The replaced token's cache entry must not outlive its grace period.
+        self._cache.pop(key, None)
+        self.forget_device(me.device_pk)
+        return new, now, grace_until
 
     def forget_device(self, device_pk: int) -> None:
         """Evict a device's cached identity (after revocation or erasure)."""

@@ -16,8 +16,30 @@ from pulsesync.v1 import common_pb2
 # Tables that record nudges sent, in order of preference, and the column marking delivery.
 _NUDGE_TABLES: Final = ("nudges", "nudge_deliveries", "nudge_decisions")
 _DELIVERY_COLUMNS: Final = ("delivered_us", "deliver_us", "sent_us", "send_us")
-# Record types that belong to the cross-device sync category (the profile).
-_SYNC_PREFIX: Final = "profile"
+# Record types (tables) held for a consent category besides events, with the columns giving
+# each row's time and device. Events are classed by kind (CATEGORY_OF_KIND); these tables by what
+# they are: what the nudge policy decided, sent and heard back is personalization; the profile
+# versions and the usage behind the adaptive layout exist to sync a person's devices.
+_PERSONALIZATION: Final = common_pb2.CONSENT_CATEGORY_PERSONALIZATION
+_SYNC: Final = common_pb2.CONSENT_CATEGORY_SYNC
+
+
+@dataclass(frozen=True, slots=True)
+class _HeldTable:
+    category: int
+    time_column: str
+    device_column: str | None  # device_pk (INTEGER) or device_id (TEXT)
+
+
+CATEGORY_OF_TABLE: Final[dict[str, _HeldTable]] = {
+    "nudge_decisions": _HeldTable(_PERSONALIZATION, "decision_us", None),
+    "nudges": _HeldTable(_PERSONALIZATION, "create_us", "device_pk"),
+    "nudge_feedback": _HeldTable(_PERSONALIZATION, "action_us", "device_pk"),
+    "profile_versions": _HeldTable(_SYNC, "create_us", "device_id"),
+    "profile_feature_usage": _HeldTable(_SYNC, "ref_us", None),
+}
+# Profile versions the server itself wrote (the adaptive layout) name this instead of a device.
+_SERVER_WRITER: Final = "server"
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,28 +117,51 @@ async def summarize(
     ) as c:
         device_rows = list(await c.fetchall())
     device_ids = {int(r[0]): str(r[1]) for r in device_rows}
+    # The person's own activity: events and device contact (not the server's nudge decisions).
+    event_last = list(last.values())
 
     tables = await user_tables(conn)
     record_counts = {t.name: await _count(conn, t, user_id) for t in tables}
-    sync_records = sum(n for name, n in record_counts.items() if name.startswith(_SYNC_PREFIX))
+    device_names: dict[int, set[str]] = defaultdict(set)
+    present = {t.name: t for t in tables}
+    for name, held in CATEGORY_OF_TABLE.items():
+        table = present.get(name)
+        if table is None or not table.has(held.time_column):
+            continue
+        device = quote(held.device_column) if held.device_column else "NULL"
+        async with conn.execute(
+            f"SELECT {device}, COUNT(*), MIN({quote(held.time_column)}),"
+            f" MAX({quote(held.time_column)}) FROM {quote(name)}"
+            f" WHERE {USER_COLUMN} = ? GROUP BY 1",
+            (user_id,),
+        ) as c:
+            for dev, n, lo, hi in await c.fetchall():
+                cat = held.category
+                counts[cat] += int(n)
+                first[cat] = min(first.get(cat, lo), lo)
+                last[cat] = max(last.get(cat, hi), hi)
+                if isinstance(dev, int):
+                    devices[cat].add(dev)
+                elif isinstance(dev, str) and dev != _SERVER_WRITER:
+                    device_names[cat].add(dev)
 
     stats: list[CategoryStats] = []
     for cat in CATEGORIES:
-        if cat == common_pb2.CONSENT_CATEGORY_SYNC:
-            stats.append(CategoryStats(cat, sync_records))
-            continue
+        names = device_names.get(cat, set())
+        names |= {device_ids.get(pk, f"#{pk}") for pk in devices.get(cat, ())}
         stats.append(
             CategoryStats(
                 cat,
                 counts.get(cat, 0),
                 first.get(cat),
                 last.get(cat),
-                tuple(sorted(device_ids.get(pk, f"#{pk}") for pk in devices.get(cat, ()))),
-                raw_retention_us,
+                tuple(sorted(names)),
+                # Retention applies to raw events; the profile is kept until erased.
+                None if cat == _SYNC else raw_retention_us,
             )
         )
     seen = [int(r[2]) for r in device_rows if r[2] is not None]
-    activity = [*last.values(), *seen]
+    activity = [*event_last, *seen]
     return PrivacySummary(
         user_name=user_name,
         categories=tuple(stats),

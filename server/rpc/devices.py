@@ -6,7 +6,7 @@ from typing import Any
 
 from pulsesync.server.context import AppContext
 from pulsesync.server.identity import Identity
-from pulsesync.server.rpc.base import rpc_method
+from pulsesync.server.rpc.base import bearer_token, rpc_method
 from pulsesync.server.rpc.convert import device_message, ts
 from pulsesync.v1 import devices_pb2, devices_pb2_grpc
 
@@ -56,3 +56,12 @@ class DeviceServicer(devices_pb2_grpc.DeviceServiceServicer):
     ) -> devices_pb2.CreatePairingCodeResponse:
         code, expire_us = await self.app.identity.create_pairing_code(me.user_id)
         return devices_pb2.CreatePairingCodeResponse(pairing_code=code, expire_time=ts(expire_us))
+
+    @rpc_method()
+    async def RotateDeviceToken(
+        self, request: devices_pb2.RotateDeviceTokenRequest, context: Any, me: Identity
+    ) -> devices_pb2.RotateDeviceTokenResponse:
+        token, issue_us, grace_us = await self.app.identity.rotate_token(me, bearer_token(context))
+        return devices_pb2.RotateDeviceTokenResponse(
+            token=token, issue_time=ts(issue_us), previous_token_expire_time=ts(grace_us)
+        )

@@ -18,6 +18,7 @@ from pulsesync.server.identity import Identity
 from pulsesync.server.rpc.base import rpc_method
 from pulsesync.server.timeline.ingest import IngestPipeline, Prepared
 from pulsesync.server.timeline.received import parse_upload
+from pulsesync.server.timeline.store import upload_state
 from pulsesync.v1 import ingest_pb2, ingest_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -203,6 +204,16 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             raise InvalidArgument(prepared.refusal.message, reason=prepared.refusal.reason)
         return ingest_pb2.UploadBatchResponse(ack=await self.pipeline.finish(me, prepared))
 
+    @rpc_method()
+    async def GetUploadState(
+        self, request: ingest_pb2.GetUploadStateRequest, context: Any, me: Identity
+    ) -> ingest_pb2.GetUploadStateResponse:
+        state = await upload_state(self.app.db, me.user_id, me.device_pk)
+        resp = ingest_pb2.GetUploadStateResponse(acked_through_seq=state.acked_through_seq)
+        if state.last_commit_us is not None:
+            resp.last_commit_time.FromMicroseconds(state.last_commit_us)
+        return resp
+
 
 def add_to_server(servicer: IngestServicer, server: Any) -> None:
     """Register IngestService like the generated add_IngestServiceServicer_to_server, except
@@ -218,6 +229,11 @@ def add_to_server(servicer: IngestServicer, server: Any) -> None:
             servicer.UploadBatch,
             request_deserializer=None,
             response_serializer=ingest_pb2.UploadBatchResponse.SerializeToString,
+        ),
+        "GetUploadState": grpc.unary_unary_rpc_method_handler(
+            servicer.GetUploadState,
+            request_deserializer=ingest_pb2.GetUploadStateRequest.FromString,
+            response_serializer=ingest_pb2.GetUploadStateResponse.SerializeToString,
         ),
     }
     service = ingest_pb2.DESCRIPTOR.services_by_name["IngestService"]

@@ -14,7 +14,12 @@ from pulsesync.server.identity import Identity
 from pulsesync.server.rpc.base import rpc_method
 from pulsesync.server.rpc.convert import duration, ts
 from pulsesync.server.rpc.times import timestamp_us
-from pulsesync.server.timeline.store import MAX_SUMMARY_BUCKETS, Cursor, TimelineStore
+from pulsesync.server.timeline.store import (
+    MAX_SUMMARY_BUCKETS,
+    ChangeCursor,
+    Cursor,
+    TimelineStore,
+)
 from pulsesync.v1 import events_pb2, timeline_pb2, timeline_pb2_grpc
 
 # AIP-158: a default that fills a screen, and a maximum that keeps one response well under a
@@ -62,6 +67,39 @@ def decode_page_token(token: str, digest: bytes) -> Cursor:
             reason="INVALID_PAGE_TOKEN",
         )
     return Cursor(t_us, device_pk, seq)
+
+
+# version, digest of the user the token belongs to, then the change-feed cursor (change_id,
+# seq). Not signed: it is read only within the caller's own events, so a made-up token can at
+# most skip or repeat the caller's own changes; the digest catches a token of another account.
+_SYNC_TOKEN: Final = struct.Struct(">B8sqq")
+_SYNC_TOKEN_VERSION: Final = 1
+
+
+def _user_digest(user_id: int) -> bytes:
+    return hashlib.sha256(f"changes|{user_id}".encode()).digest()[:8]
+
+
+def encode_sync_token(user_id: int, cursor: ChangeCursor) -> str:
+    """An opaque change-feed token of the user for the position after cursor."""
+    raw = _SYNC_TOKEN.pack(_SYNC_TOKEN_VERSION, _user_digest(user_id), cursor.change_id, cursor.seq)
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_sync_token(user_id: int, token: str) -> ChangeCursor:
+    """The cursor in a token the user got from encode_sync_token; InvalidArgument otherwise."""
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        version, bound, change_id, seq = _SYNC_TOKEN.unpack(raw)
+    except (binascii.Error, struct.error, ValueError):
+        version, bound, change_id, seq = -1, b"", 0, 0
+    if version != _SYNC_TOKEN_VERSION or bound != _user_digest(user_id) or change_id < 0 or seq < 0:
+        raise InvalidArgument(
+            "sync_token is not a token this server issued; sync again from the start "
+            "(an empty sync_token)",
+            reason="INVALID_SYNC_TOKEN",
+        )
+    return ChangeCursor(change_id, seq)
 
 
 def _time_range(request: Any) -> tuple[int, int]:
@@ -137,4 +175,26 @@ class TimelineServicer(timeline_pb2_grpc.TimelineServiceServicer):
             out.start_time.CopyFrom(ts(b.start_us))
             for app_name, us in b.app_time_us.items():
                 out.app_time[app_name].CopyFrom(duration(us))
+        return resp
+
+    @rpc_method()
+    async def ListEventChanges(
+        self, request: timeline_pb2.ListEventChangesRequest, context: Any, me: Identity
+    ) -> timeline_pb2.ListEventChangesResponse:
+        if request.page_size < 0:
+            raise InvalidArgument("page_size must not be negative", reason="INVALID_PAGE_SIZE")
+        size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        after = (
+            decode_sync_token(me.user_id, request.sync_token)
+            if request.sync_token
+            else ChangeCursor(0, 0)
+        )
+        events, cursor, caught_up = await self.store.changes(me.user_id, after, size)
+        resp = timeline_pb2.ListEventChangesResponse(
+            next_sync_token=encode_sync_token(me.user_id, cursor), caught_up=caught_up
+        )
+        for e in events:
+            item = resp.events.add(device_id=e.device_id, device_kind=e.device_kind)
+            item.event.CopyFrom(e.event)
+            item.time.CopyFrom(ts(e.t_us))
         return resp

@@ -91,6 +91,13 @@ _LENGTH: Final = struct.Struct("<I")
 EventRow = CommittedRow
 # (user_id, device_pk, seq, event_id, reason, detail, received_us, body)
 QuarantineRow = tuple[int, int, int, str, str, str, int, bytes]
+# (user_id, device_pk, seq_low, seq_high, commit_us): a run of consecutive seqs one commit
+# inserted, for the timeline's change feed (0008_event_changes.sql).
+ChangeRow = tuple[int, int, int, int, int]
+INSERT_CHANGES: Final = (
+    "INSERT INTO event_changes (user_id, device_pk, seq_low, seq_high, commit_us)"
+    " VALUES (?, ?, ?, ?, ?)"
+)
 # (seq, event_id, detail) of an event whose seq already holds a different event.
 ConflictRow = tuple[int, str, str]
 
@@ -227,6 +234,7 @@ class Committer:
         rows: list[EventRow] = []
         quarantine: list[QuarantineRow] = []
         offsets: dict[int, int] = {}
+        changes: list[ChangeRow] = []
         self._wait_turn()
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -239,6 +247,7 @@ class Committer:
                         hwm = _load_hwm(conn, dev)
                 if b.in_order and (not b.rows or b.rows[0][2] > hwm):
                     rows.extend(b.rows)
+                    changes.extend(change_runs(b, [r[2] for r in b.rows]))
                     results.append(Stored(None, 0, []))
                     if b.rows:
                         hwm = b.rows[-1][2]
@@ -251,6 +260,7 @@ class Committer:
                     assert stored.inserted is not None
                     inserted = [b.rows[i] for i in stored.inserted]
                     rows.extend(inserted)
+                    changes.extend(change_runs(b, sorted(r[2] for r in inserted)))
                     results.append(stored)
                     quarantine.extend(
                         (
@@ -276,6 +286,8 @@ class Committer:
                 insert_events(conn, rows)
             if quarantine:
                 conn.executemany(INSERT_QUARANTINE, quarantine)
+            if changes:
+                conn.executemany(INSERT_CHANGES, changes)
             if offsets:
                 conn.executemany(
                     "UPDATE devices SET clock_offset_us = ? WHERE device_pk = ?",
@@ -289,6 +301,21 @@ class Committer:
         self.commits += 1
         self._hwm.update(tentative)
         return results
+
+
+def change_runs(b: Batch, seqs: list[int]) -> list[ChangeRow]:
+    """The runs of consecutive seqs (ascending) a batch inserted, as change-feed rows."""
+    out: list[ChangeRow] = []
+    if not seqs:
+        return out
+    low = prev = seqs[0]
+    for seq in seqs[1:]:
+        if seq != prev + 1:
+            out.append((b.user_id, b.device_pk, low, prev, b.received_us))
+            low = seq
+        prev = seq
+    out.append((b.user_id, b.device_pk, low, prev, b.received_us))
+    return out
 
 
 @functools.cache

@@ -18,7 +18,14 @@ from pulsesync.server.storage.db import Database
 from pulsesync.server.timeline.aggregates import SUMMARY_KINDS, ActivityBucket, summarize_events
 from pulsesync.v1 import events_pb2
 
-__all__ = ["ActivityBucket", "Cursor", "StoredEvent", "TimelineStore"]
+__all__ = [
+    "ActivityBucket",
+    "ChangeCursor",
+    "Cursor",
+    "StoredEvent",
+    "TimelineStore",
+    "UploadState",
+]
 
 # A summary reads every event of its range into memory: a year of one-minute buckets is
 # already more than anyone can look at, so larger requests are refused rather than served slowly.
@@ -43,6 +50,40 @@ class Cursor:
 
     t_us: int
     device_pk: int
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class UploadState:
+    """The server's watermark for one device."""
+
+    acked_through_seq: int  # every seq at or below is handled for good; 0 when none is
+    last_commit_us: int | None  # receive time of the device's latest committed event
+
+
+async def upload_state(db: Database, user_id: int, device_pk: int) -> UploadState:
+    """The device's acked-through mark and last commit time, from what is stored.
+
+    The one place the mark is read from the database: it is the mark an upload ack reports
+    (the highest sequence number stored or quarantined for the device).
+    """
+    async with db.reader.execute(
+        "SELECT max(seq), max(received_us) FROM ("
+        " SELECT seq, received_us FROM events WHERE device_pk = ?"
+        " UNION ALL SELECT seq, received_us FROM quarantine WHERE user_id = ? AND device_pk = ?)",
+        (device_pk, user_id, device_pk),
+    ) as c:
+        row = await c.fetchone()
+    if row is None or row[0] is None:
+        return UploadState(0, None)
+    return UploadState(int(row[0]), int(row[1]))
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class ChangeCursor:
+    """A position in the change feed: after the event (change_id, seq); (0, 0) is the start."""
+
+    change_id: int
     seq: int
 
 
@@ -116,6 +157,32 @@ class TimelineStore:
             return events, None
         last = rows[-1]
         return events, Cursor(int(last[0]), int(last[1]), int(last[2]))
+
+    async def changes(
+        self, user_id: int, after: ChangeCursor, limit: int
+    ) -> tuple[list[StoredEvent], ChangeCursor, bool]:
+        """Up to limit events committed after the cursor, in commit order; the cursor after
+        them and whether the feed held nothing more at the time of the read."""
+        async with self._db.reader.execute(
+            "SELECT c.change_id, e.seq, e.t_us, e.kind, e.body, d.device_id, d.kind"
+            " FROM event_changes c"
+            " JOIN events e ON e.device_pk = c.device_pk AND e.seq BETWEEN c.seq_low AND c.seq_high"
+            " JOIN devices d ON d.device_pk = c.device_pk"
+            " WHERE c.user_id = ? AND (c.change_id, e.seq) > (?, ?)"
+            " ORDER BY c.change_id, e.seq LIMIT ?",
+            (user_id, after.change_id, after.seq, limit + 1),
+        ) as c:
+            rows = list(await c.fetchall())
+        more = len(rows) > limit
+        rows = rows[:limit]
+        parse = events_pb2.Event.FromString
+        events = [
+            StoredEvent(str(device_id), int(dkind), int(seq), int(t_us), int(kind), parse(body))
+            for _cid, seq, t_us, kind, body, device_id, dkind in rows
+        ]
+        if rows:
+            after = ChangeCursor(int(rows[-1][0]), int(rows[-1][1]))
+        return events, after, not more
 
     async def summarize(
         self, user_id: int, start_us: int, end_us: int, bucket_us: int

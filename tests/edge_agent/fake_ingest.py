@@ -84,6 +84,13 @@ class FakeIngest(ingest_pb2_grpc.IngestServiceServicer):
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the agent streams; not used here")
         raise AssertionError("unreachable")
 
+    async def GetUploadState(
+        self,
+        request: ingest_pb2.GetUploadStateRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> ingest_pb2.GetUploadStateResponse:
+        return ingest_pb2.GetUploadStateResponse(acked_through_seq=max(self.stored, default=0))
+
     async def wait_stored(self, n: int, timeout_s: float = 10.0) -> None:
         async with asyncio.timeout(timeout_s):
             while len(self.stored) < n:

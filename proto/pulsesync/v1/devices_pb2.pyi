@@ -265,3 +265,54 @@ class CreatePairingCodeResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CreatePairingCodeResponse: _TypeAlias = CreatePairingCodeResponse  # noqa: Y015
+
+@_typing.final
+class RotateDeviceTokenRequest(_message.Message):
+    """Asks for a new token for the calling device (named by the token the call carries)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateDeviceTokenRequest: _TypeAlias = RotateDeviceTokenRequest  # noqa: Y015
+
+@_typing.final
+class RotateDeviceTokenResponse(_message.Message):
+    """The calling device's new token."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_FIELD_NUMBER: _builtins.int
+    ISSUE_TIME_FIELD_NUMBER: _builtins.int
+    PREVIOUS_TOKEN_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    token: _builtins.str
+    """The new bearer token; the server keeps only its hash, so it cannot be shown again."""
+    @_builtins.property
+    def issue_time(self) -> _timestamp_pb2.Timestamp:
+        """When the new token was issued: its age counts from here."""
+
+    @_builtins.property
+    def previous_token_expire_time(self) -> _timestamp_pb2.Timestamp:
+        """Until when the token the call was made with is still accepted."""
+
+    def __init__(
+        self,
+        *,
+        token: _builtins.str = ...,
+        issue_time: _timestamp_pb2.Timestamp | None = ...,
+        previous_token_expire_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["issue_time", b"issue_time", "previous_token_expire_time", b"previous_token_expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["issue_time", b"issue_time", "previous_token_expire_time", b"previous_token_expire_time", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateDeviceTokenResponse: _TypeAlias = RotateDeviceTokenResponse  # noqa: Y015

@@ -62,6 +62,11 @@ class DeviceServiceStub:
                 request_serializer=pulsesync_dot_v1_dot_devices__pb2.CreatePairingCodeRequest.SerializeToString,
                 response_deserializer=pulsesync_dot_v1_dot_devices__pb2.CreatePairingCodeResponse.FromString,
                 _registered_method=True)
+        self.RotateDeviceToken = channel.unary_unary(
+                '/pulsesync.v1.DeviceService/RotateDeviceToken',
+                request_serializer=pulsesync_dot_v1_dot_devices__pb2.RotateDeviceTokenRequest.SerializeToString,
+                response_deserializer=pulsesync_dot_v1_dot_devices__pb2.RotateDeviceTokenResponse.FromString,
+                _registered_method=True)
 
 
 class DeviceServiceServicer:
@@ -105,6 +110,17 @@ class DeviceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RotateDeviceToken(self, request, context):
+        """Replaces the calling device's token with a new one. The token the call was made with
+        keeps working until previous_token_expire_time (a short grace period, 10 minutes), so
+        calls in flight finish and a device whose response was lost can call again with it.
+        Store the new token durably before using it. A server may refuse tokens older than a
+        maximum age (TOKEN_EXPIRED): rotate well before it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DeviceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -132,6 +148,11 @@ def add_DeviceServiceServicer_to_server(servicer, server):
                     servicer.CreatePairingCode,
                     request_deserializer=pulsesync_dot_v1_dot_devices__pb2.CreatePairingCodeRequest.FromString,
                     response_serializer=pulsesync_dot_v1_dot_devices__pb2.CreatePairingCodeResponse.SerializeToString,
+            ),
+            'RotateDeviceToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateDeviceToken,
+                    request_deserializer=pulsesync_dot_v1_dot_devices__pb2.RotateDeviceTokenRequest.FromString,
+                    response_serializer=pulsesync_dot_v1_dot_devices__pb2.RotateDeviceTokenResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -272,6 +293,33 @@ class DeviceService:
             '/pulsesync.v1.DeviceService/CreatePairingCode',
             pulsesync_dot_v1_dot_devices__pb2.CreatePairingCodeRequest.SerializeToString,
             pulsesync_dot_v1_dot_devices__pb2.CreatePairingCodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateDeviceToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pulsesync.v1.DeviceService/RotateDeviceToken',
+            pulsesync_dot_v1_dot_devices__pb2.RotateDeviceTokenRequest.SerializeToString,
+            pulsesync_dot_v1_dot_devices__pb2.RotateDeviceTokenResponse.FromString,
             options,
             channel_credentials,
             insecure,

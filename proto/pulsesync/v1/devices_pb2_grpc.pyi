@@ -46,6 +46,13 @@ class DeviceServiceStub:
     """Revokes one of the user's devices: its token stops working at once, open streams included."""
     CreatePairingCode: _grpc.UnaryUnaryMultiCallable[_devices_pb2.CreatePairingCodeRequest, _devices_pb2.CreatePairingCodeResponse]
     """Mints a pairing code so the user can add another device from one already paired."""
+    RotateDeviceToken: _grpc.UnaryUnaryMultiCallable[_devices_pb2.RotateDeviceTokenRequest, _devices_pb2.RotateDeviceTokenResponse]
+    """Replaces the calling device's token with a new one. The token the call was made with
+    keeps working until previous_token_expire_time (a short grace period, 10 minutes), so
+    calls in flight finish and a device whose response was lost can call again with it.
+    Store the new token durably before using it. A server may refuse tokens older than a
+    maximum age (TOKEN_EXPIRED): rotate well before it.
+    """
 
 @_typing.type_check_only
 class DeviceServiceAsyncStub(DeviceServiceStub):
@@ -65,6 +72,13 @@ class DeviceServiceAsyncStub(DeviceServiceStub):
     """Revokes one of the user's devices: its token stops working at once, open streams included."""
     CreatePairingCode: _aio.UnaryUnaryMultiCallable[_devices_pb2.CreatePairingCodeRequest, _devices_pb2.CreatePairingCodeResponse]  # type: ignore[assignment]
     """Mints a pairing code so the user can add another device from one already paired."""
+    RotateDeviceToken: _aio.UnaryUnaryMultiCallable[_devices_pb2.RotateDeviceTokenRequest, _devices_pb2.RotateDeviceTokenResponse]  # type: ignore[assignment]
+    """Replaces the calling device's token with a new one. The token the call was made with
+    keeps working until previous_token_expire_time (a short grace period, 10 minutes), so
+    calls in flight finish and a device whose response was lost can call again with it.
+    Store the new token durably before using it. A server may refuse tokens older than a
+    maximum age (TOKEN_EXPIRED): rotate well before it.
+    """
 
 class DeviceServiceServicer(metaclass=_abc_1.ABCMeta):
     """Pairing and managing a person's devices. Every RPC but PairDevice needs the
@@ -111,5 +125,18 @@ class DeviceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_devices_pb2.CreatePairingCodeResponse, _abc.Awaitable[_devices_pb2.CreatePairingCodeResponse]]:
         """Mints a pairing code so the user can add another device from one already paired."""
+
+    @_abc_1.abstractmethod
+    def RotateDeviceToken(
+        self,
+        request: _devices_pb2.RotateDeviceTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_devices_pb2.RotateDeviceTokenResponse, _abc.Awaitable[_devices_pb2.RotateDeviceTokenResponse]]:
+        """Replaces the calling device's token with a new one. The token the call was made with
+        keeps working until previous_token_expire_time (a short grace period, 10 minutes), so
+        calls in flight finish and a device whose response was lost can call again with it.
+        Store the new token durably before using it. A server may refuse tokens older than a
+        maximum age (TOKEN_EXPIRED): rotate well before it.
+        """
 
 def add_DeviceServiceServicer_to_server(servicer: DeviceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -225,3 +225,53 @@ class UploadBatchResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UploadBatchResponse: _TypeAlias = UploadBatchResponse  # noqa: Y015
+
+@_typing.final
+class GetUploadStateRequest(_message.Message):
+    """Asks for the calling device's upload state (the device is the one the token names)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetUploadStateRequest: _TypeAlias = GetUploadStateRequest  # noqa: Y015
+
+@_typing.final
+class GetUploadStateResponse(_message.Message):
+    """The server's watermark for the calling device."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACKED_THROUGH_SEQ_FIELD_NUMBER: _builtins.int
+    LAST_COMMIT_TIME_FIELD_NUMBER: _builtins.int
+    acked_through_seq: _builtins.int
+    """The same mark an UploadResponse acks: every event of this device with seq <=
+    acked_through_seq is handled for good (stored or quarantined). Zero when nothing of the
+    device is held. A device must number new events above it.
+    """
+    @_builtins.property
+    def last_commit_time(self) -> _timestamp_pb2.Timestamp:
+        """When the server last committed an event of this device (its receive time); unset when
+        nothing of the device is held.
+        """
+
+    def __init__(
+        self,
+        *,
+        acked_through_seq: _builtins.int = ...,
+        last_commit_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_commit_time", b"last_commit_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_through_seq", b"acked_through_seq", "last_commit_time", b"last_commit_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetUploadStateResponse: _TypeAlias = GetUploadStateResponse  # noqa: Y015

@@ -45,6 +45,11 @@ class IngestServiceStub:
                 request_serializer=pulsesync_dot_v1_dot_ingest__pb2.UploadBatchRequest.SerializeToString,
                 response_deserializer=pulsesync_dot_v1_dot_ingest__pb2.UploadBatchResponse.FromString,
                 _registered_method=True)
+        self.GetUploadState = channel.unary_unary(
+                '/pulsesync.v1.IngestService/GetUploadState',
+                request_serializer=pulsesync_dot_v1_dot_ingest__pb2.GetUploadStateRequest.SerializeToString,
+                response_deserializer=pulsesync_dot_v1_dot_ingest__pb2.GetUploadStateResponse.FromString,
+                _registered_method=True)
 
 
 class IngestServiceServicer:
@@ -72,6 +77,16 @@ class IngestServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetUploadState(self, request, context):
+        """Where the server stands for the calling device: the sequence number every event at or
+        below which is handled for good, and when the device's last events were committed. A
+        reinstalled or restored app reads it before uploading, to drop what the server already
+        holds and to continue its sequence numbers above the mark.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IngestServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -84,6 +99,11 @@ def add_IngestServiceServicer_to_server(servicer, server):
                     servicer.UploadBatch,
                     request_deserializer=pulsesync_dot_v1_dot_ingest__pb2.UploadBatchRequest.FromString,
                     response_serializer=pulsesync_dot_v1_dot_ingest__pb2.UploadBatchResponse.SerializeToString,
+            ),
+            'GetUploadState': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUploadState,
+                    request_deserializer=pulsesync_dot_v1_dot_ingest__pb2.GetUploadStateRequest.FromString,
+                    response_serializer=pulsesync_dot_v1_dot_ingest__pb2.GetUploadStateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -141,6 +161,33 @@ class IngestService:
             '/pulsesync.v1.IngestService/UploadBatch',
             pulsesync_dot_v1_dot_ingest__pb2.UploadBatchRequest.SerializeToString,
             pulsesync_dot_v1_dot_ingest__pb2.UploadBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUploadState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pulsesync.v1.IngestService/GetUploadState',
+            pulsesync_dot_v1_dot_ingest__pb2.GetUploadStateRequest.SerializeToString,
+            pulsesync_dot_v1_dot_ingest__pb2.GetUploadStateResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -46,6 +46,12 @@ class IngestServiceStub:
     deduplication and skew correction as Upload. For scripts and tests: an agent streams.
     A refused batch fails the call with INVALID_ARGUMENT and the same reason as on the stream.
     """
+    GetUploadState: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.GetUploadStateRequest, _ingest_pb2.GetUploadStateResponse]
+    """Where the server stands for the calling device: the sequence number every event at or
+    below which is handled for good, and when the device's last events were committed. A
+    reinstalled or restored app reads it before uploading, to drop what the server already
+    holds and to continue its sequence numbers above the mark.
+    """
 
 @_typing.type_check_only
 class IngestServiceAsyncStub(IngestServiceStub):
@@ -64,6 +70,12 @@ class IngestServiceAsyncStub(IngestServiceStub):
     """One batch per call, answered after it is durably committed; the same validation,
     deduplication and skew correction as Upload. For scripts and tests: an agent streams.
     A refused batch fails the call with INVALID_ARGUMENT and the same reason as on the stream.
+    """
+    GetUploadState: _aio.UnaryUnaryMultiCallable[_ingest_pb2.GetUploadStateRequest, _ingest_pb2.GetUploadStateResponse]  # type: ignore[assignment]
+    """Where the server stands for the calling device: the sequence number every event at or
+    below which is handled for good, and when the device's last events were committed. A
+    reinstalled or restored app reads it before uploading, to drop what the server already
+    holds and to continue its sequence numbers above the mark.
     """
 
 class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -92,6 +104,18 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
         """One batch per call, answered after it is durably committed; the same validation,
         deduplication and skew correction as Upload. For scripts and tests: an agent streams.
         A refused batch fails the call with INVALID_ARGUMENT and the same reason as on the stream.
+        """
+
+    @_abc_1.abstractmethod
+    def GetUploadState(
+        self,
+        request: _ingest_pb2.GetUploadStateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ingest_pb2.GetUploadStateResponse, _abc.Awaitable[_ingest_pb2.GetUploadStateResponse]]:
+        """Where the server stands for the calling device: the sequence number every event at or
+        below which is handled for good, and when the device's last events were committed. A
+        reinstalled or restored app reads it before uploading, to drop what the server already
+        holds and to continue its sequence numbers above the mark.
         """
 
 def add_IngestServiceServicer_to_server(servicer: IngestServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -201,3 +201,67 @@ class SummarizeActivityResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SummarizeActivityResponse: _TypeAlias = SummarizeActivityResponse  # noqa: Y015
+
+@_typing.final
+class ListEventChangesRequest(_message.Message):
+    """Asks for the events committed after a sync token."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SYNC_TOKEN_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    sync_token: _builtins.str
+    """From a previous response's next_sync_token; empty starts from the first event held.
+    Tokens are opaque, do not expire and belong to the user that received them.
+    """
+    page_size: _builtins.int
+    """At most 1000; 0 means 200. Larger values are clamped."""
+    def __init__(
+        self,
+        *,
+        sync_token: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "sync_token", b"sync_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListEventChangesRequest: _TypeAlias = ListEventChangesRequest  # noqa: Y015
+
+@_typing.final
+class ListEventChangesResponse(_message.Message):
+    """A page of the change feed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    NEXT_SYNC_TOKEN_FIELD_NUMBER: _builtins.int
+    CAUGHT_UP_FIELD_NUMBER: _builtins.int
+    next_sync_token: _builtins.str
+    """Always set: send it as sync_token to continue after these events (also when events is
+    empty, so a client can store it and poll).
+    """
+    caught_up: _builtins.bool
+    """True when nothing more was committed after these events at the time of the read: the
+    client is up to date until the next commit. False: ask again at once for more.
+    """
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_events_pb2.TimelineEvent]:
+        """In commit order; each stored event appears in exactly one response of a feed."""
+
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[_events_pb2.TimelineEvent] | None = ...,
+        next_sync_token: _builtins.str = ...,
+        caught_up: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["caught_up", b"caught_up", "events", b"events", "next_sync_token", b"next_sync_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListEventChangesResponse: _TypeAlias = ListEventChangesResponse  # noqa: Y015

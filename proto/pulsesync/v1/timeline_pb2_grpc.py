@@ -45,6 +45,11 @@ class TimelineServiceStub:
                 request_serializer=pulsesync_dot_v1_dot_timeline__pb2.SummarizeActivityRequest.SerializeToString,
                 response_deserializer=pulsesync_dot_v1_dot_timeline__pb2.SummarizeActivityResponse.FromString,
                 _registered_method=True)
+        self.ListEventChanges = channel.unary_unary(
+                '/pulsesync.v1.TimelineService/ListEventChanges',
+                request_serializer=pulsesync_dot_v1_dot_timeline__pb2.ListEventChangesRequest.SerializeToString,
+                response_deserializer=pulsesync_dot_v1_dot_timeline__pb2.ListEventChangesResponse.FromString,
+                _registered_method=True)
 
 
 class TimelineServiceServicer:
@@ -65,6 +70,16 @@ class TimelineServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListEventChanges(self, request, context):
+        """The change feed of the timeline for incremental sync: every stored event of the user
+        exactly once, in the order the server committed them, late arrivals included (an event
+        recorded yesterday and uploaded now comes after everything committed before it). Keep the
+        returned next_sync_token and send it next time to get only what was committed since.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TimelineServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +92,11 @@ def add_TimelineServiceServicer_to_server(servicer, server):
                     servicer.SummarizeActivity,
                     request_deserializer=pulsesync_dot_v1_dot_timeline__pb2.SummarizeActivityRequest.FromString,
                     response_serializer=pulsesync_dot_v1_dot_timeline__pb2.SummarizeActivityResponse.SerializeToString,
+            ),
+            'ListEventChanges': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListEventChanges,
+                    request_deserializer=pulsesync_dot_v1_dot_timeline__pb2.ListEventChangesRequest.FromString,
+                    response_serializer=pulsesync_dot_v1_dot_timeline__pb2.ListEventChangesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -134,6 +154,33 @@ class TimelineService:
             '/pulsesync.v1.TimelineService/SummarizeActivity',
             pulsesync_dot_v1_dot_timeline__pb2.SummarizeActivityRequest.SerializeToString,
             pulsesync_dot_v1_dot_timeline__pb2.SummarizeActivityResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListEventChanges(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pulsesync.v1.TimelineService/ListEventChanges',
+            pulsesync_dot_v1_dot_timeline__pb2.ListEventChangesRequest.SerializeToString,
+            pulsesync_dot_v1_dot_timeline__pb2.ListEventChangesResponse.FromString,
             options,
             channel_credentials,
             insecure,

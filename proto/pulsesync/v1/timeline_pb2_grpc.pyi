@@ -37,6 +37,12 @@ class TimelineServiceStub:
     """Events in corrected-time order (ties broken by device and sequence), paginated."""
     SummarizeActivity: _grpc.UnaryUnaryMultiCallable[_timeline_pb2.SummarizeActivityRequest, _timeline_pb2.SummarizeActivityResponse]
     """Per-bucket aggregates (steps, heart rate and HRV, app use) over a time range."""
+    ListEventChanges: _grpc.UnaryUnaryMultiCallable[_timeline_pb2.ListEventChangesRequest, _timeline_pb2.ListEventChangesResponse]
+    """The change feed of the timeline for incremental sync: every stored event of the user
+    exactly once, in the order the server committed them, late arrivals included (an event
+    recorded yesterday and uploaded now comes after everything committed before it). Keep the
+    returned next_sync_token and send it next time to get only what was committed since.
+    """
 
 @_typing.type_check_only
 class TimelineServiceAsyncStub(TimelineServiceStub):
@@ -47,6 +53,12 @@ class TimelineServiceAsyncStub(TimelineServiceStub):
     """Events in corrected-time order (ties broken by device and sequence), paginated."""
     SummarizeActivity: _aio.UnaryUnaryMultiCallable[_timeline_pb2.SummarizeActivityRequest, _timeline_pb2.SummarizeActivityResponse]  # type: ignore[assignment]
     """Per-bucket aggregates (steps, heart rate and HRV, app use) over a time range."""
+    ListEventChanges: _aio.UnaryUnaryMultiCallable[_timeline_pb2.ListEventChangesRequest, _timeline_pb2.ListEventChangesResponse]  # type: ignore[assignment]
+    """The change feed of the timeline for incremental sync: every stored event of the user
+    exactly once, in the order the server committed them, late arrivals included (an event
+    recorded yesterday and uploaded now comes after everything committed before it). Keep the
+    returned next_sync_token and send it next time to get only what was committed since.
+    """
 
 class TimelineServiceServicer(metaclass=_abc_1.ABCMeta):
     """The calling user's merged timeline across all their devices."""
@@ -66,5 +78,17 @@ class TimelineServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_timeline_pb2.SummarizeActivityResponse, _abc.Awaitable[_timeline_pb2.SummarizeActivityResponse]]:
         """Per-bucket aggregates (steps, heart rate and HRV, app use) over a time range."""
+
+    @_abc_1.abstractmethod
+    def ListEventChanges(
+        self,
+        request: _timeline_pb2.ListEventChangesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_timeline_pb2.ListEventChangesResponse, _abc.Awaitable[_timeline_pb2.ListEventChangesResponse]]:
+        """The change feed of the timeline for incremental sync: every stored event of the user
+        exactly once, in the order the server committed them, late arrivals included (an event
+        recorded yesterday and uploaded now comes after everything committed before it). Keep the
+        returned next_sync_token and send it next time to get only what was committed since.
+        """
 
 def add_TimelineServiceServicer_to_server(servicer: TimelineServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
