@@ -23,7 +23,10 @@ from typing import Any, Final, Self
 import aiosqlite
 
 from pulsesync.edge_agent.clock import Clock, SystemClock
+from pulsesync.edge_agent.errors import OutboxError
 from pulsesync.v1 import events_pb2
+
+__all__ = ["Outbox", "OutboxError", "OutboxStats", "read_stats"]
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +55,6 @@ class OutboxStats:
     last_seq: int
     acked_through: int
     last_ack_us: int
-
-
-class OutboxError(Exception):
-    """The outbox file cannot be used (wrong format, newer version, unreadable)."""
 
 
 class Outbox:
