@@ -27,7 +27,7 @@ import grpc
 from pulsesync.edge_agent.client import Credentials, open_channel
 from pulsesync.edge_agent.clock import Clock, SystemClock
 from pulsesync.edge_agent.config import AgentSettings
-from pulsesync.edge_agent.errors import AgentError, translate
+from pulsesync.edge_agent.errors import AgentError, OutboxError, translate
 from pulsesync.edge_agent.outbox import Outbox
 from pulsesync.edge_agent.retry import Backoff
 
@@ -174,6 +174,8 @@ class Uplink:
                 self._last_error = f"{code.name}: {detail}"
             except (_StreamEnded, _BatchRefused, TimeoutError, OSError) as e:
                 self._last_error = str(e) or type(e).__name__
+            except OutboxError:
+                raise  # a damaged outbox or a full disk: reconnecting cannot help
             except Exception as e:  # a surprise: keep the data flowing, but make it visible
                 log.exception("upload stream failed unexpectedly")
                 self._last_error = f"{type(e).__name__}: {e}"
