@@ -152,7 +152,7 @@ def _big_tap(i: int) -> events_pb2.Event:
 async def _fill_disk(outbox: Outbox) -> None:
     # SQLite's page limit gives a real SQLITE_FULL, as a full disk does.
     conn = outbox._writer
-    (pages,) = list(await conn.execute_fetchall("PRAGMA page_count"))[0]
+    (pages,) = next(iter(await conn.execute_fetchall("PRAGMA page_count")))
     await conn.execute(f"PRAGMA max_page_count = {pages}")
 
 
