@@ -6,7 +6,6 @@ retry with backoff, or stop and tell the person (pair again, upgrade the server)
 
 from __future__ import annotations
 
-import enum
 import json
 import os
 from dataclasses import dataclass, field
@@ -16,7 +15,16 @@ from typing import Final
 import grpc
 
 from pulsesync.edge_agent.config import DEFAULT_CALL_TIMEOUT_S
+from pulsesync.edge_agent.errors import (  # re-exported: callers import them from here too
+    AgentError,
+    Disposition,
+    PairingRequired,
+    classify,
+    pair_again_message,
+)
 from pulsesync.v1 import common_pb2, devices_pb2, devices_pb2_grpc
+
+__all__ = ["AgentError", "Disposition", "PairingRequired", "classify", "pair_again_message"]
 
 KINDS: Final[dict[str, int]] = {
     "phone": common_pb2.DEVICE_KIND_PHONE,
@@ -40,49 +48,6 @@ CHANNEL_OPTIONS: Final[list[tuple[str, int]]] = [
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
-
-
-class AgentError(Exception):
-    """An error the person has to act on; the message says what to do."""
-
-
-class PairingRequired(AgentError):
-    """The server does not accept this device's token (revoked, unknown, or not paired)."""
-
-
-class Disposition(enum.Enum):
-    """What to do about a failed call."""
-
-    RETRY = "retry"  # transient: reconnect with backoff, resend what is unacked
-    PAIR_AGAIN = "pair_again"  # the token is not accepted: stop, the person must pair again
-    FATAL = "fatal"  # retrying cannot help (e.g. the server lacks the API): stop and report
-
-
-_PAIR_AGAIN: Final = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
-_FATAL: Final = frozenset({grpc.StatusCode.UNIMPLEMENTED})
-
-
-def classify(code: grpc.StatusCode | None) -> Disposition:
-    """The one place that decides: retry (UNAVAILABLE, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED,
-    connection loss, anything unexpected), pair again (UNAUTHENTICATED), or give up."""
-    if code in _PAIR_AGAIN:
-        return Disposition.PAIR_AGAIN
-    if code in _FATAL:
-        return Disposition.FATAL
-    # Everything else -- the expected UNAVAILABLE/RESOURCE_EXHAUSTED/DEADLINE_EXCEEDED/ABORTED
-    # and the unexpected -- is retried with capped backoff: events wait safely in the outbox,
-    # so persistence costs nothing, while giving up would stop collection.
-    return Disposition.RETRY
-
-
-def pair_again_message(server: str, detail: str = "") -> str:
-    """What to tell the person when the token is refused."""
-    why = f" ({detail})" if detail else ""
-    return (
-        f"the server {server} no longer accepts this device's token{why}. Pair it again: "
-        "ask for a code with `pulsesync devices pair-code USER` and run "
-        "`pulsesync-agent pair --server HOST:PORT --code CODE --kind phone|desktop|wearable`"
-    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from pulsesync.edge_agent import retry
+
 # The server refuses batches above 5000 events; 500 events (~50 KB) per message is where a
 # bidi stream reaches its throughput plateau (~300k events/s) while an ack still comes back
 # within milliseconds.
@@ -28,8 +30,8 @@ DEFAULT_TRACKER_MAX_QUEUE: Final = 100_000
 # Reconnect backoff (full jitter): the first retry comes within half a second, so a server
 # restart costs little; 30 s caps the wait so a device returns soon after an outage while a
 # fleet of devices does not hammer a recovering server.
-DEFAULT_BACKOFF_BASE_S: Final = 0.5
-DEFAULT_BACKOFF_CAP_S: Final = 30.0
+DEFAULT_BACKOFF_BASE_S: Final = retry.UPLINK.base_s
+DEFAULT_BACKOFF_CAP_S: Final = retry.UPLINK.cap_s
 # A stream that stayed up this long counts as healthy: the next failure starts backoff anew.
 DEFAULT_HEALTHY_PERIOD_S: Final = 10.0
 # A batch unacknowledged this long means a half-dead connection: drop it and reconnect.

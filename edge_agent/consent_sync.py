@@ -13,7 +13,6 @@ moment the change arrives.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -23,17 +22,10 @@ from typing import Final
 
 import grpc
 
-from pulsesync.edge_agent.client import (
-    AgentError,
-    Credentials,
-    Disposition,
-    PairingRequired,
-    classify,
-    open_channel,
-    pair_again_message,
-)
+from pulsesync.edge_agent.client import Credentials, open_channel
 from pulsesync.edge_agent.config import AgentSettings
-from pulsesync.edge_agent.uplink import Backoff
+from pulsesync.edge_agent.errors import AgentError, PairingRequired, translate_rpc
+from pulsesync.edge_agent.retry import Backoff
 from pulsesync.v1 import common_pb2, privacy_pb2, privacy_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -156,14 +148,14 @@ class SyncedConsent:
             self._set(self._granted - {resp.consent.category})
         return resp.consent
 
-    async def run(self) -> None:
-        """Follow WatchConsents until cancelled, reconnecting with backoff.
+    async def run(self, *, backoff: Backoff | None = None) -> None:
+        """Follow WatchConsents until cancelled, reconnecting with full-jitter backoff.
 
         Raises PairingRequired (after denying everything) when the server no longer accepts
         the token, and AgentError when the server lacks the API.
         """
         creds = self._require_credentials()
-        backoff = Backoff(self.settings.backoff_base_s, self.settings.backoff_cap_s)
+        backoff = backoff or Backoff(self.settings.backoff_base_s, self.settings.backoff_cap_s)
         while True:
             try:
                 async with open_channel(creds.server, creds.tls_root_cert) as channel:
@@ -180,16 +172,10 @@ class SyncedConsent:
                 code = e.code()
                 if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                     continue  # the watch's own deadline: reopen at once
-                disposition = classify(code)
-                if disposition is Disposition.PAIR_AGAIN:
+                err = translate_rpc(e, server=creds.server, what="consent sync")
+                if isinstance(err, PairingRequired):
                     self.deny_all()
-                    raise PairingRequired(
-                        pair_again_message(creds.server, e.details() or "")
-                    ) from e
-                if disposition is Disposition.FATAL:
-                    raise AgentError(
-                        f"the server {creds.server} does not offer consent sync "
-                        f"({e.details() or code.name}); upgrade the server"
-                    ) from e
+                if isinstance(err, AgentError):
+                    raise err from e
                 log.info("consent watch failed (%s); retrying", code.name)
-            await asyncio.sleep(backoff.next_delay())
+            await backoff.wait()

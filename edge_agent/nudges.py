@@ -10,7 +10,6 @@ Outcomes such as steps afterwards are measured by the server, never sent from he
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Sequence
 from typing import Any, Final, Protocol
@@ -18,22 +17,14 @@ from typing import Any, Final, Protocol
 import grpc
 from google.protobuf import timestamp_pb2
 
-from pulsesync.edge_agent.client import (
-    AgentError,
-    Credentials,
-    Disposition,
-    classify,
-    open_channel,
-    pair_again_message,
-)
-from pulsesync.edge_agent.uplink import Backoff
+from pulsesync.edge_agent import retry
+from pulsesync.edge_agent.client import Credentials, open_channel
+from pulsesync.edge_agent.errors import AgentError, translate_rpc
+from pulsesync.edge_agent.retry import Backoff
 from pulsesync.v1 import events_pb2, nudges_pb2, nudges_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-# Reconnect quickly after a blip, but never hammer a server that is down.
-BACKOFF_BASE_S: Final = 0.5
-BACKOFF_CAP_S: Final = 30.0
 FEEDBACK_TIMEOUT_S: Final = 10.0
 
 
@@ -46,11 +37,14 @@ class Presenter(Protocol):
 class NudgeReceiver:
     """Subscribes to the device's nudges with reconnect, shows them, reports feedback."""
 
-    def __init__(self, credentials: Credentials, presenter: Presenter) -> None:
+    def __init__(
+        self, credentials: Credentials, presenter: Presenter, *, backoff: Backoff | None = None
+    ) -> None:
         self._server = credentials.server
         self._credentials = credentials
         self._presenter = presenter
-        self._backoff = Backoff(BACKOFF_BASE_S, BACKOFF_CAP_S)
+        # Reconnect quickly after a blip, but never hammer a server that is down.
+        self._backoff = backoff or retry.WATCH.backoff()
         self.received: int = 0
 
     async def run(self) -> None:
@@ -59,17 +53,11 @@ class NudgeReceiver:
             try:
                 await self._subscribe_once()
             except grpc.aio.AioRpcError as e:
-                disposition = classify(e.code())
-                if disposition is Disposition.PAIR_AGAIN:
-                    raise AgentError(pair_again_message(self._server, e.details() or "")) from e
-                if disposition is Disposition.FATAL:
-                    raise AgentError(f"the server cannot send nudges: {e.details()}") from e
-                delay = self._backoff.next_delay()
-                log.info(
-                    "nudge stream lost; reconnecting",
-                    extra={"code": e.code().name, "delay_s": delay},
-                )
-                await asyncio.sleep(delay)
+                err = translate_rpc(e, server=self._server, what="receiving nudges")
+                if isinstance(err, AgentError):
+                    raise err from e
+                log.info("nudge stream lost; reconnecting", extra={"code": e.code().name})
+                await self._backoff.wait()
 
     async def _subscribe_once(self) -> None:
         async with open_channel(self._server, self._credentials.tls_root_cert) as channel:
@@ -84,7 +72,7 @@ class NudgeReceiver:
                 for action in await self._presenter.show(resp.nudge):
                     await self._feedback(stub, resp.nudge.nudge_id, action)
         # The server ended the stream (a newer one of this device took over): reconnect.
-        await asyncio.sleep(self._backoff.next_delay())
+        await self._backoff.wait()
 
     async def _feedback(self, stub: Any, nudge_id: str, action: int) -> None:
         ts = timestamp_pb2.Timestamp()

@@ -23,7 +23,10 @@ from typing import Any, Final, Self
 import aiosqlite
 
 from pulsesync.edge_agent.clock import Clock, SystemClock
+from pulsesync.edge_agent.errors import OutboxCorrupt, OutboxError, OutboxFull
 from pulsesync.v1 import events_pb2
+
+__all__ = ["Outbox", "OutboxCorrupt", "OutboxError", "OutboxFull", "OutboxStats", "read_stats"]
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +55,6 @@ class OutboxStats:
     last_seq: int
     acked_through: int
     last_ack_us: int
-
-
-class OutboxError(Exception):
-    """The outbox file cannot be used (wrong format, newer version, unreadable)."""
 
 
 class Outbox:
@@ -89,13 +88,22 @@ class Outbox:
                     f"{path} was written by a newer pulsesync-agent (schema {version}); "
                     "upgrade the agent"
                 )
+            # A damaged page anywhere (not just the ones the first queries touch) is found now,
+            # at start, rather than as a failed write an hour later; an outbox is small, so
+            # the check costs milliseconds.
+            problems = [str(r[0]) for r in await writer.execute_fetchall("PRAGMA quick_check")]
+            if problems != ["ok"]:
+                # The report can run to hundreds of lines; its last says what it means.
+                lines = "\n".join(problems).splitlines()
+                raise OutboxCorrupt(corrupt_message(path, lines[-1].strip()))
             await writer.executescript(
                 f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
             )
+            await _check_schema(writer, path)
             reader = await aiosqlite.connect(path, isolation_level=None)
-        except sqlite3.DatabaseError as e:
+        except sqlite3.Error as e:
             await writer.close()
-            raise OutboxError(f"cannot open the outbox {path}: {e}") from e
+            raise db_error(e, path, "cannot open the outbox") from e
         except BaseException:
             await writer.close()
             raise
@@ -130,7 +138,10 @@ class Outbox:
         """
         if not events:
             return self._last_seq
-        return await _to_completion(self._append(events))
+        try:
+            return await _to_completion(self._append(events))
+        except sqlite3.Error as e:
+            raise db_error(e, self.path, "cannot write to the outbox") from e
 
     async def _append(self, events: Sequence[events_pb2.Event]) -> int:
         now_us = self._clock.now_us()
@@ -165,7 +176,10 @@ class Outbox:
         """Delete every event with seq <= through_seq (the server has them); returns how many."""
         if through_seq <= self._acked_through:
             return 0
-        return await _to_completion(self._ack(through_seq))
+        try:
+            return await _to_completion(self._ack(through_seq))
+        except sqlite3.Error as e:
+            raise db_error(e, self.path, "cannot delete acknowledged events from the outbox") from e
 
     async def _ack(self, through_seq: int) -> int:
         async with self._lock:
@@ -190,9 +204,12 @@ class Outbox:
     # -- reads ------------------------------------------------------------------------------
     async def pending(self, after_seq: int = 0, limit: int = 500) -> list[events_pb2.Event]:
         """Up to `limit` committed events with seq > after_seq, in sequence order."""
-        rows = await self._reader.execute_fetchall(
-            "SELECT body FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit)
-        )
+        try:
+            rows = await self._reader.execute_fetchall(
+                "SELECT body FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit)
+            )
+        except sqlite3.Error as e:
+            raise db_error(e, self.path, "cannot read the outbox") from e
         return [events_pb2.Event.FromString(body) for (body,) in rows]
 
     async def count(self) -> int:
@@ -235,6 +252,49 @@ class Outbox:
                 log.exception("outbox listener failed")
 
 
+def corrupt_message(path: Path, detail: str) -> str:
+    """What to tell the person about a damaged outbox file."""
+    return (
+        f"the outbox {path} is damaged or is not a pulsesync-agent outbox ({detail}). "
+        f"Stop the agent, move the file aside (`mv {path} {path}.damaged`; remove "
+        f"{path.name}-wal and {path.name}-shm beside it) and start the agent again: it creates "
+        "a new outbox. Events in the damaged file that were not uploaded yet are lost."
+    )
+
+
+def db_error(e: sqlite3.Error, path: Path, doing: str) -> OutboxError:
+    """The agent's error for a SQLite failure on the outbox at path (the one translation)."""
+    code = getattr(e, "sqlite_errorcode", 0) & 0xFF  # primary result code
+    if code == sqlite3.SQLITE_FULL:
+        return OutboxFull(
+            f"{doing} {path}: the disk is full. Free space on the device; recorded events are "
+            "kept in memory meanwhile (up to the tracker's queue limit) and written once there "
+            "is room"
+        )
+    if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB) or (
+        isinstance(e, sqlite3.DatabaseError) and "malformed" in str(e)
+    ):
+        return OutboxCorrupt(corrupt_message(path, str(e)))
+    return OutboxError(f"{doing} {path}: {e}")
+
+
+_COLUMNS: Final = {"outbox": ["seq", "body"], "meta": ["key", "value"]}
+
+
+async def _check_schema(conn: aiosqlite.Connection, path: Path) -> None:
+    """Refuse a file whose tables are not the outbox's (another app's database, say)."""
+    for table, want in _COLUMNS.items():
+        rows = await conn.execute_fetchall(f"SELECT name FROM pragma_table_info('{table}')")
+        got = [str(r[0]) for r in rows]
+        if got != want:
+            raise OutboxCorrupt(corrupt_message(path, f"table {table} has columns {got}"))
+    rows = await conn.execute_fetchall(
+        "SELECT key FROM meta WHERE key IN ('next_seq', 'acked_through', 'last_ack_us')"
+    )
+    if len(list(rows)) != 3:
+        raise OutboxCorrupt(corrupt_message(path, "its meta table lacks the sequence counters"))
+
+
 async def _to_completion(work: Coroutine[Any, Any, int]) -> int:
     """Run a transaction to its end even if the caller is cancelled: a transaction cut off
     between BEGIN and COMMIT would leave the connection inside it. On cancellation the caller
@@ -265,7 +325,7 @@ def read_stats(path: str | Path) -> OutboxStats:
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         (depth,) = conn.execute("SELECT count(*) FROM outbox").fetchone()
     except sqlite3.Error as e:
-        raise OutboxError(f"cannot read the outbox {path}: {e}") from e
+        raise db_error(e, Path(path), "cannot read the outbox") from e
     finally:
         conn.close()
     return OutboxStats(int(depth), int(meta["next_seq"]) - 1, int(meta["acked_through"]),

@@ -28,7 +28,9 @@ from typing import Final
 import grpc
 
 from pulsesync import profile_document as document
-from pulsesync.edge_agent.client import AgentError, Disposition, classify
+from pulsesync.edge_agent import retry
+from pulsesync.edge_agent.errors import AgentError, translate_rpc
+from pulsesync.edge_agent.retry import Backoff
 from pulsesync.hlc import HybridClock, Stamp
 from pulsesync.profile_document import Entry, State
 from pulsesync.status import error_info
@@ -40,9 +42,6 @@ PROFILE_FILE: Final = "profile.pb"
 PENDING_FILE: Final = "profile_pending.pb"
 # A profile write is one small unary call; ten seconds covers a slow mobile link.
 CALL_TIMEOUT_S: Final = 10.0
-# Reconnect backoff: quick first retry (a blip), capped so a long outage costs little.
-BACKOFF_FIRST_S: Final = 0.2
-BACKOFF_CAP_S: Final = 30.0
 
 Listener = Callable[[profiles_pb2.Profile], None]
 Metadata = tuple[tuple[str, str], ...]
@@ -205,11 +204,18 @@ class ProfileSync:
             self._changed_now()
         return resp
 
-    async def run(self, channel: grpc.aio.Channel, metadata: Metadata) -> None:
-        """Watch and push until cancelled, reconnecting with backoff. Raises AgentError when
-        retrying cannot help (the device must be paired again)."""
+    async def run(
+        self,
+        channel: grpc.aio.Channel,
+        metadata: Metadata,
+        *,
+        backoff: Backoff | None = None,
+        server: str = "the server",
+    ) -> None:
+        """Watch and push until cancelled, reconnecting with full-jitter backoff (retry.WATCH
+        unless given). Raises AgentError when retrying cannot help (pair again, upgrade)."""
         stub = profiles_pb2_grpc.ProfileServiceStub(channel)
-        backoff = BACKOFF_FIRST_S
+        backoff = backoff or retry.WATCH.backoff()
         while True:
             try:
                 async with asyncio.TaskGroup() as tg:
@@ -217,18 +223,18 @@ class ProfileSync:
                     tg.create_task(self._push_loop(stub, metadata))
             except* (grpc.aio.AioRpcError, ConnectionResetError) as group:
                 if self.connected:
-                    backoff = BACKOFF_FIRST_S
+                    backoff.reset()
                 self.connected = False
                 err = group.exceptions[0]
                 if isinstance(err, grpc.aio.AioRpcError):
-                    if classify(err.code()) is not Disposition.RETRY:
-                        raise AgentError(f"profile sync stopped: {err.details()}") from None
+                    agent_err = translate_rpc(err, server=server, what="profile sync")
+                    if isinstance(agent_err, AgentError):
+                        raise agent_err from None
                     info = error_info(err)
                     if info is not None and info.reason == "UNKNOWN_VERSION":
                         self.forget_server_version()
-                log.info("profile sync disconnected; retrying", extra={"retry_in_s": backoff})
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, BACKOFF_CAP_S)
+                log.info("profile sync disconnected; retrying")
+            await backoff.wait()
 
     async def _watch(
         self, stub: profiles_pb2_grpc.ProfileServiceAsyncStub, metadata: Metadata

@@ -31,6 +31,7 @@ from pulsesync.edge_agent.config import (
     DEFAULT_TRACKER_MAX_QUEUE,
 )
 from pulsesync.edge_agent.consent import ConsentView, StaticConsent
+from pulsesync.edge_agent.errors import OutboxError
 from pulsesync.edge_agent.outbox import Outbox
 from pulsesync.kinds import category_of
 from pulsesync.v1 import common_pb2, events_pb2
@@ -41,6 +42,9 @@ _BEHAVIOR: Final = common_pb2.CONSENT_CATEGORY_BEHAVIOR
 # After a failed outbox write (disk full, I/O error) the flusher keeps the events in memory
 # and retries this often: quick enough to recover, slow enough not to spin on a dead disk.
 _RETRY_WRITE_S: Final = 1.0
+# A failing disk is reported once at once, then reminded of this often (not once per retry):
+# the person needs to know, but a log line per second would bury everything else.
+_REMIND_WRITE_FAILURE_S: Final = 300.0
 
 Seconds = float | timedelta
 
@@ -90,6 +94,8 @@ class Tracker:
         self._full = asyncio.Event()  # the queue holds a full batch
         self._task: asyncio.Task[None] | None = None
         self._recorded = self._written = self._no_consent = self._overflow = 0
+        self._failing_since: float | None = None  # loop time of the first failed write
+        self._reminded_at = 0.0
 
     # -- lifetime ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -103,7 +109,10 @@ class Tracker:
         self._task = asyncio.create_task(self._flusher(), name="tracker-flusher")
 
     async def flush(self) -> None:
-        """Write everything queued so far to the outbox (durably) before returning."""
+        """Write everything recorded so far to the outbox (durably) before returning.
+
+        Raises OutboxFull when the disk is full and OutboxError when the outbox cannot be
+        written; the events stay queued in memory and the flusher keeps retrying."""
         async with self._write_lock:
             while batch := self._take(self.max_batch):
                 await self._append(batch)
@@ -130,6 +139,12 @@ class Tracker:
             return TrackerStats(
                 self._recorded, self._written, self._no_consent, self._overflow, len(self._queue)
             )
+
+    async def record_durable(self, event: events_pb2.Event) -> None:
+        """Record an event and return only once it is committed to the outbox (fsynced), so a
+        crash after this returns cannot lose it. Raises like `flush`."""
+        self.record(event)
+        await self.flush()
 
     # -- recording (any thread, never blocks) ------------------------------------------------
     def record(self, event: events_pb2.Event) -> None:
@@ -283,9 +298,34 @@ class Tracker:
                         await self._append(batch)
                         if len(self._queue) < self.max_batch:
                             break  # a partial batch lingers again
-            except Exception:
-                log.exception("writing to the outbox failed; keeping events and retrying")
+            except Exception as e:
+                self._write_failed(e)
                 await asyncio.sleep(_RETRY_WRITE_S)
+            else:
+                if self._failing_since is not None:
+                    log.warning("the outbox is writable again; queued events were written")
+                    self._failing_since = None
             with self._lock:
                 if not self._queue:
                     self._wake.clear()
+
+    def _write_failed(self, e: Exception) -> None:
+        """Report a failed outbox write: once at once, then a reminder every few minutes."""
+        now = asyncio.get_running_loop().time()
+        first = self._failing_since is None
+        if first:
+            self._failing_since = now
+        elif now - self._reminded_at < _REMIND_WRITE_FAILURE_S:
+            return
+        self._reminded_at = now
+        queued = len(self._queue)
+        if isinstance(e, OutboxError):  # expected and explained: no traceback
+            log.warning(
+                "%s%s; %d events wait in memory (at most %d are kept, newer ones are dropped)",
+                "" if first else "still failing: ",
+                e,
+                queued,
+                self.max_queue,
+            )
+        else:
+            log.exception("writing to the outbox failed; keeping events and retrying")

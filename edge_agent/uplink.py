@@ -24,54 +24,20 @@ from typing import Final, TypeAlias
 
 import grpc
 
-from pulsesync.edge_agent.client import (
-    AgentError,
-    Credentials,
-    Disposition,
-    PairingRequired,
-    classify,
-    open_channel,
-    pair_again_message,
-)
+from pulsesync.edge_agent.client import Credentials, open_channel
 from pulsesync.edge_agent.clock import Clock, SystemClock
 from pulsesync.edge_agent.config import AgentSettings
+from pulsesync.edge_agent.errors import AgentError, OutboxError, translate
 from pulsesync.edge_agent.outbox import Outbox
+from pulsesync.edge_agent.retry import Backoff
+
+__all__ = ["Backoff", "Uplink", "UplinkStats"]
 from pulsesync.v1 import events_pb2, ingest_pb2, ingest_pb2_grpc
 from pulsesync.wire import STREAM_OPEN
 
 log = logging.getLogger(__name__)
 
 BATCH_TOO_LARGE: Final = "BATCH_TOO_LARGE"
-# 2**32 half-second steps is far past any cap; stops the exponent from growing without bound.
-_MAX_EXPONENT: Final = 32
-
-
-class Backoff:
-    """Full-jitter exponential backoff: the n-th delay is uniform in [0, min(cap, base * 2**n)].
-
-    Full jitter spreads a fleet of devices reconnecting after an outage evenly over the window
-    instead of in synchronized waves (AWS Architecture Blog, "Exponential Backoff and Jitter").
-    """
-
-    def __init__(self, base_s: float, cap_s: float, *, rng: random.Random | None = None) -> None:
-        self.base_s = base_s
-        self.cap_s = cap_s
-        self._rng = rng or random.Random()
-        self.attempts = 0
-
-    def ceiling(self) -> float:
-        """The upper bound of the next delay."""
-        return min(self.cap_s, self.base_s * 2.0 ** min(self.attempts, _MAX_EXPONENT))
-
-    def next_delay(self) -> float:
-        """The next delay in seconds; each call widens the window up to the cap."""
-        delay = float(self._rng.uniform(0, self.ceiling()))
-        self.attempts += 1
-        return delay
-
-    def reset(self) -> None:
-        """Start over from the base (after a healthy period)."""
-        self.attempts = 0
 
 
 class _StreamEnded(Exception):
@@ -199,20 +165,17 @@ class Uplink:
             except (grpc.aio.AioRpcError, _CallEnded) as e:
                 code = e.code() if isinstance(e, grpc.aio.AioRpcError) else e.code
                 detail = (e.details() if isinstance(e, grpc.aio.AioRpcError) else e.details) or ""
-                disposition = classify(code)
+                err = translate(
+                    code, detail, server=self.credentials.server, what="uploading events"
+                )
+                if isinstance(err, AgentError):
+                    raise err from e
                 detail = detail or code.name
-                if disposition is Disposition.PAIR_AGAIN:
-                    raise PairingRequired(
-                        pair_again_message(self.credentials.server, detail)
-                    ) from e
-                if disposition is Disposition.FATAL:
-                    raise AgentError(
-                        f"the server {self.credentials.server} cannot take uploads ({detail}); "
-                        "upgrade the server or point the agent at another one"
-                    ) from e
                 self._last_error = f"{code.name}: {detail}"
             except (_StreamEnded, _BatchRefused, TimeoutError, OSError) as e:
                 self._last_error = str(e) or type(e).__name__
+            except OutboxError:
+                raise  # a damaged outbox or a full disk: reconnecting cannot help
             except Exception as e:  # a surprise: keep the data flowing, but make it visible
                 log.exception("upload stream failed unexpectedly")
                 self._last_error = f"{type(e).__name__}: {e}"

@@ -92,7 +92,7 @@ async def test_stats_readable_from_another_process_view(tmp_path: Path) -> None:
 async def test_not_an_outbox_is_a_clear_error(tmp_path: Path) -> None:
     bad = tmp_path / "o.db"
     bad.write_bytes(b"this is not a database" * 100)
-    with pytest.raises(OutboxError, match="cannot open the outbox"):
+    with pytest.raises(OutboxError, match="damaged or is not a pulsesync-agent outbox"):
         await Outbox.open(bad)
 
 

@@ -137,3 +137,35 @@ async def test_server_behind_the_device_resets_and_resends(
             profiles_pb2.GetProfileRequest(), metadata=dev.metadata, timeout=5
         )
     assert got.profile.preferences.language == "fr"
+
+
+class _StopWatch(Exception):
+    """Ends a watch loop from its injected sleep once enough delays were seen."""
+
+
+async def test_watch_reconnects_with_full_jitter_backoff(tmp_path: Path) -> None:
+    import random
+    import socket
+
+    from pulsesync.edge_agent import retry
+
+    with socket.socket() as s:  # a port nobody listens on: every attempt fails UNAVAILABLE
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    delays: list[float] = []
+
+    async def sleep(delay: float) -> None:
+        delays.append(delay)
+        if len(delays) == 6:
+            raise _StopWatch
+
+    sync = ProfileSync(tmp_path, "dev_x")
+    backoff = retry.WATCH.backoff(rng=random.Random(5), sleep=sleep)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with pytest.raises(_StopWatch):
+            await sync.run(channel, (), backoff=backoff)
+    ceilings = [retry.WATCH.ceiling(n) for n in range(6)]
+    assert all(0 <= d <= c for d, c in zip(delays, ceilings, strict=True))
+    # Jittered: not the bare doubling sequence the watch used to sleep.
+    assert delays != ceilings
+    assert len(set(delays)) == 6

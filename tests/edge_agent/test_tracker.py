@@ -140,3 +140,68 @@ async def test_without_a_consent_view_nothing_is_recorded(tmp_path: Path) -> Non
         stored = await ob.pending()
     assert stored == [], "the default consent view must deny every category"
     assert tracker.stats().dropped_no_consent == 2
+
+
+class _CountingOutbox(Outbox):
+    """The real outbox, counting write attempts so a test can wait for retries."""
+
+    attempts = 0
+    attempted: asyncio.Event | None = None
+
+    async def append(self, events: Sequence[events_pb2.Event]) -> int:
+        type(self).attempts += 1
+        if type(self).attempted is not None:
+            type(self).attempted.set()  # type: ignore[union-attr]
+        return await super().append(events)
+
+
+def _big_tap(i: int) -> events_pb2.Event:
+    e = events_pb2.Event()
+    e.tap.app, e.tap.screen, e.tap.target = "app", "screen", f"{i}-" + "x" * 2000
+    return e
+
+
+async def _fill_disk(outbox: Outbox) -> None:
+    # SQLite's page limit gives a real SQLITE_FULL, as a full disk does.
+    conn = outbox._writer
+    (pages,) = next(iter(await conn.execute_fetchall("PRAGMA page_count")))
+    await conn.execute(f"PRAGMA max_page_count = {pages}")
+
+
+async def test_full_disk_raises_the_agent_error_and_warns_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import logging
+
+    from pulsesync.edge_agent import tracker as tracker_module
+    from pulsesync.edge_agent.errors import OutboxFull
+
+    monkeypatch.setattr(tracker_module, "_RETRY_WRITE_S", 0.001)
+    caplog.set_level(logging.WARNING, logger="pulsesync.edge_agent.tracker")
+    _CountingOutbox.attempts, _CountingOutbox.attempted = 0, asyncio.Event()
+    outbox = await _CountingOutbox.open(tmp_path / "o.db")
+    try:
+        await _fill_disk(outbox)
+        tracker = Tracker(outbox, linger_s=0)
+        for i in range(50):
+            tracker.record(_big_tap(i))
+        with pytest.raises(OutboxFull, match="disk is full"):
+            await tracker.flush()
+        with pytest.raises(OutboxFull):
+            await tracker.record_durable(_big_tap(99))
+        assert tracker.stats().queued == 51  # kept in memory, in order, for the next attempt
+        await tracker.start()
+        async with asyncio.timeout(100):  # the flusher retries many times meanwhile
+            while _CountingOutbox.attempts < 30:
+                _CountingOutbox.attempted.clear()
+                await _CountingOutbox.attempted.wait()
+        warnings = [r for r in caplog.records if "disk is full" in r.getMessage()]
+        assert len(warnings) == 1
+        assert warnings[0].exc_info is None  # a clear line, not a traceback
+        await outbox._writer.execute("PRAGMA max_page_count = 1073741823")  # space freed
+        await tracker.flush()
+        assert tracker.stats().queued == 0
+        assert await outbox.count() == 51
+        await tracker.close()
+    finally:
+        await outbox.close()
