@@ -182,7 +182,7 @@ async def test_full_disk_raises_the_agent_error_and_warns_once(
     outbox = await _CountingOutbox.open(tmp_path / "o.db")
     try:
         await _fill_disk(outbox)
-        tracker = Tracker(outbox, linger_s=0)
+        tracker = Tracker(outbox, StaticConsent(), linger_s=0)
         for i in range(50):
             tracker.record(_big_tap(i))
         with pytest.raises(OutboxFull, match="disk is full"):
