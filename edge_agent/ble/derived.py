@@ -57,9 +57,9 @@ class CscCalculator:
         """
         prev, self._previous = self._previous, m
         prev_at, self._previous_at_s = self._previous_at_s, at_s
-        if prev is not None and prev_at is not None and at_s is not None:
-            if not 0.0 <= at_s - prev_at < MAX_CSC_GAP_S:
-                prev = None
+        gap_ok = prev_at is None or at_s is None or 0.0 <= at_s - prev_at < MAX_CSC_GAP_S
+        if not gap_ok:
+            prev = None
         speed = cadence = None
         rejected = 0
         if prev is not None and prev.wheel and m.wheel:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -148,7 +149,7 @@ def test_rmssd_window_closes_on_kept_beat_time_and_filters_artefacts():
     assert span_s == pytest.approx(10.02)  # the kept beats only, not the dropped ones
     # differences only between adjacent kept beats, never across the dropped pair
     kept_runs = [[1000.0], [1000.0, 1020.0, 1000.0, 1010.0, 1000.0, 990.0, 1005.0, 995.0, 1000.0]]
-    diffs = [b - a for run in kept_runs for a, b in zip(run, run[1:], strict=False)]
+    diffs = [b - a for run in kept_runs for a, b in itertools.pairwise(run)]
     assert value == pytest.approx(math.sqrt(sum(d * d for d in diffs) / len(diffs)))
 
 
