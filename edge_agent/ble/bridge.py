@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import enum
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -51,10 +52,12 @@ from pulsesync.edge_agent.ble.parsers import (
     HeartRateMeasurement,
     Location,
     PlxContinuousMeasurement,
+    PlxSpotCheckMeasurement,
     RscMeasurement,
     SensorContact,
     parse_utf8_string,
 )
+from pulsesync.edge_agent.ble.sensors import normalize_address
 from pulsesync.edge_agent.sink import EventSink
 from pulsesync.v1 import events_pb2
 
@@ -106,6 +109,17 @@ HEALTHY_SESSION_S: Final = 10.0
 # flood the log at its notification rate.
 PARSE_ERROR_LOG_FIRST: Final = 5
 PARSE_ERROR_LOG_EVERY: Final = 100
+# Batteries drain over hours; a sensor whose level does not notify is re-read this often.
+BATTERY_REREAD_S: Final = 600.0
+# Disconnecting a link that is already gone can hang inside the BLE stack; cleanup waits at
+# most this long so a cancelled bridge always returns.
+DISCONNECT_TIMEOUT_S: Final = 5.0
+# The value ranges the server stores (pulsesync.server.timeline.validate); a value outside
+# them would get the whole event quarantined, so the bridge drops the value and counts it.
+MAX_BPM: Final = 300
+MAX_RR_MS: Final = 3000.0
+MAX_SPEED_M_PER_S: Final = 100.0
+MAX_CADENCE_PER_MIN: Final = 1000.0
 
 
 class SensorNotFound(BleakError):
@@ -140,6 +154,7 @@ class BridgeConfig:
     wheel_circumference_m: float = DEFAULT_WHEEL_CIRCUMFERENCE_M
     backoff: dict[ErrorClass, Backoff] = field(default_factory=lambda: dict(DEFAULT_BACKOFF))
     seed: int | None = None  # jitter seed, for reproducible runs
+    battery_reread_s: float = BATTERY_REREAD_S
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +178,11 @@ class SensorStats:
     notifications: int = 0
     events: int = 0
     parse_errors: int = 0
+    # Optional reads at setup (battery, body location, device information) that failed and
+    # were skipped, by characteristic name.
+    skipped_reads: dict[str, int] = field(default_factory=dict)
+    # Values not forwarded because the server would quarantine them, by field name.
+    dropped_values: dict[str, int] = field(default_factory=dict)
     reconnects: list[Reconnect] = field(default_factory=list)
     info: DeviceInformation | None = None
     location: Location | None = None
@@ -207,6 +227,7 @@ class SensorLink:
         self._steps = StepsFromCadence(config.steps_window_s)
         self._csc = CscCalculator(config.wheel_circumference_m)
         self._last_battery: int | None = None
+        self._battery_char: BleakGATTCharacteristic | None = None
         self._session_started: float | None = None
         self.connected = asyncio.Event()
 
@@ -221,6 +242,11 @@ class SensorLink:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # every failure of one sensor is retried, never fatal
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # The BLE stack swallowed our CancelledError (e.g. inside disconnect) and
+                    # raised something else: the cancel request still stands, honour it.
+                    raise asyncio.CancelledError from exc
                 down_at = time.monotonic()
                 self._mark_down()
                 error = classify(exc)
@@ -250,6 +276,7 @@ class SensorLink:
         self.stats.connected = False
         self._rmssd.reset()
         self._steps.reset()
+        self._csc.reset()  # counters from before the drop would alias across the gap
 
     async def _session(self) -> None:
         scanner_args: dict[str, Any] = (
@@ -283,11 +310,41 @@ class SensorLink:
                     last.error, last.attempt, last.delay_s, last.down_at, self._session_started
                 )
             self.connected.set()
-            await lost.wait()
+            if self._battery_char is None:
+                await lost.wait()
+            else:
+                async with asyncio.TaskGroup() as tg:
+                    reread = tg.create_task(self._reread_battery(client))
+                    await lost.wait()
+                    reread.cancel()
             raise LinkLost(f"{self.address}: link lost")
         finally:
-            with contextlib.suppress(BleakError, asyncio.TimeoutError, OSError):
-                await client.disconnect()
+            await self._disconnect(client)
+
+    async def _disconnect(self, client: BleakClient) -> None:
+        """Disconnect within `DISCONNECT_TIMEOUT_S`, never losing a pending cancellation.
+
+        The disconnect runs as its own task, shielded, so a CancelledError swallowed by the
+        BLE stack cannot eat the cancellation of this task; a cancel arriving meanwhile is
+        re-raised once the (bounded) disconnect is done.
+        """
+        disconnect = asyncio.ensure_future(client.disconnect())
+        try:
+            async with asyncio.timeout(DISCONNECT_TIMEOUT_S):
+                await asyncio.shield(disconnect)
+        except (BleakError, TimeoutError, OSError):
+            pass
+        except asyncio.CancelledError:
+            disconnect.cancel()
+            with contextlib.suppress(BaseException):
+                async with asyncio.timeout(DISCONNECT_TIMEOUT_S):
+                    await disconnect
+            raise
+        finally:
+            if not disconnect.done():
+                disconnect.cancel()
+            elif not disconnect.cancelled():
+                disconnect.exception()  # retrieved, so it is not logged as never retrieved
 
     # --- setup ------------------------------------------------------------------------------
 
@@ -298,15 +355,26 @@ class SensorLink:
         )
         self.stats.info = await self._read_info(client)
         if client.services.get_characteristic(uuids.BODY_SENSOR_LOCATION) is not None:
-            with contextlib.suppress(GattParseError):
-                raw = await client.read_gatt_char(uuids.BODY_SENSOR_LOCATION)
-                self.stats.location = BodySensorLocation.from_bytes(raw).location
+            raw = await self._optional_read(client, "body_sensor_location")
+            if raw is not None:
+                try:
+                    self.stats.location = BodySensorLocation.from_bytes(raw).location
+                except GattParseError as exc:
+                    self._skip("body_sensor_location", exc)
         battery = client.services.get_characteristic(uuids.BATTERY_LEVEL)
+        self._battery_char = None
         if battery is not None:
             if "read" in battery.properties:
-                self._on_battery(await client.read_gatt_char(battery))
+                self._read_battery(await self._optional_read(client, "battery_level"))
             if "notify" in battery.properties:
-                await client.start_notify(battery, self._guard(self._on_battery))
+                try:
+                    await client.start_notify(battery, self._guard(self._on_battery))
+                except BleakError as exc:
+                    self._skip("battery_level", exc)
+                    if "read" in battery.properties:
+                        self._battery_char = battery
+            elif "read" in battery.properties:
+                self._battery_char = battery  # no notifications: re-read it periodically
         handlers = {
             uuids.HEART_RATE_MEASUREMENT: self._on_heart_rate,
             uuids.RSC_MEASUREMENT: self._on_rsc,
@@ -319,6 +387,15 @@ class SensorLink:
             if char is not None and {"notify", "indicate"} & set(char.properties):
                 await client.start_notify(char, self._guard(handler))
                 subscribed += 1
+        spot = client.services.get_characteristic(uuids.PLX_SPOT_CHECK_MEASUREMENT)
+        plx_continuous = client.services.get_characteristic(uuids.PLX_CONTINUOUS_MEASUREMENT)
+        continuous_ok = plx_continuous is not None and {"notify", "indicate"} & set(
+            plx_continuous.properties
+        )
+        if spot is not None and not continuous_ok and {"notify", "indicate"} & set(spot.properties):
+            # A spot-check-only oximeter indicates each reading on 0x2A5E.
+            await client.start_notify(spot, self._guard(self._on_plx_spot))
+            subscribed += 1
         if not subscribed:
             raise BleakError(
                 f"{self.address} offers none of the supported measurements "
@@ -332,12 +409,52 @@ class SensorLink:
             values[name] = None
             if client.services.get_characteristic(char_uuid) is None:
                 continue
-            raw = await client.read_gatt_char(char_uuid)
+            raw = await self._optional_read(client, name, char_uuid)
+            if raw is None:
+                continue
             try:
                 values[name] = parse_utf8_string(char_uuid, raw)
             except GattParseError as exc:
-                self._parse_error(exc)
+                self._skip(name, exc)
         return DeviceInformation(**values)
+
+    async def _optional_read(
+        self, client: BleakClient, name: str, char_uuid: str | None = None
+    ) -> bytearray | None:
+        """Read a characteristic the sensor can stream without; a failure is skipped and counted.
+
+        (e.g. ATT Insufficient Authentication on a Device Information string.)
+        """
+        target = (
+            char_uuid
+            or {
+                "body_sensor_location": uuids.BODY_SENSOR_LOCATION,
+                "battery_level": uuids.BATTERY_LEVEL,
+            }[name]
+        )
+        try:
+            return await client.read_gatt_char(target)
+        except (BleakError, OSError, TimeoutError) as exc:
+            self._skip(name, exc)
+            return None
+
+    def _skip(self, name: str, exc: BaseException) -> None:
+        self.stats.skipped_reads[name] = self.stats.skipped_reads.get(name, 0) + 1
+        _LOG.warning("%s: optional read of %s skipped (%s)", self.address, name, exc)
+
+    def _read_battery(self, raw: bytearray | None) -> None:
+        if raw is None:
+            return
+        try:
+            self._on_battery(raw)
+        except GattParseError as exc:  # e.g. a level above 100 %
+            self._skip("battery_level", exc)
+
+    async def _reread_battery(self, client: BleakClient) -> None:
+        """Re-read a battery level that does not notify, every `BATTERY_REREAD_S`."""
+        while True:
+            await asyncio.sleep(self._config.battery_reread_s)
+            self._read_battery(await self._optional_read(client, "battery_level"))
 
     # --- notifications ----------------------------------------------------------------------
 
@@ -366,20 +483,31 @@ class SensorLink:
         self._sink.record(event)
         self.stats.events += 1
 
+    def _drop(self, name: str, count: int = 1) -> None:
+        """Count a value not forwarded because the server would quarantine its event."""
+        if count:
+            self.stats.dropped_values[name] = self.stats.dropped_values.get(name, 0) + count
+
     def _on_heart_rate(self, data: bytearray) -> None:
         at = self._clock_us()
         m = HeartRateMeasurement.from_bytes(data)
+        rr = [r for r in m.rr_intervals_ms if 0.0 < r <= MAX_RR_MS]
+        self._drop("heart_rate.rr_intervals_ms", len(m.rr_intervals_ms) - len(rr))
+        if not 0 < m.bpm <= MAX_BPM:
+            # 0 (no skin contact) or 65535: the event cannot say "no bpm", so it is not sent.
+            self._drop("heart_rate.bpm")
+            return
         hr = events_pb2.HeartRate(
             sensor_id=self.address,
             bpm=m.bpm,
-            rr_intervals_ms=m.rr_intervals_ms,
+            rr_intervals_ms=rr,
             contact=_CONTACT_PROTO[m.contact],  # type: ignore[arg-type]
         )
         if m.energy_expended_kj is not None:
             hr.energy_expended_kj = m.energy_expended_kj
         if self.stats.location is not None:
             hr.location = _LOCATION_PROTO[self.stats.location]  # type: ignore[assignment]
-        if m.rr_intervals and (window := self._rmssd.add(m.rr_intervals_ms)) is not None:
+        if rr and (window := self._rmssd.add(rr)) is not None:
             rmssd, span_s, _count = window
             hr.rmssd_ms = rmssd
             hr.rmssd_window.CopyFrom(
@@ -390,11 +518,15 @@ class SensorLink:
     def _on_rsc(self, data: bytearray) -> None:
         at = self._clock_us()
         m = RscMeasurement.from_bytes(data)
+        speed = m.speed_m_per_s
+        if not (math.isfinite(speed) and 0.0 <= speed <= MAX_SPEED_M_PER_S):
+            self._drop("cadence.speed_m_per_s")
+            return
         cadence = events_pb2.Cadence(
             sensor_id=self.address,
             motion=events_pb2.MOTION_KIND_RUNNING if m.running else events_pb2.MOTION_KIND_WALKING,
             cadence_per_min=float(m.cadence_per_min),
-            speed_m_per_s=m.speed_m_per_s,
+            speed_m_per_s=speed,
         )
         if m.stride_length_m is not None:
             cadence.stride_length_m = m.stride_length_m
@@ -413,7 +545,8 @@ class SensorLink:
 
     def _on_csc(self, data: bytearray) -> None:
         at = self._clock_us()
-        rates = self._csc.update(CscMeasurement.from_bytes(data))
+        rates = self._csc.update(CscMeasurement.from_bytes(data), at / 1e6)
+        self._drop("cadence.csc_rate", rates.rejected)
         if rates.speed_m_per_s is None and rates.cadence_rpm is None:
             return
         self._record(
@@ -431,16 +564,27 @@ class SensorLink:
     def _on_plx(self, data: bytearray) -> None:
         at = self._clock_us()
         m = PlxContinuousMeasurement.from_bytes(data)
-        if m.spo2_percent != m.spo2_percent:  # NaN: the oximeter has no reading yet
+        self._record_plx(m.spo2_percent, m.pulse_rate_bpm, at)
+
+    def _on_plx_spot(self, data: bytearray) -> None:
+        at = self._clock_us()
+        m = PlxSpotCheckMeasurement.from_bytes(data)
+        self._record_plx(m.spo2_percent, m.pulse_rate_bpm, at)
+
+    def _record_plx(self, spo2: float, pulse_rate: float, at: int) -> None:
+        if math.isnan(spo2):
+            return  # NaN: the oximeter has no reading yet (not an error)
+        if not 0.0 < spo2 <= 100.0:  # +-inf, negative or zero
+            self._drop("oxygen_saturation.spo2_percent")
             return
+        if not (math.isfinite(pulse_rate) and 0.0 <= pulse_rate <= MAX_BPM):
+            if not math.isnan(pulse_rate):
+                self._drop("oxygen_saturation.pulse_rate_bpm")
+            pulse_rate = 0.0
         self._record(
             events_pb2.Event(
                 oxygen_saturation=events_pb2.OxygenSaturation(
-                    sensor_id=self.address,
-                    spo2_percent=m.spo2_percent,
-                    pulse_rate_bpm=m.pulse_rate_bpm
-                    if m.pulse_rate_bpm == m.pulse_rate_bpm
-                    else 0.0,
+                    sensor_id=self.address, spo2_percent=spo2, pulse_rate_bpm=pulse_rate
                 )
             ),
             at,
@@ -486,7 +630,8 @@ class Bridge:
                 backends=backends or BleBackends(),
                 clock_us=clock_us,
             )
-            for i, a in enumerate(dict.fromkeys(addresses))
+            # One sensor is one link, however the address was spelled.
+            for i, a in enumerate(dict.fromkeys(normalize_address(a) for a in addresses))
         ]
 
     async def run(self) -> None:

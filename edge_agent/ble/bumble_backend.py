@@ -250,6 +250,10 @@ class BumbleBleakClient(BaseBleakClient):
         except Exception as exc:
             await self.disconnect()
             raise BleakError(f"{self.address}: service discovery failed: {exc}") from exc
+        except asyncio.CancelledError:
+            # A cancelled connect must not leave the link up (the sensor would stop advertising).
+            await asyncio.shield(self.disconnect())
+            raise
         self._peer = peer
         self.services = self._collection(peer)
 

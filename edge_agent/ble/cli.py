@@ -9,6 +9,7 @@ pulsesync-agent sensors list
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from pulsesync.edge_agent.ble.sensors import SensorStore
@@ -33,7 +34,16 @@ async def cmd_scan(args: argparse.Namespace) -> int:
             for s in sensors:
                 await s.close()
     else:
-        found = await scan(args.duration)
+        from pulsesync.edge_agent.ble.scanner import explain_adapter_error
+
+        try:
+            found = await scan(args.duration)
+        except Exception as exc:
+            problem = explain_adapter_error(exc)
+            if problem is None:
+                raise
+            print(problem, file=sys.stderr)
+            return 2
     if not found:
         print(
             "no supported sensors found: wear the strap (it sleeps without skin contact), "

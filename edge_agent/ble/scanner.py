@@ -54,3 +54,29 @@ async def scan(duration_s: float, backends: BleBackends | None = None) -> list[F
     async with BleakScanner(seen, **kwargs):
         await asyncio.sleep(duration_s)
     return sorted(found.values(), key=lambda s: (-s.rssi, s.address))
+
+
+def explain_adapter_error(exc: BaseException) -> str | None:
+    """One line saying which part of the Bluetooth stack is missing and how to fix it, or None
+    when the error is not about a missing/off adapter."""
+    from bleak.exc import BleakBluetoothNotAvailableError, BleakDBusError
+
+    if isinstance(exc, FileNotFoundError):
+        # bleak's BlueZ backend connects to the system D-Bus socket first.
+        return (
+            "no Bluetooth: the system D-Bus is not running (no /run/dbus/system_bus_socket); "
+            "Linux: install and start dbus and bluez (`systemctl start dbus bluetooth`); "
+            "in a container, mount /run/dbus from the host"
+        )
+    if isinstance(exc, BleakDBusError) and "org.bluez" in str(exc):
+        return (
+            "no Bluetooth: the BlueZ daemon is not running (org.bluez was not provided); "
+            "Linux: install bluez and run `systemctl enable --now bluetooth`"
+        )
+    if isinstance(exc, BleakBluetoothNotAvailableError):
+        return (
+            f"no Bluetooth adapter, or Bluetooth is off ({exc}); Linux: `rfkill unblock "
+            "bluetooth` and `bluetoothctl power on`; macOS: turn Bluetooth on and allow the "
+            "terminal in Privacy & Security > Bluetooth; Windows: turn Bluetooth on in Settings"
+        )
+    return None
