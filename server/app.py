@@ -34,6 +34,7 @@ from pulsesync.server.metrics import Metrics
 from pulsesync.server.privacy.consent import ConsentStore
 from pulsesync.server.privacy.registry import UserDataRegistry
 from pulsesync.server.profiles.store import ProfileStore
+from pulsesync.server.rpc.base import MalformedRequestInterceptor
 from pulsesync.server.rpc.devices import DeviceServicer
 from pulsesync.server.rpc.ingest import IngestServicer
 from pulsesync.server.rpc.ingest import add_to_server as add_ingest_service_to_server
@@ -143,7 +144,7 @@ async def running_server(
         db = await Database.open(config.database)
         stack.push_async_callback(db.close)
         app = await build_app(config, db, clock or SystemClock())
-        server = grpc.aio.server(options=GRPC_OPTIONS)
+        server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[MalformedRequestInterceptor()])
         servicers: dict[str, Any] = {}
         for make, register, name in SERVICES:
             servicer = make(app)
