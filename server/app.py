@@ -29,6 +29,7 @@ from pulsesync.server.bus import EventBus
 from pulsesync.server.clock import Clock, SystemClock
 from pulsesync.server.config import MAX_MESSAGE_BYTES, ServerConfig
 from pulsesync.server.context import AppContext
+from pulsesync.server.errors import PulseSyncError, Unauthenticated
 from pulsesync.server.identity import IdentityStore
 from pulsesync.server.metrics import Metrics
 from pulsesync.server.privacy.consent import ConsentStore
@@ -213,15 +214,29 @@ async def running_server(
 REVOCATION_SWEEP_SECONDS: Final = 2.0
 
 
+def _cut_off_error(reason: str) -> PulseSyncError:
+    """The status a stream cut off by the sweep ends with: the same as through the API."""
+    if reason == "USER_ERASED":
+        return Unauthenticated(
+            "this person's data was erased; pair the device again to start over",
+            reason="USER_ERASED",
+        )
+    return Unauthenticated("this device was revoked", reason="DEVICE_REVOKED")
+
+
 async def _cut_off_revoked(app: AppContext) -> None:
     """Close the open streams of devices revoked by another process, every few seconds."""
     while True:
         await asyncio.sleep(REVOCATION_SWEEP_SECONDS)
         try:
-            for device_pk in await app.identity.revoked_among(app.sessions.connected_devices()):
+            cut = await app.identity.revoked_among(app.sessions.connected_devices())
+            for device_pk, reason in cut.items():
                 app.identity.forget_device(device_pk)
-                if app.sessions.cut_off_device(device_pk):
-                    log.info("closed streams of a revoked device", extra={"device_pk": device_pk})
+                if app.sessions.cut_off_device(device_pk, _cut_off_error(reason)):
+                    log.info(
+                        "closed streams of a cut-off device",
+                        extra={"device_pk": device_pk, "reason": reason},
+                    )
         except Exception:
             log.exception("revocation sweep failed; retrying")
 

@@ -235,17 +235,23 @@ class IdentityStore:
             if ident.user_id == user_id:
                 del self._cache[key]
 
-    async def revoked_among(self, device_pks: list[int]) -> list[int]:
-        """Which of these devices are revoked or gone (for cutting off their open streams)."""
+    async def revoked_among(self, device_pks: list[int]) -> dict[int, str]:
+        """Which of these devices are cut off, each with its reason (for closing their open
+        streams): DEVICE_REVOKED for a revoked device, USER_ERASED for one whose row is gone
+        (only erasure deletes devices)."""
         if not device_pks:
-            return []
+            return {}
         marks = ",".join("?" * len(device_pks))
         async with self._db.reader.execute(
-            f"SELECT device_pk FROM devices WHERE device_pk IN ({marks}) AND revoke_us IS NULL",
+            f"SELECT device_pk, revoke_us FROM devices WHERE device_pk IN ({marks})",
             device_pks,
         ) as c:
-            active = {int(r[0]) for r in await c.fetchall()}
-        return [pk for pk in device_pks if pk not in active]
+            rows = {int(r[0]): r[1] for r in await c.fetchall()}
+        return {
+            pk: "USER_ERASED" if pk not in rows else "DEVICE_REVOKED"
+            for pk in device_pks
+            if pk not in rows or rows[pk] is not None
+        }
 
     # -- devices -------------------------------------------------------------------------
     async def list_devices(self, user_id: int) -> list[DeviceRecord]:
