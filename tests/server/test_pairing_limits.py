@@ -43,7 +43,7 @@ def _retry_delay_s(err: grpc.aio.AioRpcError) -> float | None:
         if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
             info = error_details_pb2.RetryInfo()
             detail.Unpack(info)
-            return info.retry_delay.ToMicroseconds() / 1e6
+            return float(info.retry_delay.ToMicroseconds()) / 1e6
     return None
 
 
