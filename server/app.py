@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -108,15 +109,57 @@ class RunningServer:
 
 def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     if config.tls_cert is None and config.tls_key is None:
+        if config.tls_client_ca is not None:
+            raise SystemExit("--tls-client-ca needs TLS: give --tls-cert and --tls-key too")
         return None
     if config.tls_cert is None or config.tls_key is None:
         raise SystemExit("TLS needs both --tls-cert and --tls-key")
     try:
+        mode = config.tls_key.stat().st_mode
         cert = config.tls_cert.read_bytes()
         key = config.tls_key.read_bytes()
+        client_ca = config.tls_client_ca.read_bytes() if config.tls_client_ca else None
     except OSError as e:
-        raise SystemExit(f"cannot read TLS certificate or key: {e}") from e
-    return grpc.ssl_server_credentials([(key, cert)])
+        raise SystemExit(f"cannot read TLS certificate, key or client CA: {e}") from e
+    if mode & 0o077:
+        # As for the key-encryption key: a private key others can read is no longer private.
+        raise SystemExit(
+            f"TLS key {config.tls_key} is readable by group or others (mode {mode & 0o777:o}); "
+            f"run: chmod 600 {config.tls_key}"
+        )
+    if client_ca is None:
+        return grpc.ssl_server_credentials([(key, cert)])
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=client_ca, require_client_auth=True
+    )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether host names only this machine (127.0.0.0/8, ::1, localhost)."""
+    name = host.strip("[]")
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_plaintext_bind(config: ServerConfig) -> None:
+    """Refuse plaintext beyond loopback unless the operator said --insecure (then warn)."""
+    if is_loopback(config.host):
+        return
+    if not config.insecure:
+        raise SystemExit(
+            f"refusing to serve plaintext on {config.host}: device tokens would cross the "
+            "network in the clear. Give --tls-cert and --tls-key (and --tls-client-ca to "
+            "require device certificates), or --insecure if the network is trusted"
+        )
+    log.warning(
+        "serving plaintext on a non-loopback address (--insecure): bearer tokens and data "
+        "are readable on the network",
+        extra={"host": config.host},
+    )
 
 
 async def build_app(config: ServerConfig, db: Database, clock: Clock) -> AppContext:
@@ -162,6 +205,7 @@ async def running_server(
 
         creds = _credentials(config)
         if creds is None:
+            _check_plaintext_bind(config)
             port = server.add_insecure_port(config.address)
         else:
             port = server.add_secure_port(config.address, creds)
@@ -202,7 +246,7 @@ async def running_server(
         log.info(
             "serving",
             extra={"address": f"{config.host}:{port}", "db": str(config.database),
-                   "tls": creds is not None, "metrics_port": metrics_port},
+                   "tls": creds is not None, "mtls": config.tls_client_ca is not None, "metrics_port": metrics_port},
         )  # fmt: skip
         yield RunningServer(server, port, app, servicers, metrics_port)
         log.info("shutting down", extra={"grace_seconds": config.grace_seconds})
