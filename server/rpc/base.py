@@ -127,20 +127,27 @@ async def _seam(app: AppContext, context: Any, name: str) -> AsyncIterator[None]
 
 
 def _tracked(
-    app: AppContext, identity: Identity | None, stream: bool
-) -> contextlib.AbstractContextManager[None]:
-    """While a stream is open, its task is registered so that it can be cut off."""
+    app: AppContext, identity: Identity | None, stream: bool, heavy: bool = False
+) -> contextlib.ExitStack[bool | None]:
+    """While a stream is open, its task is registered so that it can be cut off; a heavy
+    read holds one of its device's slots (see pulsesync.server.limits)."""
+    stack = contextlib.ExitStack()
+    if identity is not None and heavy:
+        stack.enter_context(app.heavy_reads.slot(identity.device_pk))
     if stream and identity is not None:
-        return app.sessions.track(identity)
-    return contextlib.nullcontext()
+        stack.enter_context(app.sessions.track(identity))
+    return stack
 
 
 def _method_name(fn: Callable[..., Any]) -> str:
     return fn.__qualname__.replace("Servicer.", "Service.")
 
 
-def rpc_method(*, public: bool = False, stream: bool = False) -> Callable[[Any], Any]:
-    """Decorate a servicer method (see module docstring)."""
+def rpc_method(
+    *, public: bool = False, stream: bool = False, heavy: bool = False
+) -> Callable[[Any], Any]:
+    """Decorate a servicer method (see module docstring); `heavy` marks a read whose cost
+    grows with the person's data, limited per device."""
 
     def decorate(fn: Any) -> Any:
         name = _method_name(fn)
@@ -153,7 +160,7 @@ def rpc_method(*, public: bool = False, stream: bool = False) -> Callable[[Any],
                     identity = None if public else await authenticate(self.app, context)
                     if stream:
                         await context.send_initial_metadata((STREAM_OPEN,))
-                    with _tracked(self.app, identity, stream):
+                    with _tracked(self.app, identity, stream, heavy):
                         async for item in fn(self, request, context, identity):
                             yield item
 
@@ -163,7 +170,7 @@ def rpc_method(*, public: bool = False, stream: bool = False) -> Callable[[Any],
         async def wrapper(self: HasApp, request: Any, context: Any) -> Any:
             async with _seam(self.app, context, name):
                 identity = None if public else await authenticate(self.app, context)
-                with _tracked(self.app, identity, stream):
+                with _tracked(self.app, identity, stream, heavy):
                     return await fn(self, request, context, identity)
             raise AssertionError("unreachable: the seam aborts the call on every error")
 
