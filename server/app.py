@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -29,11 +30,13 @@ from pulsesync.server.bus import EventBus
 from pulsesync.server.clock import Clock, SystemClock
 from pulsesync.server.config import MAX_MESSAGE_BYTES, ServerConfig
 from pulsesync.server.context import AppContext
+from pulsesync.server.errors import PulseSyncError, Unauthenticated
 from pulsesync.server.identity import IdentityStore
 from pulsesync.server.metrics import Metrics
 from pulsesync.server.privacy.consent import ConsentStore
 from pulsesync.server.privacy.registry import UserDataRegistry
 from pulsesync.server.profiles.store import ProfileStore
+from pulsesync.server.rpc.base import MalformedRequestInterceptor
 from pulsesync.server.rpc.devices import DeviceServicer
 from pulsesync.server.rpc.ingest import IngestServicer
 from pulsesync.server.rpc.ingest import add_to_server as add_ingest_service_to_server
@@ -106,15 +109,57 @@ class RunningServer:
 
 def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     if config.tls_cert is None and config.tls_key is None:
+        if config.tls_client_ca is not None:
+            raise SystemExit("--tls-client-ca needs TLS: give --tls-cert and --tls-key too")
         return None
     if config.tls_cert is None or config.tls_key is None:
         raise SystemExit("TLS needs both --tls-cert and --tls-key")
     try:
+        mode = config.tls_key.stat().st_mode
         cert = config.tls_cert.read_bytes()
         key = config.tls_key.read_bytes()
+        client_ca = config.tls_client_ca.read_bytes() if config.tls_client_ca else None
     except OSError as e:
-        raise SystemExit(f"cannot read TLS certificate or key: {e}") from e
-    return grpc.ssl_server_credentials([(key, cert)])
+        raise SystemExit(f"cannot read TLS certificate, key or client CA: {e}") from e
+    if mode & 0o077:
+        # As for the key-encryption key: a private key others can read is no longer private.
+        raise SystemExit(
+            f"TLS key {config.tls_key} is readable by group or others (mode {mode & 0o777:o}); "
+            f"run: chmod 600 {config.tls_key}"
+        )
+    if client_ca is None:
+        return grpc.ssl_server_credentials([(key, cert)])
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=client_ca, require_client_auth=True
+    )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether host names only this machine (127.0.0.0/8, ::1, localhost)."""
+    name = host.strip("[]")
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_plaintext_bind(config: ServerConfig) -> None:
+    """Refuse plaintext beyond loopback unless the operator said --insecure (then warn)."""
+    if is_loopback(config.host):
+        return
+    if not config.insecure:
+        raise SystemExit(
+            f"refusing to serve plaintext on {config.host}: device tokens would cross the "
+            "network in the clear. Give --tls-cert and --tls-key (and --tls-client-ca to "
+            "require device certificates), or --insecure if the network is trusted"
+        )
+    log.warning(
+        "serving plaintext on a non-loopback address (--insecure): bearer tokens and data "
+        "are readable on the network",
+        extra={"host": config.host},
+    )
 
 
 async def build_app(config: ServerConfig, db: Database, clock: Clock) -> AppContext:
@@ -154,7 +199,7 @@ async def running_server(
             raise SystemExit(str(e)) from None  # a clear refusal, no traceback
         stack.push_async_callback(db.close)
         app = await build_app(config, db, clock or SystemClock())
-        server = grpc.aio.server(options=GRPC_OPTIONS)
+        server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[MalformedRequestInterceptor()])
         servicers: dict[str, Any] = {}
         for make, register, name in SERVICES:
             servicer = make(app)
@@ -171,6 +216,7 @@ async def running_server(
 
         creds = _credentials(config)
         if creds is None:
+            _check_plaintext_bind(config)
             port = server.add_insecure_port(config.address)
         else:
             port = server.add_secure_port(config.address, creds)
@@ -211,7 +257,7 @@ async def running_server(
         log.info(
             "serving",
             extra={"address": f"{config.host}:{port}", "db": str(config.database),
-                   "tls": creds is not None, "metrics_port": metrics_port},
+                   "tls": creds is not None, "mtls": config.tls_client_ca is not None, "metrics_port": metrics_port},
         )  # fmt: skip
         yield RunningServer(server, port, app, servicers, metrics_port)
         log.info("shutting down", extra={"grace_seconds": config.grace_seconds})
@@ -223,15 +269,29 @@ async def running_server(
 REVOCATION_SWEEP_SECONDS: Final = 2.0
 
 
+def _cut_off_error(reason: str) -> PulseSyncError:
+    """The status a stream cut off by the sweep ends with: the same as through the API."""
+    if reason == "USER_ERASED":
+        return Unauthenticated(
+            "this person's data was erased; pair the device again to start over",
+            reason="USER_ERASED",
+        )
+    return Unauthenticated("this device was revoked", reason="DEVICE_REVOKED")
+
+
 async def _cut_off_revoked(app: AppContext) -> None:
     """Close the open streams of devices revoked by another process, every few seconds."""
     while True:
         await asyncio.sleep(REVOCATION_SWEEP_SECONDS)
         try:
-            for device_pk in await app.identity.revoked_among(app.sessions.connected_devices()):
+            cut = await app.identity.revoked_among(app.sessions.connected_devices())
+            for device_pk, reason in cut.items():
                 app.identity.forget_device(device_pk)
-                if app.sessions.cut_off_device(device_pk):
-                    log.info("closed streams of a revoked device", extra={"device_pk": device_pk})
+                if app.sessions.cut_off_device(device_pk, _cut_off_error(reason)):
+                    log.info(
+                        "closed streams of a cut-off device",
+                        extra={"device_pk": device_pk, "reason": reason},
+                    )
         except Exception:
             log.exception("revocation sweep failed; retrying")
 

@@ -1,6 +1,7 @@
 """`pulsesync`: run the server and administer it.
 
-    pulsesync serve [--host H] [--port P] [--db FILE] [--tls-cert C --tls-key K]
+    pulsesync serve [--host H] [--port P] [--db FILE] [--tls-cert C --tls-key K [--tls-client-ca CA]]
+                    [--insecure]
     pulsesync users add NAME | users list
     pulsesync devices pair-code USER | devices list USER | devices revoke USER DEVICE_ID
 
@@ -67,6 +68,8 @@ def config_from(args: argparse.Namespace) -> ServerConfig:
         db_path=args.db,
         tls_cert=getattr(args, "tls_cert", None),
         tls_key=getattr(args, "tls_key", None),
+        tls_client_ca=getattr(args, "tls_client_ca", None),
+        insecure=getattr(args, "insecure", False),
         metrics_port=getattr(args, "metrics_port", None),
         key_file=getattr(args, "key_file", None) or _env_path("KEY_FILE"),
         key_vault=getattr(args, "key_vault", None) or _env_path("KEY_VAULT"),
@@ -179,6 +182,20 @@ def build_parser(load: Iterable[str] | None = None) -> argparse.ArgumentParser:
         type=Path,
         default=Path(v) if (v := env("TLS_KEY")) else None,
         help="PEM private key",
+    )
+    serve.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        default=Path(v) if (v := env("TLS_CLIENT_CA")) else None,
+        help="require mutual TLS: devices must present a certificate signed by this PEM CA "
+        "(env PULSESYNC_TLS_CLIENT_CA)",
+    )
+    serve.add_argument(
+        "--insecure",
+        action="store_true",
+        default=env("INSECURE", "") in ("1", "true", "yes"),
+        help="allow plaintext on a non-loopback --host (tokens cross the network in the "
+        "clear; env PULSESYNC_INSECURE=1)",
     )
     serve.add_argument(
         "--metrics-port",

@@ -30,6 +30,10 @@ class ServerConfig:
     db_path: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    # Require each device to present a client certificate signed by this CA (mutual TLS).
+    tls_client_ca: Path | None = None
+    # Allow plaintext on a non-loopback address (bearer tokens in the clear); logged as a warning.
+    insecure: bool = False
     # Prometheus metrics on this port (0 picks a free one, None disables).
     metrics_port: int | None = None
     # The key-encryption key file for profile encryption (created with mode 0600 if missing).

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pulsesync.server.bus import EventBus
 from pulsesync.server.clock import Clock
 from pulsesync.server.config import ServerConfig
 from pulsesync.server.identity import IdentityStore
+from pulsesync.server.limits import HeavyReads
 from pulsesync.server.metrics import Metrics
 from pulsesync.server.privacy.consent import ConsentStore
 from pulsesync.server.privacy.registry import UserDataRegistry
@@ -31,3 +32,5 @@ class AppContext:
     user_data: UserDataRegistry
     # Merged, encrypted profiles: `await profiles.get(user_id)` -> pulsesync.v1.Profile.
     profiles: ProfileStore
+    # Heavy reads in flight per device (see pulsesync.server.limits).
+    heavy_reads: HeavyReads = field(default_factory=HeavyReads)

@@ -35,12 +35,19 @@ class PulseSyncError(Exception):
     default_reason: ClassVar[str] = "INTERNAL"
 
     def __init__(
-        self, message: str, *, reason: str | None = None, metadata: Mapping[str, str] | None = None
+        self,
+        message: str,
+        *,
+        reason: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        retry_delay_s: float | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.reason = reason or self.default_reason
         self.metadata: dict[str, str] = dict(metadata or {})
+        # When set, the status carries a google.rpc.RetryInfo detail: wait this long first.
+        self.retry_delay_s = retry_delay_s
 
 
 class InvalidArgument(PulseSyncError):

@@ -23,6 +23,7 @@ from pulsesync.server.errors import (
     NotFound,
     PermissionDenied,
     PulseSyncError,
+    ResourceExhausted,
     Unauthenticated,
 )
 from pulsesync.server.storage.db import Database
@@ -114,6 +115,94 @@ def _check_name(name: str, what: str) -> str:
     return name
 
 
+def _unknown_code() -> PermissionDenied:
+    # One message for unknown, used and expired: telling them apart would help a code guesser.
+    return PermissionDenied(
+        "pairing code is unknown, already used or expired; ask for a new one with "
+        "`pulsesync devices pair-code USER`",
+        reason="PAIRING_CODE_UNKNOWN_OR_EXPIRED",
+    )
+
+
+# Failed pairing guesses allowed before PairDevice answers RESOURCE_EXHAUSTED. A person who
+# mistypes a code a few times is never slowed; a guesser gets a handful of tries a minute.
+# With 30**8 codes, each live for ten minutes, the overall limit (across every peer, since
+# addresses are cheap) keeps the chance of hitting any one live code below 1e-7 a day.
+PAIR_FAILURES_PER_PEER: Final = 5  # burst per peer address
+PAIR_PEER_REFILL_S: Final = 12.0  # one more failure allowed per peer every 12 s (5 a minute)
+PAIR_FAILURES_OVERALL: Final = 30  # burst across all peers
+PAIR_OVERALL_REFILL_S: Final = 1.0  # one more failure overall every second
+# Peers tracked at most; the oldest are forgotten (a full bucket is the default anyway).
+_MAX_PEERS: Final = 10_000
+
+
+class _Bucket:
+    """A token bucket on an injected clock: `capacity` tokens, one more every `refill_us`."""
+
+    __slots__ = ("at_us", "capacity", "refill_us", "tokens")
+
+    def __init__(self, capacity: int, refill_s: float, now_us: int) -> None:
+        self.capacity = capacity
+        self.refill_us = int(refill_s * 1_000_000)
+        self.tokens = float(capacity)
+        self.at_us = now_us
+
+    def level(self, now_us: int) -> float:
+        elapsed = max(0, now_us - self.at_us)
+        self.tokens = min(self.capacity, self.tokens + elapsed / self.refill_us)
+        self.at_us = now_us
+        return self.tokens
+
+    def wait_s(self, now_us: int) -> float:
+        """Seconds until one token is available."""
+        return max(0.0, (1 - self.level(now_us)) * self.refill_us / 1_000_000)
+
+
+class PairingLimiter:
+    """Limits failed PairDevice attempts per peer and overall; a success costs nothing."""
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+        now = clock.now_us()
+        self._overall = _Bucket(PAIR_FAILURES_OVERALL, PAIR_OVERALL_REFILL_S, now)
+        self._peers: dict[str, _Bucket] = {}
+
+    def _peer(self, peer: str, now: int) -> _Bucket:
+        bucket = self._peers.pop(peer, None)
+        if bucket is None:
+            bucket = _Bucket(PAIR_FAILURES_PER_PEER, PAIR_PEER_REFILL_S, now)
+            if len(self._peers) >= _MAX_PEERS:
+                del self._peers[next(iter(self._peers))]
+        self._peers[peer] = bucket  # most recent last
+        return bucket
+
+    def check(self, peer: str) -> None:
+        """ResourceExhausted (with the delay to wait) if this peer or everyone failed too often."""
+        now = self._clock.now_us()
+        for bucket, who in ((self._peer(peer, now), " from this address"), (self._overall, "")):
+            if bucket.level(now) < 1:
+                wait = bucket.wait_s(now)
+                raise ResourceExhausted(
+                    f"too many failed pairing attempts{who}; try again in {wait:.0f} s",
+                    reason="PAIRING_RATE_LIMITED",
+                    retry_delay_s=wait,
+                )
+
+    def failed(self, peer: str) -> None:
+        """Charge one failed attempt to the peer and to the overall budget."""
+        now = self._clock.now_us()
+        for bucket in (self._peer(peer, now), self._overall):
+            bucket.level(now)
+            bucket.tokens = max(0.0, bucket.tokens - 1)
+
+
+def peer_host(peer: str) -> str:
+    """The address part of a gRPC peer string ("ipv4:1.2.3.4:5678" -> "ipv4:1.2.3.4")."""
+    if peer.startswith(("ipv4:", "ipv6:")):
+        return peer.rsplit(":", 1)[0]
+    return peer
+
+
 _DEVICE_COLUMNS: Final = (
     "device_pk, device_id, user_id, name, kind, pair_us, last_seen_us, revoke_us, clock_offset_us"
 )
@@ -191,9 +280,18 @@ class IdentityStore:
         if len(normalized) != _CODE_LENGTH:
             raise InvalidArgument(
                 "pairing_code must be 8 letters and digits, e.g. K7QF-M2XD",
-                reason="INVALID_PAIRING_CODE",
+                reason="PAIRING_CODE_MALFORMED",
             )
         now = self._clock.now_us()
+        # A wrong guess is answered from the read connection: it costs no write and never
+        # queues behind the write lock. The check is repeated inside the transaction below.
+        async with self._db.reader.execute(
+            "SELECT expire_us, used_us FROM pairing_codes WHERE code_hash = ?",
+            (hash_secret(normalized),),
+        ) as c:
+            found = await c.fetchone()
+        if found is None or found[1] is not None or found[0] < now:
+            raise _unknown_code()
         token = _TOKEN_PREFIX + secrets.token_urlsafe(32)
         device_id = "dev_" + secrets.token_hex(8)
         async with self._db.transaction() as tx:
@@ -203,12 +301,7 @@ class IdentityStore:
             ) as c:
                 row = await c.fetchone()
             if row is None or row[2] is not None or row[1] < now:
-                # One message for all three: telling them apart would help a code guesser.
-                raise PermissionDenied(
-                    "pairing code is unknown, already used or expired; ask for a new one with "
-                    "`pulsesync devices pair-code USER`",
-                    reason="PAIRING_CODE_INVALID",
-                )
+                raise _unknown_code()
             user_id = int(row[0])
             await tx.execute(
                 "UPDATE pairing_codes SET used_us = ? WHERE code_hash = ?",
@@ -322,17 +415,23 @@ class IdentityStore:
             if ident.user_id == user_id:
                 del self._cache[key]
 
-    async def revoked_among(self, device_pks: list[int]) -> list[int]:
-        """Which of these devices are revoked or gone (for cutting off their open streams)."""
+    async def revoked_among(self, device_pks: list[int]) -> dict[int, str]:
+        """Which of these devices are cut off, each with its reason (for closing their open
+        streams): DEVICE_REVOKED for a revoked device, USER_ERASED for one whose row is gone
+        (only erasure deletes devices)."""
         if not device_pks:
-            return []
+            return {}
         marks = ",".join("?" * len(device_pks))
         async with self._db.reader.execute(
-            f"SELECT device_pk FROM devices WHERE device_pk IN ({marks}) AND revoke_us IS NULL",
+            f"SELECT device_pk, revoke_us FROM devices WHERE device_pk IN ({marks})",
             device_pks,
         ) as c:
-            active = {int(r[0]) for r in await c.fetchall()}
-        return [pk for pk in device_pks if pk not in active]
+            rows = {int(r[0]): r[1] for r in await c.fetchall()}
+        return {
+            pk: "USER_ERASED" if pk not in rows else "DEVICE_REVOKED"
+            for pk in device_pks
+            if pk not in rows or rows[pk] is not None
+        }
 
     # -- devices -------------------------------------------------------------------------
     async def list_devices(self, user_id: int) -> list[DeviceRecord]:

@@ -20,8 +20,9 @@ import contextlib
 import functools
 import inspect
 import logging
-from collections.abc import AsyncIterator, Callable
-from typing import Any, Protocol, TypeVar
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
 
 import grpc
 from google.protobuf import any_pb2
@@ -29,7 +30,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from pulsesync.server.context import AppContext
-from pulsesync.server.errors import DOMAIN, PulseSyncError, Unauthenticated
+from pulsesync.server.errors import DOMAIN, InvalidArgument, PulseSyncError, Unauthenticated
 from pulsesync.server.identity import Identity
 from pulsesync.status import error_info as error_info  # the client helper, kept importable here
 from pulsesync.wire import STREAM_OPEN
@@ -51,7 +52,13 @@ def to_status(error: PulseSyncError) -> grpc.Status:
     info = error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=error.metadata)
     detail = any_pb2.Any()
     detail.Pack(info)
-    status = status_pb2.Status(code=error.code.value[0], message=error.message, details=[detail])
+    details = [detail]
+    if error.retry_delay_s is not None:
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromMicroseconds(int(error.retry_delay_s * 1_000_000))
+        details.append(any_pb2.Any())
+        details[-1].Pack(retry)
+    status = status_pb2.Status(code=error.code.value[0], message=error.message, details=details)
     return rpc_status.to_status(status)
 
 
@@ -89,6 +96,8 @@ async def _seam(app: AppContext, context: Any, name: str) -> AsyncIterator[None]
     except PulseSyncError as e:
         code = e.code.name
         await _abort(context, e)
+    except grpc.aio.AbortError:
+        raise
     except asyncio.CancelledError:
         reason = app.sessions.reason_for(asyncio.current_task())
         if reason is None:
@@ -96,25 +105,37 @@ async def _seam(app: AppContext, context: Any, name: str) -> AsyncIterator[None]
             raise
         code = reason.code.name
         await _abort(context, reason)
+    except Exception:
+        # Never Python's text in a status: the log line carries the traceback, and the client
+        # gets only an id to quote that finds exactly that line.
+        code = "INTERNAL"
+        await _abort(context, internal_error(name))
     finally:
         app.metrics.rpcs.labels(name, code).inc()
 
 
 def _tracked(
-    app: AppContext, identity: Identity | None, stream: bool
-) -> contextlib.AbstractContextManager[None]:
-    """While a stream is open, its task is registered so that it can be cut off."""
+    app: AppContext, identity: Identity | None, stream: bool, heavy: bool = False
+) -> contextlib.ExitStack[bool | None]:
+    """While a stream is open, its task is registered so that it can be cut off; a heavy
+    read holds one of its device's slots (see pulsesync.server.limits)."""
+    stack = contextlib.ExitStack()
+    if identity is not None and heavy:
+        stack.enter_context(app.heavy_reads.slot(identity.device_pk))
     if stream and identity is not None:
-        return app.sessions.track(identity)
-    return contextlib.nullcontext()
+        stack.enter_context(app.sessions.track(identity))
+    return stack
 
 
 def _method_name(fn: Callable[..., Any]) -> str:
     return fn.__qualname__.replace("Servicer.", "Service.")
 
 
-def rpc_method(*, public: bool = False, stream: bool = False) -> Callable[[Any], Any]:
-    """Decorate a servicer method (see module docstring)."""
+def rpc_method(
+    *, public: bool = False, stream: bool = False, heavy: bool = False
+) -> Callable[[Any], Any]:
+    """Decorate a servicer method (see module docstring); `heavy` marks a read whose cost
+    grows with the person's data, limited per device."""
 
     def decorate(fn: Any) -> Any:
         name = _method_name(fn)
@@ -127,7 +148,7 @@ def rpc_method(*, public: bool = False, stream: bool = False) -> Callable[[Any],
                     identity = None if public else await authenticate(self.app, context)
                     if stream:
                         await context.send_initial_metadata((STREAM_OPEN,))
-                    with _tracked(self.app, identity, stream):
+                    with _tracked(self.app, identity, stream, heavy):
                         async for item in fn(self, request, context, identity):
                             yield item
 
@@ -137,10 +158,155 @@ def rpc_method(*, public: bool = False, stream: bool = False) -> Callable[[Any],
         async def wrapper(self: HasApp, request: Any, context: Any) -> Any:
             async with _seam(self.app, context, name):
                 identity = None if public else await authenticate(self.app, context)
-                with _tracked(self.app, identity, stream):
+                with _tracked(self.app, identity, stream, heavy):
                     return await fn(self, request, context, identity)
             raise AssertionError("unreachable: the seam aborts the call on every error")
 
         return wrapper
 
     return decorate
+
+
+def internal_error(method: str) -> PulseSyncError:
+    """Log the exception being handled under a fresh id; the INTERNAL error naming only that id."""
+    error_id = uuid.uuid4().hex
+    log.exception("unexpected error", extra={"error_id": error_id, "method": method})
+    return PulseSyncError(
+        f"internal error {error_id}; the server's log has the details under this id",
+        reason="INTERNAL",
+        metadata={"error_id": error_id},
+    )
+
+
+# -- malformed requests ------------------------------------------------------------------------
+class _Malformed:
+    """What a request that could not be parsed deserializes to (instead of an exception)."""
+
+
+_MALFORMED: Final = _Malformed()
+
+
+def malformed_error(method: str) -> InvalidArgument:
+    """The error for request bytes that are not the method's request message."""
+    return InvalidArgument(
+        f"the request is not a valid request message of {method}; "
+        "check the client's protobuf encoding",
+        reason="MALFORMED_MESSAGE",
+    )
+
+
+def _lenient(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def parse(raw: bytes) -> Any:
+        try:
+            return deserialize(raw)
+        except Exception:  # DecodeError, and whatever else a parser may raise on bad bytes
+            return _MALFORMED
+
+    return parse
+
+
+if TYPE_CHECKING:
+    _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:
+    _ServerInterceptor = grpc.aio.ServerInterceptor
+
+
+class MalformedRequestInterceptor(_ServerInterceptor):
+    """Every method, health and reflection included, answers bytes that do not parse with
+    INVALID_ARGUMENT / MALFORMED_MESSAGE rather than gRPC's UNKNOWN with Python's text.
+
+    The method's request deserializer is made lenient (a parse failure yields a marker), and
+    its behavior refuses the marker before the servicer sees it.
+    """
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        method = str(handler_call_details.method)
+        deserializer = _lenient(handler.request_deserializer)
+        if handler.unary_unary is not None:
+            return handler._replace(  # type: ignore[attr-defined,no-any-return]
+                request_deserializer=deserializer,
+                unary_unary=_checked_unary(handler.unary_unary, method),
+            )
+        if handler.unary_stream is not None:
+            return handler._replace(  # type: ignore[attr-defined,no-any-return]
+                request_deserializer=deserializer,
+                unary_stream=_checked_unary_stream(handler.unary_stream, method),
+            )
+        if handler.stream_unary is not None:
+            return handler._replace(  # type: ignore[attr-defined,no-any-return]
+                request_deserializer=deserializer,
+                stream_unary=_checked_stream(handler.stream_unary, method, gen=False),
+            )
+        return handler._replace(  # type: ignore[attr-defined,no-any-return]
+            request_deserializer=deserializer,
+            stream_stream=_checked_stream(handler.stream_stream, method, gen=True),
+        )
+
+
+async def _maybe_await(result: Any) -> Any:
+    return await result if inspect.isawaitable(result) else result
+
+
+async def _refuse(context: Any, method: str) -> None:
+    await _abort(context, malformed_error(method))
+
+
+def _checked_unary(behavior: Any, method: str) -> Any:
+    async def unary(request: Any, context: Any) -> Any:
+        if request is _MALFORMED:
+            await _refuse(context, method)
+        return await _maybe_await(behavior(request, context))
+
+    return unary
+
+
+def _checked_unary_stream(behavior: Any, method: str) -> Any:
+    if inspect.isasyncgenfunction(behavior):
+
+        async def gen(request: Any, context: Any) -> AsyncIterator[Any]:
+            if request is _MALFORMED:
+                await _refuse(context, method)
+            async for item in behavior(request, context):
+                yield item
+
+        return gen
+
+    async def writer(request: Any, context: Any) -> Any:
+        if request is _MALFORMED:
+            await _refuse(context, method)
+        return await _maybe_await(behavior(request, context))
+
+    return writer
+
+
+def _checked_stream(behavior: Any, method: str, *, gen: bool) -> Any:
+    def checked(requests: Any, context: Any) -> AsyncIterator[Any]:
+        async def parsed() -> AsyncIterator[Any]:
+            async for request in requests:
+                if request is _MALFORMED:
+                    await _refuse(context, method)
+                yield request
+
+        return parsed()
+
+    if gen and inspect.isasyncgenfunction(behavior):
+
+        async def stream_gen(requests: Any, context: Any) -> AsyncIterator[Any]:
+            async for item in behavior(checked(requests, context), context):
+                yield item
+
+        return stream_gen
+
+    async def stream(requests: Any, context: Any) -> Any:
+        return await _maybe_await(behavior(checked(requests, context), context))
+
+    return stream

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from pulsesync.server.context import AppContext
-from pulsesync.server.identity import Identity
+from pulsesync.server.errors import PermissionDenied
+from pulsesync.server.identity import Identity, PairingLimiter, peer_host
 from pulsesync.server.rpc.base import bearer_token, rpc_method
 from pulsesync.server.rpc.convert import device_message, ts
 from pulsesync.v1 import devices_pb2, devices_pb2_grpc
@@ -14,14 +15,21 @@ from pulsesync.v1 import devices_pb2, devices_pb2_grpc
 class DeviceServicer(devices_pb2_grpc.DeviceServiceServicer):
     def __init__(self, app: AppContext) -> None:
         self.app = app
+        self.pairing_limiter = PairingLimiter(app.clock)
 
     @rpc_method(public=True)
     async def PairDevice(
         self, request: devices_pb2.PairDeviceRequest, context: Any, _: None
     ) -> devices_pb2.PairDeviceResponse:
-        device, token, user_name = await self.app.identity.pair(
-            request.pairing_code, request.device_name, request.kind
-        )
+        peer = peer_host(str(context.peer()))
+        self.pairing_limiter.check(peer)
+        try:
+            device, token, user_name = await self.app.identity.pair(
+                request.pairing_code, request.device_name, request.kind
+            )
+        except PermissionDenied:
+            self.pairing_limiter.failed(peer)
+            raise
         return devices_pb2.PairDeviceResponse(
             device=device_message(device), token=token, user_name=user_name
         )

@@ -109,7 +109,7 @@ class NudgeServicer(nudges_pb2_grpc.NudgeServiceServicer):
             )
         return nudges_pb2.RecordNudgeFeedbackResponse()
 
-    @rpc_method()
+    @rpc_method(heavy=True)
     async def ListNudges(
         self, request: Any, context: Any, me: Identity
     ) -> nudges_pb2.ListNudgesResponse:

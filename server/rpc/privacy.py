@@ -170,13 +170,13 @@ class PrivacyServicer(privacy_pb2_grpc.PrivacyServiceServicer):
         finally:
             cancel()
 
-    @rpc_method()
+    @rpc_method(heavy=True)
     async def GetPrivacySummary(
         self, request: privacy_pb2.GetPrivacySummaryRequest, context: Any, me: Identity
     ) -> privacy_pb2.GetPrivacySummaryResponse:
         return summary_message(await self.center.summary(me.user_id, Actor.DEVICE))
 
-    @rpc_method(stream=True)
+    @rpc_method(stream=True, heavy=True)
     async def ExportData(
         self, request: privacy_pb2.ExportDataRequest, context: Any, me: Identity
     ) -> AsyncIterator[privacy_pb2.ExportDataResponse]:

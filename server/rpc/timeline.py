@@ -119,7 +119,7 @@ class TimelineServicer(timeline_pb2_grpc.TimelineServiceServicer):
         self.app = app
         self.store = TimelineStore(app.db)
 
-    @rpc_method()
+    @rpc_method(heavy=True)
     async def ListEvents(
         self, request: timeline_pb2.ListEventsRequest, context: Any, me: Identity
     ) -> timeline_pb2.ListEventsResponse:
@@ -148,7 +148,7 @@ class TimelineServicer(timeline_pb2_grpc.TimelineServiceServicer):
             item.time.CopyFrom(ts(e.t_us))
         return resp
 
-    @rpc_method()
+    @rpc_method(heavy=True)
     async def SummarizeActivity(
         self, request: timeline_pb2.SummarizeActivityRequest, context: Any, me: Identity
     ) -> timeline_pb2.SummarizeActivityResponse:

@@ -1,0 +1,163 @@
+#!/usr/bin/env python3
+"""Fairness: another person's ListEvents latency, alone and under a flood from one device.
+
+One real server on loopback over a real SQLite file. Person "ada" has a device that floods
+the server with FLOOD_WORKERS concurrent ListEvents(page_size=1000) loops; person "bob" reads
+small pages. Bob's p50/p99 are measured first without the flood, then with it, in the same
+invocation (compare ratios, not absolute figures, on a shared machine). The flood's refused
+calls (RESOURCE_EXHAUSTED beyond the per-device limit) are counted. Ends with one JSON line;
+the goal is `ratio` (p99 under flood / p99 alone) <= 3.
+
+    python scripts/bench_fairness.py [--events 20000] [--samples 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+from google.protobuf import timestamp_pb2
+
+from pulsesync.kinds import kind_of
+from pulsesync.server.app import RunningServer, running_server
+from pulsesync.server.config import ServerConfig
+from pulsesync.v1 import (
+    common_pb2,
+    devices_pb2,
+    devices_pb2_grpc,
+    events_pb2,
+    timeline_pb2,
+    timeline_pb2_grpc,
+)
+
+FLOOD_WORKERS = 12
+T0_US = 1_767_225_600_000_000
+
+
+async def _pair(server: RunningServer, user: str) -> tuple[tuple[str, str], ...]:
+    ids = server.app.identity
+    user_id = await ids.add_user(user)
+    code, _ = await ids.create_pairing_code(user_id)
+    async with grpc.aio.insecure_channel(server.address) as ch:
+        resp = await devices_pb2_grpc.DeviceServiceStub(ch).PairDevice(
+            devices_pb2.PairDeviceRequest(
+                pairing_code=code, device_name=f"{user}-phone", kind=common_pb2.DEVICE_KIND_PHONE
+            ),
+            timeout=30,
+        )
+    return (("authorization", f"Bearer {resp.token}"),)
+
+
+async def _seed(server: RunningServer, user: str, n: int) -> None:
+    """n events of the user's device, written straight into the table (ingest is not measured)."""
+    async with server.app.db.reader.execute(
+        "SELECT d.device_pk, d.user_id FROM devices d JOIN users u USING (user_id) WHERE u.name = ?",
+        (user,),
+    ) as c:
+        row = await c.fetchone()
+    assert row is not None
+    device_pk, user_id = int(row[0]), int(row[1])
+    rows = []
+    for seq in range(1, n + 1):
+        t_us = T0_US + seq * 1_000_000
+        e = events_pb2.Event(
+            event_id=str(uuid.uuid4()),
+            seq=seq,
+            device_time=timestamp_pb2.Timestamp(seconds=t_us // 1_000_000),
+            search=events_pb2.Search(app="notes", query=f"query {seq}", result_count=3),
+        )
+        rows.append((device_pk, seq, user_id, t_us, kind_of(e), t_us, e.SerializeToString()))
+    async with server.app.db.transaction() as tx:
+        await tx.executemany(
+            "INSERT INTO events (device_pk, seq, user_id, t_us, kind, received_us, body)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+
+
+def _request(page_size: int) -> timeline_pb2.ListEventsRequest:
+    req = timeline_pb2.ListEventsRequest(page_size=page_size)
+    req.start_time.FromMicroseconds(T0_US)
+    req.end_time.FromMicroseconds(T0_US + 10**12)
+    return req
+
+
+async def _measure(stub: timeline_pb2_grpc.TimelineServiceStub, md: object, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        await stub.ListEvents(_request(20), metadata=md, timeout=60)  # type: ignore[arg-type]
+        out.append((time.perf_counter() - t) * 1000)
+    return out
+
+
+def _p(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+
+
+async def main(events: int, samples: int) -> dict[str, object]:
+    with tempfile.TemporaryDirectory() as tmp:
+        config = ServerConfig(port=0, data_dir=Path(tmp), grace_seconds=1.0)
+        async with running_server(config) as server:
+            ada, bob = await _pair(server, "ada"), await _pair(server, "bob")
+            await _seed(server, "ada", events)
+            await _seed(server, "bob", 200)
+            async with grpc.aio.insecure_channel(server.address) as ch:
+                stub = timeline_pb2_grpc.TimelineServiceStub(ch)
+                await _measure(stub, bob, 20)  # warm up
+                alone = await _measure(stub, bob, samples)
+
+                stop = asyncio.Event()
+                served = refused = 0
+
+                async def flood() -> None:
+                    nonlocal served, refused
+                    while not stop.is_set():
+                        try:
+                            await stub.ListEvents(_request(1000), metadata=ada, timeout=60)
+                            served += 1
+                        except grpc.aio.AioRpcError as e:
+                            if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                                raise
+                            refused += 1
+                            await asyncio.sleep(0)  # a hostile client retries at once
+
+                workers = [asyncio.create_task(flood()) for _ in range(FLOOD_WORKERS)]
+                try:
+                    flooded = await _measure(stub, bob, samples)
+                finally:
+                    stop.set()
+                    await asyncio.gather(*workers)
+    p99_alone, p99_flood = _p(alone, 99), _p(flooded, 99)
+    return {
+        "benchmark": "fairness",
+        "flood_workers": FLOOD_WORKERS,
+        "flood_page_size": 1000,
+        "flooder_events": events,
+        "samples": samples,
+        "p50_unloaded_ms": round(_p(alone, 50), 2),
+        "p99_unloaded_ms": round(p99_alone, 2),
+        "p50_flood_ms": round(_p(flooded, 50), 2),
+        "p99_flood_ms": round(p99_flood, 2),
+        "ratio": round(p99_flood / p99_alone, 2),
+        "goal_ratio_max": 3,
+        "flood_served": served,
+        "flood_refused": refused,
+    }
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--events", type=int, default=20_000)
+    parser.add_argument("--samples", type=int, default=300)
+    args = parser.parse_args()
+    print(json.dumps(asyncio.run(main(args.events, args.samples))))
+    sys.exit(0)
