@@ -26,7 +26,7 @@ from typing import Any, Final
 
 from google.protobuf import timestamp_pb2
 
-from pulsesync.server.bus import CommittedEvent
+from pulsesync.server.bus import CommittedBatch, CommittedEvent
 from pulsesync.server.context import AppContext
 from pulsesync.server.nudges.catalog import NONE_ACTION, Catalog, load_catalog
 from pulsesync.server.nudges.eligibility import (
@@ -61,6 +61,8 @@ STREAM_QUEUE: Final = 32
 # Committed events queued for the features before a fold starts without waiting for the
 # tick: heavy ingest would otherwise queue 15 s of it (about a gigabyte at 300k events/s).
 FOLD_BACKLOG_EVENTS: Final = 50_000
+# Committed events that carry nudge feedback (recorded like RecordNudgeFeedback).
+_INTERACTION: Final = frozenset({events_pb2.EVENT_KIND_NUDGE_INTERACTION})
 
 
 @dataclass(slots=True)
@@ -144,6 +146,7 @@ class NudgeEngine:
         self._pending_events = 0
         self._fold_lock = asyncio.Lock()  # one fold at a time, so batches fold in order
         self._backlog_fold: asyncio.Task[None] | None = None
+        self._feedback_tasks: set[asyncio.Task[None]] = set()
         self._consenting: dict[int, bool] = {}
         self._unwatch: dict[int, Any] = {}
         self._last_tick: dict[int, int] = {}
@@ -163,6 +166,8 @@ class NudgeEngine:
             cancel()
         if self._backlog_fold is not None:
             self._backlog_fold.cancel()
+        for task in self._feedback_tasks:
+            task.cancel()
 
     # -- events ---------------------------------------------------------------------------
     def _on_events(self, user_id: int, events: Sequence[CommittedEvent]) -> None:
@@ -170,6 +175,17 @@ class NudgeEngine:
         # when heavy ingest queues more than FOLD_BACKLOG_EVENTS before the next tick.
         self._pending.append((user_id, events))
         self._pending_events += len(events)
+        interactions = (
+            list(events.of_kinds(_INTERACTION))
+            if isinstance(events, CommittedBatch)
+            else [e for e in events if e.kind in _INTERACTION]
+        )
+        if interactions:  # feedback uploaded as events: recorded now, not at the next tick
+            task = asyncio.get_running_loop().create_task(
+                self._record_interactions(user_id, interactions), name="nudge-feedback-events"
+            )
+            self._feedback_tasks.add(task)
+            task.add_done_callback(self._feedback_tasks.discard)
         if self._pending_events >= FOLD_BACKLOG_EVENTS and self._backlog_fold is None:
             self._backlog_fold = asyncio.get_running_loop().create_task(
                 self._fold_backlog(), name="nudge-feature-fold"
@@ -182,6 +198,45 @@ class NudgeEngine:
             log.exception("folding queued events into the nudge features failed")
         finally:
             self._backlog_fold = None
+
+    async def _record_interactions(self, user_id: int, events: Sequence[CommittedEvent]) -> None:
+        try:
+            for e in events:
+                ev = events_pb2.Event.FromString(e.body)
+                p = ev.nudge_interaction
+                await self.record_feedback(
+                    user_id, p.nudge_id, e.device_pk, int(p.action), e.t_us, e.received_us or e.t_us
+                )
+        except Exception:
+            log.exception("recording nudge feedback from interaction events failed")
+
+    async def feedback_settled(self) -> None:
+        """Wait until feedback from committed interaction events is recorded."""
+        while self._feedback_tasks:
+            await asyncio.gather(*self._feedback_tasks, return_exceptions=True)
+
+    async def record_feedback(
+        self,
+        user_id: int,
+        nudge_id: str,
+        device_pk: int,
+        action: int,
+        action_us: int,
+        received_us: int,
+    ) -> bool:
+        """Record what the person did with one of their nudges, once per action per nudge.
+
+        Both RecordNudgeFeedback and NudgeInteraction events come here: a retry, or the same
+        feedback sent both ways, finds the (nudge, action) row and records nothing. Whether
+        the nudge is the user's and the feedback new.
+        """
+        async with self.app.db.transaction() as tx:
+            cur = await tx.execute(
+                "INSERT OR IGNORE INTO nudge_feedback (user_id, nudge_id, device_pk, action, action_us, received_us)"
+                " SELECT user_id, nudge_id, ?, ?, ?, ? FROM nudges WHERE nudge_id = ? AND user_id = ?",
+                (device_pk, action, action_us, received_us, nudge_id, user_id),
+            )
+            return bool(cur.rowcount)
 
     def pending_events(self) -> int:
         """Committed events queued for the next fold into the features."""

@@ -105,12 +105,11 @@ class NudgeServicer(nudges_pb2_grpc.NudgeServiceServicer):
                 )
         now = self.app.clock.now_us()
         at = request.action_time.ToMicroseconds() if request.HasField("action_time") else now
-        async with self.app.db.transaction() as tx:
-            await tx.execute(
-                "INSERT INTO nudge_feedback (user_id, nudge_id, device_pk, action, action_us, received_us)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (me.user_id, request.nudge_id, me.device_pk, int(request.action), at, now),
-            )
+        # Once per action per nudge: a retry (or the same feedback uploaded as an event)
+        # succeeds and records nothing more.
+        await self.engine.record_feedback(
+            me.user_id, request.nudge_id, me.device_pk, int(request.action), at, now
+        )
         return nudges_pb2.RecordNudgeFeedbackResponse()
 
     @rpc_method()
