@@ -28,7 +28,7 @@ from google.protobuf import timestamp_pb2
 
 from pulsesync.server.bus import CommittedBatch, CommittedEvent
 from pulsesync.server.context import AppContext
-from pulsesync.server.nudges.catalog import NONE_ACTION, Catalog, load_catalog
+from pulsesync.server.nudges.catalog import NONE_ACTION, Catalog, NudgeType, load_catalog
 from pulsesync.server.nudges.eligibility import (
     Eligibility,
     NudgeProfile,
@@ -119,6 +119,28 @@ def dedup_steps(counts: Iterable[tuple[object, int, int]]) -> int:
     for (minute, _), total in per.items():
         best[minute] = max(best.get(minute, 0), total)
     return sum(best.values())
+
+
+def _reasons(t: NudgeType, ctx: Any, profile: NudgeProfile, now: int) -> list[str]:
+    """Why this type was eligible and chosen now, in words about this nudge's own premise."""
+    out: list[str] = []
+    item = profile.continuity
+    if t.needs_continuity_item and item is not None:
+        out.append(f"{item.title!r} in {item.app} is {round(item.progress * 100)}% done")
+        if item.position:
+            out.append(f"left off at {item.position}")
+    if t.near_habitual_feature:
+        out.append(f"usual time for {t.near_habitual_feature}")
+    if profile.daily_study_minutes and "{study_minutes_left}" in t.message:
+        out.append(f"goal of {profile.daily_study_minutes} study minutes a day")
+    if t.min_stress is not None:
+        out.append(f"heart rate variability {ctx.stress:.0%} below usual")
+    if t.activity:
+        out.append(f"sedentary {int(ctx.sedentary_min)} min")
+        out.append(f"{int(ctx.values['steps_30'])} steps in 30 min")
+    if not out:
+        out.append(f"eligible at local {local_time(now, profile.time_zone):%H:%M}")
+    return out
 
 
 class NudgeEngine:
@@ -541,10 +563,10 @@ class NudgeEngine:
             expire_time=_ts(now + t.expire_us),
             device_id=stream.device_id if stream else "",
             probability=probability,
-            reasons=[
-                f"sedentary {int(ctx.sedentary_min)} min",
-                f"{int(ctx.values['steps_30'])} steps in 30 min",
-            ],
+            reasons=_reasons(t, ctx, profile, now),
+            data=profile.continuity.data()
+            if t.needs_continuity_item and profile.continuity
+            else {},
         )
 
     async def _log(

@@ -70,11 +70,17 @@ class Nudge(_message.Message):
 
     @_builtins.property
     def reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Why it was eligible and chosen, for display and debugging."""
+        """Why it was eligible and chosen, for display and debugging: about this nudge's own
+        premise (the item to resume, the sedentary stretch, the study goal, ...).
+        """
 
     @_builtins.property
     def data(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Type-specific data, e.g. the continuity item to resume."""
+        """Type-specific data. A "resume_item" nudge carries the continuity item to open:
+        "app" and "item_id" (as in the profile's ContinuityItem, unencoded), "title",
+        "position" (the app's own opaque position, e.g. "page=42"), "progress" (0..1, two
+        decimals) and "device_id" (the device it was left on). Other types carry none today.
+        """
 
     def __init__(
         self,
