@@ -16,10 +16,13 @@ from pulsesync.server.errors import InvalidArgument, NotFound
 from pulsesync.server.identity import Identity
 from pulsesync.server.nudges.engine import TICK_SECONDS, NudgeEngine
 from pulsesync.server.rpc.base import rpc_method
+from pulsesync.server.rpc.pagination import page_size, page_tokens
 from pulsesync.v1 import events_pb2, nudges_pb2, nudges_pb2_grpc
 
 log = logging.getLogger(__name__)
 
+# AIP-158: a screen of history by default; larger requests are clamped to the maximum,
+# which keeps one response (each nudge with its feedback) well under a megabyte.
 DEFAULT_PAGE_SIZE: Final = 50
 MAX_PAGE_SIZE: Final = 500
 
@@ -116,14 +119,12 @@ class NudgeServicer(nudges_pb2_grpc.NudgeServiceServicer):
     async def ListNudges(
         self, request: Any, context: Any, me: Identity
     ) -> nudges_pb2.ListNudgesResponse:
-        size = request.page_size or DEFAULT_PAGE_SIZE
-        if size < 0 or size > MAX_PAGE_SIZE:
-            raise InvalidArgument(
-                f"page_size must be 1..{MAX_PAGE_SIZE}", reason="INVALID_PAGE_SIZE"
-            )
-        after = _parse_token(request.page_token)
+        size = page_size(request.page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         start = request.start_time.ToMicroseconds() if request.HasField("start_time") else 0
         end = request.end_time.ToMicroseconds() if request.HasField("end_time") else 2**62
+        tokens = page_tokens(self.app.config.data_dir)
+        pos = tokens.decode(request.page_token, "ListNudges", me.user_id, (start, end))
+        after = (int(pos[0]), str(pos[1])) if pos else None
         # Keyset paging on (create_us DESC, nudge_id): a page never skips or repeats a nudge
         # when new ones arrive between calls, and reading page k costs the same as page 1.
         keyset, params = "", [me.user_id, start, end]
@@ -166,18 +167,9 @@ class NudgeServicer(nudges_pb2_grpc.NudgeServiceServicer):
                     deliver_time=_ts(r[9]),
                 )
             )  # fmt: skip
-        token = f"{rows[-1][7]}:{rows[-1][0]}" if more and rows else ""
-        return nudges_pb2.ListNudgesResponse(nudges=records, next_page_token=token)
-
-
-def _parse_token(token: str) -> tuple[int, str] | None:
-    """(create_us, nudge_id) of the last nudge of the previous page, or None for the first."""
-    if not token:
-        return None
-    create_us, sep, nudge_id = token.partition(":")
-    if not sep or not nudge_id.startswith("ndg_") or not create_us.lstrip("-").isdigit():
-        raise InvalidArgument(
-            "page_token is not one this server issued: pass next_page_token unchanged",
-            reason="INVALID_PAGE_TOKEN",
+        token = (
+            tokens.encode("ListNudges", me.user_id, (start, end), [rows[-1][7], rows[-1][0]])
+            if more and rows
+            else ""
         )
-    return int(create_us), nudge_id
+        return nudges_pb2.ListNudgesResponse(nudges=records, next_page_token=token)

@@ -248,7 +248,13 @@ class ListNudgesRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
+    """At most this many nudges, newest first (0: the default, 50; larger values are clamped
+    to 500; negative is INVALID_ARGUMENT).
+    """
     page_token: _builtins.str
+    """next_page_token of the previous page, unchanged, with the same start_time and end_time
+    (otherwise INVALID_ARGUMENT, reason PAGE_TOKEN_QUERY_MISMATCH); empty for the first page.
+    """
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -276,6 +282,7 @@ class ListNudgesResponse(_message.Message):
     NUDGES_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    """Opaque token for the next page; empty on the last page."""
     @_builtins.property
     def nudges(self) -> _containers.RepeatedCompositeFieldContainer[Global___NudgeRecord]: ...
     def __init__(
