@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 # which keeps one response (each nudge with its feedback) well under a megabyte.
 DEFAULT_PAGE_SIZE: Final = 50
 MAX_PAGE_SIZE: Final = 500
+# FCM tokens run to ~200 characters and APNs ones to 64 hex digits; 4 KiB leaves room for a
+# gateway's own envelope without letting a device store megabytes.
+MAX_PUSH_TOKEN: Final = 4096
 
 
 def _ts(us: int | None) -> timestamp_pb2.Timestamp | None:
@@ -114,6 +117,29 @@ class NudgeServicer(nudges_pb2_grpc.NudgeServiceServicer):
             me.user_id, request.nudge_id, me.device_pk, int(request.action), at, now
         )
         return nudges_pb2.RecordNudgeFeedbackResponse()
+
+    @rpc_method()
+    async def FetchPendingNudges(
+        self, request: Any, context: Any, me: Identity
+    ) -> nudges_pb2.FetchPendingNudgesResponse:
+        nudges = await self.engine.fetch_pending(
+            me.user_id, me.device_pk, me.device_id, me.device_kind
+        )
+        return nudges_pb2.FetchPendingNudgesResponse(nudges=nudges)
+
+    @rpc_method()
+    async def RegisterPushTarget(
+        self, request: Any, context: Any, me: Identity
+    ) -> nudges_pb2.RegisterPushTargetResponse:
+        if len(request.push_token) > MAX_PUSH_TOKEN:
+            raise InvalidArgument(
+                f"push_token is longer than {MAX_PUSH_TOKEN} characters",
+                reason="INVALID_PUSH_TOKEN",
+            )
+        await self.engine.register_push_target(
+            me.user_id, me.device_pk, me.device_id, me.device_kind, request.push_token
+        )
+        return nudges_pb2.RegisterPushTargetResponse()
 
     @rpc_method()
     async def ListNudges(

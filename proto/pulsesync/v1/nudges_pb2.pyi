@@ -298,3 +298,87 @@ class ListNudgesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListNudgesResponse: _TypeAlias = ListNudgesResponse  # noqa: Y015
+
+@_typing.final
+class FetchPendingNudgesRequest(_message.Message):
+    """Nudges chosen for this device that no stream or push delivered yet and that have not
+    expired, oldest first. An app calls it when it wakes (launch, foreground, after a push);
+    every nudge returned is marked delivered to the calling device, so a nudge is fetched once.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FetchPendingNudgesRequest: _TypeAlias = FetchPendingNudgesRequest  # noqa: Y015
+
+@_typing.final
+class FetchPendingNudgesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NUDGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def nudges(self) -> _containers.RepeatedCompositeFieldContainer[Global___Nudge]:
+        """The pending nudges, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        nudges: _abc.Iterable[Global___Nudge] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["nudges", b"nudges"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FetchPendingNudgesResponse: _TypeAlias = FetchPendingNudgesResponse  # noqa: Y015
+
+@_typing.final
+class RegisterPushTargetRequest(_message.Message):
+    """Declares that this device can be woken by a push: the server's push provider (the
+    operator's own gateway, by webhook) gets this token with each nudge for the device while
+    it has no open SubscribeNudges stream.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PUSH_TOKEN_FIELD_NUMBER: _builtins.int
+    push_token: _builtins.str
+    """The device's token at the operator's push gateway (e.g. an FCM or APNs token the
+    gateway understands); empty removes the device's push target.
+    """
+    def __init__(
+        self,
+        *,
+        push_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["push_token", b"push_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegisterPushTargetRequest: _TypeAlias = RegisterPushTargetRequest  # noqa: Y015
+
+@_typing.final
+class RegisterPushTargetResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegisterPushTargetResponse: _TypeAlias = RegisterPushTargetResponse  # noqa: Y015
