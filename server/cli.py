@@ -69,6 +69,9 @@ def config_from(args: argparse.Namespace) -> ServerConfig:
         key_file=getattr(args, "key_file", None) or _env_path("KEY_FILE"),
         key_vault=getattr(args, "key_vault", None) or _env_path("KEY_VAULT"),
         port_file=getattr(args, "port_file", None),
+        extra=(
+            {"nudges.push_url": url} if (url := getattr(args, "push_webhook_url", None)) else {}
+        ),
     )
 
 
@@ -182,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=int(v) if (v := env("METRICS_PORT")) else None,
         help="serve Prometheus metrics on this port",
+    )
+    serve.add_argument(
+        "--push-webhook-url",
+        default=env("PUSH_WEBHOOK_URL"),
+        help="POST nudges for devices without an open stream to this push gateway; the "
+        "HMAC secret comes from PULSESYNC_PUSH_WEBHOOK_SECRET (never a flag)",
     )
     serve.add_argument(
         "--key-file",

@@ -16,8 +16,10 @@ import grpc
 import pytest
 
 from pulsesync.server.app import RunningServer, running_server
+from pulsesync.server.cli import build_parser, config_from
 from pulsesync.server.clock import FakeClock
 from pulsesync.server.config import ServerConfig
+from pulsesync.server.nudges.push import ENV_SECRET, ENV_URL, WebhookPushProvider, push_provider
 from pulsesync.v1 import common_pb2, nudges_pb2, nudges_pb2_grpc
 from tests.server.nudges.support import steps_event, store
 from tests.support.server import PairedDevice, pair_device
@@ -199,3 +201,19 @@ async def test_push_tokens_are_bounded(srv: tuple[RunningServer, FakeClock]) -> 
                 nudges_pb2.RegisterPushTargetRequest(push_token="x" * 5000), metadata=phone.metadata, timeout=10
             )  # fmt: skip
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_push_provider_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ENV_URL, raising=False)
+    monkeypatch.delenv(ENV_SECRET, raising=False)
+    assert push_provider({}) is None
+    monkeypatch.setenv(ENV_URL, "http://127.0.0.1:9/push")
+    with pytest.raises(ValueError, match="secret"):
+        push_provider({})
+    monkeypatch.setenv(ENV_SECRET, SECRET)
+    provider = push_provider({})
+    assert isinstance(provider, WebhookPushProvider)
+    assert provider.url == "http://127.0.0.1:9/push"
+    assert config_from(
+        build_parser().parse_args(["serve", "--push-webhook-url", "http://gw/p"])
+    ).extra == {"nudges.push_url": "http://gw/p"}
