@@ -74,8 +74,9 @@ class NudgeServicer(nudges_pb2_grpc.NudgeServiceServicer):
         queue = self.engine.open_stream(me.user_id, me.device_pk, me.device_id, me.device_kind)
         try:
             for nudge in await self.engine.pending_for(me.user_id, me.device_pk, me.device_id):
-                await self.engine.mark_delivered(nudge.nudge_id, me.device_pk)
-                yield nudges_pb2.SubscribeNudgesResponse(nudge=nudge)
+                # Once: a nudge the app fetched (or a push delivered) meanwhile is not resent.
+                if await self.engine.mark_delivered(nudge.nudge_id, me.device_pk):
+                    yield nudges_pb2.SubscribeNudgesResponse(nudge=nudge)
             while True:
                 item = await queue.get()
                 if item is None:
