@@ -75,6 +75,9 @@ def config_from(args: argparse.Namespace) -> ServerConfig:
         key_vault=getattr(args, "key_vault", None) or _env_path("KEY_VAULT"),
         port_file=getattr(args, "port_file", None),
         max_token_age_s=getattr(args, "max_token_age", None),
+        extra=(
+            {"nudges.push_url": url} if (url := getattr(args, "push_webhook_url", None)) else {}
+        ),
     )
 
 
@@ -202,6 +205,12 @@ def build_parser(load: Iterable[str] | None = None) -> argparse.ArgumentParser:
         type=int,
         default=int(v) if (v := env("METRICS_PORT")) else None,
         help="serve Prometheus metrics on this port",
+    )
+    serve.add_argument(
+        "--push-webhook-url",
+        default=env("PUSH_WEBHOOK_URL"),
+        help="POST nudges for devices without an open stream to this push gateway; the "
+        "HMAC secret comes from PULSESYNC_PUSH_WEBHOOK_SECRET (never a flag)",
     )
     serve.add_argument(
         "--key-file",

@@ -15,6 +15,29 @@ from pulsesync.v1 import common_pb2
 
 
 @dataclass(frozen=True, slots=True)
+class ContinuityRef:
+    """The continuity item a resume nudge points at: what the app needs to open it."""
+
+    app: str
+    item_id: str
+    title: str
+    position: str = ""
+    progress: float = 0.0
+    device_id: str = ""  # the device the person left it on
+
+    def data(self) -> dict[str, str]:
+        """The nudge's `data` entries (documented on pulsesync.v1.Nudge.data)."""
+        return {
+            "app": self.app,
+            "item_id": self.item_id,
+            "title": self.title,
+            "position": self.position,
+            "progress": f"{self.progress:.2f}",
+            "device_id": self.device_id,
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class NudgeProfile:
     """What eligibility needs from the person's profile."""
 
@@ -24,6 +47,7 @@ class NudgeProfile:
     muted: frozenset[str] = frozenset()
     continuity_title: str | None = None
     daily_study_minutes: int = 0
+    continuity: ContinuityRef | None = None  # the item continuity_title names
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from pulsesync.server.bus import CommittedEvent
+from pulsesync.server.bus import CommittedBatch, CommittedEvent
 from pulsesync.server.context import AppContext
-from pulsesync.server.nudges.catalog import NONE_ACTION, Catalog, load_catalog
+from pulsesync.server.nudges.catalog import NONE_ACTION, Catalog, NudgeType, load_catalog
 from pulsesync.server.nudges.eligibility import (
     Eligibility,
     NudgeProfile,
@@ -43,6 +43,7 @@ from pulsesync.server.nudges.features import (
 from pulsesync.server.nudges.model import OutcomeModel
 from pulsesync.server.nudges.policy import COLD_START, choose
 from pulsesync.server.nudges.profiles import ProfileSource, profile_source
+from pulsesync.server.nudges.push import PushProvider, push_provider
 from pulsesync.server.nudges.registry import ModelRegistry
 from pulsesync.server.timeline.store import TimelineStore
 from pulsesync.server.timeline.summary import steps_minute
@@ -60,6 +61,11 @@ STREAM_QUEUE: Final = 32
 # Committed events queued for the features before a fold starts without waiting for the
 # tick: heavy ingest would otherwise queue 15 s of it (about a gigabyte at 300k events/s).
 FOLD_BACKLOG_EVENTS: Final = 50_000
+# An app that fetched pending nudges within this long counts as reachable by fetching: apps
+# on a phone wake several times a day; one idle for a day would find its nudges expired.
+FETCH_REACH_US: Final = 24 * 3600 * 1_000_000
+# Committed events that carry nudge feedback (recorded like RecordNudgeFeedback).
+_INTERACTION: Final = frozenset({events_pb2.EVENT_KIND_NUDGE_INTERACTION})
 
 
 @dataclass(slots=True)
@@ -70,6 +76,17 @@ class _Stream:
     queue: asyncio.Queue[nudges_pb2.Nudge | None] = field(
         default_factory=lambda: asyncio.Queue(STREAM_QUEUE)
     )
+
+
+@dataclass(frozen=True, slots=True)
+class _Offline:
+    """A device reachable without a stream: by push (token set) or by fetching when it wakes."""
+
+    user_id: int
+    device_id: str
+    kind: int
+    push_token: str  # "" for a device that only fetches
+    seen_us: int  # when it registered or last fetched
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +129,28 @@ def dedup_steps(counts: Iterable[tuple[object, int, int]]) -> int:
     return sum(best.values())
 
 
+def _reasons(t: NudgeType, ctx: Any, profile: NudgeProfile, now: int) -> list[str]:
+    """Why this type was eligible and chosen now, in words about this nudge's own premise."""
+    out: list[str] = []
+    item = profile.continuity
+    if t.needs_continuity_item and item is not None:
+        out.append(f"{item.title!r} in {item.app} is {round(item.progress * 100)}% done")
+        if item.position:
+            out.append(f"left off at {item.position}")
+    if t.near_habitual_feature:
+        out.append(f"usual time for {t.near_habitual_feature}")
+    if profile.daily_study_minutes and "{study_minutes_left}" in t.message:
+        out.append(f"goal of {profile.daily_study_minutes} study minutes a day")
+    if t.min_stress is not None:
+        out.append(f"heart rate variability {ctx.stress:.0%} below usual")
+    if t.activity:
+        out.append(f"sedentary {int(ctx.sedentary_min)} min")
+        out.append(f"{int(ctx.values['steps_30'])} steps in 30 min")
+    if not out:
+        out.append(f"eligible at local {local_time(now, profile.time_zone):%H:%M}")
+    return out
+
+
 class NudgeEngine:
     """Decides, delivers and measures nudges for every user of one server."""
 
@@ -137,6 +176,7 @@ class NudgeEngine:
         self._pending_events = 0
         self._fold_lock = asyncio.Lock()  # one fold at a time, so batches fold in order
         self._backlog_fold: asyncio.Task[None] | None = None
+        self._feedback_tasks: set[asyncio.Task[None]] = set()
         self._consenting: dict[int, bool] = {}
         self._unwatch: dict[int, Any] = {}
         self._last_tick: dict[int, int] = {}
@@ -144,6 +184,11 @@ class NudgeEngine:
         self._history: dict[int, list[tuple[str, int]]] = {}
         self._streams: dict[int, _Stream] = {}
         self._device_kinds: dict[int, int] = {}
+        # Devices without a stream that still take nudges: push targets (from the database)
+        # and apps that fetched pending nudges within the active window (this replica).
+        self._offline: dict[int, _Offline] = {}
+        self._push_loaded = False
+        self.push: PushProvider | None = push_provider(app.config.extra)
         self._unsubscribe = app.bus.subscribe(self._on_events)
         app.user_data.on_erase("nudges", self._erase)
         self._habitual = tuple(
@@ -156,6 +201,8 @@ class NudgeEngine:
             cancel()
         if self._backlog_fold is not None:
             self._backlog_fold.cancel()
+        for task in self._feedback_tasks:
+            task.cancel()
 
     # -- events ---------------------------------------------------------------------------
     def _on_events(self, user_id: int, events: Sequence[CommittedEvent]) -> None:
@@ -163,6 +210,17 @@ class NudgeEngine:
         # when heavy ingest queues more than FOLD_BACKLOG_EVENTS before the next tick.
         self._pending.append((user_id, events))
         self._pending_events += len(events)
+        interactions = (
+            list(events.of_kinds(_INTERACTION))
+            if isinstance(events, CommittedBatch)
+            else [e for e in events if e.kind in _INTERACTION]
+        )
+        if interactions:  # feedback uploaded as events: recorded now, not at the next tick
+            task = asyncio.get_running_loop().create_task(
+                self._record_interactions(user_id, interactions), name="nudge-feedback-events"
+            )
+            self._feedback_tasks.add(task)
+            task.add_done_callback(self._feedback_tasks.discard)
         if self._pending_events >= FOLD_BACKLOG_EVENTS and self._backlog_fold is None:
             self._backlog_fold = asyncio.get_running_loop().create_task(
                 self._fold_backlog(), name="nudge-feature-fold"
@@ -175,6 +233,45 @@ class NudgeEngine:
             log.exception("folding queued events into the nudge features failed")
         finally:
             self._backlog_fold = None
+
+    async def _record_interactions(self, user_id: int, events: Sequence[CommittedEvent]) -> None:
+        try:
+            for e in events:
+                ev = events_pb2.Event.FromString(e.body)
+                p = ev.nudge_interaction
+                await self.record_feedback(
+                    user_id, p.nudge_id, e.device_pk, int(p.action), e.t_us, e.received_us or e.t_us
+                )
+        except Exception:
+            log.exception("recording nudge feedback from interaction events failed")
+
+    async def feedback_settled(self) -> None:
+        """Wait until feedback from interaction events is recorded and pushes are done."""
+        while self._feedback_tasks:
+            await asyncio.gather(*self._feedback_tasks, return_exceptions=True)
+
+    async def record_feedback(
+        self,
+        user_id: int,
+        nudge_id: str,
+        device_pk: int,
+        action: int,
+        action_us: int,
+        received_us: int,
+    ) -> bool:
+        """Record what the person did with one of their nudges, once per action per nudge.
+
+        Both RecordNudgeFeedback and NudgeInteraction events come here: a retry, or the same
+        feedback sent both ways, finds the (nudge, action) row and records nothing. Whether
+        the nudge is the user's and the feedback new.
+        """
+        async with self.app.db.transaction() as tx:
+            cur = await tx.execute(
+                "INSERT OR IGNORE INTO nudge_feedback (user_id, nudge_id, device_pk, action, action_us, received_us)"
+                " SELECT user_id, nudge_id, ?, ?, ?, ? FROM nudges WHERE nudge_id = ? AND user_id = ?",
+                (device_pk, action, action_us, received_us, nudge_id, user_id),
+            )
+            return bool(cur.rowcount)
 
     def pending_events(self) -> int:
         """Committed events queued for the next fold into the features."""
@@ -221,6 +318,8 @@ class NudgeEngine:
         self._history.pop(user_id, None)
         self._last_tick.pop(user_id, None)
         self._trigger_stretch.pop(user_id, None)
+        for pk in [pk for pk, o in self._offline.items() if o.user_id == user_id]:
+            del self._offline[pk]
         cancel = self._unwatch.pop(user_id, None)
         if cancel:
             cancel()
@@ -285,20 +384,112 @@ class NudgeEngine:
             return  # stays pending for the device; re-sent if it reconnects before expiry
         moved = nudges_pb2.Nudge()
         moved.CopyFrom(nudge)
-        moved.device_id = self._streams[pk].device_id
+        stream = self._streams.get(pk)
+        moved.device_id = stream.device_id if stream else self._offline[pk].device_id
         async with self.app.db.transaction() as tx:
             await tx.execute(
                 "UPDATE nudges SET device_pk = ? WHERE nudge_id = ?", (pk, nudge.nudge_id)
             )
-        self._streams[pk].queue.put_nowait(moved)
+        if stream is not None:
+            stream.queue.put_nowait(moved)
+        else:
+            self._deliver_offline(pk, moved)
 
-    def _reachable(self, user_id: int) -> list[Reachable]:
+    def _reachable(self, user_id: int, now: int | None = None) -> list[Reachable]:
+        """Devices a nudge can reach: open streams, push targets, apps that fetch when awake."""
         state = self.features.user(user_id) if user_id in self.features.known_users() else None
-        return [
+        found = [
             Reachable(pk, s.kind, state.device_last_us.get(pk, 0) if state else 0)
             for pk, s in self._streams.items()
             if s.user_id == user_id
         ]
+        for pk, o in self._offline.items():
+            if o.user_id != user_id or pk in self._streams:
+                continue
+            if o.push_token and self.push is None:
+                continue  # no provider configured: a push target is not a way in
+            if not o.push_token and now is not None and now - o.seen_us > FETCH_REACH_US:
+                continue  # an app that has not woken lately would see the nudge too late
+            found.append(Reachable(pk, o.kind, state.device_last_us.get(pk, 0) if state else 0))
+        return found
+
+    def channel_for(self, device_pk: int) -> str:
+        """How a nudge routed to the device now reaches it: stream, push or pending."""
+        if device_pk in self._streams:
+            return "stream"
+        o = self._offline.get(device_pk)
+        if o is not None and o.push_token and self.push is not None:
+            return "push"
+        return "pending"
+
+    async def _load_push_targets(self) -> None:
+        if self._push_loaded:
+            return
+        async with self.app.db.reader.execute(
+            "SELECT t.device_pk, t.user_id, d.device_id, d.kind, t.push_token, t.update_us"
+            " FROM nudge_push_targets t JOIN devices d ON d.device_pk = t.device_pk"
+            " WHERE d.revoke_us IS NULL"
+        ) as cur:
+            for pk, uid, device_id, kind, token, at in await cur.fetchall():
+                self._offline[int(pk)] = _Offline(
+                    int(uid), str(device_id), int(kind), str(token), int(at)
+                )
+        self._push_loaded = True
+
+    async def register_push_target(
+        self, user_id: int, device_pk: int, device_id: str, kind: int, push_token: str
+    ) -> None:
+        """Make a device reachable by push (or, with an empty token, no longer)."""
+        await self._load_push_targets()
+        now = self.app.clock.now_us()
+        async with self.app.db.transaction() as tx:
+            if push_token:
+                await tx.execute(
+                    "INSERT INTO nudge_push_targets (device_pk, user_id, push_token, update_us)"
+                    " VALUES (?, ?, ?, ?) ON CONFLICT (device_pk) DO UPDATE SET"
+                    " push_token = excluded.push_token, update_us = excluded.update_us",
+                    (device_pk, user_id, push_token, now),
+                )
+            else:
+                await tx.execute("DELETE FROM nudge_push_targets WHERE device_pk = ?", (device_pk,))
+        self._offline[device_pk] = _Offline(user_id, device_id, kind, push_token, now)
+
+    async def fetch_pending(
+        self, user_id: int, device_pk: int, device_id: str, kind: int
+    ) -> list[nudges_pb2.Nudge]:
+        """The device's pending nudges, each marked delivered (channel pending); the device
+        counts as reachable by fetching for FETCH_REACH_US after."""
+        await self._load_push_targets()
+        old = self._offline.get(device_pk)
+        now = self.app.clock.now_us()
+        self._offline[device_pk] = _Offline(
+            user_id, device_id, kind, old.push_token if old else "", now
+        )
+        self._device_kinds[device_pk] = kind
+        self.features.note_device(user_id, device_pk, kind)
+        out = []
+        for nudge in await self.pending_for(user_id, device_pk, device_id):
+            if await self.mark_delivered(nudge.nudge_id, device_pk, "pending"):
+                out.append(nudge)
+        return out
+
+    def _deliver_offline(self, device_pk: int, nudge: nudges_pb2.Nudge) -> None:
+        o = self._offline.get(device_pk)
+        if o is None or not o.push_token or self.push is None:
+            return  # pending: the app fetches it when it wakes
+        task = asyncio.get_running_loop().create_task(
+            self._push(device_pk, o.push_token, nudge), name="nudge-push"
+        )
+        self._feedback_tasks.add(task)
+        task.add_done_callback(self._feedback_tasks.discard)
+
+    async def _push(self, device_pk: int, token: str, nudge: nudges_pb2.Nudge) -> None:
+        assert self.push is not None
+        try:
+            if await self.push.push(token, nudge):
+                await self.mark_delivered(nudge.nudge_id, device_pk, "push")
+        except Exception:
+            log.exception("push delivery failed; the nudge waits to be fetched")
 
     async def pending_for(
         self, user_id: int, device_pk: int, device_id: str
@@ -321,15 +512,17 @@ class NudgeEngine:
             for r in rows
         ]  # fmt: skip
 
-    async def mark_delivered(self, nudge_id: str, device_pk: int) -> None:
-        """The nudge was written to the device's stream."""
+    async def mark_delivered(self, nudge_id: str, device_pk: int, channel: str = "stream") -> bool:
+        """The nudge reached the device (written to its stream, pushed, or fetched); whether
+        this call delivered it (False when another path already had)."""
         now = self.app.clock.now_us()
         async with self.app.db.transaction() as tx:
-            await tx.execute(
-                "UPDATE nudges SET state = 'delivered', deliver_us = ?, device_pk = ?"
+            cur = await tx.execute(
+                "UPDATE nudges SET state = 'delivered', deliver_us = ?, device_pk = ?, channel = ?"
                 " WHERE nudge_id = ? AND state = 'pending'",
-                (now, device_pk, nudge_id),
+                (now, device_pk, channel, nudge_id),
             )
+            return bool(cur.rowcount)
 
     # -- decisions ------------------------------------------------------------------------
     async def history(self, user_id: int, now_us: int) -> list[tuple[str, int]]:
@@ -404,6 +597,7 @@ class NudgeEngine:
     async def decide(self, user_id: int, now: int, trigger: str) -> Decision:
         """One decision point: eligibility, prediction, choice, log, delivery."""
         started = time.perf_counter()
+        await self._load_push_targets()
         profile = await self.profiles.nudge_profile(user_id)
         granted = await self.app.consent.granted(user_id)
         hist = await self.history(user_id, now)
@@ -412,7 +606,7 @@ class NudgeEngine:
         ctx = self.features.context(user_id, now, profile.time_zone, nudges_today, self._habitual)
         elig = eligible(
             self.catalog, now_us=now, granted=granted, profile=profile, history=hist, context=ctx,
-            devices=self._reachable(user_id),
+            devices=self._reachable(user_id, now),
         )  # fmt: skip
         model = self.model
         predicted = (
@@ -448,9 +642,13 @@ class NudgeEngine:
         if nudge is not None:
             hist.append((nudge.nudge_type, now))
             self.features.user(user_id).record_nudge(nudge.nudge_type, now)
-            stream = self._streams.get(elig.device_for[nudge.nudge_type])
-            if stream is not None and not stream.queue.full():
-                stream.queue.put_nowait(nudge)
+            pk = elig.device_for[nudge.nudge_type]
+            stream = self._streams.get(pk)
+            if stream is not None:
+                if not stream.queue.full():
+                    stream.queue.put_nowait(nudge)
+            else:
+                self._deliver_offline(pk, nudge)
         latency = time.perf_counter() - started
         self.latencies.append(latency)
         return Decision(
@@ -470,6 +668,8 @@ class NudgeEngine:
         values = dict(template_values(ctx, profile))
         pk = elig.device_for[name]
         stream = self._streams.get(pk)
+        offline = self._offline.get(pk)
+        device_id = stream.device_id if stream else offline.device_id if offline else ""
         return nudges_pb2.Nudge(
             nudge_id="ndg_" + secrets.token_hex(8),
             nudge_type=name,
@@ -477,12 +677,12 @@ class NudgeEngine:
             message=t.message.format_map(values),
             create_time=_ts(now),
             expire_time=_ts(now + t.expire_us),
-            device_id=stream.device_id if stream else "",
+            device_id=device_id,
             probability=probability,
-            reasons=[
-                f"sedentary {int(ctx.sedentary_min)} min",
-                f"{int(ctx.values['steps_30'])} steps in 30 min",
-            ],
+            reasons=_reasons(t, ctx, profile, now),
+            data=profile.continuity.data()
+            if t.needs_continuity_item and profile.continuity
+            else {},
         )
 
     async def _log(

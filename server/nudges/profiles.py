@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from pulsesync.server.nudges.catalog import PolicySettings
-from pulsesync.server.nudges.eligibility import NudgeProfile
+from pulsesync.server.nudges.eligibility import ContinuityRef, NudgeProfile
 
 
 class ProfileSource(Protocol):
@@ -43,13 +43,24 @@ class StoreProfiles:
             return base
         quiet = profile.quiet_hours if profile.HasField("quiet_hours") else None
         items = sorted(profile.continuity_items, key=lambda i: i.update_time.ToMicroseconds())
+        last = items[-1] if items and items[-1].progress < 1.0 else None
         return NudgeProfile(
             time_zone=profile.time_zone or base.time_zone,
             quiet_start_min=quiet.start_minute if quiet else base.quiet_start_min,
             quiet_end_min=quiet.end_minute if quiet else base.quiet_end_min,
             muted=frozenset(profile.muted_nudge_types),
-            continuity_title=items[-1].title if items and items[-1].progress < 1.0 else None,
+            continuity_title=(last.title or last.item_id) if last else None,
             daily_study_minutes=profile.goals.daily_study_minutes,
+            continuity=ContinuityRef(
+                last.app,
+                last.item_id,
+                last.title or last.item_id,
+                last.position,
+                last.progress,
+                last.device_id,
+            )
+            if last
+            else None,
         )
 
 

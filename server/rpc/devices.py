@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 from pulsesync.server.context import AppContext
 from pulsesync.server.errors import PermissionDenied
 from pulsesync.server.identity import Identity, PairingLimiter, peer_host
 from pulsesync.server.rpc.base import bearer_token, rpc_method
 from pulsesync.server.rpc.convert import device_message, ts
+from pulsesync.server.rpc.pagination import page_size, page_tokens
 from pulsesync.v1 import devices_pb2, devices_pb2_grpc
+
+# AIP-158: a person has a handful of devices; the maximum bounds a response all the same.
+DEFAULT_PAGE_SIZE: Final = 50
+MAX_PAGE_SIZE: Final = 500
 
 
 class DeviceServicer(devices_pb2_grpc.DeviceServiceServicer):
@@ -47,8 +52,21 @@ class DeviceServicer(devices_pb2_grpc.DeviceServiceServicer):
     async def ListDevices(
         self, request: devices_pb2.ListDevicesRequest, context: Any, me: Identity
     ) -> devices_pb2.ListDevicesResponse:
-        devices = await self.app.identity.list_devices(me.user_id)
-        return devices_pb2.ListDevicesResponse(devices=[device_message(d) for d in devices])
+        size = page_size(request.page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        tokens = page_tokens(self.app.config.data_dir)
+        pos = tokens.decode(request.page_token, "ListDevices", me.user_id, ())
+        devices = await self.app.identity.list_devices(me.user_id)  # ordered by device_pk
+        if pos:
+            devices = [d for d in devices if d.device_pk > int(pos[0])]
+        page = devices[:size]
+        token = (
+            tokens.encode("ListDevices", me.user_id, (), [page[-1].device_pk])
+            if len(devices) > size
+            else ""
+        )
+        return devices_pb2.ListDevicesResponse(
+            devices=[device_message(d) for d in page], next_page_token=token
+        )
 
     @rpc_method()
     async def RevokeDevice(

@@ -14,14 +14,20 @@ from pulsesync.server.errors import InvalidArgument, NotFound
 from pulsesync.server.identity import Identity
 from pulsesync.server.nudges.engine import TICK_SECONDS, NudgeEngine
 from pulsesync.server.rpc.base import rpc_method
+from pulsesync.server.rpc.pagination import page_size, page_tokens
 from pulsesync.server.rpc.times import timestamp_us
 from pulsesync.timeutil import optional_timestamp as _ts
 from pulsesync.v1 import events_pb2, nudges_pb2, nudges_pb2_grpc
 
 log = logging.getLogger(__name__)
 
+# AIP-158: a screen of history by default; larger requests are clamped to the maximum,
+# which keeps one response (each nudge with its feedback) well under a megabyte.
 DEFAULT_PAGE_SIZE: Final = 50
 MAX_PAGE_SIZE: Final = 500
+# FCM tokens run to ~200 characters and APNs ones to 64 hex digits; 4 KiB leaves room for a
+# gateway's own envelope without letting a device store megabytes.
+MAX_PUSH_TOKEN: Final = 4096
 
 
 class NudgeServicer(nudges_pb2_grpc.NudgeServiceServicer):
@@ -60,8 +66,9 @@ class NudgeServicer(nudges_pb2_grpc.NudgeServiceServicer):
         queue = self.engine.open_stream(me.user_id, me.device_pk, me.device_id, me.device_kind)
         try:
             for nudge in await self.engine.pending_for(me.user_id, me.device_pk, me.device_id):
-                await self.engine.mark_delivered(nudge.nudge_id, me.device_pk)
-                yield nudges_pb2.SubscribeNudgesResponse(nudge=nudge)
+                # Once: a nudge the app fetched (or a push delivered) meanwhile is not resent.
+                if await self.engine.mark_delivered(nudge.nudge_id, me.device_pk):
+                    yield nudges_pb2.SubscribeNudgesResponse(nudge=nudge)
             while True:
                 item = await queue.get()
                 if item is None:
@@ -101,28 +108,48 @@ class NudgeServicer(nudges_pb2_grpc.NudgeServiceServicer):
             if request.HasField("action_time")
             else now
         )
-        async with self.app.db.transaction() as tx:
-            await tx.execute(
-                "INSERT INTO nudge_feedback (user_id, nudge_id, device_pk, action, action_us, received_us)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (me.user_id, request.nudge_id, me.device_pk, int(request.action), at, now),
-            )
+        # Once per action per nudge: a retry (or the same feedback uploaded as an event)
+        # succeeds and records nothing more.
+        await self.engine.record_feedback(
+            me.user_id, request.nudge_id, me.device_pk, int(request.action), at, now
+        )
         return nudges_pb2.RecordNudgeFeedbackResponse()
+
+    @rpc_method()
+    async def FetchPendingNudges(
+        self, request: Any, context: Any, me: Identity
+    ) -> nudges_pb2.FetchPendingNudgesResponse:
+        nudges = await self.engine.fetch_pending(
+            me.user_id, me.device_pk, me.device_id, me.device_kind
+        )
+        return nudges_pb2.FetchPendingNudgesResponse(nudges=nudges)
+
+    @rpc_method()
+    async def RegisterPushTarget(
+        self, request: Any, context: Any, me: Identity
+    ) -> nudges_pb2.RegisterPushTargetResponse:
+        if len(request.push_token) > MAX_PUSH_TOKEN:
+            raise InvalidArgument(
+                f"push_token is longer than {MAX_PUSH_TOKEN} characters",
+                reason="INVALID_PUSH_TOKEN",
+            )
+        await self.engine.register_push_target(
+            me.user_id, me.device_pk, me.device_id, me.device_kind, request.push_token
+        )
+        return nudges_pb2.RegisterPushTargetResponse()
 
     @rpc_method(heavy=True)
     async def ListNudges(
         self, request: Any, context: Any, me: Identity
     ) -> nudges_pb2.ListNudgesResponse:
-        size = request.page_size or DEFAULT_PAGE_SIZE
-        if size < 0 or size > MAX_PAGE_SIZE:
-            raise InvalidArgument(
-                f"page_size must be 1..{MAX_PAGE_SIZE}", reason="INVALID_PAGE_SIZE"
-            )
-        after = _parse_token(request.page_token)
+        size = page_size(request.page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         start = (
             timestamp_us(request.start_time, "start_time") if request.HasField("start_time") else 0
         )
         end = timestamp_us(request.end_time, "end_time") if request.HasField("end_time") else 2**62
+        tokens = page_tokens(self.app.config.data_dir)
+        pos = tokens.decode(request.page_token, "ListNudges", me.user_id, (start, end))
+        after = (int(pos[0]), str(pos[1])) if pos else None
         # Keyset paging on (create_us DESC, nudge_id): a page never skips or repeats a nudge
         # when new ones arrive between calls, and reading page k costs the same as page 1.
         keyset = ""
@@ -166,18 +193,9 @@ class NudgeServicer(nudges_pb2_grpc.NudgeServiceServicer):
                     deliver_time=_ts(r[9]),
                 )
             )  # fmt: skip
-        token = f"{rows[-1][7]}:{rows[-1][0]}" if more and rows else ""
-        return nudges_pb2.ListNudgesResponse(nudges=records, next_page_token=token)
-
-
-def _parse_token(token: str) -> tuple[int, str] | None:
-    """(create_us, nudge_id) of the last nudge of the previous page, or None for the first."""
-    if not token:
-        return None
-    create_us, sep, nudge_id = token.partition(":")
-    if not sep or not nudge_id.startswith("ndg_") or not create_us.lstrip("-").isdigit():
-        raise InvalidArgument(
-            "page_token is not one this server issued: pass next_page_token unchanged",
-            reason="INVALID_PAGE_TOKEN",
+        token = (
+            tokens.encode("ListNudges", me.user_id, (start, end), [rows[-1][7], rows[-1][0]])
+            if more and rows
+            else ""
         )
-    return int(create_us), nudge_id
+        return nudges_pb2.ListNudgesResponse(nudges=records, next_page_token=token)

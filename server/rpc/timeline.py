@@ -13,6 +13,7 @@ from pulsesync.server.errors import InvalidArgument
 from pulsesync.server.identity import Identity
 from pulsesync.server.rpc.base import rpc_method
 from pulsesync.server.rpc.convert import duration, ts
+from pulsesync.server.rpc.pagination import page_size, page_tokens
 from pulsesync.server.rpc.times import timestamp_us
 from pulsesync.server.timeline.store import (
     MAX_SUMMARY_BUCKETS,
@@ -31,42 +32,7 @@ MAX_PAGE_SIZE: Final = 1000
 MIN_BUCKET_US: Final = 60 * 1_000_000
 DEFAULT_BUCKET_US: Final = 3600 * 1_000_000
 
-# version, digest of the query the token belongs to, then the cursor (t_us, device_pk, seq).
-_TOKEN: Final = struct.Struct(">B16sqqq")
-_TOKEN_VERSION: Final = 1
 _KINDS: Final = frozenset(events_pb2.EventKind.values()) - {events_pb2.EVENT_KIND_UNSPECIFIED}
-
-
-def _query_digest(
-    user_id: int, start: int, end: int, kinds: list[int], devices: list[str]
-) -> bytes:
-    key = f"{user_id}|{start}|{end}|{','.join(map(str, kinds))}|{','.join(devices)}"
-    return hashlib.sha256(key.encode()).digest()[:16]
-
-
-def encode_page_token(digest: bytes, cursor: Cursor) -> str:
-    """An opaque token for the page after cursor, bound to the query by its digest."""
-    raw = _TOKEN.pack(_TOKEN_VERSION, digest, cursor.t_us, cursor.device_pk, cursor.seq)
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_page_token(token: str, digest: bytes) -> Cursor:
-    """The cursor in a token from the same query; InvalidArgument otherwise."""
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        version, bound, t_us, device_pk, seq = _TOKEN.unpack(raw)
-    except (binascii.Error, struct.error, ValueError):
-        raise InvalidArgument(
-            "page_token is not a token this server issued; start again without it",
-            reason="INVALID_PAGE_TOKEN",
-        ) from None
-    if version != _TOKEN_VERSION or bound != digest:
-        raise InvalidArgument(
-            "page_token belongs to a different query; send the same time range, kinds and "
-            "device_ids as the request that returned it, or start again without it",
-            reason="INVALID_PAGE_TOKEN",
-        )
-    return Cursor(t_us, device_pk, seq)
 
 
 # version, digest of the user the token belongs to, then the change-feed cursor (change_id,
@@ -124,9 +90,7 @@ class TimelineServicer(timeline_pb2_grpc.TimelineServiceServicer):
         self, request: timeline_pb2.ListEventsRequest, context: Any, me: Identity
     ) -> timeline_pb2.ListEventsResponse:
         start, end = _time_range(request)
-        if request.page_size < 0:
-            raise InvalidArgument("page_size must not be negative", reason="INVALID_PAGE_SIZE")
-        size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        size = page_size(request.page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         kinds = sorted({int(k) for k in request.kinds})
         unknown = [k for k in kinds if k not in _KINDS]
         if unknown:
@@ -134,13 +98,19 @@ class TimelineServicer(timeline_pb2_grpc.TimelineServiceServicer):
                 f"unknown event kinds {unknown}; use EventKind values", reason="INVALID_KIND"
             )
         devices = sorted(set(request.device_ids))
-        digest = _query_digest(me.user_id, start, end, kinds, devices)
-        after = decode_page_token(request.page_token, digest) if request.page_token else None
+        query = (start, end, kinds, devices)
+        tokens = page_tokens(self.app.config.data_dir)
+        pos = tokens.decode(request.page_token, "ListEvents", me.user_id, query)
+        after = Cursor(int(pos[0]), int(pos[1]), int(pos[2])) if pos else None
         events, cursor = await self.store.page(
             me.user_id, start, end, kinds, device_ids=devices, after=after, limit=size
         )
         resp = timeline_pb2.ListEventsResponse(
-            next_page_token=encode_page_token(digest, cursor) if cursor is not None else ""
+            next_page_token=tokens.encode(
+                "ListEvents", me.user_id, query, [cursor.t_us, cursor.device_pk, cursor.seq]
+            )
+            if cursor is not None
+            else ""
         )
         for e in events:
             item = resp.events.add(device_id=e.device_id, device_kind=e.device_kind)

@@ -70,11 +70,17 @@ class Nudge(_message.Message):
 
     @_builtins.property
     def reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Why it was eligible and chosen, for display and debugging."""
+        """Why it was eligible and chosen, for display and debugging: about this nudge's own
+        premise (the item to resume, the sedentary stretch, the study goal, ...).
+        """
 
     @_builtins.property
     def data(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Type-specific data, e.g. the continuity item to resume."""
+        """Type-specific data. A "resume_item" nudge carries the continuity item to open:
+        "app" and "item_id" (as in the profile's ContinuityItem, unencoded), "title",
+        "position" (the app's own opaque position, e.g. "page=42"), "progress" (0..1, two
+        decimals) and "device_id" (the device it was left on). Other types carry none today.
+        """
 
     def __init__(
         self,
@@ -242,7 +248,13 @@ class ListNudgesRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
+    """At most this many nudges, newest first (0: the default, 50; larger values are clamped
+    to 500; negative is INVALID_ARGUMENT).
+    """
     page_token: _builtins.str
+    """next_page_token of the previous page, unchanged, with the same start_time and end_time
+    (otherwise INVALID_ARGUMENT, reason PAGE_TOKEN_QUERY_MISMATCH); empty for the first page.
+    """
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -270,6 +282,7 @@ class ListNudgesResponse(_message.Message):
     NUDGES_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    """Opaque token for the next page; empty on the last page."""
     @_builtins.property
     def nudges(self) -> _containers.RepeatedCompositeFieldContainer[Global___NudgeRecord]: ...
     def __init__(
@@ -285,3 +298,87 @@ class ListNudgesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListNudgesResponse: _TypeAlias = ListNudgesResponse  # noqa: Y015
+
+@_typing.final
+class FetchPendingNudgesRequest(_message.Message):
+    """Nudges chosen for this device that no stream or push delivered yet and that have not
+    expired, oldest first. An app calls it when it wakes (launch, foreground, after a push);
+    every nudge returned is marked delivered to the calling device, so a nudge is fetched once.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FetchPendingNudgesRequest: _TypeAlias = FetchPendingNudgesRequest  # noqa: Y015
+
+@_typing.final
+class FetchPendingNudgesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NUDGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def nudges(self) -> _containers.RepeatedCompositeFieldContainer[Global___Nudge]:
+        """The pending nudges, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        nudges: _abc.Iterable[Global___Nudge] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["nudges", b"nudges"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FetchPendingNudgesResponse: _TypeAlias = FetchPendingNudgesResponse  # noqa: Y015
+
+@_typing.final
+class RegisterPushTargetRequest(_message.Message):
+    """Declares that this device can be woken by a push: the server's push provider (the
+    operator's own gateway, by webhook) gets this token with each nudge for the device while
+    it has no open SubscribeNudges stream.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PUSH_TOKEN_FIELD_NUMBER: _builtins.int
+    push_token: _builtins.str
+    """The device's token at the operator's push gateway (e.g. an FCM or APNs token the
+    gateway understands); empty removes the device's push target.
+    """
+    def __init__(
+        self,
+        *,
+        push_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["push_token", b"push_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegisterPushTargetRequest: _TypeAlias = RegisterPushTargetRequest  # noqa: Y015
+
+@_typing.final
+class RegisterPushTargetResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegisterPushTargetResponse: _TypeAlias = RegisterPushTargetResponse  # noqa: Y015

@@ -50,6 +50,16 @@ class NudgeServiceStub:
                 request_serializer=pulsesync_dot_v1_dot_nudges__pb2.ListNudgesRequest.SerializeToString,
                 response_deserializer=pulsesync_dot_v1_dot_nudges__pb2.ListNudgesResponse.FromString,
                 _registered_method=True)
+        self.FetchPendingNudges = channel.unary_unary(
+                '/pulsesync.v1.NudgeService/FetchPendingNudges',
+                request_serializer=pulsesync_dot_v1_dot_nudges__pb2.FetchPendingNudgesRequest.SerializeToString,
+                response_deserializer=pulsesync_dot_v1_dot_nudges__pb2.FetchPendingNudgesResponse.FromString,
+                _registered_method=True)
+        self.RegisterPushTarget = channel.unary_unary(
+                '/pulsesync.v1.NudgeService/RegisterPushTarget',
+                request_serializer=pulsesync_dot_v1_dot_nudges__pb2.RegisterPushTargetRequest.SerializeToString,
+                response_deserializer=pulsesync_dot_v1_dot_nudges__pb2.RegisterPushTargetResponse.FromString,
+                _registered_method=True)
 
 
 class NudgeServiceServicer:
@@ -78,6 +88,21 @@ class NudgeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FetchPendingNudges(self, request, context):
+        """The nudges waiting for the calling device (chosen while it had no open stream), each
+        marked delivered as it is returned. Call it when the app wakes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RegisterPushTarget(self, request, context):
+        """Make (or stop making) the calling device reachable by push while its app is not open.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NudgeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -95,6 +120,16 @@ def add_NudgeServiceServicer_to_server(servicer, server):
                     servicer.ListNudges,
                     request_deserializer=pulsesync_dot_v1_dot_nudges__pb2.ListNudgesRequest.FromString,
                     response_serializer=pulsesync_dot_v1_dot_nudges__pb2.ListNudgesResponse.SerializeToString,
+            ),
+            'FetchPendingNudges': grpc.unary_unary_rpc_method_handler(
+                    servicer.FetchPendingNudges,
+                    request_deserializer=pulsesync_dot_v1_dot_nudges__pb2.FetchPendingNudgesRequest.FromString,
+                    response_serializer=pulsesync_dot_v1_dot_nudges__pb2.FetchPendingNudgesResponse.SerializeToString,
+            ),
+            'RegisterPushTarget': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterPushTarget,
+                    request_deserializer=pulsesync_dot_v1_dot_nudges__pb2.RegisterPushTargetRequest.FromString,
+                    response_serializer=pulsesync_dot_v1_dot_nudges__pb2.RegisterPushTargetResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -179,6 +214,60 @@ class NudgeService:
             '/pulsesync.v1.NudgeService/ListNudges',
             pulsesync_dot_v1_dot_nudges__pb2.ListNudgesRequest.SerializeToString,
             pulsesync_dot_v1_dot_nudges__pb2.ListNudgesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchPendingNudges(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pulsesync.v1.NudgeService/FetchPendingNudges',
+            pulsesync_dot_v1_dot_nudges__pb2.FetchPendingNudgesRequest.SerializeToString,
+            pulsesync_dot_v1_dot_nudges__pb2.FetchPendingNudgesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterPushTarget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pulsesync.v1.NudgeService/RegisterPushTarget',
+            pulsesync_dot_v1_dot_nudges__pb2.RegisterPushTargetRequest.SerializeToString,
+            pulsesync_dot_v1_dot_nudges__pb2.RegisterPushTargetResponse.FromString,
             options,
             channel_credentials,
             insecure,

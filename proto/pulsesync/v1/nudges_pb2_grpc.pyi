@@ -41,6 +41,12 @@ class NudgeServiceStub:
     """
     ListNudges: _grpc.UnaryUnaryMultiCallable[_nudges_pb2.ListNudgesRequest, _nudges_pb2.ListNudgesResponse]
     """The user's nudge history with feedback and measured outcomes."""
+    FetchPendingNudges: _grpc.UnaryUnaryMultiCallable[_nudges_pb2.FetchPendingNudgesRequest, _nudges_pb2.FetchPendingNudgesResponse]
+    """The nudges waiting for the calling device (chosen while it had no open stream), each
+    marked delivered as it is returned. Call it when the app wakes.
+    """
+    RegisterPushTarget: _grpc.UnaryUnaryMultiCallable[_nudges_pb2.RegisterPushTargetRequest, _nudges_pb2.RegisterPushTargetResponse]
+    """Make (or stop making) the calling device reachable by push while its app is not open."""
 
 @_typing.type_check_only
 class NudgeServiceAsyncStub(NudgeServiceStub):
@@ -55,6 +61,12 @@ class NudgeServiceAsyncStub(NudgeServiceStub):
     """
     ListNudges: _aio.UnaryUnaryMultiCallable[_nudges_pb2.ListNudgesRequest, _nudges_pb2.ListNudgesResponse]  # type: ignore[assignment]
     """The user's nudge history with feedback and measured outcomes."""
+    FetchPendingNudges: _aio.UnaryUnaryMultiCallable[_nudges_pb2.FetchPendingNudgesRequest, _nudges_pb2.FetchPendingNudgesResponse]  # type: ignore[assignment]
+    """The nudges waiting for the calling device (chosen while it had no open stream), each
+    marked delivered as it is returned. Call it when the app wakes.
+    """
+    RegisterPushTarget: _aio.UnaryUnaryMultiCallable[_nudges_pb2.RegisterPushTargetRequest, _nudges_pb2.RegisterPushTargetResponse]  # type: ignore[assignment]
+    """Make (or stop making) the calling device reachable by push while its app is not open."""
 
 class NudgeServiceServicer(metaclass=_abc_1.ABCMeta):
     """Context-aware suggestions sent to the device the person is using now."""
@@ -84,5 +96,23 @@ class NudgeServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_nudges_pb2.ListNudgesResponse, _abc.Awaitable[_nudges_pb2.ListNudgesResponse]]:
         """The user's nudge history with feedback and measured outcomes."""
+
+    @_abc_1.abstractmethod
+    def FetchPendingNudges(
+        self,
+        request: _nudges_pb2.FetchPendingNudgesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_nudges_pb2.FetchPendingNudgesResponse, _abc.Awaitable[_nudges_pb2.FetchPendingNudgesResponse]]:
+        """The nudges waiting for the calling device (chosen while it had no open stream), each
+        marked delivered as it is returned. Call it when the app wakes.
+        """
+
+    @_abc_1.abstractmethod
+    def RegisterPushTarget(
+        self,
+        request: _nudges_pb2.RegisterPushTargetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_nudges_pb2.RegisterPushTargetResponse, _abc.Awaitable[_nudges_pb2.RegisterPushTargetResponse]]:
+        """Make (or stop making) the calling device reachable by push while its app is not open."""
 
 def add_NudgeServiceServicer_to_server(servicer: NudgeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
