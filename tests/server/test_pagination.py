@@ -41,15 +41,26 @@ NOON = 1_767_268_800_000_000  # 2026-01-01T12:00Z
 MODULES = (devices_pb2, ingest_pb2, nudges_pb2, privacy_pb2, profiles_pb2, timeline_pb2)
 
 
+def _unary_lists() -> list[MethodDescriptor]:
+    return [
+        m
+        for module in MODULES
+        for service in module.DESCRIPTOR.services_by_name.values()
+        for m in service.methods
+        if m.name.startswith("List") and not m.server_streaming
+    ]
+
+
 def list_methods() -> list[MethodDescriptor]:
-    """Every unary List* RPC of every pulsesync.v1 service."""
-    found = []
-    for module in MODULES:
-        for service in module.DESCRIPTOR.services_by_name.values():
-            for m in service.methods:
-                if m.name.startswith("List") and not m.server_streaming:
-                    found.append(m)
-    return found
+    """Every unary List* RPC that pages (AIP-158: its request has a page_token)."""
+    return [m for m in _unary_lists() if "page_token" in m.input_type.fields_by_name]
+
+
+def test_a_list_method_without_page_token_is_a_change_feed() -> None:
+    """A List* RPC that does not page is a change feed: it resumes from a sync_token instead."""
+    for m in _unary_lists():
+        fields = m.input_type.fields_by_name
+        assert "page_token" in fields or "sync_token" in fields, m.full_name
 
 
 @dataclass(frozen=True)
