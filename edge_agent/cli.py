@@ -95,6 +95,8 @@ async def cmd_pair(args: argparse.Namespace) -> int:
         KINDS[args.kind],
         args.name or f"{socket.gethostname()} ({args.kind})",
         tls_root_cert=args.tls_root_cert.absolute() if args.tls_root_cert else None,
+        tls_client_cert=args.tls_client_cert.absolute() if args.tls_client_cert else None,
+        tls_client_key=args.tls_client_key.absolute() if args.tls_client_key else None,
     )
     creds.save(paths.credentials)
     print(f"paired as device {creds.device_id} ({creds.device_name}) of {creds.user_name!r}")
@@ -259,6 +261,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=Path(v) if (v := env("TLS_ROOT_CERT")) else None,
         help="PEM root certificate to trust (enables TLS)",
+    )
+    p.add_argument(
+        "--tls-client-cert",
+        type=Path,
+        default=Path(v) if (v := env("TLS_CLIENT_CERT")) else None,
+        help="PEM certificate this device presents, for a server that requires mutual TLS",
+    )
+    p.add_argument(
+        "--tls-client-key",
+        type=Path,
+        default=Path(v) if (v := env("TLS_CLIENT_KEY")) else None,
+        help="PEM private key of --tls-client-cert (mode 0600)",
     )
     p.set_defaults(handler=cmd_pair)
 

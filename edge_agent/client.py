@@ -61,6 +61,21 @@ class Credentials:
     device_name: str = ""
     user_name: str = ""
     tls_root_cert: Path | None = None
+    # Mutual TLS: the device's own certificate and key (PEM), for a server run with
+    # `--tls-client-ca`. Paths, not contents, so a renewed certificate is picked up.
+    tls_client_cert: Path | None = None
+    tls_client_key: Path | None = None
+
+    def channel(self) -> grpc.aio.Channel:
+        """A channel to this device's server, with its TLS settings."""
+        return open_channel(self.server, self.tls_root_cert, self.client_identity)
+
+    @property
+    def client_identity(self) -> tuple[Path, Path] | None:
+        """The (certificate, key) pair this device presents, if it has one."""
+        if self.tls_client_cert is None or self.tls_client_key is None:
+            return None
+        return self.tls_client_cert, self.tls_client_key
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
@@ -77,6 +92,8 @@ class Credentials:
             "device_name": self.device_name,
             "user_name": self.user_name,
             "tls_root_cert": str(self.tls_root_cert) if self.tls_root_cert else None,
+            "tls_client_cert": str(self.tls_client_cert) if self.tls_client_cert else None,
+            "tls_client_key": str(self.tls_client_key) if self.tls_client_key else None,
         }
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -102,6 +119,7 @@ class Credentials:
             raise AgentError(f"cannot read {path}: {e}; pair again to rewrite it") from e
         try:
             cert = data.get("tls_root_cert")
+            client_cert, client_key = data.get("tls_client_cert"), data.get("tls_client_key")
             return cls(
                 server=str(data["server"]),
                 device_id=str(data["device_id"]),
@@ -110,25 +128,59 @@ class Credentials:
                 device_name=str(data.get("device_name", "")),
                 user_name=str(data.get("user_name", "")),
                 tls_root_cert=Path(cert) if cert else None,
+                tls_client_cert=Path(client_cert) if client_cert else None,
+                tls_client_key=Path(client_key) if client_key else None,
             )
         except KeyError as e:
             raise AgentError(f"{path} lacks {e}; pair again to rewrite it") from e
 
 
-def open_channel(server: str, tls_root_cert: Path | bytes | None = None) -> grpc.aio.Channel:
-    """A channel to server (HOST:PORT); TLS when a root certificate (PEM) is given."""
+def open_channel(
+    server: str,
+    tls_root_cert: Path | bytes | None = None,
+    client_identity: tuple[Path, Path] | None = None,
+) -> grpc.aio.Channel:
+    """A channel to server (HOST:PORT); TLS when a root certificate (PEM) is given, presenting
+    client_identity (certificate, key) when the server requires mutual TLS."""
     if tls_root_cert is None:
+        if client_identity is not None:
+            raise AgentError(
+                "a client certificate needs TLS: give the server's root certificate too"
+            )
         return grpc.aio.insecure_channel(server, options=CHANNEL_OPTIONS)
-    pem = tls_root_cert if isinstance(tls_root_cert, bytes) else _read_cert(tls_root_cert)
-    creds = grpc.ssl_channel_credentials(root_certificates=pem)
+    pem = (
+        tls_root_cert
+        if isinstance(tls_root_cert, bytes)
+        else _read_pem(tls_root_cert, "TLS root certificate")
+    )
+    cert = key = None
+    if client_identity is not None:
+        cert = _read_pem(client_identity[0], "TLS client certificate")
+        key = _read_private_key(client_identity[1])
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=pem, private_key=key, certificate_chain=cert
+    )
     return grpc.aio.secure_channel(server, creds, options=CHANNEL_OPTIONS)
 
 
-def _read_cert(path: Path) -> bytes:
+def _read_pem(path: Path, what: str) -> bytes:
     try:
         return path.read_bytes()
     except OSError as e:
-        raise AgentError(f"cannot read the TLS root certificate {path}: {e}") from e
+        raise AgentError(f"cannot read the {what} {path}: {e}") from e
+
+
+def _read_private_key(path: Path) -> bytes:
+    """The client key, refused when others can read it (as the server refuses its own)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as e:
+        raise AgentError(f"cannot read the TLS client key {path}: {e}") from e
+    if mode & 0o077:
+        raise AgentError(
+            f"the TLS client key {path} is readable by other users; run `chmod 600 {path}`"
+        )
+    return _read_pem(path, "TLS client key")
 
 
 async def pair(
@@ -138,10 +190,15 @@ async def pair(
     name: str,
     *,
     tls_root_cert: Path | None = None,
+    tls_client_cert: Path | None = None,
+    tls_client_key: Path | None = None,
     timeout_s: float = DEFAULT_CALL_TIMEOUT_S,
 ) -> Credentials:
     """Trade a pairing code for a device token (DeviceService.PairDevice)."""
-    async with open_channel(server, tls_root_cert) as channel:
+    identity = (tls_client_cert, tls_client_key) if tls_client_cert and tls_client_key else None
+    if (tls_client_cert is None) != (tls_client_key is None):
+        raise AgentError("give both --tls-client-cert and --tls-client-key, or neither")
+    async with open_channel(server, tls_root_cert, identity) as channel:
         stub = devices_pb2_grpc.DeviceServiceStub(channel)
         try:
             resp = await stub.PairDevice(
@@ -162,4 +219,6 @@ async def pair(
         device_name=resp.device.name,
         user_name=resp.user_name,
         tls_root_cert=tls_root_cert,
+        tls_client_cert=tls_client_cert,
+        tls_client_key=tls_client_key,
     )

@@ -22,7 +22,7 @@ from typing import Final
 
 import grpc
 
-from pulsesync.edge_agent.client import Credentials, open_channel
+from pulsesync.edge_agent.client import Credentials
 from pulsesync.edge_agent.config import AgentSettings
 from pulsesync.edge_agent.errors import AgentError, PairingRequired, translate_rpc
 from pulsesync.edge_agent.retry import Backoff
@@ -131,7 +131,7 @@ class SyncedConsent:
     ) -> privacy_pb2.Consent:
         """Grant or withdraw a category from this device (the person's choice in the app)."""
         creds = self._require_credentials()
-        async with open_channel(creds.server, creds.tls_root_cert) as channel:
+        async with creds.channel() as channel:
             stub = privacy_pb2_grpc.PrivacyServiceStub(channel)
             resp = await stub.UpdateConsent(
                 privacy_pb2.UpdateConsentRequest(
@@ -158,7 +158,7 @@ class SyncedConsent:
         backoff = backoff or Backoff(self.settings.backoff_base_s, self.settings.backoff_cap_s)
         while True:
             try:
-                async with open_channel(creds.server, creds.tls_root_cert) as channel:
+                async with creds.channel() as channel:
                     stub = privacy_pb2_grpc.PrivacyServiceStub(channel)
                     call = stub.WatchConsents(
                         privacy_pb2.WatchConsentsRequest(),

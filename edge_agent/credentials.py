@@ -22,7 +22,7 @@ from typing import Final
 
 import grpc
 
-from pulsesync.edge_agent.client import Credentials, open_channel
+from pulsesync.edge_agent.client import Credentials
 from pulsesync.edge_agent.config import DEFAULT_CALL_TIMEOUT_S
 from pulsesync.v1 import devices_pb2, devices_pb2_grpc
 
@@ -52,7 +52,7 @@ async def rotate(
     creds: Credentials, path: Path, *, timeout_s: float = DEFAULT_CALL_TIMEOUT_S
 ) -> Credentials:
     """Trade the token for a new one and save it to path; the new credentials."""
-    async with open_channel(creds.server, creds.tls_root_cert) as channel:
+    async with creds.channel() as channel:
         stub = devices_pb2_grpc.DeviceServiceStub(channel)
         resp = await stub.RotateDeviceToken(
             devices_pb2.RotateDeviceTokenRequest(), metadata=creds.metadata, timeout=timeout_s

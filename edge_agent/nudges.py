@@ -18,7 +18,7 @@ import grpc
 from google.protobuf import timestamp_pb2
 
 from pulsesync.edge_agent import retry
-from pulsesync.edge_agent.client import Credentials, open_channel
+from pulsesync.edge_agent.client import Credentials
 from pulsesync.edge_agent.errors import AgentError, translate_rpc
 from pulsesync.edge_agent.retry import Backoff
 from pulsesync.v1 import events_pb2, nudges_pb2, nudges_pb2_grpc
@@ -60,7 +60,7 @@ class NudgeReceiver:
                 await self._backoff.wait()
 
     async def _subscribe_once(self) -> None:
-        async with open_channel(self._server, self._credentials.tls_root_cert) as channel:
+        async with self._credentials.channel() as channel:
             stub = nudges_pb2_grpc.NudgeServiceStub(channel)
             call = stub.SubscribeNudges(
                 nudges_pb2.SubscribeNudgesRequest(), metadata=self._credentials.metadata

@@ -24,7 +24,7 @@ from typing import Final, TypeAlias
 
 import grpc
 
-from pulsesync.edge_agent.client import Credentials, open_channel
+from pulsesync.edge_agent.client import Credentials
 from pulsesync.edge_agent.clock import Clock, SystemClock
 from pulsesync.edge_agent.config import AgentSettings
 from pulsesync.edge_agent.errors import AgentError, OutboxError, translate
@@ -126,9 +126,7 @@ class Uplink:
         self.settings = settings or AgentSettings()
         self.batch_size = self.settings.batch_size
         self._clock: Clock = clock or SystemClock()
-        self._connect: ChannelFactory = connect or (
-            lambda: open_channel(credentials.server, credentials.tls_root_cert)
-        )
+        self._connect: ChannelFactory = connect or (credentials.channel)
         self.backoff = Backoff(self.settings.backoff_base_s, self.settings.backoff_cap_s, rng=rng)
         self._sleep = sleep
         self._monotonic = monotonic
