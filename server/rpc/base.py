@@ -30,7 +30,13 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from pulsesync.server.context import AppContext
-from pulsesync.server.errors import DOMAIN, InvalidArgument, PulseSyncError, Unauthenticated
+from pulsesync.server.errors import (
+    DOMAIN,
+    InvalidArgument,
+    PulseSyncError,
+    Unauthenticated,
+    Unimplemented,
+)
 from pulsesync.server.identity import Identity
 from pulsesync.status import error_info as error_info  # the client helper, kept importable here
 from pulsesync.wire import STREAM_OPEN
@@ -260,11 +266,26 @@ async def _refuse(context: Any, method: str) -> None:
     await _abort(context, malformed_error(method))
 
 
+@contextlib.asynccontextmanager
+async def _library_errors(context: Any, method: str) -> AsyncIterator[None]:
+    """Handlers not written with rpc_method (the health service) get the same mapping: a
+    method the library leaves unimplemented is UNIMPLEMENTED, anything else INTERNAL."""
+    try:
+        yield
+    except (grpc.aio.AbortError, asyncio.CancelledError):
+        raise
+    except NotImplementedError:
+        await _abort(context, Unimplemented(f"{method} is not implemented by this server"))
+    except Exception:
+        await _abort(context, internal_error(method))
+
+
 def _checked_unary(behavior: Any, method: str) -> Any:
     async def unary(request: Any, context: Any) -> Any:
         if request is _MALFORMED:
             await _refuse(context, method)
-        return await _maybe_await(behavior(request, context))
+        async with _library_errors(context, method):
+            return await _maybe_await(behavior(request, context))
 
     return unary
 
