@@ -30,6 +30,10 @@ previous commit ran is what lets many devices ingest at the speed of the disk in
 one fsync per batch. The writer is also the only place that decides duplicates and sequence
 conflicts, so its in-memory per-device high-water mark (the largest stored seq) is always
 right for the rows it wrote: a batch entirely above the mark is inserted without any lookup.
+It also keeps each device's ack watermark (`Watermark`): the highest seq with every seq at or
+below it stored, quarantined or refused for good. It is written to devices.ack_watermark in
+the same transaction as the rows, and each batch's reply carries it, so an ack never covers a
+seq the server has not received, nor one that is not yet durable.
 
 At startup this module imports the standard library, the row type of `bus`, the log format of
 `logs`, and `summary` with the event protobufs (~15 ms), so that the process starts fast.
@@ -85,6 +89,9 @@ INSERT_QUARANTINE: Final = (
 PIPE_BYTES: Final = 1 << 20
 _F_SETPIPE_SZ: Final = 1031  # Linux fcntl; elsewhere pipes keep their size
 _LENGTH: Final = struct.Struct("<I")
+# The largest valid seq; a quarantined row holds it for a seq beyond it (SEQ_TOO_LARGE), so it
+# never counts towards the watermark.
+MAX_SEQ: Final = 2**63 - 1
 
 # (user_id, device_pk, seq, t_us, kind, body, received_us): the INSERT's columns and the
 # fields of the CommittedEvent published after the commit, so one plain tuple serves both.
@@ -113,6 +120,8 @@ class Batch:
     quarantine: list[QuarantineRow]
     in_order: bool  # rows' seqs strictly increase
     clock_offset_us: int | None  # persist to devices.clock_offset_us when set
+    # Seqs refused for good without a row (consent not granted): they count as handled.
+    settled: list[int] = field(default_factory=list)
 
     def fields(self) -> tuple[Any, ...]:
         """The fields in order, for the wire (`Batch(*fields)` on the other side)."""
@@ -124,6 +133,7 @@ class Batch:
             self.quarantine,
             self.in_order,
             self.clock_offset_us,
+            self.settled,
         )
 
     @property
@@ -139,6 +149,46 @@ class Stored:
     duplicates: int
     conflicts: list[ConflictRow]
     conflicting: list[int] = field(default_factory=list)  # their indexes into Batch.rows
+    watermark: int = 0  # the device's contiguous ack watermark once this batch is committed
+
+
+@dataclass(slots=True)
+class Watermark:
+    """A device's contiguous ack watermark: every seq at or below `through` is handled (stored,
+    quarantined or refused for good); `above` holds the handled seqs past it, waiting for the
+    gap below them to be filled."""
+
+    through: int
+    above: set[int] = field(default_factory=set)
+
+    def copy(self) -> Watermark:
+        return Watermark(self.through, set(self.above))
+
+    def add(self, b: Batch) -> None:
+        """Count every seq of the batch as handled and advance over what is now contiguous."""
+        rows = b.rows
+        n = len(rows)
+        # The common case: an in-order batch that continues the mark with no gap.
+        if (
+            not self.above
+            and not b.quarantine
+            and not b.settled
+            and b.in_order
+            and n
+            and rows[0][2] == self.through + 1
+            and rows[-1][2] - rows[0][2] == n - 1
+        ):
+            self.through = rows[-1][2]
+            return
+        through = self.through
+        above = self.above
+        above.update(r[2] for r in rows if r[2] > through)
+        above.update(q[2] for q in b.quarantine if through < q[2] < MAX_SEQ)
+        above.update(s for s in b.settled if through < s < MAX_SEQ)
+        while through + 1 in above:
+            through += 1
+            above.discard(through)
+        self.through = through
 
 
 # -- framing ----------------------------------------------------------------------------------
@@ -197,11 +247,13 @@ class Committer:
         self.conn = conn
         self.commits = 0
         self._hwm: dict[int, int] = {}
+        self._marks: dict[int, Watermark] = {}
         # Called before each BEGIN: returns once the server's own writers are done.
         self._wait_turn = wait_turn or (lambda: None)
 
     def forget(self, device_pk: int) -> None:
         self._hwm.pop(device_pk, None)
+        self._marks.pop(device_pk, None)
 
     def commit_group(self, group: list[Batch]) -> list[Stored | BaseException]:
         """Store every batch of the group in one transaction (one by one if that fails)."""
@@ -225,11 +277,13 @@ class Committer:
     def _failed(self, batch: Batch, error: Exception) -> BaseException:
         log.error("could not store a batch of device %d", batch.device_pk, exc_info=error)
         self._hwm.pop(batch.device_pk, None)
+        self._marks.pop(batch.device_pk, None)
         return error
 
     def _commit(self, group: list[Batch]) -> list[Stored]:
         conn = self.conn
         tentative: dict[int, int] = {}
+        marks: dict[int, Watermark] = {}
         results: list[Stored] = []
         rows: list[EventRow] = []
         quarantine: list[QuarantineRow] = []
@@ -280,6 +334,12 @@ class Committer:
                     hwm = max([hwm, *(r[2] for r in inserted)])
                 tentative[dev] = hwm
                 quarantine.extend(b.quarantine)
+                mark = marks.get(dev)
+                if mark is None:
+                    known = self._marks.get(dev)
+                    mark = marks[dev] = known.copy() if known else _load_mark(conn, b)
+                mark.add(b)
+                results[-1].watermark = mark.through
                 if b.clock_offset_us is not None:
                     offsets[dev] = b.clock_offset_us
             if rows:
@@ -293,6 +353,11 @@ class Committer:
                     "UPDATE devices SET clock_offset_us = ? WHERE device_pk = ?",
                     [(off, dev) for dev, off in offsets.items()],
                 )
+            if marks:
+                conn.executemany(
+                    "UPDATE devices SET ack_watermark = ? WHERE device_pk = ?",
+                    [(m.through, dev) for dev, m in marks.items()],
+                )
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -300,6 +365,7 @@ class Committer:
             raise
         self.commits += 1
         self._hwm.update(tentative)
+        self._marks.update(marks)
         return results
 
 
@@ -337,6 +403,33 @@ def insert_events(conn: sqlite3.Connection, rows: list[EventRow]) -> None:
 def _load_hwm(conn: sqlite3.Connection, device_pk: int) -> int:
     row = conn.execute("SELECT max(seq) FROM events WHERE device_pk = ?", (device_pk,)).fetchone()
     return int(row[0]) if row is not None and row[0] is not None else 0
+
+
+def _load_mark(conn: sqlite3.Connection, b: Batch) -> Watermark:
+    """A device's watermark as committed, with the stored and quarantined seqs above it."""
+    row = conn.execute(
+        "SELECT ack_watermark FROM devices WHERE device_pk = ?", (b.device_pk,)
+    ).fetchone()
+    mark = Watermark(int(row[0]) if row is not None else 0)
+    above = mark.above
+    above.update(
+        int(r[0])
+        for r in conn.execute(
+            "SELECT seq FROM events WHERE device_pk = ? AND seq > ?", (b.device_pk, mark.through)
+        )
+    )
+    above.update(
+        int(r[0])
+        for r in conn.execute(
+            "SELECT seq FROM quarantine WHERE user_id = ? AND device_pk = ? AND seq > ?"
+            " AND seq < ?",
+            (b.user_id, b.device_pk, mark.through, MAX_SEQ),
+        )
+    )
+    while mark.through + 1 in above:
+        mark.through += 1
+        above.discard(mark.through)
+    return mark
 
 
 def _dedupe(conn: sqlite3.Connection, b: Batch, hwm: int) -> Stored:
@@ -452,7 +545,7 @@ def serve(
             reply = [
                 (token, f"{type(r).__name__}: {r}")
                 if isinstance(r, BaseException)
-                else (token, r.inserted, r.duplicates, r.conflicts, _summary(b, r))
+                else (token, r.inserted, r.duplicates, r.conflicts, _summary(b, r), r.watermark)
                 for token, b, r in zip(tokens, group, results, strict=True)
             ]
             replies.write(frame((committer.commits - commits, reply)))

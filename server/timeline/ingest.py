@@ -227,6 +227,7 @@ class IngestPipeline:
         quarantine: list[QuarantineRow] = []
         rejected: list[ingest_pb2.RejectedEvent] = []
         no_consent = 0
+        settled: list[int] = []
         max_seq = 0
         min_seq = _NO_SEQ
         last_seq = 0
@@ -246,6 +247,8 @@ class IngestPipeline:
             which = ev.WhichOneof("payload")
             if which is not None and which not in allowed:
                 no_consent += 1
+                if 0 < seq <= MAX_SEQ:
+                    settled.append(seq)
                 rejected.append(
                     ingest_pb2.RejectedEvent(
                         seq=seq,
@@ -308,13 +311,12 @@ class IngestPipeline:
         if self._persisted_offset.get(dev) != offset:
             persist = offset
             self._persisted_offset[dev] = offset
-        pending = PendingBatch(dev, uid, received_us, rows, quarantine, in_order, persist)
+        pending = PendingBatch(dev, uid, received_us, rows, quarantine, in_order, persist, settled)
         self.writer.submit(pending)
         return Prepared(
             batch.batch_id,
             received_at,
             offset,
-            acked_through_seq=max_seq,
             rejected=rejected,
             pending=pending.future,
             counts=(len(quarantine), no_consent),
@@ -357,7 +359,7 @@ class IngestPipeline:
         if outcome.conflicts:
             self.app.metrics.quarantined.labels("SEQUENCE_CONFLICT").inc(len(outcome.conflicts))
             self._m_conflict.inc(len(outcome.conflicts))
-        resp.acked_through_seq = p.acked_through_seq
+        resp.acked_through_seq = outcome.watermark
         resp.accepted_count = len(outcome.inserted)
         resp.duplicate_count = outcome.duplicates
         resp.rejected.extend(rejected)

@@ -64,19 +64,21 @@ class UploadState:
 async def upload_state(db: Database, user_id: int, device_pk: int) -> UploadState:
     """The device's acked-through mark and last commit time, from what is stored.
 
-    The one place the mark is read from the database: it is the mark an upload ack reports
-    (the highest sequence number stored or quarantined for the device).
+    The mark is the contiguous watermark an upload ack reports: every seq at or below it is
+    stored, quarantined or refused for good. The ingest writer advances it in the same
+    transaction as the rows it covers (see committer.Watermark).
     """
     async with db.reader.execute(
-        "SELECT max(seq), max(received_us) FROM ("
-        " SELECT seq, received_us FROM events WHERE device_pk = ?"
-        " UNION ALL SELECT seq, received_us FROM quarantine WHERE user_id = ? AND device_pk = ?)",
-        (device_pk, user_id, device_pk),
+        "SELECT ack_watermark, (SELECT max(received_us) FROM ("
+        " SELECT received_us FROM events WHERE device_pk = ?1"
+        " UNION ALL SELECT received_us FROM quarantine WHERE user_id = ?2 AND device_pk = ?1))"
+        " FROM devices WHERE device_pk = ?1 AND user_id = ?2",
+        (device_pk, user_id),
     ) as c:
         row = await c.fetchone()
-    if row is None or row[0] is None:
-        return UploadState(0, None)
-    return UploadState(int(row[0]), int(row[1]))
+    if row is None or not row[0]:
+        return UploadState(0, None if row is None or row[1] is None else int(row[1]))
+    return UploadState(int(row[0]), None if row[1] is None else int(row[1]))
 
 
 @dataclass(frozen=True, slots=True, order=True)

@@ -57,6 +57,7 @@ class Outcome:
     duplicates: int
     conflicts: list[Conflict]
     summary: tuple[Any, ...] | None  # of the inserted rows (see summary.py)
+    watermark: int = 0  # the device's contiguous ack watermark after the commit
 
 
 @dataclass(slots=True)
@@ -219,10 +220,10 @@ class GroupCommitWriter:
         if len(result) == 2:
             batch.future.set_exception(RuntimeError(f"storing the batch failed: {result[1]}"))
             return
-        _, inserted, duplicates, conflicts, summary = result
+        _, inserted, duplicates, conflicts, summary, watermark = result
         rows = batch.rows if inserted is None else [batch.rows[i] for i in inserted]
         batch.future.set_result(
-            Outcome(rows, duplicates, [Conflict(*c) for c in conflicts], summary),
+            Outcome(rows, duplicates, [Conflict(*c) for c in conflicts], summary, watermark),
         )
 
     def _fail_waiting(self, why: str) -> None:

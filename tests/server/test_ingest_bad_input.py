@@ -173,12 +173,12 @@ async def test_acks_after_a_refused_batch_never_cover_its_events(
             ch,
             ada.metadata,
             [
-                hr_batch(1, range(10, 10 + MAX_BATCH_EVENTS + 1)),  # refused: one too many
-                hr_batch(2, range(5011, 5012)),  # accepted, but 10..5010 are not stored
-                hr_batch(3, range(10, 2010)),  # the device resends the refused range...
-                hr_batch(4, range(2010, 5011)),  # ...in smaller batches
+                hr_batch(1, range(4, 4 + MAX_BATCH_EVENTS + 1)),  # refused: one too many
+                hr_batch(2, range(5005, 5006)),  # accepted, but 4..5004 are not stored
+                hr_batch(3, range(4, 2004)),  # the device resends the refused range...
+                hr_batch(4, range(2004, 5005)),  # ...in smaller batches
             ],
         )
     assert acks[0].error.reason == "BATCH_TOO_LARGE"
-    assert [a.acked_through_seq for a in acks] == [0, 9, 2009, 5011]
-    assert await _stored_seqs(server) == [1, 2, 3, *range(10, 5012)]
+    assert [a.acked_through_seq for a in acks] == [0, 3, 2003, 5005]
+    assert await _stored_seqs(server) == [1, 2, 3, *range(4, 5006)]

@@ -148,8 +148,12 @@ class UploadResponse(_message.Message):
     CLOCK_OFFSET_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.int
     acked_through_seq: _builtins.int
-    """Every event of this device with seq <= acked_through_seq is handled for good (stored,
-    deduplicated or quarantined): the device may delete it. Zero when the batch was refused.
+    """A contiguous watermark: every event of this device with seq <= acked_through_seq is
+    handled for good (stored, deduplicated, quarantined, or refused for missing consent), in
+    any batch so far: the device may delete it. It never passes a seq the server has not
+    received: after a gap it stays below the gap, and it moves past events received ahead
+    as soon as the gap is filled. Reported once the batch is committed. Zero when the batch
+    was refused or nothing of the device is handled from seq 1 on.
     """
     accepted_count: _builtins.int
     duplicate_count: _builtins.int
@@ -252,9 +256,10 @@ class GetUploadStateResponse(_message.Message):
     ACKED_THROUGH_SEQ_FIELD_NUMBER: _builtins.int
     LAST_COMMIT_TIME_FIELD_NUMBER: _builtins.int
     acked_through_seq: _builtins.int
-    """The same mark an UploadResponse acks: every event of this device with seq <=
-    acked_through_seq is handled for good (stored or quarantined). Zero when nothing of the
-    device is held. A device must number new events above it.
+    """The same contiguous mark an UploadResponse acks: every event of this device with seq <=
+    acked_through_seq is handled for good (stored or quarantined); events held above a gap
+    do not move it. Zero when nothing of the device is handled from seq 1 on. A device must
+    number new events above it (and above any seq it sent before).
     """
     @_builtins.property
     def last_commit_time(self) -> _timestamp_pb2.Timestamp:
