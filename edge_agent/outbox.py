@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
+import time
 import uuid
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -32,12 +33,14 @@ log = logging.getLogger(__name__)
 
 # Ride out a checkpoint or a `pulsesync-agent status` reading the file; report a stuck writer.
 BUSY_TIMEOUT_MS: Final = 10_000
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS outbox (
-    seq  INTEGER PRIMARY KEY,       -- the device's sequence number
-    body BLOB NOT NULL              -- serialized pulsesync.v1.Event (seq, id and time set)
+    seq     INTEGER PRIMARY KEY,    -- the device's sequence number
+    body    BLOB NOT NULL,          -- serialized pulsesync.v1.Event (seq, id and time set)
+    mono_ns INTEGER,                -- the monotonic clock at device_time (NULL: unknown)
+    boot    TEXT                    -- the boot that monotonic reading belongs to
 );
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
@@ -45,6 +48,34 @@ CREATE TABLE IF NOT EXISTS meta (
 );
 INSERT OR IGNORE INTO meta VALUES ('next_seq', 1), ('acked_through', 0), ('last_ack_us', 0);
 """
+# Schema 1 had no monotonic reading; its events keep the device time they were recorded with.
+_UPGRADE_FROM_1: Final = """
+ALTER TABLE outbox ADD COLUMN mono_ns INTEGER;
+ALTER TABLE outbox ADD COLUMN boot TEXT;
+"""
+
+Monotonic = Callable[[], int]
+
+
+def boot_monotonic_ns() -> int:
+    """Nanoseconds on a clock that never steps and (on Linux) keeps counting in suspend."""
+    return time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+
+
+def _default_monotonic() -> Monotonic:
+    return boot_monotonic_ns if hasattr(time, "CLOCK_BOOTTIME") else time.monotonic_ns
+
+
+def current_boot_id() -> str:
+    """This boot's id (Linux); elsewhere a per-process id, so readings never mix processes
+    whose monotonic clocks may not share an origin."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or _PROCESS_BOOT
+    except OSError:
+        return _PROCESS_BOOT
+
+
+_PROCESS_BOOT: Final = f"process-{uuid.uuid4()}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,20 +92,38 @@ class Outbox:
     """A SQLite outbox; open with `await Outbox.open(path)` or `async with Outbox.open(...)`."""
 
     def __init__(
-        self, writer: aiosqlite.Connection, reader: aiosqlite.Connection, path: Path, clock: Clock
+        self,
+        writer: aiosqlite.Connection,
+        reader: aiosqlite.Connection,
+        path: Path,
+        clock: Clock,
+        monotonic_ns: Monotonic | None = None,
+        boot_id: str | None = None,
     ) -> None:
         self._writer = writer
         self._reader = reader
         self.path = path
         self._clock = clock
+        self._monotonic_ns: Monotonic = monotonic_ns or _default_monotonic()
+        self.boot_id = boot_id or current_boot_id()
         self._lock = asyncio.Lock()
         self._listeners: list[Callable[[], None]] = []
         self._last_seq = 0
         self._acked_through = 0
 
     @classmethod
-    async def open(cls, path: str | Path, *, clock: Clock | None = None) -> Outbox:
-        """Open (creating if needed) the outbox file at path."""
+    async def open(
+        cls,
+        path: str | Path,
+        *,
+        clock: Clock | None = None,
+        monotonic_ns: Monotonic | None = None,
+        boot_id: str | None = None,
+    ) -> Outbox:
+        """Open (creating if needed) the outbox file at path.
+
+        `clock` is the wall clock and `monotonic_ns` a clock that never steps (CLOCK_BOOTTIME
+        by default); `boot_id` names the boot the monotonic readings belong to."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         writer = await aiosqlite.connect(path, isolation_level=None)
@@ -96,8 +145,10 @@ class Outbox:
                 # The report can run to hundreds of lines; its last says what it means.
                 lines = "\n".join(problems).splitlines()
                 raise OutboxCorrupt(corrupt_message(path, lines[-1].strip()))
+            upgrade = _UPGRADE_FROM_1 if version == 1 else ""
             await writer.executescript(
-                f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                f"BEGIN IMMEDIATE; {upgrade} {_SCHEMA} "
+                f"PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
             )
             await _check_schema(writer, path)
             reader = await aiosqlite.connect(path, isolation_level=None)
@@ -109,7 +160,7 @@ class Outbox:
             raise
         await reader.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         await reader.execute("PRAGMA query_only = 1")
-        outbox = cls(writer, reader, path, clock or SystemClock())
+        outbox = cls(writer, reader, path, clock or SystemClock(), monotonic_ns, boot_id)
         stats = await outbox.stats()
         outbox._last_seq, outbox._acked_through = stats.last_seq, stats.acked_through
         return outbox
@@ -128,8 +179,14 @@ class Outbox:
         await self.close()
 
     # -- writes -----------------------------------------------------------------------------
-    async def append(self, events: Sequence[events_pb2.Event]) -> int:
+    async def append(
+        self, events: Sequence[events_pb2.Event], *, mono_ns: Sequence[int] | None = None
+    ) -> int:
         """Durably store events in one transaction; returns the last sequence number assigned.
+
+        `mono_ns`, one per event, are readings of `monotonic_ns` at each event's device time
+        (the Tracker takes them when recording); without them they are derived from the
+        events' age by the wall clock now.
 
         Assigns each event its `seq` (always), and an `event_id` (UUID4) and `device_time` (now)
         when unset. The events are modified in place: the outbox owns them from here on. If
@@ -139,12 +196,24 @@ class Outbox:
         if not events:
             return self._last_seq
         try:
-            return await _to_completion(self._append(events))
+            return await _to_completion(self._append(events, mono_ns))
         except sqlite3.Error as e:
             raise db_error(e, self.path, "cannot write to the outbox") from e
 
-    async def _append(self, events: Sequence[events_pb2.Event]) -> int:
+    @property
+    def monotonic_ns(self) -> Monotonic:
+        """The monotonic clock whose readings this outbox stores with events."""
+        return self._monotonic_ns
+
+    async def _append(
+        self, events: Sequence[events_pb2.Event], mono_ns: Sequence[int] | None
+    ) -> int:
         now_us = self._clock.now_us()
+        # The monotonic reading at each event's device time, taken from its age now: stored
+        # with the event, it gives the event's true age at send time even if the wall clock
+        # is stepped meanwhile.
+        mono_now = self._monotonic_ns()
+        boot = self.boot_id
         async with self._lock:
             await self._writer.execute("BEGIN IMMEDIATE")
             try:
@@ -156,9 +225,14 @@ class Outbox:
                         event.event_id = str(uuid.uuid4())
                     if not event.HasField("device_time"):
                         event.device_time.FromMicroseconds(now_us)
-                    rows.append((seq, event.SerializeToString()))
+                    if mono_ns is not None:
+                        mono = mono_ns[seq - first]
+                    else:
+                        age_us = max(0, now_us - event.device_time.ToMicroseconds())
+                        mono = mono_now - age_us * 1000
+                    rows.append((seq, event.SerializeToString(), mono, boot))
                 last = first + len(events) - 1
-                await self._writer.executemany("INSERT INTO outbox VALUES (?, ?)", rows)
+                await self._writer.executemany("INSERT INTO outbox VALUES (?, ?, ?, ?)", rows)
                 await self._writer.execute(
                     "UPDATE meta SET value = ? WHERE key = 'next_seq'", (last + 1,)
                 )
@@ -211,6 +285,27 @@ class Outbox:
         except sqlite3.Error as e:
             raise db_error(e, self.path, "cannot read the outbox") from e
         return [events_pb2.Event.FromString(body) for (body,) in rows]
+
+    async def pending_with_age(
+        self, after_seq: int = 0, limit: int = 500
+    ) -> list[tuple[events_pb2.Event, int | None]]:
+        """Like `pending`, with each event's age in microseconds by the monotonic clock (None
+        when it was recorded in another boot or by an outbox of schema 1)."""
+        try:
+            rows = await self._reader.execute_fetchall(
+                "SELECT body, mono_ns, boot FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
+                (after_seq, limit),
+            )
+        except sqlite3.Error as e:
+            raise db_error(e, self.path, "cannot read the outbox") from e
+        mono_now, boot = self._monotonic_ns(), self.boot_id
+        return [
+            (
+                events_pb2.Event.FromString(body),
+                (mono_now - mono) // 1000 if mono is not None and b == boot else None,
+            )
+            for body, mono, b in rows
+        ]
 
     async def count(self) -> int:
         """How many events wait for an ack."""
@@ -278,7 +373,7 @@ def db_error(e: sqlite3.Error, path: Path, doing: str) -> OutboxError:
     return OutboxError(f"{doing} {path}: {e}")
 
 
-_COLUMNS: Final = {"outbox": ["seq", "body"], "meta": ["key", "value"]}
+_COLUMNS: Final = {"outbox": ["seq", "body", "mono_ns", "boot"], "meta": ["key", "value"]}
 
 
 async def _check_schema(conn: aiosqlite.Connection, path: Path) -> None:

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Final
@@ -77,15 +78,20 @@ class Tracker:
         linger_s: float = DEFAULT_TRACKER_LINGER_S,
         max_batch: int = DEFAULT_TRACKER_MAX_BATCH,
         max_queue: int = DEFAULT_TRACKER_MAX_QUEUE,
+        monotonic_ns: Callable[[], int] | None = None,
     ) -> None:
         self.outbox = outbox
         # Default deny: without a consent view, no category is granted (as the consent module promises).
         self.consent: ConsentView = consent if consent is not None else StaticConsent(())
         self.clock: Clock = clock or SystemClock()
+        # Must be the outbox's monotonic clock: the outbox keeps these readings to give each
+        # event its true age at send time, whatever happens to the wall clock meanwhile.
+        self.monotonic_ns: Callable[[], int] = monotonic_ns or outbox.monotonic_ns
         self.linger_s = linger_s
         self.max_batch = max_batch
         self.max_queue = max_queue
-        self._queue: collections.deque[events_pb2.Event] = collections.deque()
+        # (event, monotonic reading at its device time)
+        self._queue: collections.deque[tuple[events_pb2.Event, int]] = collections.deque()
         self._lock = threading.Lock()
         self._write_lock = asyncio.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -238,6 +244,8 @@ class Tracker:
             self._no_consent += 1
 
     def _enqueue(self, event: events_pb2.Event) -> None:
+        age_us = self.clock.now_us() - event.device_time.ToMicroseconds()
+        mono = self.monotonic_ns() - max(0, age_us) * 1000
         with self._lock:
             n = len(self._queue)
             if n >= self.max_queue:
@@ -248,7 +256,7 @@ class Tracker:
                         extra={"dropped": self._overflow, "max_queue": self.max_queue},
                     )
                 return
-            self._queue.append(event)
+            self._queue.append((event, mono))
             self._recorded += 1
         if n == 0:
             self._signal(self._wake)
@@ -265,16 +273,16 @@ class Tracker:
             with contextlib.suppress(RuntimeError):  # loop closed during shutdown
                 loop.call_soon_threadsafe(ev.set)
 
-    def _take(self, limit: int) -> list[events_pb2.Event]:
+    def _take(self, limit: int) -> list[tuple[events_pb2.Event, int]]:
         with self._lock:
             n = min(limit, len(self._queue))
             return [self._queue.popleft() for _ in range(n)]
 
-    async def _append(self, batch: list[events_pb2.Event]) -> None:
+    async def _append(self, batch: list[tuple[events_pb2.Event, int]]) -> None:
         try:
-            await self.outbox.append(batch)
+            await self.outbox.append([e for e, _ in batch], mono_ns=[m for _, m in batch])
         except BaseException:
-            if batch[0].seq == 0:  # not committed (a committed batch has its seqs set)
+            if batch[0][0].seq == 0:  # not committed (a committed batch has its seqs set)
                 with self._lock:  # keep them, in order, for the next attempt
                     self._queue.extendleft(reversed(batch))
             else:

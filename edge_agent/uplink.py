@@ -38,6 +38,10 @@ from pulsesync.wire import STREAM_OPEN
 log = logging.getLogger(__name__)
 
 BATCH_TOO_LARGE: Final = "BATCH_TOO_LARGE"
+# An event whose device time differs from (now - its monotonic age) by more than this was
+# recorded before a wall-clock step; smaller differences (clock slew, reading jitter) leave
+# the recorded time untouched.
+CLOCK_STEP_US: Final = 1_000_000
 
 
 class _StreamEnded(Exception):
@@ -233,7 +237,8 @@ class Uplink:
                 await state.kick.wait()
                 continue
             epoch = state.epoch
-            events = await self.outbox.pending(after, self.batch_size)
+            aged = await self.outbox.pending_with_age(after, self.batch_size)
+            events = [event for event, _ in aged]
             if state.epoch != epoch:
                 continue  # a batch was refused meanwhile: these may be past the rewind point
             if not events:
@@ -241,17 +246,23 @@ class Uplink:
                 if self.settings.uplink_linger_s > 0:
                     await asyncio.sleep(self.settings.uplink_linger_s)
                 continue
-            await self._write(call, state, events, epoch)
+            await self._write(call, state, aged, epoch)
             after = events[-1].seq
 
     async def _write(
-        self, call: _UploadCall, state: _Stream, events: list[events_pb2.Event], epoch: int
+        self,
+        call: _UploadCall,
+        state: _Stream,
+        aged: list[tuple[events_pb2.Event, int | None]],
+        epoch: int,
     ) -> None:
         batch_id = self._next_batch_id
         self._next_batch_id += 1
         request = ingest_pb2.UploadRequest()
         request.batch.batch_id = batch_id
-        request.batch.sent_time.FromMicroseconds(self._clock.now_us())
+        now_us = self._clock.now_us()
+        request.batch.sent_time.FromMicroseconds(now_us)
+        events = [_true_time(event, age_us, now_us) for event, age_us in aged]
         request.batch.events.extend(events)
         state.inflight[batch_id] = _Inflight(
             events[0].seq, events[-1].seq, len(events), self._monotonic(), epoch
@@ -351,6 +362,16 @@ class Uplink:
                 oldest = min(i.sent_at for i in state.inflight.values())
                 if self._monotonic() - oldest > timeout:
                     raise TimeoutError(f"no ack for {timeout:g} s: the connection looks dead")
+
+
+def _true_time(event: events_pb2.Event, age_us: int | None, now_us: int) -> events_pb2.Event:
+    """The event with its device time as `now - age` when the wall clock was stepped since it
+    was recorded (in this boot), so the server's skew correction places it right."""
+    if age_us is not None:
+        true_us = now_us - age_us
+        if abs(true_us - event.device_time.ToMicroseconds()) > CLOCK_STEP_US:
+            event.device_time.FromMicroseconds(true_us)
+    return event
 
 
 def _most_telling(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -29,6 +29,8 @@ class FakeIngest(ingest_pb2_grpc.IngestServiceServicer):
         self.ack_delay_s = ack_delay_s
         self.token = TOKEN
         self.stored: dict[int, str] = {}  # seq -> event_id
+        # seq -> (device_time, the batch's sent_time) in µs, as last received
+        self.times: dict[int, tuple[int, int]] = {}
         self.conflicts: list[int] = []
         self.on_wire: Counter[int] = Counter()  # how often each seq arrived
         self.batch_sizes: list[int] = []
@@ -63,6 +65,10 @@ class FakeIngest(ingest_pb2_grpc.IngestServiceServicer):
                 continue
             for e in batch.events:
                 self.on_wire[e.seq] += 1
+                self.times[e.seq] = (
+                    e.device_time.ToMicroseconds(),
+                    batch.sent_time.ToMicroseconds(),
+                )
                 known = self.stored.setdefault(e.seq, e.event_id)
                 if known != e.event_id:
                     self.conflicts.append(e.seq)

@@ -19,10 +19,12 @@ class GatedOutbox(Outbox):
     gate: asyncio.Event
     batches: list[int]
 
-    async def append(self, events: Sequence[events_pb2.Event]) -> int:
+    async def append(
+        self, events: Sequence[events_pb2.Event], *, mono_ns: Sequence[int] | None = None
+    ) -> int:
         self.batches.append(len(events))
         await self.gate.wait()
-        return await super().append(events)
+        return await super().append(events, mono_ns=mono_ns)
 
 
 @pytest.fixture
@@ -148,11 +150,13 @@ class _CountingOutbox(Outbox):
     attempts = 0
     attempted: asyncio.Event | None = None
 
-    async def append(self, events: Sequence[events_pb2.Event]) -> int:
+    async def append(
+        self, events: Sequence[events_pb2.Event], *, mono_ns: Sequence[int] | None = None
+    ) -> int:
         type(self).attempts += 1
         if type(self).attempted is not None:
             type(self).attempted.set()  # type: ignore[union-attr]
-        return await super().append(events)
+        return await super().append(events, mono_ns=mono_ns)
 
 
 def _big_tap(i: int) -> events_pb2.Event:
