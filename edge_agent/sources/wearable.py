@@ -15,11 +15,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from pulsesync.edge_agent.ble.bridge import Bridge, BridgeConfig
 from pulsesync.edge_agent.ble.sensors import SensorStore
 from pulsesync.edge_agent.config import default_state_dir
+from pulsesync.edge_agent.errors import AgentError
 from pulsesync.edge_agent.sources.base import SourceOptions
 from pulsesync.edge_agent.tracker import Tracker
 
@@ -105,10 +106,30 @@ class RealWearable:
 
     async def run(self, tracker: Tracker) -> None:
         """Keep the sensors connected until the duration is over or cancelled."""
+        await _require_adapter()
         bridge = Bridge(tracker, self.addresses, clock_us=self.options.clock.now_us)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.options.duration_s):
                 await bridge.run()
+
+
+# Long enough for the platform to report a missing or powered-off adapter, short enough not to
+# delay the first connection noticeably.
+ADAPTER_PROBE_S: Final = 0.5
+
+
+async def _require_adapter() -> None:
+    """Raise AgentError, saying what to fix, when there is no usable Bluetooth adapter: without
+    one the bridge would retry forever and record nothing."""
+    from pulsesync.edge_agent.ble import scanner
+
+    try:
+        await scanner.scan(ADAPTER_PROBE_S)
+    except Exception as exc:
+        problem = scanner.explain_adapter_error(exc)
+        if problem is None:
+            raise
+        raise AgentError(problem) from None
 
 
 def create(options: SourceOptions) -> EmulatedWearable:

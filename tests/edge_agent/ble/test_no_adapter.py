@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+from pathlib import Path
 
 import pytest
 from bleak.exc import (
@@ -12,6 +14,12 @@ from bleak.exc import (
 )
 
 from pulsesync.edge_agent.ble import cli, scanner
+from pulsesync.edge_agent.consent import StaticConsent
+from pulsesync.edge_agent.errors import AgentError
+from pulsesync.edge_agent.outbox import Outbox
+from pulsesync.edge_agent.sources import wearable
+from pulsesync.edge_agent.sources.base import SourceOptions
+from pulsesync.edge_agent.tracker import Tracker
 
 
 @pytest.mark.parametrize(
@@ -54,3 +62,22 @@ async def test_scan_without_bluetooth_explains_in_one_line_and_exits_non_zero(
 
 def test_other_errors_are_not_mistaken_for_a_missing_adapter() -> None:
     assert scanner.explain_adapter_error(ValueError("x")) is None
+
+
+async def test_run_wearable_without_bluetooth_stops_with_the_explanation(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`run --source wearable` with no adapter ends with what to fix (the CLI exits 1 on an
+    AgentError), instead of retrying forever having recorded nothing."""
+
+    async def no_dbus(*args: object, **kwargs: object) -> list[scanner.FoundSensor]:
+        raise FileNotFoundError(2, "No such file or directory")
+
+    monkeypatch.setattr(scanner, "scan", no_dbus)
+    source = wearable.create_real(SourceOptions(extra={"addresses": "AA:BB:CC:DD:EE:FF"}))
+    async with (
+        await Outbox.open(tmp_path / "o.db") as outbox,
+        Tracker(outbox, StaticConsent()) as t,
+    ):
+        with pytest.raises(AgentError, match="D-Bus is not running"):
+            await asyncio.wait_for(source.run(t), timeout=60)
