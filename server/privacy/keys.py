@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
-import secrets
 import stat
 from pathlib import Path
 from typing import Final
 
 from pulsesync.server.errors import FailedPrecondition
+from pulsesync.server.storage.files import create_secret_file
 
 RECEIPT_KEY_FILE: Final = "receipt.key"
 # 256 bits: the full strength of HMAC-SHA256.
@@ -33,16 +32,7 @@ class ReceiptKey:
     @classmethod
     def load_or_create(cls, path: Path) -> ReceiptKey:
         """Read the key file, creating it (mode 0600) when missing."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass
-        else:
-            with os.fdopen(fd, "wb") as f:
-                f.write(secrets.token_bytes(_KEY_BYTES).hex().encode("ascii"))
-                f.flush()
-                os.fsync(f.fileno())
+        create_secret_file(path, _KEY_BYTES)
         mode = stat.S_IMODE(path.stat().st_mode)
         if mode & 0o077:
             raise FailedPrecondition(

@@ -18,7 +18,6 @@ import base64
 import binascii
 import hashlib
 import json
-import os
 import secrets
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +27,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from pulsesync.server.errors import InvalidArgument
+from pulsesync.server.storage.files import create_secret_file
 
 KEY_FILE: Final = "page-token.key"
 _VERSION: Final = 1
@@ -106,16 +106,7 @@ class PageTokens:
 
 def load_or_create_secret(path: Path) -> bytes:
     """The token secret in path, created (mode 0600, 256 random bits) when missing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        pass
-    else:
-        with os.fdopen(fd, "wb") as f:
-            f.write(secrets.token_bytes(32).hex().encode("ascii"))
-            f.flush()
-            os.fsync(f.fileno())
+    create_secret_file(path, 32)
     try:
         return bytes.fromhex(path.read_text("ascii").strip())
     except ValueError:

@@ -1,4 +1,4 @@
-"""File modes of the server's data: the data directory 0700, database files 0600.
+"""File modes of the server's data: the data directory 0700, database and secret files 0600.
 
 The database holds search text, heart rate and consents; other local users must not read it.
 New files are created private; an existing file that others can read is made private with a
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import stat
 from pathlib import Path
 from typing import Final
@@ -72,3 +73,19 @@ def private_database(path: Path) -> None:
         if mode & 0o077:
             log.warning("%s was readable by other users (mode %o); made it 0600", file, mode)
             os.chmod(file, FILE_MODE)
+
+
+def create_secret_file(path: Path, nbytes: int) -> None:
+    """Write nbytes of fresh randomness as hex to path (mode 0600) unless the file exists.
+
+    O_EXCL makes two processes starting at once agree on one secret: the loser keeps the
+    winner's file. The caller reads it back and decides what a damaged file means."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    except FileExistsError:
+        return
+    with os.fdopen(fd, "wb") as f:
+        f.write(secrets.token_bytes(nbytes).hex().encode("ascii"))
+        f.flush()
+        os.fsync(f.fileno())
