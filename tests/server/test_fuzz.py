@@ -40,7 +40,7 @@ from pulsesync.v1 import (
     profiles_pb2,
     timeline_pb2,
 )
-from tests.support.server import PairedDevice, pair_device, start_server
+from tests.support.server import ALL_CONSENTS, PairedDevice, pair_device, start_server
 
 T = TypeVar("T")
 
@@ -372,7 +372,11 @@ def test_fuzz_every_method(fuzz: Fuzz) -> None:
     one_request()
     # Then one plain batch of fresh events over seqs 1..200, through the same path, so the
     # accounting below always has events to check: acks are a contiguous watermark, and the
-    # fuzzer's scattered seqs alone may never fill the run from 1 that moves it.
+    # fuzzer's scattered seqs alone may never fill the run from 1 that moves it. The fuzzer may
+    # have withdrawn consents (SetConsent is among its methods): grant them again first.
+    me = fuzz.srv.run(fuzz.server.app.identity.authenticate(fuzz.ingest.token))
+    for category in ALL_CONSENTS:
+        fuzz.srv.run(fuzz.server.app.consent.set(me.user_id, category, True, device_id="fuzz"))
     batch = ingest_pb2.EventBatch(batch_id=1)
     batch.sent_time.FromMicroseconds(now_us)
     for seq in range(1, 201):
