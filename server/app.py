@@ -46,6 +46,7 @@ from pulsesync.server.rpc.profiles import ProfileServicer
 from pulsesync.server.rpc.timeline import TimelineServicer
 from pulsesync.server.sessions import SessionRegistry
 from pulsesync.server.storage.db import Database, DatabaseDamaged
+from pulsesync.server.storage.sqlite.identity import SqliteIdentityStorage
 from pulsesync.v1 import (
     devices_pb2,
     devices_pb2_grpc,
@@ -170,7 +171,7 @@ async def build_app(config: ServerConfig, db: Database, clock: Clock) -> AppCont
         db=db,
         clock=clock,
         identity=IdentityStore(
-            db,
+            SqliteIdentityStorage(db),
             clock,
             max_token_age_us=(
                 round(config.max_token_age_s * 1_000_000)

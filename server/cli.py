@@ -28,6 +28,7 @@ from pulsesync.server.errors import PulseSyncError
 from pulsesync.server.identity import IdentityStore, parse_duration_s
 from pulsesync.server.logs import setup_logging
 from pulsesync.server.storage.db import Database
+from pulsesync.server.storage.sqlite.identity import SqliteIdentityStorage
 from pulsesync.v1 import common_pb2
 
 Handler = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
@@ -85,7 +86,7 @@ async def _with_identity(
     args: argparse.Namespace, fn: Callable[[IdentityStore], Awaitable[int]]
 ) -> int:
     async with await Database.open(config_from(args).database) as db:
-        return await fn(IdentityStore(db, SystemClock()))
+        return await fn(IdentityStore(SqliteIdentityStorage(db), SystemClock()))
 
 
 # -- serve --------------------------------------------------------------------------------

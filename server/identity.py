@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import secrets
-import sqlite3
 from dataclasses import dataclass
 from typing import Final
 
@@ -26,7 +25,8 @@ from pulsesync.server.errors import (
     ResourceExhausted,
     Unauthenticated,
 )
-from pulsesync.server.storage.db import Database
+from pulsesync.server.storage.errors import DuplicateKey, StorageError
+from pulsesync.server.storage.identity import DeviceRecord, IdentityStorage, NewDevice
 from pulsesync.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -61,18 +61,7 @@ class Identity:
     device_kind: int
 
 
-@dataclass(frozen=True, slots=True)
-class DeviceRecord:
-    device_pk: int
-    device_id: str
-    user_id: int
-    name: str
-    kind: int
-    pair_us: int
-    last_seen_us: int | None
-    revoke_us: int | None
-    clock_offset_us: int
-
+__all__ = ["DeviceRecord", "Identity", "IdentityStore"]
 
 _DURATION_UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
 
@@ -203,16 +192,13 @@ def peer_host(peer: str) -> str:
     return peer
 
 
-_DEVICE_COLUMNS: Final = (
-    "device_pk, device_id, user_id, name, kind, pair_us, last_seen_us, revoke_us, clock_offset_us"
-)
-
-
 class IdentityStore:
     """Reads and writes users, devices and pairing codes; resolves tokens to identities."""
 
-    def __init__(self, db: Database, clock: Clock, *, max_token_age_us: int | None = None) -> None:
-        self._db = db
+    def __init__(
+        self, storage: IdentityStorage, clock: Clock, *, max_token_age_us: int | None = None
+    ) -> None:
+        self._storage = storage
         self._clock = clock
         # Operator's limit on a token's age (None: tokens never age out); see authenticate.
         self.max_token_age_us = max_token_age_us
@@ -227,31 +213,18 @@ class IdentityStore:
         """Create a user; AlreadyExists if the name is taken."""
         name = _check_name(name, "user name")
         try:
-            async with self._db.transaction() as tx:
-                cur = await tx.execute(
-                    "INSERT INTO users (name, create_us) VALUES (?, ?)",
-                    (name, self._clock.now_us()),
-                )
-                user_id = cur.lastrowid
-        except sqlite3.IntegrityError:
+            return await self._storage.add_user(name, self._clock.now_us())
+        except DuplicateKey:
             raise AlreadyExists(f"a user named {name!r} already exists") from None
-        assert user_id is not None
-        return user_id
 
     async def user_id_by_name(self, name: str) -> int:
-        async with self._db.reader.execute(
-            "SELECT user_id FROM users WHERE name = ?", (name,)
-        ) as c:
-            row = await c.fetchone()
-        if row is None:
+        user_id = await self._storage.user_id_by_name(name)
+        if user_id is None:
             raise NotFound(f"no user named {name!r}; create one with `pulsesync users add`")
-        return int(row[0])
+        return user_id
 
     async def list_users(self) -> list[tuple[int, str, int]]:
-        async with self._db.reader.execute(
-            "SELECT user_id, name, create_us FROM users ORDER BY user_id"
-        ) as c:
-            return [(int(r[0]), str(r[1]), int(r[2])) for r in await c.fetchall()]
+        return [(u.user_id, u.name, u.create_us) for u in await self._storage.list_users()]
 
     # -- pairing -------------------------------------------------------------------------
     async def create_pairing_code(self, user_id: int) -> tuple[str, int]:
@@ -259,13 +232,7 @@ class IdentityStore:
         raw = "".join(secrets.choice(_CODE_ALPHABET) for _ in range(_CODE_LENGTH))
         now = self._clock.now_us()
         expire = now + PAIRING_CODE_TTL_US
-        async with self._db.transaction() as tx:
-            # Expired codes are useless; drop them while we are here.
-            await tx.execute("DELETE FROM pairing_codes WHERE expire_us < ?", (now,))
-            await tx.execute(
-                "INSERT INTO pairing_codes (code_hash, user_id, create_us, expire_us) VALUES (?, ?, ?, ?)",
-                (hash_secret(raw), user_id, now, expire),
-            )
+        await self._storage.add_pairing_code(hash_secret(raw), user_id, now, expire)
         return _format_code(raw), expire
 
     async def pair(self, code: str, device_name: str, kind: int) -> tuple[DeviceRecord, str, str]:
@@ -285,40 +252,22 @@ class IdentityStore:
         now = self._clock.now_us()
         # A wrong guess is answered from the read connection: it costs no write and never
         # queues behind the write lock. The check is repeated inside the transaction below.
-        async with self._db.reader.execute(
-            "SELECT expire_us, used_us FROM pairing_codes WHERE code_hash = ?",
-            (hash_secret(normalized),),
-        ) as c:
-            found = await c.fetchone()
-        if found is None or found[1] is not None or found[0] < now:
+        found = await self._storage.pairing_code(hash_secret(normalized))
+        if found is None or found.used_us is not None or found.expire_us < now:
             raise _unknown_code()
         token = _TOKEN_PREFIX + secrets.token_urlsafe(32)
         device_id = "dev_" + secrets.token_hex(8)
-        async with self._db.transaction() as tx:
-            async with tx.execute(
-                "SELECT user_id, expire_us, used_us FROM pairing_codes WHERE code_hash = ?",
-                (hash_secret(normalized),),
-            ) as c:
-                row = await c.fetchone()
-            if row is None or row[2] is not None or row[1] < now:
-                raise _unknown_code()
-            user_id = int(row[0])
-            await tx.execute(
-                "UPDATE pairing_codes SET used_us = ? WHERE code_hash = ?",
-                (now, hash_secret(normalized)),
-            )
-            cur = await tx.execute(
-                "INSERT INTO devices (device_id, user_id, name, kind, token_hash, pair_us)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (device_id, user_id, device_name, kind, hash_secret(token), now),
-            )
-            device_pk = cur.lastrowid
-            async with tx.execute("SELECT name FROM users WHERE user_id = ?", (user_id,)) as c:
-                user_row = await c.fetchone()
-        assert device_pk is not None
-        assert user_row is not None
-        record = DeviceRecord(device_pk, device_id, user_id, device_name, kind, now, None, None, 0)
-        return record, token, str(user_row[0])
+        paired = await self._storage.redeem_pairing_code(
+            hash_secret(normalized),
+            now,
+            NewDevice(device_id, device_name, kind, hash_secret(token)),
+        )
+        if paired is None:
+            raise _unknown_code()
+        record = DeviceRecord(
+            paired.device_pk, device_id, paired.user_id, device_name, kind, now, None, None, 0
+        )
+        return record, token, paired.user_name
 
     # -- tokens --------------------------------------------------------------------------
     async def authenticate(self, token: str) -> Identity:
@@ -328,23 +277,16 @@ class IdentityStore:
         cached = self._cache.get(key)
         if cached is not None and cached[1] > now:
             return cached[0]
-        async with self._db.reader.execute(
-            "SELECT d.user_id, u.name, d.device_pk, d.device_id, d.kind, d.revoke_us,"
-            " d.token_hash = ?, coalesce(d.token_issue_us, d.pair_us), d.prev_token_expire_us"
-            " FROM devices d JOIN users u USING (user_id)"
-            " WHERE d.token_hash = ? OR d.prev_token_hash = ?",
-            (key, key, key),
-        ) as c:
-            row = await c.fetchone()
+        row = await self._storage.token(key)
         if row is None:
             raise Unauthenticated(
                 "unknown device token; pair the device again", reason="TOKEN_UNKNOWN"
             )
-        if row[5] is not None:
+        if row.revoke_us is not None:
             raise Unauthenticated("this device was revoked; pair it again", reason="DEVICE_REVOKED")
-        if row[6]:
+        if row.is_current:
             valid_until = (
-                int(row[7]) + self.max_token_age_us if self.max_token_age_us is not None else None
+                row.issue_us + self.max_token_age_us if self.max_token_age_us is not None else None
             )
             if valid_until is not None and valid_until <= now:
                 raise Unauthenticated(
@@ -353,14 +295,14 @@ class IdentityStore:
                     reason="TOKEN_EXPIRED",
                 )
         else:
-            valid_until = int(row[8]) if row[8] is not None else now
+            valid_until = row.prev_token_expire_us if row.prev_token_expire_us is not None else now
             if valid_until <= now:
                 raise Unauthenticated(
                     "this token was replaced by RotateDeviceToken and its grace period is over; "
                     "use the new token, or pair the device again if it was lost",
                     reason="TOKEN_ROTATED",
                 )
-        identity = Identity(int(row[0]), str(row[1]), int(row[2]), str(row[3]), int(row[4]))
+        identity = Identity(row.user_id, row.user_name, row.device_pk, row.device_id, row.kind)
         expiry = now + TOKEN_CACHE_US
         self._cache[key] = (identity, expiry if valid_until is None else min(expiry, valid_until))
         return identity
@@ -375,30 +317,11 @@ class IdentityStore:
         key = hash_secret(token)
         now = self._clock.now_us()
         new = _TOKEN_PREFIX + secrets.token_urlsafe(32)
-        async with self._db.transaction() as tx:
-            async with tx.execute(
-                "SELECT token_hash = ?, prev_token_expire_us FROM devices"
-                " WHERE device_pk = ? AND user_id = ? AND revoke_us IS NULL",
-                (key, me.device_pk, me.user_id),
-            ) as c:
-                row = await c.fetchone()
-            if row is None:
-                raise Unauthenticated(
-                    "this device was revoked; pair it again", reason="DEVICE_REVOKED"
-                )
-            if row[0]:
-                grace_until = now + ROTATION_GRACE_US
-                await tx.execute(
-                    "UPDATE devices SET prev_token_hash = token_hash, prev_token_expire_us = ?,"
-                    " token_hash = ?, token_issue_us = ? WHERE device_pk = ?",
-                    (grace_until, hash_secret(new), now, me.device_pk),
-                )
-            else:  # called with the previous token, still in its grace period
-                grace_until = int(row[1])
-                await tx.execute(
-                    "UPDATE devices SET token_hash = ?, token_issue_us = ? WHERE device_pk = ?",
-                    (hash_secret(new), now, me.device_pk),
-                )
+        grace_until = await self._storage.rotate_token(
+            me.device_pk, me.user_id, key, hash_secret(new), now, now + ROTATION_GRACE_US
+        )
+        if grace_until is None:
+            raise Unauthenticated("this device was revoked; pair it again", reason="DEVICE_REVOKED")
         # The replaced token's cache entry must not outlive its grace period.
         self._cache.pop(key, None)
         self.forget_device(me.device_pk)
@@ -421,12 +344,7 @@ class IdentityStore:
         (only erasure deletes devices)."""
         if not device_pks:
             return {}
-        marks = ",".join("?" * len(device_pks))
-        async with self._db.reader.execute(
-            f"SELECT device_pk, revoke_us FROM devices WHERE device_pk IN ({marks})",
-            device_pks,
-        ) as c:
-            rows = {int(r[0]): r[1] for r in await c.fetchall()}
+        rows = await self._storage.revoke_times(device_pks)
         return {
             pk: "USER_ERASED" if pk not in rows else "DEVICE_REVOKED"
             for pk in device_pks
@@ -435,35 +353,23 @@ class IdentityStore:
 
     # -- devices -------------------------------------------------------------------------
     async def list_devices(self, user_id: int) -> list[DeviceRecord]:
-        async with self._db.reader.execute(
-            f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE user_id = ? ORDER BY device_pk",
-            (user_id,),
-        ) as c:
-            return [DeviceRecord(*row) for row in await c.fetchall()]
+        return await self._storage.list_devices(user_id)
 
     async def get_device(self, user_id: int, device_id: str) -> DeviceRecord:
         """One of the user's devices; NotFound for other users' devices too."""
-        async with self._db.reader.execute(
-            f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE user_id = ? AND device_id = ?",
-            (user_id, device_id),
-        ) as c:
-            row = await c.fetchone()
-        if row is None:
+        device = await self._storage.get_device(user_id, device_id)
+        if device is None:
             raise NotFound(
                 f"no device {device_id!r} among this user's devices", reason="DEVICE_NOT_FOUND"
             )
-        return DeviceRecord(*row)
+        return device
 
     async def revoke(self, user_id: int, device_id: str) -> DeviceRecord:
         """Revoke one of the user's devices (idempotent); the caller closes its streams."""
         device = await self.get_device(user_id, device_id)
         if device.revoke_us is None:
             now = self._clock.now_us()
-            async with self._db.transaction() as tx:
-                await tx.execute(
-                    "UPDATE devices SET revoke_us = ? WHERE device_pk = ? AND user_id = ?",
-                    (now, device.device_pk, user_id),
-                )
+            await self._storage.revoke_device(device.device_pk, user_id, now)
             device = await self.get_device(user_id, device_id)
         self.forget_device(device.device_pk)
         return device
@@ -477,9 +383,6 @@ class IdentityStore:
         # Best effort: every call authenticates, and a full disk or a long lock must not turn
         # reads into errors for a value that is only informational. The next touch retries.
         try:
-            async with self._db.transaction() as tx:
-                await tx.execute(
-                    "UPDATE devices SET last_seen_us = ? WHERE device_pk = ?", (now, device_pk)
-                )
-        except (sqlite3.Error, PulseSyncError) as e:
+            await self._storage.touch_device(device_pk, now)
+        except (StorageError, PulseSyncError) as e:
             log.warning("could not record last_seen of device %d: %s", device_pk, e)

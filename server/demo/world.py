@@ -41,6 +41,7 @@ from pulsesync.server.config import ServerConfig
 from pulsesync.server.demo.persona import Doing, Persona, PersonaTrack
 from pulsesync.server.identity import IdentityStore
 from pulsesync.server.storage.db import Database
+from pulsesync.server.storage.sqlite.identity import SqliteIdentityStorage
 from pulsesync.timeutil import US_PER_MIN
 from pulsesync.timeutil import timestamp as _ts
 from pulsesync.v1 import (
@@ -263,7 +264,7 @@ class DemoWorld:
     ) -> None:
         # The admin bootstrap, as `pulsesync users add` and `devices pair-code` do it.
         async with await Database.open(config.database) as db:
-            admin = IdentityStore(db, self.clock)
+            admin = IdentityStore(SqliteIdentityStorage(db), self.clock)
             user_id = await admin.add_user(person.name)
             first_code, _ = await admin.create_pairing_code(user_id)
 

@@ -26,6 +26,7 @@ from pulsesync.server.clock import FakeClock
 from pulsesync.server.config import ServerConfig
 from pulsesync.server.identity import TOKEN_CACHE_US, IdentityStore
 from pulsesync.server.storage.db import Database
+from pulsesync.server.storage.sqlite.identity import SqliteIdentityStorage
 from pulsesync.v1 import devices_pb2, devices_pb2_grpc
 from tests.support.server import pair_device, start_server
 
@@ -125,7 +126,7 @@ async def test_revocation_from_another_process_applies(tmp_path: Path) -> None:
         await stub.ListDevices(devices_pb2.ListDevicesRequest(), metadata=phone.metadata, timeout=5)
         # The admin CLI writes to the same database from another connection.
         async with await Database.open(server.app.db.path) as db:
-            other = IdentityStore(db, clock)
+            other = IdentityStore(SqliteIdentityStorage(db), clock)
             await other.revoke(await other.user_id_by_name("ada"), phone.device_id)
         clock.advance(TOKEN_CACHE_US / 1e6 + 1)
         with pytest.raises(grpc.aio.AioRpcError) as err:

@@ -59,7 +59,7 @@ async def test_guessing_is_limited_with_a_retry_delay_and_no_writes(
         # a failed guess must not open a write transaction: the store gets a database whose
         # transaction() fails the test
         ids = server.app.identity
-        monkeypatch.setattr(ids, "_db", _ReadOnly(db))
+        monkeypatch.setattr(ids._storage, "_db", _ReadOnly(db))
         for _ in range(PAIR_FAILURES_PER_PEER):
             with pytest.raises(grpc.aio.AioRpcError) as e:
                 await stub.PairDevice(_request("AAAA-AAAA"), timeout=10)
@@ -67,7 +67,7 @@ async def test_guessing_is_limited_with_a_retry_delay_and_no_writes(
             info = error_info(e.value)
             assert info is not None
             assert info.reason == "PAIRING_CODE_UNKNOWN_OR_EXPIRED"
-        monkeypatch.setattr(ids, "_db", db)
+        monkeypatch.setattr(ids._storage, "_db", db)
 
         # the next try, even with the right code, is refused until the delay has passed
         with pytest.raises(grpc.aio.AioRpcError) as e:

@@ -15,6 +15,7 @@ from pulsesync.server.identity import IdentityStore
 from pulsesync.server.privacy.consent import ConsentStore
 from pulsesync.server.privacy.export import read_archive, records
 from pulsesync.server.storage.db import Database
+from pulsesync.server.storage.sqlite.identity import SqliteIdentityStorage
 from pulsesync.v1 import common_pb2
 from tests.server.privacy.support import database_bytes, search
 
@@ -23,7 +24,7 @@ T0 = 1_767_225_600_000_000
 
 async def _seed(db_path: Path) -> str:
     async with await Database.open(db_path) as db:
-        ids = IdentityStore(db, SystemClock())
+        ids = IdentityStore(SqliteIdentityStorage(db), SystemClock())
         uid = await ids.user_id_by_name("zoe")
         code, _ = await ids.create_pairing_code(uid)
         device, _, _ = await ids.pair(code, "ada-phone", common_pb2.DEVICE_KIND_PHONE)
@@ -40,7 +41,7 @@ async def _seed(db_path: Path) -> str:
 
 async def _granted(db_path: Path) -> frozenset[int]:
     async with await Database.open(db_path) as db:
-        uid = await IdentityStore(db, SystemClock()).user_id_by_name("zoe")
+        uid = await IdentityStore(SqliteIdentityStorage(db), SystemClock()).user_id_by_name("zoe")
         return await ConsentStore(db, SystemClock()).granted(uid)
 
 

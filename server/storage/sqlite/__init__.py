@@ -1,0 +1,1 @@
+"""SQLite implementations of the per-domain storage seams, over one `Database`."""
