@@ -46,6 +46,7 @@ from pulsesync.server.rpc.profiles import ProfileServicer
 from pulsesync.server.rpc.timeline import TimelineServicer
 from pulsesync.server.sessions import SessionRegistry
 from pulsesync.server.storage.db import Database, DatabaseDamaged
+from pulsesync.server.storage.sqlite.consent import SqliteConsentStorage
 from pulsesync.server.storage.sqlite.identity import SqliteIdentityStorage
 from pulsesync.v1 import (
     devices_pb2,
@@ -181,7 +182,7 @@ async def build_app(config: ServerConfig, db: Database, clock: Clock) -> AppCont
         ),
         sessions=SessionRegistry(metrics),
         metrics=metrics,
-        consent=ConsentStore(db, clock),
+        consent=ConsentStore(SqliteConsentStorage(db), clock),
         bus=EventBus(),
         user_data=UserDataRegistry(),
         profiles=await ProfileStore.open(config, db, clock),

@@ -16,7 +16,7 @@ from typing import Final
 from pulsesync.kinds import CATEGORY_OF_KIND
 from pulsesync.server.clock import Clock
 from pulsesync.server.errors import InvalidArgument
-from pulsesync.server.storage.db import Database
+from pulsesync.server.storage.consent import ConsentStorage
 from pulsesync.v1 import common_pb2
 
 __all__ = ["CATEGORIES", "CATEGORY_OF_KIND", "ConsentState", "ConsentStore"]
@@ -45,8 +45,8 @@ Watcher = Callable[[int, tuple[ConsentState, ...]], None]
 class ConsentStore:
     """Reads and changes consents; the source of truth for what may be stored."""
 
-    def __init__(self, db: Database, clock: Clock) -> None:
-        self._db = db
+    def __init__(self, storage: ConsentStorage, clock: Clock) -> None:
+        self._storage = storage
         self._clock = clock
         self._granted: dict[int, frozenset[int]] = {}
         self._watchers: dict[int, list[Watcher]] = defaultdict(list)
@@ -59,15 +59,10 @@ class ConsentStore:
     async def states(self, user_id: int) -> tuple[ConsentState, ...]:
         """One state per category (never-asked categories are not granted)."""
         latest: dict[int, ConsentState] = {}
-        async with self._db.reader.execute(
-            "SELECT category, granted, change_us, policy_version, device_id FROM consent_ledger"
-            " WHERE user_id = ? ORDER BY entry_id",
-            (user_id,),
-        ) as c:
-            for cat, granted, change_us, policy, device in await c.fetchall():
-                latest[int(cat)] = ConsentState(
-                    int(cat), bool(granted), int(change_us), policy, device
-                )
+        for e in await self._storage.entries(user_id):
+            latest[e.category] = ConsentState(
+                e.category, e.granted, e.change_us, e.policy_version, e.device_id
+            )
         return tuple(latest.get(cat, ConsentState(cat, False, None, "", "")) for cat in CATEGORIES)
 
     async def granted(self, user_id: int) -> frozenset[int]:
@@ -96,14 +91,11 @@ class ConsentStore:
             )
         now = self._clock.now_us()
         async with self._lock:
-            async with self._db.transaction() as tx:
-                cur = await tx.execute(
-                    "INSERT INTO consent_ledger (user_id, category, granted, policy_version, device_id, change_us)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    (user_id, category, int(granted), policy_version, device_id, now),
-                )
-            if cur.lastrowid is not None and self._seen_entry is not None:
-                self._own_entries.add(cur.lastrowid)
+            entry_id = await self._storage.append(
+                user_id, category, granted, policy_version, device_id, now
+            )
+            if self._seen_entry is not None:
+                self._own_entries.add(entry_id)
             self._granted.pop(user_id, None)
             states = await self.states(user_id)
             self._granted[user_id] = frozenset(s.category for s in states if s.granted)
@@ -128,17 +120,9 @@ class ConsentStore:
         """Apply ledger entries written by another process; returns how many people changed."""
         async with self._lock:
             if self._seen_entry is None:
-                async with self._db.reader.execute(
-                    "SELECT COALESCE(MAX(entry_id), 0) FROM consent_ledger"
-                ) as c:
-                    row = await c.fetchone()
-                self._seen_entry = int(row[0]) if row else 0
+                self._seen_entry = await self._storage.last_entry_id()
                 return 0
-            async with self._db.reader.execute(
-                "SELECT entry_id, user_id FROM consent_ledger WHERE entry_id > ? ORDER BY entry_id",
-                (self._seen_entry,),
-            ) as c:
-                rows = [(int(r[0]), int(r[1])) for r in await c.fetchall()]
+            rows = await self._storage.entries_after(self._seen_entry)
             if not rows:
                 return 0
             changed = {uid for eid, uid in rows if eid not in self._own_entries}

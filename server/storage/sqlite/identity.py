@@ -167,9 +167,7 @@ class SqliteIdentityStorage:
             f"SELECT device_pk, revoke_us FROM devices WHERE device_pk IN ({marks})",
             device_pks,
         ) as c:
-            return {
-                int(r[0]): None if r[1] is None else int(r[1]) for r in await c.fetchall()
-            }
+            return {int(r[0]): None if r[1] is None else int(r[1]) for r in await c.fetchall()}
 
     async def list_devices(self, user_id: int) -> list[DeviceRecord]:
         async with self._db.reader.execute(

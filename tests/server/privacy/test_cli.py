@@ -15,6 +15,7 @@ from pulsesync.server.identity import IdentityStore
 from pulsesync.server.privacy.consent import ConsentStore
 from pulsesync.server.privacy.export import read_archive, records
 from pulsesync.server.storage.db import Database
+from pulsesync.server.storage.sqlite.consent import SqliteConsentStorage
 from pulsesync.server.storage.sqlite.identity import SqliteIdentityStorage
 from pulsesync.v1 import common_pb2
 from tests.server.privacy.support import database_bytes, search
@@ -42,7 +43,7 @@ async def _seed(db_path: Path) -> str:
 async def _granted(db_path: Path) -> frozenset[int]:
     async with await Database.open(db_path) as db:
         uid = await IdentityStore(SqliteIdentityStorage(db), SystemClock()).user_id_by_name("zoe")
-        return await ConsentStore(db, SystemClock()).granted(uid)
+        return await ConsentStore(SqliteConsentStorage(db), SystemClock()).granted(uid)
 
 
 def test_privacy_commands_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

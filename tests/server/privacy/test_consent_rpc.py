@@ -156,9 +156,12 @@ async def test_changes_made_by_another_process_reach_streams_and_ingest_cache(
     # the admin CLI writes through its own store on its own connection
     from pulsesync.server.clock import SystemClock
     from pulsesync.server.storage.db import Database
+    from pulsesync.server.storage.sqlite.consent import SqliteConsentStorage
 
     async with await Database.open(server.app.db.path) as other_db:
-        await ConsentStore(other_db, SystemClock()).set(uid, ACTIVITY, True, device_id="admin")
+        await ConsentStore(SqliteConsentStorage(other_db), SystemClock()).set(
+            uid, ACTIVITY, True, device_id="admin"
+        )
 
     assert await server.app.consent.sync_external() == 1
     assert await server.app.consent.granted(uid) == frozenset({ACTIVITY})

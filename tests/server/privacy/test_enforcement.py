@@ -14,6 +14,7 @@ from pulsesync.server.bus import CommittedEvent
 from pulsesync.server.clock import FakeClock, SystemClock
 from pulsesync.server.privacy.consent import ConsentStore
 from pulsesync.server.storage.db import Database
+from pulsesync.server.storage.sqlite.consent import SqliteConsentStorage
 from pulsesync.v1 import (
     common_pb2,
     events_pb2,
@@ -123,7 +124,7 @@ async def test_withdrawal_mid_stream_stops_storage_of_later_events(tmp_path: Pat
             # withdrawn by an operator in another process (the CLI): the server picks it up
             uid = await server.app.identity.user_id_by_name("ada")
             async with await Database.open(server.app.db.path) as other:
-                await ConsentStore(other, SystemClock()).set(
+                await ConsentStore(SqliteConsentStorage(other), SystemClock()).set(
                     uid, ACTIVITY, False, device_id="admin"
                 )
             await server.app.consent.sync_external()  # what the background tick runs
