@@ -32,7 +32,6 @@ import grpc
 from pulsesync.hlc import HybridClock
 from pulsesync.server.app import RunningServer, running_server
 from pulsesync.server.config import ServerConfig
-from pulsesync.server.profiles.store import PLAINTEXT_BENCHMARK_FLAG
 from pulsesync.v1 import common_pb2, devices_pb2, devices_pb2_grpc, profiles_pb2, profiles_pb2_grpc
 
 SIZES = {"4k": 4 * 1024, "256k": 256 * 1024}
@@ -86,6 +85,19 @@ class Pair:
         return elapsed
 
 
+class PlaintextSealer:
+    """The baseline's sealer: no encryption, so the difference is what encryption costs."""
+
+    def forget(self, key: bytes) -> None:
+        """Nothing cached."""
+
+    def seal(self, key: bytes, plaintext: bytes, aad: bytes) -> tuple[bytes, bytes]:
+        return b"", plaintext
+
+    def open(self, key: bytes, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:
+        return ciphertext
+
+
 def pct(xs: list[float], q: float) -> float:
     return statistics.quantiles(xs, n=100, method="inclusive")[q - 1] if q < 100 else max(xs)
 
@@ -96,9 +108,9 @@ async def main(rounds: int, big_rounds: int) -> dict[str, Any]:
         pairs: dict[str, Pair] = {}
         for mode in ("encrypted", "plaintext"):
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-            extra = {PLAINTEXT_BENCHMARK_FLAG: "yes"} if mode == "plaintext" else {}
-            config = ServerConfig(port=0, data_dir=tmp, grace_seconds=0.2, extra=extra)
-            server = await stack.enter_async_context(running_server(config))
+            config = ServerConfig(port=0, data_dir=tmp, grace_seconds=0.2)
+            sealer = PlaintextSealer() if mode == "plaintext" else None
+            server = await stack.enter_async_context(running_server(config, profile_sealer=sealer))
             channel = await stack.enter_async_context(grpc.aio.insecure_channel(server.address))
             pair = Pair(server, channel)
             await pair.setup(channel)

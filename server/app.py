@@ -28,6 +28,7 @@ from prometheus_client import start_http_server
 from pulsesync.server import reflection
 from pulsesync.server.bus import EventBus
 from pulsesync.server.clock import Clock, SystemClock
+from pulsesync.server.compose import open_profile_store
 from pulsesync.server.config import MAX_MESSAGE_BYTES, ServerConfig
 from pulsesync.server.context import AppContext
 from pulsesync.server.errors import PulseSyncError, Unauthenticated
@@ -35,7 +36,7 @@ from pulsesync.server.identity import IdentityStore
 from pulsesync.server.metrics import Metrics
 from pulsesync.server.privacy.consent import ConsentStore
 from pulsesync.server.privacy.registry import UserDataRegistry
-from pulsesync.server.profiles.store import ProfileStore
+from pulsesync.server.profiles.crypto import Sealer
 from pulsesync.server.rpc.base import MalformedRequestInterceptor
 from pulsesync.server.rpc.devices import DeviceServicer
 from pulsesync.server.rpc.ingest import IngestServicer
@@ -164,7 +165,9 @@ def _check_plaintext_bind(config: ServerConfig) -> None:
     )
 
 
-async def build_app(config: ServerConfig, db: Database, clock: Clock) -> AppContext:
+async def build_app(
+    config: ServerConfig, db: Database, clock: Clock, *, profile_sealer: Sealer | None = None
+) -> AppContext:
     """The shared context over an open database (also used by offline admin commands)."""
     metrics = Metrics()
     return AppContext(
@@ -185,22 +188,23 @@ async def build_app(config: ServerConfig, db: Database, clock: Clock) -> AppCont
         consent=ConsentStore(SqliteConsentStorage(db), clock),
         bus=EventBus(),
         user_data=UserDataRegistry(),
-        profiles=await ProfileStore.open(config, db, clock),
+        profiles=await open_profile_store(config, db, clock, sealer=profile_sealer),
     )
 
 
 @asynccontextmanager
 async def running_server(
-    config: ServerConfig, *, clock: Clock | None = None
+    config: ServerConfig, *, clock: Clock | None = None, profile_sealer: Sealer | None = None
 ) -> AsyncIterator[RunningServer]:
-    """Start a server for config; stop it gracefully on exit."""
+    """Start a server for config; stop it gracefully on exit. `profile_sealer` replaces the
+    AES-GCM sealer for the profile benchmark's plaintext baseline only."""
     async with AsyncExitStack() as stack:
         try:
             db = await Database.open(config.database)
         except DatabaseDamaged as e:
             raise SystemExit(str(e)) from None  # a clear refusal, no traceback
         stack.push_async_callback(db.close)
-        app = await build_app(config, db, clock or SystemClock())
+        app = await build_app(config, db, clock or SystemClock(), profile_sealer=profile_sealer)
         server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[MalformedRequestInterceptor()])
         servicers: dict[str, Any] = {}
         for make, register, name in SERVICES:

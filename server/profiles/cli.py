@@ -18,9 +18,8 @@ from typing import Any, Final
 from pulsesync.server.clock import SystemClock
 from pulsesync.server.config import env
 from pulsesync.server.profiles.crypto import FileKeyStore, data_key_context
-from pulsesync.server.profiles.store import ProfileStore
-from pulsesync.server.profiles.vault import KeyVault
 from pulsesync.server.storage.db import Database
+from pulsesync.server.storage.keys import KeyVaultStorage
 
 # Re-wrap passes: a key added by a running server during a pass under the old primary is
 # picked up by the next; two are enough, more only bound the loop.
@@ -36,7 +35,7 @@ class Rotation:
     removed: tuple[str, ...]
 
 
-async def rotate(vault: KeyVault, keystore: FileKeyStore, now_us: int) -> Rotation:
+async def rotate(vault: KeyVaultStorage, keystore: FileKeyStore, now_us: int) -> Rotation:
     """Introduce a new KEK and re-wrap every data key under it (see module docstring)."""
     new_id = keystore.add_primary()
     rewrapped = 0
@@ -61,14 +60,14 @@ async def rotate(vault: KeyVault, keystore: FileKeyStore, now_us: int) -> Rotati
 
 async def cmd_rotate(args: argparse.Namespace) -> int:
     from pulsesync.server.cli import config_from
+    from pulsesync.server.compose import open_profile_store
 
     config = config_from(args)
     async with await Database.open(config.database) as db:
         # Opening the store checks that the key file and vault fit the database first.
-        store = await ProfileStore.open(config, db, SystemClock())
-        assert isinstance(store.keystore, FileKeyStore)
-        assert store.vault is not None
-        done = await rotate(store.vault, store.keystore, SystemClock().now_us())
+        store = await open_profile_store(config, db, SystemClock())
+        assert isinstance(store.keys.keystore, FileKeyStore)
+        done = await rotate(store.keys.vault, store.keys.keystore, SystemClock().now_us())
     print(f"new key-encryption key {done.new_kek_id} in {config.kek_file}")
     print(
         f"re-wrapped {done.rewrapped} profile data key(s) in {config.vault_file}; "

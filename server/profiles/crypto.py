@@ -280,9 +280,8 @@ def profile_aad(user_id: int, version: int, key_id: str) -> bytes:
 
 
 class Sealer(Protocol):
-    """Seals one profile version under a data key (AES-GCM, or plaintext for baselines)."""
-
-    encrypted: bool
+    """Seals one profile version under a data key (AES-GCM in the server; the profile
+    benchmark injects a plaintext one for its baseline)."""
 
     def forget(self, key: bytes) -> None:
         """Drop anything cached for a destroyed key."""
@@ -299,8 +298,6 @@ class Sealer(Protocol):
 
 class AesGcmSealer:
     """AES-256-GCM with a fresh random 96-bit nonce per seal."""
-
-    encrypted = True
 
     def __init__(self) -> None:
         # AESGCM objects hold the expanded key schedule: keep one per data key.
@@ -322,18 +319,3 @@ class AesGcmSealer:
 
     def open(self, key: bytes, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:
         return self._cipher(key).decrypt(nonce, ciphertext, aad)
-
-
-class PlaintextSealer:
-    """No encryption: only for the benchmark's baseline run, never reachable from the CLI."""
-
-    encrypted = False
-
-    def forget(self, key: bytes) -> None:
-        """Nothing cached."""
-
-    def seal(self, key: bytes, plaintext: bytes, aad: bytes) -> tuple[bytes, bytes]:
-        return b"", plaintext
-
-    def open(self, key: bytes, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:
-        return ciphertext

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Final
 
 from pulsesync.server.bus import CommittedBatch, CommittedEvent
 from pulsesync.server.privacy.consent import ConsentStore
+from pulsesync.server.storage.profiles import ProfileStorage
 from pulsesync.v1 import common_pb2, events_pb2, profiles_pb2
 
 if TYPE_CHECKING:
@@ -85,8 +86,9 @@ def use_of(event: CommittedEvent) -> tuple[str, float] | None:
 class UsageRanker:
     """Keeps usage scores per person and publishes the ranking into their profile."""
 
-    def __init__(self, store: ProfileStore, consent: ConsentStore) -> None:
+    def __init__(self, store: ProfileStore, storage: ProfileStorage, consent: ConsentStore) -> None:
         self._store = store
+        self._storage = storage
         self._consent = consent
         self._pending: list[tuple[int, str, float, int]] = []
         self._wake = asyncio.Event()
@@ -163,11 +165,7 @@ class UsageRanker:
     async def _load(self, user_id: int) -> dict[str, tuple[float, int]]:
         scores = self._scores.get(user_id)
         if scores is None:
-            async with self._store.db.reader.execute(
-                "SELECT feature, score, ref_us FROM profile_feature_usage WHERE user_id = ?",
-                (user_id,),
-            ) as cur:
-                scores = {str(f): (float(s), int(r)) for f, s, r in await cur.fetchall()}
+            scores = await self._storage.usage_scores(user_id)
             self._scores[user_id] = scores
         return scores
 
@@ -181,17 +179,7 @@ class UsageRanker:
             for feature in dropped:
                 del scores[feature]
         touched = {f for f, _, _ in uses} - set(dropped)
-        async with self._store.db.transaction() as tx:
-            await tx.executemany(
-                "INSERT INTO profile_feature_usage (user_id, feature, score, ref_us)"
-                " VALUES (?, ?, ?, ?) ON CONFLICT (user_id, feature)"
-                " DO UPDATE SET score = excluded.score, ref_us = excluded.ref_us",
-                [(user_id, f, *scores[f]) for f in sorted(touched)],
-            )
-            await tx.executemany(
-                "DELETE FROM profile_feature_usage WHERE user_id = ? AND feature = ?",
-                [(user_id, f) for f in dropped],
-            )
+        await self._storage.save_usage(user_id, {f: scores[f] for f in touched}, dropped)
         self._scores[user_id] = scores
         if common_pb2.CONSENT_CATEGORY_SYNC not in await self._consent.granted(user_id):
             return  # the profile is only kept and shared with the person's sync consent

@@ -194,10 +194,10 @@ async def test_scrub_reports_a_smaller_file(server: RunningServer) -> None:
 async def test_erasure_shreds_the_profile_key_so_a_database_backup_cannot_open_it(
     server: RunningServer, channel: grpc.aio.Channel, tmp_path: Path
 ) -> None:
+    from pulsesync.server.compose import open_profile_store
     from pulsesync.server.profiles.crypto import ProfileIntegrityError
-    from pulsesync.server.profiles.store import ProfileStore
-    from pulsesync.server.profiles.vault import vault_bytes
     from pulsesync.server.storage.db import Database
+    from pulsesync.server.storage.sqlite.keys import vault_bytes
 
     phone = await pair_device(server, NAME)
     await pair_device(server, "bo")
@@ -208,7 +208,7 @@ async def test_erasure_shreds_the_profile_key_so_a_database_backup_cannot_open_i
             p.preferences.app_settings["note"] = v
 
         await server.app.profiles.edit(uid, set_note)
-    vault = server.app.profiles.vault
+    vault = server.app.profiles.keys.vault
     assert vault is not None
     ada_key = await vault.get(ada_id)
     assert ada_key is not None
@@ -237,7 +237,7 @@ async def test_erasure_shreds_the_profile_key_so_a_database_backup_cannot_open_i
     # erased person's profile is there as ciphertext but cannot be decrypted; bo's can.
     config = replace(server.app.config, db_path=backup)
     async with await Database.open(backup) as db:
-        store = await ProfileStore.open(config, db, server.app.clock)
+        store = await open_profile_store(config, db, server.app.clock)
         with pytest.raises(ProfileIntegrityError) as err:
             await store.get(ada_id)
         assert err.value.reason == "PROFILE_KEY_MISSING"

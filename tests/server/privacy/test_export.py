@@ -184,11 +184,11 @@ async def test_the_profile_is_exported_decrypted_and_key_material_never(
     assert not any(
         "key" in name.removesuffix(".jsonl") for name in by_name if name != "manifest.json"
     )
-    vault = server.app.profiles.vault
+    vault = server.app.profiles.keys.vault
     assert vault is not None
     stored = await vault.get(uid)
     assert stored is not None
-    data_key = server.app.profiles._keys[uid].key
+    data_key = server.app.profiles.keys.cache[uid].key
     archive = b"".join(members.values())
     for secret in (stored.wrapped.blob, data_key):
         assert secret not in archive

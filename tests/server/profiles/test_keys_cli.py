@@ -12,7 +12,7 @@ from pulsesync.server.app import running_server
 from pulsesync.server.cli import build_parser, config_from, main
 from pulsesync.server.config import ServerConfig
 from pulsesync.server.profiles.crypto import FileKeyStore, KeyFileError
-from pulsesync.server.profiles.vault import KeyVaultError
+from pulsesync.server.storage.sqlite.keys import KeyVaultError
 
 
 async def _server_with_a_profile(config: ServerConfig) -> None:

@@ -11,10 +11,10 @@ from hypothesis import strategies as st
 
 from pulsesync.hlc import HybridClock, Stamp
 from pulsesync.server.clock import FakeClock
+from pulsesync.server.compose import open_profile_store
 from pulsesync.server.config import ServerConfig
 from pulsesync.server.profiles import document
 from pulsesync.server.profiles.document import Entry, State
-from pulsesync.server.profiles.store import ProfileStore
 from pulsesync.server.storage.db import Database
 from pulsesync.v1 import profiles_pb2
 
@@ -203,7 +203,7 @@ def test_store_merges_devices_reconnecting_in_either_order(
             config = ServerConfig(data_dir=Path(tmp))
             async with await Database.open(config.database) as db:
                 await db.writer.execute("INSERT INTO users VALUES (1, 'ada', 0)")
-                store = await ProfileStore.open(config, db, FakeClock())
+                store = await open_profile_store(config, db, FakeClock())
                 for i in (first, 1 - first):
                     values, edits = devices[i].request()
                     if edits:

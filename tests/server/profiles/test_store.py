@@ -13,6 +13,7 @@ import pytest
 
 from pulsesync.hlc import Stamp
 from pulsesync.server.clock import FakeClock
+from pulsesync.server.compose import open_profile_store
 from pulsesync.server.config import ServerConfig
 from pulsesync.server.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from pulsesync.server.profiles.cli import rotate
@@ -51,7 +52,7 @@ class Env:
     clock: FakeClock
 
     async def reopen(self) -> ProfileStore:
-        self.store = await ProfileStore.open(self.config, self.db, self.clock)
+        self.store = await open_profile_store(self.config, self.db, self.clock)
         return self.store
 
 
@@ -62,7 +63,7 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
     async with await Database.open(config.database) as db:
         for uid, name in ((1, "ada"), (2, "bo")):
             await db.writer.execute("INSERT INTO users VALUES (?, ?, 0)", (uid, name))
-        store = await ProfileStore.open(config, db, clock)
+        store = await open_profile_store(config, db, clock)
         yield Env(config, db, store, clock)
 
 
@@ -125,7 +126,7 @@ async def test_every_flipped_byte_fails_with_an_integrity_error(env: Env) -> Non
         key_id, nonce, ciphertext = one(await cur.fetchone())
     sealed = bytes(nonce) + bytes(ciphertext)
     # Every byte of the sealed form, against the real cipher and associated data.
-    dk = env.store._keys[1]
+    dk = env.store.keys.cache[1]
     sealer = AesGcmSealer()
     aad = profile_aad(1, 1, key_id)
     assert sealer.open(dk.key, sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], aad)
@@ -270,17 +271,17 @@ async def test_rotation_rewraps_keys_and_old_versions_stay_readable(env: Env) ->
     await write(env.store, 2, marked(3), 1000, node="dev_b")
     async with env.db.reader.execute("SELECT nonce, ciphertext FROM profile_versions") as cur:
         before = await cur.fetchall()
-    keystore = env.store.keystore
+    keystore = env.store.keys.keystore
     assert isinstance(keystore, FileKeyStore)
     old_id = keystore.primary_id
-    assert env.store.vault is not None
-    done = await rotate(env.store.vault, keystore, env.clock.now_us())
+    assert env.store.keys.vault is not None
+    done = await rotate(env.store.keys.vault, keystore, env.clock.now_us())
     assert done.rewrapped == 2
     assert done.removed == (old_id,)
     assert done.new_kek_id != old_id
     async with env.db.reader.execute("SELECT nonce, ciphertext FROM profile_versions") as cur:
         assert await cur.fetchall() == before  # profiles were not re-encrypted
-    assert await env.store.vault.kek_counts() == {done.new_kek_id: 2}
+    assert await env.store.keys.vault.kek_counts() == {done.new_kek_id: 2}
     assert old_id not in env.config.kek_file.read_text()
     store = await env.reopen()  # a restart with the rotated key file
     assert (await store.get_version(1, 1)).preferences.theme.endswith("-1")
@@ -422,10 +423,10 @@ async def test_erasure_destroys_the_data_key_and_export_decrypts(env: Env) -> No
         for table in ("profile_versions",):
             await tx.execute(f"DELETE FROM {table} WHERE user_id = 1")
     await env.store.erase_user(1)
-    assert env.store.vault is not None
-    assert await env.store.vault.get(1) is None
-    assert await env.store.vault.get(2) is not None
-    assert 1 not in env.store._keys
+    assert env.store.keys.vault is not None
+    assert await env.store.keys.vault.get(1) is None
+    assert await env.store.keys.vault.get(2) is not None
+    assert 1 not in env.store.keys.cache
     assert (await env.store.get(1)).version == 0
     assert [r async for r in env.store.export_user(1)] == []
     assert (await env.store.get(2)).version == 1  # others untouched

@@ -11,12 +11,14 @@ from pathlib import Path
 import pytest
 
 from pulsesync.server.clock import FakeClock
+from pulsesync.server.compose import open_profile_store
 from pulsesync.server.config import ServerConfig
 from pulsesync.server.profiles.cli import rotate
 from pulsesync.server.profiles.crypto import FileKeyStore, KeyFileError, ProfileIntegrityError
 from pulsesync.server.profiles.store import ProfileStore
-from pulsesync.server.profiles.vault import KeyVault, KeyVaultError, VaultKey, vault_bytes
 from pulsesync.server.storage.db import Database
+from pulsesync.server.storage.keys import VaultKey
+from pulsesync.server.storage.sqlite.keys import KeyVault, KeyVaultError, vault_bytes
 from pulsesync.v1 import profiles_pb2
 
 SECRET = "zq-vault-secret-3e1f"
@@ -31,11 +33,11 @@ class Env:
 
     @property
     def vault(self) -> KeyVault:
-        assert self.store.vault is not None
-        return self.store.vault
+        assert self.store.keys.vault is not None
+        return self.store.keys.vault
 
     async def reopen(self, config: ServerConfig | None = None) -> ProfileStore:
-        self.store = await ProfileStore.open(config or self.config, self.db, self.clock)
+        self.store = await open_profile_store(config or self.config, self.db, self.clock)
         return self.store
 
 
@@ -51,7 +53,7 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
     clock = FakeClock()
     async with await Database.open(config.database) as db:
         await add_users(db, "ada", "bo")
-        store = await ProfileStore.open(config, db, clock)
+        store = await open_profile_store(config, db, clock)
         yield Env(config, db, store, clock)
 
 
@@ -106,7 +108,7 @@ async def test_the_vault_is_private_and_the_database_holds_no_key(env: Env) -> N
     conn.close()
     stored = await env.vault.get(1)
     assert stored is not None
-    data_key = env.store._keys[1].key
+    data_key = env.store.keys.cache[1].key
     blob = on_disk(env.config.database)
     assert stored.wrapped.blob not in blob
     assert data_key not in blob
@@ -128,7 +130,7 @@ async def test_a_backup_taken_before_erasure_cannot_decrypt_the_erased_person(
     assert ada_key is not None
     backup = backup_of(env.config.database, tmp_path / "backups" / "monday.db")
     assert ada_key.wrapped.blob not in on_disk(backup)
-    assert env.store._keys[1].key not in on_disk(backup)
+    assert env.store.keys.cache[1].key not in on_disk(backup)
 
     assert ada_key.wrapped.blob in wal.read_bytes()  # before: in the log
     await erase(env, 1)
@@ -146,7 +148,7 @@ async def test_a_backup_taken_before_erasure_cannot_decrypt_the_erased_person(
     # it belongs to), everyone else reads as before, the erased person cannot be decrypted.
     restored = replace(env.config, db_path=backup)
     async with await Database.open(backup) as db:
-        store = await ProfileStore.open(restored, db, env.clock)
+        store = await open_profile_store(restored, db, env.clock)
         assert await note_of(store, 2) == "bo-note"
         with pytest.raises(ProfileIntegrityError) as err:
             await store.get(1)
@@ -167,17 +169,17 @@ async def test_a_backup_taken_before_erasure_cannot_decrypt_the_erased_person(
     await set_note(env.store, 1, "cy-note")
     assert await note_of(env.store, 1) == "cy-note"
     async with await Database.open(backup) as db:
-        store = await ProfileStore.open(restored, db, env.clock)
+        store = await open_profile_store(restored, db, env.clock)
         with pytest.raises(ProfileIntegrityError, match="names data key"):
             await store.get(1)
         assert await note_of(store, 2) == "bo-note"
 
     # Rotating the key-encryption key does not retire the backup for anyone else.
-    keystore = env.store.keystore
+    keystore = env.store.keys.keystore
     assert isinstance(keystore, FileKeyStore)
     await rotate(env.vault, keystore, env.clock.now_us())
     async with await Database.open(backup) as db:
-        store = await ProfileStore.open(restored, db, env.clock)
+        store = await open_profile_store(restored, db, env.clock)
         assert await note_of(store, 2) == "bo-note"
         with pytest.raises(ProfileIntegrityError):
             await store.get(1)
@@ -241,7 +243,7 @@ async def test_a_database_of_the_old_layout_is_upgraded_on_start(env: Env) -> No
     # back the erased person's key): it refuses to start beside it.
     async with await Database.open(old_backup) as db:
         with pytest.raises(KeyVaultError, match="another database"):
-            await ProfileStore.open(replace(env.config, db_path=old_backup), db, env.clock)
+            await open_profile_store(replace(env.config, db_path=old_backup), db, env.clock)
     assert await env.vault.get(1) is None
 
 
@@ -290,7 +292,7 @@ async def test_another_databases_vault_refuses_to_start(env: Env, tmp_path: Path
     other = replace(other, data_dir=tmp_path / "other", key_file=env.config.kek_file)
     async with await Database.open(other.database) as db:
         await add_users(db, "zed")
-        other_store = await ProfileStore.open(other, db, env.clock)
+        other_store = await open_profile_store(other, db, env.clock)
         await set_note(other_store, 1, "zed-note")
     with pytest.raises(KeyVaultError) as err:
         await env.reopen(replace(env.config, key_vault=other.vault_file))
@@ -300,7 +302,7 @@ async def test_another_databases_vault_refuses_to_start(env: Env, tmp_path: Path
     fresh = replace(other, db_path=tmp_path / "fresh" / "pulsesync.db")
     async with await Database.open(fresh.database) as db:
         with pytest.raises(KeyVaultError, match="another database"):
-            await ProfileStore.open(fresh, db, env.clock)
+            await open_profile_store(fresh, db, env.clock)
 
 
 async def test_a_vault_that_is_not_one_or_is_readable_by_others_refuses(env: Env) -> None:
@@ -333,7 +335,7 @@ async def test_an_altered_vault_row_refuses_to_start(env: Env) -> None:
 async def test_rotation_rewraps_the_vault_and_new_writes_use_the_new_kek(env: Env) -> None:
     await set_note(env.store, 1, "ada-note")
     await set_note(env.store, 2, "bo-note")
-    keystore = env.store.keystore
+    keystore = env.store.keys.keystore
     assert isinstance(keystore, FileKeyStore)
     old = keystore.primary_id
     before = {k.user_id: k for k in await env.vault.all()}

@@ -1,4 +1,4 @@
-"""The key vault: each person's wrapped data key, in a small SQLite file apart from the database.
+"""The SQLite key vault: each person's wrapped data key, in a small SQLite file apart from the database.
 
     database (pulsesync.db)   profile ciphertexts, and the id of the vault they belong to
     key vault (keyvault.db)   per-person data keys, wrapped by the KEK (mode 0600)
@@ -25,11 +25,11 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from pulsesync.server.profiles.crypto import KeyFileError, WrappedKey, shared_with_others
+from pulsesync.server.storage.keys import ShredReport, VaultKey
 
 VAULT_FORMAT: Final = "pulsesync-keyvault-v1"
 # Long enough to ride out another process's (the CLI's) short transaction on the vault.
@@ -55,26 +55,6 @@ T = TypeVar("T")
 
 class KeyVaultError(KeyFileError):
     """The key vault is missing, unreadable or belongs to another database: do not start."""
-
-
-@dataclass(frozen=True, slots=True)
-class VaultKey:
-    """One person's data key as stored: wrapped, never in the clear."""
-
-    user_id: int
-    key_id: str
-    wrapped: WrappedKey
-    create_us: int
-    wrap_us: int
-
-
-@dataclass(frozen=True, slots=True)
-class ShredReport:
-    """Whether the vault's log could be emptied after a deletion."""
-
-    deleted: bool
-    checkpoint_busy: bool
-    vault_bytes_after: int  # file plus write-ahead log
 
 
 def _row(r: Any) -> VaultKey:

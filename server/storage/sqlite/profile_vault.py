@@ -1,4 +1,4 @@
-"""Opening the key vault for a database: binding, refusals, and the upgrade from the old layout.
+"""Opening the key vault of a SQLite database: binding, refusals, upgrade from the old layout.
 
 The database records which vault holds its data keys (`profile_vault`, one row with the
 vault's random id). At start:
@@ -23,8 +23,10 @@ from typing import Final
 
 from pulsesync.server.config import ServerConfig
 from pulsesync.server.profiles.crypto import WrappedKey
-from pulsesync.server.profiles.vault import KeyVault, KeyVaultError, VaultKey, compact_database
 from pulsesync.server.storage.db import Database
+from pulsesync.server.storage.keys import VaultKey
+from pulsesync.server.storage.sqlite.keys import KeyVault, KeyVaultError, compact_database
+from pulsesync.server.storage.sqlite.profiles import secure_delete
 
 log = logging.getLogger(__name__)
 
@@ -141,16 +143,9 @@ async def _move_legacy_keys(
                     "The vault belongs to another database; point --key-vault (or "
                     "PULSESYNC_KEY_VAULT) at a new path and start again."
                 )
-    async with db.writer.execute("PRAGMA secure_delete") as cur:
-        row = await cur.fetchone()
-    before = int(row[0]) if row else 0
-    await db.writer.execute("PRAGMA secure_delete = ON")
-    try:
-        async with db.transaction() as tx:
-            await tx.execute(f"DELETE FROM {LEGACY_TABLE}")
-            await tx.execute(f"DROP TABLE {LEGACY_TABLE}")
-    finally:
-        await db.writer.execute(f"PRAGMA secure_delete = {before}")
+    async with secure_delete(db), db.transaction() as tx:
+        await tx.execute(f"DELETE FROM {LEGACY_TABLE}")
+        await tx.execute(f"DROP TABLE {LEGACY_TABLE}")
     if legacy and str(db.path) != ":memory:":
         busy = await asyncio.to_thread(compact_database, db.path)
         if busy:
