@@ -46,9 +46,8 @@ from pulsesync.server.rpc.privacy import PrivacyServicer
 from pulsesync.server.rpc.profiles import ProfileServicer
 from pulsesync.server.rpc.timeline import TimelineServicer
 from pulsesync.server.sessions import SessionRegistry
+from pulsesync.server.storage.backend import sqlite_storage
 from pulsesync.server.storage.db import Database, DatabaseDamaged
-from pulsesync.server.storage.sqlite.consent import SqliteConsentStorage
-from pulsesync.server.storage.sqlite.identity import SqliteIdentityStorage
 from pulsesync.v1 import (
     devices_pb2,
     devices_pb2_grpc,
@@ -170,12 +169,14 @@ async def build_app(
 ) -> AppContext:
     """The shared context over an open database (also used by offline admin commands)."""
     metrics = Metrics()
+    storage = sqlite_storage(db)
     return AppContext(
         config=config,
         db=db,
+        storage=storage,
         clock=clock,
         identity=IdentityStore(
-            SqliteIdentityStorage(db),
+            storage.identity,
             clock,
             max_token_age_us=(
                 round(config.max_token_age_s * 1_000_000)
@@ -185,7 +186,7 @@ async def build_app(
         ),
         sessions=SessionRegistry(metrics),
         metrics=metrics,
-        consent=ConsentStore(SqliteConsentStorage(db), clock),
+        consent=ConsentStore(storage.consent, clock),
         bus=EventBus(),
         user_data=UserDataRegistry(),
         profiles=await open_profile_store(config, db, clock, sealer=profile_sealer),

@@ -14,6 +14,7 @@ from pulsesync.server.privacy.consent import ConsentStore
 from pulsesync.server.privacy.registry import UserDataRegistry
 from pulsesync.server.profiles.store import ProfileStore
 from pulsesync.server.sessions import SessionRegistry
+from pulsesync.server.storage.backend import Storage
 from pulsesync.server.storage.db import Database
 
 
@@ -23,6 +24,7 @@ class AppContext:
 
     config: ServerConfig
     db: Database
+    storage: Storage
     clock: Clock
     identity: IdentityStore
     sessions: SessionRegistry

@@ -13,7 +13,7 @@ from enum import StrEnum
 from typing import Final
 
 from pulsesync.server.clock import Clock
-from pulsesync.server.storage.db import Database
+from pulsesync.server.storage.privacy import AuditRow, PrivacyStorage
 
 # Plenty for a person reading the log in a terminal; the table itself keeps everything.
 DEFAULT_AUDIT_LIMIT: Final = 100
@@ -48,8 +48,8 @@ class AuditEntry:
 class AuditLog:
     """Appends and lists audit entries."""
 
-    def __init__(self, db: Database, clock: Clock) -> None:
-        self._db = db
+    def __init__(self, storage: PrivacyStorage, clock: Clock) -> None:
+        self._storage = storage
         self._clock = clock
 
     async def record(
@@ -60,42 +60,36 @@ class AuditLog:
         detail: Mapping[str, DetailValue] | None = None,
     ) -> None:
         """Append one entry (its own transaction)."""
-        async with self._db.transaction() as tx:
-            await tx.execute(*self.insert(action, actor, subject, detail))
+        await self._storage.append_audit(self.row(action, actor, subject, detail))
 
-    def insert(
+    def row(
         self,
         action: Action,
         actor: Actor,
         subject: str,
         detail: Mapping[str, DetailValue] | None = None,
-    ) -> tuple[str, tuple[int, str, str, str, str]]:
-        """The INSERT statement and parameters, to run inside a caller's transaction."""
-        return (
-            "INSERT INTO privacy_audit (at_us, action, actor, subject, detail) VALUES (?, ?, ?, ?, ?)",
-            (
-                self._clock.now_us(),
-                action.value,
-                actor.value,
-                subject,
-                json.dumps(dict(detail or {}), sort_keys=True),
-            ),
+    ) -> AuditRow:
+        """The entry as stored, to record inside a storage transaction (erasure)."""
+        return AuditRow(
+            self._clock.now_us(),
+            action.value,
+            actor.value,
+            subject,
+            json.dumps(dict(detail or {}), sort_keys=True),
         )
 
     async def entries(
         self, *, limit: int = DEFAULT_AUDIT_LIMIT, action: str | None = None
     ) -> list[AuditEntry]:
         """The newest entries first."""
-        sql = "SELECT audit_id, at_us, action, actor, subject, detail FROM privacy_audit"
-        params: list[object] = []
-        if action:
-            sql += " WHERE action = ?"
-            params.append(action)
-        sql += " ORDER BY audit_id DESC LIMIT ?"
-        params.append(limit)
-        async with self._db.reader.execute(sql, params) as c:
-            rows = await c.fetchall()
         return [
-            AuditEntry(int(r[0]), int(r[1]), str(r[2]), str(r[3]), str(r[4]), json.loads(r[5]))
-            for r in rows
+            AuditEntry(
+                e.audit_id,
+                e.row.at_us,
+                e.row.action,
+                e.row.actor,
+                e.row.subject,
+                json.loads(e.row.detail_json),
+            )
+            for e in await self._storage.audit_entries(limit, action or None)
         ]

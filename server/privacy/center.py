@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from pulsesync.server.context import AppContext
 from pulsesync.server.errors import NotFound
 from pulsesync.server.privacy.audit import Action, Actor, AuditLog
-from pulsesync.server.privacy.erasure import DeletionReceipt, Eraser, ScrubReport
+from pulsesync.server.privacy.erasure import DeletionReceipt, Eraser
 from pulsesync.server.privacy.export import MANIFEST, export_user
 from pulsesync.server.privacy.keys import RECEIPT_KEY_FILE, ReceiptKey
 from pulsesync.server.privacy.retention import RetentionPolicy, purge_expired
 from pulsesync.server.privacy.summary import PrivacySummary, summarize
+from pulsesync.server.storage.privacy import ScrubReport
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,24 +34,22 @@ class PrivacyCenter:
         self.app = app
         self.policy = policy or RetentionPolicy.from_config(app.config)
         self.key = ReceiptKey.load_or_create(app.config.data_dir / RECEIPT_KEY_FILE)
-        self.audit = AuditLog(app.db, app.clock)
-        self._eraser = Eraser(app, self.key, self.audit)
+        self.storage = app.storage.privacy
+        self.audit = AuditLog(self.storage, app.clock)
+        self._eraser = Eraser(self.storage, app, self.key, self.audit, app.user_data)
 
     async def person(self, user_id: int) -> Person:
         """The person behind user_id (NotFound once erased)."""
-        async with self.app.db.reader.execute(
-            "SELECT name, create_us FROM users WHERE user_id = ?", (user_id,)
-        ) as c:
-            row = await c.fetchone()
+        row = await self.storage.person(user_id)
         if row is None:
             raise NotFound("no such user (erased?)", reason="USER_NOT_FOUND")
-        return Person(user_id, str(row[0]), self.key.pseudonym(user_id, int(row[1])))
+        return Person(user_id, row.name, self.key.pseudonym(user_id, row.create_us))
 
     async def summary(self, user_id: int, actor: Actor) -> PrivacySummary:
         """What is held about the person; an operator's read is audited."""
         person = await self.person(user_id)
         result = await summarize(
-            self.app.db.reader,
+            self.storage,
             user_id,
             person.name,
             await self.app.consent.states(user_id),
@@ -66,7 +65,7 @@ class PrivacyCenter:
         total = 0
         files: dict[str, int] = {}
         async for name, chunk in export_user(
-            self.app.db.path, self.app.user_data, user_id, self.app.clock.now_us()
+            self.storage, self.app.user_data, user_id, self.app.clock.now_us()
         ):
             total += len(chunk)
             if name != MANIFEST:
@@ -85,7 +84,7 @@ class PrivacyCenter:
 
     async def purge_expired(self) -> dict[str, int]:
         """Apply the retention policy once; audited when anything was deleted."""
-        deleted = await purge_expired(self.app.db, self.app.clock.now_us(), self.policy)
+        deleted = await purge_expired(self.storage, self.app.clock.now_us(), self.policy)
         if any(deleted.values()):
             await self.audit.record(
                 Action.RETENTION,

@@ -32,6 +32,7 @@ from pulsesync.server.privacy.center import PrivacyCenter
 from pulsesync.server.privacy.consent import CATEGORIES, CURRENT_POLICY_VERSION
 from pulsesync.server.privacy.export import read_archive, verify_archive, write_archive
 from pulsesync.server.storage.db import Database
+from pulsesync.server.storage.sqlite.privacy import SqlitePrivacyStorage
 from pulsesync.v1 import common_pb2
 
 _PREFIX = "CONSENT_CATEGORY_"
@@ -193,7 +194,9 @@ async def cmd_consent(args: argparse.Namespace) -> int:
 async def cmd_audit(args: argparse.Namespace) -> int:
     config = config_from(args)
     async with await Database.open(config.database) as db:
-        entries = await AuditLog(db, SystemClock()).entries(limit=args.limit, action=args.action)
+        entries = await AuditLog(SqlitePrivacyStorage(db), SystemClock()).entries(
+            limit=args.limit, action=args.action
+        )
     for e in entries:
         detail: dict[str, Any] = e.detail
         print(

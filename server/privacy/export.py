@@ -20,13 +20,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
-import aiosqlite
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 
 from pulsesync.server.privacy.registry import UserDataRegistry
-from pulsesync.server.privacy.tables import USER_COLUMN, UserTable, quote, user_tables
-from pulsesync.server.storage.db import BUSY_TIMEOUT_MS
+from pulsesync.server.storage.privacy import PrivacyStorage, UserTable
 from pulsesync.v1 import events_pb2
 
 FORMAT: Final = "pulsesync-export"
@@ -34,8 +32,6 @@ FORMAT_VERSION: Final = 1
 MANIFEST: Final = "manifest.json"
 # 64 KiB per message: far below gRPC's message limit, big enough that framing costs nothing.
 CHUNK_BYTES: Final = 64 * 1024
-# Rows fetched per round trip to the database thread.
-_FETCH_ROWS: Final = 500
 # Blob columns holding a serialized pulsesync.v1.Event; exported as the event's JSON form.
 EVENT_BLOB_COLUMNS: Final = frozenset({("events", "body"), ("quarantine", "body")})
 _MEMBER_NAME: Final = re.compile(r"^[a-z0-9_]+\.jsonl$|^manifest\.json$")
@@ -116,25 +112,15 @@ class _FileWriter:
         return self._hash.hexdigest()
 
 
-async def _table_rows(
-    conn: aiosqlite.Connection, table: UserTable, user_id: int
-) -> AsyncIterator[dict[str, Any]]:
-    cols = table.exported_columns
-    sql = f"SELECT {', '.join(quote(c.name) for c in cols)} FROM {quote(table.name)} WHERE {USER_COLUMN} = ?"
-    async with conn.execute(sql, (user_id,)) as cur:
-        while rows := await cur.fetchmany(_FETCH_ROWS):
-            for row in rows:
-                record: dict[str, Any] = {}
-                for col, value in zip(cols, row, strict=True):
-                    if isinstance(value, bytes):
-                        record[col.name] = encode_blob(table.name, col.name, value)
-                    else:
-                        record[col.name] = value
-                yield record
+def _record(table: UserTable, row: dict[str, object]) -> dict[str, Any]:
+    return {
+        name: encode_blob(table.name, name, value) if isinstance(value, bytes) else value
+        for name, value in row.items()
+    }
 
 
 async def export_user(
-    db_path: Path, registry: UserDataRegistry, user_id: int, now_us: int
+    storage: PrivacyStorage, registry: UserDataRegistry, user_id: int, now_us: int
 ) -> AsyncIterator[tuple[str, bytes]]:
     """Stream the person's archive as (member name, chunk); the manifest comes last.
 
@@ -142,31 +128,29 @@ async def export_user(
     appears in the archive.
     """
     files: list[ExportedFile] = []
-    # A connection of its own, in one read transaction: a consistent snapshot across tables
-    # that neither waits for nor blocks the server's writer.
-    conn = await aiosqlite.connect(db_path, isolation_level=None)
-    try:
-        await conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        await conn.execute("PRAGMA query_only = ON")
-        await conn.execute("BEGIN")
-        for table in await user_tables(conn):
-            if table.name in registry.exporters:
-                continue  # the component exports these records in readable form
-            writer = _FileWriter(f"{table.name}.jsonl")
-            async for record in _table_rows(conn, table, user_id):
-                chunk = writer.add(record)
-                if chunk:
-                    yield writer.name, chunk
-            yield writer.name, writer.finish()
-            files.append(
-                ExportedFile(
-                    writer.name, table.name, "table", writer.count, writer.size,
-                    writer.sha256, table.omitted_columns,
-                )
-            )  # fmt: skip
-        await conn.execute("COMMIT")
-    finally:
-        await conn.close()
+    writer: _FileWriter | None = None
+    current: UserTable | None = None
+
+    def finished(writer: _FileWriter, table: UserTable) -> ExportedFile:
+        return ExportedFile(
+            writer.name, table.name, "table", writer.count, writer.size,
+            writer.sha256, table.omitted_columns,
+        )  # fmt: skip
+
+    async for table, row in storage.export_rows(user_id, frozenset(registry.exporters)):
+        if row is None:  # the next table starts
+            if writer is not None and current is not None:
+                yield writer.name, writer.finish()
+                files.append(finished(writer, current))
+            writer, current = _FileWriter(f"{table.name}.jsonl"), table
+            continue
+        assert writer is not None
+        chunk = writer.add(_record(table, row))
+        if chunk:
+            yield writer.name, chunk
+    if writer is not None and current is not None:
+        yield writer.name, writer.finish()
+        files.append(finished(writer, current))
     for record_type, exporter in sorted(registry.exporters.items()):
         writer = _FileWriter(f"{record_type}.jsonl")
         async for record in exporter(user_id):

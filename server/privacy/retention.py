@@ -15,7 +15,7 @@ from typing import Final
 
 from pulsesync.server.config import ServerConfig, env
 from pulsesync.server.errors import InvalidArgument
-from pulsesync.server.storage.db import Database
+from pulsesync.server.storage.privacy import PrivacyStorage
 
 log = logging.getLogger(__name__)
 
@@ -68,35 +68,22 @@ class RetentionPolicy:
             ) from None
 
 
-async def _delete_chunked(db: Database, sql: str, params: tuple[int, ...]) -> int:
-    total = 0
-    while True:
-        async with db.transaction() as tx:
-            await tx.execute("PRAGMA secure_delete = ON")
-            cur = await tx.execute(sql, (*params, PURGE_CHUNK_ROWS))
-            n = max(cur.rowcount, 0)
-        total += n
-        if n < PURGE_CHUNK_ROWS:
-            return total
-
-
-async def purge_expired(db: Database, now_us: int, policy: RetentionPolicy) -> dict[str, int]:
+async def purge_expired(
+    storage: PrivacyStorage, now_us: int, policy: RetentionPolicy
+) -> dict[str, int]:
     """Delete raw events and quarantine entries older than the policy allows; rows deleted."""
     cutoff = now_us - policy.raw_event_us
-    async with db.reader.execute("SELECT user_id FROM users ORDER BY user_id") as c:
-        users = [int(r[0]) for r in await c.fetchall()]
     events = 0
-    for user_id in users:  # per person, so each chunk is found through events_by_user_time
-        events += await _delete_chunked(
-            db,
-            "DELETE FROM events WHERE (device_pk, seq) IN (SELECT device_pk, seq FROM events"
-            " WHERE user_id = ? AND t_us < ? LIMIT ?)",
-            (user_id, cutoff),
-        )
-    quarantined = await _delete_chunked(
-        db,
-        "DELETE FROM quarantine WHERE quarantine_id IN (SELECT quarantine_id FROM quarantine"
-        " WHERE received_us < ? LIMIT ?)",
-        (cutoff,),
-    )
+    for user_id in await storage.user_ids():
+        while True:
+            n = await storage.delete_events_before(user_id, cutoff, PURGE_CHUNK_ROWS)
+            events += n
+            if n < PURGE_CHUNK_ROWS:
+                break
+    quarantined = 0
+    while True:
+        n = await storage.delete_quarantine_before(cutoff, PURGE_CHUNK_ROWS)
+        quarantined += n
+        if n < PURGE_CHUNK_ROWS:
+            break
     return {"events": events, "quarantine": quarantined}

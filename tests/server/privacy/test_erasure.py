@@ -13,9 +13,9 @@ import pytest
 
 from pulsesync.server.app import RunningServer
 from pulsesync.server.privacy.audit import AuditLog
-from pulsesync.server.privacy.erasure import DeletionReceipt, scrub_file, verify_receipt
-from pulsesync.server.privacy.tables import user_tables
+from pulsesync.server.privacy.erasure import DeletionReceipt, verify_receipt
 from pulsesync.server.rpc.privacy import PrivacyServicer
+from pulsesync.server.storage.sqlite.privacy import scrub_file, user_tables
 from pulsesync.status import error_info
 from pulsesync.v1 import common_pb2, devices_pb2, devices_pb2_grpc, privacy_pb2, privacy_pb2_grpc
 from tests.server.privacy.support import (
@@ -160,7 +160,7 @@ async def test_erase_leaves_no_byte_of_the_person_and_keeps_others(
     assert [d.device_id for d in listed.devices] == [bo.device_id]
 
     # the erasure is audited without identifiers, and the receipt is kept
-    entries = await AuditLog(server.app.db, server.app.clock).entries(action="erase")
+    entries = await AuditLog(server.app.storage.privacy, server.app.clock).entries(action="erase")
     assert entries[0].actor == "device"
     assert entries[0].detail["receipt_id"] == receipt.receipt_id
     assert all(s not in json.dumps(entries[0].detail) + entries[0].subject for s in identifiers)

@@ -20,7 +20,7 @@ from pulsesync.server.privacy.export import (
     verify_archive,
     write_archive,
 )
-from pulsesync.server.privacy.tables import user_tables
+from pulsesync.server.storage.sqlite.privacy import user_tables
 from pulsesync.v1 import common_pb2, events_pb2, privacy_pb2, privacy_pb2_grpc
 from tests.server.privacy.support import (
     feature_use,
@@ -137,7 +137,9 @@ async def test_export_round_trips_every_record_type(
     blob = b"".join(members.values())
     assert b"bo-query" not in blob
     assert by_name["events.jsonl"]["bytes"] > CHUNK_BYTES
-    assert (await AuditLog(server.app.db, server.app.clock).entries())[0].action == "export"
+    assert (await AuditLog(server.app.storage.privacy, server.app.clock).entries())[
+        0
+    ].action == "export"
 
 
 async def test_export_to_a_directory_verifies_and_detects_tampering(

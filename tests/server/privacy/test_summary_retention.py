@@ -57,7 +57,9 @@ async def test_summary_counts_per_category(
     assert resp.record_counts["devices"] == 2
     assert resp.nudges_sent == 0
     # a person's own read is not an admin read
-    assert await AuditLog(server.app.db, server.app.clock).entries(action="summary") == []
+    assert (
+        await AuditLog(server.app.storage.privacy, server.app.clock).entries(action="summary") == []
+    )
 
 
 async def test_an_admin_read_is_audited(server: RunningServer) -> None:
@@ -66,7 +68,7 @@ async def test_an_admin_read_is_audited(server: RunningServer) -> None:
     assert isinstance(servicer, PrivacyServicer)
     uid = await server.app.identity.user_id_by_name("zoe")
     await servicer.center.summary(uid, Actor.ADMIN)
-    [entry] = await AuditLog(server.app.db, server.app.clock).entries(action="summary")
+    [entry] = await AuditLog(server.app.storage.privacy, server.app.clock).entries(action="summary")
     assert entry.actor == "admin"
     assert "zoe" not in entry.subject  # a pseudonym is hex
     assert len(entry.subject) == 32
@@ -93,7 +95,7 @@ async def test_retention_deletes_only_expired_raw_events(tmp_path: Path) -> None
         assert await servicer.center.purge_expired() == {"events": 0, "quarantine": 0}
         clock.advance(2 * 86_400)
         assert await servicer.center.purge_expired() == {"events": 1, "quarantine": 1}
-        [entry, _] = await AuditLog(server.app.db, clock).entries(action="retention")
+        [entry, _] = await AuditLog(server.app.storage.privacy, clock).entries(action="retention")
         assert entry.actor == "system"
         assert entry.detail["deleted"] == {"events": 1, "quarantine": 1}
 

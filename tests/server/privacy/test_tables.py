@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pulsesync.server.app import RunningServer
 from pulsesync.server.privacy.summary import summarize
-from pulsesync.server.privacy.tables import all_tables, user_tables
+from pulsesync.server.storage.sqlite.privacy import all_tables, user_tables
 from tests.support.server import pair_device
 
 # Tables without a user_id column, each with the reason it holds nothing of a person.
@@ -43,6 +43,6 @@ async def test_nudges_sent_are_counted_from_the_nudges_table(server: RunningServ
                 " 'delivered', 'steps')",
                 (f"n{i}", uid, delivered),
             )
-    summary = await summarize(server.app.db.reader, uid, "ada", (), 1)
+    summary = await summarize(server.app.storage.privacy, uid, "ada", (), 1)
     assert summary.nudges_sent == 2
     assert summary.record_counts["nudges"] == 3
