@@ -26,6 +26,12 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
             registry=r,
         )
+        self.nudge_decision = Histogram(
+            "pulsesync_nudge_decision_seconds",
+            "Time one nudge decision point takes (features, eligibility, policy, log).",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+            registry=r,
+        )
         self.quarantined = Counter(
             "pulsesync_quarantined_events", "Events quarantined, by reason.", ["reason"], registry=r
         )

@@ -108,7 +108,7 @@ async def _stream_open(server: RunningServer, device_id: str) -> None:
     eng = _engine(server)
     loop = asyncio.get_running_loop()
     end = loop.time() + 60
-    while not any(s.device_id == device_id for s in eng._streams.values()):
+    while not eng.delivery.has_stream(device_id):
         assert loop.time() < end, "the Node client's nudge stream never opened"
         await asyncio.sleep(0.05)
 

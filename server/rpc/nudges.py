@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any, Final
@@ -12,10 +11,16 @@ from typing import Any, Final
 from pulsesync.server.context import AppContext
 from pulsesync.server.errors import InvalidArgument, NotFound
 from pulsesync.server.identity import Identity
+from pulsesync.server.nudges.catalog import load_catalog
+from pulsesync.server.nudges.delivery import nudge_message
 from pulsesync.server.nudges.engine import TICK_SECONDS, NudgeEngine
+from pulsesync.server.nudges.profiles import profile_source
+from pulsesync.server.nudges.push import push_provider
+from pulsesync.server.nudges.registry import ModelRegistry
 from pulsesync.server.rpc.base import rpc_method
 from pulsesync.server.rpc.pagination import page_size, page_tokens
 from pulsesync.server.rpc.times import timestamp_us
+from pulsesync.server.timeline.store import TimelineStore
 from pulsesync.timeutil import optional_timestamp as _ts
 from pulsesync.v1 import events_pb2, nudges_pb2, nudges_pb2_grpc
 
@@ -34,7 +39,20 @@ class NudgeServicer(nudges_pb2_grpc.NudgeServiceServicer):
     def __init__(self, app: AppContext) -> None:
         self.app = app
         seed = app.config.extra.get("nudges.seed")
-        self.engine = NudgeEngine(app, seed=int(seed) if seed else None)
+        self.engine = NudgeEngine(
+            app.storage.nudges,
+            clock=app.clock,
+            consent=app.consent,
+            timeline=TimelineStore(app.db),
+            catalog=(catalog := load_catalog(app.config.extra.get("nudge_catalog"))),
+            profiles=profile_source(app, catalog.policy),
+            registry=ModelRegistry(app.config.data_dir / "nudge_models"),
+            push=push_provider(app.config.extra),
+            decision_seconds=app.metrics.nudge_decision,
+            seed=int(seed) if seed else None,
+        )
+        app.bus.subscribe(self.engine.feed.on_events)
+        app.user_data.on_erase("nudges", self.engine.erase_user)
         self._task: asyncio.Task[None] | None = None
         # Real seconds between decision ticks; an accelerated clock (the demo) wants shorter.
         self._tick_s = float(app.config.extra.get("nudges.tick_seconds", TICK_SECONDS))
@@ -94,14 +112,8 @@ class NudgeServicer(nudges_pb2_grpc.NudgeServiceServicer):
                 "action must be DELIVERED, OPENED, DISMISSED or ACTED",
                 reason="INVALID_NUDGE_ACTION",
             )
-        async with self.app.db.reader.execute(
-            "SELECT 1 FROM nudges WHERE nudge_id = ? AND user_id = ?",
-            (request.nudge_id, me.user_id),
-        ) as cur:
-            if await cur.fetchone() is None:
-                raise NotFound(
-                    f"no nudge {request.nudge_id!r} for this user", reason="NUDGE_NOT_FOUND"
-                )
+        if not await self.app.storage.nudges.owns(me.user_id, request.nudge_id):
+            raise NotFound(f"no nudge {request.nudge_id!r} for this user", reason="NUDGE_NOT_FOUND")
         now = self.app.clock.now_us()
         at = (
             timestamp_us(request.action_time, "action_time")
@@ -152,49 +164,29 @@ class NudgeServicer(nudges_pb2_grpc.NudgeServiceServicer):
         after = (int(pos[0]), str(pos[1])) if pos else None
         # Keyset paging on (create_us DESC, nudge_id): a page never skips or repeats a nudge
         # when new ones arrive between calls, and reading page k costs the same as page 1.
-        keyset = ""
-        params: list[int | str] = [me.user_id, start, end]
-        if after is not None:
-            keyset = " AND (n.create_us < ? OR (n.create_us = ? AND n.nudge_id > ?))"
-            params += [after[0], after[0], after[1]]
-        async with self.app.db.reader.execute(
-            "SELECT n.nudge_id, n.nudge_type, n.title, n.message, n.data, n.probability, n.reasons,"
-            " n.create_us, n.expire_us, n.deliver_us, n.outcome_metric, n.outcome_value, n.outcome_complete,"
-            " d.device_id FROM nudges n LEFT JOIN devices d ON d.device_pk = n.device_pk"
-            " WHERE n.user_id = ? AND n.create_us >= ? AND n.create_us < ?"
-            + keyset
-            + " ORDER BY n.create_us DESC, n.nudge_id LIMIT ?",
-            (*params, size + 1),
-        ) as cur:
-            rows = list(await cur.fetchall())
+        rows = await self.app.storage.nudges.history_page(me.user_id, start, end, after, size + 1)
         more = len(rows) > size
         rows = rows[:size]
-        feedback: dict[str, list[int]] = {r[0]: [] for r in rows}
-        if rows:  # one query for the page's feedback, not one per nudge
-            marks = ",".join("?" * len(rows))
-            async with self.app.db.reader.execute(
-                f"SELECT nudge_id, action FROM nudge_feedback WHERE user_id = ? AND nudge_id IN ({marks})"
-                " ORDER BY action_us, feedback_id",
-                (me.user_id, *feedback),
-            ) as cur:
-                for nudge_id, action in await cur.fetchall():
-                    feedback[nudge_id].append(int(action))
-        records = []
-        for r in rows:
-            records.append(
-                nudges_pb2.NudgeRecord(
-                    nudge=nudges_pb2.Nudge(
-                        nudge_id=r[0], nudge_type=r[1], title=r[2], message=r[3], data=json.loads(r[4]),
-                        probability=r[5], reasons=json.loads(r[6]), create_time=_ts(r[7]),
-                        expire_time=_ts(r[8]), device_id=r[13] or "",
-                    ),
-                    feedback=feedback[r[0]],  # type: ignore[arg-type]
-                    outcome=nudges_pb2.NudgeOutcome(metric=r[10], value=r[11] or 0.0, complete=bool(r[12])),
-                    deliver_time=_ts(r[9]),
-                )
-            )  # fmt: skip
+        records = [
+            nudges_pb2.NudgeRecord(
+                nudge=nudge_message(r.nudge, r.device_id or ""),
+                feedback=r.feedback,  # type: ignore[arg-type]
+                outcome=nudges_pb2.NudgeOutcome(
+                    metric=r.outcome_metric,
+                    value=r.outcome_value or 0.0,
+                    complete=r.outcome_complete,
+                ),
+                deliver_time=_ts(r.deliver_us),
+            )
+            for r in rows
+        ]
         token = (
-            tokens.encode("ListNudges", me.user_id, (start, end), [rows[-1][7], rows[-1][0]])
+            tokens.encode(
+                "ListNudges",
+                me.user_id,
+                (start, end),
+                [rows[-1].nudge.create_us, rows[-1].nudge.nudge_id],
+            )
             if more and rows
             else ""
         )

@@ -1,7 +1,7 @@
 """The storage bundle: one object holding every domain's storage seam, and how to open it.
 
     async with open_storage(config) as storage:
-        storage.identity, storage.consent, storage.profiles, storage.privacy, ...
+        storage.identity, storage.consent, storage.profiles, storage.privacy, storage.nudges
 
 SQLite is the one backend today; another (a postgresql:// URL) implements the same Protocols
 and is chosen here. The key vault is not in the bundle: it is bound to the database when the
@@ -18,10 +18,12 @@ from pathlib import Path
 from pulsesync.server.storage.consent import ConsentStorage
 from pulsesync.server.storage.db import Database
 from pulsesync.server.storage.identity import IdentityStorage
+from pulsesync.server.storage.nudges import NudgeStorage
 from pulsesync.server.storage.privacy import PrivacyStorage
 from pulsesync.server.storage.profiles import ProfileStorage
 from pulsesync.server.storage.sqlite.consent import SqliteConsentStorage
 from pulsesync.server.storage.sqlite.identity import SqliteIdentityStorage
+from pulsesync.server.storage.sqlite.nudges import SqliteNudgeStorage
 from pulsesync.server.storage.sqlite.privacy import SqlitePrivacyStorage
 from pulsesync.server.storage.sqlite.profiles import SqliteProfileStorage
 
@@ -32,6 +34,7 @@ class Storage:
     consent: ConsentStorage
     profiles: ProfileStorage
     privacy: PrivacyStorage
+    nudges: NudgeStorage
     # The SQLite database itself: the ingest writer process (the SQLite event writer) and the
     # key vault binding work on it directly.
     db: Database
@@ -44,6 +47,7 @@ def sqlite_storage(db: Database) -> Storage:
         consent=SqliteConsentStorage(db),
         profiles=SqliteProfileStorage(db),
         privacy=SqlitePrivacyStorage(db),
+        nudges=SqliteNudgeStorage(db),
         db=db,
     )
 

@@ -181,6 +181,8 @@ async def run_arm(
         grpc.aio.insecure_channel(srv.address) as channel,
     ):
         engine = srv.servicers[NUDGE_SERVICE].engine
+        # Every decision's latency (ticks and the probe), as the engine measured it.
+        latencies: list[float] = []
         ingest = ingest_pb2_grpc.IngestServiceStub(channel)
         nudge_stub = nudges_pb2_grpc.NudgeServiceStub(channel)
         users: list[int] = []
@@ -252,6 +254,7 @@ async def run_arm(
                     ):
                         await _learn(srv, engine, result, day * 1440)
                     made = await engine.tick()
+                    latencies.extend(d.latency_s for d in made)
                     want = sum(1 for d in made if d.nudge is not None and d.nudge.device_id)
                     for d in made:
                         if d.nudge is not None:
@@ -303,13 +306,13 @@ async def run_arm(
             await engine.complete_outcomes(clock.now_us())
             if latency_probe:
                 result.extra["probe"] = await _latency_probe(
-                    srv, engine, users, devices, ingest, latency_probe
+                    srv, engine, users, devices, ingest, latency_probe, latencies
                 )
         finally:
             for t in listeners:
                 t.cancel()
             await asyncio.gather(*listeners, return_exceptions=True)
-        result.latencies = list(engine.latencies)
+        result.latencies = latencies
         async with srv.app.db.reader.execute(
             "SELECT d.user_id, d.decision_us, d.policy_version, d.options, d.chosen, d.probability, d.outcome_steps,"
             " d.outcome_complete FROM nudge_decisions d ORDER BY d.decision_us"
@@ -348,7 +351,13 @@ async def _learn(srv: Any, engine: Any, result: ArmResult, minute: int) -> None:
 
 
 async def _latency_probe(
-    srv: Any, engine: Any, users: list[int], devices: list[list[_Device]], ingest: Any, n: int
+    srv: Any,
+    engine: Any,
+    users: list[int],
+    devices: list[list[_Device]],
+    ingest: Any,
+    n: int,
+    latencies: list[float],
 ) -> dict[str, float]:
     """Decision latency while a device uploads 500-event batches as fast as it can."""
     stop = asyncio.Event()
@@ -375,6 +384,7 @@ async def _latency_probe(
     for k in range(n):
         d = await engine.decide(users[k % len(users)], srv.app.clock.now_us(), "probe")
         lat.append(d.latency_s)
+        latencies.append(d.latency_s)
         await asyncio.sleep(0)
     elapsed = time.perf_counter() - t0
     stop.set()

@@ -13,7 +13,7 @@ import pytest
 from pulsesync.server.app import RunningServer, running_server
 from pulsesync.server.clock import FakeClock
 from pulsesync.server.config import ServerConfig
-from pulsesync.server.nudges import engine as engine_module
+from pulsesync.server.nudges import feed as feed_module
 from pulsesync.server.nudges.training import logged_decisions
 from pulsesync.status import error_info
 from pulsesync.v1 import common_pb2, events_pb2, nudges_pb2, nudges_pb2_grpc
@@ -202,7 +202,7 @@ async def test_a_backlog_of_committed_events_is_folded_without_waiting_for_the_t
     nudge_server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     srv, clock = nudge_server
-    monkeypatch.setattr(engine_module, "FOLD_BACKLOG_EVENTS", 100)
+    monkeypatch.setattr(feed_module, "FOLD_BACKLOG_EVENTS", 100)
     phone = await pair_device(srv, "cy", kind=common_pb2.DEVICE_KIND_PHONE)
     eng = engine(srv)
     start = clock.now_us()

@@ -1,0 +1,264 @@
+"""Nudge delivery: each device's stream, push targets, apps that fetch, and falling back.
+
+A nudge is routed to one device when it is made. It reaches that device through its open
+stream, through a push provider (a device that registered a push token), or when the app
+fetches pending nudges; a stream that closes with nudges undelivered hands them to another
+reachable device of the same person.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Final
+
+from pulsesync.server.clock import Clock
+from pulsesync.server.nudges.catalog import Catalog
+from pulsesync.server.nudges.eligibility import Reachable, route
+from pulsesync.server.nudges.features import FeatureStore
+from pulsesync.server.nudges.push import PushProvider
+from pulsesync.server.storage.nudges import NudgeRow, NudgeStorage
+from pulsesync.timeutil import timestamp as _ts
+from pulsesync.v1 import nudges_pb2
+
+log = logging.getLogger(__name__)
+
+# A device stream holds at most this many undelivered nudges (caps make more impossible).
+STREAM_QUEUE: Final = 32
+# An app that fetched pending nudges within this long counts as reachable by fetching: apps
+# on a phone wake several times a day; one idle for a day would find its nudges expired.
+FETCH_REACH_US: Final = 24 * 3600 * 1_000_000
+
+
+@dataclass(slots=True)
+class _Stream:
+    user_id: int
+    device_id: str
+    kind: int
+    queue: asyncio.Queue[nudges_pb2.Nudge | None] = field(
+        default_factory=lambda: asyncio.Queue(STREAM_QUEUE)
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Offline:
+    """A device reachable without a stream: by push (token set) or by fetching when it wakes."""
+
+    user_id: int
+    device_id: str
+    kind: int
+    push_token: str  # "" for a device that only fetches
+    seen_us: int  # when it registered or last fetched
+
+
+def nudge_message(row: NudgeRow, device_id: str) -> nudges_pb2.Nudge:
+    """The API form of a stored nudge."""
+    return nudges_pb2.Nudge(
+        nudge_id=row.nudge_id, nudge_type=row.nudge_type, title=row.title, message=row.message,
+        data=json.loads(row.data_json), probability=row.probability,
+        reasons=json.loads(row.reasons_json), create_time=_ts(row.create_us),
+        expire_time=_ts(row.expire_us), device_id=device_id,
+    )  # fmt: skip
+
+
+class NudgeDelivery:
+    """Where each of a server's devices can take nudges, and getting them there."""
+
+    def __init__(
+        self,
+        storage: NudgeStorage,
+        clock: Clock,
+        catalog: Catalog,
+        features: FeatureStore,
+        push: PushProvider | None,
+    ) -> None:
+        self._storage = storage
+        self._clock = clock
+        self._catalog = catalog
+        self._features = features
+        self.push = push
+        self._streams: dict[int, _Stream] = {}
+        # Devices without a stream that still take nudges: push targets (from the database)
+        # and apps that fetched pending nudges within the active window (this replica).
+        self._offline: dict[int, _Offline] = {}
+        self._push_loaded = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+
+    async def settled(self) -> None:
+        """Wait until pushes under way are done."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def forget_user(self, user_id: int) -> None:
+        for pk in [pk for pk, o in self._offline.items() if o.user_id == user_id]:
+            del self._offline[pk]
+
+    # -- streams --------------------------------------------------------------------------
+    def open_stream(
+        self, user_id: int, device_pk: int, device_id: str, kind: int
+    ) -> asyncio.Queue[nudges_pb2.Nudge | None]:
+        """Register a device's nudge stream (a newer one replaces an older one)."""
+        old = self._streams.get(device_pk)
+        stream = _Stream(user_id, device_id, kind)
+        self._streams[device_pk] = stream
+        self._features.note_device(user_id, device_pk, kind)
+        if old is not None:
+            while not old.queue.empty():
+                item = old.queue.get_nowait()
+                if item is not None:
+                    stream.queue.put_nowait(item)
+            old.queue.put_nowait(None)
+        return stream.queue
+
+    async def close_stream(
+        self, device_pk: int, queue: asyncio.Queue[nudges_pb2.Nudge | None]
+    ) -> None:
+        """Unregister a stream; its undelivered nudges fall back to another reachable device."""
+        stream = self._streams.get(device_pk)
+        if stream is None or stream.queue is not queue:
+            return
+        del self._streams[device_pk]
+        left = [n for n in (queue.get_nowait() for _ in range(queue.qsize())) if n is not None]
+        for nudge in left:
+            await self._fallback(stream.user_id, device_pk, nudge)
+
+    async def _fallback(self, user_id: int, from_pk: int, nudge: nudges_pb2.Nudge) -> None:
+        t = self._catalog.type(nudge.nudge_type)
+        now = self._clock.now_us()
+        if nudge.expire_time.ToMicroseconds() <= now:
+            return
+        devices = [r for r in self.reachable(user_id) if r.device_pk != from_pk]
+        pk = route(t, devices)
+        if pk is None:
+            return  # stays pending for the device; re-sent if it reconnects before expiry
+        moved = nudges_pb2.Nudge()
+        moved.CopyFrom(nudge)
+        stream = self._streams.get(pk)
+        moved.device_id = stream.device_id if stream else self._offline[pk].device_id
+        await self._storage.route(nudge.nudge_id, pk)
+        if stream is not None:
+            stream.queue.put_nowait(moved)
+        else:
+            self._deliver_offline(pk, moved)
+
+    def reachable(self, user_id: int, now: int | None = None) -> list[Reachable]:
+        """Devices a nudge can reach: open streams, push targets, apps that fetch when awake."""
+        features = self._features
+        state = features.user(user_id) if user_id in features.known_users() else None
+        found = [
+            Reachable(pk, s.kind, state.device_last_us.get(pk, 0) if state else 0)
+            for pk, s in self._streams.items()
+            if s.user_id == user_id
+        ]
+        for pk, o in self._offline.items():
+            if o.user_id != user_id or pk in self._streams:
+                continue
+            if o.push_token and self.push is None:
+                continue  # no provider configured: a push target is not a way in
+            if not o.push_token and now is not None and now - o.seen_us > FETCH_REACH_US:
+                continue  # an app that has not woken lately would see the nudge too late
+            found.append(Reachable(pk, o.kind, state.device_last_us.get(pk, 0) if state else 0))
+        return found
+
+    def has_stream(self, device_id: str) -> bool:
+        """Whether the device has a nudge stream open on this server."""
+        return any(s.device_id == device_id for s in self._streams.values())
+
+    def device_id(self, device_pk: int) -> str:
+        """The API id of a device that can take nudges ("" if unknown here)."""
+        stream = self._streams.get(device_pk)
+        offline = self._offline.get(device_pk)
+        return stream.device_id if stream else offline.device_id if offline else ""
+
+    def channel_for(self, device_pk: int) -> str:
+        """How a nudge routed to the device now reaches it: stream, push or pending."""
+        if device_pk in self._streams:
+            return "stream"
+        o = self._offline.get(device_pk)
+        if o is not None and o.push_token and self.push is not None:
+            return "push"
+        return "pending"
+
+    def send(self, device_pk: int, nudge: nudges_pb2.Nudge) -> None:
+        """Hand a new nudge to its device's stream, or push it; else it waits to be fetched."""
+        stream = self._streams.get(device_pk)
+        if stream is not None:
+            if not stream.queue.full():
+                stream.queue.put_nowait(nudge)
+        else:
+            self._deliver_offline(device_pk, nudge)
+
+    # -- push and fetch -------------------------------------------------------------------
+    async def load_push_targets(self) -> None:
+        if self._push_loaded:
+            return
+        for t in await self._storage.push_targets():
+            self._offline[t.device_pk] = _Offline(
+                t.user_id, t.device_id, t.kind, t.push_token, t.update_us
+            )
+        self._push_loaded = True
+
+    async def register_push_target(
+        self, user_id: int, device_pk: int, device_id: str, kind: int, push_token: str
+    ) -> None:
+        """Make a device reachable by push (or, with an empty token, no longer)."""
+        await self.load_push_targets()
+        now = self._clock.now_us()
+        await self._storage.set_push_target(user_id, device_pk, push_token, now)
+        self._offline[device_pk] = _Offline(user_id, device_id, kind, push_token, now)
+
+    async def fetch_pending(
+        self, user_id: int, device_pk: int, device_id: str, kind: int
+    ) -> list[nudges_pb2.Nudge]:
+        """The device's pending nudges, each marked delivered (channel pending); the device
+        counts as reachable by fetching for FETCH_REACH_US after."""
+        await self.load_push_targets()
+        old = self._offline.get(device_pk)
+        now = self._clock.now_us()
+        self._offline[device_pk] = _Offline(
+            user_id, device_id, kind, old.push_token if old else "", now
+        )
+        self._features.note_device(user_id, device_pk, kind)
+        out = []
+        for nudge in await self.pending_for(user_id, device_pk, device_id):
+            if await self.mark_delivered(nudge.nudge_id, device_pk, "pending"):
+                out.append(nudge)
+        return out
+
+    def _deliver_offline(self, device_pk: int, nudge: nudges_pb2.Nudge) -> None:
+        o = self._offline.get(device_pk)
+        if o is None or not o.push_token or self.push is None:
+            return  # pending: the app fetches it when it wakes
+        task = asyncio.get_running_loop().create_task(
+            self._push(device_pk, o.push_token, nudge), name="nudge-push"
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _push(self, device_pk: int, token: str, nudge: nudges_pb2.Nudge) -> None:
+        assert self.push is not None
+        try:
+            if await self.push.push(token, nudge):
+                await self.mark_delivered(nudge.nudge_id, device_pk, "push")
+        except Exception:
+            log.exception("push delivery failed; the nudge waits to be fetched")
+
+    async def pending_for(
+        self, user_id: int, device_pk: int, device_id: str
+    ) -> list[nudges_pb2.Nudge]:
+        """Undelivered, unexpired nudges routed to a device (re-sent when it reconnects)."""
+        rows = await self._storage.pending(user_id, device_pk, self._clock.now_us())
+        return [nudge_message(r, device_id) for r in rows]
+
+    async def mark_delivered(self, nudge_id: str, device_pk: int, channel: str = "stream") -> bool:
+        """The nudge reached the device (written to its stream, pushed, or fetched); whether
+        this call delivered it (False when another path already had)."""
+        return await self._storage.mark_delivered(
+            nudge_id, device_pk, channel, self._clock.now_us()
+        )
