@@ -29,11 +29,11 @@ from pathlib import Path
 from google.protobuf import timestamp_pb2
 
 from pulsesync.kinds import kind_of
-from pulsesync.server.app import SERVICES, build_app
 from pulsesync.server.clock import SystemClock
+from pulsesync.server.compose import build as build_components
 from pulsesync.server.config import ServerConfig
 from pulsesync.server.privacy.audit import Actor
-from pulsesync.server.rpc.privacy import PrivacyServicer
+from pulsesync.server.storage.backend import open_storage
 from pulsesync.server.storage.db import Database
 from pulsesync.v1 import events_pb2
 
@@ -90,11 +90,8 @@ async def _migrate(path: Path) -> None:
 async def erase(data_dir: Path, user_id: int, scrub: bool) -> tuple[float, float, int]:
     """Seconds for the erasure, seconds of VACUUM inside it, database bytes afterwards."""
     config = ServerConfig(data_dir=data_dir)
-    async with await Database.open(config.database) as db:
-        app = await build_app(config, db, SystemClock())
-        center = next(
-            s for s in (make(app) for make, _, _ in SERVICES) if isinstance(s, PrivacyServicer)
-        ).center
+    async with open_storage(config.database) as storage:
+        center = (await build_components(config, storage, SystemClock())).privacy
         t0 = time.perf_counter()
         _, report = await center.erase(user_id, Actor.ADMIN, scrub=scrub)
         took = time.perf_counter() - t0
@@ -105,11 +102,8 @@ async def erase(data_dir: Path, user_id: int, scrub: bool) -> tuple[float, float
 async def export(data_dir: Path, user_id: int) -> tuple[float, int, int]:
     """Seconds, records and bytes of one person's export stream."""
     config = ServerConfig(data_dir=data_dir)
-    async with await Database.open(config.database) as db:
-        app = await build_app(config, db, SystemClock())
-        center = next(
-            s for s in (make(app) for make, _, _ in SERVICES) if isinstance(s, PrivacyServicer)
-        ).center
+    async with open_storage(config.database) as storage:
+        center = (await build_components(config, storage, SystemClock())).privacy
         t0 = time.perf_counter()
         n = size = 0
         async for name, chunk in center.export(user_id, Actor.ADMIN):

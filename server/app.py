@@ -4,9 +4,9 @@
         print(server.port)
         await server.wait_for_termination()
 
-Each service is a servicer class taking the shared `AppContext`. A servicer that has
-background work defines `async def start(self)` and `async def stop(self)`; they run after
-the database is open and before it closes.
+The engines and their wiring come from the composition root (`pulsesync.server.compose`);
+each service is a servicer adapting its engine to gRPC. Background work (the ingest writer, the
+nudge ticks, retention, ...) is started after storage is open and stopped before it closes.
 """
 
 from __future__ import annotations
@@ -26,16 +26,11 @@ from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined
 from prometheus_client import start_http_server
 
 from pulsesync.server import reflection
-from pulsesync.server.bus import EventBus
 from pulsesync.server.clock import Clock, SystemClock
-from pulsesync.server.compose import open_profile_store
+from pulsesync.server.compose import Components, build
 from pulsesync.server.config import MAX_MESSAGE_BYTES, ServerConfig
 from pulsesync.server.context import AppContext
 from pulsesync.server.errors import PulseSyncError, Unauthenticated
-from pulsesync.server.identity import IdentityStore
-from pulsesync.server.metrics import Metrics
-from pulsesync.server.privacy.consent import ConsentStore
-from pulsesync.server.privacy.registry import UserDataRegistry
 from pulsesync.server.profiles.crypto import Sealer
 from pulsesync.server.rpc.base import MalformedRequestInterceptor
 from pulsesync.server.rpc.devices import DeviceServicer
@@ -45,9 +40,8 @@ from pulsesync.server.rpc.nudges import NudgeServicer
 from pulsesync.server.rpc.privacy import PrivacyServicer
 from pulsesync.server.rpc.profiles import ProfileServicer
 from pulsesync.server.rpc.timeline import TimelineServicer
-from pulsesync.server.sessions import SessionRegistry
-from pulsesync.server.storage.backend import sqlite_storage
-from pulsesync.server.storage.db import Database, DatabaseDamaged
+from pulsesync.server.storage.backend import open_storage
+from pulsesync.server.storage.db import DatabaseDamaged
 from pulsesync.v1 import (
     devices_pb2,
     devices_pb2_grpc,
@@ -64,19 +58,19 @@ from pulsesync.v1 import (
 
 log = logging.getLogger(__name__)
 
-# (servicer class, registration function, full service name)
-SERVICES: list[tuple[Callable[[AppContext], Any], Callable[[Any, grpc.aio.Server], None], str]] = [
-    (DeviceServicer, devices_pb2_grpc.add_DeviceServiceServicer_to_server,
+# (servicer built from the components, registration function, full service name)
+SERVICES: list[tuple[Callable[[Components], Any], Callable[[Any, grpc.aio.Server], None], str]] = [
+    (lambda c: DeviceServicer(c.app), devices_pb2_grpc.add_DeviceServiceServicer_to_server,
      devices_pb2.DESCRIPTOR.services_by_name["DeviceService"].full_name),
-    (IngestServicer, add_ingest_service_to_server,
+    (lambda c: IngestServicer(c.app, c.ingest, c.timeline), add_ingest_service_to_server,
      ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name),
-    (TimelineServicer, timeline_pb2_grpc.add_TimelineServiceServicer_to_server,
+    (lambda c: TimelineServicer(c.app, c.timeline), timeline_pb2_grpc.add_TimelineServiceServicer_to_server,
      timeline_pb2.DESCRIPTOR.services_by_name["TimelineService"].full_name),
-    (ProfileServicer, profiles_pb2_grpc.add_ProfileServiceServicer_to_server,
+    (lambda c: ProfileServicer(c.app, c.profiles), profiles_pb2_grpc.add_ProfileServiceServicer_to_server,
      profiles_pb2.DESCRIPTOR.services_by_name["ProfileService"].full_name),
-    (NudgeServicer, nudges_pb2_grpc.add_NudgeServiceServicer_to_server,
+    (lambda c: NudgeServicer(c.app, c.nudges), nudges_pb2_grpc.add_NudgeServiceServicer_to_server,
      nudges_pb2.DESCRIPTOR.services_by_name["NudgeService"].full_name),
-    (PrivacyServicer, privacy_pb2_grpc.add_PrivacyServiceServicer_to_server,
+    (lambda c: PrivacyServicer(c.app, c.privacy), privacy_pb2_grpc.add_PrivacyServiceServicer_to_server,
      privacy_pb2.DESCRIPTOR.services_by_name["PrivacyService"].full_name),
 ]  # fmt: skip
 
@@ -100,6 +94,7 @@ class RunningServer:
     app: AppContext
     servicers: dict[str, Any]
     metrics_port: int | None
+    components: Components
 
     @property
     def address(self) -> str:
@@ -164,35 +159,6 @@ def _check_plaintext_bind(config: ServerConfig) -> None:
     )
 
 
-async def build_app(
-    config: ServerConfig, db: Database, clock: Clock, *, profile_sealer: Sealer | None = None
-) -> AppContext:
-    """The shared context over an open database (also used by offline admin commands)."""
-    metrics = Metrics()
-    storage = sqlite_storage(db)
-    return AppContext(
-        config=config,
-        db=db,
-        storage=storage,
-        clock=clock,
-        identity=IdentityStore(
-            storage.identity,
-            clock,
-            max_token_age_us=(
-                round(config.max_token_age_s * 1_000_000)
-                if config.max_token_age_s is not None
-                else None
-            ),
-        ),
-        sessions=SessionRegistry(metrics),
-        metrics=metrics,
-        consent=ConsentStore(storage.consent, clock),
-        bus=EventBus(),
-        user_data=UserDataRegistry(),
-        profiles=await open_profile_store(config, db, clock, sealer=profile_sealer),
-    )
-
-
 @asynccontextmanager
 async def running_server(
     config: ServerConfig, *, clock: Clock | None = None, profile_sealer: Sealer | None = None
@@ -201,15 +167,15 @@ async def running_server(
     AES-GCM sealer for the profile benchmark's plaintext baseline only."""
     async with AsyncExitStack() as stack:
         try:
-            db = await Database.open(config.database)
+            storage = await stack.enter_async_context(open_storage(config.database))
         except DatabaseDamaged as e:
             raise SystemExit(str(e)) from None  # a clear refusal, no traceback
-        stack.push_async_callback(db.close)
-        app = await build_app(config, db, clock or SystemClock(), profile_sealer=profile_sealer)
+        parts = await build(config, storage, clock or SystemClock(), profile_sealer=profile_sealer)
+        app = parts.app
         server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[MalformedRequestInterceptor()])
         servicers: dict[str, Any] = {}
         for make, register, name in SERVICES:
-            servicer = make(app)
+            servicer = make(parts)
             register(servicer, server)
             servicers[name] = servicer
 
@@ -230,11 +196,9 @@ async def running_server(
         if port == 0:
             raise SystemExit(f"cannot listen on {config.address} (in use or not allowed)")
 
-        for servicer in servicers.values():
-            start = getattr(servicer, "start", None)
-            if start is not None:
-                await start()
-                stack.push_async_callback(servicer.stop)
+        for work in parts.background:
+            await work.start()
+            stack.push_async_callback(work.stop)
 
         await server.start()
         sweeper = asyncio.create_task(_cut_off_revoked(app), name="revocation-sweep")
@@ -266,7 +230,7 @@ async def running_server(
             extra={"address": f"{config.host}:{port}", "db": str(config.database),
                    "tls": creds is not None, "mtls": config.tls_client_ca is not None, "metrics_port": metrics_port},
         )  # fmt: skip
-        yield RunningServer(server, port, app, servicers, metrics_port)
+        yield RunningServer(server, port, app, servicers, metrics_port, parts)
         log.info("shutting down", extra={"grace_seconds": config.grace_seconds})
 
 

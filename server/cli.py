@@ -23,7 +23,14 @@ from pathlib import Path
 from typing import Any, Final
 
 from pulsesync.server.clock import SystemClock
-from pulsesync.server.config import DEFAULT_DATA_DIR, DEFAULT_HOST, DEFAULT_PORT, ServerConfig, env
+from pulsesync.server.config import (
+    DEFAULT_DATA_DIR,
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    ServerConfig,
+    env,
+    load_config,
+)
 from pulsesync.server.errors import PulseSyncError
 from pulsesync.server.identity import IdentityStore, parse_duration_s
 from pulsesync.server.logs import setup_logging
@@ -44,42 +51,43 @@ def add_storage_flags(p: argparse.ArgumentParser) -> None:
     """--data-dir and --db, shared by every command that opens the database."""
     p.add_argument(
         "--data-dir",
+        dest="data_dir",
         type=Path,
-        default=Path(env("DATA_DIR") or DEFAULT_DATA_DIR),
-        help="where the database and key file live (env PULSESYNC_DATA_DIR; default %(default)s)",
+        help="where the database and key file live (env PULSESYNC_DATA_DIR; "
+        f"default {DEFAULT_DATA_DIR})",
     )
     p.add_argument(
         "--db",
+        dest="db_path",
         type=Path,
-        default=Path(v) if (v := env("DB")) else None,
         help="the SQLite database file (env PULSESYNC_DB; default DATA_DIR/pulsesync.db)",
     )
 
 
-def _env_path(name: str) -> Path | None:
-    """PULSESYNC_<name> as a path, for commands without the flag (e.g. `privacy erase`)."""
-    return Path(v) if (v := env(name)) else None
+def add_key_flags(p: argparse.ArgumentParser) -> None:
+    """--key-file and --key-vault, for the commands that open profiles."""
+    p.add_argument(
+        "--key-file",
+        dest="key_file",
+        type=Path,
+        help="profile key-encryption key file (env PULSESYNC_KEY_FILE; default DATA_DIR/kek.key)",
+    )
+    p.add_argument(
+        "--key-vault",
+        dest="key_vault",
+        type=Path,
+        help="profile data key vault: back it up apart from the database, with short "
+        "retention (env PULSESYNC_KEY_VAULT; default DATA_DIR/keyvault.db)",
+    )
 
 
 def config_from(args: argparse.Namespace) -> ServerConfig:
-    return ServerConfig(
-        host=getattr(args, "host", DEFAULT_HOST),
-        port=getattr(args, "port", DEFAULT_PORT),
-        data_dir=args.data_dir,
-        db_path=args.db,
-        tls_cert=getattr(args, "tls_cert", None),
-        tls_key=getattr(args, "tls_key", None),
-        tls_client_ca=getattr(args, "tls_client_ca", None),
-        insecure=getattr(args, "insecure", False),
-        metrics_port=getattr(args, "metrics_port", None),
-        key_file=getattr(args, "key_file", None) or _env_path("KEY_FILE"),
-        key_vault=getattr(args, "key_vault", None) or _env_path("KEY_VAULT"),
-        port_file=getattr(args, "port_file", None),
-        max_token_age_s=getattr(args, "max_token_age", None),
-        extra=(
-            {"nudges.push_url": url} if (url := getattr(args, "push_webhook_url", None)) else {}
-        ),
-    )
+    """The command's configuration: its flags, then PULSESYNC_* variables, then defaults.
+    Flags are defined with `dest` set to the setting's field and no default (see SETTINGS)."""
+    try:
+        return load_config(vars(args))
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
 
 async def _with_identity(
@@ -166,76 +174,63 @@ def build_parser(load: Iterable[str] | None = None) -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the gRPC server")
     serve.add_argument(
-        "--host", default=env("HOST", DEFAULT_HOST), help="address to bind (default %(default)s)"
+        "--host", dest="host", help=f"address to bind (env PULSESYNC_HOST; default {DEFAULT_HOST})"
     )
     serve.add_argument(
         "--port",
+        dest="port",
         type=int,
-        default=int(env("PORT") or DEFAULT_PORT),
-        help="port (0 = any free; default %(default)s)",
+        help=f"port (0 = any free; env PULSESYNC_PORT; default {DEFAULT_PORT})",
     )
     add_storage_flags(serve)
     serve.add_argument(
         "--tls-cert",
+        dest="tls_cert",
         type=Path,
-        default=Path(v) if (v := env("TLS_CERT")) else None,
-        help="PEM certificate chain",
+        help="PEM certificate chain (env PULSESYNC_TLS_CERT)",
     )
     serve.add_argument(
-        "--tls-key",
-        type=Path,
-        default=Path(v) if (v := env("TLS_KEY")) else None,
-        help="PEM private key",
+        "--tls-key", dest="tls_key", type=Path, help="PEM private key (env PULSESYNC_TLS_KEY)"
     )
     serve.add_argument(
         "--tls-client-ca",
+        dest="tls_client_ca",
         type=Path,
-        default=Path(v) if (v := env("TLS_CLIENT_CA")) else None,
         help="require mutual TLS: devices must present a certificate signed by this PEM CA "
         "(env PULSESYNC_TLS_CLIENT_CA)",
     )
     serve.add_argument(
         "--insecure",
+        dest="insecure",
         action="store_true",
-        default=env("INSECURE", "") in ("1", "true", "yes"),
+        default=None,
         help="allow plaintext on a non-loopback --host (tokens cross the network in the "
         "clear; env PULSESYNC_INSECURE=1)",
     )
     serve.add_argument(
         "--metrics-port",
+        dest="metrics_port",
         type=int,
-        default=int(v) if (v := env("METRICS_PORT")) else None,
-        help="serve Prometheus metrics on this port",
+        help="serve Prometheus metrics on this port (env PULSESYNC_METRICS_PORT)",
     )
     serve.add_argument(
         "--push-webhook-url",
-        default=env("PUSH_WEBHOOK_URL"),
-        help="POST nudges for devices without an open stream to this push gateway; the "
-        "HMAC secret comes from PULSESYNC_PUSH_WEBHOOK_SECRET (never a flag)",
+        dest="nudges.push_url",
+        help="POST nudges for devices without an open stream to this push gateway (env "
+        "PULSESYNC_PUSH_WEBHOOK_URL); the HMAC secret comes from PULSESYNC_PUSH_WEBHOOK_SECRET "
+        "(never a flag)",
     )
+    add_key_flags(serve)
     serve.add_argument(
-        "--key-file",
-        type=Path,
-        default=Path(v) if (v := env("KEY_FILE")) else None,
-        help="profile key-encryption key file (default DATA_DIR/kek.key)",
-    )
-    serve.add_argument(
-        "--key-vault",
-        type=Path,
-        default=Path(v) if (v := env("KEY_VAULT")) else None,
-        help="profile data key vault: back it up apart from the database, with short "
-        "retention (default DATA_DIR/keyvault.db)",
-    )
-    serve.add_argument(
-        "--port-file", type=Path, default=None, help="write the bound port here once listening"
+        "--port-file", dest="port_file", type=Path, help="write the bound port here once listening"
     )
     serve.add_argument(
         "--max-token-age",
+        dest="max_token_age_s",
         type=parse_duration_s,
-        default=parse_duration_s(v) if (v := env("MAX_TOKEN_AGE")) else None,
         metavar="DURATION",
         help="refuse device tokens older than this (e.g. 90d, 12h, 3600s) with TOKEN_EXPIRED; "
-        "agents rotate theirs well before (default: no limit)",
+        "agents rotate theirs well before (env PULSESYNC_MAX_TOKEN_AGE; default: no limit)",
     )
     serve.set_defaults(handler=cmd_serve)
 

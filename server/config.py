@@ -1,11 +1,17 @@
-"""Server configuration: flags first, then PULSESYNC_* environment variables, then defaults."""
+"""Server configuration: flags first, then PULSESYNC_* environment variables, then defaults.
+
+`ServerConfig` and its typed parts (`NudgeConfig`, `RetentionConfig`) hold the defaults; every
+command builds its configuration with `load_config`, which applies the one rule above to each
+setting listed in `SETTINGS` (its field, its environment variable and how to read it).
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Final
+from typing import Any, Final, Literal
 
 DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 50051
@@ -15,9 +21,41 @@ DEFAULT_DATA_DIR: Final = Path("pulsesync-data")
 MAX_MESSAGE_BYTES: Final = 16 * 1024 * 1024
 
 
+# Real seconds between nudge decision ticks: scheduled decisions land within this of their time.
+DEFAULT_NUDGE_TICK_SECONDS: Final = 15.0
+# Raw events are kept 400 days: a full year for year-over-year views plus a month of slack.
+DEFAULT_RETENTION_DAYS: Final = 400
+# An hour between retention sweeps: expiry is measured in days, so an hour late costs nothing.
+DEFAULT_RETENTION_SWEEP_SECONDS: Final = 3600.0
+
+
 def env(name: str, default: str | None = None) -> str | None:
     """The value of PULSESYNC_<NAME>, or default."""
     return os.environ.get(f"PULSESYNC_{name}", default)
+
+
+@dataclass(frozen=True, slots=True)
+class NudgeConfig:
+    """The nudge engine's settings."""
+
+    # Seed of the policy's exploration (None: random); simulations fix it to replay a run.
+    seed: int | None = None
+    tick_seconds: float = DEFAULT_NUDGE_TICK_SECONDS
+    # "manual": nothing ticks on its own; a simulation with a fake clock calls tick itself.
+    scheduler: Literal["auto", "manual"] = "auto"
+    # A catalog file whose keys replace the built-in catalog's (None: the built-in one).
+    catalog: Path | None = None
+    # The push gateway for devices without an open stream, and its HMAC secret.
+    push_url: str | None = None
+    push_secret: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionConfig:
+    """How long raw events are kept and how often expired ones are swept."""
+
+    raw_event_days: int = DEFAULT_RETENTION_DAYS
+    sweep_seconds: float = DEFAULT_RETENTION_SWEEP_SECONDS
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,9 +82,10 @@ class ServerConfig:
     # Write the bound gRPC port here once listening (for supervisors and tests using port 0).
     port_file: Path | None = None
     grace_seconds: float = 5.0
-    extra: dict[str, str] = field(default_factory=dict)
     # Device tokens older than this are refused (TOKEN_EXPIRED); None: no limit.
     max_token_age_s: float | None = None
+    nudges: NudgeConfig = field(default_factory=NudgeConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
 
     @property
     def database(self) -> Path:
@@ -63,3 +102,82 @@ class ServerConfig:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+
+def _flag(text: str) -> bool:
+    return text.strip().lower() in ("1", "true", "yes", "on")
+
+
+def _scheduler(text: str) -> str:
+    if text not in ("auto", "manual"):
+        raise ValueError("must be auto or manual")
+    return text
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """One setting: its field (dotted for a part: "nudges.seed"), PULSESYNC_<env>, parser."""
+
+    field: str
+    env: str | None
+    parse: Callable[[str], Any]
+
+
+def _duration_s(text: str) -> float:
+    from pulsesync.server.identity import parse_duration_s
+
+    return parse_duration_s(text)
+
+
+SETTINGS: Final[tuple[Setting, ...]] = (
+    Setting("host", "HOST", str),
+    Setting("port", "PORT", int),
+    Setting("data_dir", "DATA_DIR", Path),
+    Setting("db_path", "DB", Path),
+    Setting("tls_cert", "TLS_CERT", Path),
+    Setting("tls_key", "TLS_KEY", Path),
+    Setting("tls_client_ca", "TLS_CLIENT_CA", Path),
+    Setting("insecure", "INSECURE", _flag),
+    Setting("metrics_port", "METRICS_PORT", int),
+    Setting("key_file", "KEY_FILE", Path),
+    Setting("key_vault", "KEY_VAULT", Path),
+    Setting("port_file", None, Path),
+    Setting("max_token_age_s", "MAX_TOKEN_AGE", _duration_s),
+    Setting("nudges.seed", "NUDGE_SEED", int),
+    Setting("nudges.tick_seconds", "NUDGE_TICK_SECONDS", float),
+    Setting("nudges.scheduler", "NUDGE_SCHEDULER", _scheduler),
+    Setting("nudges.catalog", "NUDGE_CATALOG", Path),
+    Setting("nudges.push_url", "PUSH_WEBHOOK_URL", str),
+    # The secret never comes from a flag (flags are visible to every user of the machine).
+    Setting("nudges.push_secret", "PUSH_WEBHOOK_SECRET", str),
+    Setting("retention.raw_event_days", "RETENTION_DAYS", int),
+    Setting("retention.sweep_seconds", "RETENTION_SWEEP_SECONDS", float),
+)
+
+
+def load_config(flags: Mapping[str, object] | None = None) -> ServerConfig:
+    """The configuration for a command: for each setting, the flag's value when the command
+    has that flag and it was given (`flags` maps field names to parsed values, None for not
+    given), else PULSESYNC_<env> when set, else the default. ValueError names a bad variable."""
+    flags = flags or {}
+    top: dict[str, Any] = {}
+    parts: dict[str, dict[str, Any]] = {"nudges": {}, "retention": {}}
+    for s in SETTINGS:
+        value = flags.get(s.field)
+        if value is None and s.env is not None:
+            raw = env(s.env)
+            if raw is not None and raw != "":
+                try:
+                    value = s.parse(raw)
+                except ValueError as e:
+                    raise ValueError(f"PULSESYNC_{s.env}={raw!r} is not valid: {e}") from None
+        if value is None:
+            continue
+        part, _, name = s.field.rpartition(".")
+        (parts[part] if part else top)[name] = value
+    base = ServerConfig(**top)
+    return replace(
+        base,
+        nudges=replace(base.nudges, **parts["nudges"]),
+        retention=replace(base.retention, **parts["retention"]),
+    )

@@ -1,4 +1,6 @@
-"""What every servicer shares: configuration, storage, identity, sessions, metrics, clock."""
+"""What the RPC layer shares: authentication (identity), sessions, metrics and heavy-read slots
+for every call, plus the parts the ingest pipeline takes. Built by the composition root
+(`pulsesync.server.compose.build`); engines receive only the parts they use, not this."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from pulsesync.server.storage.db import Database
 
 @dataclass(slots=True)
 class AppContext:
-    """The server's shared parts, built once in `pulsesync.server.app`."""
+    """The server's shared parts, built once in `pulsesync.server.compose`."""
 
     config: ServerConfig
     db: Database

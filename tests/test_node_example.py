@@ -23,7 +23,7 @@ import pytest
 
 from pulsesync.server.app import RunningServer, running_server
 from pulsesync.server.clock import FakeClock
-from pulsesync.server.config import ServerConfig
+from pulsesync.server.config import NudgeConfig, ServerConfig
 from pulsesync.v1 import common_pb2, events_pb2
 from tests.server.nudges.support import steps_event, store
 from tests.support.server import pair_device
@@ -89,8 +89,8 @@ async def _install(npm: str) -> None:
 async def srv(tmp_path: Path) -> AsyncIterator[tuple[RunningServer, FakeClock, int]]:
     noon = _noon_ahead()
     clock = FakeClock(noon - 100 * MIN)
-    extra = {"nudges.scheduler": "manual", "nudges.seed": "3"}
-    config = ServerConfig(port=0, data_dir=tmp_path, grace_seconds=0.5, extra=extra)
+    nudges = NudgeConfig(scheduler="manual", seed=3)
+    config = ServerConfig(port=0, data_dir=tmp_path, grace_seconds=0.5, nudges=nudges)
     async with running_server(config, clock=clock) as server:
         eng = _engine(server)
         eng.catalog = replace(

@@ -37,7 +37,7 @@ from pulsesync.edge_agent.config import AgentSettings
 from pulsesync.edge_agent.consent_sync import SyncedConsent
 from pulsesync.edge_agent.profiles import ProfileSync
 from pulsesync.server.app import running_server
-from pulsesync.server.config import ServerConfig
+from pulsesync.server.config import NudgeConfig, ServerConfig
 from pulsesync.server.demo.persona import Doing, Persona, PersonaTrack
 from pulsesync.server.identity import IdentityStore
 from pulsesync.server.storage.db import Database
@@ -222,7 +222,7 @@ class DemoWorld:
                 port=0,
                 data_dir=root / "server",
                 grace_seconds=1.0,
-                extra=self._server_extra(),
+                nudges=self._nudge_config(),
             )
             async with (
                 running_server(config, clock=self.clock) as server,
@@ -249,11 +249,10 @@ class DemoWorld:
             time.monotonic() - began,
         )
 
-    def _server_extra(self) -> dict[str, str]:
-        extra = {"nudges.tick_seconds": str(NUDGE_TICK_S), "nudges.seed": str(self.options.seed)}
-        if self.options.nudge_catalog is not None:
-            extra["nudge_catalog"] = str(self.options.nudge_catalog)
-        return extra
+    def _nudge_config(self) -> NudgeConfig:
+        return NudgeConfig(
+            tick_seconds=NUDGE_TICK_S, seed=self.options.seed, catalog=self.options.nudge_catalog
+        )
 
     def _day_start(self) -> int:
         return self.start_us - int(self.options.start_hour * 3600 * 1_000_000)

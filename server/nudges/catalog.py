@@ -1,7 +1,7 @@
 """The nudge catalog: types, their limits and the policy settings, from a TOML file.
 
 The defaults ship as `catalog.toml` beside this module; `PULSESYNC_NUDGE_CATALOG` (or the
-`nudge_catalog` config extra) points at an override whose keys replace the defaults'.
+`NudgeConfig.catalog`) points at an override whose keys replace the defaults'.
 """
 
 from __future__ import annotations

@@ -27,11 +27,14 @@ from pulsesync.server.nudges.training import (
     train_candidate,
 )
 from pulsesync.server.storage.db import Database
+from pulsesync.server.storage.sqlite.nudges import SqliteNudgeStorage
 
 
 def _paths(args: argparse.Namespace) -> tuple[Path, ModelRegistry]:
-    db = args.db or args.data_dir / "pulsesync.db"
-    return db, ModelRegistry(args.models or args.data_dir / "nudge_models")
+    from pulsesync.server.cli import config_from
+
+    config = config_from(args)
+    return config.database, ModelRegistry(args.models or config.data_dir / "nudge_models")
 
 
 def _latest(registry: ModelRegistry, version: int | None) -> int:
@@ -47,7 +50,9 @@ async def cmd_train(args: argparse.Namespace) -> int:
     db_path, registry = _paths(args)
     async with await Database.open(db_path) as db:
         try:
-            version = await train_candidate(db, load_catalog(args.catalog), registry, args.holdout)
+            version = await train_candidate(
+                SqliteNudgeStorage(db), load_catalog(args.catalog), registry, args.holdout
+            )
         except ValueError as e:
             raise SystemExit(f"cannot train: {e}") from None
     meta = registry.meta(version)
@@ -62,7 +67,7 @@ async def cmd_evaluate(args: argparse.Namespace) -> int:
     catalog = load_catalog(args.catalog)
     async with await Database.open(db_path) as db:
         try:
-            ev = await evaluate_candidate(db, catalog, registry, version)
+            ev = await evaluate_candidate(SqliteNudgeStorage(db), catalog, registry, version)
         except ValueError as e:
             raise SystemExit(f"cannot evaluate: {e}") from None
     print(
@@ -137,7 +142,7 @@ async def cmd_import_log(args: argparse.Namespace) -> int:
     catalog = load_catalog(args.catalog)
     async with await Database.open(db_path) as db:
         try:
-            summary = await import_file(db, args.file, catalog.actions)
+            summary = await import_file(SqliteNudgeStorage(db), args.file, catalog.actions)
         except LogFormatError as e:
             raise SystemExit(f"cannot import {args.file}: {e}") from None
         except OSError as e:
@@ -168,7 +173,7 @@ async def cmd_status(args: argparse.Namespace) -> int:
         )
         print(f"  {version_name(v)}  trained on {meta.get('trained_on', '?')} decisions  {verdict}")
     async with await Database.open(db_path) as db:
-        decisions = await logged_decisions(db)
+        decisions = await logged_decisions(SqliteNudgeStorage(db))
     print(f"decisions with outcomes (consenting users): {len(decisions)}")
     if args.json:
         print(

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from pulsesync.server.nudges.features import FEATURE_NAMES
-from pulsesync.server.storage.db import Database
+from pulsesync.server.storage.nudges import ImportedDecision, NudgeStorage
 
 FORMAT: Final = "pulsesync-decisions"
 VERSION: Final = 1
@@ -311,42 +311,28 @@ def _csv(body: str) -> Iterable[tuple[int, Mapping[str, Any]]]:
     return [(i, rec) for i, rec in enumerate(reader, start=3)]
 
 
-async def store(db: Database, source: str, rows: Sequence[ImportedRow]) -> int:
+async def store(storage: NudgeStorage, source: str, rows: Sequence[ImportedRow]) -> int:
     """Store rows under source (a second import of the same file replaces it); rows stored."""
-    async with db.transaction() as conn:
-        await conn.execute("DELETE FROM imported_decisions WHERE source = ?", (source,))
-        for person in sorted({r.person for r in rows}):
-            await conn.execute(
-                "INSERT OR IGNORE INTO imported_people (source, person) VALUES (?, ?)",
-                (source, person),
+    return await storage.replace_imported(
+        source,
+        [
+            ImportedDecision(
+                r.person,
+                r.decision_us,
+                json.dumps(r.features),
+                json.dumps(r.options),
+                r.chosen,
+                r.probability,
+                r.outcome,
             )
-        async with conn.execute(
-            "SELECT person, person_key FROM imported_people WHERE source = ?", (source,)
-        ) as cur:
-            key = {str(p): int(k) for p, k in await cur.fetchall()}
-        await conn.executemany(
-            "INSERT INTO imported_decisions (source, person_key, decision_us, features, options,"
-            " chosen, probability, outcome_steps) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                (
-                    source,
-                    key[r.person],
-                    r.decision_us,
-                    json.dumps(r.features),
-                    json.dumps(r.options),
-                    r.chosen,
-                    r.probability,
-                    r.outcome,
-                )
-                for r in rows
-            ],
-        )
-    return len(rows)
+            for r in rows
+        ],
+    )
 
 
-async def import_file(db: Database, path: Path, actions: Sequence[str]) -> ImportSummary:
+async def import_file(storage: NudgeStorage, path: Path, actions: Sequence[str]) -> ImportSummary:
     """Validate the whole file, then store it (LogFormatError lists every problem found)."""
     records = list(read_records(path))
     rows, unavailable = parse(records, actions)
-    stored = await store(db, path.name, rows)
+    stored = await store(storage, path.name, rows)
     return ImportSummary(len(records), stored, unavailable, len({r.person for r in rows}))

@@ -23,14 +23,13 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Final, Protocol
 
+from pulsesync.server.config import NudgeConfig
 from pulsesync.v1 import nudges_pb2
 
 log = logging.getLogger(__name__)
@@ -121,15 +120,13 @@ class WebhookPushProvider:
         return False
 
 
-def push_provider(extra: Mapping[str, Any]) -> PushProvider | None:
-    """The webhook provider configured by `nudges.push_url`/`nudges.push_secret` (config
-    extras) or PULSESYNC_PUSH_WEBHOOK_URL/_SECRET; None when no URL is set."""
-    url = extra.get("nudges.push_url") or os.environ.get(ENV_URL)
-    if not url:
+def push_provider(config: NudgeConfig) -> PushProvider | None:
+    """The webhook provider of config.push_url and push_secret (PULSESYNC_PUSH_WEBHOOK_URL and
+    _SECRET through `load_config`); None when no URL is set."""
+    if not config.push_url:
         return None
-    secret = extra.get("nudges.push_secret") or os.environ.get(ENV_SECRET) or ""
-    if len(secret) < 16:
+    if len(config.push_secret) < 16:
         raise ValueError(
             f"the push webhook needs a shared secret of at least 16 characters ({ENV_SECRET})"
         )
-    return WebhookPushProvider(str(url), str(secret).encode())
+    return WebhookPushProvider(config.push_url, config.push_secret.encode())

@@ -30,43 +30,25 @@ from pulsesync.server.nudges.ope import (
     gate,
 )
 from pulsesync.server.nudges.registry import ModelRegistry, version_name
-from pulsesync.server.storage.db import Database
+from pulsesync.server.storage.nudges import NudgeStorage
 from pulsesync.v1 import common_pb2, events_pb2
 
 DEFAULT_HOLDOUT: Final = 0.0
 # People-groups for the cross-fitted estimate: each fold model sees 3/4 of the people.
 EVAL_FOLDS: Final = 4
 
-_CONSENTING: Final = (
-    "SELECT c.user_id FROM consent_ledger c WHERE c.category = ? AND c.granted = 1 AND c.entry_id ="
-    " (SELECT MAX(entry_id) FROM consent_ledger WHERE user_id = c.user_id AND category = c.category)"
-)
 
-
-async def logged_decisions(db: Database, since_us: int = 0) -> list[LoggedDecision]:
-    """Decisions with complete outcomes of consenting users, oldest first."""
-    async with db.reader.execute(
-        "SELECT d.user_id, d.decision_us, d.features, d.options, d.chosen, d.probability,"
-        " d.outcome_steps, EXISTS (SELECT 1 FROM nudge_feedback f WHERE f.nudge_id = d.nudge_id"
-        " AND f.user_id = d.user_id AND f.action = ?)"
-        " FROM nudge_decisions d WHERE d.outcome_complete = 1 AND d.decision_us >= ?"
-        f" AND d.user_id IN ({_CONSENTING}) ORDER BY d.decision_us, d.decision_id",
-        (events_pb2.NUDGE_ACTION_ACTED, since_us, common_pb2.CONSENT_CATEGORY_PERSONALIZATION),
-    ) as cur:
-        rows = list(await cur.fetchall())
-    # Decisions imported from another deployment or a trial (importlog.py): their people have
-    # negative ids, and they are ordered with the server's own by time.
-    async with db.reader.execute(
-        "SELECT -person_key, decision_us, features, options, chosen, probability, outcome_steps, 0"
-        " FROM imported_decisions WHERE decision_us >= ? ORDER BY decision_us, row_id",
-        (since_us,),
-    ) as cur:
-        imported = list(await cur.fetchall())
-    if imported:
-        rows = sorted([*rows, *imported], key=lambda r: int(r[1]))
+async def logged_decisions(storage: NudgeStorage, since_us: int = 0) -> list[LoggedDecision]:
+    """Decisions with complete outcomes of consenting users (and imported decisions, whose
+    people have negative ids), oldest first."""
+    rows = await storage.training_rows(
+        since_us, events_pb2.NUDGE_ACTION_ACTED, common_pb2.CONSENT_CATEGORY_PERSONALIZATION
+    )
     out = []
-    for user_id, at, features, options, chosen, prob, outcome, acted in rows:
-        f = json.loads(features)
+    for r in rows:
+        user_id, at, options, chosen = r.user_id, r.decision_us, r.options_json, r.chosen
+        prob, outcome, acted = r.probability, r.outcome_steps, r.acted
+        f = json.loads(r.features_json)
         past = f.pop("past_gain", {})
         response = f.pop("past_response", {})
         out.append(
@@ -109,10 +91,13 @@ class Evaluation:
 
 
 async def train_candidate(
-    db: Database, catalog: Catalog, registry: ModelRegistry, holdout: float = DEFAULT_HOLDOUT
+    storage: NudgeStorage,
+    catalog: Catalog,
+    registry: ModelRegistry,
+    holdout: float = DEFAULT_HOLDOUT,
 ) -> int:
     """Train on the earliest (1 - holdout) decisions; save as a new, unpromoted version."""
-    decisions = await logged_decisions(db)
+    decisions = await logged_decisions(storage)
     need = catalog.policy.min_training_decisions
     if len(decisions) < need:
         raise ValueError(
@@ -193,11 +178,11 @@ def cross_fitted(
 
 
 async def evaluate_candidate(
-    db: Database, catalog: Catalog, registry: ModelRegistry, version: int
+    storage: NudgeStorage, catalog: Catalog, registry: ModelRegistry, version: int
 ) -> Evaluation:
     """Estimate the candidate against the current policy on its held-out decisions."""
     meta = registry.meta(version)
-    decisions = await logged_decisions(db)
+    decisions = await logged_decisions(storage)
     current_v = registry.current()
     current = registry.load(current_v) if current_v is not None and current_v != version else None
     if meta.get("holdout_from_us") is not None:

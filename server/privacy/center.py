@@ -9,15 +9,19 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from pulsesync.server.context import AppContext
+from pulsesync.server.clock import Clock
 from pulsesync.server.errors import NotFound
+from pulsesync.server.identity import IdentityStore
 from pulsesync.server.privacy.audit import Action, Actor, AuditLog
+from pulsesync.server.privacy.consent import ConsentStore
 from pulsesync.server.privacy.erasure import DeletionReceipt, Eraser
 from pulsesync.server.privacy.export import MANIFEST, export_user
-from pulsesync.server.privacy.keys import RECEIPT_KEY_FILE, ReceiptKey
+from pulsesync.server.privacy.keys import ReceiptKey
+from pulsesync.server.privacy.registry import UserDataRegistry
 from pulsesync.server.privacy.retention import RetentionPolicy, purge_expired
 from pulsesync.server.privacy.summary import PrivacySummary, summarize
-from pulsesync.server.storage.privacy import ScrubReport
+from pulsesync.server.sessions import SessionRegistry
+from pulsesync.server.storage.privacy import PrivacyStorage, ScrubReport
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,15 +32,38 @@ class Person:
 
 
 class PrivacyCenter:
-    """Summary, export, erasure and retention over the shared AppContext."""
+    """Summary, export, erasure and retention (see the module docstring)."""
 
-    def __init__(self, app: AppContext, policy: RetentionPolicy | None = None) -> None:
-        self.app = app
-        self.policy = policy or RetentionPolicy.from_config(app.config)
-        self.key = ReceiptKey.load_or_create(app.config.data_dir / RECEIPT_KEY_FILE)
-        self.storage = app.storage.privacy
-        self.audit = AuditLog(self.storage, app.clock)
-        self._eraser = Eraser(self.storage, app, self.key, self.audit, app.user_data)
+    def __init__(
+        self,
+        storage: PrivacyStorage,
+        *,
+        clock: Clock,
+        identity: IdentityStore,
+        consent: ConsentStore,
+        sessions: SessionRegistry,
+        hooks: UserDataRegistry,
+        policy: RetentionPolicy,
+        key: ReceiptKey,
+    ) -> None:
+        self.storage = storage
+        self.clock = clock
+        self.identity = identity
+        self.consent = consent
+        self.hooks = hooks
+        self.policy = policy
+        self.key = key
+        self.audit = AuditLog(storage, clock)
+        self._eraser = Eraser(
+            storage,
+            key,
+            self.audit,
+            hooks,
+            clock=clock,
+            identity=identity,
+            consent=consent,
+            sessions=sessions,
+        )
 
     async def person(self, user_id: int) -> Person:
         """The person behind user_id (NotFound once erased)."""
@@ -52,7 +79,7 @@ class PrivacyCenter:
             self.storage,
             user_id,
             person.name,
-            await self.app.consent.states(user_id),
+            await self.consent.states(user_id),
             self.policy.raw_event_us,
         )
         if actor is not Actor.DEVICE:
@@ -65,7 +92,7 @@ class PrivacyCenter:
         total = 0
         files: dict[str, int] = {}
         async for name, chunk in export_user(
-            self.storage, self.app.user_data, user_id, self.app.clock.now_us()
+            self.storage, self.hooks, user_id, self.clock.now_us()
         ):
             total += len(chunk)
             if name != MANIFEST:
@@ -84,7 +111,7 @@ class PrivacyCenter:
 
     async def purge_expired(self) -> dict[str, int]:
         """Apply the retention policy once; audited when anything was deleted."""
-        deleted = await purge_expired(self.storage, self.app.clock.now_us(), self.policy)
+        deleted = await purge_expired(self.storage, self.clock.now_us(), self.policy)
         if any(deleted.values()):
             await self.audit.record(
                 Action.RETENTION,

@@ -31,6 +31,7 @@ from pulsesync.server.privacy.audit import DEFAULT_AUDIT_LIMIT, Action, Actor, A
 from pulsesync.server.privacy.center import PrivacyCenter
 from pulsesync.server.privacy.consent import CATEGORIES, CURRENT_POLICY_VERSION
 from pulsesync.server.privacy.export import read_archive, verify_archive, write_archive
+from pulsesync.server.storage.backend import open_storage
 from pulsesync.server.storage.db import Database
 from pulsesync.server.storage.sqlite.privacy import SqlitePrivacyStorage
 from pulsesync.v1 import common_pb2
@@ -58,25 +59,18 @@ def parse_category(text: str) -> int:
 
 @asynccontextmanager
 async def offline_center(args: argparse.Namespace) -> AsyncIterator[PrivacyCenter]:
-    """The privacy operations over the database, with every component's hooks registered."""
-    from pulsesync.server.app import SERVICES, build_app
-    from pulsesync.server.rpc.privacy import PrivacyServicer
+    """The privacy operations over the database, built (not started) by the composition root,
+    so every component's erase hooks and exporters take part as they do in the server."""
+    from pulsesync.server.compose import build
 
     config = config_from(args)
-    async with await Database.open(config.database) as db:
-        app = await build_app(config, db, SystemClock())
-        center: PrivacyCenter | None = None
-        for make, _, _ in SERVICES:
-            # Constructing (not starting) a servicer registers its exporters and erase hooks.
-            servicer = make(app)
-            if isinstance(servicer, PrivacyServicer):
-                center = servicer.center
-        assert center is not None
-        yield center
+    async with open_storage(config.database) as storage:
+        parts = await build(config, storage, SystemClock())
+        yield parts.privacy
 
 
 async def _user(center: PrivacyCenter, name: str) -> int:
-    return await center.app.identity.user_id_by_name(name)
+    return await center.identity.user_id_by_name(name)
 
 
 def _duration_days(us: int | None) -> str:
@@ -172,7 +166,7 @@ async def cmd_consent(args: argparse.Namespace) -> int:
     category = parse_category(args.category)
     async with offline_center(args) as center:
         user_id = await _user(center, args.user)
-        state = await center.app.consent.set(
+        state = await center.consent.set(
             user_id,
             category,
             args.choice == "grant",

@@ -23,11 +23,14 @@ import uuid
 from dataclasses import dataclass
 from typing import Final
 
-from pulsesync.server.context import AppContext
+from pulsesync.server.clock import Clock
 from pulsesync.server.errors import NotFound, Unauthenticated
+from pulsesync.server.identity import IdentityStore
 from pulsesync.server.privacy.audit import Action, Actor, AuditLog
+from pulsesync.server.privacy.consent import ConsentStore
 from pulsesync.server.privacy.keys import ReceiptKey
 from pulsesync.server.privacy.registry import UserDataRegistry
+from pulsesync.server.sessions import SessionRegistry
 from pulsesync.server.storage.privacy import AuditRow, PrivacyStorage, ReceiptRow, ScrubReport
 
 log = logging.getLogger(__name__)
@@ -77,21 +80,28 @@ class Eraser:
     def __init__(
         self,
         storage: PrivacyStorage,
-        app: AppContext,
         key: ReceiptKey,
         audit: AuditLog,
         hooks: UserDataRegistry,
+        *,
+        clock: Clock,
+        identity: IdentityStore,
+        consent: ConsentStore,
+        sessions: SessionRegistry,
     ) -> None:
         self._storage = storage
-        self._app = app
         self._key = key
         self._audit = audit
         self._hooks = hooks
+        self._clock = clock
+        self._identity = identity
+        self._consent = consent
+        self._sessions = sessions
 
     def _cut_off(self, user_id: int) -> None:
-        self._app.identity.forget_user(user_id)
-        self._app.consent.forget_user(user_id)
-        self._app.sessions.cut_off_user(
+        self._identity.forget_user(user_id)
+        self._consent.forget_user(user_id)
+        self._sessions.cut_off_user(
             user_id,
             Unauthenticated(
                 "this person's data was erased; pair the device again to start over",
@@ -116,7 +126,7 @@ class Eraser:
         def records(counts: dict[str, int]) -> tuple[ReceiptRow, AuditRow]:
             unsigned = DeletionReceipt(
                 receipt_id=str(uuid.uuid4()),
-                erase_us=self._app.clock.now_us(),
+                erase_us=self._clock.now_us(),
                 deleted_counts=counts,
                 subject_salt=salt,
                 subject_hash=subject_hash(salt, person.name),

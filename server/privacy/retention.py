@@ -13,16 +13,16 @@ import logging
 from dataclasses import dataclass
 from typing import Final
 
-from pulsesync.server.config import ServerConfig, env
+from pulsesync.server.config import (
+    DEFAULT_RETENTION_DAYS,
+    DEFAULT_RETENTION_SWEEP_SECONDS,
+    ServerConfig,
+)
 from pulsesync.server.errors import InvalidArgument
 from pulsesync.server.storage.privacy import PrivacyStorage
 
 log = logging.getLogger(__name__)
 
-DEFAULT_RETENTION_DAYS: Final = 400
-# An hour between sweeps: expiry is measured in days, so an hour late costs nothing, and a
-# sweep of a quiet database is a handful of indexed queries.
-DEFAULT_SWEEP_SECONDS: Final = 3600.0
 # Rows per delete transaction: short enough (a few ms) that ingest commits interleave.
 PURGE_CHUNK_ROWS: Final = 2000
 DAY_US: Final = 86_400 * 1_000_000
@@ -33,7 +33,7 @@ class RetentionPolicy:
     """How long raw events are kept and how often expired ones are swept."""
 
     raw_event_days: int = DEFAULT_RETENTION_DAYS
-    sweep_seconds: float = DEFAULT_SWEEP_SECONDS
+    sweep_seconds: float = DEFAULT_RETENTION_SWEEP_SECONDS
 
     def __post_init__(self) -> None:
         if self.raw_event_days < 1:
@@ -53,19 +53,8 @@ class RetentionPolicy:
 
     @classmethod
     def from_config(cls, config: ServerConfig) -> RetentionPolicy:
-        """From config.extra ("retention_days", "retention_sweep_seconds"), then env, then defaults."""
-        days = config.extra.get("retention_days") or env("RETENTION_DAYS")
-        sweep = config.extra.get("retention_sweep_seconds") or env("RETENTION_SWEEP_SECONDS")
-        try:
-            return cls(
-                int(days) if days else DEFAULT_RETENTION_DAYS,
-                float(sweep) if sweep else DEFAULT_SWEEP_SECONDS,
-            )
-        except ValueError:
-            raise InvalidArgument(
-                f"retention settings must be numbers (got days={days!r}, sweep={sweep!r})",
-                reason="INVALID_RETENTION",
-            ) from None
+        """The policy of config.retention (checked: at least a day, a positive interval)."""
+        return cls(config.retention.raw_event_days, config.retention.sweep_seconds)
 
 
 async def purge_expired(

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Final
 
 from pulsesync.server.clock import SystemClock
-from pulsesync.server.config import env
 from pulsesync.server.profiles.crypto import FileKeyStore, data_key_context
 from pulsesync.server.storage.db import Database
 from pulsesync.server.storage.keys import KeyVaultStorage
@@ -81,7 +79,7 @@ async def cmd_rotate(args: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     """Add the `keys` command group to the `pulsesync` CLI."""
-    from pulsesync.server.cli import add_storage_flags
+    from pulsesync.server.cli import add_key_flags, add_storage_flags
 
     keys = sub.add_parser("keys", help="manage the profile encryption keys").add_subparsers(
         dest="keys_cmd", required=True
@@ -90,16 +88,5 @@ def register(sub: Any) -> None:
         "rotate", help="new key-encryption key; re-wrap every data key (profiles stay readable)"
     )
     add_storage_flags(p)
-    p.add_argument(
-        "--key-file",
-        type=Path,
-        default=Path(v) if (v := env("KEY_FILE")) else None,
-        help="profile key-encryption key file (env PULSESYNC_KEY_FILE; default DATA_DIR/kek.key)",
-    )
-    p.add_argument(
-        "--key-vault",
-        type=Path,
-        default=Path(v) if (v := env("KEY_VAULT")) else None,
-        help="profile data key vault (env PULSESYNC_KEY_VAULT; default DATA_DIR/keyvault.db)",
-    )
+    add_key_flags(p)
     p.set_defaults(handler=cmd_rotate)

@@ -24,7 +24,6 @@ from cryptography.exceptions import InvalidTag
 from google.protobuf import json_format
 
 from pulsesync.hlc import HybridClock
-from pulsesync.server.bus import EventBus
 from pulsesync.server.clock import Clock
 from pulsesync.server.errors import (
     Aborted,
@@ -33,7 +32,6 @@ from pulsesync.server.errors import (
     PulseSyncError,
     ResourceExhausted,
 )
-from pulsesync.server.privacy.consent import ConsentStore
 from pulsesync.server.profiles import document
 from pulsesync.server.profiles.crypto import ProfileIntegrityError, Sealer, profile_aad
 from pulsesync.server.profiles.document import SERVER_NODE, Entry, State
@@ -96,8 +94,9 @@ class ProfileStore:
         # Profile writes are few (people edit settings, not streams): one lock keeps the
         # read-merge-seal-commit-notify sequence simple and ordered for every user.
         self._lock = asyncio.Lock()
-        self.layout: UsageRanker | None = None  # once started
-        self._unsubscribe: Callable[[], None] | None = None
+        # The adaptive layout's usage ranking, set by the composition root (it feeds on
+        # committed events and writes its ranking through this store).
+        self.layout: UsageRanker | None = None
 
     # -- reading -----------------------------------------------------------------------------
     async def get(self, user_id: int) -> profiles_pb2.Profile:
@@ -261,22 +260,6 @@ class ProfileStore:
                 fn(user_id, profile)
             except Exception:
                 log.exception("profile commit listener failed")
-
-    # -- adaptive layout ---------------------------------------------------------------------
-    async def start(self, bus: EventBus, consent: ConsentStore) -> None:
-        """Feed committed usage events into the adaptive layout ranking."""
-        ranker = UsageRanker(self, self._storage, consent)
-        self.layout = ranker
-        self._unsubscribe = bus.subscribe(ranker.on_events)
-        ranker.start()
-
-    async def stop(self) -> None:
-        """Stop the layout ranking."""
-        if self._unsubscribe is not None:
-            self._unsubscribe()
-            self._unsubscribe = None
-        if self.layout is not None:
-            await self.layout.stop()
 
     # -- privacy -----------------------------------------------------------------------------
     async def erase_user(self, user_id: int) -> None:

@@ -18,7 +18,7 @@ from pulsesync.server.identity import Identity
 from pulsesync.server.rpc.base import rpc_method
 from pulsesync.server.timeline.ingest import IngestPipeline, Prepared
 from pulsesync.server.timeline.received import parse_upload
-from pulsesync.server.timeline.store import upload_state
+from pulsesync.server.timeline.store import TimelineStore
 from pulsesync.v1 import ingest_pb2, ingest_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -101,16 +101,11 @@ class _Stream:
 
 
 class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
-    def __init__(self, app: AppContext) -> None:
+    def __init__(self, app: AppContext, pipeline: IngestPipeline, timeline: TimelineStore) -> None:
         self.app = app
-        self.pipeline = IngestPipeline(app)
+        self.pipeline = pipeline
+        self.timeline = timeline
         self._streams: dict[int, _Stream] = {}
-
-    async def start(self) -> None:
-        await self.pipeline.start()
-
-    async def stop(self) -> None:
-        await self.pipeline.stop()
 
     @rpc_method(stream=True)
     async def Upload(
@@ -208,7 +203,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     async def GetUploadState(
         self, request: ingest_pb2.GetUploadStateRequest, context: Any, me: Identity
     ) -> ingest_pb2.GetUploadStateResponse:
-        state = await upload_state(self.app.db, me.user_id, me.device_pk)
+        state = await self.timeline.upload_state(me.user_id, me.device_pk)
         resp = ingest_pb2.GetUploadStateResponse(acked_through_seq=state.acked_through_seq)
         if state.last_commit_us is not None:
             resp.last_commit_time.FromMicroseconds(state.last_commit_us)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any, Final
@@ -11,16 +9,11 @@ from typing import Any, Final
 from pulsesync.server.context import AppContext
 from pulsesync.server.errors import InvalidArgument, NotFound
 from pulsesync.server.identity import Identity
-from pulsesync.server.nudges.catalog import load_catalog
 from pulsesync.server.nudges.delivery import nudge_message
-from pulsesync.server.nudges.engine import TICK_SECONDS, NudgeEngine
-from pulsesync.server.nudges.profiles import profile_source
-from pulsesync.server.nudges.push import push_provider
-from pulsesync.server.nudges.registry import ModelRegistry
+from pulsesync.server.nudges.engine import NudgeEngine
 from pulsesync.server.rpc.base import rpc_method
 from pulsesync.server.rpc.pagination import page_size, page_tokens
 from pulsesync.server.rpc.times import timestamp_us
-from pulsesync.server.timeline.store import TimelineStore
 from pulsesync.timeutil import optional_timestamp as _ts
 from pulsesync.v1 import events_pb2, nudges_pb2, nudges_pb2_grpc
 
@@ -36,46 +29,9 @@ MAX_PUSH_TOKEN: Final = 4096
 
 
 class NudgeServicer(nudges_pb2_grpc.NudgeServiceServicer):
-    def __init__(self, app: AppContext) -> None:
+    def __init__(self, app: AppContext, engine: NudgeEngine) -> None:
         self.app = app
-        seed = app.config.extra.get("nudges.seed")
-        self.engine = NudgeEngine(
-            app.storage.nudges,
-            clock=app.clock,
-            consent=app.consent,
-            timeline=TimelineStore(app.db),
-            catalog=(catalog := load_catalog(app.config.extra.get("nudge_catalog"))),
-            profiles=profile_source(app, catalog.policy),
-            registry=ModelRegistry(app.config.data_dir / "nudge_models"),
-            push=push_provider(app.config.extra),
-            decision_seconds=app.metrics.nudge_decision,
-            seed=int(seed) if seed else None,
-        )
-        app.bus.subscribe(self.engine.feed.on_events)
-        app.user_data.on_erase("nudges", self.engine.erase_user)
-        self._task: asyncio.Task[None] | None = None
-        # Real seconds between decision ticks; an accelerated clock (the demo) wants shorter.
-        self._tick_s = float(app.config.extra.get("nudges.tick_seconds", TICK_SECONDS))
-
-    async def start(self) -> None:
-        """Run the decision loop unless a simulation drives ticks itself."""
-        if self.app.config.extra.get("nudges.scheduler", "auto") != "manual":
-            self._task = asyncio.create_task(self._loop(), name="nudge-ticks")
-
-    async def stop(self) -> None:
-        self.engine.close()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _loop(self) -> None:
-        while True:
-            try:
-                await self.engine.tick()
-            except Exception:
-                log.exception("nudge tick failed; retrying at the next tick")
-            await asyncio.sleep(self._tick_s)
+        self.engine = engine
 
     @rpc_method(stream=True)
     async def SubscribeNudges(

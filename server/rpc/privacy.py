@@ -7,9 +7,8 @@ a user, so a device can only ever see or change its own person's data.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any, Final
 
 from pulsesync.server.context import AppContext
@@ -26,9 +25,6 @@ from pulsesync.v1 import common_pb2, privacy_pb2, privacy_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-# Consent changes written by another process (the admin CLI) reach ingest and open
-# WatchConsents streams within this; one indexed query per tick.
-CONSENT_SYNC_SECONDS: Final = 2.0
 MAX_POLICY_VERSION_LENGTH: Final = 64
 
 
@@ -82,43 +78,10 @@ def receipt_message(r: DeletionReceipt) -> privacy_pb2.DeletionReceipt:
     )
 
 
-async def _every(seconds: float, what: str, fn: Callable[[], Awaitable[object]]) -> None:
-    """Run fn now and then every `seconds`, logging (not dying on) failures."""
-    while True:
-        try:
-            await fn()
-        except Exception:
-            log.exception("%s failed; retrying on the next tick", what)
-        await asyncio.sleep(seconds)
-
-
 class PrivacyServicer(privacy_pb2_grpc.PrivacyServiceServicer):
-    def __init__(self, app: AppContext) -> None:
+    def __init__(self, app: AppContext, center: PrivacyCenter) -> None:
         self.app = app
-        self.center = PrivacyCenter(app)
-        self._tasks: list[asyncio.Task[None]] = []
-
-    async def start(self) -> None:
-        """Start the retention sweep and the pickup of consent changes from the CLI."""
-        self._tasks = [
-            asyncio.create_task(
-                _every(self.center.policy.sweep_seconds, "retention sweep", self.center.purge_expired),
-                name="privacy-retention",
-            ),
-            asyncio.create_task(
-                _every(CONSENT_SYNC_SECONDS, "consent sync", self.app.consent.sync_external),
-                name="privacy-consent-sync",
-            ),
-        ]  # fmt: skip
-
-    async def stop(self) -> None:
-        """Stop the background tasks."""
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks = []
+        self.center = center
 
     @rpc_method()
     async def GetConsents(

@@ -9,6 +9,7 @@ from pulsesync.server.context import AppContext
 from pulsesync.server.errors import FailedPrecondition
 from pulsesync.server.identity import Identity
 from pulsesync.server.privacy.consent import ConsentState
+from pulsesync.server.profiles.store import ProfileStore
 from pulsesync.server.rpc.base import rpc_method
 from pulsesync.v1 import common_pb2, profiles_pb2, profiles_pb2_grpc
 
@@ -26,17 +27,9 @@ def consent_required() -> FailedPrecondition:
 
 
 class ProfileServicer(profiles_pb2_grpc.ProfileServiceServicer):
-    def __init__(self, app: AppContext) -> None:
+    def __init__(self, app: AppContext, profiles: ProfileStore) -> None:
         self.app = app
-        app.user_data.on_erase("profiles", app.profiles.erase_user)
-        app.user_data.add_exporter("profile", app.profiles.export_user)
-
-    async def start(self) -> None:
-        """Start the adaptive layout's usage ranking (fed by committed events)."""
-        await self.app.profiles.start(self.app.bus, self.app.consent)
-
-    async def stop(self) -> None:
-        await self.app.profiles.stop()
+        self.profiles = profiles
 
     async def _require_sync(self, user_id: int) -> None:
         if _SYNC not in await self.app.consent.granted(user_id):
@@ -46,14 +39,14 @@ class ProfileServicer(profiles_pb2_grpc.ProfileServiceServicer):
     async def GetProfile(
         self, request: Any, context: Any, me: Identity
     ) -> profiles_pb2.GetProfileResponse:
-        return profiles_pb2.GetProfileResponse(profile=await self.app.profiles.get(me.user_id))
+        return profiles_pb2.GetProfileResponse(profile=await self.profiles.get(me.user_id))
 
     @rpc_method()
     async def UpdateProfile(
         self, request: Any, context: Any, me: Identity
     ) -> profiles_pb2.UpdateProfileResponse:
         await self._require_sync(me.user_id)
-        result = await self.app.profiles.update(
+        result = await self.profiles.update(
             me.user_id,
             request.profile,
             request.edits,
@@ -71,7 +64,7 @@ class ProfileServicer(profiles_pb2_grpc.ProfileServiceServicer):
         self, request: Any, context: Any, me: Identity
     ) -> AsyncIterator[profiles_pb2.WatchProfileResponse]:
         await self._require_sync(me.user_id)
-        store = self.app.profiles
+        store = self.profiles
 
         def on_consent(user_id: int, states: tuple[ConsentState, ...]) -> None:
             if not any(s.category == _SYNC and s.granted for s in states):

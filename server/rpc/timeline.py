@@ -81,9 +81,9 @@ def _time_range(request: Any) -> tuple[int, int]:
 
 
 class TimelineServicer(timeline_pb2_grpc.TimelineServiceServicer):
-    def __init__(self, app: AppContext) -> None:
+    def __init__(self, app: AppContext, store: TimelineStore) -> None:
         self.app = app
-        self.store = TimelineStore(app.db)
+        self.store = store
 
     @rpc_method(heavy=True)
     async def ListEvents(

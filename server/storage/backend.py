@@ -1,7 +1,8 @@
 """The storage bundle: one object holding every domain's storage seam, and how to open it.
 
     async with open_storage(config) as storage:
-        storage.identity, storage.consent, storage.profiles, storage.privacy, storage.nudges
+        storage.identity, storage.consent, storage.profiles, storage.privacy, storage.nudges,
+        storage.timeline
 
 SQLite is the one backend today; another (a postgresql:// URL) implements the same Protocols
 and is chosen here. The key vault is not in the bundle: it is bound to the database when the
@@ -26,6 +27,8 @@ from pulsesync.server.storage.sqlite.identity import SqliteIdentityStorage
 from pulsesync.server.storage.sqlite.nudges import SqliteNudgeStorage
 from pulsesync.server.storage.sqlite.privacy import SqlitePrivacyStorage
 from pulsesync.server.storage.sqlite.profiles import SqliteProfileStorage
+from pulsesync.server.storage.sqlite.timeline import SqliteTimelineStorage
+from pulsesync.server.storage.timeline import TimelineStorage
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +38,7 @@ class Storage:
     profiles: ProfileStorage
     privacy: PrivacyStorage
     nudges: NudgeStorage
+    timeline: TimelineStorage
     # The SQLite database itself: the ingest writer process (the SQLite event writer) and the
     # key vault binding work on it directly.
     db: Database
@@ -48,6 +52,7 @@ def sqlite_storage(db: Database) -> Storage:
         profiles=SqliteProfileStorage(db),
         privacy=SqlitePrivacyStorage(db),
         nudges=SqliteNudgeStorage(db),
+        timeline=SqliteTimelineStorage(db),
         db=db,
     )
 

@@ -81,6 +81,47 @@ class OpenDecision:
     features_json: str
 
 
+@dataclass(frozen=True, slots=True)
+class TrainingRow:
+    """A decision with its complete outcome, as training reads it (features JSON-encoded)."""
+
+    user_id: int  # negative for people of an imported log
+    decision_us: int
+    features_json: str
+    options_json: str
+    chosen: str
+    probability: float
+    outcome_steps: float
+    acted: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ImportedDecision:
+    """A decision of a log imported from another deployment or a trial."""
+
+    person: str
+    decision_us: int
+    features_json: str
+    options_json: str
+    chosen: str
+    probability: float
+    outcome_steps: float
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedOutcome:
+    """A decision with its policy and outcome, as a simulation reads the log back."""
+
+    user_id: int
+    decision_us: int
+    policy_version: str
+    options_json: str
+    chosen: str
+    probability: float
+    outcome_steps: float | None
+    outcome_complete: bool
+
+
 class NudgeStorage(Protocol):
     async def log_decision(self, decision: DecisionRow, nudge: NewNudge | None) -> int:
         """Store the decision (and the nudge it made, pending) in one transaction; its id."""
@@ -159,4 +200,19 @@ class NudgeStorage(Protocol):
     ) -> list[NudgeHistoryRow]:
         """The user's nudges created in [start, end), newest first, keyset-paged after
         (create_us, nudge_id), with each one's feedback actions in order."""
+        ...
+
+    async def training_rows(
+        self, since_us: int, acted_action: int, consent_category: int
+    ) -> list[TrainingRow]:
+        """Complete decisions since since_us of people whose latest choice grants
+        consent_category, and every imported decision since then, ordered by time."""
+        ...
+
+    async def replace_imported(self, source: str, rows: list[ImportedDecision]) -> int:
+        """Replace the decisions imported from source by rows, in one transaction; how many."""
+        ...
+
+    async def outcome_log(self) -> list[LoggedOutcome]:
+        """Every decision with its outcome, by decision time."""
         ...

@@ -145,15 +145,15 @@ class IngestPipeline:
         self._m_batch_ping = m.ingest_batches.labels("empty")
 
     async def start(self) -> None:
-        """Start the writer and join erasure."""
+        """Start the writer."""
         await self.writer.start()
-        self.app.user_data.on_erase("ingest", self._on_erase)
 
     async def stop(self) -> None:
         """Commit what is queued and stop the writer."""
         await self.writer.stop()
 
-    async def _on_erase(self, user_id: int) -> None:
+    async def forget_user(self, user_id: int) -> None:
+        """Erase hook: drop the person's devices' sequencing and clock state."""
         for device_pk in self._devices_of_user.pop(user_id, set()):
             self.writer.forget_device(device_pk)
             self.skew.forget(device_pk)

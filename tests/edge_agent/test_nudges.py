@@ -10,7 +10,7 @@ from pulsesync.edge_agent.client import Credentials
 from pulsesync.edge_agent.nudges import NudgeReceiver
 from pulsesync.server.app import running_server
 from pulsesync.server.clock import FakeClock
-from pulsesync.server.config import ServerConfig
+from pulsesync.server.config import NudgeConfig, ServerConfig
 from pulsesync.v1 import common_pb2, events_pb2, nudges_pb2
 from tests.server.nudges.support import steps_event, store
 from tests.support.server import pair_device
@@ -30,7 +30,7 @@ class Recorder:
 async def test_receiver_shows_nudges_and_reports_feedback(tmp_path: Path) -> None:
     clock = FakeClock(1_767_268_800_000_000 - 100 * MIN)
     config = ServerConfig(port=0, data_dir=tmp_path, grace_seconds=0.5,
-                          extra={"nudges.scheduler": "manual", "nudges.seed": "5"})  # fmt: skip
+                          nudges=NudgeConfig(scheduler="manual", seed=5))  # fmt: skip
     async with running_server(config, clock=clock) as srv:
         phone = await pair_device(srv, "ada", kind=common_pb2.DEVICE_KIND_PHONE)
         presenter = Recorder()

@@ -12,6 +12,7 @@ import pytest
 from pulsesync.server.app import RunningServer
 from pulsesync.server.bus import CommittedEvent
 from pulsesync.server.clock import FakeClock
+from pulsesync.server.storage.sqlite.timeline import SqliteTimelineStorage
 from pulsesync.server.timeline.store import TimelineStore
 from pulsesync.status import error_info
 from pulsesync.v1 import common_pb2, events_pb2, ingest_pb2, ingest_pb2_grpc
@@ -99,7 +100,7 @@ async def test_three_skewed_devices_merge_into_one_ordered_duplicate_free_timeli
             assert [a.accepted_count for a in acks] == [20, 0]
             assert acks[1].duplicate_count == 60
 
-    stored = await TimelineStore(server.app.db).events(
+    stored = await TimelineStore(SqliteTimelineStorage(server.app.db)).events(
         (await server.app.identity.user_id_by_name("ada")), t0 - 3600 * 1_000_000, clock.now_us()
     )
     assert len(stored) == 180

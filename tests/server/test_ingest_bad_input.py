@@ -9,6 +9,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pulsesync.server.app import RunningServer
+from pulsesync.server.storage.sqlite.timeline import SqliteTimelineStorage
 from pulsesync.server.timeline.ingest import MAX_BATCH_EVENTS
 from pulsesync.server.timeline.store import TimelineStore
 from pulsesync.status import error_info
@@ -23,7 +24,9 @@ YEAR_US = 365 * 86_400 * 1_000_000
 async def _stored_seqs(server: RunningServer) -> list[int]:
     user_id = await server.app.identity.user_id_by_name("ada")
     now = server.app.clock.now_us()
-    events = await TimelineStore(server.app.db).events(user_id, now - YEAR_US, now + YEAR_US)
+    events = await TimelineStore(SqliteTimelineStorage(server.app.db)).events(
+        user_id, now - YEAR_US, now + YEAR_US
+    )
     return sorted(e.seq for e in events)
 
 

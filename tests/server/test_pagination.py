@@ -22,7 +22,7 @@ from google.protobuf.descriptor import MethodDescriptor
 import pulsesync.v1 as v1
 from pulsesync.server.app import RunningServer, running_server
 from pulsesync.server.clock import FakeClock
-from pulsesync.server.config import ServerConfig
+from pulsesync.server.config import NudgeConfig, ServerConfig
 from pulsesync.server.rpc.base import error_info
 from pulsesync.v1 import (
     devices_pb2,
@@ -93,7 +93,7 @@ def test_every_list_method_has_a_spec() -> None:
 @pytest.fixture
 async def world(tmp_path: Path) -> AsyncIterator[tuple[RunningServer, PairedDevice, PairedDevice]]:
     config = ServerConfig(port=0, data_dir=tmp_path, grace_seconds=0.5,
-                          extra={"nudges.scheduler": "manual"})  # fmt: skip
+                          nudges=NudgeConfig(scheduler="manual"))  # fmt: skip
     async with running_server(config, clock=FakeClock(NOON)) as srv:
         ada = await pair_device(srv, "ada")
         for _ in range(2):

@@ -12,6 +12,7 @@ from google.protobuf import duration_pb2
 
 from pulsesync.server.app import RunningServer
 from pulsesync.server.clock import FakeClock
+from pulsesync.server.storage.sqlite.timeline import SqliteTimelineStorage
 from pulsesync.server.timeline.store import TimelineStore
 from pulsesync.status import error_info
 from pulsesync.v1 import common_pb2, events_pb2, timeline_pb2, timeline_pb2_grpc
@@ -235,7 +236,7 @@ async def test_summarize_activity_buckets(fake_server: RunningServer, clock: Fak
     assert (second.steps, second.event_count, second.mean_heart_rate_bpm) == (30, 2, 0.0)
     assert second.app_time["maps"].ToSeconds() == 15
 
-    store = TimelineStore(fake_server.app.db)
+    store = TimelineStore(SqliteTimelineStorage(fake_server.app.db))
     user_id = await fake_server.app.identity.user_id_by_name("ada")
     py = await store.summarize(user_id, start, start + 2 * HOUR, HOUR)
     assert [b.steps for b in py] == [120, 30]

@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2
 
 from pulsesync.server.app import running_server
 from pulsesync.server.clock import FakeClock
-from pulsesync.server.config import ServerConfig
+from pulsesync.server.config import NudgeConfig, ServerConfig
 from pulsesync.server.nudges.sim.behavior import (
     BASE_RESPONSE,
     Day,
@@ -170,7 +170,7 @@ async def run_arm(
     await asyncio.to_thread(_write_catalog, catalog, ARM_CATALOGS[name] or "# defaults\n")
     clock = FakeClock(START)
     config = ServerConfig(port=0, data_dir=workdir, grace_seconds=0.5,
-                          extra={"nudges.scheduler": "manual", "nudges.seed": str(seed), "nudge_catalog": str(catalog)})  # fmt: skip
+                          nudges=NudgeConfig(scheduler="manual", seed=seed, catalog=Path(catalog)))  # fmt: skip
     minutes = days * 1440 + 120
     added = np.zeros((len(persons), minutes), dtype=np.int64)
     sent: dict[int, int] = {}
@@ -313,31 +313,27 @@ async def run_arm(
                 t.cancel()
             await asyncio.gather(*listeners, return_exceptions=True)
         result.latencies = latencies
-        async with srv.app.db.reader.execute(
-            "SELECT d.user_id, d.decision_us, d.policy_version, d.options, d.chosen, d.probability, d.outcome_steps,"
-            " d.outcome_complete FROM nudge_decisions d ORDER BY d.decision_us"
-        ) as cur:
-            for uid, at, version, options, chosen, prob, outcome, complete in await cur.fetchall():
-                if complete:
-                    result.decisions.append(
-                        (
-                            index_of[uid],
-                            (at - START) // US_MIN,
-                            version,
-                            options,
-                            chosen,
-                            prob,
-                            outcome,
-                        )
+        for d in await srv.app.storage.nudges.outcome_log():
+            if d.outcome_complete:
+                result.decisions.append(
+                    (
+                        index_of[d.user_id],
+                        (d.decision_us - START) // US_MIN,
+                        d.policy_version,
+                        d.options_json,
+                        d.chosen,
+                        d.probability,
+                        d.outcome_steps,
                     )
+                )
     return result
 
 
 async def _learn(srv: Any, engine: Any, result: ArmResult, minute: int) -> None:
-    db, catalog, registry = srv.app.db, engine.catalog, engine.registry
+    storage, catalog, registry = srv.app.storage.nudges, engine.catalog, engine.registry
     try:
-        version = await train_candidate(db, catalog, registry)
-        evaluation = await evaluate_candidate(db, catalog, registry, version)
+        version = await train_candidate(storage, catalog, registry)
+        evaluation = await evaluate_candidate(storage, catalog, registry, version)
     except ValueError as e:
         result.extra.setdefault("train_errors", []).append(str(e))
         return

@@ -8,11 +8,14 @@ from typing import Final
 from pulsesync.server.storage.db import Database
 from pulsesync.server.storage.nudges import (
     DecisionRow,
+    ImportedDecision,
+    LoggedOutcome,
     NewNudge,
     NudgeHistoryRow,
     NudgeRow,
     OpenDecision,
     PushTargetRow,
+    TrainingRow,
 )
 
 _NUDGE_COLUMNS: Final = (
@@ -26,6 +29,13 @@ def _nudge(r: sqlite3.Row | tuple[object, ...]) -> NudgeRow:
         str(r[0]), str(r[1]), str(r[2]), str(r[3]), str(r[4]),
         float(r[5]), str(r[6]), int(r[7]), int(r[8]),  # type: ignore[arg-type]
     )  # fmt: skip
+
+
+_CONSENTING: Final = (
+    "SELECT c.user_id FROM consent_ledger c WHERE c.category = ? AND c.granted = 1"
+    " AND c.entry_id = (SELECT MAX(entry_id) FROM consent_ledger"
+    " WHERE user_id = c.user_id AND category = c.category)"
+)
 
 
 class SqliteNudgeStorage:
@@ -225,3 +235,72 @@ class SqliteNudgeStorage:
             )
             for r in rows
         ]
+
+    async def training_rows(
+        self, since_us: int, acted_action: int, consent_category: int
+    ) -> list[TrainingRow]:
+        async with self._db.reader.execute(
+            "SELECT d.user_id, d.decision_us, d.features, d.options, d.chosen, d.probability,"
+            " d.outcome_steps, EXISTS (SELECT 1 FROM nudge_feedback f"
+            " WHERE f.nudge_id = d.nudge_id AND f.user_id = d.user_id AND f.action = ?)"
+            " FROM nudge_decisions d WHERE d.outcome_complete = 1 AND d.decision_us >= ?"
+            f" AND d.user_id IN ({_CONSENTING}) ORDER BY d.decision_us, d.decision_id",
+            (acted_action, since_us, consent_category),
+        ) as cur:
+            rows = list(await cur.fetchall())
+        # Imported decisions: their people have negative ids, ordered with the server's own.
+        async with self._db.reader.execute(
+            "SELECT -person_key, decision_us, features, options, chosen, probability,"
+            " outcome_steps, 0 FROM imported_decisions WHERE decision_us >= ?"
+            " ORDER BY decision_us, row_id",
+            (since_us,),
+        ) as cur:
+            imported = list(await cur.fetchall())
+        if imported:
+            rows = sorted([*rows, *imported], key=lambda r: int(r[1]))
+        return [
+            TrainingRow(int(u), int(at), str(f), str(o), str(c), float(p), float(out), bool(a))
+            for u, at, f, o, c, p, out, a in rows
+        ]
+
+    async def replace_imported(self, source: str, rows: list[ImportedDecision]) -> int:
+        async with self._db.transaction() as conn:
+            await conn.execute("DELETE FROM imported_decisions WHERE source = ?", (source,))
+            for person in sorted({r.person for r in rows}):
+                await conn.execute(
+                    "INSERT OR IGNORE INTO imported_people (source, person) VALUES (?, ?)",
+                    (source, person),
+                )
+            async with conn.execute(
+                "SELECT person, person_key FROM imported_people WHERE source = ?", (source,)
+            ) as cur:
+                key = {str(p): int(k) for p, k in await cur.fetchall()}
+            await conn.executemany(
+                "INSERT INTO imported_decisions (source, person_key, decision_us, features,"
+                " options, chosen, probability, outcome_steps) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (source, key[r.person], r.decision_us, r.features_json, r.options_json,
+                     r.chosen, r.probability, r.outcome_steps)
+                    for r in rows
+                ],
+            )  # fmt: skip
+        return len(rows)
+
+    async def outcome_log(self) -> list[LoggedOutcome]:
+        async with self._db.reader.execute(
+            "SELECT user_id, decision_us, policy_version, options, chosen, probability,"
+            " outcome_steps, outcome_complete FROM nudge_decisions ORDER BY decision_us"
+        ) as cur:
+            return [
+                LoggedOutcome(
+                    int(u),
+                    int(at),
+                    str(v),
+                    str(o),
+                    str(c),
+                    float(p),
+                    None if out is None else float(out),
+                    bool(done),
+                )
+                for u, at, v, o, c, p, out, done in await cur.fetchall()
+            ]

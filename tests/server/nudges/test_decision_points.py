@@ -9,7 +9,7 @@ import pytest
 
 from pulsesync.server.app import RunningServer, running_server
 from pulsesync.server.clock import FakeClock
-from pulsesync.server.config import ServerConfig
+from pulsesync.server.config import NudgeConfig, ServerConfig
 from pulsesync.v1 import common_pb2
 from tests.server.nudges.support import steps_event, store
 from tests.support.server import pair_device
@@ -22,7 +22,7 @@ MIDNIGHT = 1_767_225_600_000_000  # 2026-01-01T00:00Z; the default time zone is 
 async def srv(tmp_path: Path) -> AsyncIterator[tuple[RunningServer, FakeClock]]:
     clock = FakeClock(MIDNIGHT + 60 * MIN)
     config = ServerConfig(port=0, data_dir=tmp_path, grace_seconds=0.5,
-                          extra={"nudges.scheduler": "manual", "nudges.seed": "1"})  # fmt: skip
+                          nudges=NudgeConfig(scheduler="manual", seed=1))  # fmt: skip
     async with running_server(config, clock=clock) as server:
         yield server, clock
 

@@ -18,7 +18,7 @@ import pytest
 from pulsesync.server.app import RunningServer, running_server
 from pulsesync.server.cli import build_parser, config_from
 from pulsesync.server.clock import FakeClock
-from pulsesync.server.config import ServerConfig
+from pulsesync.server.config import NudgeConfig, ServerConfig, load_config
 from pulsesync.server.nudges.push import ENV_SECRET, ENV_URL, WebhookPushProvider, push_provider
 from pulsesync.v1 import common_pb2, nudges_pb2, nudges_pb2_grpc
 from tests.server.nudges.support import steps_event, store
@@ -66,9 +66,8 @@ def receiver() -> Iterator[Receiver]:
 @pytest.fixture
 async def srv(tmp_path: Path, receiver: Receiver) -> AsyncIterator[tuple[RunningServer, FakeClock]]:
     clock = FakeClock(NOON - 100 * MIN)
-    extra = {"nudges.scheduler": "manual", "nudges.seed": "3",
-             "nudges.push_url": receiver.url, "nudges.push_secret": SECRET}  # fmt: skip
-    config = ServerConfig(port=0, data_dir=tmp_path, grace_seconds=0.5, extra=extra)
+    nudges = NudgeConfig(scheduler="manual", seed=3, push_url=receiver.url, push_secret=SECRET)
+    config = ServerConfig(port=0, data_dir=tmp_path, grace_seconds=0.5, nudges=nudges)
     async with running_server(config, clock=clock) as server:
         eng = _engine(server)
         eng.catalog = replace(
@@ -206,14 +205,17 @@ async def test_push_tokens_are_bounded(srv: tuple[RunningServer, FakeClock]) -> 
 def test_push_provider_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(ENV_URL, raising=False)
     monkeypatch.delenv(ENV_SECRET, raising=False)
-    assert push_provider({}) is None
+    assert push_provider(load_config().nudges) is None
     monkeypatch.setenv(ENV_URL, "http://127.0.0.1:9/push")
     with pytest.raises(ValueError, match="secret"):
-        push_provider({})
+        push_provider(load_config().nudges)
     monkeypatch.setenv(ENV_SECRET, SECRET)
-    provider = push_provider({})
+    provider = push_provider(load_config().nudges)
     assert isinstance(provider, WebhookPushProvider)
     assert provider.url == "http://127.0.0.1:9/push"
-    assert config_from(
-        build_parser().parse_args(["serve", "--push-webhook-url", "http://gw/p"])
-    ).extra == {"nudges.push_url": "http://gw/p"}
+    assert (
+        config_from(
+            build_parser().parse_args(["serve", "--push-webhook-url", "http://gw/p"])
+        ).nudges.push_url
+        == "http://gw/p"
+    )

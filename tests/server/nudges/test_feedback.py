@@ -12,7 +12,7 @@ import pytest
 
 from pulsesync.server.app import RunningServer, running_server
 from pulsesync.server.clock import FakeClock
-from pulsesync.server.config import ServerConfig
+from pulsesync.server.config import NudgeConfig, ServerConfig
 from pulsesync.v1 import events_pb2, nudges_pb2, nudges_pb2_grpc
 from tests.server.nudges.support import device_pk_of
 from tests.server.timeline.events import batch, ts, upload
@@ -28,7 +28,7 @@ DISMISSED = events_pb2.NUDGE_ACTION_DISMISSED
 @pytest.fixture
 async def srv(tmp_path: Path) -> AsyncIterator[RunningServer]:
     config = ServerConfig(port=0, data_dir=tmp_path, grace_seconds=0.5,
-                          extra={"nudges.scheduler": "manual", "nudges.seed": "3"})  # fmt: skip
+                          nudges=NudgeConfig(scheduler="manual", seed=3))  # fmt: skip
     async with running_server(config, clock=FakeClock(NOON)) as server:
         yield server
 

@@ -15,6 +15,7 @@ from pulsesync.server.nudges.catalog import load_catalog
 from pulsesync.server.nudges.importlog import CSV_HEADER_LINE, LogFormatError, import_file
 from pulsesync.server.nudges.training import logged_decisions
 from pulsesync.server.storage.db import Database
+from pulsesync.server.storage.sqlite.nudges import SqliteNudgeStorage
 
 ACTIONS = load_catalog().actions
 EXAMPLE = Path(__file__).parents[3] / "docs" / "examples" / "decisions.csv"
@@ -31,10 +32,12 @@ async def test_the_shipped_example_imports_and_reads_like_the_servers_own_logs(
     tmp_path: Path,
 ) -> None:
     async with await Database.open(tmp_path / "db.sqlite") as db:
-        summary = await import_file(db, EXAMPLE, ACTIONS)
-        decisions = await logged_decisions(db)
-        again = await import_file(db, EXAMPLE, ACTIONS)  # a re-import replaces, never doubles
-        assert len(await logged_decisions(db)) == len(decisions)
+        summary = await import_file(SqliteNudgeStorage(db), EXAMPLE, ACTIONS)
+        decisions = await logged_decisions(SqliteNudgeStorage(db))
+        again = await import_file(
+            SqliteNudgeStorage(db), EXAMPLE, ACTIONS
+        )  # a re-import replaces, never doubles
+        assert len(await logged_decisions(SqliteNudgeStorage(db))) == len(decisions)
     assert summary.people == 12
     assert again.stored == summary.stored
     assert summary.stored + summary.unavailable == summary.rows == 300
@@ -72,8 +75,10 @@ async def test_a_bad_row_is_reported_with_its_line_and_column(
     path = write_csv(tmp_path / "log.csv", [good, line])
     async with await Database.open(tmp_path / "db.sqlite") as db:
         with pytest.raises(LogFormatError) as err:
-            await import_file(db, path, ACTIONS)
-        assert await logged_decisions(db) == []  # nothing stored from an invalid file
+            await import_file(SqliteNudgeStorage(db), path, ACTIONS)
+        assert (
+            await logged_decisions(SqliteNudgeStorage(db)) == []
+        )  # nothing stored from an invalid file
     [(ln, col, message)] = err.value.problems
     assert (ln, col) == (4, column)
     assert what in message
@@ -89,11 +94,11 @@ async def test_times_out_of_order_per_person_and_a_wrong_version_are_refused(
     ]
     async with await Database.open(tmp_path / "db.sqlite") as db:
         with pytest.raises(LogFormatError, match=r"line 5, column 'decision_time'.*line 3"):
-            await import_file(db, write_csv(tmp_path / "a.csv", rows), ACTIONS)
+            await import_file(SqliteNudgeStorage(db), write_csv(tmp_path / "a.csv", rows), ACTIONS)
         wrong = tmp_path / "b.jsonl"
         wrong.write_text('{"format": "pulsesync-decisions", "version": 2}\n', "utf-8")
         with pytest.raises(LogFormatError, match=r"version 2 is not supported"):
-            await import_file(db, wrong, ACTIONS)
+            await import_file(SqliteNudgeStorage(db), wrong, ACTIONS)
 
 
 def trial_jsonl(path: Path, people: int, days: int, seed: int) -> Path:

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from pulsesync.kinds import kind_of
 from pulsesync.server.nudges.engine import steps_in_window
 from pulsesync.server.storage.db import Database
+from pulsesync.server.storage.sqlite.timeline import SqliteTimelineStorage
 from pulsesync.server.timeline.store import TimelineStore
 from tests.server.nudges.support import app_event, steps_event
 
@@ -47,7 +48,7 @@ async def _check(events: list[tuple[int, int, int, int, bool]], start_off: int) 
                         (2 * uid + dev, seq, uid, t, kind_of(ev), t, ev.SerializeToString()),
                     )
             start = T0 + start_off * 1_000_000
-            got = await steps_in_window(TimelineStore(db), 1, start, WINDOW)
+            got = await steps_in_window(TimelineStore(SqliteTimelineStorage(db)), 1, start, WINDOW)
         finally:
             await db.close()
     # Independently: per minute, each device's total; the minute counts its larger device.

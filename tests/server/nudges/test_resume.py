@@ -13,7 +13,7 @@ import pytest
 
 from pulsesync.server.app import RunningServer, running_server
 from pulsesync.server.clock import FakeClock
-from pulsesync.server.config import ServerConfig
+from pulsesync.server.config import NudgeConfig, ServerConfig
 from pulsesync.server.profiles.hlc import Stamp
 from pulsesync.v1 import common_pb2, nudges_pb2, nudges_pb2_grpc, profiles_pb2, profiles_pb2_grpc
 from tests.server.nudges.support import steps_event, store
@@ -27,7 +27,7 @@ NOON = 1_767_268_800_000_000  # 2026-01-01T12:00Z
 async def srv(tmp_path: Path) -> AsyncIterator[tuple[RunningServer, FakeClock]]:
     clock = FakeClock(NOON - 100 * MIN)
     config = ServerConfig(port=0, data_dir=tmp_path, grace_seconds=0.5,
-                          extra={"nudges.scheduler": "manual", "nudges.seed": "3"})  # fmt: skip
+                          nudges=NudgeConfig(scheduler="manual", seed=3))  # fmt: skip
     async with running_server(config, clock=clock) as server:
         yield server, clock
 

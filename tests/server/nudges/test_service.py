@@ -12,7 +12,7 @@ import pytest
 
 from pulsesync.server.app import RunningServer, running_server
 from pulsesync.server.clock import FakeClock
-from pulsesync.server.config import ServerConfig
+from pulsesync.server.config import NudgeConfig, ServerConfig
 from pulsesync.server.nudges import feed as feed_module
 from pulsesync.server.nudges.training import logged_decisions
 from pulsesync.status import error_info
@@ -28,7 +28,7 @@ NOON = 1_767_268_800_000_000  # 2026-01-01T12:00Z
 async def nudge_server(tmp_path: Path) -> AsyncIterator[tuple[RunningServer, FakeClock]]:
     clock = FakeClock(NOON - 100 * MIN)
     config = ServerConfig(port=0, data_dir=tmp_path, grace_seconds=0.5,
-                          extra={"nudges.scheduler": "manual", "nudges.seed": "3"})  # fmt: skip
+                          nudges=NudgeConfig(scheduler="manual", seed=3))  # fmt: skip
     async with running_server(config, clock=clock) as srv:
         yield srv, clock
 
@@ -96,7 +96,7 @@ async def test_nudge_goes_to_the_device_in_use_and_feedback_is_recorded(nudge_se
         kind = resp.nudge.nudge_type
         uid = sent[0].user_id
         assert eng.features.user(uid).past_response(kind) == pytest.approx(1 / (1 + 5))
-        logged = {d.chosen: d for d in await logged_decisions(srv.app.db)}
+        logged = {d.chosen: d for d in await logged_decisions(srv.app.storage.nudges)}
         assert logged[kind].acted
         assert not any(d.acted for d in logged.values() if d.chosen == "none")
         for c in calls.values():

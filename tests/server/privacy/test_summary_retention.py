@@ -8,10 +8,15 @@ import pytest
 
 from pulsesync.server.app import RunningServer
 from pulsesync.server.clock import FakeClock
-from pulsesync.server.config import ServerConfig
+from pulsesync.server.config import (
+    DEFAULT_RETENTION_DAYS,
+    RetentionConfig,
+    ServerConfig,
+    load_config,
+)
 from pulsesync.server.errors import InvalidArgument
 from pulsesync.server.privacy.audit import Actor, AuditLog
-from pulsesync.server.privacy.retention import DAY_US, DEFAULT_RETENTION_DAYS, RetentionPolicy
+from pulsesync.server.privacy.retention import DAY_US, RetentionPolicy
 from pulsesync.server.rpc.privacy import PrivacyServicer
 from pulsesync.v1 import common_pb2, privacy_pb2, privacy_pb2_grpc
 from tests.server.privacy.support import feature_use, heart_rate, quarantine, search, store_events
@@ -118,12 +123,12 @@ async def test_the_sweep_runs_when_the_server_starts(tmp_path: Path) -> None:
 def test_retention_policy_from_config_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
     assert RetentionPolicy.from_config(ServerConfig()).raw_event_days == DEFAULT_RETENTION_DAYS
     monkeypatch.setenv("PULSESYNC_RETENTION_DAYS", "30")
-    assert RetentionPolicy.from_config(ServerConfig()).raw_event_days == 30
-    cfg = ServerConfig(extra={"retention_days": "7"})
+    assert RetentionPolicy.from_config(load_config()).raw_event_days == 30
+    cfg = ServerConfig(retention=RetentionConfig(raw_event_days=7))
     assert RetentionPolicy.from_config(cfg).raw_event_us == 7 * DAY_US
     monkeypatch.setenv("PULSESYNC_RETENTION_DAYS", "0")
     with pytest.raises(InvalidArgument, match="at least 1 day"):
-        RetentionPolicy.from_config(ServerConfig())
+        RetentionPolicy.from_config(load_config())
     monkeypatch.setenv("PULSESYNC_RETENTION_DAYS", "a year")
-    with pytest.raises(InvalidArgument, match="must be numbers"):
-        RetentionPolicy.from_config(ServerConfig())
+    with pytest.raises(ValueError, match="PULSESYNC_RETENTION_DAYS='a year' is not valid"):
+        load_config()

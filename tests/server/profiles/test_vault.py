@@ -33,8 +33,10 @@ class Env:
 
     @property
     def vault(self) -> KeyVault:
-        assert self.store.keys.vault is not None
-        return self.store.keys.vault
+        # The server's vault is the SQLite key vault (checked, so its file can be inspected).
+        vault = self.store.keys.vault
+        assert isinstance(vault, KeyVault)
+        return vault
 
     async def reopen(self, config: ServerConfig | None = None) -> ProfileStore:
         self.store = await open_profile_store(config or self.config, self.db, self.clock)
