@@ -269,7 +269,8 @@ async def _sustained(server: Any, parent: Any, sent: int) -> dict[str, Any]:
     """One sustained run: start the agents, time them, and measure what the server spent."""
     writer = server.servicers["pulsesync.v1.IngestService"].pipeline.writer
     engine = server.servicers["pulsesync.v1.NudgeService"].engine
-    commits0 = writer.commits
+    registry = server.app.metrics.registry
+    commits0 = registry.get_sample_value("pulsesync_ingest_commits_total") or 0.0
     parent.send(time.time() + 0.5)
     # CPU of the server (its process and the ingest writer process) and of its event loop
     # thread (this one) over the run: what each ingested event costs, a figure that other jobs
@@ -277,7 +278,7 @@ async def _sustained(server: Any, parent: Any, sent: int) -> dict[str, Any]:
     cpu0, loop0, writer0 = _process_cpu(), time.thread_time(), _writer_cpu(writer.pid)
     t0, t1, latencies = await asyncio.to_thread(parent.recv)
     cpu1, loop1, writer1 = _process_cpu(), time.thread_time(), _writer_cpu(writer.pid)
-    commits = writer.commits - commits0
+    commits = int((registry.get_sample_value("pulsesync_ingest_commits_total") or 0.0) - commits0)
     # Off the ack path, the nudge features fold every committed event of a consenting person
     # (on their tick, or as soon as 50,000 are queued): what the run left is folded here.
     queued = engine.pending_events()

@@ -26,6 +26,11 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
             registry=r,
         )
+        self.ingest_commits = Counter(
+            "pulsesync_ingest_commits",
+            "Transactions the ingest writer committed (batches share them under load).",
+            registry=r,
+        )
         self.nudge_decision = Histogram(
             "pulsesync_nudge_decision_seconds",
             "Time one nudge decision point takes (features, eligibility, policy, log).",

@@ -130,7 +130,7 @@ class IngestPipeline:
 
     def __init__(self, app: AppContext) -> None:
         self.app = app
-        self.writer = GroupCommitWriter(app.db)
+        self.writer = GroupCommitWriter(app.db, app.metrics.ingest_commits.inc)
         self.skew = SkewEstimator()
         self._persisted_offset: dict[int, int] = {}
         self._devices_of_user: dict[int, set[int]] = {}

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -76,8 +77,10 @@ class WriterClosed(RuntimeError):
 class GroupCommitWriter:
     """Sends every ingest write to the writer process, which shares commits between batches."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, on_commits: Callable[[int], None] | None = None) -> None:
         self._db = db
+        # Told how many transactions the process committed with each answer (a metric).
+        self._on_commits = on_commits
         self._proc: asyncio.subprocess.Process | None = None
         self._turn: int | None = None  # our end of the process's control pipe
         self._unwatch: Any = None
@@ -85,7 +88,6 @@ class GroupCommitWriter:
         self._waiting: dict[int, PendingBatch] = {}  # token -> batch sent, not yet answered
         self._next_token = 0
         self._closed = False
-        self.commits = 0  # transactions committed (for tests and benchmarks)
 
     async def start(self) -> None:
         """Start the writer process; returns once it has opened the database."""
@@ -190,7 +192,8 @@ class GroupCommitWriter:
         try:
             while True:
                 commits, results = await _read_message(proc.stdout)
-                self.commits += commits
+                if commits and self._on_commits is not None:
+                    self._on_commits(commits)
                 for result in results:
                     self._resolve(result)
         except asyncio.IncompleteReadError:
