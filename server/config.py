@@ -10,9 +10,6 @@ from typing import Final
 DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 50051
 DEFAULT_DATA_DIR: Final = Path("pulsesync-data")
-# gRPC's default of 4 MiB is raised so a full ingest batch (5000 events, well under 4 MiB in
-# practice) always fits with headroom, while a runaway message is still refused by gRPC.
-MAX_MESSAGE_BYTES: Final = 16 * 1024 * 1024
 
 
 def env(name: str, default: str | None = None) -> str | None:

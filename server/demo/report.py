@@ -22,8 +22,9 @@ import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from pulsesync.kinds import category_name
 from pulsesync.server.demo.world import DemoResult, PersonRun
-from pulsesync.v1 import common_pb2, events_pb2
+from pulsesync.v1 import events_pb2
 
 matplotlib.use("Agg")  # files only: no display needed or wanted
 
@@ -258,11 +259,7 @@ def _privacy_section(person: PersonRun) -> str:
     if s is not None:
         rows = []
         for c in s.categories:
-            name = (
-                common_pb2.ConsentCategory.Name(c.category)
-                .removeprefix("CONSENT_CATEGORY_")
-                .lower()
-            )
+            name = category_name(c.category)
             span = (
                 f"{_hhmm(c.first_time.ToMicroseconds())} to {_hhmm(c.last_time.ToMicroseconds())}"
                 if c.record_count
@@ -283,9 +280,7 @@ def _privacy_section(person: PersonRun) -> str:
         )
         consents = [
             (
-                common_pb2.ConsentCategory.Name(c.category)
-                .removeprefix("CONSENT_CATEGORY_")
-                .lower(),
+                category_name(c.category),
                 "granted" if c.granted else "withdrawn / not granted",
                 c.policy_version,
             )

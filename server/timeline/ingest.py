@@ -21,6 +21,7 @@ from typing import Final
 
 import grpc
 
+from pulsesync import wire
 from pulsesync.kinds import CATEGORY_OF_KIND
 from pulsesync.server.bus import CommittedBatch
 from pulsesync.server.context import AppContext
@@ -53,10 +54,7 @@ from pulsesync.v1 import common_pb2, events_pb2, ingest_pb2
 
 log = logging.getLogger(__name__)
 
-# An agent sends at most a few hundred events per batch. 5000 keeps one batch's validation
-# (~10-20 ms) from stalling other streams on the event loop and its serialized size (a few
-# hundred KiB) far below the 16 MiB message limit, while leaving a backlog room to drain fast.
-MAX_BATCH_EVENTS: Final = 5000
+MAX_BATCH_EVENTS: Final = wire.MAX_BATCH_EVENTS
 
 _INVALID: Final = ingest_pb2.REJECTION_REASON_INVALID
 _NO_CONSENT: Final = ingest_pb2.REJECTION_REASON_CONSENT_NOT_GRANTED
