@@ -19,7 +19,7 @@ import random
 import secrets
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -45,8 +45,8 @@ from pulsesync.server.nudges.policy import COLD_START, choose
 from pulsesync.server.nudges.profiles import ProfileSource, profile_source
 from pulsesync.server.nudges.push import PushProvider, push_provider
 from pulsesync.server.nudges.registry import ModelRegistry
+from pulsesync.server.timeline.steps import steps_in_window
 from pulsesync.server.timeline.store import TimelineStore
-from pulsesync.server.timeline.summary import steps_minute
 from pulsesync.timeutil import timestamp as _ts
 from pulsesync.v1 import common_pb2, events_pb2, nudges_pb2
 
@@ -101,32 +101,6 @@ class Decision:
     chosen: str
     nudge: nudges_pb2.Nudge | None
     latency_s: float
-
-
-async def steps_in_window(
-    timeline: TimelineStore, user_id: int, start_us: int, window_us: int
-) -> int:
-    """Steps of the user's Steps events with start <= corrected time < start + window.
-
-    Two devices counting the same walk (a phone in the pocket and a watch) are not added up:
-    counts are summed per device and minute, and each minute takes its largest device total.
-    """
-    events = await timeline.events(
-        user_id, start_us, start_us + window_us, kinds={events_pb2.EVENT_KIND_STEPS}
-    )
-    return dedup_steps((e.device_id, e.t_us, e.event.steps.count) for e in events)
-
-
-def dedup_steps(counts: Iterable[tuple[object, int, int]]) -> int:
-    """Total steps from (device, time, count): per minute, the largest device's sum."""
-    per: dict[tuple[int, object], int] = {}
-    for device, t_us, count in counts:
-        key = (steps_minute(t_us), device)
-        per[key] = per.get(key, 0) + count
-    best: dict[int, int] = {}
-    for (minute, _), total in per.items():
-        best[minute] = max(best.get(minute, 0), total)
-    return sum(best.values())
 
 
 def _reasons(t: NudgeType, ctx: Any, profile: NudgeProfile, now: int) -> list[str]:
@@ -729,7 +703,7 @@ class NudgeEngine:
             return int(cur.rowcount or 0)
 
     async def steps_after(self, user_id: int, start_us: int) -> int:
-        """Steps whose event time falls in [start, start + window): the outcome, from the timeline."""
+        """Steps in [start, start + window) by the steps rule (timeline/steps.py): the outcome."""
         return await steps_in_window(
             self.timeline, user_id, start_us, self.catalog.policy.outcome_window_us
         )

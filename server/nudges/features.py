@@ -18,8 +18,9 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pulsesync.hrv import rmssd_ms
 from pulsesync.server.bus import CommittedBatch, CommittedEvent, CommittedRow, rows_of_kinds
-from pulsesync.server.timeline.summary import US_PER_MIN as US_PER_MIN
-from pulsesync.server.timeline.summary import BatchSummary, steps_minute, summarize
+from pulsesync.server.timeline.steps import minute_span, step_minute
+from pulsesync.server.timeline.summary import BatchSummary, summarize
+from pulsesync.timeutil import US_PER_MIN
 from pulsesync.v1 import common_pb2, events_pb2
 
 # Three hours of per-minute steps: the longest window a feature reads (120 min) plus slack
@@ -153,7 +154,7 @@ class UserState:
 
     def add_steps(self, t_us: int, count: int, device_pk: int = 0) -> None:
         """Count steps ending at t_us; a minute keeps its largest device total (no double count)."""
-        self.add_minute_steps(steps_minute(t_us), count, device_pk)
+        self.add_minute_steps(step_minute(t_us), count, device_pk)
 
     def add_minute_steps(self, minute: int, count: int, device_pk: int = 0) -> None:
         """Count steps a device took in a minute (see add_steps)."""
@@ -171,8 +172,9 @@ class UserState:
                 self.device_steps.pop(m, None)
 
     def steps_since(self, now_us: int, minutes: int) -> int:
-        now_min = now_us // US_PER_MIN
-        return sum(c for m, c in self.steps_by_min.items() if now_min - minutes <= m < now_min)
+        """Steps in the last `minutes` minutes before now_us (the rule of timeline/steps.py)."""
+        first, end = minute_span(now_us - minutes * US_PER_MIN, now_us)
+        return sum(c for m, c in self.steps_by_min.items() if first <= m < end)
 
     def sedentary_since(self) -> int | None:
         """The minute the current sedentary stretch began after (its identity), if any data."""

@@ -16,6 +16,7 @@ from typing import Final
 
 from pulsesync.server.storage.db import Database
 from pulsesync.server.timeline.aggregates import SUMMARY_KINDS, ActivityBucket, summarize_events
+from pulsesync.server.timeline.steps import event_span
 from pulsesync.v1 import events_pb2
 
 __all__ = [
@@ -200,5 +201,9 @@ class TimelineStore:
             (start_us, bucket_us, user_id, start_us, end_us),
         ) as c:
             counts = {int(b): int(n) for b, n in await c.fetchall()}
-        relevant = await self.events(user_id, start_us, end_us, kinds=SUMMARY_KINDS)
+        # Steps near the ends may count in the range's minutes (timeline/steps.py).
+        lo, hi = event_span(start_us, end_us)
+        relevant = await self.events(
+            user_id, min(lo, start_us), max(hi, end_us), kinds=SUMMARY_KINDS
+        )
         return summarize_events(relevant, start_us, end_us, bucket_us, counts)

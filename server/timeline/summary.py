@@ -20,7 +20,7 @@ from operator import itemgetter
 from typing import Any, Final, NamedTuple
 
 from pulsesync.server.bus import CommittedRow
-from pulsesync.timeutil import US_PER_MIN as US_PER_MIN
+from pulsesync.server.timeline.steps import step_minute
 from pulsesync.v1 import events_pb2
 
 STEPS: Final = events_pb2.EVENT_KIND_STEPS
@@ -38,16 +38,11 @@ _T_US: Final = itemgetter(3)
 _KIND: Final = itemgetter(4)
 
 
-def steps_minute(t_us: int) -> int:
-    """The minute a step count ending at t_us belongs to: the one before t."""
-    return (t_us - 1) // US_PER_MIN
-
-
 def steps_by_minute(steps_rows: Iterable[CommittedRow]) -> dict[tuple[int, int], int]:
-    """The counts of steps rows summed per (device, minute), in row order."""
+    """The counts of steps rows summed per (device, minute), in row order (see steps.py)."""
     steps: dict[tuple[int, int], int] = {}
     for _, device_pk, _, t_us, _, body, _ in steps_rows:
-        key = (device_pk, steps_minute(t_us))
+        key = (device_pk, step_minute(t_us))
         steps[key] = steps.get(key, 0) + events_pb2.Event.FromString(body).steps.count
     return steps
 
