@@ -329,3 +329,20 @@ def _human(us: int) -> str:
     if seconds >= 120:
         return f"{seconds / 60:.0f} minutes"
     return f"{seconds:.0f} seconds"
+
+
+def validate_event(e: events_pb2.Event, t_us: int, now_us: int) -> Problem | None:
+    """The first problem of an uploaded event, or None: the definition every path must match.
+
+    In order: the envelope (id, seq, device time), a known payload, the corrected time t_us
+    against the server's now_us, then the payload's own checks. Ingest's fast path
+    (timeline/ingest.py `problem_of`) skips the checks it can prove pass; a property test
+    holds it equal to this.
+    """
+    which = e.WhichOneof("payload")
+    return (
+        check_envelope(e)
+        or (no_payload() if which is None else None)
+        or check_time(t_us, now_us)
+        or PAYLOAD_CHECKS[which or ""](e)
+    )
