@@ -24,6 +24,7 @@ from matplotlib.patches import Rectangle
 
 from pulsesync.kinds import category_name
 from pulsesync.server.demo.world import DemoResult, PersonRun
+from pulsesync.timeutil import US_PER_MIN
 from pulsesync.v1 import events_pb2
 
 matplotlib.use("Agg")  # files only: no display needed or wanted
@@ -127,7 +128,7 @@ def day_figure(result: DemoResult, person: PersonRun) -> str:
                 hrv_t.append(_dt(t))
                 hrv_v.append(ev.heart_rate.rmssd_ms)
         elif which in ("steps", "cadence"):
-            spans[device].append((t - 60_000_000, t, "activity"))
+            spans[device].append((t - US_PER_MIN, t, "activity"))
 
     fig, axes = plt.subplots(
         4, 1, figsize=(12, 8.2), sharex=True, gridspec_kw={"height_ratios": [1.3, 1, 1, 0.8]}

@@ -41,8 +41,7 @@ from pulsesync.server.config import ServerConfig
 from pulsesync.server.demo.persona import Doing, Persona, PersonaTrack
 from pulsesync.server.identity import IdentityStore
 from pulsesync.server.storage.db import Database
-from pulsesync.timeutil import US_PER_MIN
-from pulsesync.timeutil import timestamp as _ts
+from pulsesync.timeutil import US_PER_HOUR, US_PER_MIN, US_PER_S, timestamp
 from pulsesync.v1 import (
     common_pb2,
     devices_pb2,
@@ -187,8 +186,8 @@ def _period(options: DemoOptions) -> tuple[int, int]:
     start = day + timedelta(hours=options.start_hour)
     while start + timedelta(hours=options.hours) > now - timedelta(hours=1):
         start -= timedelta(days=1)
-    start_us = int(start.timestamp() * 1_000_000)
-    return start_us, start_us + int(options.hours * 3600 * 1_000_000)
+    start_us = int(start.timestamp() * US_PER_S)
+    return start_us, start_us + int(options.hours * US_PER_HOUR)
 
 
 class DemoWorld:
@@ -255,7 +254,7 @@ class DemoWorld:
         return extra
 
     def _day_start(self) -> int:
-        return self.start_us - int(self.options.start_hour * 3600 * 1_000_000)
+        return self.start_us - int(self.options.start_hour * US_PER_HOUR)
 
     # -- set-up: pairing, consent, agents --------------------------------------------------------
     async def _set_up(
@@ -452,7 +451,7 @@ class DemoWorld:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(bridge.run())
                 for n in itertools.count(1):
-                    await self.clock.sleep_until(start + int(n * SENSOR_TICK_S * 1_000_000))
+                    await self.clock.sleep_until(start + int(n * SENSOR_TICK_S * US_PER_S))
                     for s in sensors:
                         await s.tick()
         finally:
@@ -536,8 +535,8 @@ class DemoWorld:
 
     def _history_range(self) -> tuple[timestamp_pb2.Timestamp, timestamp_pb2.Timestamp]:
         """The simulated period with an hour on each side (late uploads, outcome windows)."""
-        hour = 3600 * 1_000_000
-        return _ts(self.start_us - hour), _ts(self.end_us + hour)
+        hour = US_PER_HOUR
+        return timestamp(self.start_us - hour), timestamp(self.end_us + hour)
 
     async def _nudge_history(
         self, channel: grpc.aio.Channel, md: tuple[tuple[str, str], ...]
@@ -696,7 +695,9 @@ class DemoWorld:
         person.timeline = await _all_pages(events_page)
         summary = await timeline.SummarizeActivity(
             timeline_pb2.SummarizeActivityRequest(
-                start_time=_ts(self.start_us), end_time=_ts(self.end_us), bucket=_dur(15 * 60)
+                start_time=timestamp(self.start_us),
+                end_time=timestamp(self.end_us),
+                bucket=_dur(15 * 60),
             ),
             metadata=md,
             timeout=30,

@@ -15,6 +15,7 @@ from typing import Any, Final
 
 from pulsesync.kinds import DEVICE_KINDS
 from pulsesync.server.errors import InvalidArgument
+from pulsesync.timeutil import US_PER_MIN
 from pulsesync.v1 import common_pb2
 
 NONE_ACTION: Final = "none"
@@ -96,7 +97,7 @@ class Catalog:
         return (NONE_ACTION, *(t.name for t in self.types))
 
 
-_MIN: Final = 60 * 1_000_000
+_MIN: Final = US_PER_MIN
 
 
 def _hhmm(text: str) -> int:

@@ -49,6 +49,7 @@ from pulsesync.server.timeline.writer import (
     PendingBatch,
     QuarantineRow,
 )
+from pulsesync.timeutil import US_PER_HOUR, US_PER_MS, US_PER_S, timestamp_us
 from pulsesync.v1 import common_pb2, events_pb2, ingest_pb2
 
 log = logging.getLogger(__name__)
@@ -221,7 +222,7 @@ class IngestPipeline:
                 Refusal(
                     "IMPLAUSIBLE_SENT_TIME",
                     "the batch's sent_time is more than "
-                    f"{MAX_OFFSET_US // 3_600_000_000} hours away from the server's clock; "
+                    f"{MAX_OFFSET_US // US_PER_HOUR} hours away from the server's clock; "
                     "set the device clock (network time) and send it again",
                 ),
             )
@@ -264,7 +265,7 @@ class IngestPipeline:
                 continue
             event_id = ev.event_id
             dt = ev.device_time
-            t_us = dt.seconds * 1_000_000 + dt.nanos // 1000 + offset
+            t_us = dt.seconds * US_PER_S + dt.nanos // US_PER_MS + offset
             problem = problem_of(ev, which, len(body), t_us, received_us)
             if problem is not None:
                 quarantine.append(
@@ -313,11 +314,11 @@ class IngestPipeline:
     @staticmethod
     def _plausible(received_us: int, batch: ingest_pb2.EventBatch) -> bool:
         st = batch.sent_time
-        return SkewEstimator.plausible(received_us, st.seconds * 1_000_000 + st.nanos // 1000)
+        return SkewEstimator.plausible(received_us, timestamp_us(st))
 
     def _observe(self, dev: int, received_us: int, batch: ingest_pb2.EventBatch) -> int:
         st = batch.sent_time
-        return self.skew.observe(dev, received_us, st.seconds * 1_000_000 + st.nanos // 1000)
+        return self.skew.observe(dev, received_us, timestamp_us(st))
 
     async def finish(self, me: Identity, p: Prepared) -> ingest_pb2.UploadResponse:
         """Wait for the batch's commit, publish its events and build the ack."""

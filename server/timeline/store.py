@@ -2,7 +2,7 @@
 
     store = TimelineStore(app.db)
     events = await store.events(user_id, start_us, end_us, kinds={EVENT_KIND_STEPS})
-    buckets = await store.summarize(user_id, start_us, end_us, bucket_us=60_000_000)
+    buckets = await store.summarize(user_id, start_us, end_us, bucket_us=US_PER_MIN)
 
 Events come back in the timeline's order: corrected time, then device, then sequence number,
 so late and out-of-order arrivals sit where they happened. Every query is scoped by user_id.

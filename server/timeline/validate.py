@@ -14,6 +14,7 @@ from typing import Final
 
 from google.protobuf import duration_pb2
 
+from pulsesync.timeutil import US_PER_DAY, US_PER_MIN, US_PER_MS, US_PER_S
 from pulsesync.v1 import events_pb2
 
 # event_id is a UUID (36 characters); 64 leaves room for other id schemes without letting a
@@ -32,16 +33,16 @@ MAX_RR_MS: Final = 3000.0
 MAX_RR_PER_EVENT: Final = 256
 # Steps and app durations are per event (an interval); a day is already implausible.
 MAX_STEPS_PER_EVENT: Final = 100_000
-MAX_DURATION_US: Final = 24 * 3600 * 1_000_000
+MAX_DURATION_US: Final = US_PER_DAY
 # Cadence beyond 1000 per minute or speed beyond 100 m/s are sensor garbage, not athletes.
 MAX_CADENCE_PER_MIN: Final = 1000.0
 MAX_SPEED_M_PER_S: Final = 100.0
 # Corrected event times may run slightly ahead of the server (skew estimates are not exact)
 # but not by more than this.
-MAX_FUTURE_US: Final = 5 * 60 * 1_000_000
+MAX_FUTURE_US: Final = 5 * US_PER_MIN
 # Older than this is not "late", it is a replayed archive or a clock reset to an old date: it
 # would fall outside every retention window and every summary anyone asks for.
-MAX_AGE_US: Final = 400 * 86_400 * 1_000_000
+MAX_AGE_US: Final = 400 * US_PER_DAY
 _NANOS: Final = 1_000_000_000
 
 
@@ -79,7 +80,7 @@ def _bad_duration(what: str, d: duration_pb2.Duration) -> Problem | None:
     s, n = d.seconds, d.nanos
     if s < 0 or n < 0:
         return Problem("NEGATIVE_DURATION", f"{what} is negative")
-    if n >= _NANOS or s * 1_000_000 + n // 1000 > MAX_DURATION_US:
+    if n >= _NANOS or s * US_PER_S + n // US_PER_MS > MAX_DURATION_US:
         return Problem("VALUE_OUT_OF_RANGE", f"{what} is longer than 24 hours")
     return None
 
@@ -321,7 +322,7 @@ def check_time(t_us: int, now_us: int) -> Problem | None:
 
 
 def _human(us: int) -> str:
-    seconds = us / 1_000_000
+    seconds = us / US_PER_S
     if seconds >= 2 * 86_400:
         return f"{seconds / 86_400:.0f} days"
     if seconds >= 2 * 3600:
