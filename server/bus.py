@@ -58,13 +58,13 @@ class CommittedBatch(Sequence[CommittedEvent]):
     the subscriber's loop iteration.
     """
 
-    __slots__ = ("_rows", "summary")
+    __slots__ = ("_rows", "derived")
 
-    def __init__(self, rows: list[CommittedRow], summary: tuple[Any, ...] | None = None) -> None:
+    def __init__(self, rows: list[CommittedRow], derived: Any = None) -> None:
         self._rows = rows
-        # What the ingest writer process summarized of these rows for the nudge features
-        # (see timeline/summary.py), or None.
-        self.summary = summary
+        # What the ingest writer process's commit hook made of these rows (for the nudge
+        # features, nudges/batch_summary.py), or None.
+        self.derived = derived
 
     @property
     def rows(self) -> Sequence[CommittedRow]:

@@ -18,8 +18,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pulsesync.hrv import rmssd_ms
 from pulsesync.server.bus import CommittedBatch, CommittedEvent, CommittedRow, rows_of_kinds
+from pulsesync.server.nudges.batch_summary import BatchSummary, summarize
 from pulsesync.server.timeline.steps import minute_span, step_minute
-from pulsesync.server.timeline.summary import BatchSummary, summarize
 from pulsesync.timeutil import US_PER_MIN
 from pulsesync.v1 import common_pb2, events_pb2
 
@@ -299,7 +299,7 @@ class FeatureStore:
     def apply(self, user_id: int, events: Iterable[CommittedEvent]) -> None:
         """Fold committed events into the user's state.
 
-        A batch is folded from its summary (timeline/summary.py): its time range, the latest
+        A batch is folded from its summary (nudges/batch_summary.py): its time range, the latest
         time of each device, the kinds present, the steps per device and minute, and where
         its app events are. The ingest writer process summarizes each batch as it commits
         it; a batch that arrives without one is summarized here. Rows are read only for the
@@ -308,7 +308,7 @@ class FeatureStore:
         # A committed batch's plain rows unpack like CommittedEvents, without building them.
         batch = events if isinstance(events, CommittedBatch) else CommittedBatch(list(events))
         rows = batch.rows
-        plain = batch.summary if batch.summary is not None else summarize(rows)
+        plain = batch.derived if batch.derived is not None else summarize(rows)
         if plain is None:
             return
         s = BatchSummary.read(plain)

@@ -15,6 +15,7 @@ from google.protobuf.message import DecodeError
 from pulsesync.server.context import AppContext
 from pulsesync.server.errors import Aborted, InvalidArgument
 from pulsesync.server.identity import Identity
+from pulsesync.server.nudges.batch_summary import COMMIT_HOOK
 from pulsesync.server.rpc.base import rpc_method
 from pulsesync.server.timeline.ingest import IngestPipeline, Prepared
 from pulsesync.server.timeline.received import parse_upload
@@ -103,7 +104,7 @@ class _Stream:
 class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     def __init__(self, app: AppContext) -> None:
         self.app = app
-        self.pipeline = IngestPipeline(app)
+        self.pipeline = IngestPipeline(app, commit_hook=COMMIT_HOOK)
         self._streams: dict[int, _Stream] = {}
 
     async def start(self) -> None:

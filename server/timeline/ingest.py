@@ -136,9 +136,10 @@ class Prepared:
 class IngestPipeline:
     """Turns upload batches into stored events and acks; one per server."""
 
-    def __init__(self, app: AppContext) -> None:
+    def __init__(self, app: AppContext, commit_hook: str = "") -> None:
+        """commit_hook: what the writer process runs on each committed batch (GroupCommitWriter)."""
         self.app = app
-        self.writer = GroupCommitWriter(app.db)
+        self.writer = GroupCommitWriter(app.db, commit_hook)
         self.skew = SkewEstimator()
         self._persisted_offset: dict[int, int] = {}
         self._devices_of_user: dict[int, set[int]] = {}
@@ -362,6 +363,6 @@ class IngestPipeline:
         self._m_batch_ok.inc()
         if outcome.inserted:
             # The inserted rows are in CommittedEvent's field order: published as they are.
-            self.app.bus.publish(me.user_id, CommittedBatch(outcome.inserted, outcome.summary))
+            self.app.bus.publish(me.user_id, CommittedBatch(outcome.inserted, outcome.derived))
         self.app.metrics.ack_latency.observe(time.perf_counter() - p.received_at)
         return resp

@@ -8,6 +8,7 @@ from collections import defaultdict
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pulsesync.server.nudges.batch_summary import summarize
 from pulsesync.server.nudges.features import UserState
 from pulsesync.server.timeline.aggregates import summarize_events
 from pulsesync.server.timeline.steps import (
@@ -17,7 +18,6 @@ from pulsesync.server.timeline.steps import (
     total_steps,
 )
 from pulsesync.server.timeline.store import StoredEvent
-from pulsesync.server.timeline.summary import summarize
 from pulsesync.v1 import events_pb2
 
 MIN = 60_000_000

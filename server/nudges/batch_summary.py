@@ -2,14 +2,17 @@
 
 The features fold every committed event (see nudges/features.py): time range, the device's
 last activity, steps per minute, heart-rate samples, the app in use. Reading every row for
-that took about a tenth of the event loop's time under heavy ingest. The writer process has
-every row of a batch and a share of the other core, so it summarizes each batch's inserted
-rows as it commits them, and the fold reads the summary: a time range, the kinds present, the
+that took about a tenth of the event loop's time under heavy ingest. The ingest writer process
+has every row of a batch and a share of the other core, and runs a commit hook it is given by
+name on each batch's inserted rows (timeline/committer.py); `summarize` is the hook the server
+gives it (COMMIT_HOOK), so the fold reads the summary: a time range, the kinds present, the
 steps per device and minute and where the app events are. Heart-rate rows are still read by
 the fold, and only when a new 5-minute sample is due.
 
 `summarize` runs in the writer process and returns plain tuples (they cross the pipe with
-`marshal`); `BatchSummary.read(summary)` reads one on the server's side.
+`marshal`); `BatchSummary.read(summary)` reads one on the server's side. The writer process
+imports this module at startup, so it imports only the row type, the steps rule and the
+event protobufs.
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ from typing import Any, Final, NamedTuple
 from pulsesync.server.bus import CommittedRow
 from pulsesync.server.timeline.steps import step_minute
 from pulsesync.v1 import events_pb2
+
+# The writer process's commit hook, by name (it is imported in that process).
+COMMIT_HOOK: Final = "pulsesync.server.nudges.batch_summary:summarize"
 
 STEPS: Final = events_pb2.EVENT_KIND_STEPS
 # The kinds that tell which app is in use on a device (the last one in a batch wins).
