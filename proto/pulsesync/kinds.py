@@ -51,7 +51,7 @@ DEVICE_KINDS: Final[dict[str, int]] = {
 DEVICE_KIND_NAMES: Final[dict[int, str]] = {v: k for k, v in DEVICE_KINDS.items()}
 
 # Every consent category a person can grant, in the API's order.
-CONSENT_CATEGORIES: Final[tuple[int, ...]] = tuple(
+CONSENT_CATEGORIES: Final = tuple(
     v for v in common_pb2.ConsentCategory.values() if v != common_pb2.CONSENT_CATEGORY_UNSPECIFIED
 )
 _CATEGORY_PREFIX: Final = "CONSENT_CATEGORY_"
@@ -67,6 +67,6 @@ def parse_category(text: str) -> int | None:
     """A ConsentCategory from "behavior", "ACTIVITY" or "CONSENT_CATEGORY_SYNC"; None if unknown."""
     name = _CATEGORY_PREFIX + text.strip().upper().removeprefix(_CATEGORY_PREFIX)
     for category in CONSENT_CATEGORIES:
-        if common_pb2.ConsentCategory.Name(category) == name:  # type: ignore[arg-type]
+        if common_pb2.ConsentCategory.Name(category) == name:
             return category
     return None

@@ -44,6 +44,7 @@ durations = st.tuples(
 def payload_values(draw: st.DrawFn, name: str) -> dict[str, Any]:
     """Values for the fields of one payload message, each drawn by its type."""
     msg = events_pb2.Event.DESCRIPTOR.fields_by_name[name].message_type
+    assert msg is not None
     out: dict[str, Any] = {}
     for f in msg.fields:
         if not draw(st.booleans()):
@@ -60,7 +61,11 @@ def payload_values(draw: st.DrawFn, name: str) -> dict[str, Any]:
             value = draw(floats)
         elif f.type == FD.TYPE_BOOL:
             value = draw(st.booleans())
-        elif f.type == FD.TYPE_MESSAGE and f.message_type.full_name == "google.protobuf.Duration":
+        elif (
+            f.type == FD.TYPE_MESSAGE
+            and f.message_type is not None
+            and f.message_type.full_name == "google.protobuf.Duration"
+        ):
             value = draw(durations)
         else:
             continue
