@@ -14,6 +14,7 @@ from typing import Final
 
 from google.protobuf import duration_pb2
 
+from pulsesync.limits import MAX_BPM, MAX_CADENCE_PER_MIN, MAX_RR_MS, MAX_SPEED_M_PER_S
 from pulsesync.timeutil import US_PER_DAY, US_PER_MIN, US_PER_MS, US_PER_S
 from pulsesync.v1 import events_pb2
 
@@ -23,20 +24,12 @@ MAX_EVENT_ID_LENGTH: Final = 64
 # App, screen, feature and sensor names are identifiers; a search query is free text.
 MAX_NAME_LENGTH: Final = 256
 MAX_QUERY_LENGTH: Final = 1024
-# A resting human heart does not go below ~25 bpm and no heart beats 300 times a minute: 0 means
-# "no reading" and anything above 300 is a decoding error (the BLE field allows 65535).
-MAX_BPM: Final = 300
-# 3 s between beats is 20 bpm, already below any real reading; an RR of 0 is a decoding error.
-MAX_RR_MS: Final = 3000.0
 # A Heart Rate Measurement notification holds at most ~9 RR values; a batch of them from a
 # bridge that buffered is still far below this.
 MAX_RR_PER_EVENT: Final = 256
 # Steps and app durations are per event (an interval); a day is already implausible.
 MAX_STEPS_PER_EVENT: Final = 100_000
 MAX_DURATION_US: Final = US_PER_DAY
-# Cadence beyond 1000 per minute or speed beyond 100 m/s are sensor garbage, not athletes.
-MAX_CADENCE_PER_MIN: Final = 1000.0
-MAX_SPEED_M_PER_S: Final = 100.0
 # Corrected event times may run slightly ahead of the server (skew estimates are not exact)
 # but not by more than this.
 MAX_FUTURE_US: Final = 5 * US_PER_MIN
