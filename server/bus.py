@@ -38,9 +38,16 @@ class CommittedEvent(NamedTuple):
 
 # A committed row in CommittedEvent's field order, as ingest inserts it.
 CommittedRow = tuple[int, int, int, int, int, bytes, int]
+# Positions of a CommittedRow's fields, for code that reads plain rows without building
+# CommittedEvents (the writer process, the nudge fold).
+ROW_DEVICE_PK: Final = 1
+ROW_SEQ: Final = 2
+ROW_T_US: Final = 3
+ROW_KIND: Final = 4
+ROW_BODY: Final = 5
 
 _as_event: Final = functools.partial(tuple.__new__, CommittedEvent)
-_KIND: Final = itemgetter(4)  # a row's kind
+_KIND: Final = itemgetter(ROW_KIND)
 
 
 def rows_of_kinds(rows: Sequence[CommittedRow], kinds: Container[int]) -> Iterator[CommittedRow]:

@@ -22,7 +22,7 @@ from itertools import compress
 from operator import itemgetter
 from typing import Any, Final, NamedTuple
 
-from pulsesync.server.bus import CommittedRow
+from pulsesync.server.bus import ROW_DEVICE_PK, ROW_KIND, ROW_T_US, CommittedRow
 from pulsesync.server.timeline.steps import step_minute
 from pulsesync.v1 import events_pb2
 
@@ -39,9 +39,9 @@ APP_KINDS: Final = frozenset(
     }
 )
 # Fields of a committed row (CommittedEvent's order), for C-level passes over a batch.
-_DEVICE_PK: Final = itemgetter(1)
-_T_US: Final = itemgetter(3)
-_KIND: Final = itemgetter(4)
+_DEVICE_PK: Final = itemgetter(ROW_DEVICE_PK)
+_T_US: Final = itemgetter(ROW_T_US)
+_KIND: Final = itemgetter(ROW_KIND)
 
 
 def steps_by_minute(steps_rows: Iterable[CommittedRow]) -> dict[tuple[int, int], int]:

@@ -17,7 +17,14 @@ from typing import Final
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pulsesync.hrv import rmssd_ms
-from pulsesync.server.bus import CommittedBatch, CommittedEvent, CommittedRow, rows_of_kinds
+from pulsesync.server.bus import (
+    ROW_BODY,
+    ROW_T_US,
+    CommittedBatch,
+    CommittedEvent,
+    CommittedRow,
+    rows_of_kinds,
+)
 from pulsesync.server.nudges.batch_summary import BatchSummary, summarize
 from pulsesync.server.timeline.steps import minute_span, step_minute
 from pulsesync.timeutil import US_PER_MIN
@@ -337,12 +344,12 @@ class FeatureStore:
     def _sample_heart_rate(state: UserState, rows: Sequence[CommittedRow]) -> None:
         """One heart-rate reading per HR_SAMPLE_US into the averages, in row order."""
         for row in rows_of_kinds(rows, _HEART_ONLY):
-            t_us = row[3]
+            t_us = row[ROW_T_US]
             last = state.hr_sampled_us
             if last is not None and abs(t_us - last) < HR_SAMPLE_US:
                 continue
             state.hr_sampled_us = t_us
-            hr = events_pb2.Event.FromString(row[5]).heart_rate
+            hr = events_pb2.Event.FromString(row[ROW_BODY]).heart_rate
             if hr.bpm:
                 state.hr.add(float(hr.bpm))
             r = (

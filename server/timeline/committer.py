@@ -63,9 +63,10 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import IO, Any, Final
 
-from pulsesync.server.bus import CommittedRow
+from pulsesync.server.bus import ROW_BODY, ROW_SEQ, CommittedRow
 from pulsesync.server.logs import setup_logging
 from pulsesync.v1 import events_pb2
 
@@ -108,6 +109,8 @@ MAX_SEQ: Final = 2**63 - 1
 EventRow = CommittedRow
 # (user_id, device_pk, seq, event_id, reason, detail, received_us, body)
 QuarantineRow = tuple[int, int, int, str, str, str, int, bytes]
+_Q_SEQ: Final = 2  # a QuarantineRow's seq
+_SEQ_OF: Final = itemgetter(ROW_SEQ)  # a row's seq, in one C-level pass over a batch
 # (user_id, device_pk, seq_low, seq_high, commit_us): a run of consecutive seqs one commit
 # inserted, for the timeline's change feed (0008_event_changes.sql).
 ChangeRow = tuple[int, int, int, int, int]
@@ -185,15 +188,15 @@ class Watermark:
             and not b.settled
             and b.in_order
             and n
-            and rows[0][2] == self.through + 1
-            and rows[-1][2] - rows[0][2] == n - 1
+            and rows[0][ROW_SEQ] == self.through + 1
+            and rows[-1][ROW_SEQ] - rows[0][ROW_SEQ] == n - 1
         ):
-            self.through = rows[-1][2]
+            self.through = rows[-1][ROW_SEQ]
             return
         through = self.through
         above = self.above
-        above.update(r[2] for r in rows if r[2] > through)
-        above.update(q[2] for q in b.quarantine if through < q[2] < MAX_SEQ)
+        above.update(r[ROW_SEQ] for r in rows if r[ROW_SEQ] > through)
+        above.update(q[_Q_SEQ] for q in b.quarantine if through < q[_Q_SEQ] < MAX_SEQ)
         above.update(s for s in b.settled if through < s < MAX_SEQ)
         while through + 1 in above:
             through += 1
@@ -309,12 +312,12 @@ class Committer:
                     hwm = self._hwm.get(dev)
                     if hwm is None:
                         hwm = _load_hwm(conn, dev)
-                if b.in_order and (not b.rows or b.rows[0][2] > hwm):
+                if b.in_order and (not b.rows or b.rows[0][ROW_SEQ] > hwm):
                     rows.extend(b.rows)
-                    changes.extend(change_runs(b, [r[2] for r in b.rows]))
+                    changes.extend(change_runs(b, list(map(_SEQ_OF, b.rows))))
                     results.append(Stored(None, 0, []))
                     if b.rows:
-                        hwm = b.rows[-1][2]
+                        hwm = b.rows[-1][ROW_SEQ]
                 else:
                     # Lookups must see this group's earlier rows: write them first.
                     if rows:
@@ -324,7 +327,7 @@ class Committer:
                     assert stored.inserted is not None
                     inserted = [b.rows[i] for i in stored.inserted]
                     rows.extend(inserted)
-                    changes.extend(change_runs(b, sorted(r[2] for r in inserted)))
+                    changes.extend(change_runs(b, sorted(r[ROW_SEQ] for r in inserted)))
                     results.append(stored)
                     quarantine.extend(
                         (
@@ -335,13 +338,13 @@ class Committer:
                             "SEQUENCE_CONFLICT",
                             detail,
                             b.received_us,
-                            b.rows[i][5],
+                            b.rows[i][ROW_BODY],
                         )
                         for (seq, event_id, detail), i in zip(
                             stored.conflicts, stored.conflicting, strict=True
                         )
                     )
-                    hwm = max([hwm, *(r[2] for r in inserted)])
+                    hwm = max([hwm, *(r[ROW_SEQ] for r in inserted)])
                 tentative[dev] = hwm
                 quarantine.extend(b.quarantine)
                 mark = marks.get(dev)
@@ -444,7 +447,7 @@ def _load_mark(conn: sqlite3.Connection, b: Batch) -> Watermark:
 
 def _dedupe(conn: sqlite3.Connection, b: Batch, hwm: int) -> Stored:
     """The slow path: some seqs are at or below the mark, or the batch is out of order."""
-    below = sorted({r[2] for r in b.rows if r[2] <= hwm})
+    below = sorted({r[ROW_SEQ] for r in b.rows if r[ROW_SEQ] <= hwm})
     stored: dict[int, str] = {}
     for i in range(0, len(below), _LOOKUP_CHUNK):
         chunk = below[i : i + _LOOKUP_CHUNK]
@@ -458,8 +461,8 @@ def _dedupe(conn: sqlite3.Connection, b: Batch, hwm: int) -> Stored:
     conflicts: list[ConflictRow] = []
     conflicting: list[int] = []
     for i, row in enumerate(b.rows):
-        seq = row[2]
-        event_id = events_pb2.Event.FromString(row[5]).event_id
+        seq = row[ROW_SEQ]
+        event_id = events_pb2.Event.FromString(row[ROW_BODY]).event_id
         prior = stored.get(seq)
         if prior is None:
             inserted.append(i)
@@ -471,7 +474,7 @@ def _dedupe(conn: sqlite3.Connection, b: Batch, hwm: int) -> Stored:
                 (seq, event_id, f"seq {seq} already holds event {prior!r}; seqs must not be reused")
             )
             conflicting.append(i)
-    inserted.sort(key=lambda i: b.rows[i][2])
+    inserted.sort(key=lambda i: b.rows[i][ROW_SEQ])
     return Stored(inserted, duplicates, conflicts, conflicting)
 
 
