@@ -14,6 +14,7 @@ from typing import Final
 
 import grpc
 
+from pulsesync import wire
 from pulsesync.edge_agent.config import DEFAULT_CALL_TIMEOUT_S
 from pulsesync.edge_agent.errors import (  # re-exported: callers import them from here too
     AgentError,
@@ -22,27 +23,17 @@ from pulsesync.edge_agent.errors import (  # re-exported: callers import them fr
     classify,
     pair_again_message,
 )
+from pulsesync.kinds import DEVICE_KIND_NAMES, DEVICE_KINDS
 from pulsesync.v1 import common_pb2, devices_pb2, devices_pb2_grpc
 
 __all__ = ["AgentError", "Disposition", "PairingRequired", "classify", "pair_again_message"]
 
-KINDS: Final[dict[str, int]] = {
-    "phone": common_pb2.DEVICE_KIND_PHONE,
-    "desktop": common_pb2.DEVICE_KIND_DESKTOP,
-    "wearable": common_pb2.DEVICE_KIND_WEARABLE_BRIDGE,
-}
-KIND_NAMES: Final[dict[int, str]] = {v: k for k, v in KINDS.items()}
+KINDS: Final = DEVICE_KINDS
+KIND_NAMES: Final = DEVICE_KIND_NAMES
 
-# Same ceiling as the server: a full batch of 5000 events always fits.
-MAX_MESSAGE_BYTES: Final = 16 * 1024 * 1024
 CHANNEL_OPTIONS: Final[list[tuple[str, int]]] = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    # Ping an idle upload stream every 30 s (the server permits it) so NATs keep it open and a
-    # dead peer is noticed within ~40 s.
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
+    *wire.MESSAGE_SIZE_OPTIONS,
+    *wire.KEEPALIVE_OPTIONS,
     # The uplink opens a fresh channel per attempt and owns the backoff; keep gRPC's own
     # reconnect backoff from stacking a second, longer wait on top of it.
     ("grpc.initial_reconnect_backoff_ms", 200),

@@ -7,13 +7,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from pulsesync import wire
 from pulsesync.edge_agent import retry
 
 # The server refuses batches above 5000 events; 500 events (~50 KB) per message is where a
 # bidi stream reaches its throughput plateau (~300k events/s) while an ack still comes back
 # within milliseconds.
 DEFAULT_BATCH_SIZE: Final = 500
-MAX_BATCH_SIZE: Final = 5000
+MAX_BATCH_SIZE: Final = wire.MAX_BATCH_EVENTS
 # Batches in flight before the first is acked: enough to keep the pipe full while the server
 # commits one batch and decodes the next, few enough that a reconnect resends little.
 DEFAULT_WINDOW: Final = 4

@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Protocol
 
+from pulsesync.kinds import CONSENT_CATEGORIES
 from pulsesync.v1 import common_pb2
 
-ALL_CATEGORIES: frozenset[int] = frozenset(
-    v for v in common_pb2.ConsentCategory.values() if v != common_pb2.CONSENT_CATEGORY_UNSPECIFIED
-)
+ALL_CATEGORIES: frozenset[int] = frozenset(CONSENT_CATEGORIES)
 
 
 class ConsentView(Protocol):

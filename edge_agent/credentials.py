@@ -24,6 +24,7 @@ import grpc
 
 from pulsesync.edge_agent.client import Credentials
 from pulsesync.edge_agent.config import DEFAULT_CALL_TIMEOUT_S
+from pulsesync.timeutil import US_PER_S
 from pulsesync.v1 import devices_pb2, devices_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ async def rotate_if_due(
     An unreachable server leaves the token as it is (rotation is tried at the next start);
     a refused token is left for the uplink to report (PairingRequired).
     """
-    if now_us - token_issue_us(path) < every_s * 1_000_000:
+    if now_us - token_issue_us(path) < every_s * US_PER_S:
         return creds
     try:
         return await rotate(creds, path)

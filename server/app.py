@@ -25,10 +25,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from prometheus_client import start_http_server
 
+from pulsesync import wire
 from pulsesync.server import reflection
 from pulsesync.server.clock import Clock, SystemClock
 from pulsesync.server.compose import Components, build
-from pulsesync.server.config import MAX_MESSAGE_BYTES, ServerConfig
+from pulsesync.server.config import ServerConfig
 from pulsesync.server.context import AppContext
 from pulsesync.server.errors import PulseSyncError, Unauthenticated
 from pulsesync.server.profiles.crypto import Sealer
@@ -75,13 +76,9 @@ SERVICES: list[tuple[Callable[[Components], Any], Callable[[Any, grpc.aio.Server
 ]  # fmt: skip
 
 GRPC_OPTIONS = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    # Keep idle device streams alive through NATs; agents ping at the same rate.
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
+    *wire.MESSAGE_SIZE_OPTIONS,
+    *wire.KEEPALIVE_OPTIONS,
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
 ]
 
 

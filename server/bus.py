@@ -38,9 +38,16 @@ class CommittedEvent(NamedTuple):
 
 # A committed row in CommittedEvent's field order, as ingest inserts it.
 CommittedRow = tuple[int, int, int, int, int, bytes, int]
+# Positions of a CommittedRow's fields, for code that reads plain rows without building
+# CommittedEvents (the writer process, the nudge fold).
+ROW_DEVICE_PK: Final = 1
+ROW_SEQ: Final = 2
+ROW_T_US: Final = 3
+ROW_KIND: Final = 4
+ROW_BODY: Final = 5
 
 _as_event: Final = functools.partial(tuple.__new__, CommittedEvent)
-_KIND: Final = itemgetter(4)  # a row's kind
+_KIND: Final = itemgetter(ROW_KIND)
 
 
 def rows_of_kinds(rows: Sequence[CommittedRow], kinds: Container[int]) -> Iterator[CommittedRow]:
@@ -58,13 +65,13 @@ class CommittedBatch(Sequence[CommittedEvent]):
     the subscriber's loop iteration.
     """
 
-    __slots__ = ("_rows", "summary")
+    __slots__ = ("_rows", "derived")
 
-    def __init__(self, rows: list[CommittedRow], summary: tuple[Any, ...] | None = None) -> None:
+    def __init__(self, rows: list[CommittedRow], derived: Any = None) -> None:
         self._rows = rows
-        # What the ingest writer process summarized of these rows for the nudge features
-        # (see timeline/summary.py), or None.
-        self.summary = summary
+        # What the ingest writer process's commit hook made of these rows (for the nudge
+        # features, nudges/batch_summary.py), or None.
+        self.derived = derived
 
     @property
     def rows(self) -> Sequence[CommittedRow]:

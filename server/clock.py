@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pulsesync.timeutil import US_PER_S
 from pulsesync.timeutil import Clock as Clock
 from pulsesync.timeutil import SystemClock as SystemClock
 
@@ -16,7 +17,7 @@ class FakeClock:
         return self._now
 
     def advance(self, seconds: float) -> None:
-        self._now += int(seconds * 1_000_000)
+        self._now += int(seconds * US_PER_S)
 
     def set_us(self, now_us: int) -> None:
         self._now = now_us

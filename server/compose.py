@@ -18,6 +18,7 @@ from pulsesync.server.config import ServerConfig
 from pulsesync.server.context import AppContext
 from pulsesync.server.identity import IdentityStore
 from pulsesync.server.metrics import Metrics
+from pulsesync.server.nudges.batch_summary import COMMIT_HOOK
 from pulsesync.server.nudges.catalog import load_catalog
 from pulsesync.server.nudges.engine import NudgeEngine
 from pulsesync.server.nudges.profiles import profile_source
@@ -128,7 +129,7 @@ async def build(
         policy=RetentionPolicy.from_config(config),
         key=ReceiptKey.load_or_create(config.data_dir / RECEIPT_KEY_FILE),
     )
-    ingest = IngestPipeline(app)
+    ingest = IngestPipeline(app, commit_hook=COMMIT_HOOK)
     layout = UsageRanker(profiles, storage.profiles, consent)
     profiles.layout = layout
 

@@ -16,9 +16,6 @@ from typing import Any, Final, Literal
 DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 50051
 DEFAULT_DATA_DIR: Final = Path("pulsesync-data")
-# gRPC's default of 4 MiB is raised so a full ingest batch (5000 events, well under 4 MiB in
-# practice) always fits with headroom, while a runaway message is still refused by gRPC.
-MAX_MESSAGE_BYTES: Final = 16 * 1024 * 1024
 
 
 # Real seconds between nudge decision ticks: scheduled decisions land within this of their time.

@@ -20,10 +20,13 @@ language can branch on the reason rather than parse the message.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import ClassVar
 
 import grpc
+
+from pulsesync.profile_document import DocumentError
 
 DOMAIN = "pulsesync.v1"
 
@@ -103,3 +106,14 @@ class Unimplemented(PulseSyncError):
 class Unavailable(PulseSyncError):
     code = grpc.StatusCode.UNAVAILABLE
     default_reason = "UNAVAILABLE"
+
+
+@contextmanager
+def document_refusals() -> Iterator[None]:
+    """Raise the shared profile document's refusal as the server's error, same reason:
+    PermissionDenied for a path only the server may write, InvalidArgument otherwise."""
+    try:
+        yield
+    except DocumentError as e:
+        cls = PermissionDenied if e.denied else InvalidArgument
+        raise cls(e.message, reason=e.reason) from None

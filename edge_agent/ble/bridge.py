@@ -4,8 +4,9 @@ One supervised task per sensor (in an `asyncio.TaskGroup`): find it by address w
 `BleakScanner`, connect with `bleak_retry_connector.establish_connection`, discover services,
 read battery / body location / device information, subscribe to every supported measurement,
 then wait for the link to drop and reconnect after a backoff chosen by the class of the error.
-Notifications are parsed in the bleak callback, stamped with the host clock at that moment and
-handed to the `EventSink` without blocking. A malformed payload is counted and logged; it never
+Each notification is stamped with the host clock in the bleak callback, turned into events by
+the sensor's `Translator` (translate.py, the pure part) and handed to the `EventSink` without
+blocking. A malformed payload is counted and logged; it never
 ends the connection loop.
 """
 
@@ -16,7 +17,6 @@ import contextlib
 import dataclasses
 import enum
 import logging
-import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -33,33 +33,22 @@ from bleak_retry_connector import (
     BleakOutOfConnectionSlotsError,
     establish_connection,
 )
-from google.protobuf import duration_pb2, timestamp_pb2
 
 from pulsesync.edge_agent.ble import uuids
 from pulsesync.edge_agent.ble.backends import BleBackends
 from pulsesync.edge_agent.ble.derived import (
     DEFAULT_WHEEL_CIRCUMFERENCE_M,
-    CscCalculator,
-    RmssdWindow,
-    StepsFromCadence,
 )
 from pulsesync.edge_agent.ble.parsers import (
-    BatteryLevel,
     BodySensorLocation,
-    CscMeasurement,
     DeviceInformation,
     GattParseError,
-    HeartRateMeasurement,
     Location,
-    PlxContinuousMeasurement,
-    PlxSpotCheckMeasurement,
-    RscMeasurement,
-    SensorContact,
     parse_utf8_string,
 )
 from pulsesync.edge_agent.ble.sensors import normalize_address
+from pulsesync.edge_agent.ble.translate import Translation, Translator
 from pulsesync.edge_agent.sink import EventSink
-from pulsesync.v1 import events_pb2
 
 _LOG = logging.getLogger(__name__)
 
@@ -114,12 +103,6 @@ BATTERY_REREAD_S: Final = 600.0
 # Disconnecting a link that is already gone can hang inside the BLE stack; cleanup waits at
 # most this long so a cancelled bridge always returns.
 DISCONNECT_TIMEOUT_S: Final = 5.0
-# The value ranges the server stores (pulsesync.server.timeline.validate); a value outside
-# them would get the whole event quarantined, so the bridge drops the value and counts it.
-MAX_BPM: Final = 300
-MAX_RR_MS: Final = 3000.0
-MAX_SPEED_M_PER_S: Final = 100.0
-MAX_CADENCE_PER_MIN: Final = 1000.0
 
 
 class SensorNotFound(BleakError):
@@ -193,17 +176,6 @@ def _now_us() -> int:
     return time.time_ns() // 1000
 
 
-_LOCATION_PROTO: Final[dict[Location, int]] = {
-    loc: loc.value + 1
-    for loc in Location  # the proto enum is shifted so zero means unset
-}
-_CONTACT_PROTO: Final[dict[SensorContact, int]] = {
-    SensorContact.NOT_SUPPORTED: events_pb2.SENSOR_CONTACT_NOT_SUPPORTED,
-    SensorContact.DETECTED: events_pb2.SENSOR_CONTACT_DETECTED,
-    SensorContact.NOT_DETECTED: events_pb2.SENSOR_CONTACT_NOT_DETECTED,
-}
-
-
 class SensorLink:
     """Keeps one sensor connected and streaming, for as long as the task runs."""
 
@@ -223,10 +195,12 @@ class SensorLink:
         self._backends = backends
         self._clock_us = clock_us
         self._rng = random.Random(config.seed)
-        self._rmssd = RmssdWindow(config.rmssd_window_s)
-        self._steps = StepsFromCadence(config.steps_window_s)
-        self._csc = CscCalculator(config.wheel_circumference_m)
-        self._last_battery: int | None = None
+        self._translate = Translator(
+            address,
+            steps_window_s=config.steps_window_s,
+            rmssd_window_s=config.rmssd_window_s,
+            wheel_circumference_m=config.wheel_circumference_m,
+        )
         self._battery_char: BleakGATTCharacteristic | None = None
         self._session_started: float | None = None
         self.connected = asyncio.Event()
@@ -274,9 +248,7 @@ class SensorLink:
     def _mark_down(self) -> None:
         self.connected.clear()
         self.stats.connected = False
-        self._rmssd.reset()
-        self._steps.reset()
-        self._csc.reset()  # counters from before the drop would alias across the gap
+        self._translate.reset()
 
     async def _session(self) -> None:
         scanner_args: dict[str, Any] = (
@@ -359,6 +331,7 @@ class SensorLink:
             if raw is not None:
                 try:
                     self.stats.location = BodySensorLocation.from_bytes(raw).location
+                    self._translate.location = self.stats.location
                 except GattParseError as exc:
                     self._skip("body_sensor_location", exc)
         battery = client.services.get_characteristic(uuids.BATTERY_LEVEL)
@@ -368,7 +341,7 @@ class SensorLink:
                 self._read_battery(await self._optional_read(client, "battery_level"))
             if "notify" in battery.properties:
                 try:
-                    await client.start_notify(battery, self._guard(self._on_battery))
+                    await client.start_notify(battery, self._guard(self._translate.battery))
                 except BleakError as exc:
                     self._skip("battery_level", exc)
                     if "read" in battery.properties:
@@ -376,10 +349,10 @@ class SensorLink:
             elif "read" in battery.properties:
                 self._battery_char = battery  # no notifications: re-read it periodically
         handlers = {
-            uuids.HEART_RATE_MEASUREMENT: self._on_heart_rate,
-            uuids.RSC_MEASUREMENT: self._on_rsc,
-            uuids.CSC_MEASUREMENT: self._on_csc,
-            uuids.PLX_CONTINUOUS_MEASUREMENT: self._on_plx,
+            uuids.HEART_RATE_MEASUREMENT: self._translate.heart_rate,
+            uuids.RSC_MEASUREMENT: self._translate.rsc,
+            uuids.CSC_MEASUREMENT: self._translate.csc,
+            uuids.PLX_CONTINUOUS_MEASUREMENT: self._translate.plx_continuous,
         }
         subscribed = 0
         for char_uuid, handler in handlers.items():
@@ -394,7 +367,7 @@ class SensorLink:
         )
         if spot is not None and not continuous_ok and {"notify", "indicate"} & set(spot.properties):
             # A spot-check-only oximeter indicates each reading on 0x2A5E.
-            await client.start_notify(spot, self._guard(self._on_plx_spot))
+            await client.start_notify(spot, self._guard(self._translate.plx_spot_check))
             subscribed += 1
         if not subscribed:
             raise BleakError(
@@ -446,7 +419,7 @@ class SensorLink:
         if raw is None:
             return
         try:
-            self._on_battery(raw)
+            self._deliver(self._translate.battery(raw, self._clock_us()))
         except GattParseError as exc:  # e.g. a level above 100 %
             self._skip("battery_level", exc)
 
@@ -459,14 +432,19 @@ class SensorLink:
     # --- notifications ----------------------------------------------------------------------
 
     def _guard(
-        self, handler: Callable[[bytearray], None]
+        self, translate: Callable[[bytearray, int], Translation]
     ) -> Callable[[BleakGATTCharacteristic, bytearray], None]:
+        """A notification callback: stamp the host time at arrival, translate, record."""
+
         def callback(_char: BleakGATTCharacteristic, data: bytearray) -> None:
             self.stats.notifications += 1
+            at_us = self._clock_us()
             try:
-                handler(data)
+                out = translate(data, at_us)
             except GattParseError as exc:
                 self._parse_error(exc)
+                return
+            self._deliver(out)
 
         return callback
 
@@ -476,132 +454,17 @@ class SensorLink:
         if n <= PARSE_ERROR_LOG_FIRST or n % PARSE_ERROR_LOG_EVERY == 0:
             _LOG.warning("%s: %s [%d parse errors so far]", self.address, exc, n)
 
-    def _record(self, event: events_pb2.Event, at_us: int) -> None:
-        event.device_time.CopyFrom(
-            timestamp_pb2.Timestamp(seconds=at_us // 1_000_000, nanos=at_us % 1_000_000 * 1000)
-        )
-        self._sink.record(event)
-        self.stats.events += 1
+    def _deliver(self, out: Translation) -> None:
+        for name, count in out.dropped.items():
+            self._drop(name, count)
+        for event in out.events:
+            self._sink.record(event)
+            self.stats.events += 1
 
     def _drop(self, name: str, count: int = 1) -> None:
         """Count a value not forwarded because the server would quarantine its event."""
         if count:
             self.stats.dropped_values[name] = self.stats.dropped_values.get(name, 0) + count
-
-    def _on_heart_rate(self, data: bytearray) -> None:
-        at = self._clock_us()
-        m = HeartRateMeasurement.from_bytes(data)
-        rr = [r for r in m.rr_intervals_ms if 0.0 < r <= MAX_RR_MS]
-        self._drop("heart_rate.rr_intervals_ms", len(m.rr_intervals_ms) - len(rr))
-        if not 0 < m.bpm <= MAX_BPM:
-            # 0 (no skin contact) or 65535: the event cannot say "no bpm", so it is not sent.
-            self._drop("heart_rate.bpm")
-            return
-        hr = events_pb2.HeartRate(
-            sensor_id=self.address,
-            bpm=m.bpm,
-            rr_intervals_ms=rr,
-            contact=_CONTACT_PROTO[m.contact],  # type: ignore[arg-type]
-        )
-        if m.energy_expended_kj is not None:
-            hr.energy_expended_kj = m.energy_expended_kj
-        if self.stats.location is not None:
-            hr.location = _LOCATION_PROTO[self.stats.location]  # type: ignore[assignment]
-        if rr and (window := self._rmssd.add(rr)) is not None:
-            rmssd, span_s, _count = window
-            hr.rmssd_ms = rmssd
-            hr.rmssd_window.CopyFrom(
-                duration_pb2.Duration(seconds=int(span_s), nanos=int(span_s % 1 * 1e9))
-            )
-        self._record(events_pb2.Event(heart_rate=hr), at)
-
-    def _on_rsc(self, data: bytearray) -> None:
-        at = self._clock_us()
-        m = RscMeasurement.from_bytes(data)
-        speed = m.speed_m_per_s
-        if not (math.isfinite(speed) and 0.0 <= speed <= MAX_SPEED_M_PER_S):
-            self._drop("cadence.speed_m_per_s")
-            return
-        cadence = events_pb2.Cadence(
-            sensor_id=self.address,
-            motion=events_pb2.MOTION_KIND_RUNNING if m.running else events_pb2.MOTION_KIND_WALKING,
-            cadence_per_min=float(m.cadence_per_min),
-            speed_m_per_s=speed,
-        )
-        if m.stride_length_m is not None:
-            cadence.stride_length_m = m.stride_length_m
-        if m.total_distance_m is not None:
-            cadence.total_distance_m = m.total_distance_m
-        self._record(events_pb2.Event(cadence=cadence), at)
-        if (window := self._steps.add(at / 1e6, float(m.cadence_per_min))) is not None:
-            count, span_s = window
-            steps = events_pb2.Steps(
-                sensor_id=self.address,
-                count=count,
-                interval=duration_pb2.Duration(seconds=int(span_s), nanos=int(span_s % 1 * 1e9)),
-                source=events_pb2.STEPS_SOURCE_CADENCE,
-            )
-            self._record(events_pb2.Event(steps=steps), at)
-
-    def _on_csc(self, data: bytearray) -> None:
-        at = self._clock_us()
-        rates = self._csc.update(CscMeasurement.from_bytes(data), at / 1e6)
-        self._drop("cadence.csc_rate", rates.rejected)
-        if rates.speed_m_per_s is None and rates.cadence_rpm is None:
-            return
-        self._record(
-            events_pb2.Event(
-                cadence=events_pb2.Cadence(
-                    sensor_id=self.address,
-                    motion=events_pb2.MOTION_KIND_CYCLING,
-                    cadence_per_min=rates.cadence_rpm or 0.0,
-                    speed_m_per_s=rates.speed_m_per_s or 0.0,
-                )
-            ),
-            at,
-        )
-
-    def _on_plx(self, data: bytearray) -> None:
-        at = self._clock_us()
-        m = PlxContinuousMeasurement.from_bytes(data)
-        self._record_plx(m.spo2_percent, m.pulse_rate_bpm, at)
-
-    def _on_plx_spot(self, data: bytearray) -> None:
-        at = self._clock_us()
-        m = PlxSpotCheckMeasurement.from_bytes(data)
-        self._record_plx(m.spo2_percent, m.pulse_rate_bpm, at)
-
-    def _record_plx(self, spo2: float, pulse_rate: float, at: int) -> None:
-        if math.isnan(spo2):
-            return  # NaN: the oximeter has no reading yet (not an error)
-        if not 0.0 < spo2 <= 100.0:  # +-inf, negative or zero
-            self._drop("oxygen_saturation.spo2_percent")
-            return
-        if not (math.isfinite(pulse_rate) and 0.0 <= pulse_rate <= MAX_BPM):
-            if not math.isnan(pulse_rate):
-                self._drop("oxygen_saturation.pulse_rate_bpm")
-            pulse_rate = 0.0
-        self._record(
-            events_pb2.Event(
-                oxygen_saturation=events_pb2.OxygenSaturation(
-                    sensor_id=self.address, spo2_percent=spo2, pulse_rate_bpm=pulse_rate
-                )
-            ),
-            at,
-        )
-
-    def _on_battery(self, data: bytearray) -> None:
-        at = self._clock_us()
-        level = BatteryLevel.from_bytes(data).percent
-        if level == self._last_battery:
-            return  # re-read on every reconnect; only changes are events
-        self._last_battery = level
-        self._record(
-            events_pb2.Event(
-                battery=events_pb2.Battery(sensor_id=self.address, level_percent=level)
-            ),
-            at,
-        )
 
 
 class Bridge:

@@ -15,9 +15,10 @@ from typing import Final
 
 from pulsesync.edge_agent.sources.base import SourceOptions
 from pulsesync.edge_agent.tracker import Tracker
+from pulsesync.timeutil import US_PER_S
 from pulsesync.v1 import events_pb2
 
-_US: Final = 1_000_000
+_US: Final = US_PER_S
 
 
 def _event(at_us: int) -> events_pb2.Event:

@@ -23,6 +23,7 @@ from pulsesync.edge_agent.config import default_state_dir
 from pulsesync.edge_agent.errors import AgentError
 from pulsesync.edge_agent.sources.base import SourceOptions
 from pulsesync.edge_agent.tracker import Tracker
+from pulsesync.timeutil import US_PER_S
 
 if TYPE_CHECKING:
     from pulsesync.edge_agent.ble.emulation import EmulatedSensor
@@ -83,7 +84,7 @@ class EmulatedWearable:
         duration = self.options.duration_s
         while duration is None or n < duration:
             n += 1
-            await self.options.clock.sleep_until(start_us + n * 1_000_000)
+            await self.options.clock.sleep_until(start_us + n * US_PER_S)
             await sensor.tick()
 
     async def _drops(self, sensors: list[EmulatedSensor]) -> None:

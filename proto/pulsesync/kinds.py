@@ -1,4 +1,5 @@
-"""Event kinds and the consent category each needs: shared by the server and the agents."""
+"""Event kinds, device kinds and consent categories, and the category each event kind needs:
+shared by the server and the agents."""
 
 from __future__ import annotations
 
@@ -39,3 +40,33 @@ def kind_of(event: events_pb2.Event) -> int:
 def category_of(event: events_pb2.Event) -> int:
     """The consent category an event needs, or 0 (unspecified) for an unknown kind."""
     return CATEGORY_OF_KIND.get(kind_of(event), common_pb2.CONSENT_CATEGORY_UNSPECIFIED)
+
+
+# The names a person types for a device kind (agent pairing, the nudge catalog).
+DEVICE_KINDS: Final[dict[str, int]] = {
+    "phone": common_pb2.DEVICE_KIND_PHONE,
+    "desktop": common_pb2.DEVICE_KIND_DESKTOP,
+    "wearable": common_pb2.DEVICE_KIND_WEARABLE_BRIDGE,
+}
+DEVICE_KIND_NAMES: Final[dict[int, str]] = {v: k for k, v in DEVICE_KINDS.items()}
+
+# Every consent category a person can grant, in the API's order.
+CONSENT_CATEGORIES: Final = tuple(
+    v for v in common_pb2.ConsentCategory.values() if v != common_pb2.CONSENT_CATEGORY_UNSPECIFIED
+)
+_CATEGORY_PREFIX: Final = "CONSENT_CATEGORY_"
+
+
+def category_name(category: int) -> str:
+    """ "behavior", "activity", ... for a ConsentCategory value."""
+    name = common_pb2.ConsentCategory.Name(category)  # type: ignore[arg-type]
+    return name.removeprefix(_CATEGORY_PREFIX).lower()
+
+
+def parse_category(text: str) -> int | None:
+    """A ConsentCategory from "behavior", "ACTIVITY" or "CONSENT_CATEGORY_SYNC"; None if unknown."""
+    name = _CATEGORY_PREFIX + text.strip().upper().removeprefix(_CATEGORY_PREFIX)
+    for category in CONSENT_CATEGORIES:
+        if common_pb2.ConsentCategory.Name(category) == name:
+            return category
+    return None

@@ -42,3 +42,8 @@ def timestamp(us: int) -> timestamp_pb2.Timestamp:
 def optional_timestamp(us: int | None) -> timestamp_pb2.Timestamp | None:
     """A Timestamp, or None for no time."""
     return None if us is None else timestamp(us)
+
+
+def timestamp_us(ts: timestamp_pb2.Timestamp) -> int:
+    """Microseconds since the epoch of a Timestamp (its nanoseconds truncated), read directly."""
+    return ts.seconds * US_PER_S + ts.nanos // US_PER_MS

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from pulsesync.edge_agent.ble.physiology import Activity, Bout
-from pulsesync.timeutil import US_PER_MIN
+from pulsesync.timeutil import US_PER_MIN, US_PER_S
 
 
 class Doing:
@@ -134,4 +134,4 @@ class PersonaTrack:
         self._start_us = start_us
 
     def at(self, t: float) -> Bout:
-        return self._persona.activity_at(self._start_us + int(t * 1_000_000))
+        return self._persona.activity_at(self._start_us + int(t * US_PER_S))

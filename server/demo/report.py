@@ -22,8 +22,10 @@ import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from pulsesync.kinds import category_name
 from pulsesync.server.demo.world import DemoResult, PersonRun
-from pulsesync.v1 import common_pb2, events_pb2
+from pulsesync.timeutil import US_PER_MIN
+from pulsesync.v1 import events_pb2
 
 matplotlib.use("Agg")  # files only: no display needed or wanted
 
@@ -126,7 +128,7 @@ def day_figure(result: DemoResult, person: PersonRun) -> str:
                 hrv_t.append(_dt(t))
                 hrv_v.append(ev.heart_rate.rmssd_ms)
         elif which in ("steps", "cadence"):
-            spans[device].append((t - 60_000_000, t, "activity"))
+            spans[device].append((t - US_PER_MIN, t, "activity"))
 
     fig, axes = plt.subplots(
         4, 1, figsize=(12, 8.2), sharex=True, gridspec_kw={"height_ratios": [1.3, 1, 1, 0.8]}
@@ -258,11 +260,7 @@ def _privacy_section(person: PersonRun) -> str:
     if s is not None:
         rows = []
         for c in s.categories:
-            name = (
-                common_pb2.ConsentCategory.Name(c.category)
-                .removeprefix("CONSENT_CATEGORY_")
-                .lower()
-            )
+            name = category_name(c.category)
             span = (
                 f"{_hhmm(c.first_time.ToMicroseconds())} to {_hhmm(c.last_time.ToMicroseconds())}"
                 if c.record_count
@@ -283,9 +281,7 @@ def _privacy_section(person: PersonRun) -> str:
         )
         consents = [
             (
-                common_pb2.ConsentCategory.Name(c.category)
-                .removeprefix("CONSENT_CATEGORY_")
-                .lower(),
+                category_name(c.category),
                 "granted" if c.granted else "withdrawn / not granted",
                 c.policy_version,
             )

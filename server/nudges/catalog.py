@@ -13,17 +13,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Final
 
+from pulsesync.kinds import DEVICE_KINDS
 from pulsesync.server.errors import InvalidArgument
+from pulsesync.timeutil import US_PER_MIN
 from pulsesync.v1 import common_pb2
 
 NONE_ACTION: Final = "none"
 """The "send nothing" option, always eligible."""
 
-_DEVICE_KINDS: Final = {
-    "phone": common_pb2.DEVICE_KIND_PHONE,
-    "desktop": common_pb2.DEVICE_KIND_DESKTOP,
-    "wearable": common_pb2.DEVICE_KIND_WEARABLE_BRIDGE,
-}
+_DEVICE_KINDS: Final = DEVICE_KINDS
 _CONSENTS: Final = {
     "personalization": common_pb2.CONSENT_CATEGORY_PERSONALIZATION,
     "behavior": common_pb2.CONSENT_CATEGORY_BEHAVIOR,
@@ -99,7 +97,7 @@ class Catalog:
         return (NONE_ACTION, *(t.name for t in self.types))
 
 
-_MIN: Final = 60 * 1_000_000
+_MIN: Final = US_PER_MIN
 
 
 def _hhmm(text: str) -> int:

@@ -36,7 +36,7 @@ from pulsesync.server.nudges.eligibility import (
 from pulsesync.server.nudges.features import FeatureStore, local_day, local_time
 from pulsesync.server.nudges.feed import FeatureFeed
 from pulsesync.server.nudges.model import OutcomeModel
-from pulsesync.server.nudges.outcomes import Outcomes, dedup_steps, steps_in_window
+from pulsesync.server.nudges.outcomes import Outcomes
 from pulsesync.server.nudges.policy import COLD_START, choose
 from pulsesync.server.nudges.profiles import ProfileSource
 from pulsesync.server.nudges.push import PushProvider
@@ -46,8 +46,6 @@ from pulsesync.server.storage.nudges import DecisionRow, NewNudge, NudgeRow, Nud
 from pulsesync.server.timeline.store import TimelineStore
 from pulsesync.timeutil import timestamp as _ts
 from pulsesync.v1 import nudges_pb2
-
-__all__ = ["Decision", "NudgeEngine", "dedup_steps", "steps_in_window"]
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,17 @@ from typing import Final
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pulsesync.hrv import rmssd_ms
-from pulsesync.server.bus import CommittedBatch, CommittedEvent, CommittedRow, rows_of_kinds
-from pulsesync.server.timeline.summary import US_PER_MIN as US_PER_MIN
-from pulsesync.server.timeline.summary import BatchSummary, steps_minute, summarize
+from pulsesync.server.bus import (
+    ROW_BODY,
+    ROW_T_US,
+    CommittedBatch,
+    CommittedEvent,
+    CommittedRow,
+    rows_of_kinds,
+)
+from pulsesync.server.nudges.batch_summary import BatchSummary, summarize
+from pulsesync.server.timeline.steps import minute_span, step_minute
+from pulsesync.timeutil import US_PER_MIN
 from pulsesync.v1 import common_pb2, events_pb2
 
 # Three hours of per-minute steps: the longest window a feature reads (120 min) plus slack
@@ -153,7 +161,7 @@ class UserState:
 
     def add_steps(self, t_us: int, count: int, device_pk: int = 0) -> None:
         """Count steps ending at t_us; a minute keeps its largest device total (no double count)."""
-        self.add_minute_steps(steps_minute(t_us), count, device_pk)
+        self.add_minute_steps(step_minute(t_us), count, device_pk)
 
     def add_minute_steps(self, minute: int, count: int, device_pk: int = 0) -> None:
         """Count steps a device took in a minute (see add_steps)."""
@@ -171,8 +179,9 @@ class UserState:
                 self.device_steps.pop(m, None)
 
     def steps_since(self, now_us: int, minutes: int) -> int:
-        now_min = now_us // US_PER_MIN
-        return sum(c for m, c in self.steps_by_min.items() if now_min - minutes <= m < now_min)
+        """Steps in the last `minutes` minutes before now_us (the rule of timeline/steps.py)."""
+        first, end = minute_span(now_us - minutes * US_PER_MIN, now_us)
+        return sum(c for m, c in self.steps_by_min.items() if first <= m < end)
 
     def sedentary_since(self) -> int | None:
         """The minute the current sedentary stretch began after (its identity), if any data."""
@@ -297,7 +306,7 @@ class FeatureStore:
     def apply(self, user_id: int, events: Iterable[CommittedEvent]) -> None:
         """Fold committed events into the user's state.
 
-        A batch is folded from its summary (timeline/summary.py): its time range, the latest
+        A batch is folded from its summary (nudges/batch_summary.py): its time range, the latest
         time of each device, the kinds present, the steps per device and minute, and where
         its app events are. The ingest writer process summarizes each batch as it commits
         it; a batch that arrives without one is summarized here. Rows are read only for the
@@ -306,7 +315,7 @@ class FeatureStore:
         # A committed batch's plain rows unpack like CommittedEvents, without building them.
         batch = events if isinstance(events, CommittedBatch) else CommittedBatch(list(events))
         rows = batch.rows
-        plain = batch.summary if batch.summary is not None else summarize(rows)
+        plain = batch.derived if batch.derived is not None else summarize(rows)
         if plain is None:
             return
         s = BatchSummary.read(plain)
@@ -335,12 +344,12 @@ class FeatureStore:
     def _sample_heart_rate(state: UserState, rows: Sequence[CommittedRow]) -> None:
         """One heart-rate reading per HR_SAMPLE_US into the averages, in row order."""
         for row in rows_of_kinds(rows, _HEART_ONLY):
-            t_us = row[3]
+            t_us = row[ROW_T_US]
             last = state.hr_sampled_us
             if last is not None and abs(t_us - last) < HR_SAMPLE_US:
                 continue
             state.hr_sampled_us = t_us
-            hr = events_pb2.Event.FromString(row[5]).heart_rate
+            hr = events_pb2.Event.FromString(row[ROW_BODY]).heart_rate
             if hr.bpm:
                 state.hr.add(float(hr.bpm))
             r = (

@@ -33,6 +33,7 @@ from typing import Any, Final
 
 from pulsesync.server.nudges.features import FEATURE_NAMES
 from pulsesync.server.storage.nudges import ImportedDecision, NudgeStorage
+from pulsesync.timeutil import US_PER_S
 
 FORMAT: Final = "pulsesync-decisions"
 VERSION: Final = 1
@@ -159,7 +160,7 @@ def parse(
         if offset is None:
             bad(line, "decision_time", f"{rec['decision_time']!r} has no UTC offset (e.g. -07:00)")
             continue
-        at_us = int(at.timestamp() * 1_000_000)
+        at_us = int(at.timestamp() * US_PER_S)
         if person in last and at_us <= last[person][0]:
             bad(
                 line,

@@ -8,40 +8,13 @@ reader sees), and folded back into the person's features for the next decisions.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 
 from pulsesync.server.nudges.catalog import Catalog
 from pulsesync.server.nudges.features import FeatureStore, hour_bucket
 from pulsesync.server.storage.nudges import NudgeStorage
 from pulsesync.server.timeline.store import TimelineStore
-from pulsesync.server.timeline.summary import steps_minute
+from pulsesync.server.timeline.steps import steps_in_window
 from pulsesync.v1 import events_pb2
-
-
-async def steps_in_window(
-    timeline: TimelineStore, user_id: int, start_us: int, window_us: int
-) -> int:
-    """Steps of the user's Steps events with start <= corrected time < start + window.
-
-    Two devices counting the same walk (a phone in the pocket and a watch) are not added up:
-    counts are summed per device and minute, and each minute takes its largest device total.
-    """
-    events = await timeline.events(
-        user_id, start_us, start_us + window_us, kinds={events_pb2.EVENT_KIND_STEPS}
-    )
-    return dedup_steps((e.device_id, e.t_us, e.event.steps.count) for e in events)
-
-
-def dedup_steps(counts: Iterable[tuple[object, int, int]]) -> int:
-    """Total steps from (device, time, count): per minute, the largest device's sum."""
-    per: dict[tuple[int, object], int] = {}
-    for device, t_us, count in counts:
-        key = (steps_minute(t_us), device)
-        per[key] = per.get(key, 0) + count
-    best: dict[int, int] = {}
-    for (minute, _), total in per.items():
-        best[minute] = max(best.get(minute, 0), total)
-    return sum(best.values())
 
 
 class Outcomes:
@@ -64,7 +37,7 @@ class Outcomes:
         return await self._storage.expire(now)
 
     async def steps_after(self, user_id: int, start_us: int) -> int:
-        """Steps whose event time falls in [start, start + window): the outcome."""
+        """Steps in [start, start + window) by the steps rule (timeline/steps.py): the outcome."""
         return await steps_in_window(
             self._timeline, user_id, start_us, self._catalog.policy.outcome_window_us
         )

@@ -24,6 +24,8 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+from pulsesync import kinds
+from pulsesync.kinds import category_name
 from pulsesync.server.cli import _when, add_storage_flags, config_from
 from pulsesync.server.clock import SystemClock
 from pulsesync.server.errors import InvalidArgument
@@ -34,22 +36,13 @@ from pulsesync.server.privacy.export import read_archive, verify_archive, write_
 from pulsesync.server.storage.backend import open_storage
 from pulsesync.server.storage.db import Database
 from pulsesync.server.storage.sqlite.privacy import SqlitePrivacyStorage
-from pulsesync.v1 import common_pb2
-
-_PREFIX = "CONSENT_CATEGORY_"
-
-
-def category_name(category: int) -> str:
-    """ "behavior", "activity", ... for a ConsentCategory value."""
-    return common_pb2.ConsentCategory.Name(category).removeprefix(_PREFIX).lower()  # type: ignore[arg-type]
 
 
 def parse_category(text: str) -> int:
     """A ConsentCategory from "behavior", "ACTIVITY" or "CONSENT_CATEGORY_SYNC"."""
-    name = text.strip().upper().removeprefix(_PREFIX)
-    for category in CATEGORIES:
-        if common_pb2.ConsentCategory.Name(category) == _PREFIX + name:
-            return category
+    category = kinds.parse_category(text)
+    if category is not None:
+        return category
     raise InvalidArgument(
         f"unknown consent category {text!r}; use one of "
         + ", ".join(category_name(c) for c in CATEGORIES),

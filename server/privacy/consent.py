@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
-from pulsesync.kinds import CATEGORY_OF_KIND
+from pulsesync.kinds import CATEGORY_OF_KIND, CONSENT_CATEGORIES
 from pulsesync.server.clock import Clock
 from pulsesync.server.errors import InvalidArgument
 from pulsesync.server.storage.consent import ConsentStorage
@@ -21,9 +21,7 @@ from pulsesync.v1 import common_pb2
 
 __all__ = ["CATEGORIES", "CATEGORY_OF_KIND", "ConsentState", "ConsentStore"]
 
-CATEGORIES: Final = tuple(
-    v for v in common_pb2.ConsentCategory.values() if v != common_pb2.CONSENT_CATEGORY_UNSPECIFIED
-)
+CATEGORIES: Final = CONSENT_CATEGORIES
 
 CURRENT_POLICY_VERSION: Final = "2026-11"
 

@@ -23,7 +23,9 @@ from typing import Any, Final
 from cryptography.exceptions import InvalidTag
 from google.protobuf import json_format
 
+from pulsesync import profile_document as document
 from pulsesync.hlc import HybridClock
+from pulsesync.profile_document import SERVER_NODE, Entry, State
 from pulsesync.server.clock import Clock
 from pulsesync.server.errors import (
     Aborted,
@@ -31,10 +33,9 @@ from pulsesync.server.errors import (
     NotFound,
     PulseSyncError,
     ResourceExhausted,
+    document_refusals,
 )
-from pulsesync.server.profiles import document
 from pulsesync.server.profiles.crypto import ProfileIntegrityError, Sealer, profile_aad
-from pulsesync.server.profiles.document import SERVER_NODE, Entry, State
 from pulsesync.server.profiles.keys import DataKeys, KeyTaken
 from pulsesync.server.profiles.layout import UsageRanker
 from pulsesync.server.profiles.watch import ProfileWatches
@@ -137,7 +138,8 @@ class ProfileStore:
     ) -> UpdateResult:
         """Merge a device's stamped edits (values in `profile`) and commit a new version."""
         max_wall = self.clock.now_us() // 1000 + MAX_FUTURE_SKEW_MS
-        delta = document.delta_of(profile, edits, node_id=device_id, max_wall_ms=max_wall)
+        with document_refusals():
+            delta = document.delta_of(profile, edits, node_id=device_id, max_wall_ms=max_wall)
         return await self._commit(user_id, delta, base_version=base_version, device_id=device_id)
 
     async def edit(
@@ -155,7 +157,8 @@ class ProfileStore:
             delta[path] = Entry(self.hlc.tick(), values.get(path))
         if not delta:
             return UpdateResult(await self.get(user_id), (), False)
-        document.validate(draft, delta)
+        with document_refusals():
+            document.validate(draft, delta)
         return await self._commit(user_id, delta, base_version=head.version, device_id=SERVER_NODE)
 
     async def _commit(

@@ -32,7 +32,7 @@ BUSY_TIMEOUT_MS: Final = 10_000
 # Bytes per database page, for new databases (an existing file keeps its own). Ingest appends
 # ~150-byte rows to two b-trees (events and its per-user time index); 16 KiB pages take them
 # with a quarter of the page splits and WAL frames of SQLite's 4 KiB default: a writer measured
-# alone inserts ~17% faster (docs/benchmarks.md, Ingest).
+# alone inserts ~17% faster (docs/benchmarks-history.md, Ingest).
 PAGE_SIZE: Final = 16384
 _MIGRATION_NAME: Final = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 

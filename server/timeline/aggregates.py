@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
 from pulsesync.hrv import pooled_rmssd_ms
+from pulsesync.server.timeline.steps import StepMinutes
 from pulsesync.v1 import events_pb2
 
 if TYPE_CHECKING:
@@ -38,7 +39,6 @@ class ActivityBucket:
 
 @dataclass(slots=True)
 class _Acc:
-    steps: int = 0
     bpm_sum: int = 0
     bpm_n: int = 0
     # RR intervals per (device, sensor): successive differences only make sense within one
@@ -57,20 +57,23 @@ def summarize_events(
 ) -> list[ActivityBucket]:
     """Buckets covering [start_us, end_us) from events in timeline order.
 
+    Steps follow the rule in timeline/steps.py (per minute, the largest device's count), so
+    Steps events over `steps.event_span(start_us, end_us)` are read, even just outside the range.
     counts (bucket index -> events) overrides the event counts when the caller passed only
     the kinds in SUMMARY_KINDS but knows how many events of every kind each bucket holds.
     """
     n_buckets = max(0, -(-(end_us - start_us) // bucket_us))
     accs = [_Acc() for _ in range(n_buckets)]
+    minutes = StepMinutes()
     for ev in events:
+        which = ev.event.WhichOneof("payload")
+        if which == "steps":
+            minutes.add(ev.device_id, ev.t_us, ev.event.steps.count)
         if not start_us <= ev.t_us < end_us:
             continue
         acc = accs[(ev.t_us - start_us) // bucket_us]
         acc.count += 1
-        which = ev.event.WhichOneof("payload")
-        if which == "steps":
-            acc.steps += ev.event.steps.count
-        elif which == "heart_rate":
+        if which == "heart_rate":
             hr = ev.event.heart_rate
             if hr.bpm:
                 acc.bpm_sum += hr.bpm
@@ -86,11 +89,13 @@ def summarize_events(
     return [
         ActivityBucket(
             start_us=start_us + i * bucket_us,
-            steps=acc.steps,
+            steps=steps,
             mean_heart_rate_bpm=acc.bpm_sum / acc.bpm_n if acc.bpm_n else 0.0,
             hrv_rmssd_ms=pooled_rmssd_ms(acc.rr.values()) or 0.0,
             app_time_us=dict(acc.app_us),
             event_count=acc.count if counts is None else counts.get(i, 0),
         )
-        for i, acc in enumerate(accs)
+        for i, (acc, steps) in enumerate(
+            zip(accs, minutes.per_bucket(start_us, end_us, bucket_us), strict=True)
+        )
     ]

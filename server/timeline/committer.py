@@ -1,6 +1,6 @@
 """The ingest writer process: group commit of validated batches into SQLite.
 
-    python -m pulsesync.server.timeline.committer DB_PATH CONTROL_FD BUSY_TIMEOUT_MS LOG_FORMAT
+    python -m pulsesync.server.timeline.committer DB_PATH CONTROL_FD BUSY_TIMEOUT_MS LOG_FORMAT [HOOK]
 
 The server starts this process (see writer.GroupCommitWriter) and talks to it over pipes:
 
@@ -8,9 +8,9 @@ The server starts this process (see writer.GroupCommitWriter) and talks to it ov
   received_us, rows, quarantine, in_order, clock_offset_us)` and
   `("forget", device_pk)` (the device's rows were erased: drop its cached high-water mark);
 * stdout carries one framed reply per transaction: `(commits, results)`, a result being
-  `(token, inserted, duplicates, conflicts, summary)` or `(token, error_message)`, where
-  `inserted` is None when every row was inserted, else the indexes of the inserted rows, and
-  `summary` is what the nudge features fold of those rows (see summary.py);
+  `(token, inserted, duplicates, conflicts, derived, watermark)` or `(token, error_message)`,
+  where `inserted` is None when every row was inserted, else the indexes of the inserted rows,
+  and `derived` is what the commit hook made of those rows (None without a hook);
 * CONTROL_FD is a pipe on which the server writes b"1" while one of its own transactions
   (profiles, consent, devices, erasure) holds the database and b"0" after: the writer lets
   those go first instead of leaving them to SQLite's busy handler, which sleeps 1, 2, 5... ms
@@ -35,15 +35,22 @@ below it stored, quarantined or refused for good. It is written to devices.ack_w
 the same transaction as the rows, and each batch's reply carries it, so an ack never covers a
 seq the server has not received, nor one that is not yet durable.
 
+The commit hook: HOOK names a function ("package.module:function") that the process calls on
+each batch's inserted rows right after the commit, `hook(rows, device_pk)`, returning anything
+`marshal` carries. Its result travels with the batch's answer and onto the server's event bus
+(`CommittedBatch.derived`), so a consumer can move per-row work off the event loop onto this
+process's core without the writer knowing about it; the composition root chooses the hook.
+
 At startup this module imports the standard library, the row type of `bus`, the log format of
-`logs`, and `summary` with the event protobufs (~15 ms), so that the process starts fast.
-LOG_FORMAT is the server's: "json" (one JSON object per line, as `pulsesync serve` logs) or
-"text".
+`logs`, and the hook's module (~15 ms with the event protobufs), so that the process starts
+fast. LOG_FORMAT is the server's: "json" (one JSON object per line, as `pulsesync serve` logs)
+or "text".
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import itertools
 import logging
 import marshal
@@ -54,15 +61,19 @@ import sqlite3
 import struct
 import sys
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import IO, Any, Final
 
-from pulsesync.server.bus import CommittedRow
+from pulsesync.server.bus import ROW_BODY, ROW_SEQ, CommittedRow
 from pulsesync.server.logs import setup_logging
-from pulsesync.server.timeline.summary import summarize
 from pulsesync.v1 import events_pb2
 
 log = logging.getLogger("pulsesync.server.timeline.committer")
+
+# What a commit hook is given (a batch's inserted rows and its device) and returns.
+CommitHook = Callable[[Sequence[CommittedRow], int], Any]
 
 # Events per transaction. A transaction holds the write lock while it runs: ~20k rows is
 # ~0.1-0.2 s of SQLite work, which bounds the ack latency a burst can add while still
@@ -98,6 +109,8 @@ MAX_SEQ: Final = 2**63 - 1
 EventRow = CommittedRow
 # (user_id, device_pk, seq, event_id, reason, detail, received_us, body)
 QuarantineRow = tuple[int, int, int, str, str, str, int, bytes]
+_Q_SEQ: Final = 2  # a QuarantineRow's seq
+_SEQ_OF: Final = itemgetter(ROW_SEQ)  # a row's seq, in one C-level pass over a batch
 # (user_id, device_pk, seq_low, seq_high, commit_us): a run of consecutive seqs one commit
 # inserted, for the timeline's change feed (0008_event_changes.sql).
 ChangeRow = tuple[int, int, int, int, int]
@@ -175,15 +188,15 @@ class Watermark:
             and not b.settled
             and b.in_order
             and n
-            and rows[0][2] == self.through + 1
-            and rows[-1][2] - rows[0][2] == n - 1
+            and rows[0][ROW_SEQ] == self.through + 1
+            and rows[-1][ROW_SEQ] - rows[0][ROW_SEQ] == n - 1
         ):
-            self.through = rows[-1][2]
+            self.through = rows[-1][ROW_SEQ]
             return
         through = self.through
         above = self.above
-        above.update(r[2] for r in rows if r[2] > through)
-        above.update(q[2] for q in b.quarantine if through < q[2] < MAX_SEQ)
+        above.update(r[ROW_SEQ] for r in rows if r[ROW_SEQ] > through)
+        above.update(q[_Q_SEQ] for q in b.quarantine if through < q[_Q_SEQ] < MAX_SEQ)
         above.update(s for s in b.settled if through < s < MAX_SEQ)
         while through + 1 in above:
             through += 1
@@ -299,12 +312,12 @@ class Committer:
                     hwm = self._hwm.get(dev)
                     if hwm is None:
                         hwm = _load_hwm(conn, dev)
-                if b.in_order and (not b.rows or b.rows[0][2] > hwm):
+                if b.in_order and (not b.rows or b.rows[0][ROW_SEQ] > hwm):
                     rows.extend(b.rows)
-                    changes.extend(change_runs(b, [r[2] for r in b.rows]))
+                    changes.extend(change_runs(b, list(map(_SEQ_OF, b.rows))))
                     results.append(Stored(None, 0, []))
                     if b.rows:
-                        hwm = b.rows[-1][2]
+                        hwm = b.rows[-1][ROW_SEQ]
                 else:
                     # Lookups must see this group's earlier rows: write them first.
                     if rows:
@@ -314,7 +327,7 @@ class Committer:
                     assert stored.inserted is not None
                     inserted = [b.rows[i] for i in stored.inserted]
                     rows.extend(inserted)
-                    changes.extend(change_runs(b, sorted(r[2] for r in inserted)))
+                    changes.extend(change_runs(b, sorted(r[ROW_SEQ] for r in inserted)))
                     results.append(stored)
                     quarantine.extend(
                         (
@@ -325,13 +338,13 @@ class Committer:
                             "SEQUENCE_CONFLICT",
                             detail,
                             b.received_us,
-                            b.rows[i][5],
+                            b.rows[i][ROW_BODY],
                         )
                         for (seq, event_id, detail), i in zip(
                             stored.conflicts, stored.conflicting, strict=True
                         )
                     )
-                    hwm = max([hwm, *(r[2] for r in inserted)])
+                    hwm = max([hwm, *(r[ROW_SEQ] for r in inserted)])
                 tentative[dev] = hwm
                 quarantine.extend(b.quarantine)
                 mark = marks.get(dev)
@@ -434,7 +447,7 @@ def _load_mark(conn: sqlite3.Connection, b: Batch) -> Watermark:
 
 def _dedupe(conn: sqlite3.Connection, b: Batch, hwm: int) -> Stored:
     """The slow path: some seqs are at or below the mark, or the batch is out of order."""
-    below = sorted({r[2] for r in b.rows if r[2] <= hwm})
+    below = sorted({r[ROW_SEQ] for r in b.rows if r[ROW_SEQ] <= hwm})
     stored: dict[int, str] = {}
     for i in range(0, len(below), _LOOKUP_CHUNK):
         chunk = below[i : i + _LOOKUP_CHUNK]
@@ -448,8 +461,8 @@ def _dedupe(conn: sqlite3.Connection, b: Batch, hwm: int) -> Stored:
     conflicts: list[ConflictRow] = []
     conflicting: list[int] = []
     for i, row in enumerate(b.rows):
-        seq = row[2]
-        event_id = events_pb2.Event.FromString(row[5]).event_id
+        seq = row[ROW_SEQ]
+        event_id = events_pb2.Event.FromString(row[ROW_BODY]).event_id
         prior = stored.get(seq)
         if prior is None:
             inserted.append(i)
@@ -461,7 +474,7 @@ def _dedupe(conn: sqlite3.Connection, b: Batch, hwm: int) -> Stored:
                 (seq, event_id, f"seq {seq} already holds event {prior!r}; seqs must not be reused")
             )
             conflicting.append(i)
-    inserted.sort(key=lambda i: b.rows[i][2])
+    inserted.sort(key=lambda i: b.rows[i][ROW_SEQ])
     return Stored(inserted, duplicates, conflicts, conflicting)
 
 
@@ -502,8 +515,21 @@ def _read_requests(stream: IO[bytes], into: queue.SimpleQueue[Any]) -> None:
         into.put(None)
 
 
+def load_hook(name: str) -> CommitHook | None:
+    """The function a hook name ("package.module:function") names; None for no name."""
+    if not name:
+        return None
+    module, _, attr = name.partition(":")
+    hook: CommitHook = getattr(importlib.import_module(module), attr)
+    return hook
+
+
 def serve(
-    conn: sqlite3.Connection, control_fd: int, requests: IO[bytes], replies: IO[bytes]
+    conn: sqlite3.Connection,
+    control_fd: int,
+    requests: IO[bytes],
+    replies: IO[bytes],
+    hook: CommitHook | None = None,
 ) -> None:
     """Commit the requests on `requests` and answer on `replies` until `requests` ends."""
     wait_turn = _Turn(control_fd).wait
@@ -545,7 +571,14 @@ def serve(
             reply = [
                 (token, f"{type(r).__name__}: {r}")
                 if isinstance(r, BaseException)
-                else (token, r.inserted, r.duplicates, r.conflicts, _summary(b, r), r.watermark)
+                else (
+                    token,
+                    r.inserted,
+                    r.duplicates,
+                    r.conflicts,
+                    _derive(hook, b, r),
+                    r.watermark,
+                )
                 for token, b, r in zip(tokens, group, results, strict=True)
             ]
             replies.write(frame((committer.commits - commits, reply)))
@@ -554,19 +587,22 @@ def serve(
         committer.conn.close()
 
 
-def _summary(batch: Batch, stored: Stored) -> tuple[Any, ...] | None:
-    """The summary of the rows the commit inserted, for the features; None if it fails
-    (the server then summarizes them itself)."""
+def _derive(hook: CommitHook | None, batch: Batch, stored: Stored) -> Any:
+    """The hook's result for the rows the commit inserted; None without a hook, or if it fails
+    (its consumer then works from the rows; the commit stands either way)."""
+    if hook is None:
+        return None
     rows = batch.rows if stored.inserted is None else [batch.rows[i] for i in stored.inserted]
     try:
-        return summarize(rows, batch.device_pk)
+        return hook(rows, batch.device_pk)
     except Exception:
-        log.exception("could not summarize a committed batch", extra={"device": batch.device_pk})
+        log.exception("the commit hook failed on a batch", extra={"device": batch.device_pk})
         return None
 
 
 def main(argv: list[str]) -> int:
     path, control_fd, busy_timeout_ms, log_format = argv[0], int(argv[1]), int(argv[2]), argv[3]
+    hook_name = argv[4] if len(argv) > 4 else ""
     # The server's format ("json" lines or "text"), on the stderr it shares with the server.
     setup_logging("warning", json_lines=log_format == "json")
     # Ctrl-C in a terminal and a service manager's SIGTERM reach the whole process group: the
@@ -581,7 +617,13 @@ def main(argv: list[str]) -> int:
         log.exception("the ingest writer could not open the database", extra={"path": path})
         return 1
     try:
-        serve(conn, control_fd, sys.stdin.buffer, sys.stdout.buffer)
+        hook = load_hook(hook_name)
+    except (ImportError, AttributeError):
+        log.exception("the ingest writer could not load its commit hook", extra={"hook": hook_name})
+        conn.close()
+        return 1
+    try:
+        serve(conn, control_fd, sys.stdin.buffer, sys.stdout.buffer, hook)
     except BrokenPipeError:  # the server is gone
         return 1
     return 0

@@ -21,6 +21,7 @@ from typing import Final
 
 import grpc
 
+from pulsesync import wire
 from pulsesync.kinds import CATEGORY_OF_KIND
 from pulsesync.server.bus import CommittedBatch
 from pulsesync.server.context import AppContext
@@ -38,9 +39,8 @@ from pulsesync.server.timeline.validate import (
     PAYLOAD_CHECKS,
     SHORT_EVENT_CHECKS,
     Problem,
-    check_envelope,
     check_time,
-    no_payload,
+    validate_event,
 )
 from pulsesync.server.timeline.writer import (
     EventRow,
@@ -49,14 +49,12 @@ from pulsesync.server.timeline.writer import (
     PendingBatch,
     QuarantineRow,
 )
+from pulsesync.timeutil import US_PER_HOUR, US_PER_MS, US_PER_S, timestamp_us
 from pulsesync.v1 import common_pb2, events_pb2, ingest_pb2
 
 log = logging.getLogger(__name__)
 
-# An agent sends at most a few hundred events per batch. 5000 keeps one batch's validation
-# (~10-20 ms) from stalling other streams on the event loop and its serialized size (a few
-# hundred KiB) far below the 16 MiB message limit, while leaving a backlog room to drain fast.
-MAX_BATCH_EVENTS: Final = 5000
+MAX_BATCH_EVENTS: Final = wire.MAX_BATCH_EVENTS
 
 _INVALID: Final = ingest_pb2.REJECTION_REASON_INVALID
 _NO_CONSENT: Final = ingest_pb2.REJECTION_REASON_CONSENT_NOT_GRANTED
@@ -77,24 +75,34 @@ def _allowed_payloads(granted: frozenset[int]) -> frozenset[str]:
     )
 
 
-def _slow_problem(
-    ev: events_pb2.Event, which: str | None, t_us: int, received_us: int
+def problem_of(
+    ev: events_pb2.Event, which: str | None, body_size: int, t_us: int, received_us: int
 ) -> Problem | None:
-    """All checks of an event off the fast path (a missing or odd field), in their order."""
+    """`validate_event`, with the checks skipped that a common event provably passes.
+
+    An event with an id, a seq, a device time and a payload has a sound envelope without
+    reading it again, and one whose serialized body is short cannot break a length limit
+    (SHORT_EVENT_CHECKS). Anything odd takes the full definition. tests/server/timeline/
+    test_validation_paths.py holds the two equal.
+    """
+    dt = ev.device_time
+    seconds = dt.seconds
+    seq = ev.seq
     event_id = ev.event_id
     if (
-        not event_id
-        or len(event_id) > MAX_EVENT_ID_LENGTH
-        or not 0 < ev.seq <= MAX_SEQ
-        or not ev.HasField("device_time")
+        seconds  # a set device_time (an unset one reads 0) past 1970: the fast path
+        and 0 < seq <= MAX_SEQ
+        and event_id
+        and len(event_id) <= MAX_EVENT_ID_LENGTH
+        and 0 <= dt.nanos < _NANOS
+        and which is not None
     ):
-        return check_envelope(ev)
-    if which is None:
-        return no_payload()
-    problem = check_time(t_us, received_us) or PAYLOAD_CHECKS[which](ev)
-    if problem is None and not 0 <= ev.device_time.nanos < _NANOS:
-        problem = check_envelope(ev)
-    return problem
+        if received_us - MAX_AGE_US <= t_us <= received_us + MAX_FUTURE_US:
+            return (SHORT_EVENT_CHECKS if body_size <= MAX_NAME_LENGTH else PAYLOAD_CHECKS)[which](
+                ev
+            )
+        return check_time(t_us, received_us)
+    return validate_event(ev, t_us, received_us)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,9 +136,10 @@ class Prepared:
 class IngestPipeline:
     """Turns upload batches into stored events and acks; one per server."""
 
-    def __init__(self, app: AppContext) -> None:
+    def __init__(self, app: AppContext, commit_hook: str = "") -> None:
+        """commit_hook: what the writer process runs on each committed batch (GroupCommitWriter)."""
         self.app = app
-        self.writer = GroupCommitWriter(app.db, app.metrics.ingest_commits.inc)
+        self.writer = GroupCommitWriter(app.db, commit_hook, app.metrics.ingest_commits.inc)
         self.skew = SkewEstimator()
         self._persisted_offset: dict[int, int] = {}
         self._devices_of_user: dict[int, set[int]] = {}
@@ -214,7 +223,7 @@ class IngestPipeline:
                 Refusal(
                     "IMPLAUSIBLE_SENT_TIME",
                     "the batch's sent_time is more than "
-                    f"{MAX_OFFSET_US // 3_600_000_000} hours away from the server's clock; "
+                    f"{MAX_OFFSET_US // US_PER_HOUR} hours away from the server's clock; "
                     "set the device clock (network time) and send it again",
                 ),
             )
@@ -234,9 +243,6 @@ class IngestPipeline:
         in_order = True
         kind_of = _KIND_OF
         add_row = rows.append
-        # check_time's bounds, for the fast path to compare inline.
-        earliest_us = received_us - MAX_AGE_US
-        latest_us = received_us + MAX_FUTURE_US
         problem: Problem | None
         for ev, body in zip(events, received.bodies, strict=True):
             seq = ev.seq
@@ -260,25 +266,8 @@ class IngestPipeline:
                 continue
             event_id = ev.event_id
             dt = ev.device_time
-            seconds = dt.seconds
-            nanos = dt.nanos
-            t_us = seconds * 1_000_000 + nanos // 1000 + offset
-            if (
-                seconds  # a set device_time (an unset one reads 0) past 1970: the fast path
-                and 0 < seq <= MAX_SEQ
-                and event_id
-                and len(event_id) <= MAX_EVENT_ID_LENGTH
-                and 0 <= nanos < _NANOS
-                and which is not None
-            ):
-                if earliest_us <= t_us <= latest_us:
-                    problem = (
-                        SHORT_EVENT_CHECKS if len(body) <= MAX_NAME_LENGTH else PAYLOAD_CHECKS
-                    )[which](ev)
-                else:
-                    problem = check_time(t_us, received_us)
-            else:
-                problem = _slow_problem(ev, which, t_us, received_us)
+            t_us = dt.seconds * US_PER_S + dt.nanos // US_PER_MS + offset
+            problem = problem_of(ev, which, len(body), t_us, received_us)
             if problem is not None:
                 quarantine.append(
                     (
@@ -326,11 +315,11 @@ class IngestPipeline:
     @staticmethod
     def _plausible(received_us: int, batch: ingest_pb2.EventBatch) -> bool:
         st = batch.sent_time
-        return SkewEstimator.plausible(received_us, st.seconds * 1_000_000 + st.nanos // 1000)
+        return SkewEstimator.plausible(received_us, timestamp_us(st))
 
     def _observe(self, dev: int, received_us: int, batch: ingest_pb2.EventBatch) -> int:
         st = batch.sent_time
-        return self.skew.observe(dev, received_us, st.seconds * 1_000_000 + st.nanos // 1000)
+        return self.skew.observe(dev, received_us, timestamp_us(st))
 
     async def finish(self, me: Identity, p: Prepared) -> ingest_pb2.UploadResponse:
         """Wait for the batch's commit, publish its events and build the ack."""
@@ -374,6 +363,6 @@ class IngestPipeline:
         self._m_batch_ok.inc()
         if outcome.inserted:
             # The inserted rows are in CommittedEvent's field order: published as they are.
-            self.app.bus.publish(me.user_id, CommittedBatch(outcome.inserted, outcome.summary))
+            self.app.bus.publish(me.user_id, CommittedBatch(outcome.inserted, outcome.derived))
         self.app.metrics.ack_latency.observe(time.perf_counter() - p.received_at)
         return resp

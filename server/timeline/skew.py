@@ -17,19 +17,21 @@ from __future__ import annotations
 from collections import deque
 from typing import Final
 
+from pulsesync.timeutil import US_PER_HOUR, US_PER_MIN
+
 # 64 samples at the agents' batching rate span minutes: enough for one quick delivery to be
 # among them, few enough that the minimum is cheap to recompute.
 WINDOW_SAMPLES: Final = 64
 # Older samples are dropped so that a clock the device corrected (NTP step) is followed
 # within ten minutes.
-WINDOW_US: Final = 10 * 60 * 1_000_000
+WINDOW_US: Final = 10 * US_PER_MIN
 # Device clocks are set by the network or NTP; one more than 12 hours away from the server (in
 # UTC, so time zones play no part) is broken rather than skewed, and correcting its times by
 # such an offset would place its events on the wrong day.
-MAX_OFFSET_US: Final = 12 * 3600 * 1_000_000
+MAX_OFFSET_US: Final = 12 * US_PER_HOUR
 # A drop of the minimum by more than this is a jump of the device clock (or a bad value), not
 # a quicker delivery: delays on a working network vary by far less than a minute.
-JUMP_US: Final = 60 * 1_000_000
+JUMP_US: Final = US_PER_MIN
 # Consecutive samples that must agree on a jump before it is adopted.
 CONFIRM_SAMPLES: Final = 3
 

@@ -2,7 +2,7 @@
 
     store = TimelineStore(storage.timeline)
     events = await store.events(user_id, start_us, end_us, kinds={EVENT_KIND_STEPS})
-    buckets = await store.summarize(user_id, start_us, end_us, bucket_us=60_000_000)
+    buckets = await store.summarize(user_id, start_us, end_us, bucket_us=US_PER_MIN)
 
 Events come back in the timeline's order: corrected time, then device, then sequence number,
 so late and out-of-order arrivals sit where they happened. Every query is scoped by user_id.
@@ -21,6 +21,7 @@ from pulsesync.server.storage.timeline import (
     UploadState,
 )
 from pulsesync.server.timeline.aggregates import SUMMARY_KINDS, ActivityBucket, summarize_events
+from pulsesync.server.timeline.steps import event_span
 
 __all__ = [
     "ActivityBucket",
@@ -96,5 +97,9 @@ class TimelineStore:
         if (end_us - start_us) // bucket_us > MAX_SUMMARY_BUCKETS:
             raise ValueError(f"more than {MAX_SUMMARY_BUCKETS} buckets; use wider buckets")
         counts = await self._storage.bucket_counts(user_id, start_us, end_us, bucket_us)
-        relevant = await self.events(user_id, start_us, end_us, kinds=SUMMARY_KINDS)
+        # Steps near the ends may count in the range's minutes (timeline/steps.py).
+        lo, hi = event_span(start_us, end_us)
+        relevant = await self.events(
+            user_id, min(lo, start_us), max(hi, end_us), kinds=SUMMARY_KINDS
+        )
         return summarize_events(relevant, start_us, end_us, bucket_us, counts)

@@ -14,6 +14,8 @@ from typing import Final
 
 from google.protobuf import duration_pb2
 
+from pulsesync.limits import MAX_BPM, MAX_CADENCE_PER_MIN, MAX_RR_MS, MAX_SPEED_M_PER_S
+from pulsesync.timeutil import US_PER_DAY, US_PER_MIN, US_PER_MS, US_PER_S
 from pulsesync.v1 import events_pb2
 
 # event_id is a UUID (36 characters); 64 leaves room for other id schemes without letting a
@@ -22,26 +24,18 @@ MAX_EVENT_ID_LENGTH: Final = 64
 # App, screen, feature and sensor names are identifiers; a search query is free text.
 MAX_NAME_LENGTH: Final = 256
 MAX_QUERY_LENGTH: Final = 1024
-# A resting human heart does not go below ~25 bpm and no heart beats 300 times a minute: 0 means
-# "no reading" and anything above 300 is a decoding error (the BLE field allows 65535).
-MAX_BPM: Final = 300
-# 3 s between beats is 20 bpm, already below any real reading; an RR of 0 is a decoding error.
-MAX_RR_MS: Final = 3000.0
 # A Heart Rate Measurement notification holds at most ~9 RR values; a batch of them from a
 # bridge that buffered is still far below this.
 MAX_RR_PER_EVENT: Final = 256
 # Steps and app durations are per event (an interval); a day is already implausible.
 MAX_STEPS_PER_EVENT: Final = 100_000
-MAX_DURATION_US: Final = 24 * 3600 * 1_000_000
-# Cadence beyond 1000 per minute or speed beyond 100 m/s are sensor garbage, not athletes.
-MAX_CADENCE_PER_MIN: Final = 1000.0
-MAX_SPEED_M_PER_S: Final = 100.0
+MAX_DURATION_US: Final = US_PER_DAY
 # Corrected event times may run slightly ahead of the server (skew estimates are not exact)
 # but not by more than this.
-MAX_FUTURE_US: Final = 5 * 60 * 1_000_000
+MAX_FUTURE_US: Final = 5 * US_PER_MIN
 # Older than this is not "late", it is a replayed archive or a clock reset to an old date: it
 # would fall outside every retention window and every summary anyone asks for.
-MAX_AGE_US: Final = 400 * 86_400 * 1_000_000
+MAX_AGE_US: Final = 400 * US_PER_DAY
 _NANOS: Final = 1_000_000_000
 
 
@@ -79,7 +73,7 @@ def _bad_duration(what: str, d: duration_pb2.Duration) -> Problem | None:
     s, n = d.seconds, d.nanos
     if s < 0 or n < 0:
         return Problem("NEGATIVE_DURATION", f"{what} is negative")
-    if n >= _NANOS or s * 1_000_000 + n // 1000 > MAX_DURATION_US:
+    if n >= _NANOS or s * US_PER_S + n // US_PER_MS > MAX_DURATION_US:
         return Problem("VALUE_OUT_OF_RANGE", f"{what} is longer than 24 hours")
     return None
 
@@ -321,7 +315,7 @@ def check_time(t_us: int, now_us: int) -> Problem | None:
 
 
 def _human(us: int) -> str:
-    seconds = us / 1_000_000
+    seconds = us / US_PER_S
     if seconds >= 2 * 86_400:
         return f"{seconds / 86_400:.0f} days"
     if seconds >= 2 * 3600:
@@ -329,3 +323,20 @@ def _human(us: int) -> str:
     if seconds >= 120:
         return f"{seconds / 60:.0f} minutes"
     return f"{seconds:.0f} seconds"
+
+
+def validate_event(e: events_pb2.Event, t_us: int, now_us: int) -> Problem | None:
+    """The first problem of an uploaded event, or None: the definition every path must match.
+
+    In order: the envelope (id, seq, device time), a known payload, the corrected time t_us
+    against the server's now_us, then the payload's own checks. Ingest's fast path
+    (timeline/ingest.py `problem_of`) skips the checks it can prove pass; a property test
+    holds it equal to this.
+    """
+    which = e.WhichOneof("payload")
+    return (
+        check_envelope(e)
+        or (no_payload() if which is None else None)
+        or check_time(t_us, now_us)
+        or PAYLOAD_CHECKS[which or ""](e)
+    )

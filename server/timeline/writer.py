@@ -57,7 +57,7 @@ class Outcome:
     inserted: list[EventRow]
     duplicates: int
     conflicts: list[Conflict]
-    summary: tuple[Any, ...] | None  # of the inserted rows (see summary.py)
+    derived: Any  # what the commit hook made of the inserted rows, or None
     watermark: int = 0  # the device's contiguous ack watermark after the commit
 
 
@@ -77,9 +77,17 @@ class WriterClosed(RuntimeError):
 class GroupCommitWriter:
     """Sends every ingest write to the writer process, which shares commits between batches."""
 
-    def __init__(self, db: Database, on_commits: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self,
+        db: Database,
+        commit_hook: str = "",
+        on_commits: Callable[[int], None] | None = None,
+    ) -> None:
+        """commit_hook: a function the writer process runs on each batch's inserted rows, by
+        name ("package.module:function", see committer.py); its result is Outcome.derived.
+        on_commits: told how many transactions the process committed with each answer."""
         self._db = db
-        # Told how many transactions the process committed with each answer (a metric).
+        self._hook = commit_hook
         self._on_commits = on_commits
         self._proc: asyncio.subprocess.Process | None = None
         self._turn: int | None = None  # our end of the process's control pipe
@@ -158,6 +166,7 @@ class GroupCommitWriter:
                 str(turn_r),
                 str(BUSY_TIMEOUT_MS),
                 "json" if uses_json_lines() else "text",
+                self._hook,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 pass_fds=(turn_r,),
@@ -223,10 +232,10 @@ class GroupCommitWriter:
         if len(result) == 2:
             batch.future.set_exception(RuntimeError(f"storing the batch failed: {result[1]}"))
             return
-        _, inserted, duplicates, conflicts, summary, watermark = result
+        _, inserted, duplicates, conflicts, derived, watermark = result
         rows = batch.rows if inserted is None else [batch.rows[i] for i in inserted]
         batch.future.set_result(
-            Outcome(rows, duplicates, [Conflict(*c) for c in conflicts], summary, watermark),
+            Outcome(rows, duplicates, [Conflict(*c) for c in conflicts], derived, watermark),
         )
 
     def _fail_waiting(self, why: str) -> None:

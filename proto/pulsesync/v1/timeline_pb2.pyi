@@ -153,6 +153,12 @@ class ActivityBucket(_message.Message):
     APP_TIME_FIELD_NUMBER: _builtins.int
     EVENT_COUNT_FIELD_NUMBER: _builtins.int
     steps: _builtins.int
+    """Steps taken in the bucket, by the one steps rule the nudge features and outcomes also
+    use: a Steps event's count belongs to the minute ending at or after its time; within a
+    minute each device's counts are summed and the minute takes the largest device's sum (a
+    phone and a watch counting one walk count it once); a bucket holds the minutes that start
+    in it, its bounds rounded down to whole minutes, so the buckets of a range add up to it.
+    """
     mean_heart_rate_bpm: _builtins.float
     """Mean heart rate over the bucket's heart-rate samples; 0 when there are none."""
     hrv_rmssd_ms: _builtins.float

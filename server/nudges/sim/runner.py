@@ -37,7 +37,7 @@ from pulsesync.server.nudges.sim.behavior import (
     response_walk,
 )
 from pulsesync.server.nudges.training import evaluate_candidate, promote_if_better, train_candidate
-from pulsesync.timeutil import timestamp as _ts
+from pulsesync.timeutil import US_PER_MIN, US_PER_S, timestamp
 from pulsesync.v1 import (
     common_pb2,
     devices_pb2,
@@ -49,8 +49,8 @@ from pulsesync.v1 import (
     nudges_pb2_grpc,
 )
 
-START: Final = int(datetime(2026, 1, 5, tzinfo=UTC).timestamp() * 1_000_000)  # a Monday
-US_MIN: Final = 60_000_000
+START: Final = int(datetime(2026, 1, 5, tzinfo=UTC).timestamp() * US_PER_S)  # a Monday
+
 BLOCK_MIN: Final = 30  # upload and decide every half hour of simulated time
 NUDGE_SERVICE: Final = "pulsesync.v1.NudgeService"
 
@@ -106,22 +106,22 @@ def _events(
 ) -> list[events_pb2.Event]:
     out = []
     for m in range(lo, hi):
-        t_us = START + (day * 1440 + m + 1) * US_MIN
+        t_us = START + (day * 1440 + m + 1) * US_PER_MIN
         if kind == common_pb2.DEVICE_KIND_WEARABLE_BRIDGE:
             steps = int(d.steps[m] + added[day * 1440 + m])
             if steps > 0:
-                out.append(events_pb2.Event(event_id=str(uuid.uuid4()), device_time=_ts(t_us), steps=events_pb2.Steps(
+                out.append(events_pb2.Event(event_id=str(uuid.uuid4()), device_time=timestamp(t_us), steps=events_pb2.Steps(
                     sensor_id="strap", count=steps, interval=duration_pb2.Duration(seconds=60),
                     source=events_pb2.STEPS_SOURCE_COUNTER)))  # fmt: skip
             if m % 10 == 0 and (steps > 0 or d.device[m]):
                 bpm = 62 + steps // 3
                 rr = [60000.0 / bpm + j for j in (-12.0, 9.0, -7.0, 11.0)]
-                out.append(events_pb2.Event(event_id=str(uuid.uuid4()), device_time=_ts(t_us),
+                out.append(events_pb2.Event(event_id=str(uuid.uuid4()), device_time=timestamp(t_us),
                            heart_rate=events_pb2.HeartRate(sensor_id="strap", bpm=bpm, rr_intervals_ms=rr)))  # fmt: skip
         elif m % 10 == 0:
             want = 1 if kind == common_pb2.DEVICE_KIND_PHONE else 2
             if d.device[m] == want:
-                out.append(events_pb2.Event(event_id=str(uuid.uuid4()), device_time=_ts(t_us),
+                out.append(events_pb2.Event(event_id=str(uuid.uuid4()), device_time=timestamp(t_us),
                            feature_use=events_pb2.FeatureUse(app=d.app[m], feature="main")))  # fmt: skip
     return out
 
@@ -233,7 +233,7 @@ async def run_arm(
                             result.events += len(evs)
                             batch = ingest_pb2.EventBatch(
                                 batch_id=dev.seq,
-                                sent_time=_ts(START + (day * 1440 + hi) * US_MIN),
+                                sent_time=timestamp(START + (day * 1440 + hi) * US_PER_MIN),
                                 events=evs,
                             )
                             calls.append(
@@ -243,7 +243,7 @@ async def run_arm(
                                     timeout=30,
                                 )
                             )
-                    clock.set_us(START + (day * 1440 + hi) * US_MIN)
+                    clock.set_us(START + (day * 1440 + hi) * US_PER_MIN)
                     await asyncio.gather(*calls)
                     result.upload_s += time.perf_counter() - t0
                     if (
@@ -318,7 +318,7 @@ async def run_arm(
                 result.decisions.append(
                     (
                         index_of[d.user_id],
-                        (d.decision_us - START) // US_MIN,
+                        (d.decision_us - START) // US_PER_MIN,
                         d.policy_version,
                         d.options_json,
                         d.chosen,
@@ -367,9 +367,9 @@ async def _latency_probe(
             evs = []
             for _ in range(500):
                 dev.seq += 1
-                evs.append(events_pb2.Event(event_id=str(uuid.uuid4()), seq=dev.seq, device_time=_ts(clock_now - 60 * US_MIN),
+                evs.append(events_pb2.Event(event_id=str(uuid.uuid4()), seq=dev.seq, device_time=timestamp(clock_now - 60 * US_PER_MIN),
                            heart_rate=events_pb2.HeartRate(sensor_id="strap", bpm=70)))  # fmt: skip
-            await ingest.UploadBatch(ingest_pb2.UploadBatchRequest(batch=ingest_pb2.EventBatch(batch_id=dev.seq, sent_time=_ts(clock_now), events=evs)),
+            await ingest.UploadBatch(ingest_pb2.UploadBatchRequest(batch=ingest_pb2.EventBatch(batch_id=dev.seq, sent_time=timestamp(clock_now), events=evs)),
                                      metadata=dev.metadata, timeout=30)  # fmt: skip
             uploaded += len(evs)
 

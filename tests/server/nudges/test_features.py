@@ -8,8 +8,9 @@ import marshal
 import pytest
 
 from pulsesync.server.bus import CommittedBatch
-from pulsesync.server.nudges.features import RECENT_ALPHA, US_PER_MIN, FeatureStore, UserState
-from pulsesync.server.timeline.summary import summarize
+from pulsesync.server.nudges.batch_summary import summarize
+from pulsesync.server.nudges.features import RECENT_ALPHA, FeatureStore, UserState
+from pulsesync.timeutil import US_PER_MIN
 from pulsesync.v1 import events_pb2
 
 T0 = 1_767_225_600_000_000

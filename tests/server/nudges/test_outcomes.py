@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pulsesync.kinds import kind_of
-from pulsesync.server.nudges.engine import steps_in_window
 from pulsesync.server.storage.db import Database
 from pulsesync.server.storage.sqlite.timeline import SqliteTimelineStorage
+from pulsesync.server.timeline.steps import steps_in_window
 from pulsesync.server.timeline.store import TimelineStore
 from tests.server.nudges.support import app_event, steps_event
 
@@ -51,12 +51,15 @@ async def _check(events: list[tuple[int, int, int, int, bool]], start_off: int) 
             got = await steps_in_window(TimelineStore(SqliteTimelineStorage(db)), 1, start, WINDOW)
         finally:
             await db.close()
-    # Independently: per minute, each device's total; the minute counts its larger device.
+    # Independently: a count reported at t is the minute ending at or after t; per minute, each
+    # device's total, and the minute counts its larger device; the window holds the minutes
+    # that start in it (rounded down to whole minutes).
     by_minute: dict[int, list[int]] = {}
     for uid, dev, off, c, s in events:
         t = T0 + off * 1_000_000
-        if uid == 1 and s and start <= t < start + WINDOW:
-            by_minute.setdefault((t - 1) // MIN, [0, 0])[dev] += c
+        minute = -(-t // MIN) - 1
+        if uid == 1 and s and start // MIN <= minute < (start + WINDOW) // MIN:
+            by_minute.setdefault(minute, [0, 0])[dev] += c
     assert got == sum(max(pair) for pair in by_minute.values())
     return got
 

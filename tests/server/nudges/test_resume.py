@@ -11,10 +11,10 @@ from typing import Any
 import grpc
 import pytest
 
+from pulsesync.hlc import Stamp
 from pulsesync.server.app import RunningServer, running_server
 from pulsesync.server.clock import FakeClock
 from pulsesync.server.config import NudgeConfig, ServerConfig
-from pulsesync.server.profiles.hlc import Stamp
 from pulsesync.v1 import common_pb2, nudges_pb2, nudges_pb2_grpc, profiles_pb2, profiles_pb2_grpc
 from tests.server.nudges.support import steps_event, store
 from tests.support.server import pair_device

@@ -9,12 +9,12 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pulsesync import profile_document as document
 from pulsesync.hlc import HybridClock, Stamp
+from pulsesync.profile_document import Entry, State
 from pulsesync.server.clock import FakeClock
 from pulsesync.server.compose import open_profile_store
 from pulsesync.server.config import ServerConfig
-from pulsesync.server.profiles import document
-from pulsesync.server.profiles.document import Entry, State
 from pulsesync.server.storage.db import Database
 from pulsesync.v1 import profiles_pb2
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from pulsesync.server.nudges.batch_summary import COMMIT_HOOK, summarize
 from pulsesync.server.storage.db import Database
 from pulsesync.server.timeline import committer, writer
-from pulsesync.server.timeline.summary import summarize
 from pulsesync.server.timeline.writer import GroupCommitWriter, PendingBatch, WriterClosed
 from pulsesync.v1 import events_pb2
 
@@ -32,7 +32,7 @@ def _batch(device_pk: int, seqs: list[int], ids: list[str] | None = None) -> Pen
 async def test_concurrent_batches_share_one_commit(tmp_path: Path) -> None:
     async with await Database.open(tmp_path / "db.sqlite") as db:
         commits: list[int] = []
-        writer = GroupCommitWriter(db, commits.append)
+        writer = GroupCommitWriter(db, COMMIT_HOOK, commits.append)
         await writer.start()
         # Batches that arrive while one of the server's own transactions runs are committed
         # together after it (without it, how many share a commit depends on timing).
@@ -56,13 +56,13 @@ async def test_concurrent_batches_share_one_commit(tmp_path: Path) -> None:
         assert (len(new.inserted), new.duplicates) == (2, 0)
         assert ([r[2] for r in replay.inserted], replay.duplicates) == ([6], 3)
         assert [c.seq for c in conflict.conflicts] == [2]
-        # Each answer carries the summary of the rows it inserted (times are 1000 + seq).
-        assert new.summary == summarize(new.inserted)
-        assert new.summary is not None
-        assert new.summary[:2] == (1004, 1005)
-        assert replay.summary is not None
-        assert replay.summary[:2] == (1006, 1006)
-        assert conflict.summary is None
+        # Each answer carries what the commit hook made of the rows it inserted (times are 1000 + seq).
+        assert new.derived == summarize(new.inserted)
+        assert new.derived is not None
+        assert new.derived[:2] == (1004, 1005)
+        assert replay.derived is not None
+        assert replay.derived[:2] == (1006, 1006)
+        assert conflict.derived is None
         async with db.reader.execute("SELECT count(*) FROM events") as c:
             assert (await c.fetchone()) == (33,)
         async with db.reader.execute("SELECT device_pk, seq, reason FROM quarantine") as c:
@@ -74,6 +74,25 @@ async def _count(db: Database) -> int:
         row = await c.fetchone()
     assert row is not None
     return int(row[0])
+
+
+def count_and_device(rows, device_pk):
+    """A commit hook for the test below: what it derives names the rows it was given."""
+    return (len(rows), device_pk, [r[2] for r in rows])
+
+
+async def test_the_commit_hook_is_named_by_the_caller(tmp_path: Path) -> None:
+    async with await Database.open(tmp_path / "db.sqlite") as db:
+        plain = GroupCommitWriter(db)
+        await plain.start()
+        assert (await plain.submit(_batch(1, [1, 2]))).derived is None
+        await plain.stop()
+        hooked = GroupCommitWriter(db, f"{__name__}:count_and_device")
+        await hooked.start()
+        # Only the rows this commit inserted reach the hook (seq 2 is a replay).
+        out = await hooked.submit(_batch(1, [2, 3, 4]))
+        await hooked.stop()
+        assert out.derived == (2, 1, [3, 4])
 
 
 async def test_stop_commits_everything_queued(

@@ -2,14 +2,17 @@
 
 The features fold every committed event (see nudges/features.py): time range, the device's
 last activity, steps per minute, heart-rate samples, the app in use. Reading every row for
-that took about a tenth of the event loop's time under heavy ingest. The writer process has
-every row of a batch and a share of the other core, so it summarizes each batch's inserted
-rows as it commits them, and the fold reads the summary: a time range, the kinds present, the
+that took about a tenth of the event loop's time under heavy ingest. The ingest writer process
+has every row of a batch and a share of the other core, and runs a commit hook it is given by
+name on each batch's inserted rows (timeline/committer.py); `summarize` is the hook the server
+gives it (COMMIT_HOOK), so the fold reads the summary: a time range, the kinds present, the
 steps per device and minute and where the app events are. Heart-rate rows are still read by
 the fold, and only when a new 5-minute sample is due.
 
 `summarize` runs in the writer process and returns plain tuples (they cross the pipe with
-`marshal`); `BatchSummary.read(summary)` reads one on the server's side.
+`marshal`); `BatchSummary.read(summary)` reads one on the server's side. The writer process
+imports this module at startup, so it imports only the row type, the steps rule and the
+event protobufs.
 """
 
 from __future__ import annotations
@@ -19,9 +22,12 @@ from itertools import compress
 from operator import itemgetter
 from typing import Any, Final, NamedTuple
 
-from pulsesync.server.bus import CommittedRow
-from pulsesync.timeutil import US_PER_MIN as US_PER_MIN
+from pulsesync.server.bus import ROW_DEVICE_PK, ROW_KIND, ROW_T_US, CommittedRow
+from pulsesync.server.timeline.steps import step_minute
 from pulsesync.v1 import events_pb2
+
+# The writer process's commit hook, by name (it is imported in that process).
+COMMIT_HOOK: Final = "pulsesync.server.nudges.batch_summary:summarize"
 
 STEPS: Final = events_pb2.EVENT_KIND_STEPS
 # The kinds that tell which app is in use on a device (the last one in a batch wins).
@@ -33,21 +39,16 @@ APP_KINDS: Final = frozenset(
     }
 )
 # Fields of a committed row (CommittedEvent's order), for C-level passes over a batch.
-_DEVICE_PK: Final = itemgetter(1)
-_T_US: Final = itemgetter(3)
-_KIND: Final = itemgetter(4)
-
-
-def steps_minute(t_us: int) -> int:
-    """The minute a step count ending at t_us belongs to: the one before t."""
-    return (t_us - 1) // US_PER_MIN
+_DEVICE_PK: Final = itemgetter(ROW_DEVICE_PK)
+_T_US: Final = itemgetter(ROW_T_US)
+_KIND: Final = itemgetter(ROW_KIND)
 
 
 def steps_by_minute(steps_rows: Iterable[CommittedRow]) -> dict[tuple[int, int], int]:
-    """The counts of steps rows summed per (device, minute), in row order."""
+    """The counts of steps rows summed per (device, minute), in row order (see steps.py)."""
     steps: dict[tuple[int, int], int] = {}
     for _, device_pk, _, t_us, _, body, _ in steps_rows:
-        key = (device_pk, steps_minute(t_us))
+        key = (device_pk, step_minute(t_us))
         steps[key] = steps.get(key, 0) + events_pb2.Event.FromString(body).steps.count
     return steps
 
