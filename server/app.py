@@ -31,6 +31,7 @@ from pulsesync.server.clock import Clock, SystemClock
 from pulsesync.server.config import MAX_MESSAGE_BYTES, ServerConfig
 from pulsesync.server.context import AppContext
 from pulsesync.server.errors import PulseSyncError, Unauthenticated
+from pulsesync.server.idempotency import Idempotency
 from pulsesync.server.identity import IdentityStore
 from pulsesync.server.metrics import Metrics
 from pulsesync.server.privacy.consent import ConsentStore
@@ -46,6 +47,7 @@ from pulsesync.server.rpc.profiles import ProfileServicer
 from pulsesync.server.rpc.timeline import TimelineServicer
 from pulsesync.server.sessions import SessionRegistry
 from pulsesync.server.storage.db import Database, DatabaseDamaged
+from pulsesync.server.storage.sqlite.idempotency import SqliteIdempotencyStorage
 from pulsesync.v1 import (
     devices_pb2,
     devices_pb2_grpc,
@@ -184,6 +186,7 @@ async def build_app(config: ServerConfig, db: Database, clock: Clock) -> AppCont
         bus=EventBus(),
         user_data=UserDataRegistry(),
         profiles=await ProfileStore.open(config, db, clock),
+        idempotency=Idempotency(SqliteIdempotencyStorage(db), clock),
     )
 
 
@@ -199,6 +202,7 @@ async def running_server(
             raise SystemExit(str(e)) from None  # a clear refusal, no traceback
         stack.push_async_callback(db.close)
         app = await build_app(config, db, clock or SystemClock())
+        stack.push_async_callback(app.idempotency.drain)  # before the database closes
         server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[MalformedRequestInterceptor()])
         servicers: dict[str, Any] = {}
         for make, register, name in SERVICES:

@@ -413,10 +413,17 @@ class UpdateProfileRequest(_message.Message):
     BASE_VERSION_FIELD_NUMBER: _builtins.int
     PROFILE_FIELD_NUMBER: _builtins.int
     EDITS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     base_version: _builtins.int
     """The version the device's edits were based on (0 when it has none). An older base is
     merged, never refused; a base newer than the server's latest is FAILED_PRECONDITION
     (reason UNKNOWN_VERSION).
+    """
+    request_id: _builtins.str
+    """Idempotency key (AIP-155): a UUID the client picks once per intended call and sends
+    unchanged on every retry of it. For 24 hours a retry with the same request_id returns the
+    first call's answer without doing it again; the same request_id with a different request
+    is INVALID_ARGUMENT (REQUEST_ID_REUSED). Empty: every call is carried out.
     """
     @_builtins.property
     def profile(self) -> Global___Profile:
@@ -434,10 +441,11 @@ class UpdateProfileRequest(_message.Message):
         base_version: _builtins.int = ...,
         profile: Global___Profile | None = ...,
         edits: _abc.Iterable[Global___ProfileEdit] | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["profile", b"profile"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_version", b"base_version", "edits", b"edits", "profile", b"profile"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_version", b"base_version", "edits", b"edits", "profile", b"profile", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
