@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 # the phone slept or went offline for the night; short enough that the table stays one day of
 # mutating calls.
 WINDOW_US: Final = 24 * 3600 * 1_000_000
+# How long a stopping server lets such calls finish: they are short writes, and a stop must end.
+DRAIN_TIMEOUT_S: Final = 10.0
 FIELD: Final = "request_id"
 _NONCE_BYTES: Final = 12
 _INFO: Final = b"pulsesync.v1 request_id\x00"
@@ -133,10 +135,16 @@ class Idempotency:
         if not task.cancelled():
             task.exception()  # retrieved: the caller may be gone, the seam already reported it
 
-    async def drain(self) -> None:
-        """Wait for calls still running after their clients left (before storage closes)."""
-        if self._running:
-            await asyncio.gather(*self._running, return_exceptions=True)
+    async def drain(self, timeout_s: float = DRAIN_TIMEOUT_S) -> None:
+        """Let calls still running after their clients left finish (before storage closes);
+        those not done within timeout_s are cancelled, so a stuck call cannot hold up a stop."""
+        if not self._running:
+            return
+        _, late = await asyncio.wait(set(self._running), timeout=timeout_s)
+        for task in late:
+            task.cancel()
+        if late:
+            await asyncio.wait(late)
 
     async def _once(
         self,

@@ -32,6 +32,8 @@ from pulsesync.v1 import (
     ingest_pb2_grpc,
     privacy_pb2,
     privacy_pb2_grpc,
+    profiles_pb2,
+    profiles_pb2_grpc,
 )
 from tests.server.timeline.events import batch, heart_rate
 from tests.support.server import pair_device, start_server
@@ -253,6 +255,32 @@ async def test_consent_retry_and_erasure_removes_the_answers(
     assert await _records(srv, user_id) == 0
 
 
+async def test_a_retried_profile_update_gets_the_first_answer(
+    srv: RunningServer, clock: FakeClock
+) -> None:
+    phone = await pair_device(srv, "fay")
+    stamp = profiles_pb2.HybridTimestamp(
+        wall_time_ms=clock.now_us() // 1000, logical=0, node_id=phone.device_id
+    )
+    req = profiles_pb2.UpdateProfileRequest(
+        base_version=0,
+        profile=profiles_pb2.Profile(preferences=profiles_pb2.Preferences(theme="dark")),
+        edits=[profiles_pb2.ProfileEdit(field_path="preferences.theme", stamp=stamp)],
+        request_id=_rid(),
+    )
+    async with grpc.aio.insecure_channel(srv.address) as ch:
+        stub = profiles_pb2_grpc.ProfileServiceStub(ch)
+        first = await stub.UpdateProfile(req, metadata=phone.metadata, timeout=10)
+        again = await stub.UpdateProfile(req, metadata=phone.metadata, timeout=10)
+        req.request_id = ""
+        plain = await stub.UpdateProfile(req, metadata=phone.metadata, timeout=10)
+    assert first.committed
+    assert first.profile.version == 1
+    assert again == first
+    assert not plain.committed  # the same edits without a request_id: merged, no new version
+    assert plain.profile.version == 1
+
+
 async def test_a_retried_upload_batch_gets_its_first_ack(
     srv: RunningServer, clock: FakeClock
 ) -> None:
@@ -352,3 +380,31 @@ async def test_a_call_whose_client_left_still_answers_the_retry(engine: Idempote
     assert retry.token == "first"
     assert effects == 1
     await engine.drain()
+
+
+async def test_drain_cancels_a_call_that_does_not_finish(engine: Idempotency) -> None:
+    started = asyncio.Event()
+
+    async def stuck() -> devices_pb2.PairDeviceResponse:
+        started.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def owner(_: object) -> int | None:
+        return None
+
+    gone = asyncio.ensure_future(
+        engine.run(
+            method="DeviceService.PairDevice",
+            scope="s",
+            request=_pair_request(_rid()),
+            response_type=devices_pb2.PairDeviceResponse,
+            call=stuck,
+            owner=owner,
+        )
+    )
+    await started.wait()
+    gone.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    await asyncio.wait_for(engine.drain(timeout_s=0.05), 60)  # returns instead of hanging
