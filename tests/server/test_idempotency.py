@@ -21,6 +21,7 @@ from google.protobuf import descriptor_pool
 from pulsesync.server.app import SERVICES, RunningServer
 from pulsesync.server.clock import FakeClock
 from pulsesync.server.idempotency import WINDOW_US, Idempotency
+from pulsesync.server.privacy.tables import user_tables
 from pulsesync.server.rpc.base import error_info
 from pulsesync.server.storage.db import Database
 from pulsesync.server.storage.sqlite.idempotency import SqliteIdempotencyStorage
@@ -249,6 +250,10 @@ async def test_consent_retry_and_erasure_removes_the_answers(
         again = await stub.UpdateConsent(req, metadata=phone.metadata, timeout=10)
         assert again == first  # the first update's time: no second change was recorded
         assert await _records(srv, user_id) == 1
+        # Export and the summary see which answers are kept, never the derived secrets.
+        table = {t.name: t for t in await user_tables(srv.app.db.reader)}["idempotency_records"]
+        exported = {c.name for c in table.exported_columns}
+        assert exported == {"user_id", "method", "create_us", "expire_us"}
         await stub.EraseData(
             privacy_pb2.EraseDataRequest(confirmation="ERASE"), metadata=phone.metadata, timeout=30
         )

@@ -14,8 +14,8 @@ class SqliteIdempotencyStorage:
 
     async def get(self, handle: bytes, now_us: int) -> StoredAnswer | None:
         async with self._db.reader.execute(
-            "SELECT method, fingerprint, nonce, ciphertext FROM idempotency_records"
-            " WHERE handle = ? AND expire_us > ?",
+            "SELECT method, request_hash, nonce, ciphertext FROM idempotency_records"
+            " WHERE lookup_key = ? AND expire_us > ?",
             (handle, now_us),
         ) as c:
             row = await c.fetchone()
@@ -37,8 +37,8 @@ class SqliteIdempotencyStorage:
             # removes, so the table stays the size of one retry window of calls.
             await tx.execute("DELETE FROM idempotency_records WHERE expire_us <= ?", (now_us,))
             await tx.execute(
-                "INSERT OR REPLACE INTO idempotency_records (handle, user_id, method,"
-                " fingerprint, nonce, ciphertext, create_us, expire_us)"
+                "INSERT OR REPLACE INTO idempotency_records (lookup_key, user_id, method,"
+                " request_hash, nonce, ciphertext, create_us, expire_us)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     handle,
