@@ -62,6 +62,48 @@ def request_id_of(request: Message) -> str:
     return str(getattr(request, FIELD))
 
 
+def request_id_in(raw: bytes, field_number: int) -> str:
+    """The request_id in a serialized request, found by walking its top-level fields only
+    (a request taken as bytes, e.g. a 5000-event batch, is not parsed for it); "" when it is
+    absent or the bytes do not parse, which the method itself then reports."""
+    found, pos, end = "", 0, len(raw)
+    try:
+        while pos < end:
+            key, pos = _varint(raw, pos)
+            number, wire = key >> 3, key & 7
+            if wire == 0:
+                _, pos = _varint(raw, pos)
+            elif wire == 1:
+                pos += 8
+            elif wire == 5:
+                pos += 4
+            elif wire == 2:
+                size, pos = _varint(raw, pos)
+                if number == field_number:
+                    found = raw[
+                        pos : pos + size
+                    ].decode()  # the last occurrence wins, as in protobuf
+                pos += size
+            else:
+                return ""
+        return found if pos == end else ""
+    except (IndexError, UnicodeDecodeError):
+        return ""
+
+
+def _varint(raw: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = raw[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise IndexError("varint too long")
+
+
 def _canonical_id(request_id: str) -> str:
     try:
         return str(uuid.UUID(request_id))

@@ -41,7 +41,7 @@ from pulsesync.server.errors import (
     Unauthenticated,
     Unimplemented,
 )
-from pulsesync.server.idempotency import request_id_of
+from pulsesync.server.idempotency import request_id_in, request_id_of
 from pulsesync.server.identity import Identity
 from pulsesync.status import error_info as error_info  # the client helper, kept importable here
 from pulsesync.wire import STREAM_OPEN
@@ -152,6 +152,7 @@ class Idempotent:
     owner: Callable[[Any, Any], Awaitable[int | None]] | None = None
 
 
+@functools.cache
 def _message_types(name: str) -> tuple[Any, Any]:
     """The (request, response) message classes of a method, e.g. "DeviceService.PairDevice"."""
     method = descriptor_pool.Default().FindMethodByName(f"pulsesync.v1.{name}")
@@ -172,6 +173,9 @@ async def _idempotent_call(
     request_type, response_type = _message_types(name)
     message = request
     if isinstance(request, bytes):  # a method that takes its request as sent (UploadBatch)
+        number = request_type.DESCRIPTOR.fields_by_name["request_id"].number
+        if not request_id_in(request, number):
+            return await call()
         try:
             message = request_type.FromString(request)
         except DecodeError:

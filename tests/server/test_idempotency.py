@@ -17,10 +17,13 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import descriptor_pool
+from google.protobuf.message import DecodeError
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pulsesync.server.app import SERVICES, RunningServer
 from pulsesync.server.clock import FakeClock
-from pulsesync.server.idempotency import WINDOW_US, Idempotency
+from pulsesync.server.idempotency import WINDOW_US, Idempotency, request_id_in
 from pulsesync.server.privacy.tables import user_tables
 from pulsesync.server.rpc.base import error_info
 from pulsesync.server.storage.db import Database
@@ -413,3 +416,36 @@ async def test_drain_cancels_a_call_that_does_not_finish(engine: Idempotency) ->
     with pytest.raises(asyncio.CancelledError):
         await gone
     await asyncio.wait_for(engine.drain(timeout_s=0.05), 60)  # returns instead of hanging
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    request_id=st.text(max_size=40),
+    batch_id=st.integers(min_value=0, max_value=2**64 - 1),
+    seqs=st.lists(st.integers(min_value=1, max_value=2**63 - 1), max_size=5),
+    before=st.booleans(),
+)
+def test_the_request_id_is_found_in_request_bytes_without_parsing_the_batch(
+    request_id: str, batch_id: int, seqs: list[int], before: bool
+) -> None:
+    batch = ingest_pb2.EventBatch(batch_id=batch_id, events=[heart_rate(s, 0) for s in seqs])
+    if before:  # protobuf accepts fields in any order; the last occurrence of a field wins
+        raw = ingest_pb2.UploadBatchRequest(request_id="x").SerializeToString()
+        raw += ingest_pb2.UploadBatchRequest(batch=batch, request_id=request_id).SerializeToString()
+    else:
+        raw = ingest_pb2.UploadBatchRequest(batch=batch, request_id=request_id).SerializeToString()
+    expected = request_id or ("x" if before else "")  # an empty string is not on the wire
+    assert ingest_pb2.UploadBatchRequest.FromString(raw).request_id == expected
+    assert request_id_in(raw, 2) == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(raw=st.binary(max_size=64))
+def test_request_bytes_that_do_not_parse_give_no_request_id_and_no_error(raw: bytes) -> None:
+    found = request_id_in(raw, 2)
+    try:
+        parsed = ingest_pb2.UploadBatchRequest.FromString(raw)
+    except DecodeError:
+        return
+    if found:
+        assert parsed.request_id == found
