@@ -169,6 +169,7 @@ async def running_server(
             raise SystemExit(str(e)) from None  # a clear refusal, no traceback
         parts = await build(config, storage, clock or SystemClock(), profile_sealer=profile_sealer)
         app = parts.app
+        stack.push_async_callback(app.idempotency.drain)  # before the database closes
         server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[MalformedRequestInterceptor()])
         servicers: dict[str, Any] = {}
         for make, register, name in SERVICES:

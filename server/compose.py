@@ -16,6 +16,7 @@ from pulsesync.server.bus import EventBus
 from pulsesync.server.clock import Clock
 from pulsesync.server.config import ServerConfig
 from pulsesync.server.context import AppContext
+from pulsesync.server.idempotency import Idempotency
 from pulsesync.server.identity import IdentityStore
 from pulsesync.server.metrics import Metrics
 from pulsesync.server.nudges.batch_summary import COMMIT_HOOK
@@ -104,6 +105,7 @@ async def build(
         bus=bus,
         user_data=user_data,
         profiles=profiles,
+        idempotency=Idempotency(storage.idempotency, clock),
     )
     timeline = TimelineStore(storage.timeline)
     catalog = load_catalog(config.nudges.catalog)

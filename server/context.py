@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pulsesync.server.bus import EventBus
 from pulsesync.server.clock import Clock
 from pulsesync.server.config import ServerConfig
+from pulsesync.server.idempotency import Idempotency
 from pulsesync.server.identity import IdentityStore
 from pulsesync.server.limits import HeavyReads
 from pulsesync.server.metrics import Metrics
@@ -36,5 +37,7 @@ class AppContext:
     user_data: UserDataRegistry
     # Merged, encrypted profiles: `await profiles.get(user_id)` -> pulsesync.v1.Profile.
     profiles: ProfileStore
+    # First answers of calls with a request_id, for their retries (AIP-155).
+    idempotency: Idempotency
     # Heavy reads in flight per device (see pulsesync.server.limits).
     heavy_reads: HeavyReads = field(default_factory=HeavyReads)

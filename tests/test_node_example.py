@@ -1,8 +1,9 @@
 """The Node.js example client (examples/node) runs its whole journey against a real server.
 
-It loads only the committed .proto files with @grpc/grpc-js: pairs with a code minted here,
-uploads over the bidi stream, reads and watches the profile, receives a nudge and sends
-feedback, and decodes a google.rpc.ErrorInfo. Skipped only where Node is not installed, and
+It loads only the committed .proto files with @grpc/grpc-js: pairs with a code minted here
+(and retries the pairing with its request_id, as after a lost response), uploads over the bidi
+stream, reads and watches the profile, receives a nudge and sends feedback, rotates its token,
+and decodes a google.rpc.ErrorInfo. Skipped only where Node is not installed, and
 never when CI is set.
 """
 
@@ -165,6 +166,13 @@ async def test_the_node_client_completes_the_journey(
     assert bad["domain"]
     pair = steps["pair"]
     assert pair["user_name"] == "ada"
+    # The retried PairDevice got the first answer back: same token, same device, no second one.
+    assert steps["pair_retry"]["same_token"]
+    assert steps["pair_retry"]["device_id"] == pair["device_id"]
+    assert len(await server.app.identity.list_devices(user_id)) == 2  # the watch and the app
+    rotate = steps["rotate_token"]
+    assert rotate["same_token_on_retry"]
+    assert rotate["device_id"] == pair["device_id"]
     upload = steps["upload"]
     assert upload["batches"] == 3  # five events in batches of two
     assert upload["acked_through_seq"] == 5

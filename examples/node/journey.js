@@ -1,7 +1,9 @@
 #!/usr/bin/env node
 // A PulseSync app journey in Node.js, built only from the committed .proto files:
 // pair, upload over the bidi stream with the ack rules, read and watch the profile,
-// receive a nudge and send feedback, and decode a google.rpc.ErrorInfo from a bad call.
+// receive a nudge and send feedback, rotate the device token, and decode a
+// google.rpc.ErrorInfo from a bad call. Every mutating call carries a request_id and is
+// retried with it, so a lost response never causes a second effect.
 //
 //   node journey.js [ADDRESS] [PAIRING_CODE]
 //   (or PULSESYNC_ADDRESS / PULSESYNC_PAIRING_CODE; PULSESYNC_NUDGE_WAIT_S, default 60)
@@ -72,6 +74,27 @@ function unary(client, method, request, metadata) {
       err ? reject(err) : resolve(resp),
     );
   });
+}
+
+// What a retry may fix: the server or the network was away, or the answer did not come in
+// time. Whether the call took effect is unknown then, which the request_id makes harmless.
+const RETRYABLE = new Set([grpc.status.UNAVAILABLE, grpc.status.DEADLINE_EXCEEDED]);
+
+/**
+ * A mutating call, safe to retry: one request_id (a fresh UUID) for this intended call,
+ * sent unchanged on every attempt. The server carries the call out once and answers a
+ * retry with the first answer (for 24 hours). Returns the response and the request sent.
+ */
+async function mutate(client, method, request, metadata, attempts = 4) {
+  const sent = { ...request, request_id: crypto.randomUUID() };
+  for (let attempt = 1; ; attempt += 1) {
+    try {
+      return { response: await unary(client, method, sent, metadata), request: sent };
+    } catch (err) {
+      if (attempt >= attempts || !RETRYABLE.has(err.code)) throw err;
+      await new Promise((r) => setTimeout(r, 200 * 2 ** attempt * (0.5 + Math.random())));
+    }
+  }
 }
 
 function timestamp(ms) {
@@ -185,14 +208,22 @@ async function main() {
     }
 
     // 2. Pair: trade the code for a device token.
-    const paired = await unary(devices, 'PairDevice', {
+    const pairing = await mutate(devices, 'PairDevice', {
       pairing_code: pairingCode,
       device_name: 'node-phone',
       kind: 'DEVICE_KIND_PHONE',
     });
+    const paired = pairing.response;
     const deviceId = paired.device.device_id;
     report('pair', Boolean(paired.token), { device_id: deviceId, user_name: paired.user_name });
-    const auth = new grpc.Metadata();
+    // Had that response been lost, the app would send the same request again: the code is
+    // used up by then, but the request_id gets the first answer back, token included.
+    const again = await unary(devices, 'PairDevice', pairing.request);
+    report('pair_retry', again.token === paired.token && again.device.device_id === deviceId, {
+      same_token: again.token === paired.token,
+      device_id: again.device.device_id,
+    });
+    let auth = new grpc.Metadata();
     auth.set('authorization', `Bearer ${paired.token}`);
 
     // 3. Upload: an in-memory outbox numbered above the server's watermark, in batches.
@@ -224,7 +255,7 @@ async function main() {
     const version = BigInt(got.profile.version);
     const watch = profiles.WatchProfile({ after_version: String(version) }, auth);
     const seen = firstMessage(watch, (m) => BigInt(m.profile.version) > version, DEADLINE_MS);
-    const updated = await unary(
+    const { response: updated } = await mutate(
       profiles,
       'UpdateProfile',
       {
@@ -258,7 +289,8 @@ async function main() {
       nudge = streamed.nudge;
     } else {
       via = 'pending';
-      const pending = await unary(nudges, 'FetchPendingNudges', {}, auth);
+      // Fetching marks the nudges delivered: with a request_id a retry gets the same ones.
+      const { response: pending } = await mutate(nudges, 'FetchPendingNudges', {}, auth);
       nudge = pending.nudges.length ? pending.nudges[0] : null;
     }
     report('nudge', nudge !== null, {
@@ -268,7 +300,7 @@ async function main() {
       title: nudge && nudge.title,
     });
     if (nudge) {
-      await unary(
+      await mutate(
         nudges,
         'RecordNudgeFeedback',
         { nudge_id: nudge.nudge_id, action: 'NUDGE_ACTION_OPENED', action_time: timestamp(Date.now()) },
@@ -276,6 +308,21 @@ async function main() {
       );
       report('feedback', true, { nudge_id: nudge.nudge_id, action: 'NUDGE_ACTION_OPENED' });
     }
+
+    // 6. Rotate the device token. The old token stays valid for a grace period, so a retry
+    // after a lost response (same request_id, old token) gets the same new token; store it
+    // durably, then use it for every call.
+    const rotation = await mutate(devices, 'RotateDeviceToken', {}, auth);
+    const rotated = rotation.response;
+    const retried = await unary(devices, 'RotateDeviceToken', rotation.request, auth);
+    auth = new grpc.Metadata();
+    auth.set('authorization', `Bearer ${rotated.token}`);
+    const me = await unary(devices, 'GetCurrentDevice', {}, auth);
+    report('rotate_token', retried.token === rotated.token && me.device.device_id === deviceId, {
+      same_token_on_retry: retried.token === rotated.token,
+      previous_token_expire_time: rotated.previous_token_expire_time,
+      device_id: me.device.device_id,
+    });
   } catch (err) {
     report('error', false, describe(err));
   } finally {

@@ -12,8 +12,8 @@ import json
 from pulsesync.server.nudges.catalog import Catalog
 from pulsesync.server.nudges.features import FeatureStore, hour_bucket
 from pulsesync.server.storage.nudges import NudgeStorage
-from pulsesync.server.timeline.store import TimelineStore
 from pulsesync.server.timeline.steps import steps_in_window
+from pulsesync.server.timeline.store import TimelineStore
 from pulsesync.v1 import events_pb2
 
 

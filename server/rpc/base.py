@@ -10,7 +10,9 @@ async generators for server streams) and decorated with `@rpc_method()`. The dec
 * for streams (`stream=True`), sends the initial metadata `pulsesync.wire.STREAM_OPEN` once
   the caller is authenticated (a client may wait for it before writing), and registers the
   serving task so that revoking the device or erasing the user ends the stream at once with
-  UNAUTHENTICATED.
+  UNAUTHENTICATED;
+* with `idempotent=...`, carries out a call that has a request_id once (AIP-155): a retry gets
+  the first answer (see `pulsesync.server.idempotency`).
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ import inspect
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, descriptor_pool, message_factory
+from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -37,6 +41,7 @@ from pulsesync.server.errors import (
     Unauthenticated,
     Unimplemented,
 )
+from pulsesync.server.idempotency import request_id_in, request_id_of
 from pulsesync.server.identity import Identity
 from pulsesync.status import error_info as error_info  # the client helper, kept importable here
 from pulsesync.wire import STREAM_OPEN
@@ -137,14 +142,87 @@ def _method_name(fn: Callable[..., Any]) -> str:
     return fn.__qualname__.replace("Servicer.", "Service.")
 
 
+@dataclass(frozen=True, slots=True)
+class Idempotent:
+    """How a mutating method's request_id is scoped. An authenticated call is scoped by its
+    device; a public method names its scope from the request (PairDevice: the pairing code)
+    and the person its answer belongs to (for erasure)."""
+
+    scope: Callable[[Any], str] | None = None
+    owner: Callable[[Any, Any], Awaitable[int | None]] | None = None
+
+
+@functools.cache
+def _message_types(name: str) -> tuple[Any, Any]:
+    """The (request, response) message classes of a method, e.g. "DeviceService.PairDevice"."""
+    method = descriptor_pool.Default().FindMethodByName(f"pulsesync.v1.{name}")
+    return (
+        message_factory.GetMessageClass(method.input_type),
+        message_factory.GetMessageClass(method.output_type),
+    )
+
+
+async def _idempotent_call(
+    self: HasApp,
+    policy: Idempotent,
+    name: str,
+    request: Any,
+    identity: Identity | None,
+    call: Callable[[], Awaitable[Any]],
+) -> Any:
+    request_type, response_type = _message_types(name)
+    message = request
+    if isinstance(request, bytes):  # a method that takes its request as sent (UploadBatch)
+        number = request_type.DESCRIPTOR.fields_by_name["request_id"].number
+        if not request_id_in(request, number):
+            return await call()
+        try:
+            message = request_type.FromString(request)
+        except DecodeError:
+            return await call()  # the method answers its malformed request itself
+    if not request_id_of(message):
+        return await call()
+    if identity is not None:
+        scope = f"device:{identity.device_id}"
+    elif policy.scope is not None:
+        scope = policy.scope(message)
+    else:
+        raise TypeError(f"{name}: a public idempotent method needs a scope and an owner")
+
+    async def owner(response: Any) -> int | None:
+        if identity is not None:
+            return identity.user_id
+        return await policy.owner(self, response) if policy.owner is not None else None
+
+    return await self.app.idempotency.run(
+        method=name,
+        scope=scope,
+        request=message,
+        response_type=response_type,
+        call=call,
+        owner=owner,
+    )
+
+
 def rpc_method(
-    *, public: bool = False, stream: bool = False, heavy: bool = False
+    *,
+    public: bool = False,
+    stream: bool = False,
+    heavy: bool = False,
+    idempotent: Idempotent | None = None,
 ) -> Callable[[Any], Any]:
     """Decorate a servicer method (see module docstring); `heavy` marks a read whose cost
-    grows with the person's data, limited per device."""
+    grows with the person's data, limited per device; `idempotent` a unary mutating method
+    whose request has a request_id."""
 
     def decorate(fn: Any) -> Any:
         name = _method_name(fn)
+        if (
+            idempotent is not None
+            and public
+            and (idempotent.scope is None or idempotent.owner is None)
+        ):
+            raise TypeError(f"{name}: a public idempotent method needs a scope and an owner")
 
         if inspect.isasyncgenfunction(fn):
 
@@ -165,9 +243,19 @@ def rpc_method(
             async with _seam(self.app, context, name):
                 identity = None if public else await authenticate(self.app, context)
                 with _tracked(self.app, identity, stream, heavy):
-                    return await fn(self, request, context, identity)
+                    if idempotent is None:
+                        return await fn(self, request, context, identity)
+                    return await _idempotent_call(
+                        self,
+                        idempotent,
+                        name,
+                        request,
+                        identity,
+                        lambda: fn(self, request, context, identity),
+                    )
             raise AssertionError("unreachable: the seam aborts the call on every error")
 
+        wrapper.idempotent = idempotent  # type: ignore[attr-defined]
         return wrapper
 
     return decorate

@@ -6,8 +6,8 @@ from typing import Any, Final
 
 from pulsesync.server.context import AppContext
 from pulsesync.server.errors import PermissionDenied
-from pulsesync.server.identity import Identity, PairingLimiter, peer_host
-from pulsesync.server.rpc.base import bearer_token, rpc_method
+from pulsesync.server.identity import Identity, PairingLimiter, normalize_pairing_code, peer_host
+from pulsesync.server.rpc.base import Idempotent, bearer_token, rpc_method
 from pulsesync.server.rpc.convert import device_message, ts
 from pulsesync.server.rpc.pagination import page_size, page_tokens
 from pulsesync.v1 import devices_pb2, devices_pb2_grpc
@@ -17,12 +17,24 @@ DEFAULT_PAGE_SIZE: Final = 50
 MAX_PAGE_SIZE: Final = 500
 
 
+async def _paired_user(servicer: DeviceServicer, response: devices_pb2.PairDeviceResponse) -> int:
+    return await servicer.app.identity.user_id_by_name(response.user_name)
+
+
+# A lost PairDevice response must not leave a device nobody holds the token of: the retry,
+# which has no token yet, is matched by its pairing code (used up by the first call).
+PAIRING_RETRIES: Final = Idempotent(
+    scope=lambda request: "pairing:" + normalize_pairing_code(request.pairing_code),
+    owner=_paired_user,
+)
+
+
 class DeviceServicer(devices_pb2_grpc.DeviceServiceServicer):
     def __init__(self, app: AppContext) -> None:
         self.app = app
         self.pairing_limiter = PairingLimiter(app.clock)
 
-    @rpc_method(public=True)
+    @rpc_method(public=True, idempotent=PAIRING_RETRIES)
     async def PairDevice(
         self, request: devices_pb2.PairDeviceRequest, context: Any, _: None
     ) -> devices_pb2.PairDeviceResponse:
@@ -68,7 +80,7 @@ class DeviceServicer(devices_pb2_grpc.DeviceServiceServicer):
             devices=[device_message(d) for d in page], next_page_token=token
         )
 
-    @rpc_method()
+    @rpc_method(idempotent=Idempotent())
     async def RevokeDevice(
         self, request: devices_pb2.RevokeDeviceRequest, context: Any, me: Identity
     ) -> devices_pb2.RevokeDeviceResponse:
@@ -76,14 +88,14 @@ class DeviceServicer(devices_pb2_grpc.DeviceServiceServicer):
         self.app.sessions.cut_off_device(device.device_pk)
         return devices_pb2.RevokeDeviceResponse(device=device_message(device))
 
-    @rpc_method()
+    @rpc_method(idempotent=Idempotent())
     async def CreatePairingCode(
         self, request: devices_pb2.CreatePairingCodeRequest, context: Any, me: Identity
     ) -> devices_pb2.CreatePairingCodeResponse:
         code, expire_us = await self.app.identity.create_pairing_code(me.user_id)
         return devices_pb2.CreatePairingCodeResponse(pairing_code=code, expire_time=ts(expire_us))
 
-    @rpc_method()
+    @rpc_method(idempotent=Idempotent())
     async def RotateDeviceToken(
         self, request: devices_pb2.RotateDeviceTokenRequest, context: Any, me: Identity
     ) -> devices_pb2.RotateDeviceTokenResponse:

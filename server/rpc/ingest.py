@@ -15,7 +15,7 @@ from google.protobuf.message import DecodeError
 from pulsesync.server.context import AppContext
 from pulsesync.server.errors import Aborted, InvalidArgument
 from pulsesync.server.identity import Identity
-from pulsesync.server.rpc.base import rpc_method
+from pulsesync.server.rpc.base import Idempotent, rpc_method
 from pulsesync.server.timeline.ingest import IngestPipeline, Prepared
 from pulsesync.server.timeline.received import parse_upload
 from pulsesync.server.timeline.store import TimelineStore
@@ -182,7 +182,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         else:
             stream.queue.put_nowait(_Ended())
 
-    @rpc_method()
+    @rpc_method(idempotent=Idempotent())
     async def UploadBatch(
         self, raw: bytes, context: Any, me: Identity
     ) -> ingest_pb2.UploadBatchResponse:

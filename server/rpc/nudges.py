@@ -11,7 +11,7 @@ from pulsesync.server.errors import InvalidArgument, NotFound
 from pulsesync.server.identity import Identity
 from pulsesync.server.nudges.delivery import nudge_message
 from pulsesync.server.nudges.engine import NudgeEngine
-from pulsesync.server.rpc.base import rpc_method
+from pulsesync.server.rpc.base import Idempotent, rpc_method
 from pulsesync.server.rpc.pagination import page_size, page_tokens
 from pulsesync.server.rpc.times import timestamp_us
 from pulsesync.timeutil import optional_timestamp as _ts
@@ -55,7 +55,7 @@ class NudgeServicer(nudges_pb2_grpc.NudgeServiceServicer):
         finally:
             await self.engine.close_stream(me.device_pk, queue)
 
-    @rpc_method()
+    @rpc_method(idempotent=Idempotent())
     async def RecordNudgeFeedback(
         self, request: Any, context: Any, me: Identity
     ) -> nudges_pb2.RecordNudgeFeedbackResponse:
@@ -83,7 +83,7 @@ class NudgeServicer(nudges_pb2_grpc.NudgeServiceServicer):
         )
         return nudges_pb2.RecordNudgeFeedbackResponse()
 
-    @rpc_method()
+    @rpc_method(idempotent=Idempotent())
     async def FetchPendingNudges(
         self, request: Any, context: Any, me: Identity
     ) -> nudges_pb2.FetchPendingNudgesResponse:
@@ -92,7 +92,7 @@ class NudgeServicer(nudges_pb2_grpc.NudgeServiceServicer):
         )
         return nudges_pb2.FetchPendingNudgesResponse(nudges=nudges)
 
-    @rpc_method()
+    @rpc_method(idempotent=Idempotent())
     async def RegisterPushTarget(
         self, request: Any, context: Any, me: Identity
     ) -> nudges_pb2.RegisterPushTargetResponse:

@@ -19,7 +19,7 @@ from pulsesync.server.privacy.center import PrivacyCenter
 from pulsesync.server.privacy.consent import CURRENT_POLICY_VERSION, ConsentState
 from pulsesync.server.privacy.erasure import ERASE_CONFIRMATION, DeletionReceipt
 from pulsesync.server.privacy.summary import PrivacySummary
-from pulsesync.server.rpc.base import rpc_method
+from pulsesync.server.rpc.base import Idempotent, rpc_method
 from pulsesync.server.rpc.convert import duration, ts
 from pulsesync.v1 import common_pb2, privacy_pb2, privacy_pb2_grpc
 
@@ -90,7 +90,7 @@ class PrivacyServicer(privacy_pb2_grpc.PrivacyServiceServicer):
         states = await self.app.consent.states(me.user_id)
         return privacy_pb2.GetConsentsResponse(consents=[consent_message(s) for s in states])
 
-    @rpc_method()
+    @rpc_method(idempotent=Idempotent())
     async def UpdateConsent(
         self, request: privacy_pb2.UpdateConsentRequest, context: Any, me: Identity
     ) -> privacy_pb2.UpdateConsentResponse:

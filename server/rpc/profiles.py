@@ -10,7 +10,7 @@ from pulsesync.server.errors import FailedPrecondition
 from pulsesync.server.identity import Identity
 from pulsesync.server.privacy.consent import ConsentState
 from pulsesync.server.profiles.store import ProfileStore
-from pulsesync.server.rpc.base import rpc_method
+from pulsesync.server.rpc.base import Idempotent, rpc_method
 from pulsesync.v1 import common_pb2, profiles_pb2, profiles_pb2_grpc
 
 _SYNC = common_pb2.CONSENT_CATEGORY_SYNC
@@ -41,7 +41,7 @@ class ProfileServicer(profiles_pb2_grpc.ProfileServiceServicer):
     ) -> profiles_pb2.GetProfileResponse:
         return profiles_pb2.GetProfileResponse(profile=await self.profiles.get(me.user_id))
 
-    @rpc_method()
+    @rpc_method(idempotent=Idempotent())
     async def UpdateProfile(
         self, request: Any, context: Any, me: Identity
     ) -> profiles_pb2.UpdateProfileResponse:

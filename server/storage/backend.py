@@ -18,11 +18,13 @@ from pathlib import Path
 
 from pulsesync.server.storage.consent import ConsentStorage
 from pulsesync.server.storage.db import Database
+from pulsesync.server.storage.idempotency import IdempotencyStorage
 from pulsesync.server.storage.identity import IdentityStorage
 from pulsesync.server.storage.nudges import NudgeStorage
 from pulsesync.server.storage.privacy import PrivacyStorage
 from pulsesync.server.storage.profiles import ProfileStorage
 from pulsesync.server.storage.sqlite.consent import SqliteConsentStorage
+from pulsesync.server.storage.sqlite.idempotency import SqliteIdempotencyStorage
 from pulsesync.server.storage.sqlite.identity import SqliteIdentityStorage
 from pulsesync.server.storage.sqlite.nudges import SqliteNudgeStorage
 from pulsesync.server.storage.sqlite.privacy import SqlitePrivacyStorage
@@ -39,6 +41,7 @@ class Storage:
     privacy: PrivacyStorage
     nudges: NudgeStorage
     timeline: TimelineStorage
+    idempotency: IdempotencyStorage
     # The SQLite database itself: the ingest writer process (the SQLite event writer) and the
     # key vault binding work on it directly.
     db: Database
@@ -53,6 +56,7 @@ def sqlite_storage(db: Database) -> Storage:
         privacy=SqlitePrivacyStorage(db),
         nudges=SqliteNudgeStorage(db),
         timeline=SqliteTimelineStorage(db),
+        idempotency=SqliteIdempotencyStorage(db),
         db=db,
     )
 

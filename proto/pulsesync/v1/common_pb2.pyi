@@ -24,17 +24,25 @@ class _DeviceKind:
 class _DeviceKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DeviceKind.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     DEVICE_KIND_UNSPECIFIED: _DeviceKind.ValueType  # 0
+    """Not a kind: PairDevice refuses it (INVALID_DEVICE_KIND)."""
     DEVICE_KIND_PHONE: _DeviceKind.ValueType  # 1
+    """A phone."""
     DEVICE_KIND_DESKTOP: _DeviceKind.ValueType  # 2
+    """A desktop or laptop computer."""
     DEVICE_KIND_WEARABLE_BRIDGE: _DeviceKind.ValueType  # 3
+    """A bridge that uploads a Bluetooth wearable's measurements (heart rate, steps, ...)."""
 
 class DeviceKind(_DeviceKind, metaclass=_DeviceKindEnumTypeWrapper):
     """The kind of a paired device. Chosen at pairing time and used for routing nudges."""
 
 DEVICE_KIND_UNSPECIFIED: DeviceKind.ValueType  # 0
+"""Not a kind: PairDevice refuses it (INVALID_DEVICE_KIND)."""
 DEVICE_KIND_PHONE: DeviceKind.ValueType  # 1
+"""A phone."""
 DEVICE_KIND_DESKTOP: DeviceKind.ValueType  # 2
+"""A desktop or laptop computer."""
 DEVICE_KIND_WEARABLE_BRIDGE: DeviceKind.ValueType  # 3
+"""A bridge that uploads a Bluetooth wearable's measurements (heart rate, steps, ...)."""
 Global___DeviceKind: _TypeAlias = DeviceKind  # noqa: Y015
 
 class _ConsentCategory:
@@ -44,6 +52,7 @@ class _ConsentCategory:
 class _ConsentCategoryEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ConsentCategory.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     CONSENT_CATEGORY_UNSPECIFIED: _ConsentCategory.ValueType  # 0
+    """Not a category: refused (INVALID_CONSENT_CATEGORY)."""
     CONSENT_CATEGORY_BEHAVIOR: _ConsentCategory.ValueType  # 1
     """Screens, taps, feature use, searches and app sessions."""
     CONSENT_CATEGORY_ACTIVITY: _ConsentCategory.ValueType  # 2
@@ -57,6 +66,7 @@ class ConsentCategory(_ConsentCategory, metaclass=_ConsentCategoryEnumTypeWrappe
     """What a person consents to, category by category. Nothing is granted by default."""
 
 CONSENT_CATEGORY_UNSPECIFIED: ConsentCategory.ValueType  # 0
+"""Not a category: refused (INVALID_CONSENT_CATEGORY)."""
 CONSENT_CATEGORY_BEHAVIOR: ConsentCategory.ValueType  # 1
 """Screens, taps, feature use, searches and app sessions."""
 CONSENT_CATEGORY_ACTIVITY: ConsentCategory.ValueType  # 2

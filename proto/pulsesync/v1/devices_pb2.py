@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from pulsesync.v1 import common_pb2 as pulsesync_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1apulsesync/v1/devices.proto\x12\x0cpulsesync.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19pulsesync/v1/common.proto\"\xe5\x01\n\x06\x44\x65vice\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12&\n\x04kind\x18\x03 \x01(\x0e\x32\x18.pulsesync.v1.DeviceKind\x12-\n\tpair_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_seen_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brevoke_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"f\n\x11PairDeviceRequest\x12\x14\n\x0cpairing_code\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65vice_name\x18\x02 \x01(\t\x12&\n\x04kind\x18\x03 \x01(\x0e\x32\x18.pulsesync.v1.DeviceKind\"\\\n\x12PairDeviceResponse\x12$\n\x06\x64\x65vice\x18\x01 \x01(\x0b\x32\x14.pulsesync.v1.Device\x12\r\n\x05token\x18\x02 \x01(\t\x12\x11\n\tuser_name\x18\x03 \x01(\t\"\x19\n\x17GetCurrentDeviceRequest\"S\n\x18GetCurrentDeviceResponse\x12$\n\x06\x64\x65vice\x18\x01 \x01(\x0b\x32\x14.pulsesync.v1.Device\x12\x11\n\tuser_name\x18\x02 \x01(\t\";\n\x12ListDevicesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"U\n\x13ListDevicesResponse\x12%\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x14.pulsesync.v1.Device\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"(\n\x13RevokeDeviceRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"<\n\x14RevokeDeviceResponse\x12$\n\x06\x64\x65vice\x18\x01 \x01(\x0b\x32\x14.pulsesync.v1.Device\"\x1a\n\x18\x43reatePairingCodeRequest\"b\n\x19\x43reatePairingCodeResponse\x12\x14\n\x0cpairing_code\x18\x01 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x1a\n\x18RotateDeviceTokenRequest\"\x9a\x01\n\x19RotateDeviceTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12.\n\nissue_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12>\n\x1aprevious_token_expire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xba\x04\n\rDeviceService\x12O\n\nPairDevice\x12\x1f.pulsesync.v1.PairDeviceRequest\x1a .pulsesync.v1.PairDeviceResponse\x12\x61\n\x10GetCurrentDevice\x12%.pulsesync.v1.GetCurrentDeviceRequest\x1a&.pulsesync.v1.GetCurrentDeviceResponse\x12R\n\x0bListDevices\x12 .pulsesync.v1.ListDevicesRequest\x1a!.pulsesync.v1.ListDevicesResponse\x12U\n\x0cRevokeDevice\x12!.pulsesync.v1.RevokeDeviceRequest\x1a\".pulsesync.v1.RevokeDeviceResponse\x12\x64\n\x11\x43reatePairingCode\x12&.pulsesync.v1.CreatePairingCodeRequest\x1a\'.pulsesync.v1.CreatePairingCodeResponse\x12\x64\n\x11RotateDeviceToken\x12&.pulsesync.v1.RotateDeviceTokenRequest\x1a\'.pulsesync.v1.RotateDeviceTokenResponseBn\n\x10\x63om.pulsesync.v1P\x01Z>github.com/pulsesync/pulsesync/gen/go/pulsesync/v1;pulsesyncv1\xa2\x02\x03PSX\xaa\x02\x0cPulseSync.V1\xba\x02\x02PSb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1apulsesync/v1/devices.proto\x12\x0cpulsesync.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19pulsesync/v1/common.proto\"\xe5\x01\n\x06\x44\x65vice\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12&\n\x04kind\x18\x03 \x01(\x0e\x32\x18.pulsesync.v1.DeviceKind\x12-\n\tpair_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_seen_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brevoke_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"z\n\x11PairDeviceRequest\x12\x14\n\x0cpairing_code\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65vice_name\x18\x02 \x01(\t\x12&\n\x04kind\x18\x03 \x01(\x0e\x32\x18.pulsesync.v1.DeviceKind\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\\\n\x12PairDeviceResponse\x12$\n\x06\x64\x65vice\x18\x01 \x01(\x0b\x32\x14.pulsesync.v1.Device\x12\r\n\x05token\x18\x02 \x01(\t\x12\x11\n\tuser_name\x18\x03 \x01(\t\"\x19\n\x17GetCurrentDeviceRequest\"S\n\x18GetCurrentDeviceResponse\x12$\n\x06\x64\x65vice\x18\x01 \x01(\x0b\x32\x14.pulsesync.v1.Device\x12\x11\n\tuser_name\x18\x02 \x01(\t\";\n\x12ListDevicesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"U\n\x13ListDevicesResponse\x12%\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x14.pulsesync.v1.Device\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"<\n\x13RevokeDeviceRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"<\n\x14RevokeDeviceResponse\x12$\n\x06\x64\x65vice\x18\x01 \x01(\x0b\x32\x14.pulsesync.v1.Device\".\n\x18\x43reatePairingCodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"b\n\x19\x43reatePairingCodeResponse\x12\x14\n\x0cpairing_code\x18\x01 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\".\n\x18RotateDeviceTokenRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x9a\x01\n\x19RotateDeviceTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12.\n\nissue_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12>\n\x1aprevious_token_expire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xba\x04\n\rDeviceService\x12O\n\nPairDevice\x12\x1f.pulsesync.v1.PairDeviceRequest\x1a .pulsesync.v1.PairDeviceResponse\x12\x61\n\x10GetCurrentDevice\x12%.pulsesync.v1.GetCurrentDeviceRequest\x1a&.pulsesync.v1.GetCurrentDeviceResponse\x12R\n\x0bListDevices\x12 .pulsesync.v1.ListDevicesRequest\x1a!.pulsesync.v1.ListDevicesResponse\x12U\n\x0cRevokeDevice\x12!.pulsesync.v1.RevokeDeviceRequest\x1a\".pulsesync.v1.RevokeDeviceResponse\x12\x64\n\x11\x43reatePairingCode\x12&.pulsesync.v1.CreatePairingCodeRequest\x1a\'.pulsesync.v1.CreatePairingCodeResponse\x12\x64\n\x11RotateDeviceToken\x12&.pulsesync.v1.RotateDeviceTokenRequest\x1a\'.pulsesync.v1.RotateDeviceTokenResponseBn\n\x10\x63om.pulsesync.v1P\x01Z>github.com/pulsesync/pulsesync/gen/go/pulsesync/v1;pulsesyncv1\xa2\x02\x03PSX\xaa\x02\x0cPulseSync.V1\xba\x02\x02PSb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,29 +37,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DEVICE']._serialized_start=105
   _globals['_DEVICE']._serialized_end=334
   _globals['_PAIRDEVICEREQUEST']._serialized_start=336
-  _globals['_PAIRDEVICEREQUEST']._serialized_end=438
-  _globals['_PAIRDEVICERESPONSE']._serialized_start=440
-  _globals['_PAIRDEVICERESPONSE']._serialized_end=532
-  _globals['_GETCURRENTDEVICEREQUEST']._serialized_start=534
-  _globals['_GETCURRENTDEVICEREQUEST']._serialized_end=559
-  _globals['_GETCURRENTDEVICERESPONSE']._serialized_start=561
-  _globals['_GETCURRENTDEVICERESPONSE']._serialized_end=644
-  _globals['_LISTDEVICESREQUEST']._serialized_start=646
-  _globals['_LISTDEVICESREQUEST']._serialized_end=705
-  _globals['_LISTDEVICESRESPONSE']._serialized_start=707
-  _globals['_LISTDEVICESRESPONSE']._serialized_end=792
-  _globals['_REVOKEDEVICEREQUEST']._serialized_start=794
-  _globals['_REVOKEDEVICEREQUEST']._serialized_end=834
-  _globals['_REVOKEDEVICERESPONSE']._serialized_start=836
-  _globals['_REVOKEDEVICERESPONSE']._serialized_end=896
-  _globals['_CREATEPAIRINGCODEREQUEST']._serialized_start=898
-  _globals['_CREATEPAIRINGCODEREQUEST']._serialized_end=924
-  _globals['_CREATEPAIRINGCODERESPONSE']._serialized_start=926
-  _globals['_CREATEPAIRINGCODERESPONSE']._serialized_end=1024
-  _globals['_ROTATEDEVICETOKENREQUEST']._serialized_start=1026
-  _globals['_ROTATEDEVICETOKENREQUEST']._serialized_end=1052
-  _globals['_ROTATEDEVICETOKENRESPONSE']._serialized_start=1055
-  _globals['_ROTATEDEVICETOKENRESPONSE']._serialized_end=1209
-  _globals['_DEVICESERVICE']._serialized_start=1212
-  _globals['_DEVICESERVICE']._serialized_end=1782
+  _globals['_PAIRDEVICEREQUEST']._serialized_end=458
+  _globals['_PAIRDEVICERESPONSE']._serialized_start=460
+  _globals['_PAIRDEVICERESPONSE']._serialized_end=552
+  _globals['_GETCURRENTDEVICEREQUEST']._serialized_start=554
+  _globals['_GETCURRENTDEVICEREQUEST']._serialized_end=579
+  _globals['_GETCURRENTDEVICERESPONSE']._serialized_start=581
+  _globals['_GETCURRENTDEVICERESPONSE']._serialized_end=664
+  _globals['_LISTDEVICESREQUEST']._serialized_start=666
+  _globals['_LISTDEVICESREQUEST']._serialized_end=725
+  _globals['_LISTDEVICESRESPONSE']._serialized_start=727
+  _globals['_LISTDEVICESRESPONSE']._serialized_end=812
+  _globals['_REVOKEDEVICEREQUEST']._serialized_start=814
+  _globals['_REVOKEDEVICEREQUEST']._serialized_end=874
+  _globals['_REVOKEDEVICERESPONSE']._serialized_start=876
+  _globals['_REVOKEDEVICERESPONSE']._serialized_end=936
+  _globals['_CREATEPAIRINGCODEREQUEST']._serialized_start=938
+  _globals['_CREATEPAIRINGCODEREQUEST']._serialized_end=984
+  _globals['_CREATEPAIRINGCODERESPONSE']._serialized_start=986
+  _globals['_CREATEPAIRINGCODERESPONSE']._serialized_end=1084
+  _globals['_ROTATEDEVICETOKENREQUEST']._serialized_start=1086
+  _globals['_ROTATEDEVICETOKENREQUEST']._serialized_end=1132
+  _globals['_ROTATEDEVICETOKENRESPONSE']._serialized_start=1135
+  _globals['_ROTATEDEVICETOKENRESPONSE']._serialized_end=1289
+  _globals['_DEVICESERVICE']._serialized_start=1292
+  _globals['_DEVICESERVICE']._serialized_end=1862
 # @@protoc_insertion_point(module_scope)

@@ -22,6 +22,8 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class Device(_message.Message):
+    """One of a person's paired devices."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     DEVICE_ID_FIELD_NUMBER: _builtins.int
@@ -31,10 +33,15 @@ class Device(_message.Message):
     LAST_SEEN_TIME_FIELD_NUMBER: _builtins.int
     REVOKE_TIME_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
+    """The server-assigned id, stable for the device's life; other RPCs name the device by it."""
     name: _builtins.str
+    """The name given at pairing, e.g. "Ada's phone" (1 to 100 characters)."""
     kind: _common_pb2.DeviceKind.ValueType
+    """What kind of device it is, given at pairing."""
     @_builtins.property
-    def pair_time(self) -> _timestamp_pb2.Timestamp: ...
+    def pair_time(self) -> _timestamp_pb2.Timestamp:
+        """When the device was paired."""
+
     @_builtins.property
     def last_seen_time(self) -> _timestamp_pb2.Timestamp:
         """Last authenticated call from this device."""
@@ -63,27 +70,39 @@ Global___Device: _TypeAlias = Device  # noqa: Y015
 
 @_typing.final
 class PairDeviceRequest(_message.Message):
+    """Pairs a new device with a pairing code."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     PAIRING_CODE_FIELD_NUMBER: _builtins.int
     DEVICE_NAME_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     pairing_code: _builtins.str
     """The code shown by `pulsesync devices pair-code USER`, e.g. "K7QF-M2XD". Case and
     dashes are ignored.
     """
     device_name: _builtins.str
+    """A name the person recognises, e.g. "Ada's phone"; 1 to 100 characters after trimming."""
     kind: _common_pb2.DeviceKind.ValueType
+    """The device's kind; DEVICE_KIND_UNSPECIFIED is INVALID_ARGUMENT (INVALID_DEVICE_KIND)."""
+    request_id: _builtins.str
+    """Idempotency key (AIP-155): a UUID the client picks once per intended call and sends
+    unchanged on every retry of it. For 24 hours a retry with the same request_id returns the
+    first call's answer without doing it again; the same request_id with a different request
+    is INVALID_ARGUMENT (REQUEST_ID_REUSED). Empty: every call is carried out.
+    """
     def __init__(
         self,
         *,
         pairing_code: _builtins.str = ...,
         device_name: _builtins.str = ...,
         kind: _common_pb2.DeviceKind.ValueType = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_name", b"device_name", "kind", b"kind", "pairing_code", b"pairing_code"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_name", b"device_name", "kind", b"kind", "pairing_code", b"pairing_code", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -91,6 +110,8 @@ Global___PairDeviceRequest: _TypeAlias = PairDeviceRequest  # noqa: Y015
 
 @_typing.final
 class PairDeviceResponse(_message.Message):
+    """The paired device and its credential."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     DEVICE_FIELD_NUMBER: _builtins.int
@@ -99,8 +120,11 @@ class PairDeviceResponse(_message.Message):
     token: _builtins.str
     """The bearer token. Shown once; the server keeps only its hash."""
     user_name: _builtins.str
+    """The person the code was minted for, whose device this now is."""
     @_builtins.property
-    def device(self) -> Global___Device: ...
+    def device(self) -> Global___Device:
+        """The new device."""
+
     def __init__(
         self,
         *,
@@ -118,6 +142,8 @@ Global___PairDeviceResponse: _TypeAlias = PairDeviceResponse  # noqa: Y015
 
 @_typing.final
 class GetCurrentDeviceRequest(_message.Message):
+    """Asks which device and person the call's token stands for."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -133,13 +159,18 @@ Global___GetCurrentDeviceRequest: _TypeAlias = GetCurrentDeviceRequest  # noqa: 
 
 @_typing.final
 class GetCurrentDeviceResponse(_message.Message):
+    """The calling device and its person."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     DEVICE_FIELD_NUMBER: _builtins.int
     USER_NAME_FIELD_NUMBER: _builtins.int
     user_name: _builtins.str
+    """The person who owns it."""
     @_builtins.property
-    def device(self) -> Global___Device: ...
+    def device(self) -> Global___Device:
+        """The device the token belongs to."""
+
     def __init__(
         self,
         *,
@@ -156,6 +187,8 @@ Global___GetCurrentDeviceResponse: _TypeAlias = GetCurrentDeviceResponse  # noqa
 
 @_typing.final
 class ListDevicesRequest(_message.Message):
+    """Lists the person's devices, oldest pairing first."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
@@ -182,6 +215,8 @@ Global___ListDevicesRequest: _TypeAlias = ListDevicesRequest  # noqa: Y015
 
 @_typing.final
 class ListDevicesResponse(_message.Message):
+    """A page of the person's devices."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     DEVICES_FIELD_NUMBER: _builtins.int
@@ -189,7 +224,9 @@ class ListDevicesResponse(_message.Message):
     next_page_token: _builtins.str
     """Opaque token for the next page; empty on the last page."""
     @_builtins.property
-    def devices(self) -> _containers.RepeatedCompositeFieldContainer[Global___Device]: ...
+    def devices(self) -> _containers.RepeatedCompositeFieldContainer[Global___Device]:
+        """Devices in pairing order, revoked ones included (with revoke_time set)."""
+
     def __init__(
         self,
         *,
@@ -206,18 +243,31 @@ Global___ListDevicesResponse: _TypeAlias = ListDevicesResponse  # noqa: Y015
 
 @_typing.final
 class RevokeDeviceRequest(_message.Message):
+    """Revokes one of the person's devices (the calling one included)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     DEVICE_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
+    """The Device.device_id to revoke; NOT_FOUND (DEVICE_NOT_FOUND) unless it is one of the
+    person's devices. Revoking a revoked device again answers it unchanged.
+    """
+    request_id: _builtins.str
+    """Idempotency key (AIP-155): a UUID the client picks once per intended call and sends
+    unchanged on every retry of it. For 24 hours a retry with the same request_id returns the
+    first call's answer without doing it again; the same request_id with a different request
+    is INVALID_ARGUMENT (REQUEST_ID_REUSED). Empty: every call is carried out.
+    """
     def __init__(
         self,
         *,
         device_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -225,11 +275,15 @@ Global___RevokeDeviceRequest: _TypeAlias = RevokeDeviceRequest  # noqa: Y015
 
 @_typing.final
 class RevokeDeviceResponse(_message.Message):
+    """The revoked device."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     DEVICE_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def device(self) -> Global___Device: ...
+    def device(self) -> Global___Device:
+        """The device, with revoke_time set."""
+
     def __init__(
         self,
         *,
@@ -245,14 +299,25 @@ Global___RevokeDeviceResponse: _TypeAlias = RevokeDeviceResponse  # noqa: Y015
 
 @_typing.final
 class CreatePairingCodeRequest(_message.Message):
+    """Asks for a pairing code for the calling device's person."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key (AIP-155): a UUID the client picks once per intended call and sends
+    unchanged on every retry of it. For 24 hours a retry with the same request_id returns the
+    first call's answer without doing it again; the same request_id with a different request
+    is INVALID_ARGUMENT (REQUEST_ID_REUSED). Empty: every call is carried out.
+    """
     def __init__(
         self,
+        *,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -260,13 +325,20 @@ Global___CreatePairingCodeRequest: _TypeAlias = CreatePairingCodeRequest  # noqa
 
 @_typing.final
 class CreatePairingCodeResponse(_message.Message):
+    """A fresh single-use pairing code."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     PAIRING_CODE_FIELD_NUMBER: _builtins.int
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     pairing_code: _builtins.str
+    """Eight letters and digits shown as two groups, e.g. "K7QF-M2XD", for PairDevice on the
+    new device.
+    """
     @_builtins.property
-    def expire_time(self) -> _timestamp_pb2.Timestamp: ...
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the code stops working (ten minutes after it is minted), if not used before."""
+
     def __init__(
         self,
         *,
@@ -287,12 +359,21 @@ class RotateDeviceTokenRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key (AIP-155): a UUID the client picks once per intended call and sends
+    unchanged on every retry of it. For 24 hours a retry with the same request_id returns the
+    first call's answer without doing it again; the same request_id with a different request
+    is INVALID_ARGUMENT (REQUEST_ID_REUSED). Empty: every call is carried out.
+    """
     def __init__(
         self,
+        *,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -29,35 +29,61 @@ class _EventKind:
 class _EventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventKind.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     EVENT_KIND_UNSPECIFIED: _EventKind.ValueType  # 0
+    """Not a kind; never stored."""
     EVENT_KIND_SCREEN_VIEW: _EventKind.ValueType  # 10
+    """Event.screen_view."""
     EVENT_KIND_TAP: _EventKind.ValueType  # 11
+    """Event.tap."""
     EVENT_KIND_FEATURE_USE: _EventKind.ValueType  # 12
+    """Event.feature_use."""
     EVENT_KIND_SEARCH: _EventKind.ValueType  # 13
+    """Event.search."""
     EVENT_KIND_SESSION_START: _EventKind.ValueType  # 14
+    """Event.session_start."""
     EVENT_KIND_SESSION_END: _EventKind.ValueType  # 15
+    """Event.session_end."""
     EVENT_KIND_HEART_RATE: _EventKind.ValueType  # 20
+    """Event.heart_rate."""
     EVENT_KIND_STEPS: _EventKind.ValueType  # 21
+    """Event.steps."""
     EVENT_KIND_CADENCE: _EventKind.ValueType  # 22
+    """Event.cadence."""
     EVENT_KIND_BATTERY: _EventKind.ValueType  # 23
+    """Event.battery."""
     EVENT_KIND_OXYGEN_SATURATION: _EventKind.ValueType  # 24
+    """Event.oxygen_saturation."""
     EVENT_KIND_NUDGE_INTERACTION: _EventKind.ValueType  # 30
+    """Event.nudge_interaction."""
 
 class EventKind(_EventKind, metaclass=_EventKindEnumTypeWrapper):
     """The kind of an event; each value equals the field number of its payload in Event."""
 
 EVENT_KIND_UNSPECIFIED: EventKind.ValueType  # 0
+"""Not a kind; never stored."""
 EVENT_KIND_SCREEN_VIEW: EventKind.ValueType  # 10
+"""Event.screen_view."""
 EVENT_KIND_TAP: EventKind.ValueType  # 11
+"""Event.tap."""
 EVENT_KIND_FEATURE_USE: EventKind.ValueType  # 12
+"""Event.feature_use."""
 EVENT_KIND_SEARCH: EventKind.ValueType  # 13
+"""Event.search."""
 EVENT_KIND_SESSION_START: EventKind.ValueType  # 14
+"""Event.session_start."""
 EVENT_KIND_SESSION_END: EventKind.ValueType  # 15
+"""Event.session_end."""
 EVENT_KIND_HEART_RATE: EventKind.ValueType  # 20
+"""Event.heart_rate."""
 EVENT_KIND_STEPS: EventKind.ValueType  # 21
+"""Event.steps."""
 EVENT_KIND_CADENCE: EventKind.ValueType  # 22
+"""Event.cadence."""
 EVENT_KIND_BATTERY: EventKind.ValueType  # 23
+"""Event.battery."""
 EVENT_KIND_OXYGEN_SATURATION: EventKind.ValueType  # 24
+"""Event.oxygen_saturation."""
 EVENT_KIND_NUDGE_INTERACTION: EventKind.ValueType  # 30
+"""Event.nudge_interaction."""
 Global___EventKind: _TypeAlias = EventKind  # noqa: Y015
 
 class _SensorContact:
@@ -67,16 +93,29 @@ class _SensorContact:
 class _SensorContactEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SensorContact.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     SENSOR_CONTACT_UNSPECIFIED: _SensorContact.ValueType  # 0
+    """The sensor did not say (the contact bits were absent)."""
     SENSOR_CONTACT_NOT_SUPPORTED: _SensorContact.ValueType  # 1
+    """The sensor cannot detect skin contact."""
     SENSOR_CONTACT_DETECTED: _SensorContact.ValueType  # 2
+    """The sensor is in contact with the skin."""
     SENSOR_CONTACT_NOT_DETECTED: _SensorContact.ValueType  # 3
+    """The sensor supports contact detection and reports no contact: the reading may be
+    poor.
+    """
 
-class SensorContact(_SensorContact, metaclass=_SensorContactEnumTypeWrapper): ...
+class SensorContact(_SensorContact, metaclass=_SensorContactEnumTypeWrapper):
+    """The Sensor Contact Status bits of a Heart Rate Measurement."""
 
 SENSOR_CONTACT_UNSPECIFIED: SensorContact.ValueType  # 0
+"""The sensor did not say (the contact bits were absent)."""
 SENSOR_CONTACT_NOT_SUPPORTED: SensorContact.ValueType  # 1
+"""The sensor cannot detect skin contact."""
 SENSOR_CONTACT_DETECTED: SensorContact.ValueType  # 2
+"""The sensor is in contact with the skin."""
 SENSOR_CONTACT_NOT_DETECTED: SensorContact.ValueType  # 3
+"""The sensor supports contact detection and reports no contact: the reading may be
+poor.
+"""
 Global___SensorContact: _TypeAlias = SensorContact  # noqa: Y015
 
 class _BodyLocation:
@@ -86,25 +125,41 @@ class _BodyLocation:
 class _BodyLocationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BodyLocation.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     BODY_LOCATION_UNSPECIFIED: _BodyLocation.ValueType  # 0
+    """The sensor did not report a location."""
     BODY_LOCATION_OTHER: _BodyLocation.ValueType  # 1
+    """Location 0 on the wire: other."""
     BODY_LOCATION_CHEST: _BodyLocation.ValueType  # 2
+    """Location 1 on the wire: chest."""
     BODY_LOCATION_WRIST: _BodyLocation.ValueType  # 3
+    """Location 2 on the wire: wrist."""
     BODY_LOCATION_FINGER: _BodyLocation.ValueType  # 4
+    """Location 3 on the wire: finger."""
     BODY_LOCATION_HAND: _BodyLocation.ValueType  # 5
+    """Location 4 on the wire: hand."""
     BODY_LOCATION_EAR_LOBE: _BodyLocation.ValueType  # 6
+    """Location 5 on the wire: ear lobe."""
     BODY_LOCATION_FOOT: _BodyLocation.ValueType  # 7
+    """Location 6 on the wire: foot."""
 
 class BodyLocation(_BodyLocation, metaclass=_BodyLocationEnumTypeWrapper):
     """Body Sensor Location characteristic (0x2A38) values, shifted by one so that zero is unset."""
 
 BODY_LOCATION_UNSPECIFIED: BodyLocation.ValueType  # 0
+"""The sensor did not report a location."""
 BODY_LOCATION_OTHER: BodyLocation.ValueType  # 1
+"""Location 0 on the wire: other."""
 BODY_LOCATION_CHEST: BodyLocation.ValueType  # 2
+"""Location 1 on the wire: chest."""
 BODY_LOCATION_WRIST: BodyLocation.ValueType  # 3
+"""Location 2 on the wire: wrist."""
 BODY_LOCATION_FINGER: BodyLocation.ValueType  # 4
+"""Location 3 on the wire: finger."""
 BODY_LOCATION_HAND: BodyLocation.ValueType  # 5
+"""Location 4 on the wire: hand."""
 BODY_LOCATION_EAR_LOBE: BodyLocation.ValueType  # 6
+"""Location 5 on the wire: ear lobe."""
 BODY_LOCATION_FOOT: BodyLocation.ValueType  # 7
+"""Location 6 on the wire: foot."""
 Global___BodyLocation: _TypeAlias = BodyLocation  # noqa: Y015
 
 class _StepsSource:
@@ -114,6 +169,7 @@ class _StepsSource:
 class _StepsSourceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StepsSource.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     STEPS_SOURCE_UNSPECIFIED: _StepsSource.ValueType  # 0
+    """The source did not say."""
     STEPS_SOURCE_COUNTER: _StepsSource.ValueType  # 1
     """Counted by the device or sensor itself."""
     STEPS_SOURCE_CADENCE: _StepsSource.ValueType  # 2
@@ -121,9 +177,11 @@ class _StepsSourceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StepsSour
     STEPS_SOURCE_APP: _StepsSource.ValueType  # 3
     """Entered or imported by the app."""
 
-class StepsSource(_StepsSource, metaclass=_StepsSourceEnumTypeWrapper): ...
+class StepsSource(_StepsSource, metaclass=_StepsSourceEnumTypeWrapper):
+    """Where a step count comes from."""
 
 STEPS_SOURCE_UNSPECIFIED: StepsSource.ValueType  # 0
+"""The source did not say."""
 STEPS_SOURCE_COUNTER: StepsSource.ValueType  # 1
 """Counted by the device or sensor itself."""
 STEPS_SOURCE_CADENCE: StepsSource.ValueType  # 2
@@ -139,16 +197,25 @@ class _MotionKind:
 class _MotionKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MotionKind.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     MOTION_KIND_UNSPECIFIED: _MotionKind.ValueType  # 0
+    """Not said."""
     MOTION_KIND_WALKING: _MotionKind.ValueType  # 1
+    """Walking (Running Speed and Cadence, walking flag)."""
     MOTION_KIND_RUNNING: _MotionKind.ValueType  # 2
+    """Running (Running Speed and Cadence, running flag)."""
     MOTION_KIND_CYCLING: _MotionKind.ValueType  # 3
+    """Cycling (Cycling Speed and Cadence)."""
 
-class MotionKind(_MotionKind, metaclass=_MotionKindEnumTypeWrapper): ...
+class MotionKind(_MotionKind, metaclass=_MotionKindEnumTypeWrapper):
+    """What kind of motion a cadence measures."""
 
 MOTION_KIND_UNSPECIFIED: MotionKind.ValueType  # 0
+"""Not said."""
 MOTION_KIND_WALKING: MotionKind.ValueType  # 1
+"""Walking (Running Speed and Cadence, walking flag)."""
 MOTION_KIND_RUNNING: MotionKind.ValueType  # 2
+"""Running (Running Speed and Cadence, running flag)."""
 MOTION_KIND_CYCLING: MotionKind.ValueType  # 3
+"""Cycling (Cycling Speed and Cadence)."""
 Global___MotionKind: _TypeAlias = MotionKind  # noqa: Y015
 
 class _NudgeAction:
@@ -158,18 +225,33 @@ class _NudgeAction:
 class _NudgeActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_NudgeAction.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     NUDGE_ACTION_UNSPECIFIED: _NudgeAction.ValueType  # 0
+    """Not an action; refused (INVALID_NUDGE_ACTION, or UNKNOWN_ENUM_VALUE in an event)."""
     NUDGE_ACTION_DELIVERED: _NudgeAction.ValueType  # 1
+    """The app received and showed the nudge (the server records the delivery time itself;
+    see NudgeRecord.deliver_time).
+    """
     NUDGE_ACTION_OPENED: _NudgeAction.ValueType  # 2
+    """The person opened or expanded the nudge."""
     NUDGE_ACTION_DISMISSED: _NudgeAction.ValueType  # 3
+    """The person dismissed it."""
     NUDGE_ACTION_ACTED: _NudgeAction.ValueType  # 4
+    """The person did what it suggested (e.g. opened the item to resume)."""
 
-class NudgeAction(_NudgeAction, metaclass=_NudgeActionEnumTypeWrapper): ...
+class NudgeAction(_NudgeAction, metaclass=_NudgeActionEnumTypeWrapper):
+    """What a person did with a nudge, in the order they can happen."""
 
 NUDGE_ACTION_UNSPECIFIED: NudgeAction.ValueType  # 0
+"""Not an action; refused (INVALID_NUDGE_ACTION, or UNKNOWN_ENUM_VALUE in an event)."""
 NUDGE_ACTION_DELIVERED: NudgeAction.ValueType  # 1
+"""The app received and showed the nudge (the server records the delivery time itself;
+see NudgeRecord.deliver_time).
+"""
 NUDGE_ACTION_OPENED: NudgeAction.ValueType  # 2
+"""The person opened or expanded the nudge."""
 NUDGE_ACTION_DISMISSED: NudgeAction.ValueType  # 3
+"""The person dismissed it."""
 NUDGE_ACTION_ACTED: NudgeAction.ValueType  # 4
+"""The person did what it suggested (e.g. opened the item to resume)."""
 Global___NudgeAction: _TypeAlias = NudgeAction  # noqa: Y015
 
 @_typing.final
@@ -206,29 +288,55 @@ class Event(_message.Message):
         """When it happened, by the device's clock. The server corrects clock skew."""
 
     @_builtins.property
-    def screen_view(self) -> Global___ScreenView: ...
+    def screen_view(self) -> Global___ScreenView:
+        """A screen the person looked at (behavior consent)."""
+
     @_builtins.property
-    def tap(self) -> Global___Tap: ...
+    def tap(self) -> Global___Tap:
+        """A control the person tapped (behavior consent)."""
+
     @_builtins.property
-    def feature_use(self) -> Global___FeatureUse: ...
+    def feature_use(self) -> Global___FeatureUse:
+        """A named feature of an app in use (behavior consent)."""
+
     @_builtins.property
-    def search(self) -> Global___Search: ...
+    def search(self) -> Global___Search:
+        """A search made in an app (behavior consent)."""
+
     @_builtins.property
-    def session_start(self) -> Global___SessionStart: ...
+    def session_start(self) -> Global___SessionStart:
+        """An app session began (behavior consent)."""
+
     @_builtins.property
-    def session_end(self) -> Global___SessionEnd: ...
+    def session_end(self) -> Global___SessionEnd:
+        """An app session ended (behavior consent)."""
+
     @_builtins.property
-    def heart_rate(self) -> Global___HeartRate: ...
+    def heart_rate(self) -> Global___HeartRate:
+        """A heart-rate measurement from a sensor (activity consent)."""
+
     @_builtins.property
-    def steps(self) -> Global___Steps: ...
+    def steps(self) -> Global___Steps:
+        """Steps counted over an interval (activity consent)."""
+
     @_builtins.property
-    def cadence(self) -> Global___Cadence: ...
+    def cadence(self) -> Global___Cadence:
+        """Running, walking or cycling cadence and speed (activity consent)."""
+
     @_builtins.property
-    def battery(self) -> Global___Battery: ...
+    def battery(self) -> Global___Battery:
+        """A sensor's battery level (activity consent)."""
+
     @_builtins.property
-    def oxygen_saturation(self) -> Global___OxygenSaturation: ...
+    def oxygen_saturation(self) -> Global___OxygenSaturation:
+        """Blood oxygen saturation (activity consent)."""
+
     @_builtins.property
-    def nudge_interaction(self) -> Global___NudgeInteraction: ...
+    def nudge_interaction(self) -> Global___NudgeInteraction:
+        """What the person did with a nudge (personalization consent); recorded as nudge feedback
+        too, once, like RecordNudgeFeedback.
+        """
+
     def __init__(
         self,
         *,
@@ -268,10 +376,12 @@ class ScreenView(_message.Message):
     SCREEN_FIELD_NUMBER: _builtins.int
     DWELL_FIELD_NUMBER: _builtins.int
     app: _builtins.str
+    """The app, as the app names itself (e.g. "reader"); at most 256 characters."""
     screen: _builtins.str
+    """The screen's stable name within the app; at most 256 characters."""
     @_builtins.property
     def dwell(self) -> _duration_pb2.Duration:
-        """How long the screen was in the foreground."""
+        """How long the screen was in the foreground; 0 to 24 hours."""
 
     def __init__(
         self,
@@ -290,15 +400,19 @@ Global___ScreenView: _TypeAlias = ScreenView  # noqa: Y015
 
 @_typing.final
 class Tap(_message.Message):
+    """A tap on a control."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     APP_FIELD_NUMBER: _builtins.int
     SCREEN_FIELD_NUMBER: _builtins.int
     TARGET_FIELD_NUMBER: _builtins.int
     app: _builtins.str
+    """The app; at most 256 characters."""
     screen: _builtins.str
+    """The screen the control is on; at most 256 characters."""
     target: _builtins.str
-    """The control tapped, e.g. "play_button"."""
+    """The control tapped, e.g. "play_button"; at most 256 characters."""
     def __init__(
         self,
         *,
@@ -316,16 +430,23 @@ Global___Tap: _TypeAlias = Tap  # noqa: Y015
 
 @_typing.final
 class FeatureUse(_message.Message):
+    """Time spent in one feature of an app, recorded when the person leaves it."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     APP_FIELD_NUMBER: _builtins.int
     FEATURE_FIELD_NUMBER: _builtins.int
     DURATION_FIELD_NUMBER: _builtins.int
     app: _builtins.str
+    """The app; at most 256 characters."""
     feature: _builtins.str
-    """A stable feature name, e.g. "flashcards". Used for the adaptive layout."""
+    """A stable feature name, e.g. "flashcards"; at most 256 characters. Used for the adaptive
+    layout.
+    """
     @_builtins.property
-    def duration(self) -> _duration_pb2.Duration: ...
+    def duration(self) -> _duration_pb2.Duration:
+        """How long the feature was in use; 0 to 24 hours."""
+
     def __init__(
         self,
         *,
@@ -343,14 +464,19 @@ Global___FeatureUse: _TypeAlias = FeatureUse  # noqa: Y015
 
 @_typing.final
 class Search(_message.Message):
+    """A search the person ran in an app."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     APP_FIELD_NUMBER: _builtins.int
     QUERY_FIELD_NUMBER: _builtins.int
     RESULT_COUNT_FIELD_NUMBER: _builtins.int
     app: _builtins.str
+    """The app; at most 256 characters."""
     query: _builtins.str
+    """The query as typed; at most 1024 characters."""
     result_count: _builtins.int
+    """How many results the app showed."""
     def __init__(
         self,
         *,
@@ -368,12 +494,16 @@ Global___Search: _TypeAlias = Search  # noqa: Y015
 
 @_typing.final
 class SessionStart(_message.Message):
+    """The app came to the foreground."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     APP_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
     app: _builtins.str
+    """The app; at most 256 characters."""
     session_id: _builtins.str
+    """The app's id for the session, repeated in its SessionEnd; at most 256 characters."""
     def __init__(
         self,
         *,
@@ -390,15 +520,21 @@ Global___SessionStart: _TypeAlias = SessionStart  # noqa: Y015
 
 @_typing.final
 class SessionEnd(_message.Message):
+    """The app left the foreground."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     APP_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
     DURATION_FIELD_NUMBER: _builtins.int
     app: _builtins.str
+    """The app; at most 256 characters."""
     session_id: _builtins.str
+    """The id of the session its SessionStart opened; at most 256 characters."""
     @_builtins.property
-    def duration(self) -> _duration_pb2.Duration: ...
+    def duration(self) -> _duration_pb2.Duration:
+        """How long the session lasted; 0 to 24 hours."""
+
     def __init__(
         self,
         *,
@@ -429,19 +565,27 @@ class HeartRate(_message.Message):
     RMSSD_MS_FIELD_NUMBER: _builtins.int
     RMSSD_WINDOW_FIELD_NUMBER: _builtins.int
     sensor_id: _builtins.str
-    """Which sensor, as the bridge names it (usually its Bluetooth address)."""
+    """Which sensor, as the bridge names it (usually its Bluetooth address); at most 256
+    characters.
+    """
     bpm: _builtins.int
+    """Beats per minute, 1..300."""
     contact: Global___SensorContact.ValueType
+    """Whether the sensor touches the skin."""
     energy_expended_kj: _builtins.int
     """Cumulative energy expended in kilojoules, when the sensor reports it."""
     location: Global___BodyLocation.ValueType
+    """Where the sensor is worn, when it reports it (Body Sensor Location)."""
     rmssd_ms: _builtins.float
     """HRV: RMSSD in milliseconds over the RR intervals of the window that closed with this
-    measurement (artefacts filtered), set only on the measurement that closes a window.
+    measurement (artefacts filtered), set only on the measurement that closes a window;
+    0..3000.
     """
     @_builtins.property
     def rr_intervals_ms(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
-        """RR intervals in milliseconds (converted from the wire's 1/1024 s units)."""
+        """RR intervals in milliseconds (converted from the wire's 1/1024 s units); each more than
+        0 and at most 3000, at most 256 per measurement.
+        """
 
     @_builtins.property
     def rmssd_window(self) -> _duration_pb2.Duration:
@@ -485,10 +629,15 @@ class Steps(_message.Message):
     INTERVAL_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
     sensor_id: _builtins.str
+    """The sensor or app that counted; at most 256 characters."""
     count: _builtins.int
+    """Steps taken in the interval; at most 100000."""
     source: Global___StepsSource.ValueType
+    """How the count was obtained."""
     @_builtins.property
-    def interval(self) -> _duration_pb2.Duration: ...
+    def interval(self) -> _duration_pb2.Duration:
+        """The interval the steps were taken over, ending at device_time; 0 to 24 hours."""
+
     def __init__(
         self,
         *,
@@ -518,12 +667,17 @@ class Cadence(_message.Message):
     STRIDE_LENGTH_M_FIELD_NUMBER: _builtins.int
     TOTAL_DISTANCE_M_FIELD_NUMBER: _builtins.int
     sensor_id: _builtins.str
+    """The sensor, as the bridge names it; at most 256 characters."""
     motion: Global___MotionKind.ValueType
+    """Walking, running or cycling."""
     cadence_per_min: _builtins.float
-    """Steps per minute (walking, running) or crank revolutions per minute (cycling)."""
+    """Steps per minute (walking, running) or crank revolutions per minute (cycling); 0..1000."""
     speed_m_per_s: _builtins.float
+    """Instantaneous speed in metres per second; 0..100."""
     stride_length_m: _builtins.float
+    """Stride length in metres (0..10), when the sensor reports it."""
     total_distance_m: _builtins.float
+    """Distance since the sensor's counter was reset, in metres, when it reports it."""
     def __init__(
         self,
         *,
@@ -551,12 +705,16 @@ Global___Cadence: _TypeAlias = Cadence  # noqa: Y015
 
 @_typing.final
 class Battery(_message.Message):
+    """A sensor's Battery Level (0x2A19)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     SENSOR_ID_FIELD_NUMBER: _builtins.int
     LEVEL_PERCENT_FIELD_NUMBER: _builtins.int
     sensor_id: _builtins.str
+    """The sensor; at most 256 characters."""
     level_percent: _builtins.int
+    """Charge left, 0..100 percent."""
     def __init__(
         self,
         *,
@@ -581,8 +739,11 @@ class OxygenSaturation(_message.Message):
     SPO2_PERCENT_FIELD_NUMBER: _builtins.int
     PULSE_RATE_BPM_FIELD_NUMBER: _builtins.int
     sensor_id: _builtins.str
+    """The oximeter; at most 256 characters."""
     spo2_percent: _builtins.float
+    """Oxygen saturation, more than 0 and at most 100 percent."""
     pulse_rate_bpm: _builtins.float
+    """Pulse rate the oximeter measured alongside, in beats per minute; 0..300."""
     def __init__(
         self,
         *,
@@ -607,7 +768,9 @@ class NudgeInteraction(_message.Message):
     NUDGE_ID_FIELD_NUMBER: _builtins.int
     ACTION_FIELD_NUMBER: _builtins.int
     nudge_id: _builtins.str
+    """The Nudge.nudge_id the action is about; required, at most 256 characters."""
     action: Global___NudgeAction.ValueType
+    """What the person did; NUDGE_ACTION_UNSPECIFIED is rejected."""
     def __init__(
         self,
         *,
@@ -633,9 +796,13 @@ class TimelineEvent(_message.Message):
     DEVICE_KIND_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
+    """The device that recorded it (one of the person's devices)."""
     device_kind: _common_pb2.DeviceKind.ValueType
+    """That device's kind."""
     @_builtins.property
-    def event(self) -> Global___Event: ...
+    def event(self) -> Global___Event:
+        """The event as the device sent it."""
+
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
         """Device time corrected for the device's clock skew: the timeline's order."""

@@ -28,7 +28,7 @@ from pulsesync.v1 import common_pb2 as pulsesync_dot_v1_dot_common__pb2
 from pulsesync.v1 import events_pb2 as pulsesync_dot_v1_dot_events__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19pulsesync/v1/ingest.proto\x12\x0cpulsesync.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19pulsesync/v1/common.proto\x1a\x19pulsesync/v1/events.proto\"r\n\nEventBatch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12-\n\tsent_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12#\n\x06\x65vents\x18\x03 \x03(\x0b\x32\x13.pulsesync.v1.Event\"8\n\rUploadRequest\x12\'\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x18.pulsesync.v1.EventBatch\"m\n\rRejectedEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12-\n\x06reason\x18\x03 \x01(\x0e\x32\x1d.pulsesync.v1.RejectionReason\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"\xf8\x01\n\x0eUploadResponse\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12\x19\n\x11\x61\x63ked_through_seq\x18\x02 \x01(\x04\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x03 \x01(\r\x12\x17\n\x0f\x64uplicate_count\x18\x04 \x01(\r\x12-\n\x08rejected\x18\x05 \x03(\x0b\x32\x1b.pulsesync.v1.RejectedEvent\x12(\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x19.pulsesync.v1.ErrorDetail\x12/\n\x0c\x63lock_offset\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\"=\n\x12UploadBatchRequest\x12\'\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x18.pulsesync.v1.EventBatch\"@\n\x13UploadBatchResponse\x12)\n\x03\x61\x63k\x18\x01 \x01(\x0b\x32\x1c.pulsesync.v1.UploadResponse\"\x17\n\x15GetUploadStateRequest\"i\n\x16GetUploadStateResponse\x12\x19\n\x11\x61\x63ked_through_seq\x18\x01 \x01(\x04\x12\x34\n\x10last_commit_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xa3\x01\n\x0fRejectionReason\x12 \n\x1cREJECTION_REASON_UNSPECIFIED\x10\x00\x12\x1c\n\x18REJECTION_REASON_INVALID\x10\x01\x12(\n$REJECTION_REASON_CONSENT_NOT_GRANTED\x10\x02\x12&\n\"REJECTION_REASON_SEQUENCE_CONFLICT\x10\x03\x32\x89\x02\n\rIngestService\x12G\n\x06Upload\x12\x1b.pulsesync.v1.UploadRequest\x1a\x1c.pulsesync.v1.UploadResponse(\x01\x30\x01\x12R\n\x0bUploadBatch\x12 .pulsesync.v1.UploadBatchRequest\x1a!.pulsesync.v1.UploadBatchResponse\x12[\n\x0eGetUploadState\x12#.pulsesync.v1.GetUploadStateRequest\x1a$.pulsesync.v1.GetUploadStateResponseBn\n\x10\x63om.pulsesync.v1P\x01Z>github.com/pulsesync/pulsesync/gen/go/pulsesync/v1;pulsesyncv1\xa2\x02\x03PSX\xaa\x02\x0cPulseSync.V1\xba\x02\x02PSb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19pulsesync/v1/ingest.proto\x12\x0cpulsesync.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19pulsesync/v1/common.proto\x1a\x19pulsesync/v1/events.proto\"r\n\nEventBatch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12-\n\tsent_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12#\n\x06\x65vents\x18\x03 \x03(\x0b\x32\x13.pulsesync.v1.Event\"8\n\rUploadRequest\x12\'\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x18.pulsesync.v1.EventBatch\"m\n\rRejectedEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12-\n\x06reason\x18\x03 \x01(\x0e\x32\x1d.pulsesync.v1.RejectionReason\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"\xf8\x01\n\x0eUploadResponse\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12\x19\n\x11\x61\x63ked_through_seq\x18\x02 \x01(\x04\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x03 \x01(\r\x12\x17\n\x0f\x64uplicate_count\x18\x04 \x01(\r\x12-\n\x08rejected\x18\x05 \x03(\x0b\x32\x1b.pulsesync.v1.RejectedEvent\x12(\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x19.pulsesync.v1.ErrorDetail\x12/\n\x0c\x63lock_offset\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\"Q\n\x12UploadBatchRequest\x12\'\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x18.pulsesync.v1.EventBatch\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"@\n\x13UploadBatchResponse\x12)\n\x03\x61\x63k\x18\x01 \x01(\x0b\x32\x1c.pulsesync.v1.UploadResponse\"\x17\n\x15GetUploadStateRequest\"i\n\x16GetUploadStateResponse\x12\x19\n\x11\x61\x63ked_through_seq\x18\x01 \x01(\x04\x12\x34\n\x10last_commit_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xa3\x01\n\x0fRejectionReason\x12 \n\x1cREJECTION_REASON_UNSPECIFIED\x10\x00\x12\x1c\n\x18REJECTION_REASON_INVALID\x10\x01\x12(\n$REJECTION_REASON_CONSENT_NOT_GRANTED\x10\x02\x12&\n\"REJECTION_REASON_SEQUENCE_CONFLICT\x10\x03\x32\x89\x02\n\rIngestService\x12G\n\x06Upload\x12\x1b.pulsesync.v1.UploadRequest\x1a\x1c.pulsesync.v1.UploadResponse(\x01\x30\x01\x12R\n\x0bUploadBatch\x12 .pulsesync.v1.UploadBatchRequest\x1a!.pulsesync.v1.UploadBatchResponse\x12[\n\x0eGetUploadState\x12#.pulsesync.v1.GetUploadStateRequest\x1a$.pulsesync.v1.GetUploadStateResponseBn\n\x10\x63om.pulsesync.v1P\x01Z>github.com/pulsesync/pulsesync/gen/go/pulsesync/v1;pulsesyncv1\xa2\x02\x03PSX\xaa\x02\x0cPulseSync.V1\xba\x02\x02PSb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,8 +36,8 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pulsesync.v1.ingest_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\020com.pulsesync.v1P\001Z>github.com/pulsesync/pulsesync/gen/go/pulsesync/v1;pulsesyncv1\242\002\003PSX\252\002\014PulseSync.V1\272\002\002PS'
-  _globals['_REJECTIONREASON']._serialized_start=960
-  _globals['_REJECTIONREASON']._serialized_end=1123
+  _globals['_REJECTIONREASON']._serialized_start=980
+  _globals['_REJECTIONREASON']._serialized_end=1143
   _globals['_EVENTBATCH']._serialized_start=162
   _globals['_EVENTBATCH']._serialized_end=276
   _globals['_UPLOADREQUEST']._serialized_start=278
@@ -47,13 +47,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPLOADRESPONSE']._serialized_start=448
   _globals['_UPLOADRESPONSE']._serialized_end=696
   _globals['_UPLOADBATCHREQUEST']._serialized_start=698
-  _globals['_UPLOADBATCHREQUEST']._serialized_end=759
-  _globals['_UPLOADBATCHRESPONSE']._serialized_start=761
-  _globals['_UPLOADBATCHRESPONSE']._serialized_end=825
-  _globals['_GETUPLOADSTATEREQUEST']._serialized_start=827
-  _globals['_GETUPLOADSTATEREQUEST']._serialized_end=850
-  _globals['_GETUPLOADSTATERESPONSE']._serialized_start=852
-  _globals['_GETUPLOADSTATERESPONSE']._serialized_end=957
-  _globals['_INGESTSERVICE']._serialized_start=1126
-  _globals['_INGESTSERVICE']._serialized_end=1391
+  _globals['_UPLOADBATCHREQUEST']._serialized_end=779
+  _globals['_UPLOADBATCHRESPONSE']._serialized_start=781
+  _globals['_UPLOADBATCHRESPONSE']._serialized_end=845
+  _globals['_GETUPLOADSTATEREQUEST']._serialized_start=847
+  _globals['_GETUPLOADSTATEREQUEST']._serialized_end=870
+  _globals['_GETUPLOADSTATERESPONSE']._serialized_start=872
+  _globals['_GETUPLOADSTATERESPONSE']._serialized_end=977
+  _globals['_INGESTSERVICE']._serialized_start=1146
+  _globals['_INGESTSERVICE']._serialized_end=1411
 # @@protoc_insertion_point(module_scope)

@@ -30,6 +30,7 @@ class _RejectionReason:
 class _RejectionReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RejectionReason.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     REJECTION_REASON_UNSPECIFIED: _RejectionReason.ValueType  # 0
+    """Not a reason; never sent."""
     REJECTION_REASON_INVALID: _RejectionReason.ValueType  # 1
     """The event failed validation and was quarantined for inspection; see detail."""
     REJECTION_REASON_CONSENT_NOT_GRANTED: _RejectionReason.ValueType  # 2
@@ -39,9 +40,11 @@ class _RejectionReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Rejec
     newcomer was quarantined.
     """
 
-class RejectionReason(_RejectionReason, metaclass=_RejectionReasonEnumTypeWrapper): ...
+class RejectionReason(_RejectionReason, metaclass=_RejectionReasonEnumTypeWrapper):
+    """Why one event of a batch was not stored."""
 
 REJECTION_REASON_UNSPECIFIED: RejectionReason.ValueType  # 0
+"""Not a reason; never sent."""
 REJECTION_REASON_INVALID: RejectionReason.ValueType  # 1
 """The event failed validation and was quarantined for inspection; see detail."""
 REJECTION_REASON_CONSENT_NOT_GRANTED: RejectionReason.ValueType  # 2
@@ -54,6 +57,8 @@ Global___RejectionReason: _TypeAlias = RejectionReason  # noqa: Y015
 
 @_typing.final
 class EventBatch(_message.Message):
+    """A device's events sent together, answered by one UploadResponse."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     BATCH_ID_FIELD_NUMBER: _builtins.int
@@ -88,11 +93,15 @@ Global___EventBatch: _TypeAlias = EventBatch  # noqa: Y015
 
 @_typing.final
 class UploadRequest(_message.Message):
+    """One message of the Upload stream."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     BATCH_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def batch(self) -> Global___EventBatch: ...
+    def batch(self) -> Global___EventBatch:
+        """The batch; required (an empty message is acked with MISSING_BATCH)."""
+
     def __init__(
         self,
         *,
@@ -108,6 +117,10 @@ Global___UploadRequest: _TypeAlias = UploadRequest  # noqa: Y015
 
 @_typing.final
 class RejectedEvent(_message.Message):
+    """One event of a batch that was not stored, and why. It is settled all the same: it counts
+    towards acked_through_seq, and resending it changes nothing.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     SEQ_FIELD_NUMBER: _builtins.int
@@ -115,10 +128,15 @@ class RejectedEvent(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
+    """The event's sequence number."""
     event_id: _builtins.str
+    """The event's id as sent (cut to its first 64 characters)."""
     reason: Global___RejectionReason.ValueType
+    """The kind of problem."""
     detail: _builtins.str
-    """What was wrong, e.g. "device_time is 3650 days in the future"."""
+    """What was wrong, for people (programs branch on reason), e.g. "device_time is 3650 days
+    in the future".
+    """
     def __init__(
         self,
         *,
@@ -137,6 +155,8 @@ Global___RejectedEvent: _TypeAlias = RejectedEvent  # noqa: Y015
 
 @_typing.final
 class UploadResponse(_message.Message):
+    """The answer to one batch, sent once the batch is durably committed."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     BATCH_ID_FIELD_NUMBER: _builtins.int
@@ -147,6 +167,7 @@ class UploadResponse(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     CLOCK_OFFSET_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.int
+    """The batch's EventBatch.batch_id."""
     acked_through_seq: _builtins.int
     """A contiguous watermark: every event of this device with seq <= acked_through_seq is
     handled for good (stored, deduplicated, quarantined, or refused for missing consent), in
@@ -156,9 +177,15 @@ class UploadResponse(_message.Message):
     was refused or nothing of the device is handled from seq 1 on.
     """
     accepted_count: _builtins.int
+    """Events of this batch stored now."""
     duplicate_count: _builtins.int
+    """Events of this batch the server already held (same device and seq, same event id):
+    resent after a lost ack, nothing stored twice.
+    """
     @_builtins.property
-    def rejected(self) -> _containers.RepeatedCompositeFieldContainer[Global___RejectedEvent]: ...
+    def rejected(self) -> _containers.RepeatedCompositeFieldContainer[Global___RejectedEvent]:
+        """Events of this batch that were not stored, each with its reason."""
+
     @_builtins.property
     def error(self) -> _common_pb2.ErrorDetail:
         """Set when the whole batch was refused (e.g. BATCH_TOO_LARGE); nothing of it was stored."""
@@ -188,19 +215,31 @@ Global___UploadResponse: _TypeAlias = UploadResponse  # noqa: Y015
 
 @_typing.final
 class UploadBatchRequest(_message.Message):
+    """One batch in a unary call."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     BATCH_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key (AIP-155): a UUID the client picks once per intended call and sends
+    unchanged on every retry of it. For 24 hours a retry with the same request_id returns the
+    first call's answer without doing it again; the same request_id with a different request
+    is INVALID_ARGUMENT (REQUEST_ID_REUSED). Empty: every call is carried out.
+    """
     @_builtins.property
-    def batch(self) -> Global___EventBatch: ...
+    def batch(self) -> Global___EventBatch:
+        """The batch; required."""
+
     def __init__(
         self,
         *,
         batch: Global___EventBatch | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -208,6 +247,8 @@ Global___UploadBatchRequest: _TypeAlias = UploadBatchRequest  # noqa: Y015
 
 @_typing.final
 class UploadBatchResponse(_message.Message):
+    """The answer to one UploadBatch call."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ACK_FIELD_NUMBER: _builtins.int

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from pulsesync.v1 import events_pb2 as pulsesync_dot_v1_dot_events__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19pulsesync/v1/nudges.proto\x12\x0cpulsesync.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19pulsesync/v1/events.proto\"\xc2\x02\n\x05Nudge\x12\x10\n\x08nudge_id\x18\x01 \x01(\t\x12\x12\n\nnudge_type\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tdevice_id\x18\x07 \x01(\t\x12\x13\n\x0bprobability\x18\x08 \x01(\x01\x12\x0f\n\x07reasons\x18\t \x03(\t\x12+\n\x04\x64\x61ta\x18\n \x03(\x0b\x32\x1d.pulsesync.v1.Nudge.DataEntry\x1a+\n\tDataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"?\n\x0cNudgeOutcome\x12\x0e\n\x06metric\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\x12\x10\n\x08\x63omplete\x18\x03 \x01(\x08\"\xbd\x01\n\x0bNudgeRecord\x12\"\n\x05nudge\x18\x01 \x01(\x0b\x32\x13.pulsesync.v1.Nudge\x12+\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x02 \x03(\x0e\x32\x19.pulsesync.v1.NudgeAction\x12+\n\x07outcome\x18\x03 \x01(\x0b\x32\x1a.pulsesync.v1.NudgeOutcome\x12\x30\n\x0c\x64\x65liver_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x18\n\x16SubscribeNudgesRequest\"=\n\x17SubscribeNudgesResponse\x12\"\n\x05nudge\x18\x01 \x01(\x0b\x32\x13.pulsesync.v1.Nudge\"\x8a\x01\n\x1aRecordNudgeFeedbackRequest\x12\x10\n\x08nudge_id\x18\x01 \x01(\t\x12)\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x19.pulsesync.v1.NudgeAction\x12/\n\x0b\x61\x63tion_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x1d\n\x1bRecordNudgeFeedbackResponse\"\x98\x01\n\x11ListNudgesRequest\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"X\n\x12ListNudgesResponse\x12)\n\x06nudges\x18\x01 \x03(\x0b\x32\x19.pulsesync.v1.NudgeRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1b\n\x19\x46\x65tchPendingNudgesRequest\"A\n\x1a\x46\x65tchPendingNudgesResponse\x12#\n\x06nudges\x18\x01 \x03(\x0b\x32\x13.pulsesync.v1.Nudge\"/\n\x19RegisterPushTargetRequest\x12\x12\n\npush_token\x18\x01 \x01(\t\"\x1c\n\x1aRegisterPushTargetResponse2\xff\x03\n\x0cNudgeService\x12`\n\x0fSubscribeNudges\x12$.pulsesync.v1.SubscribeNudgesRequest\x1a%.pulsesync.v1.SubscribeNudgesResponse0\x01\x12j\n\x13RecordNudgeFeedback\x12(.pulsesync.v1.RecordNudgeFeedbackRequest\x1a).pulsesync.v1.RecordNudgeFeedbackResponse\x12O\n\nListNudges\x12\x1f.pulsesync.v1.ListNudgesRequest\x1a .pulsesync.v1.ListNudgesResponse\x12g\n\x12\x46\x65tchPendingNudges\x12\'.pulsesync.v1.FetchPendingNudgesRequest\x1a(.pulsesync.v1.FetchPendingNudgesResponse\x12g\n\x12RegisterPushTarget\x12\'.pulsesync.v1.RegisterPushTargetRequest\x1a(.pulsesync.v1.RegisterPushTargetResponseBn\n\x10\x63om.pulsesync.v1P\x01Z>github.com/pulsesync/pulsesync/gen/go/pulsesync/v1;pulsesyncv1\xa2\x02\x03PSX\xaa\x02\x0cPulseSync.V1\xba\x02\x02PSb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19pulsesync/v1/nudges.proto\x12\x0cpulsesync.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19pulsesync/v1/events.proto\"\xc2\x02\n\x05Nudge\x12\x10\n\x08nudge_id\x18\x01 \x01(\t\x12\x12\n\nnudge_type\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tdevice_id\x18\x07 \x01(\t\x12\x13\n\x0bprobability\x18\x08 \x01(\x01\x12\x0f\n\x07reasons\x18\t \x03(\t\x12+\n\x04\x64\x61ta\x18\n \x03(\x0b\x32\x1d.pulsesync.v1.Nudge.DataEntry\x1a+\n\tDataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"?\n\x0cNudgeOutcome\x12\x0e\n\x06metric\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\x12\x10\n\x08\x63omplete\x18\x03 \x01(\x08\"\xbd\x01\n\x0bNudgeRecord\x12\"\n\x05nudge\x18\x01 \x01(\x0b\x32\x13.pulsesync.v1.Nudge\x12+\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x02 \x03(\x0e\x32\x19.pulsesync.v1.NudgeAction\x12+\n\x07outcome\x18\x03 \x01(\x0b\x32\x1a.pulsesync.v1.NudgeOutcome\x12\x30\n\x0c\x64\x65liver_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x18\n\x16SubscribeNudgesRequest\"=\n\x17SubscribeNudgesResponse\x12\"\n\x05nudge\x18\x01 \x01(\x0b\x32\x13.pulsesync.v1.Nudge\"\x9e\x01\n\x1aRecordNudgeFeedbackRequest\x12\x10\n\x08nudge_id\x18\x01 \x01(\t\x12)\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x19.pulsesync.v1.NudgeAction\x12/\n\x0b\x61\x63tion_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\x1d\n\x1bRecordNudgeFeedbackResponse\"\x98\x01\n\x11ListNudgesRequest\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"X\n\x12ListNudgesResponse\x12)\n\x06nudges\x18\x01 \x03(\x0b\x32\x19.pulsesync.v1.NudgeRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"/\n\x19\x46\x65tchPendingNudgesRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"A\n\x1a\x46\x65tchPendingNudgesResponse\x12#\n\x06nudges\x18\x01 \x03(\x0b\x32\x13.pulsesync.v1.Nudge\"C\n\x19RegisterPushTargetRequest\x12\x12\n\npush_token\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\x1c\n\x1aRegisterPushTargetResponse2\xff\x03\n\x0cNudgeService\x12`\n\x0fSubscribeNudges\x12$.pulsesync.v1.SubscribeNudgesRequest\x1a%.pulsesync.v1.SubscribeNudgesResponse0\x01\x12j\n\x13RecordNudgeFeedback\x12(.pulsesync.v1.RecordNudgeFeedbackRequest\x1a).pulsesync.v1.RecordNudgeFeedbackResponse\x12O\n\nListNudges\x12\x1f.pulsesync.v1.ListNudgesRequest\x1a .pulsesync.v1.ListNudgesResponse\x12g\n\x12\x46\x65tchPendingNudges\x12\'.pulsesync.v1.FetchPendingNudgesRequest\x1a(.pulsesync.v1.FetchPendingNudgesResponse\x12g\n\x12RegisterPushTarget\x12\'.pulsesync.v1.RegisterPushTargetRequest\x1a(.pulsesync.v1.RegisterPushTargetResponseBn\n\x10\x63om.pulsesync.v1P\x01Z>github.com/pulsesync/pulsesync/gen/go/pulsesync/v1;pulsesyncv1\xa2\x02\x03PSX\xaa\x02\x0cPulseSync.V1\xba\x02\x02PSb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -49,21 +49,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SUBSCRIBENUDGESRESPONSE']._serialized_start=711
   _globals['_SUBSCRIBENUDGESRESPONSE']._serialized_end=772
   _globals['_RECORDNUDGEFEEDBACKREQUEST']._serialized_start=775
-  _globals['_RECORDNUDGEFEEDBACKREQUEST']._serialized_end=913
-  _globals['_RECORDNUDGEFEEDBACKRESPONSE']._serialized_start=915
-  _globals['_RECORDNUDGEFEEDBACKRESPONSE']._serialized_end=944
-  _globals['_LISTNUDGESREQUEST']._serialized_start=947
-  _globals['_LISTNUDGESREQUEST']._serialized_end=1099
-  _globals['_LISTNUDGESRESPONSE']._serialized_start=1101
-  _globals['_LISTNUDGESRESPONSE']._serialized_end=1189
-  _globals['_FETCHPENDINGNUDGESREQUEST']._serialized_start=1191
-  _globals['_FETCHPENDINGNUDGESREQUEST']._serialized_end=1218
-  _globals['_FETCHPENDINGNUDGESRESPONSE']._serialized_start=1220
-  _globals['_FETCHPENDINGNUDGESRESPONSE']._serialized_end=1285
-  _globals['_REGISTERPUSHTARGETREQUEST']._serialized_start=1287
-  _globals['_REGISTERPUSHTARGETREQUEST']._serialized_end=1334
-  _globals['_REGISTERPUSHTARGETRESPONSE']._serialized_start=1336
-  _globals['_REGISTERPUSHTARGETRESPONSE']._serialized_end=1364
-  _globals['_NUDGESERVICE']._serialized_start=1367
-  _globals['_NUDGESERVICE']._serialized_end=1878
+  _globals['_RECORDNUDGEFEEDBACKREQUEST']._serialized_end=933
+  _globals['_RECORDNUDGEFEEDBACKRESPONSE']._serialized_start=935
+  _globals['_RECORDNUDGEFEEDBACKRESPONSE']._serialized_end=964
+  _globals['_LISTNUDGESREQUEST']._serialized_start=967
+  _globals['_LISTNUDGESREQUEST']._serialized_end=1119
+  _globals['_LISTNUDGESRESPONSE']._serialized_start=1121
+  _globals['_LISTNUDGESRESPONSE']._serialized_end=1209
+  _globals['_FETCHPENDINGNUDGESREQUEST']._serialized_start=1211
+  _globals['_FETCHPENDINGNUDGESREQUEST']._serialized_end=1258
+  _globals['_FETCHPENDINGNUDGESRESPONSE']._serialized_start=1260
+  _globals['_FETCHPENDINGNUDGESRESPONSE']._serialized_end=1325
+  _globals['_REGISTERPUSHTARGETREQUEST']._serialized_start=1327
+  _globals['_REGISTERPUSHTARGETREQUEST']._serialized_end=1394
+  _globals['_REGISTERPUSHTARGETRESPONSE']._serialized_start=1396
+  _globals['_REGISTERPUSHTARGETRESPONSE']._serialized_end=1424
+  _globals['_NUDGESERVICE']._serialized_start=1427
+  _globals['_NUDGESERVICE']._serialized_end=1938
 # @@protoc_insertion_point(module_scope)

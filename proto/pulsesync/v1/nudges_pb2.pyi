@@ -22,6 +22,8 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class Nudge(_message.Message):
+    """A suggestion chosen for the person, to show on one device."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final
@@ -55,15 +57,21 @@ class Nudge(_message.Message):
     REASONS_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
     nudge_id: _builtins.str
+    """The server's id (e.g. "ndg_..."); feedback names the nudge by it."""
     nudge_type: _builtins.str
     """A catalog type, e.g. "walking_suggestion"."""
     title: _builtins.str
+    """A short headline to show, e.g. "Time for a walk?"."""
     message: _builtins.str
+    """The text under the title."""
     device_id: _builtins.str
+    """The device it was chosen for (the one the person was using)."""
     probability: _builtins.float
     """The probability with which the policy chose this nudge."""
     @_builtins.property
-    def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the server chose it."""
+
     @_builtins.property
     def expire_time(self) -> _timestamp_pb2.Timestamp:
         """Not shown after this time."""
@@ -106,6 +114,8 @@ Global___Nudge: _TypeAlias = Nudge  # noqa: Y015
 
 @_typing.final
 class NudgeOutcome(_message.Message):
+    """What happened after a nudge, measured by the server from the timeline."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     METRIC_FIELD_NUMBER: _builtins.int
@@ -114,6 +124,9 @@ class NudgeOutcome(_message.Message):
     metric: _builtins.str
     """The catalog's success metric, e.g. "steps_30m" or "acted"."""
     value: _builtins.float
+    """The metric's value: steps in the 30 minutes after for "steps_30m"; for the others 1 when
+    the person acted on the nudge, else 0. Zero until measured.
+    """
     complete: _builtins.bool
     """False until the outcome window has closed."""
     def __init__(
@@ -133,6 +146,8 @@ Global___NudgeOutcome: _TypeAlias = NudgeOutcome  # noqa: Y015
 
 @_typing.final
 class NudgeRecord(_message.Message):
+    """A nudge from the person's history with what came of it."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     NUDGE_FIELD_NUMBER: _builtins.int
@@ -140,13 +155,21 @@ class NudgeRecord(_message.Message):
     OUTCOME_FIELD_NUMBER: _builtins.int
     DELIVER_TIME_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def nudge(self) -> Global___Nudge: ...
+    def nudge(self) -> Global___Nudge:
+        """The nudge as sent."""
+
     @_builtins.property
-    def feedback(self) -> _containers.RepeatedScalarFieldContainer[_events_pb2.NudgeAction.ValueType]: ...
+    def feedback(self) -> _containers.RepeatedScalarFieldContainer[_events_pb2.NudgeAction.ValueType]:
+        """The actions recorded for it, each at most once, in the order they were recorded."""
+
     @_builtins.property
-    def outcome(self) -> Global___NudgeOutcome: ...
+    def outcome(self) -> Global___NudgeOutcome:
+        """The catalog's metric for this nudge and what was measured of it so far."""
+
     @_builtins.property
-    def deliver_time(self) -> _timestamp_pb2.Timestamp: ...
+    def deliver_time(self) -> _timestamp_pb2.Timestamp:
+        """When it reached a device (stream, push or fetch); unset while undelivered."""
+
     def __init__(
         self,
         *,
@@ -165,6 +188,8 @@ Global___NudgeRecord: _TypeAlias = NudgeRecord  # noqa: Y015
 
 @_typing.final
 class SubscribeNudgesRequest(_message.Message):
+    """Opens the calling device's nudge stream."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -180,11 +205,15 @@ Global___SubscribeNudgesRequest: _TypeAlias = SubscribeNudgesRequest  # noqa: Y0
 
 @_typing.final
 class SubscribeNudgesResponse(_message.Message):
+    """One nudge for the calling device."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     NUDGE_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def nudge(self) -> Global___Nudge: ...
+    def nudge(self) -> Global___Nudge:
+        """The nudge; it counts as delivered once sent on the stream."""
+
     def __init__(
         self,
         *,
@@ -200,25 +229,41 @@ Global___SubscribeNudgesResponse: _TypeAlias = SubscribeNudgesResponse  # noqa: 
 
 @_typing.final
 class RecordNudgeFeedbackRequest(_message.Message):
+    """What the person did with one nudge."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     NUDGE_ID_FIELD_NUMBER: _builtins.int
     ACTION_FIELD_NUMBER: _builtins.int
     ACTION_TIME_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     nudge_id: _builtins.str
+    """The Nudge.nudge_id; required, and one of the person's nudges (else NUDGE_NOT_FOUND)."""
     action: _events_pb2.NudgeAction.ValueType
+    """The action; NUDGE_ACTION_UNSPECIFIED is INVALID_ARGUMENT (INVALID_NUDGE_ACTION). Each
+    action counts once per nudge: sending it again records nothing more.
+    """
+    request_id: _builtins.str
+    """Idempotency key (AIP-155): a UUID the client picks once per intended call and sends
+    unchanged on every retry of it. For 24 hours a retry with the same request_id returns the
+    first call's answer without doing it again; the same request_id with a different request
+    is INVALID_ARGUMENT (REQUEST_ID_REUSED). Empty: every call is carried out.
+    """
     @_builtins.property
-    def action_time(self) -> _timestamp_pb2.Timestamp: ...
+    def action_time(self) -> _timestamp_pb2.Timestamp:
+        """When the person acted, by the device's clock; unset means now."""
+
     def __init__(
         self,
         *,
         nudge_id: _builtins.str = ...,
         action: _events_pb2.NudgeAction.ValueType = ...,
         action_time: _timestamp_pb2.Timestamp | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["action_time", b"action_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "action_time", b"action_time", "nudge_id", b"nudge_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "action_time", b"action_time", "nudge_id", b"nudge_id", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -226,6 +271,8 @@ Global___RecordNudgeFeedbackRequest: _TypeAlias = RecordNudgeFeedbackRequest  # 
 
 @_typing.final
 class RecordNudgeFeedbackResponse(_message.Message):
+    """Feedback recorded (or already held)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -241,6 +288,8 @@ Global___RecordNudgeFeedbackResponse: _TypeAlias = RecordNudgeFeedbackResponse  
 
 @_typing.final
 class ListNudgesRequest(_message.Message):
+    """Lists the person's nudges, newest first."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     START_TIME_FIELD_NUMBER: _builtins.int
@@ -256,9 +305,13 @@ class ListNudgesRequest(_message.Message):
     (otherwise INVALID_ARGUMENT, reason PAGE_TOKEN_QUERY_MISMATCH); empty for the first page.
     """
     @_builtins.property
-    def start_time(self) -> _timestamp_pb2.Timestamp: ...
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Only nudges created at or after this time; unset: from the first."""
+
     @_builtins.property
-    def end_time(self) -> _timestamp_pb2.Timestamp: ...
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """Only nudges created before this time; unset: up to now."""
+
     def __init__(
         self,
         *,
@@ -277,6 +330,8 @@ Global___ListNudgesRequest: _TypeAlias = ListNudgesRequest  # noqa: Y015
 
 @_typing.final
 class ListNudgesResponse(_message.Message):
+    """A page of the nudge history."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     NUDGES_FIELD_NUMBER: _builtins.int
@@ -284,7 +339,9 @@ class ListNudgesResponse(_message.Message):
     next_page_token: _builtins.str
     """Opaque token for the next page; empty on the last page."""
     @_builtins.property
-    def nudges(self) -> _containers.RepeatedCompositeFieldContainer[Global___NudgeRecord]: ...
+    def nudges(self) -> _containers.RepeatedCompositeFieldContainer[Global___NudgeRecord]:
+        """Newest first."""
+
     def __init__(
         self,
         *,
@@ -308,12 +365,21 @@ class FetchPendingNudgesRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key (AIP-155): a UUID the client picks once per intended call and sends
+    unchanged on every retry of it. For 24 hours a retry with the same request_id returns the
+    first call's answer without doing it again; the same request_id with a different request
+    is INVALID_ARGUMENT (REQUEST_ID_REUSED). Empty: every call is carried out.
+    """
     def __init__(
         self,
+        *,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -321,6 +387,8 @@ Global___FetchPendingNudgesRequest: _TypeAlias = FetchPendingNudgesRequest  # no
 
 @_typing.final
 class FetchPendingNudgesResponse(_message.Message):
+    """The nudges that were waiting for the calling device."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     NUDGES_FIELD_NUMBER: _builtins.int
@@ -351,18 +419,26 @@ class RegisterPushTargetRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PUSH_TOKEN_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     push_token: _builtins.str
     """The device's token at the operator's push gateway (e.g. an FCM or APNs token the
     gateway understands); empty removes the device's push target.
+    """
+    request_id: _builtins.str
+    """Idempotency key (AIP-155): a UUID the client picks once per intended call and sends
+    unchanged on every retry of it. For 24 hours a retry with the same request_id returns the
+    first call's answer without doing it again; the same request_id with a different request
+    is INVALID_ARGUMENT (REQUEST_ID_REUSED). Empty: every call is carried out.
     """
     def __init__(
         self,
         *,
         push_token: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["push_token", b"push_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["push_token", b"push_token", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -370,6 +446,8 @@ Global___RegisterPushTargetRequest: _TypeAlias = RegisterPushTargetRequest  # no
 
 @_typing.final
 class RegisterPushTargetResponse(_message.Message):
+    """The push target is registered (or removed)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(

@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from pulsesync.v1 import common_pb2 as pulsesync_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1apulsesync/v1/privacy.proto\x12\x0cpulsesync.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19pulsesync/v1/common.proto\"\xa7\x01\n\x07\x43onsent\x12/\n\x08\x63\x61tegory\x18\x01 \x01(\x0e\x32\x1d.pulsesync.v1.ConsentCategory\x12\x0f\n\x07granted\x18\x02 \x01(\x08\x12/\n\x0bupdate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0epolicy_version\x18\x04 \x01(\t\x12\x11\n\tdevice_id\x18\x05 \x01(\t\"\x14\n\x12GetConsentsRequest\">\n\x13GetConsentsResponse\x12\'\n\x08\x63onsents\x18\x01 \x03(\x0b\x32\x15.pulsesync.v1.Consent\"p\n\x14UpdateConsentRequest\x12/\n\x08\x63\x61tegory\x18\x01 \x01(\x0e\x32\x1d.pulsesync.v1.ConsentCategory\x12\x0f\n\x07granted\x18\x02 \x01(\x08\x12\x16\n\x0epolicy_version\x18\x03 \x01(\t\"?\n\x15UpdateConsentResponse\x12&\n\x07\x63onsent\x18\x01 \x01(\x0b\x32\x15.pulsesync.v1.Consent\"\x16\n\x14WatchConsentsRequest\"@\n\x15WatchConsentsResponse\x12\'\n\x08\x63onsents\x18\x01 \x03(\x0b\x32\x15.pulsesync.v1.Consent\"\xf9\x01\n\x0f\x43\x61tegorySummary\x12/\n\x08\x63\x61tegory\x18\x01 \x01(\x0e\x32\x1d.pulsesync.v1.ConsentCategory\x12\x14\n\x0crecord_count\x18\x02 \x01(\x04\x12.\n\nfirst_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tlast_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ndevice_ids\x18\x05 \x03(\t\x12,\n\tretention\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x1a\n\x18GetPrivacySummaryRequest\"\xe1\x02\n\x19GetPrivacySummaryResponse\x12\x31\n\ncategories\x18\x01 \x03(\x0b\x32\x1d.pulsesync.v1.CategorySummary\x12\'\n\x08\x63onsents\x18\x02 \x03(\x0b\x32\x15.pulsesync.v1.Consent\x12\x13\n\x0bnudges_sent\x18\x03 \x01(\x04\x12\x14\n\x0c\x64\x65vice_count\x18\x04 \x01(\r\x12\x36\n\x12last_activity_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12P\n\rrecord_counts\x18\x06 \x03(\x0b\x32\x39.pulsesync.v1.GetPrivacySummaryResponse.RecordCountsEntry\x1a\x33\n\x11RecordCountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x13\n\x11\x45xportDataRequest\"6\n\x12\x45xportDataResponse\x12\x11\n\tfile_name\x18\x01 \x01(\t\x12\r\n\x05\x63hunk\x18\x02 \x01(\x0c\"(\n\x10\x45raseDataRequest\x12\x14\n\x0c\x63onfirmation\x18\x01 \x01(\t\"\x94\x02\n\x0f\x44\x65letionReceipt\x12\x12\n\nreceipt_id\x18\x01 \x01(\t\x12.\n\nerase_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12H\n\x0e\x64\x65leted_counts\x18\x03 \x03(\x0b\x32\x30.pulsesync.v1.DeletionReceipt.DeletedCountsEntry\x12\x11\n\tsignature\x18\x04 \x01(\t\x12\x14\n\x0csubject_salt\x18\x05 \x01(\t\x12\x14\n\x0csubject_hash\x18\x06 \x01(\t\x1a\x34\n\x12\x44\x65letedCountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"C\n\x11\x45raseDataResponse\x12.\n\x07receipt\x18\x01 \x01(\x0b\x32\x1d.pulsesync.v1.DeletionReceipt2\xa1\x04\n\x0ePrivacyService\x12R\n\x0bGetConsents\x12 .pulsesync.v1.GetConsentsRequest\x1a!.pulsesync.v1.GetConsentsResponse\x12X\n\rUpdateConsent\x12\".pulsesync.v1.UpdateConsentRequest\x1a#.pulsesync.v1.UpdateConsentResponse\x12Z\n\rWatchConsents\x12\".pulsesync.v1.WatchConsentsRequest\x1a#.pulsesync.v1.WatchConsentsResponse0\x01\x12\x64\n\x11GetPrivacySummary\x12&.pulsesync.v1.GetPrivacySummaryRequest\x1a\'.pulsesync.v1.GetPrivacySummaryResponse\x12Q\n\nExportData\x12\x1f.pulsesync.v1.ExportDataRequest\x1a .pulsesync.v1.ExportDataResponse0\x01\x12L\n\tEraseData\x12\x1e.pulsesync.v1.EraseDataRequest\x1a\x1f.pulsesync.v1.EraseDataResponseBn\n\x10\x63om.pulsesync.v1P\x01Z>github.com/pulsesync/pulsesync/gen/go/pulsesync/v1;pulsesyncv1\xa2\x02\x03PSX\xaa\x02\x0cPulseSync.V1\xba\x02\x02PSb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1apulsesync/v1/privacy.proto\x12\x0cpulsesync.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19pulsesync/v1/common.proto\"\xa7\x01\n\x07\x43onsent\x12/\n\x08\x63\x61tegory\x18\x01 \x01(\x0e\x32\x1d.pulsesync.v1.ConsentCategory\x12\x0f\n\x07granted\x18\x02 \x01(\x08\x12/\n\x0bupdate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0epolicy_version\x18\x04 \x01(\t\x12\x11\n\tdevice_id\x18\x05 \x01(\t\"\x14\n\x12GetConsentsRequest\">\n\x13GetConsentsResponse\x12\'\n\x08\x63onsents\x18\x01 \x03(\x0b\x32\x15.pulsesync.v1.Consent\"\x84\x01\n\x14UpdateConsentRequest\x12/\n\x08\x63\x61tegory\x18\x01 \x01(\x0e\x32\x1d.pulsesync.v1.ConsentCategory\x12\x0f\n\x07granted\x18\x02 \x01(\x08\x12\x16\n\x0epolicy_version\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"?\n\x15UpdateConsentResponse\x12&\n\x07\x63onsent\x18\x01 \x01(\x0b\x32\x15.pulsesync.v1.Consent\"\x16\n\x14WatchConsentsRequest\"@\n\x15WatchConsentsResponse\x12\'\n\x08\x63onsents\x18\x01 \x03(\x0b\x32\x15.pulsesync.v1.Consent\"\xf9\x01\n\x0f\x43\x61tegorySummary\x12/\n\x08\x63\x61tegory\x18\x01 \x01(\x0e\x32\x1d.pulsesync.v1.ConsentCategory\x12\x14\n\x0crecord_count\x18\x02 \x01(\x04\x12.\n\nfirst_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tlast_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ndevice_ids\x18\x05 \x03(\t\x12,\n\tretention\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x1a\n\x18GetPrivacySummaryRequest\"\xe1\x02\n\x19GetPrivacySummaryResponse\x12\x31\n\ncategories\x18\x01 \x03(\x0b\x32\x1d.pulsesync.v1.CategorySummary\x12\'\n\x08\x63onsents\x18\x02 \x03(\x0b\x32\x15.pulsesync.v1.Consent\x12\x13\n\x0bnudges_sent\x18\x03 \x01(\x04\x12\x14\n\x0c\x64\x65vice_count\x18\x04 \x01(\r\x12\x36\n\x12last_activity_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12P\n\rrecord_counts\x18\x06 \x03(\x0b\x32\x39.pulsesync.v1.GetPrivacySummaryResponse.RecordCountsEntry\x1a\x33\n\x11RecordCountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x13\n\x11\x45xportDataRequest\"6\n\x12\x45xportDataResponse\x12\x11\n\tfile_name\x18\x01 \x01(\t\x12\r\n\x05\x63hunk\x18\x02 \x01(\x0c\"(\n\x10\x45raseDataRequest\x12\x14\n\x0c\x63onfirmation\x18\x01 \x01(\t\"\x94\x02\n\x0f\x44\x65letionReceipt\x12\x12\n\nreceipt_id\x18\x01 \x01(\t\x12.\n\nerase_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12H\n\x0e\x64\x65leted_counts\x18\x03 \x03(\x0b\x32\x30.pulsesync.v1.DeletionReceipt.DeletedCountsEntry\x12\x11\n\tsignature\x18\x04 \x01(\t\x12\x14\n\x0csubject_salt\x18\x05 \x01(\t\x12\x14\n\x0csubject_hash\x18\x06 \x01(\t\x1a\x34\n\x12\x44\x65letedCountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"C\n\x11\x45raseDataResponse\x12.\n\x07receipt\x18\x01 \x01(\x0b\x32\x1d.pulsesync.v1.DeletionReceipt2\xa1\x04\n\x0ePrivacyService\x12R\n\x0bGetConsents\x12 .pulsesync.v1.GetConsentsRequest\x1a!.pulsesync.v1.GetConsentsResponse\x12X\n\rUpdateConsent\x12\".pulsesync.v1.UpdateConsentRequest\x1a#.pulsesync.v1.UpdateConsentResponse\x12Z\n\rWatchConsents\x12\".pulsesync.v1.WatchConsentsRequest\x1a#.pulsesync.v1.WatchConsentsResponse0\x01\x12\x64\n\x11GetPrivacySummary\x12&.pulsesync.v1.GetPrivacySummaryRequest\x1a\'.pulsesync.v1.GetPrivacySummaryResponse\x12Q\n\nExportData\x12\x1f.pulsesync.v1.ExportDataRequest\x1a .pulsesync.v1.ExportDataResponse0\x01\x12L\n\tEraseData\x12\x1e.pulsesync.v1.EraseDataRequest\x1a\x1f.pulsesync.v1.EraseDataResponseBn\n\x10\x63om.pulsesync.v1P\x01Z>github.com/pulsesync/pulsesync/gen/go/pulsesync/v1;pulsesyncv1\xa2\x02\x03PSX\xaa\x02\x0cPulseSync.V1\xba\x02\x02PSb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,34 +45,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETCONSENTSREQUEST']._serialized_end=326
   _globals['_GETCONSENTSRESPONSE']._serialized_start=328
   _globals['_GETCONSENTSRESPONSE']._serialized_end=390
-  _globals['_UPDATECONSENTREQUEST']._serialized_start=392
-  _globals['_UPDATECONSENTREQUEST']._serialized_end=504
-  _globals['_UPDATECONSENTRESPONSE']._serialized_start=506
-  _globals['_UPDATECONSENTRESPONSE']._serialized_end=569
-  _globals['_WATCHCONSENTSREQUEST']._serialized_start=571
-  _globals['_WATCHCONSENTSREQUEST']._serialized_end=593
-  _globals['_WATCHCONSENTSRESPONSE']._serialized_start=595
-  _globals['_WATCHCONSENTSRESPONSE']._serialized_end=659
-  _globals['_CATEGORYSUMMARY']._serialized_start=662
-  _globals['_CATEGORYSUMMARY']._serialized_end=911
-  _globals['_GETPRIVACYSUMMARYREQUEST']._serialized_start=913
-  _globals['_GETPRIVACYSUMMARYREQUEST']._serialized_end=939
-  _globals['_GETPRIVACYSUMMARYRESPONSE']._serialized_start=942
-  _globals['_GETPRIVACYSUMMARYRESPONSE']._serialized_end=1295
-  _globals['_GETPRIVACYSUMMARYRESPONSE_RECORDCOUNTSENTRY']._serialized_start=1244
-  _globals['_GETPRIVACYSUMMARYRESPONSE_RECORDCOUNTSENTRY']._serialized_end=1295
-  _globals['_EXPORTDATAREQUEST']._serialized_start=1297
-  _globals['_EXPORTDATAREQUEST']._serialized_end=1316
-  _globals['_EXPORTDATARESPONSE']._serialized_start=1318
-  _globals['_EXPORTDATARESPONSE']._serialized_end=1372
-  _globals['_ERASEDATAREQUEST']._serialized_start=1374
-  _globals['_ERASEDATAREQUEST']._serialized_end=1414
-  _globals['_DELETIONRECEIPT']._serialized_start=1417
-  _globals['_DELETIONRECEIPT']._serialized_end=1693
-  _globals['_DELETIONRECEIPT_DELETEDCOUNTSENTRY']._serialized_start=1641
-  _globals['_DELETIONRECEIPT_DELETEDCOUNTSENTRY']._serialized_end=1693
-  _globals['_ERASEDATARESPONSE']._serialized_start=1695
-  _globals['_ERASEDATARESPONSE']._serialized_end=1762
-  _globals['_PRIVACYSERVICE']._serialized_start=1765
-  _globals['_PRIVACYSERVICE']._serialized_end=2310
+  _globals['_UPDATECONSENTREQUEST']._serialized_start=393
+  _globals['_UPDATECONSENTREQUEST']._serialized_end=525
+  _globals['_UPDATECONSENTRESPONSE']._serialized_start=527
+  _globals['_UPDATECONSENTRESPONSE']._serialized_end=590
+  _globals['_WATCHCONSENTSREQUEST']._serialized_start=592
+  _globals['_WATCHCONSENTSREQUEST']._serialized_end=614
+  _globals['_WATCHCONSENTSRESPONSE']._serialized_start=616
+  _globals['_WATCHCONSENTSRESPONSE']._serialized_end=680
+  _globals['_CATEGORYSUMMARY']._serialized_start=683
+  _globals['_CATEGORYSUMMARY']._serialized_end=932
+  _globals['_GETPRIVACYSUMMARYREQUEST']._serialized_start=934
+  _globals['_GETPRIVACYSUMMARYREQUEST']._serialized_end=960
+  _globals['_GETPRIVACYSUMMARYRESPONSE']._serialized_start=963
+  _globals['_GETPRIVACYSUMMARYRESPONSE']._serialized_end=1316
+  _globals['_GETPRIVACYSUMMARYRESPONSE_RECORDCOUNTSENTRY']._serialized_start=1265
+  _globals['_GETPRIVACYSUMMARYRESPONSE_RECORDCOUNTSENTRY']._serialized_end=1316
+  _globals['_EXPORTDATAREQUEST']._serialized_start=1318
+  _globals['_EXPORTDATAREQUEST']._serialized_end=1337
+  _globals['_EXPORTDATARESPONSE']._serialized_start=1339
+  _globals['_EXPORTDATARESPONSE']._serialized_end=1393
+  _globals['_ERASEDATAREQUEST']._serialized_start=1395
+  _globals['_ERASEDATAREQUEST']._serialized_end=1435
+  _globals['_DELETIONRECEIPT']._serialized_start=1438
+  _globals['_DELETIONRECEIPT']._serialized_end=1714
+  _globals['_DELETIONRECEIPT_DELETEDCOUNTSENTRY']._serialized_start=1662
+  _globals['_DELETIONRECEIPT_DELETEDCOUNTSENTRY']._serialized_end=1714
+  _globals['_ERASEDATARESPONSE']._serialized_start=1716
+  _globals['_ERASEDATARESPONSE']._serialized_end=1783
+  _globals['_PRIVACYSERVICE']._serialized_start=1786
+  _globals['_PRIVACYSERVICE']._serialized_end=2331
 # @@protoc_insertion_point(module_scope)

@@ -23,6 +23,8 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class Consent(_message.Message):
+    """The person's current choice for one category."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CATEGORY_FIELD_NUMBER: _builtins.int
@@ -31,13 +33,17 @@ class Consent(_message.Message):
     POLICY_VERSION_FIELD_NUMBER: _builtins.int
     DEVICE_ID_FIELD_NUMBER: _builtins.int
     category: _common_pb2.ConsentCategory.ValueType
+    """The category."""
     granted: _builtins.bool
+    """True when granted; false when withdrawn or never asked."""
     policy_version: _builtins.str
     """The version of the privacy policy the person was shown."""
     device_id: _builtins.str
     """The device on which the choice was made."""
     @_builtins.property
-    def update_time(self) -> _timestamp_pb2.Timestamp: ...
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When the choice was made; unset for a category never asked."""
+
     def __init__(
         self,
         *,
@@ -57,6 +63,8 @@ Global___Consent: _TypeAlias = Consent  # noqa: Y015
 
 @_typing.final
 class GetConsentsRequest(_message.Message):
+    """Asks for the calling device's person's consents."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -72,6 +80,8 @@ Global___GetConsentsRequest: _TypeAlias = GetConsentsRequest  # noqa: Y015
 
 @_typing.final
 class GetConsentsResponse(_message.Message):
+    """The person's consents."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CONSENTS_FIELD_NUMBER: _builtins.int
@@ -94,24 +104,41 @@ Global___GetConsentsResponse: _TypeAlias = GetConsentsResponse  # noqa: Y015
 
 @_typing.final
 class UpdateConsentRequest(_message.Message):
+    """Grants or withdraws one consent category."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CATEGORY_FIELD_NUMBER: _builtins.int
     GRANTED_FIELD_NUMBER: _builtins.int
     POLICY_VERSION_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     category: _common_pb2.ConsentCategory.ValueType
+    """The category; CONSENT_CATEGORY_UNSPECIFIED or an unknown value is INVALID_ARGUMENT
+    (INVALID_CONSENT_CATEGORY).
+    """
     granted: _builtins.bool
+    """True to grant, false to withdraw."""
     policy_version: _builtins.str
+    """The version label of the policy text the person was shown (at most 64 characters);
+    empty means the server's current policy.
+    """
+    request_id: _builtins.str
+    """Idempotency key (AIP-155): a UUID the client picks once per intended call and sends
+    unchanged on every retry of it. For 24 hours a retry with the same request_id returns the
+    first call's answer without doing it again; the same request_id with a different request
+    is INVALID_ARGUMENT (REQUEST_ID_REUSED). Empty: every call is carried out.
+    """
     def __init__(
         self,
         *,
         category: _common_pb2.ConsentCategory.ValueType = ...,
         granted: _builtins.bool = ...,
         policy_version: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "granted", b"granted", "policy_version", b"policy_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "granted", b"granted", "policy_version", b"policy_version", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -119,11 +146,15 @@ Global___UpdateConsentRequest: _TypeAlias = UpdateConsentRequest  # noqa: Y015
 
 @_typing.final
 class UpdateConsentResponse(_message.Message):
+    """The category's new state."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CONSENT_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def consent(self) -> Global___Consent: ...
+    def consent(self) -> Global___Consent:
+        """As GetConsents would now show it."""
+
     def __init__(
         self,
         *,
@@ -139,6 +170,8 @@ Global___UpdateConsentResponse: _TypeAlias = UpdateConsentResponse  # noqa: Y015
 
 @_typing.final
 class WatchConsentsRequest(_message.Message):
+    """Opens the stream of the person's consent changes."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -154,11 +187,15 @@ Global___WatchConsentsRequest: _TypeAlias = WatchConsentsRequest  # noqa: Y015
 
 @_typing.final
 class WatchConsentsResponse(_message.Message):
+    """The person's consents at one moment."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CONSENTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def consents(self) -> _containers.RepeatedCompositeFieldContainer[Global___Consent]: ...
+    def consents(self) -> _containers.RepeatedCompositeFieldContainer[Global___Consent]:
+        """Every category, each with its current state (not only the one that changed)."""
+
     def __init__(
         self,
         *,
@@ -174,6 +211,8 @@ Global___WatchConsentsResponse: _TypeAlias = WatchConsentsResponse  # noqa: Y015
 
 @_typing.final
 class CategorySummary(_message.Message):
+    """What is held for one consent category."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CATEGORY_FIELD_NUMBER: _builtins.int
@@ -183,13 +222,21 @@ class CategorySummary(_message.Message):
     DEVICE_IDS_FIELD_NUMBER: _builtins.int
     RETENTION_FIELD_NUMBER: _builtins.int
     category: _common_pb2.ConsentCategory.ValueType
+    """The category."""
     record_count: _builtins.int
+    """Records held in it (events, and the other rows the category covers)."""
     @_builtins.property
-    def first_time(self) -> _timestamp_pb2.Timestamp: ...
+    def first_time(self) -> _timestamp_pb2.Timestamp:
+        """The oldest record's time; unset when nothing is held."""
+
     @_builtins.property
-    def last_time(self) -> _timestamp_pb2.Timestamp: ...
+    def last_time(self) -> _timestamp_pb2.Timestamp:
+        """The newest record's time; unset when nothing is held."""
+
     @_builtins.property
-    def device_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def device_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The devices the records came from."""
+
     @_builtins.property
     def retention(self) -> _duration_pb2.Duration:
         """Raw records older than this are deleted on a schedule."""
@@ -214,6 +261,8 @@ Global___CategorySummary: _TypeAlias = CategorySummary  # noqa: Y015
 
 @_typing.final
 class GetPrivacySummaryRequest(_message.Message):
+    """Asks what is held about the calling device's person."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -229,6 +278,8 @@ Global___GetPrivacySummaryRequest: _TypeAlias = GetPrivacySummaryRequest  # noqa
 
 @_typing.final
 class GetPrivacySummaryResponse(_message.Message):
+    """What is held about the person, for a privacy screen in an app."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final
@@ -258,11 +309,17 @@ class GetPrivacySummaryResponse(_message.Message):
     LAST_ACTIVITY_TIME_FIELD_NUMBER: _builtins.int
     RECORD_COUNTS_FIELD_NUMBER: _builtins.int
     nudges_sent: _builtins.int
+    """How many nudges were chosen for the person."""
     device_count: _builtins.int
+    """How many devices the person has paired, revoked ones included."""
     @_builtins.property
-    def categories(self) -> _containers.RepeatedCompositeFieldContainer[Global___CategorySummary]: ...
+    def categories(self) -> _containers.RepeatedCompositeFieldContainer[Global___CategorySummary]:
+        """One summary per consent category."""
+
     @_builtins.property
-    def consents(self) -> _containers.RepeatedCompositeFieldContainer[Global___Consent]: ...
+    def consents(self) -> _containers.RepeatedCompositeFieldContainer[Global___Consent]:
+        """The person's current consents, as GetConsents."""
+
     @_builtins.property
     def last_activity_time(self) -> _timestamp_pb2.Timestamp:
         """The latest event time or device contact; unset when nothing was ever recorded."""
@@ -291,6 +348,8 @@ Global___GetPrivacySummaryResponse: _TypeAlias = GetPrivacySummaryResponse  # no
 
 @_typing.final
 class ExportDataRequest(_message.Message):
+    """Asks for the calling device's person's data archive."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -306,6 +365,8 @@ Global___ExportDataRequest: _TypeAlias = ExportDataRequest  # noqa: Y015
 
 @_typing.final
 class ExportDataResponse(_message.Message):
+    """One chunk of the archive."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     FILE_NAME_FIELD_NUMBER: _builtins.int
@@ -313,6 +374,9 @@ class ExportDataResponse(_message.Message):
     file_name: _builtins.str
     """The archive member this chunk belongs to, e.g. "events.jsonl"; "manifest.json" comes last."""
     chunk: _builtins.bytes
+    """The next bytes of that member (about 64 KiB, less at its end); concatenate a member's
+    chunks in order.
+    """
     def __init__(
         self,
         *,
@@ -329,6 +393,8 @@ Global___ExportDataResponse: _TypeAlias = ExportDataResponse  # noqa: Y015
 
 @_typing.final
 class EraseDataRequest(_message.Message):
+    """Asks to erase the calling device's person."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CONFIRMATION_FIELD_NUMBER: _builtins.int
@@ -349,6 +415,8 @@ Global___EraseDataRequest: _TypeAlias = EraseDataRequest  # noqa: Y015
 
 @_typing.final
 class DeletionReceipt(_message.Message):
+    """Signed proof that a person's data was erased, to keep after the erasure."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final
@@ -378,6 +446,7 @@ class DeletionReceipt(_message.Message):
     SUBJECT_SALT_FIELD_NUMBER: _builtins.int
     SUBJECT_HASH_FIELD_NUMBER: _builtins.int
     receipt_id: _builtins.str
+    """A random UUID naming this receipt."""
     signature: _builtins.str
     """HMAC-SHA256 (hex) over the receipt's canonical form under the server's receipt key.
     The canonical form is documented in docs/privacy.md.
@@ -387,8 +456,11 @@ class DeletionReceipt(_message.Message):
     receipt is theirs without the receipt naming them in the clear.
     """
     subject_hash: _builtins.str
+    """SHA-256(salt || user name), hex."""
     @_builtins.property
-    def erase_time(self) -> _timestamp_pb2.Timestamp: ...
+    def erase_time(self) -> _timestamp_pb2.Timestamp:
+        """When the erasure was committed."""
+
     @_builtins.property
     def deleted_counts(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Rows deleted per record type."""
@@ -413,11 +485,15 @@ Global___DeletionReceipt: _TypeAlias = DeletionReceipt  # noqa: Y015
 
 @_typing.final
 class EraseDataResponse(_message.Message):
+    """The erasure is done."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     RECEIPT_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def receipt(self) -> Global___DeletionReceipt: ...
+    def receipt(self) -> Global___DeletionReceipt:
+        """Its receipt; the server keeps a copy that names no one."""
+
     def __init__(
         self,
         *,

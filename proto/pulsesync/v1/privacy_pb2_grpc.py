@@ -72,7 +72,8 @@ class PrivacyServiceServicer:
     """
 
     def GetConsents(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The person's choice for every consent category.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

@@ -34,6 +34,7 @@ class PrivacyServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> PrivacyServiceAsyncStub: ...
     GetConsents: _grpc.UnaryUnaryMultiCallable[_privacy_pb2.GetConsentsRequest, _privacy_pb2.GetConsentsResponse]
+    """The person's choice for every consent category."""
     UpdateConsent: _grpc.UnaryUnaryMultiCallable[_privacy_pb2.UpdateConsentRequest, _privacy_pb2.UpdateConsentResponse]
     """Grants or withdraws one category. Takes effect at once, open streams included, and is
     pushed to the user's other devices.
@@ -55,6 +56,7 @@ class PrivacyServiceAsyncStub(PrivacyServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetConsents: _aio.UnaryUnaryMultiCallable[_privacy_pb2.GetConsentsRequest, _privacy_pb2.GetConsentsResponse]  # type: ignore[assignment]
+    """The person's choice for every consent category."""
     UpdateConsent: _aio.UnaryUnaryMultiCallable[_privacy_pb2.UpdateConsentRequest, _privacy_pb2.UpdateConsentResponse]  # type: ignore[assignment]
     """Grants or withdraws one category. Takes effect at once, open streams included, and is
     pushed to the user's other devices.
@@ -78,7 +80,8 @@ class PrivacyServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _privacy_pb2.GetConsentsRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_privacy_pb2.GetConsentsResponse, _abc.Awaitable[_privacy_pb2.GetConsentsResponse]]: ...
+    ) -> _typing.Union[_privacy_pb2.GetConsentsResponse, _abc.Awaitable[_privacy_pb2.GetConsentsResponse]]:
+        """The person's choice for every consent category."""
 
     @_abc_1.abstractmethod
     def UpdateConsent(

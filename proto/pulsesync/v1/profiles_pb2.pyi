@@ -27,14 +27,21 @@ class _Units:
 class _UnitsEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Units.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     UNITS_UNSPECIFIED: _Units.ValueType  # 0
+    """Not chosen: the app's default."""
     UNITS_METRIC: _Units.ValueType  # 1
+    """Metric units (metres, kilograms)."""
     UNITS_IMPERIAL: _Units.ValueType  # 2
+    """Imperial units (miles, pounds)."""
 
-class Units(_Units, metaclass=_UnitsEnumTypeWrapper): ...
+class Units(_Units, metaclass=_UnitsEnumTypeWrapper):
+    """The measurement units the person prefers."""
 
 UNITS_UNSPECIFIED: Units.ValueType  # 0
+"""Not chosen: the app's default."""
 UNITS_METRIC: Units.ValueType  # 1
+"""Metric units (metres, kilograms)."""
 UNITS_IMPERIAL: Units.ValueType  # 2
+"""Imperial units (miles, pounds)."""
 Global___Units: _TypeAlias = Units  # noqa: Y015
 
 @_typing.final
@@ -47,7 +54,11 @@ class HybridTimestamp(_message.Message):
     LOGICAL_FIELD_NUMBER: _builtins.int
     NODE_ID_FIELD_NUMBER: _builtins.int
     wall_time_ms: _builtins.int
+    """The editing device's wall clock, in milliseconds since the Unix epoch (at most 5 minutes
+    ahead of the server's clock, else STAMP_IN_FUTURE).
+    """
     logical: _builtins.int
+    """Counter that orders stamps with the same wall_time_ms."""
     node_id: _builtins.str
     """The device that made the edit: the deterministic tie-break."""
     def __init__(
@@ -67,6 +78,8 @@ Global___HybridTimestamp: _TypeAlias = HybridTimestamp  # noqa: Y015
 
 @_typing.final
 class Preferences(_message.Message):
+    """Display preferences shared by all the person's apps."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final
@@ -95,12 +108,18 @@ class Preferences(_message.Message):
     TEXT_SCALE_FIELD_NUMBER: _builtins.int
     APP_SETTINGS_FIELD_NUMBER: _builtins.int
     theme: _builtins.str
+    """The app theme's name, e.g. "dark"; free text of at most 1000 characters."""
     language: _builtins.str
+    """The display language, e.g. a BCP 47 tag such as "fr-FR"; at most 1000 characters."""
     units: Global___Units.ValueType
+    """Preferred units."""
     text_scale: _builtins.float
+    """Text size multiplier, 0..4 (1 is the system's size; 0 is unset)."""
     @_builtins.property
     def app_settings(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """App-specific settings, for what the typed fields do not cover."""
+        """App-specific settings, for what the typed fields do not cover: keys of at most 200
+        characters, values of at most 65536 (e.g. a small JSON document).
+        """
 
     def __init__(
         self,
@@ -121,14 +140,19 @@ Global___Preferences: _TypeAlias = Preferences  # noqa: Y015
 
 @_typing.final
 class Goals(_message.Message):
+    """The person's daily goals; 0 means no goal."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     DAILY_STEPS_FIELD_NUMBER: _builtins.int
     DAILY_STUDY_MINUTES_FIELD_NUMBER: _builtins.int
     DAILY_ACTIVE_MINUTES_FIELD_NUMBER: _builtins.int
     daily_steps: _builtins.int
+    """Steps per day."""
     daily_study_minutes: _builtins.int
+    """Minutes of study per day."""
     daily_active_minutes: _builtins.int
+    """Minutes of physical activity per day."""
     def __init__(
         self,
         *,
@@ -155,6 +179,7 @@ class QuietHours(_message.Message):
     start_minute: _builtins.int
     """Minutes after local midnight, 0..1439."""
     end_minute: _builtins.int
+    """Minutes after local midnight, 0..1439; the quiet period ends before this minute."""
     def __init__(
         self,
         *,
@@ -171,6 +196,8 @@ Global___QuietHours: _TypeAlias = QuietHours  # noqa: Y015
 
 @_typing.final
 class Layout(_message.Message):
+    """The order of an app's features, adapted to how the person uses them."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     FEATURE_ORDER_FIELD_NUMBER: _builtins.int
@@ -221,15 +248,21 @@ class ContinuityItem(_message.Message):
     DEVICE_ID_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     app: _builtins.str
+    """The app that can open it, e.g. "reader"; required, at most 200 characters."""
     item_id: _builtins.str
+    """The app's id of the item, e.g. "book/1"; required, at most 200 characters."""
     title: _builtins.str
+    """What to show, e.g. the book's title; at most 1000 characters."""
     position: _builtins.str
     """Opaque to the server, meaningful to the app (e.g. "page=42", "t=1312s")."""
     progress: _builtins.float
     """0..1, for a progress bar."""
     device_id: _builtins.str
+    """The device it was left on."""
     @_builtins.property
-    def update_time(self) -> _timestamp_pb2.Timestamp: ...
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When the person last moved on in it."""
+
     def __init__(
         self,
         *,
@@ -251,6 +284,8 @@ Global___ContinuityItem: _TypeAlias = ContinuityItem  # noqa: Y015
 
 @_typing.final
 class Profile(_message.Message):
+    """The person's profile: one merged document for all their devices."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final
@@ -286,24 +321,39 @@ class Profile(_message.Message):
     FIELD_STAMPS_FIELD_NUMBER: _builtins.int
     UPDATE_DEVICE_ID_FIELD_NUMBER: _builtins.int
     version: _builtins.int
+    """Increases by one with every committed change; 0 before the first."""
     time_zone: _builtins.str
     """IANA time zone name, e.g. "Europe/Paris"."""
     update_device_id: _builtins.str
     """The device whose write produced this version ("server" for the adaptive layout)."""
     @_builtins.property
-    def update_time(self) -> _timestamp_pb2.Timestamp: ...
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When this version was committed."""
+
     @_builtins.property
-    def preferences(self) -> Global___Preferences: ...
+    def preferences(self) -> Global___Preferences:
+        """Display preferences."""
+
     @_builtins.property
-    def goals(self) -> Global___Goals: ...
+    def goals(self) -> Global___Goals:
+        """Daily goals."""
+
     @_builtins.property
-    def quiet_hours(self) -> Global___QuietHours: ...
+    def quiet_hours(self) -> Global___QuietHours:
+        """When not to send nudges; unset: no quiet hours."""
+
     @_builtins.property
-    def muted_nudge_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def muted_nudge_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Nudge types (catalog names, at most 200 characters each) the person does not want."""
+
     @_builtins.property
-    def layout(self) -> Global___Layout: ...
+    def layout(self) -> Global___Layout:
+        """Feature order."""
+
     @_builtins.property
-    def continuity_items(self) -> _containers.RepeatedCompositeFieldContainer[Global___ContinuityItem]: ...
+    def continuity_items(self) -> _containers.RepeatedCompositeFieldContainer[Global___ContinuityItem]:
+        """Things to continue where the person left off, most recently updated first."""
+
     @_builtins.property
     def field_stamps(self) -> _containers.MessageMap[_builtins.str, Global___HybridTimestamp]:
         """The stamp of every field and continuity item (keys are field paths), including
@@ -336,6 +386,8 @@ Global___Profile: _TypeAlias = Profile  # noqa: Y015
 
 @_typing.final
 class GetProfileRequest(_message.Message):
+    """Asks for the calling device's person's profile."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -351,11 +403,15 @@ Global___GetProfileRequest: _TypeAlias = GetProfileRequest  # noqa: Y015
 
 @_typing.final
 class GetProfileResponse(_message.Message):
+    """The latest profile."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     PROFILE_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def profile(self) -> Global___Profile: ...
+    def profile(self) -> Global___Profile:
+        """The merged profile (version 0 and empty before the first write)."""
+
     def __init__(
         self,
         *,
@@ -387,10 +443,13 @@ class ProfileEdit(_message.Message):
     STAMP_FIELD_NUMBER: _builtins.int
     DELETE_FIELD_NUMBER: _builtins.int
     field_path: _builtins.str
+    """One of the paths above."""
     delete: _builtins.bool
     """A tombstone: the field is cleared (or the continuity item removed)."""
     @_builtins.property
-    def stamp(self) -> Global___HybridTimestamp: ...
+    def stamp(self) -> Global___HybridTimestamp:
+        """The edit's hybrid logical clock stamp; required, node_id the calling device's id."""
+
     def __init__(
         self,
         *,
@@ -408,15 +467,24 @@ Global___ProfileEdit: _TypeAlias = ProfileEdit  # noqa: Y015
 
 @_typing.final
 class UpdateProfileRequest(_message.Message):
+    """A device's edits to the profile."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     BASE_VERSION_FIELD_NUMBER: _builtins.int
     PROFILE_FIELD_NUMBER: _builtins.int
     EDITS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     base_version: _builtins.int
     """The version the device's edits were based on (0 when it has none). An older base is
     merged, never refused; a base newer than the server's latest is FAILED_PRECONDITION
     (reason UNKNOWN_VERSION).
+    """
+    request_id: _builtins.str
+    """Idempotency key (AIP-155): a UUID the client picks once per intended call and sends
+    unchanged on every retry of it. For 24 hours a retry with the same request_id returns the
+    first call's answer without doing it again; the same request_id with a different request
+    is INVALID_ARGUMENT (REQUEST_ID_REUSED). Empty: every call is carried out.
     """
     @_builtins.property
     def profile(self) -> Global___Profile:
@@ -434,10 +502,11 @@ class UpdateProfileRequest(_message.Message):
         base_version: _builtins.int = ...,
         profile: Global___Profile | None = ...,
         edits: _abc.Iterable[Global___ProfileEdit] | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["profile", b"profile"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_version", b"base_version", "edits", b"edits", "profile", b"profile"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_version", b"base_version", "edits", b"edits", "profile", b"profile", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -445,6 +514,8 @@ Global___UpdateProfileRequest: _TypeAlias = UpdateProfileRequest  # noqa: Y015
 
 @_typing.final
 class UpdateProfileResponse(_message.Message):
+    """The result of merging the edits."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     PROFILE_FIELD_NUMBER: _builtins.int
@@ -479,6 +550,8 @@ Global___UpdateProfileResponse: _TypeAlias = UpdateProfileResponse  # noqa: Y015
 
 @_typing.final
 class WatchProfileRequest(_message.Message):
+    """Opens the stream of profile versions."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     AFTER_VERSION_FIELD_NUMBER: _builtins.int
@@ -502,11 +575,15 @@ Global___WatchProfileRequest: _TypeAlias = WatchProfileRequest  # noqa: Y015
 
 @_typing.final
 class WatchProfileResponse(_message.Message):
+    """One profile version."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     PROFILE_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def profile(self) -> Global___Profile: ...
+    def profile(self) -> Global___Profile:
+        """The whole profile at that version."""
+
     def __init__(
         self,
         *,

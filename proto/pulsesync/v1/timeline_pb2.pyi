@@ -23,6 +23,8 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class ListEventsRequest(_message.Message):
+    """Lists the person's events in a time range."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     START_TIME_FIELD_NUMBER: _builtins.int
@@ -40,7 +42,9 @@ class ListEventsRequest(_message.Message):
         """Inclusive start and exclusive end, in corrected time. Both required."""
 
     @_builtins.property
-    def end_time(self) -> _timestamp_pb2.Timestamp: ...
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """Exclusive end, after start_time (else INVALID_TIME_RANGE)."""
+
     @_builtins.property
     def kinds(self) -> _containers.RepeatedScalarFieldContainer[_events_pb2.EventKind.ValueType]:
         """Only these kinds; empty means all."""
@@ -69,6 +73,8 @@ Global___ListEventsRequest: _TypeAlias = ListEventsRequest  # noqa: Y015
 
 @_typing.final
 class ListEventsResponse(_message.Message):
+    """A page of the timeline."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     EVENTS_FIELD_NUMBER: _builtins.int
@@ -76,7 +82,9 @@ class ListEventsResponse(_message.Message):
     next_page_token: _builtins.str
     """Empty on the last page."""
     @_builtins.property
-    def events(self) -> _containers.RepeatedCompositeFieldContainer[_events_pb2.TimelineEvent]: ...
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_events_pb2.TimelineEvent]:
+        """In corrected-time order."""
+
     def __init__(
         self,
         *,
@@ -93,15 +101,21 @@ Global___ListEventsResponse: _TypeAlias = ListEventsResponse  # noqa: Y015
 
 @_typing.final
 class SummarizeActivityRequest(_message.Message):
+    """Asks for per-bucket aggregates over a time range."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
     BUCKET_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def start_time(self) -> _timestamp_pb2.Timestamp: ...
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Inclusive start, in corrected time; required. Buckets start here."""
+
     @_builtins.property
-    def end_time(self) -> _timestamp_pb2.Timestamp: ...
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """Exclusive end, after start_time; required. At most 100000 buckets fit in the range."""
+
     @_builtins.property
     def bucket(self) -> _duration_pb2.Duration:
         """Bucket width; at least one minute, 0 means one hour."""
@@ -123,6 +137,8 @@ Global___SummarizeActivityRequest: _TypeAlias = SummarizeActivityRequest  # noqa
 
 @_typing.final
 class ActivityBucket(_message.Message):
+    """Aggregates of one bucket."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final
@@ -164,8 +180,11 @@ class ActivityBucket(_message.Message):
     hrv_rmssd_ms: _builtins.float
     """RMSSD of the bucket's RR intervals, in milliseconds; 0 with fewer than two intervals."""
     event_count: _builtins.int
+    """Events of any kind in the bucket."""
     @_builtins.property
-    def start_time(self) -> _timestamp_pb2.Timestamp: ...
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """The bucket's start; it covers [start_time, start_time + bucket)."""
+
     @_builtins.property
     def app_time(self) -> _containers.MessageMap[_builtins.str, _duration_pb2.Duration]:
         """Foreground time summed from screen views and feature use, per app."""
@@ -190,11 +209,15 @@ Global___ActivityBucket: _TypeAlias = ActivityBucket  # noqa: Y015
 
 @_typing.final
 class SummarizeActivityResponse(_message.Message):
+    """The aggregates."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     BUCKETS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def buckets(self) -> _containers.RepeatedCompositeFieldContainer[Global___ActivityBucket]: ...
+    def buckets(self) -> _containers.RepeatedCompositeFieldContainer[Global___ActivityBucket]:
+        """In time order, one per bucket of the range, empty ones included."""
+
     def __init__(
         self,
         *,
