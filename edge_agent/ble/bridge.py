@@ -1,9 +1,13 @@
 """The wearable bridge: keeps chosen BLE sensors connected and turns notifications into events.
 
-One supervised task per sensor (in an `asyncio.TaskGroup`): find it by address with
-`BleakScanner`, connect with `bleak_retry_connector.establish_connection`, discover services,
-read battery / body location / device information, subscribe to every supported measurement,
-then wait for the link to drop and reconnect after a backoff chosen by the class of the error.
+One supervised task per sensor (in an `asyncio.TaskGroup`) and one scan shared by all of them
+(`Advertisements`, a `BleakScanner` detection callback running for the bridge's lifetime). A
+link waits for its sensor's next advertisement, connects with
+`bleak_retry_connector.establish_connection`, discovers services, reads battery / body
+location / device information, subscribes to every supported measurement, then waits for the
+link to drop. After a failure it waits a delay from the agent's one retry policy
+(`edge_agent.retry`, full jitter, base and cap by the class of the error); a sensor that is out
+of range is connected as soon as it advertises again, not at the next poll.
 Notifications are parsed in the bleak callback, stamped with the host clock at that moment and
 handed to the `EventSink` without blocking. A malformed payload is counted and logged; it never
 ends the connection loop.
@@ -21,10 +25,13 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from types import TracebackType
+from typing import Any, Final, Self
 
 from bleak import BleakClient, BleakScanner
 from bleak.backends.characteristic import BleakGATTCharacteristic
+from bleak.backends.device import BLEDevice
+from bleak.backends.scanner import AdvertisementData
 from bleak.exc import BleakDeviceNotFoundError, BleakError
 from bleak_retry_connector import (
     BleakAbortedError,
@@ -35,6 +42,7 @@ from bleak_retry_connector import (
 )
 from google.protobuf import duration_pb2, timestamp_pb2
 
+from pulsesync.edge_agent import retry
 from pulsesync.edge_agent.ble import uuids
 from pulsesync.edge_agent.ble.backends import BleBackends
 from pulsesync.edge_agent.ble.derived import (
@@ -74,33 +82,14 @@ class ErrorClass(enum.Enum):
     SETUP_FAILED = "setup_failed"  # connected, but discovery/subscription failed
 
 
-@dataclass(frozen=True, slots=True)
-class Backoff:
-    """Exponential backoff base and cap for one error class, in seconds."""
-
-    base_s: float
-    cap_s: float
-
-    def bounds(self, attempt: int) -> tuple[float, float]:
-        """(lowest, highest) delay before reconnect attempt number `attempt` (0-based)."""
-        high = min(self.cap_s, self.base_s * 2.0 ** min(attempt, 30))
-        return high * JITTER_LOW, high
-
-
-# Jitter draws the delay from [half, full] of the exponential value, so sensors that dropped
-# together (a person walking away with both) do not reconnect in lock-step.
-JITTER_LOW: Final = 0.5
-
-DEFAULT_BACKOFF: Final[dict[ErrorClass, Backoff]] = {
-    # A dropped link usually comes back at once (a body blocking the antenna): retry fast.
-    ErrorClass.LINK_LOST: Backoff(0.25, 10.0),
-    # Out of range: scanning itself waits `scan_timeout_s`; no need to hammer the radio.
-    ErrorClass.NOT_FOUND: Backoff(2.0, 60.0),
-    # bleak-retry-connector waits 4 s when an adapter is out of slots; start there.
-    ErrorClass.OUT_OF_SLOTS: Backoff(4.0, 60.0),
-    ErrorClass.CONNECT_FAILED: Backoff(1.0, 30.0),
-    # Setup failures tend to repeat (firmware quirks): back off harder.
-    ErrorClass.SETUP_FAILED: Backoff(2.0, 120.0),
+# The agent's retry policy for each class (full jitter: sensors that dropped together, a person
+# walking away with both, do not reconnect in lock-step).
+DEFAULT_BACKOFF: Final[dict[ErrorClass, retry.RetryPolicy]] = {
+    ErrorClass.LINK_LOST: retry.BLE_LINK_LOST,
+    ErrorClass.NOT_FOUND: retry.BLE_NOT_FOUND,
+    ErrorClass.OUT_OF_SLOTS: retry.BLE_OUT_OF_SLOTS,
+    ErrorClass.CONNECT_FAILED: retry.BLE_CONNECT_FAILED,
+    ErrorClass.SETUP_FAILED: retry.BLE_SETUP_FAILED,
 }
 
 # A session that streamed this long counts as healthy and resets the attempt counter.
@@ -152,7 +141,9 @@ class BridgeConfig:
     steps_window_s: float = 60.0
     rmssd_window_s: float = 60.0
     wheel_circumference_m: float = DEFAULT_WHEEL_CIRCUMFERENCE_M
-    backoff: dict[ErrorClass, Backoff] = field(default_factory=lambda: dict(DEFAULT_BACKOFF))
+    backoff: dict[ErrorClass, retry.RetryPolicy] = field(
+        default_factory=lambda: dict(DEFAULT_BACKOFF)
+    )
     seed: int | None = None  # jitter seed, for reproducible runs
     battery_reread_s: float = BATTERY_REREAD_S
 
@@ -163,6 +154,8 @@ class Reconnect:
 
     error: ErrorClass
     attempt: int
+    # The delay drawn from the retry policy: slept before the next attempt, or for NOT_FOUND
+    # the longest wait for the sensor's next advertisement (it connects as soon as one comes).
     delay_s: float
     down_at: float  # monotonic time the failure was noticed
     up_at: float | None = None  # monotonic time notifications were enabled again
@@ -204,6 +197,62 @@ _CONTACT_PROTO: Final[dict[SensorContact, int]] = {
 }
 
 
+class Advertisements:
+    """One scan for the whole bridge: hands each link its sensor's next advertisement.
+
+    Bleak-based integrations (Home Assistant's habluetooth) keep one scanner running and
+    reconnect when the device is next heard, rather than starting a scan per attempt: the
+    radio is not restarted on every retry, several links share it, and a sensor coming back
+    into range is connected within one advertising interval.
+    """
+
+    def __init__(self, backends: BleBackends) -> None:
+        self._backends = backends
+        self._waiters: dict[str, list[asyncio.Future[BLEDevice]]] = {}
+        self._scanner: BleakScanner | None = None
+
+    def _seen(self, device: BLEDevice, _adv: AdvertisementData) -> None:
+        for waiter in self._waiters.pop(device.address.upper(), ()):
+            if not waiter.done():
+                waiter.set_result(device)
+
+    async def next(self, address: str, timeout_s: float) -> BLEDevice | None:
+        """The device at the next advertisement from `address` (normalised), or None when it
+        is not heard within `timeout_s`."""
+        waiter: asyncio.Future[BLEDevice] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(address, []).append(waiter)
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await waiter
+        except TimeoutError:
+            return None
+        finally:
+            pending = self._waiters.get(address)
+            if pending is not None and waiter in pending:
+                pending.remove(waiter)
+
+    async def __aenter__(self) -> Self:
+        kwargs: dict[str, Any] = (
+            {} if self._backends.scanner is None else {"backend": self._backends.scanner}
+        )
+        self._scanner = BleakScanner(self._seen, **kwargs)
+        await self._scanner.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._scanner is not None:
+            # Bounded like a disconnect: stopping a scan on a stack that went away can hang.
+            with contextlib.suppress(BleakError, OSError, TimeoutError):
+                async with asyncio.timeout(DISCONNECT_TIMEOUT_S):
+                    await self._scanner.stop()
+            self._scanner = None
+
+
 class SensorLink:
     """Keeps one sensor connected and streaming, for as long as the task runs."""
 
@@ -215,8 +264,10 @@ class SensorLink:
         config: BridgeConfig,
         backends: BleBackends,
         clock_us: Callable[[], int] = _now_us,
+        advertisements: Advertisements | None = None,
     ) -> None:
         self.address = address
+        self._advertisements = advertisements
         self.stats = SensorStats(address)
         self._sink = sink
         self._config = config
@@ -235,10 +286,22 @@ class SensorLink:
 
     async def run(self) -> None:
         """Connect, stream, and reconnect with backoff; runs until cancelled."""
+        if self._advertisements is None:  # a link on its own runs its own scan
+            async with Advertisements(self._backends) as advertisements:
+                self._advertisements = advertisements
+                try:
+                    await self._run()
+                finally:
+                    self._advertisements = None
+        else:
+            await self._run()
+
+    async def _run(self) -> None:
         attempt = 0
+        device: BLEDevice | None = None  # heard while waiting out a NOT_FOUND delay
         while True:
             try:
-                await self._session()
+                await self._session(device)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # every failure of one sensor is retried, never fatal
@@ -256,8 +319,7 @@ class SensorLink:
                 )
                 if error is ErrorClass.LINK_LOST and healthy:
                     attempt = 0
-                low, high = self._config.backoff[error].bounds(attempt)
-                delay = self._rng.uniform(low, high)
+                delay = self._config.backoff[error].delay(attempt, self._rng)
                 self.stats.reconnects.append(Reconnect(error, attempt, delay, down_at))
                 _LOG.info(
                     "%s: %s (%s); retrying in %.2f s (attempt %d)",
@@ -269,7 +331,17 @@ class SensorLink:
                 )
                 attempt += 1
                 self._session_started = None
-                await asyncio.sleep(delay)
+                device = None
+                if error is ErrorClass.NOT_FOUND:
+                    # Out of range: connect at its next advertisement, at the latest look again
+                    # (a fresh wait) after the delay.
+                    device = await self._next_advertisement(delay)
+                else:
+                    await asyncio.sleep(delay)
+
+    async def _next_advertisement(self, timeout_s: float) -> BLEDevice | None:
+        assert self._advertisements is not None  # set for as long as _run runs
+        return await self._advertisements.next(self.address, timeout_s)
 
     def _mark_down(self) -> None:
         self.connected.clear()
@@ -278,13 +350,11 @@ class SensorLink:
         self._steps.reset()
         self._csc.reset()  # counters from before the drop would alias across the gap
 
-    async def _session(self) -> None:
-        scanner_args: dict[str, Any] = (
-            {} if self._backends.scanner is None else {"backend": self._backends.scanner}
-        )
-        device = await BleakScanner.find_device_by_address(
-            self.address, timeout=self._config.scan_timeout_s, **scanner_args
-        )
+    async def _session(self, device: BLEDevice | None) -> None:
+        if device is None:
+            # A sensor advertises again once its link is gone; connect to that advertisement
+            # (an earlier one may name a connection the sensor no longer has).
+            device = await self._next_advertisement(self._config.scan_timeout_s)
         if device is None:
             raise SensorNotFound(
                 f"{self.address} was not seen advertising within {self._config.scan_timeout_s} s; "
@@ -493,16 +563,19 @@ class SensorLink:
         m = HeartRateMeasurement.from_bytes(data)
         rr = [r for r in m.rr_intervals_ms if 0.0 < r <= MAX_RR_MS]
         self._drop("heart_rate.rr_intervals_ms", len(m.rr_intervals_ms) - len(rr))
-        if not 0 < m.bpm <= MAX_BPM:
-            # 0 (no skin contact) or 65535: the event cannot say "no bpm", so it is not sent.
-            self._drop("heart_rate.bpm")
-            return
         hr = events_pb2.HeartRate(
             sensor_id=self.address,
-            bpm=m.bpm,
             rr_intervals_ms=rr,
             contact=_CONTACT_PROTO[m.contact],  # type: ignore[arg-type]
         )
+        if 0 < m.bpm <= MAX_BPM:
+            hr.bpm = m.bpm
+        else:
+            # 0 (no skin contact) or 65535: left absent ("not measured"); the RR intervals of
+            # the same notification are still real beats.
+            self._drop("heart_rate.bpm")
+            if not rr:
+                return  # nothing measured at all: no event
         if m.energy_expended_kj is not None:
             hr.energy_expended_kj = m.energy_expended_kj
         if self.stats.location is not None:
@@ -518,16 +591,16 @@ class SensorLink:
     def _on_rsc(self, data: bytearray) -> None:
         at = self._clock_us()
         m = RscMeasurement.from_bytes(data)
-        speed = m.speed_m_per_s
-        if not (math.isfinite(speed) and 0.0 <= speed <= MAX_SPEED_M_PER_S):
-            self._drop("cadence.speed_m_per_s")
-            return
         cadence = events_pb2.Cadence(
             sensor_id=self.address,
             motion=events_pb2.MOTION_KIND_RUNNING if m.running else events_pb2.MOTION_KIND_WALKING,
             cadence_per_min=float(m.cadence_per_min),
-            speed_m_per_s=speed,
         )
+        speed = m.speed_m_per_s
+        if math.isfinite(speed) and 0.0 <= speed <= MAX_SPEED_M_PER_S:
+            cadence.speed_m_per_s = speed
+        else:
+            self._drop("cadence.speed_m_per_s")  # absent; the cadence is still measured
         if m.stride_length_m is not None:
             cadence.stride_length_m = m.stride_length_m
         if m.total_distance_m is not None:
@@ -549,17 +622,14 @@ class SensorLink:
         self._drop("cadence.csc_rate", rates.rejected)
         if rates.speed_m_per_s is None and rates.cadence_rpm is None:
             return
-        self._record(
-            events_pb2.Event(
-                cadence=events_pb2.Cadence(
-                    sensor_id=self.address,
-                    motion=events_pb2.MOTION_KIND_CYCLING,
-                    cadence_per_min=rates.cadence_rpm or 0.0,
-                    speed_m_per_s=rates.speed_m_per_s or 0.0,
-                )
-            ),
-            at,
-        )
+        # A crank-only sensor has no speed and a wheel-only one no cadence: those stay absent
+        # ("not measured") rather than 0, which would read as standing still.
+        cadence = events_pb2.Cadence(sensor_id=self.address, motion=events_pb2.MOTION_KIND_CYCLING)
+        if rates.cadence_rpm is not None:
+            cadence.cadence_per_min = rates.cadence_rpm
+        if rates.speed_m_per_s is not None:
+            cadence.speed_m_per_s = rates.speed_m_per_s
+        self._record(events_pb2.Event(cadence=cadence), at)
 
     def _on_plx(self, data: bytearray) -> None:
         at = self._clock_us()
@@ -577,18 +647,12 @@ class SensorLink:
         if not 0.0 < spo2 <= 100.0:  # +-inf, negative or zero
             self._drop("oxygen_saturation.spo2_percent")
             return
-        if not (math.isfinite(pulse_rate) and 0.0 <= pulse_rate <= MAX_BPM):
-            if not math.isnan(pulse_rate):
-                self._drop("oxygen_saturation.pulse_rate_bpm")
-            pulse_rate = 0.0
-        self._record(
-            events_pb2.Event(
-                oxygen_saturation=events_pb2.OxygenSaturation(
-                    sensor_id=self.address, spo2_percent=spo2, pulse_rate_bpm=pulse_rate
-                )
-            ),
-            at,
-        )
+        reading = events_pb2.OxygenSaturation(sensor_id=self.address, spo2_percent=spo2)
+        if math.isfinite(pulse_rate) and 0.0 < pulse_rate <= MAX_BPM:
+            reading.pulse_rate_bpm = pulse_rate
+        elif not math.isnan(pulse_rate):  # NaN: not reported, left absent without a count
+            self._drop("oxygen_saturation.pulse_rate_bpm")
+        self._record(events_pb2.Event(oxygen_saturation=reading), at)
 
     def _on_battery(self, data: bytearray) -> None:
         at = self._clock_us()
@@ -622,13 +686,16 @@ class Bridge:
                 "`pulsesync-agent sensors add ADDRESS`"
             )
         cfg = config or BridgeConfig()
+        self._backends = backends or BleBackends()
+        self._advertisements = Advertisements(self._backends)
         self.links = [
             SensorLink(
                 a,
                 sink,
                 config=cfg if cfg.seed is None else dataclasses.replace(cfg, seed=cfg.seed + i),
-                backends=backends or BleBackends(),
+                backends=self._backends,
                 clock_us=clock_us,
+                advertisements=self._advertisements,
             )
             # One sensor is one link, however the address was spelled.
             for i, a in enumerate(dict.fromkeys(normalize_address(a) for a in addresses))
@@ -636,7 +703,7 @@ class Bridge:
 
     async def run(self) -> None:
         """Supervise every sensor until cancelled."""
-        async with asyncio.TaskGroup() as tg:
+        async with self._advertisements, asyncio.TaskGroup() as tg:
             for link in self.links:
                 tg.create_task(link.run(), name=f"ble-sensor-{link.address}")
 

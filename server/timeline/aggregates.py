@@ -72,7 +72,7 @@ def summarize_events(
             acc.steps += ev.event.steps.count
         elif which == "heart_rate":
             hr = ev.event.heart_rate
-            if hr.bpm:
+            if hr.HasField("bpm"):  # absent: not measured, not a 0 bpm reading
                 acc.bpm_sum += hr.bpm
                 acc.bpm_n += 1
             if hr.rr_intervals_ms:

@@ -13,12 +13,13 @@ from bleak.exc import BleakError
 
 from pulsesync.edge_agent.ble import uuids
 from pulsesync.edge_agent.ble.backends import BleBackends
-from pulsesync.edge_agent.ble.bridge import Backoff, Bridge, BridgeConfig, ErrorClass
+from pulsesync.edge_agent.ble.bridge import Bridge, BridgeConfig, ErrorClass
 from pulsesync.edge_agent.ble.bumble_backend import BumbleBleakClient
+from pulsesync.edge_agent.retry import RetryPolicy
 from pulsesync.edge_agent.sink import EventSink
 from tests.support.bumble_backend import ListSink, emulated_world, wait_until
 
-FAST = {c: Backoff(0.01, 0.05) for c in ErrorClass}
+FAST = {c: RetryPolicy(0.01, 0.05) for c in ErrorClass}
 
 
 def config() -> BridgeConfig:
