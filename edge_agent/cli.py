@@ -2,7 +2,7 @@
 
     pulsesync-agent pair --server HOST:PORT --code CODE --kind phone|desktop|wearable [--name N]
     pulsesync-agent run --source simulated-phone|simulated-desktop [--speed N] [--duration S]
-    pulsesync-agent status
+    pulsesync-agent status          (with sensors chosen: the Bluetooth adapter's state too)
 
 State (credentials.json, outbox.db) lives in --state-dir (env PULSESYNC_AGENT_STATE_DIR,
 default ~/.local/state/pulsesync-agent). Every flag has a PULSESYNC_AGENT_* variable.
@@ -234,7 +234,23 @@ async def cmd_status(args: argparse.Namespace) -> int:
         print(f"acked through: {s.acked_through} (last ack {_when(s.last_ack_us)})")
     else:
         print("outbox:        none yet")
+    await _wearable_status(args.state_dir)
     return 0
+
+
+async def _wearable_status(state_dir: Path) -> None:
+    """For a wearable bridge (sensors chosen): the sensors, and whether Bluetooth is usable,
+    since without it `run --source wearable` stops at once."""
+    from pulsesync.edge_agent.ble.sensors import SensorStore
+
+    chosen = SensorStore(state_dir).list()
+    if not chosen:
+        return
+    print(f"sensors:       {', '.join(s.address for s in chosen)}")
+    # bleak (and D-Bus) load only for a wearable setup.
+    from pulsesync.edge_agent.ble.scanner import probe_adapter
+
+    print(f"bluetooth:     {(await probe_adapter()).line()}")
 
 
 # -- parser ---------------------------------------------------------------------------------

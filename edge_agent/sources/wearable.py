@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING
 
 from pulsesync.edge_agent.ble.bridge import Bridge, BridgeConfig
 from pulsesync.edge_agent.ble.sensors import SensorStore
@@ -113,23 +113,14 @@ class RealWearable:
                 await bridge.run()
 
 
-# Long enough for the platform to report a missing or powered-off adapter, short enough not to
-# delay the first connection noticeably.
-ADAPTER_PROBE_S: Final = 0.5
-
-
 async def _require_adapter() -> None:
     """Raise AgentError, saying what to fix, when there is no usable Bluetooth adapter: without
     one the bridge would retry forever and record nothing."""
     from pulsesync.edge_agent.ble import scanner
 
-    try:
-        await scanner.scan(ADAPTER_PROBE_S)
-    except Exception as exc:
-        problem = scanner.explain_adapter_error(exc)
-        if problem is None:
-            raise
-        raise AgentError(problem) from None
+    status = await scanner.probe_adapter()
+    if status.state is not scanner.AdapterState.READY:
+        raise AgentError(status.problem or status.line())
 
 
 def create(options: SourceOptions) -> EmulatedWearable:
