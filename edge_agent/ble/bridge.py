@@ -204,39 +204,74 @@ class Advertisements:
     reconnect when the device is next heard, rather than starting a scan per attempt: the
     radio is not restarted on every retry, several links share it, and a sensor coming back
     into range is connected within one advertising interval.
+
+    The scan heals itself: when a wait ends without any advertisement from any device, the
+    scanner is restarted (a Bluetooth daemon that restarted leaves a scanner that hears
+    nothing), and a scanner that fails to start is started by the next wait, its error going to
+    the link that waited (which retries by the error's class).
     """
 
     def __init__(self, backends: BleBackends) -> None:
         self._backends = backends
         self._waiters: dict[str, list[asyncio.Future[BLEDevice]]] = {}
         self._scanner: BleakScanner | None = None
+        self._lock = asyncio.Lock()  # one start/stop at a time, whichever link asks
+        self._heard = 0  # advertisements from any device, ever
 
     def _seen(self, device: BLEDevice, _adv: AdvertisementData) -> None:
+        self._heard += 1
         for waiter in self._waiters.pop(device.address.upper(), ()):
             if not waiter.done():
                 waiter.set_result(device)
 
     async def next(self, address: str, timeout_s: float) -> BLEDevice | None:
         """The device at the next advertisement from `address` (normalised), or None when it
-        is not heard within `timeout_s`."""
+        is not heard within `timeout_s`. Raises what starting the scan raised."""
+        await self._start()
+        heard = self._heard
         waiter: asyncio.Future[BLEDevice] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(address, []).append(waiter)
         try:
             async with asyncio.timeout(timeout_s):
                 return await waiter
         except TimeoutError:
+            if self._heard == heard:
+                await self._restart()
             return None
         finally:
             pending = self._waiters.get(address)
             if pending is not None and waiter in pending:
                 pending.remove(waiter)
 
+    async def _start(self) -> None:
+        async with self._lock:
+            if self._scanner is not None:
+                return
+            kwargs: dict[str, Any] = (
+                {} if self._backends.scanner is None else {"backend": self._backends.scanner}
+            )
+            scanner = BleakScanner(self._seen, **kwargs)
+            await scanner.start()
+            self._scanner = scanner
+
+    async def _restart(self) -> None:
+        """Start the scan afresh (it heard nothing at all for a whole wait)."""
+        await self._stop()
+        try:
+            await self._start()
+        except Exception as exc:  # the next wait starts it again and reports to its link
+            _LOG.debug("restarting the scan failed: %s", exc)
+
+    async def _stop(self) -> None:
+        async with self._lock:
+            scanner, self._scanner = self._scanner, None
+            if scanner is not None:
+                # Bounded like a disconnect: stopping a scan on a stack that went away can hang.
+                with contextlib.suppress(BleakError, OSError, TimeoutError):
+                    async with asyncio.timeout(DISCONNECT_TIMEOUT_S):
+                        await scanner.stop()
+
     async def __aenter__(self) -> Self:
-        kwargs: dict[str, Any] = (
-            {} if self._backends.scanner is None else {"backend": self._backends.scanner}
-        )
-        self._scanner = BleakScanner(self._seen, **kwargs)
-        await self._scanner.start()
         return self
 
     async def __aexit__(
@@ -245,12 +280,7 @@ class Advertisements:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._scanner is not None:
-            # Bounded like a disconnect: stopping a scan on a stack that went away can hang.
-            with contextlib.suppress(BleakError, OSError, TimeoutError):
-                async with asyncio.timeout(DISCONNECT_TIMEOUT_S):
-                    await self._scanner.stop()
-            self._scanner = None
+        await self._stop()
 
 
 class SensorLink:
@@ -335,7 +365,12 @@ class SensorLink:
                 if error is ErrorClass.NOT_FOUND:
                     # Out of range: connect at its next advertisement, at the latest look again
                     # (a fresh wait) after the delay.
-                    device = await self._next_advertisement(delay)
+                    try:
+                        device = await self._next_advertisement(delay)
+                    except Exception:
+                        # The scan cannot start: the session that follows meets the same
+                        # error and is retried by its class.
+                        device = None
                 else:
                     await asyncio.sleep(delay)
 

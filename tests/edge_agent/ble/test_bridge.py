@@ -308,3 +308,37 @@ async def test_a_sensor_back_in_range_is_connected_at_its_next_advertisement_not
         assert last.delay_s > 20.0  # the seeded draw; far longer than the test waited
         assert last.up_at is not None
         assert last.up_at - last.down_at < last.delay_s
+
+
+async def test_the_shared_scan_recovers_when_it_fails_to_start_or_goes_deaf():
+    # The first start fails (a stack still coming up); the next scanner hears nothing (a
+    # daemon restarted under it). The bridge must restart the scan and connect anyway.
+    async with emulated_world() as w:
+        starts: list[str] = []
+
+        class FlakyScanner(w.backends.scanner):  # type: ignore[name-defined,misc]
+            async def start(self) -> None:
+                starts.append("start")
+                if len(starts) == 1:
+                    raise BleakError("org.bluez.Error.InProgress: Operation already in progress")
+                await super().start()
+
+            def _on_advertisement(self, adv) -> None:  # type: ignore[no-untyped-def]
+                if len(starts) == 2:
+                    return  # deaf
+                super()._on_advertisement(adv)
+
+        sink = ListSink()
+        bridge = Bridge(
+            sink,
+            [w.strap.address],
+            config=BridgeConfig(scan_timeout_s=0.3, backoff=FAST, seed=2),
+            backends=BleBackends(client=w.backends.client, scanner=FlakyScanner),
+        )
+        async with running(bridge):
+            await w.strap.tick()
+            await wait_until(lambda: len(sink.of("heart_rate")) == 1)
+        assert len(starts) >= 3
+        errors = [r.error for r in bridge.links[0].stats.reconnects]
+        assert errors[0] is ErrorClass.SETUP_FAILED  # the scan that failed to start
+        assert ErrorClass.NOT_FOUND in errors  # the deaf one
