@@ -329,13 +329,16 @@ class SensorLink:
     async def _run(self) -> None:
         attempt = 0
         device: BLEDevice | None = None  # heard while waiting out a NOT_FOUND delay
+        task = asyncio.current_task()
         while True:
+            if task is not None and task.cancelling():
+                # A cancel the BLE stack swallowed while the last wait ended normally.
+                raise asyncio.CancelledError
             try:
                 await self._session(device)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # every failure of one sensor is retried, never fatal
-                task = asyncio.current_task()
                 if task is not None and task.cancelling():
                     # The BLE stack swallowed our CancelledError (e.g. inside disconnect) and
                     # raised something else: the cancel request still stands, honour it.
