@@ -86,6 +86,9 @@ class AdapterStatus:
 # Long enough for the platform to report a missing or powered-off adapter, short enough not to
 # delay the first connection (or `status`) noticeably.
 ADAPTER_PROBE_S: Final = 0.5
+# A stack that has not answered a scan request within this (e.g. a wedged bluetoothd) is
+# reported as not answering rather than left to hang `status` or the start of `run`.
+ADAPTER_ANSWER_S: Final = 15.0
 
 
 async def probe_adapter(
@@ -95,7 +98,14 @@ async def probe_adapter(
     the same on BlueZ, CoreBluetooth and WinRT). Errors that are not about the adapter
     propagate."""
     try:
-        await scan(duration_s, backends)
+        async with asyncio.timeout(duration_s + ADAPTER_ANSWER_S):
+            await scan(duration_s, backends)
+    except TimeoutError:
+        return AdapterStatus(
+            AdapterState.NO_STACK,
+            f"no Bluetooth: the Bluetooth stack did not answer within {ADAPTER_ANSWER_S:g} s; "
+            "Linux: `systemctl restart bluetooth`; elsewhere turn Bluetooth off and on",
+        )
     except Exception as exc:
         state = adapter_state(exc)
         if state is None:

@@ -160,3 +160,18 @@ async def test_status_without_chosen_sensors_does_not_touch_bluetooth(
     monkeypatch.setattr(scanner, "scan", no_scan)
     assert await agent_cli.cmd_status(argparse.Namespace(state_dir=tmp_path)) == 0
     assert "bluetooth:" not in capsys.readouterr().out
+
+
+async def test_a_stack_that_does_not_answer_is_reported_not_waited_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def hanging_scan(*args: object, **kwargs: object) -> list[scanner.FoundSensor]:
+        await asyncio.Event().wait()
+        return []
+
+    monkeypatch.setattr(scanner, "scan", hanging_scan)
+    monkeypatch.setattr(scanner, "ADAPTER_ANSWER_S", 0.05)
+    status = await asyncio.wait_for(scanner.probe_adapter(0.01), timeout=60)
+    assert status.state is scanner.AdapterState.NO_STACK
+    assert status.problem is not None
+    assert "did not answer" in status.problem
