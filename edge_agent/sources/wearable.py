@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from pulsesync.edge_agent.ble.bridge import Bridge, BridgeConfig
 from pulsesync.edge_agent.ble.sensors import SensorStore
@@ -26,6 +26,10 @@ from pulsesync.edge_agent.tracker import Tracker
 
 if TYPE_CHECKING:
     from pulsesync.edge_agent.ble.emulation import EmulatedSensor
+
+
+# Longest wait at the end of a run for notifications still crossing the virtual link.
+SETTLE_S: Final = 5.0
 
 
 class EmulatedWearable:
@@ -40,6 +44,8 @@ class EmulatedWearable:
             raise ValueError(f"sensors= takes strap and/or footpod, not {sorted(unknown)}")
         self.drop_every_s = float(options.extra.get("drop_every_s", "0"))
         self.bridge: Bridge | None = None
+        # The sensors of the last run (their delivery logs say what the bridge was sent).
+        self.emulated: list[EmulatedSensor] = []
 
     async def run(self, tracker: Tracker) -> None:
         """Stream until the duration is over (or until cancelled)."""
@@ -55,6 +61,7 @@ class EmulatedWearable:
             sensors.append(HeartRateStrap(air, seed=self.options.seed))
         if "footpod" in self.sensors:
             sensors.append(Footpod(air, seed=self.options.seed))
+        self.emulated = sensors
         for s in sensors:
             await s.start()
         self.bridge = Bridge(
@@ -72,11 +79,26 @@ class EmulatedWearable:
                 if self.drop_every_s > 0:
                     ticking.append(tg.create_task(self._drops(sensors)))
                 await asyncio.gather(*ticking[: len(sensors)])
+                await self._received(sensors)
                 for t in (bridge_task, *ticking):
                     t.cancel()
         finally:
             for s in sensors:
                 await s.close()
+
+    async def _received(self, sensors: list[EmulatedSensor]) -> None:
+        """Wait (briefly) until the bridge has handled every measurement the sensors delivered:
+        the last ones are still crossing the virtual link when the sensors stop."""
+        assert self.bridge is not None
+        links = {link.address: link for link in self.bridge.links}
+
+        def behind() -> bool:
+            return any(links[s.address].stats.notifications < len(s.delivered) for s in sensors)
+
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(SETTLE_S):
+                while behind():  # noqa: ASYNC110 - counters, no event to wait on
+                    await asyncio.sleep(0.01)
 
     async def _tick(self, sensor: EmulatedSensor, start_us: int) -> None:
         n = 0
