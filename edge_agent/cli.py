@@ -2,7 +2,7 @@
 
     pulsesync-agent pair --server HOST:PORT --code CODE --kind phone|desktop|wearable [--name N]
     pulsesync-agent run --source simulated-phone|simulated-desktop [--speed N] [--duration S]
-    pulsesync-agent status
+    pulsesync-agent status          (with sensors chosen: the Bluetooth adapter's state too)
 
 State (credentials.json, outbox.db) lives in --state-dir (env PULSESYNC_AGENT_STATE_DIR,
 default ~/.local/state/pulsesync-agent). Every flag has a PULSESYNC_AGENT_* variable.
@@ -47,6 +47,7 @@ from pulsesync.edge_agent.config import (
     env_or,
 )
 from pulsesync.edge_agent.consent import StaticConsent
+from pulsesync.edge_agent.errors import OutboxFull
 from pulsesync.edge_agent.outbox import OutboxError, read_stats
 from pulsesync.edge_agent.sources import SOURCES, SourceOptions, create_source
 
@@ -177,43 +178,57 @@ async def cmd_run(args: argparse.Namespace) -> int:
         agent = Agent(
             paths.outbox, creds, consent=StaticConsent(), settings=_settings(args), clock=clock
         )
-        async with agent:
-            print(
-                f"device {creds.device_id} -> {creds.server}: source {args.source} "
-                f"(seed {args.seed}, speed {speed:g}x); outbox {paths.outbox}",
-                flush=True,
-            )
-            uplink = agent.uplink_task
-            assert uplink is not None
-            source_task = asyncio.create_task(
-                _run_for(source.run(agent.tracker), args.duration), name="source"
-            )
-            stopper = asyncio.create_task(stop.wait())
-            progress = asyncio.create_task(_print_progress(agent, started, args.progress))
-            try:
-                await asyncio.wait({source_task, stopper, uplink}, return_when="FIRST_COMPLETED")
-                if uplink.done():
-                    uplink.result()  # raises PairingRequired / AgentError
-                if source_task.done():
-                    source_task.result()
-                    print("source finished; sending what is left", flush=True)
-                    drain = asyncio.create_task(agent.drain(args.drain_timeout))
-                    await asyncio.wait({drain, stopper}, return_when="FIRST_COMPLETED")
-                    drained = drain.done() and drain.result()
-                    drain.cancel()
+        try:
+            async with agent:
+                print(
+                    f"device {creds.device_id} -> {creds.server}: source {args.source} "
+                    f"(seed {args.seed}, speed {speed:g}x); outbox {paths.outbox}",
+                    flush=True,
+                )
+                uplink = agent.uplink_task
+                assert uplink is not None
+                source_task = asyncio.create_task(
+                    _run_for(source.run(agent.tracker), args.duration), name="source"
+                )
+                stopper = asyncio.create_task(stop.wait())
+                progress = asyncio.create_task(_print_progress(agent, started, args.progress))
+                try:
+                    await asyncio.wait(
+                        {source_task, stopper, uplink}, return_when="FIRST_COMPLETED"
+                    )
+                    if uplink.done():
+                        uplink.result()  # raises PairingRequired / AgentError
+                    if source_task.done():
+                        source_task.result()
+                        print("source finished; sending what is left", flush=True)
+                        drain = asyncio.create_task(agent.drain(args.drain_timeout))
+                        await asyncio.wait({drain, stopper}, return_when="FIRST_COMPLETED")
+                        drained = drain.done() and drain.result()
+                        drain.cancel()
+                    else:
+                        source_task.cancel()
+                        print("stopping: flushing to the outbox", flush=True)
+                        drained = await agent.drain(SHUTDOWN_DRAIN_S)
+                finally:
+                    for task in (source_task, stopper, progress):
+                        task.cancel()
+                depth = await agent.outbox.count()
+                print(_progress(agent, started), flush=True)
+                if drained:
+                    print("done: every event is acknowledged by the server", flush=True)
                 else:
-                    source_task.cancel()
-                    print("stopping: flushing to the outbox", flush=True)
-                    drained = await agent.drain(SHUTDOWN_DRAIN_S)
-            finally:
-                for task in (source_task, stopper, progress):
-                    task.cancel()
-            depth = await agent.outbox.count()
-            print(_progress(agent, started), flush=True)
-            if drained:
-                print("done: every event is acknowledged by the server", flush=True)
-            else:
-                print(f"stopped with {depth} events in the outbox; the next run sends them")
+                    print(f"stopped with {depth} events in the outbox; the next run sends them")
+        except OutboxFull:
+            # Said here, not by the error itself, which speaks to a running agent ("kept in
+            # memory meanwhile"): once the process ends, that queue is gone.
+            print(
+                f"error: the disk holding {paths.outbox} is full: events recorded in this run "
+                "that were not yet written to the outbox are lost with this stop (those already "
+                "in it are kept and sent by the next run). Free space on the device and start "
+                "the agent again.",
+                file=sys.stderr,
+            )
+            return EXIT_ERROR
     return 0
 
 
@@ -234,7 +249,23 @@ async def cmd_status(args: argparse.Namespace) -> int:
         print(f"acked through: {s.acked_through} (last ack {_when(s.last_ack_us)})")
     else:
         print("outbox:        none yet")
+    await _wearable_status(args.state_dir)
     return 0
+
+
+async def _wearable_status(state_dir: Path) -> None:
+    """For a wearable bridge (sensors chosen): the sensors, and whether Bluetooth is usable,
+    since without it `run --source wearable` stops at once."""
+    from pulsesync.edge_agent.ble.sensors import SensorStore
+
+    chosen = SensorStore(state_dir).list()
+    if not chosen:
+        return
+    print(f"sensors:       {', '.join(s.address for s in chosen)}")
+    # bleak (and D-Bus) load only for a wearable setup.
+    from pulsesync.edge_agent.ble.scanner import probe_adapter
+
+    print(f"bluetooth:     {(await probe_adapter()).line()}")
 
 
 # -- parser ---------------------------------------------------------------------------------

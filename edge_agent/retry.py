@@ -1,7 +1,7 @@
 """The agent's one retry policy: full-jitter exponential backoff for every reconnect loop.
 
 Every loop that talks to something that can go away (the upload stream, the profile, consent and
-nudge watches, a wearable's link) waits between attempts with the same rule:
+nudge watches, a wearable's link in the BLE bridge) waits between attempts with the same rule:
 
     delay_n = uniform(0, min(cap, base * 2**n))      n = attempts since the last healthy period
 
@@ -148,3 +148,16 @@ WATCH: Final = RetryPolicy(0.2, 30.0)
 # Writes of one small unary call (a profile push): retried a few times, then left for the next
 # change or reconnect to carry.
 UNARY: Final = RetryPolicy(0.2, 5.0)
+
+# A wearable's link (the BLE bridge), by why it is down. A dropped link usually comes back at
+# once (a body blocking the antenna): retry fast.
+BLE_LINK_LOST: Final = RetryPolicy(0.25, 10.0)
+# Not advertising (out of range, asleep): the bridge waits this long *for the next
+# advertisement* and connects as soon as one arrives, so a long cap costs no reconnect latency.
+BLE_NOT_FOUND: Final = RetryPolicy(2.0, 60.0)
+# The adapter has no free connection slot: bleak-retry-connector itself waits 4 s; start there.
+BLE_OUT_OF_SLOTS: Final = RetryPolicy(4.0, 60.0)
+BLE_CONNECT_FAILED: Final = RetryPolicy(1.0, 30.0)
+# Connected, but discovery or subscription failed: such failures tend to repeat (firmware
+# quirks), so back off harder.
+BLE_SETUP_FAILED: Final = RetryPolicy(2.0, 120.0)

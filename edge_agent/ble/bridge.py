@@ -1,9 +1,13 @@
 """The wearable bridge: keeps chosen BLE sensors connected and turns notifications into events.
 
-One supervised task per sensor (in an `asyncio.TaskGroup`): find it by address with
-`BleakScanner`, connect with `bleak_retry_connector.establish_connection`, discover services,
-read battery / body location / device information, subscribe to every supported measurement,
-then wait for the link to drop and reconnect after a backoff chosen by the class of the error.
+One supervised task per sensor (in an `asyncio.TaskGroup`) and one scan shared by all of them
+(`Advertisements`, a `BleakScanner` detection callback running for the bridge's lifetime). A
+link waits for its sensor's next advertisement, connects with
+`bleak_retry_connector.establish_connection`, discovers services, reads battery / body
+location / device information, subscribes to every supported measurement, then waits for the
+link to drop. After a failure it waits a delay from the agent's one retry policy
+(`edge_agent.retry`, full jitter, base and cap by the class of the error); a sensor that is out
+of range is connected as soon as it advertises again, not at the next poll.
 Each notification is stamped with the host clock in the bleak callback, turned into events by
 the sensor's `Translator` (translate.py, the pure part) and handed to the `EventSink` without
 blocking. A malformed payload is counted and logged; it never
@@ -21,10 +25,13 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from types import TracebackType
+from typing import Any, Final, Self
 
 from bleak import BleakClient, BleakScanner
 from bleak.backends.characteristic import BleakGATTCharacteristic
+from bleak.backends.device import BLEDevice
+from bleak.backends.scanner import AdvertisementData
 from bleak.exc import BleakDeviceNotFoundError, BleakError
 from bleak_retry_connector import (
     BleakAbortedError,
@@ -34,6 +41,7 @@ from bleak_retry_connector import (
     establish_connection,
 )
 
+from pulsesync.edge_agent import retry
 from pulsesync.edge_agent.ble import uuids
 from pulsesync.edge_agent.ble.backends import BleBackends
 from pulsesync.edge_agent.ble.derived import (
@@ -63,33 +71,14 @@ class ErrorClass(enum.Enum):
     SETUP_FAILED = "setup_failed"  # connected, but discovery/subscription failed
 
 
-@dataclass(frozen=True, slots=True)
-class Backoff:
-    """Exponential backoff base and cap for one error class, in seconds."""
-
-    base_s: float
-    cap_s: float
-
-    def bounds(self, attempt: int) -> tuple[float, float]:
-        """(lowest, highest) delay before reconnect attempt number `attempt` (0-based)."""
-        high = min(self.cap_s, self.base_s * 2.0 ** min(attempt, 30))
-        return high * JITTER_LOW, high
-
-
-# Jitter draws the delay from [half, full] of the exponential value, so sensors that dropped
-# together (a person walking away with both) do not reconnect in lock-step.
-JITTER_LOW: Final = 0.5
-
-DEFAULT_BACKOFF: Final[dict[ErrorClass, Backoff]] = {
-    # A dropped link usually comes back at once (a body blocking the antenna): retry fast.
-    ErrorClass.LINK_LOST: Backoff(0.25, 10.0),
-    # Out of range: scanning itself waits `scan_timeout_s`; no need to hammer the radio.
-    ErrorClass.NOT_FOUND: Backoff(2.0, 60.0),
-    # bleak-retry-connector waits 4 s when an adapter is out of slots; start there.
-    ErrorClass.OUT_OF_SLOTS: Backoff(4.0, 60.0),
-    ErrorClass.CONNECT_FAILED: Backoff(1.0, 30.0),
-    # Setup failures tend to repeat (firmware quirks): back off harder.
-    ErrorClass.SETUP_FAILED: Backoff(2.0, 120.0),
+# The agent's retry policy for each class (full jitter: sensors that dropped together, a person
+# walking away with both, do not reconnect in lock-step).
+DEFAULT_BACKOFF: Final[dict[ErrorClass, retry.RetryPolicy]] = {
+    ErrorClass.LINK_LOST: retry.BLE_LINK_LOST,
+    ErrorClass.NOT_FOUND: retry.BLE_NOT_FOUND,
+    ErrorClass.OUT_OF_SLOTS: retry.BLE_OUT_OF_SLOTS,
+    ErrorClass.CONNECT_FAILED: retry.BLE_CONNECT_FAILED,
+    ErrorClass.SETUP_FAILED: retry.BLE_SETUP_FAILED,
 }
 
 # A session that streamed this long counts as healthy and resets the attempt counter.
@@ -135,7 +124,9 @@ class BridgeConfig:
     steps_window_s: float = 60.0
     rmssd_window_s: float = 60.0
     wheel_circumference_m: float = DEFAULT_WHEEL_CIRCUMFERENCE_M
-    backoff: dict[ErrorClass, Backoff] = field(default_factory=lambda: dict(DEFAULT_BACKOFF))
+    backoff: dict[ErrorClass, retry.RetryPolicy] = field(
+        default_factory=lambda: dict(DEFAULT_BACKOFF)
+    )
     seed: int | None = None  # jitter seed, for reproducible runs
     battery_reread_s: float = BATTERY_REREAD_S
 
@@ -146,6 +137,8 @@ class Reconnect:
 
     error: ErrorClass
     attempt: int
+    # The delay drawn from the retry policy: slept before the next attempt, or for NOT_FOUND
+    # the longest wait for the sensor's next advertisement (it connects as soon as one comes).
     delay_s: float
     down_at: float  # monotonic time the failure was noticed
     up_at: float | None = None  # monotonic time notifications were enabled again
@@ -176,6 +169,92 @@ def _now_us() -> int:
     return time.time_ns() // 1000
 
 
+class Advertisements:
+    """One scan for the whole bridge: hands each link its sensor's next advertisement.
+
+    Bleak-based integrations (Home Assistant's habluetooth) keep one scanner running and
+    reconnect when the device is next heard, rather than starting a scan per attempt: the
+    radio is not restarted on every retry, several links share it, and a sensor coming back
+    into range is connected within one advertising interval.
+
+    The scan heals itself: when a wait ends without any advertisement from any device, the
+    scanner is restarted (a Bluetooth daemon that restarted leaves a scanner that hears
+    nothing), and a scanner that fails to start is started by the next wait, its error going to
+    the link that waited (which retries by the error's class).
+    """
+
+    def __init__(self, backends: BleBackends) -> None:
+        self._backends = backends
+        self._waiters: dict[str, list[asyncio.Future[BLEDevice]]] = {}
+        self._scanner: BleakScanner | None = None
+        self._lock = asyncio.Lock()  # one start/stop at a time, whichever link asks
+        self._heard = 0  # advertisements from any device, ever
+
+    def _seen(self, device: BLEDevice, _adv: AdvertisementData) -> None:
+        self._heard += 1
+        for waiter in self._waiters.pop(device.address.upper(), ()):
+            if not waiter.done():
+                waiter.set_result(device)
+
+    async def next(self, address: str, timeout_s: float) -> BLEDevice | None:
+        """The device at the next advertisement from `address` (normalised), or None when it
+        is not heard within `timeout_s`. Raises what starting the scan raised."""
+        await self._start()
+        heard = self._heard
+        waiter: asyncio.Future[BLEDevice] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(address, []).append(waiter)
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await waiter
+        except TimeoutError:
+            if self._heard == heard:
+                await self._restart()
+            return None
+        finally:
+            pending = self._waiters.get(address)
+            if pending is not None and waiter in pending:
+                pending.remove(waiter)
+
+    async def _start(self) -> None:
+        async with self._lock:
+            if self._scanner is not None:
+                return
+            kwargs: dict[str, Any] = (
+                {} if self._backends.scanner is None else {"backend": self._backends.scanner}
+            )
+            scanner = BleakScanner(self._seen, **kwargs)
+            await scanner.start()
+            self._scanner = scanner
+
+    async def _restart(self) -> None:
+        """Start the scan afresh (it heard nothing at all for a whole wait)."""
+        await self._stop()
+        try:
+            await self._start()
+        except Exception as exc:  # the next wait starts it again and reports to its link
+            _LOG.debug("restarting the scan failed: %s", exc)
+
+    async def _stop(self) -> None:
+        async with self._lock:
+            scanner, self._scanner = self._scanner, None
+            if scanner is not None:
+                # Bounded like a disconnect: stopping a scan on a stack that went away can hang.
+                with contextlib.suppress(BleakError, OSError, TimeoutError):
+                    async with asyncio.timeout(DISCONNECT_TIMEOUT_S):
+                        await scanner.stop()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._stop()
+
+
 class SensorLink:
     """Keeps one sensor connected and streaming, for as long as the task runs."""
 
@@ -187,8 +266,10 @@ class SensorLink:
         config: BridgeConfig,
         backends: BleBackends,
         clock_us: Callable[[], int] = _now_us,
+        advertisements: Advertisements | None = None,
     ) -> None:
         self.address = address
+        self._advertisements = advertisements
         self.stats = SensorStats(address)
         self._sink = sink
         self._config = config
@@ -209,14 +290,29 @@ class SensorLink:
 
     async def run(self) -> None:
         """Connect, stream, and reconnect with backoff; runs until cancelled."""
+        if self._advertisements is None:  # a link on its own runs its own scan
+            async with Advertisements(self._backends) as advertisements:
+                self._advertisements = advertisements
+                try:
+                    await self._run()
+                finally:
+                    self._advertisements = None
+        else:
+            await self._run()
+
+    async def _run(self) -> None:
         attempt = 0
+        device: BLEDevice | None = None  # heard while waiting out a NOT_FOUND delay
+        task = asyncio.current_task()
         while True:
+            if task is not None and task.cancelling():
+                # A cancel the BLE stack swallowed while the last wait ended normally.
+                raise asyncio.CancelledError
             try:
-                await self._session()
+                await self._session(device)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # every failure of one sensor is retried, never fatal
-                task = asyncio.current_task()
                 if task is not None and task.cancelling():
                     # The BLE stack swallowed our CancelledError (e.g. inside disconnect) and
                     # raised something else: the cancel request still stands, honour it.
@@ -230,8 +326,7 @@ class SensorLink:
                 )
                 if error is ErrorClass.LINK_LOST and healthy:
                     attempt = 0
-                low, high = self._config.backoff[error].bounds(attempt)
-                delay = self._rng.uniform(low, high)
+                delay = self._config.backoff[error].delay(attempt, self._rng)
                 self.stats.reconnects.append(Reconnect(error, attempt, delay, down_at))
                 _LOG.info(
                     "%s: %s (%s); retrying in %.2f s (attempt %d)",
@@ -243,20 +338,33 @@ class SensorLink:
                 )
                 attempt += 1
                 self._session_started = None
-                await asyncio.sleep(delay)
+                device = None
+                if error is ErrorClass.NOT_FOUND:
+                    # Out of range: connect at its next advertisement, at the latest look again
+                    # (a fresh wait) after the delay.
+                    try:
+                        device = await self._next_advertisement(delay)
+                    except Exception:
+                        # The scan cannot start: the session that follows meets the same
+                        # error and is retried by its class.
+                        device = None
+                else:
+                    await asyncio.sleep(delay)
+
+    async def _next_advertisement(self, timeout_s: float) -> BLEDevice | None:
+        assert self._advertisements is not None  # set for as long as _run runs
+        return await self._advertisements.next(self.address, timeout_s)
 
     def _mark_down(self) -> None:
         self.connected.clear()
         self.stats.connected = False
         self._translate.reset()
 
-    async def _session(self) -> None:
-        scanner_args: dict[str, Any] = (
-            {} if self._backends.scanner is None else {"backend": self._backends.scanner}
-        )
-        device = await BleakScanner.find_device_by_address(
-            self.address, timeout=self._config.scan_timeout_s, **scanner_args
-        )
+    async def _session(self, device: BLEDevice | None) -> None:
+        if device is None:
+            # A sensor advertises again once its link is gone; connect to that advertisement
+            # (an earlier one may name a connection the sensor no longer has).
+            device = await self._next_advertisement(self._config.scan_timeout_s)
         if device is None:
             raise SensorNotFound(
                 f"{self.address} was not seen advertising within {self._config.scan_timeout_s} s; "
@@ -485,13 +593,16 @@ class Bridge:
                 "`pulsesync-agent sensors add ADDRESS`"
             )
         cfg = config or BridgeConfig()
+        self._backends = backends or BleBackends()
+        self._advertisements = Advertisements(self._backends)
         self.links = [
             SensorLink(
                 a,
                 sink,
                 config=cfg if cfg.seed is None else dataclasses.replace(cfg, seed=cfg.seed + i),
-                backends=backends or BleBackends(),
+                backends=self._backends,
                 clock_us=clock_us,
+                advertisements=self._advertisements,
             )
             # One sensor is one link, however the address was spelled.
             for i, a in enumerate(dict.fromkeys(normalize_address(a) for a in addresses))
@@ -499,7 +610,7 @@ class Bridge:
 
     async def run(self) -> None:
         """Supervise every sensor until cancelled."""
-        async with asyncio.TaskGroup() as tg:
+        async with self._advertisements, asyncio.TaskGroup() as tg:
             for link in self.links:
                 tg.create_task(link.run(), name=f"ble-sensor-{link.address}")
 

@@ -2,7 +2,9 @@
 
 A heart-rate strap (Heart Rate, Battery, Device Information; HR with RR intervals, body
 location) and a running footpod (Running Speed and Cadence, Battery, Device Information),
-driven by seeded physiological models. Each notification goes out through bumble's GATT
+driven by seeded physiological models; a spot-check pulse oximeter (PLX Spot-Check by
+indication, a battery level that can only be read) and a cycling speed/cadence sensor (wheel
+and/or crank counters), which send what the test or caller asks for. Each notification goes out through bumble's GATT
 server only to a connection that enabled it in the CCCD, exactly as on a real sensor; the
 sensor keeps a log of what it delivered so tests can compare it with what was stored.
 """
@@ -23,7 +25,13 @@ from bumble.profiles.device_information_service import DeviceInformationService
 from bumble.profiles.heart_rate_service import HeartRateService
 
 from pulsesync.edge_agent.ble.bumble_backend import VirtualAir, make_device
-from pulsesync.edge_agent.ble.parsers import RscMeasurement
+from pulsesync.edge_agent.ble.parsers import (
+    CrankData,
+    CscMeasurement,
+    RscMeasurement,
+    WheelData,
+    float_to_sfloat,
+)
 from pulsesync.edge_agent.ble.physiology import Activity, ActivityTrack, HeartModel, StrideModel
 
 # Advertising every 20 ms keeps virtual scans short; real sensors use 100 ms-1 s.
@@ -34,6 +42,11 @@ RSC_MEASUREMENT: Final = core.UUID.from_16_bits(0x2A53, "RSC Measurement")
 RSC_FEATURE: Final = core.UUID.from_16_bits(0x2A54, "RSC Feature")
 # RSC Feature: stride length, total distance and walking/running status supported.
 RSC_FEATURE_BITS: Final = 0x0007
+PLX_SPOT_CHECK_MEASUREMENT: Final = core.UUID.from_16_bits(0x2A5E, "PLX Spot-Check Measurement")
+PLX_FEATURES: Final = core.UUID.from_16_bits(0x2A60, "PLX Features")
+CSC_MEASUREMENT: Final = core.UUID.from_16_bits(0x2A5B, "CSC Measurement")
+CSC_FEATURE: Final = core.UUID.from_16_bits(0x2A5C, "CSC Feature")
+BATTERY_LEVEL: Final = core.UUID.from_16_bits(0x2A19, "Battery Level")
 
 
 def _advertising_data(name: str, services: Sequence[int]) -> bytes:
@@ -96,14 +109,18 @@ class EmulatedSensor:
             cccd = self.device.gatt_server.subscribers.get(connection, {}).get(
                 characteristic.handle
             )
-            if cccd and cccd[0] & 0x01:
+            if cccd and cccd[0] & 0x03:  # notifications or indications enabled
                 out.append(connection)
         return out
 
     async def _notify(self, characteristic: gatt.Characteristic[Any], value: Any) -> bool:
         targets = self.subscribed(characteristic)
+        indicate = not characteristic.properties & gatt.Characteristic.Properties.NOTIFY
         for connection in targets:
-            await self.device.notify_subscriber(connection, characteristic, value)
+            if indicate:  # waits for the central's confirmation, as the ATT protocol does
+                await self.device.indicate_subscriber(connection, characteristic, value)
+            else:
+                await self.device.notify_subscriber(connection, characteristic, value)
         return bool(targets)
 
     async def drop_link(self, reason: int = hci.HCI_CONNECTION_TIMEOUT_ERROR) -> int:
@@ -292,3 +309,134 @@ class Footpod(EmulatedSensor):
             self.delivered.append(payload)
             return payload
         return None
+
+
+def _read_only_battery(sensor: EmulatedSensor) -> gatt.Service:
+    """A Battery service whose level can be read but does not notify (many cheap sensors)."""
+    return gatt.Service(
+        gatt.GATT_BATTERY_SERVICE,
+        [
+            gatt.Characteristic(
+                BATTERY_LEVEL,
+                gatt.Characteristic.Properties.READ,
+                gatt.Characteristic.READABLE,
+                gatt.CharacteristicValue(read=lambda _c: bytes([sensor.battery])),
+            )
+        ],
+    )
+
+
+class SpotCheckOximeter(EmulatedSensor):
+    """A finger oximeter with only PLX Spot-Check (0x2A5E, indicated) and a read-only battery."""
+
+    def __init__(
+        self,
+        air: VirtualAir,
+        address: str = "D1:5E:A5:00:00:03",
+        *,
+        name: str = "PulseOx",
+        seed: int = 1,
+    ) -> None:
+        super().__init__(air, address, name, (0x1822, 0x180F), seed)
+        self.measurement_char = gatt.Characteristic(
+            PLX_SPOT_CHECK_MEASUREMENT,
+            gatt.Characteristic.Properties.INDICATE,
+            gatt.Characteristic.Permissions(0),
+            b"",
+        )
+        plx = gatt.Service(
+            gatt.GATT_PULSE_OXIMETER_SERVICE,
+            [
+                self.measurement_char,
+                gatt.Characteristic(
+                    PLX_FEATURES,
+                    gatt.Characteristic.Properties.READ,
+                    gatt.Characteristic.READABLE,
+                    struct.pack("<H", 0),
+                ),
+            ],
+        )
+        # Not notified: the bridge has to re-read it to follow the level.
+        self.device.add_services([plx, _read_only_battery(self)])
+
+    @staticmethod
+    def payload(spo2_percent: float, pulse_rate_bpm: float) -> bytes:
+        """A Spot-Check Measurement without the optional fields (NaN: "not available")."""
+        return struct.pack(
+            "<BHH", 0, float_to_sfloat(spo2_percent), float_to_sfloat(pulse_rate_bpm, 0)
+        )
+
+    async def measure(self, spo2_percent: float, pulse_rate_bpm: float) -> bytes | None:
+        """Indicate one spot check; returns its payload when it reached a subscriber."""
+        self.produced += 1
+        payload = self.payload(spo2_percent, pulse_rate_bpm)
+        if await self._notify(self.measurement_char, payload):
+            self.delivered.append(payload)
+            return payload
+        return None
+
+    async def tick(self) -> bytes | None:
+        """One plausible reading."""
+        return await self.measure(97.0, 64.0)
+
+
+class CyclingSensor(EmulatedSensor):
+    """A CSC sensor: wheel and/or crank counters, advanced by `pedal()` (read-only battery)."""
+
+    def __init__(
+        self,
+        air: VirtualAir,
+        address: str = "D1:5E:A5:00:00:04",
+        *,
+        name: str = "PulseCrank",
+        seed: int = 1,
+        wheel: bool = True,
+        crank: bool = True,
+    ) -> None:
+        super().__init__(air, address, name, (0x1816, 0x180F), seed)
+        self.wheel = WheelData(0, 0) if wheel else None
+        self.crank = CrankData(0, 0) if crank else None
+        self.measurement_char = gatt.Characteristic(
+            CSC_MEASUREMENT,
+            gatt.Characteristic.Properties.NOTIFY,
+            gatt.Characteristic.Permissions(0),
+            b"",
+        )
+        features = (0x01 if wheel else 0) | (0x02 if crank else 0)
+        csc = gatt.Service(
+            gatt.GATT_CYCLING_SPEED_AND_CADENCE_SERVICE,
+            [
+                self.measurement_char,
+                gatt.Characteristic(
+                    CSC_FEATURE,
+                    gatt.Characteristic.Properties.READ,
+                    gatt.Characteristic.READABLE,
+                    struct.pack("<H", features),
+                ),
+            ],
+        )
+        self.device.add_services([csc, _read_only_battery(self)])
+
+    async def pedal(self, seconds: float, wheel_revs: int = 0, crank_revs: int = 0) -> bytes | None:
+        """Advance the counters by `seconds` of riding and notify the new cumulative values."""
+        ticks = round(seconds * 1024)
+        if self.wheel is not None:
+            self.wheel = WheelData(
+                (self.wheel.revolutions + wheel_revs) & 0xFFFFFFFF,
+                (self.wheel.last_event_time + ticks) & 0xFFFF,
+            )
+        if self.crank is not None:
+            self.crank = CrankData(
+                (self.crank.revolutions + crank_revs) & 0xFFFF,
+                (self.crank.last_event_time + ticks) & 0xFFFF,
+            )
+        self.produced += 1
+        payload = bytes(CscMeasurement(self.wheel, self.crank))
+        if await self._notify(self.measurement_char, payload):
+            self.delivered.append(payload)
+            return payload
+        return None
+
+    async def tick(self) -> bytes | None:
+        """One second at 60 rpm and ~8.4 m/s (4 wheel revolutions of 2.105 m)."""
+        return await self.pedal(1.0, wheel_revs=4, crank_revs=1)

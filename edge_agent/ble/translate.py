@@ -103,16 +103,19 @@ class Translator:
         m = HeartRateMeasurement.from_bytes(data)
         rr = [r for r in m.rr_intervals_ms if 0.0 < r <= MAX_RR_MS]
         out.drop("heart_rate.rr_intervals_ms", len(m.rr_intervals_ms) - len(rr))
-        if not 0 < m.bpm <= MAX_BPM:
-            # 0 (no skin contact) or 65535: the event cannot say "no bpm", so it is not sent.
-            out.drop("heart_rate.bpm")
-            return out
         hr = events_pb2.HeartRate(
             sensor_id=self.address,
-            bpm=m.bpm,
             rr_intervals_ms=rr,
             contact=CONTACT_PROTO[m.contact],  # type: ignore[arg-type]
         )
+        if 0 < m.bpm <= MAX_BPM:
+            hr.bpm = m.bpm
+        else:
+            # 0 (no skin contact) or 65535: left absent ("not measured"); the RR intervals of
+            # the same notification are still real beats.
+            out.drop("heart_rate.bpm")
+            if not rr:
+                return out  # nothing measured at all: no event
         if m.energy_expended_kj is not None:
             hr.energy_expended_kj = m.energy_expended_kj
         if self.location is not None:
@@ -128,16 +131,16 @@ class Translator:
         """A Running Speed and Cadence Measurement (0x2A53), and the steps it integrates to."""
         out = Translation()
         m = RscMeasurement.from_bytes(data)
-        speed = m.speed_m_per_s
-        if not (math.isfinite(speed) and 0.0 <= speed <= MAX_SPEED_M_PER_S):
-            out.drop("cadence.speed_m_per_s")
-            return out
         cadence = events_pb2.Cadence(
             sensor_id=self.address,
             motion=events_pb2.MOTION_KIND_RUNNING if m.running else events_pb2.MOTION_KIND_WALKING,
             cadence_per_min=float(m.cadence_per_min),
-            speed_m_per_s=speed,
         )
+        speed = m.speed_m_per_s
+        if math.isfinite(speed) and 0.0 <= speed <= MAX_SPEED_M_PER_S:
+            cadence.speed_m_per_s = speed
+        else:
+            out.drop("cadence.speed_m_per_s")  # absent; the cadence is still measured
         if m.stride_length_m is not None:
             cadence.stride_length_m = m.stride_length_m
         if m.total_distance_m is not None:
@@ -161,17 +164,14 @@ class Translator:
         out.drop("cadence.csc_rate", rates.rejected)
         if rates.speed_m_per_s is None and rates.cadence_rpm is None:
             return out
-        out.record(
-            events_pb2.Event(
-                cadence=events_pb2.Cadence(
-                    sensor_id=self.address,
-                    motion=events_pb2.MOTION_KIND_CYCLING,
-                    cadence_per_min=rates.cadence_rpm or 0.0,
-                    speed_m_per_s=rates.speed_m_per_s or 0.0,
-                )
-            ),
-            at_us,
-        )
+        # A crank-only sensor has no speed and a wheel-only one no cadence: those stay absent
+        # ("not measured") rather than 0, which would read as standing still.
+        cadence = events_pb2.Cadence(sensor_id=self.address, motion=events_pb2.MOTION_KIND_CYCLING)
+        if rates.cadence_rpm is not None:
+            cadence.cadence_per_min = rates.cadence_rpm
+        if rates.speed_m_per_s is not None:
+            cadence.speed_m_per_s = rates.speed_m_per_s
+        out.record(events_pb2.Event(cadence=cadence), at_us)
         return out
 
     def plx_continuous(self, data: bytes | bytearray, at_us: int) -> Translation:
@@ -191,18 +191,12 @@ class Translator:
         if not 0.0 < spo2 <= 100.0:  # +-inf, negative or zero
             out.drop("oxygen_saturation.spo2_percent")
             return out
-        if not (math.isfinite(pulse_rate) and 0.0 <= pulse_rate <= MAX_BPM):
-            if not math.isnan(pulse_rate):
-                out.drop("oxygen_saturation.pulse_rate_bpm")
-            pulse_rate = 0.0
-        out.record(
-            events_pb2.Event(
-                oxygen_saturation=events_pb2.OxygenSaturation(
-                    sensor_id=self.address, spo2_percent=spo2, pulse_rate_bpm=pulse_rate
-                )
-            ),
-            at_us,
-        )
+        reading = events_pb2.OxygenSaturation(sensor_id=self.address, spo2_percent=spo2)
+        if math.isfinite(pulse_rate) and 0.0 < pulse_rate <= MAX_BPM:
+            reading.pulse_rate_bpm = pulse_rate
+        elif not math.isnan(pulse_rate):  # NaN: not reported, left absent without a count
+            out.drop("oxygen_saturation.pulse_rate_bpm")
+        out.record(events_pb2.Event(oxygen_saturation=reading), at_us)
         return out
 
     def battery(self, data: bytes | bytearray, at_us: int) -> Translation:

@@ -29,6 +29,10 @@ if TYPE_CHECKING:
     from pulsesync.edge_agent.ble.emulation import EmulatedSensor
 
 
+# Longest wait at the end of a run for notifications still crossing the virtual link.
+SETTLE_S: Final = 5.0
+
+
 class EmulatedWearable:
     """Runs emulated sensors and the bridge; each sensor notifies once per emulated second."""
 
@@ -41,6 +45,8 @@ class EmulatedWearable:
             raise ValueError(f"sensors= takes strap and/or footpod, not {sorted(unknown)}")
         self.drop_every_s = float(options.extra.get("drop_every_s", "0"))
         self.bridge: Bridge | None = None
+        # The sensors of the last run (their delivery logs say what the bridge was sent).
+        self.emulated: list[EmulatedSensor] = []
 
     async def run(self, tracker: Tracker) -> None:
         """Stream until the duration is over (or until cancelled)."""
@@ -56,6 +62,7 @@ class EmulatedWearable:
             sensors.append(HeartRateStrap(air, seed=self.options.seed))
         if "footpod" in self.sensors:
             sensors.append(Footpod(air, seed=self.options.seed))
+        self.emulated = sensors
         for s in sensors:
             await s.start()
         self.bridge = Bridge(
@@ -73,11 +80,26 @@ class EmulatedWearable:
                 if self.drop_every_s > 0:
                     ticking.append(tg.create_task(self._drops(sensors)))
                 await asyncio.gather(*ticking[: len(sensors)])
+                await self._received(sensors)
                 for t in (bridge_task, *ticking):
                     t.cancel()
         finally:
             for s in sensors:
                 await s.close()
+
+    async def _received(self, sensors: list[EmulatedSensor]) -> None:
+        """Wait (briefly) until the bridge has handled every measurement the sensors delivered:
+        the last ones are still crossing the virtual link when the sensors stop."""
+        assert self.bridge is not None
+        links = {link.address: link for link in self.bridge.links}
+
+        def behind() -> bool:
+            return any(links[s.address].stats.notifications < len(s.delivered) for s in sensors)
+
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(SETTLE_S):
+                while behind():  # noqa: ASYNC110 - counters, no event to wait on
+                    await asyncio.sleep(0.01)
 
     async def _tick(self, sensor: EmulatedSensor, start_us: int) -> None:
         n = 0
@@ -114,23 +136,14 @@ class RealWearable:
                 await bridge.run()
 
 
-# Long enough for the platform to report a missing or powered-off adapter, short enough not to
-# delay the first connection noticeably.
-ADAPTER_PROBE_S: Final = 0.5
-
-
 async def _require_adapter() -> None:
     """Raise AgentError, saying what to fix, when there is no usable Bluetooth adapter: without
     one the bridge would retry forever and record nothing."""
     from pulsesync.edge_agent.ble import scanner
 
-    try:
-        await scanner.scan(ADAPTER_PROBE_S)
-    except Exception as exc:
-        problem = scanner.explain_adapter_error(exc)
-        if problem is None:
-            raise
-        raise AgentError(problem) from None
+    status = await scanner.probe_adapter()
+    if status.state is not scanner.AdapterState.READY:
+        raise AgentError(status.problem or status.line())
 
 
 def create(options: SourceOptions) -> EmulatedWearable:

@@ -122,8 +122,9 @@ def day_figure(result: DemoResult, person: PersonRun) -> str:
                 (t - ev.feature_use.duration.ToMicroseconds(), t, ev.feature_use.app)
             )
         elif which == "heart_rate":
-            hr_t.append(_dt(t))
-            hr_v.append(ev.heart_rate.bpm)
+            if ev.heart_rate.HasField("bpm"):  # absent: not measured, not 0 bpm
+                hr_t.append(_dt(t))
+                hr_v.append(ev.heart_rate.bpm)
             if ev.heart_rate.rmssd_ms > 0:
                 hrv_t.append(_dt(t))
                 hrv_v.append(ev.heart_rate.rmssd_ms)

@@ -350,7 +350,7 @@ class FeatureStore:
                 continue
             state.hr_sampled_us = t_us
             hr = events_pb2.Event.FromString(row[ROW_BODY]).heart_rate
-            if hr.bpm:
+            if hr.HasField("bpm"):  # absent: not measured
                 state.hr.add(float(hr.bpm))
             r = (
                 hr.rmssd_ms

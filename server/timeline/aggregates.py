@@ -75,7 +75,7 @@ def summarize_events(
         acc.count += 1
         if which == "heart_rate":
             hr = ev.event.heart_rate
-            if hr.bpm:
+            if hr.HasField("bpm"):  # absent: not measured, not a 0 bpm reading
                 acc.bpm_sum += hr.bpm
                 acc.bpm_n += 1
             if hr.rr_intervals_ms:

@@ -133,10 +133,15 @@ def _check_heart_rate(e: events_pb2.Event) -> Problem | None:
 
 def _heart_rate_values(e: events_pb2.Event) -> Problem | None:
     p = e.heart_rate
-    bpm = p.bpm
-    if not 0 < bpm <= MAX_BPM:
-        return Problem("VALUE_OUT_OF_RANGE", f"heart_rate.bpm is {bpm}; expected 1..{MAX_BPM}")
     rr = p.rr_intervals_ms[:]  # a list: iterating it is several times cheaper than the field
+    # bpm is optional: absent means the sensor did not measure it (an event may carry only RR
+    # intervals), but an event that measured nothing at all carries no reading.
+    if p.HasField("bpm"):
+        bpm = p.bpm
+        if not 0 < bpm <= MAX_BPM:
+            return Problem("VALUE_OUT_OF_RANGE", f"heart_rate.bpm is {bpm}; expected 1..{MAX_BPM}")
+    elif not rr:
+        return Problem("MISSING_FIELD", "heart_rate has neither bpm nor RR intervals")
     if rr:
         if len(rr) > MAX_RR_PER_EVENT:
             return Problem(
@@ -187,8 +192,12 @@ def _check_cadence(e: events_pb2.Event) -> Problem | None:
     p = e.cadence
     if p.motion not in _MOTION:
         return _unknown_enum("cadence.motion", p.motion)
-    problem = _finite_in("cadence.cadence_per_min", p.cadence_per_min, MAX_CADENCE_PER_MIN)
-    problem = problem or _finite_in("cadence.speed_m_per_s", p.speed_m_per_s, MAX_SPEED_M_PER_S)
+    # Both are optional (absent: not measured); a value that is present must be plausible.
+    problem = None
+    if p.HasField("cadence_per_min"):
+        problem = _finite_in("cadence.cadence_per_min", p.cadence_per_min, MAX_CADENCE_PER_MIN)
+    if problem is None and p.HasField("speed_m_per_s"):
+        problem = _finite_in("cadence.speed_m_per_s", p.speed_m_per_s, MAX_SPEED_M_PER_S)
     if problem is None and p.HasField("stride_length_m"):
         problem = _finite_in("cadence.stride_length_m", p.stride_length_m, 10.0)
     if problem is None and p.HasField("total_distance_m") and not math.isfinite(p.total_distance_m):
@@ -212,9 +221,11 @@ def _check_oxygen(e: events_pb2.Event) -> Problem | None:
             "VALUE_OUT_OF_RANGE",
             f"oxygen_saturation.spo2_percent is {p.spo2_percent}; expected more than 0 and at most 100",
         )
-    return _finite_in(
-        "oxygen_saturation.pulse_rate_bpm", p.pulse_rate_bpm, float(MAX_BPM)
-    ) or _long("oxygen_saturation.sensor_id", p.sensor_id)
+    if p.HasField("pulse_rate_bpm"):  # absent: the oximeter did not report one
+        problem = _finite_in("oxygen_saturation.pulse_rate_bpm", p.pulse_rate_bpm, float(MAX_BPM))
+        if problem is not None:
+            return problem
+    return _long("oxygen_saturation.sensor_id", p.sensor_id)
 
 
 def _check_nudge(e: events_pb2.Event) -> Problem | None:

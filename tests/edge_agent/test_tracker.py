@@ -4,6 +4,7 @@ import asyncio
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -209,3 +210,48 @@ async def test_full_disk_raises_the_agent_error_and_warns_once(
         await tracker.close()
     finally:
         await outbox.close()
+
+
+async def test_agent_run_on_a_full_disk_exits_1_saying_what_is_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`pulsesync-agent run` that ends while the disk is full: exit 1, one message saying that
+    the events still in memory are lost with the stop (not "kept in memory meanwhile")."""
+    from pulsesync.edge_agent import agent as agent_module
+    from pulsesync.edge_agent import cli
+    from pulsesync.edge_agent.client import Credentials
+
+    class FullOutbox(Outbox):
+        @classmethod
+        async def open(cls, path: Path, *args: Any, **kwargs: Any) -> Outbox:  # type: ignore[override]
+            outbox = await Outbox.open(path, *args, **kwargs)
+            await _fill_disk(outbox)
+            return outbox
+
+    monkeypatch.setattr(agent_module, "Outbox", FullOutbox)
+    Credentials(
+        server="127.0.0.1:9",  # nothing listens: the events stay in the agent
+        device_id="dev_test",
+        token="t",
+        kind=common_pb2.DEVICE_KIND_PHONE,
+    ).save(tmp_path / "credentials.json")
+    args = cli.build_parser().parse_args(
+        [
+            "--state-dir",
+            str(tmp_path),
+            "run",
+            "--source",
+            "simulated-phone",
+            "--speed",
+            "3000",
+            "--duration",
+            "2",
+            "--drain-timeout",
+            "1",
+        ]
+    )
+    assert await args.handler(args) == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "is full" in err
+    assert "are lost with this stop" in err
+    assert "Traceback" not in err

@@ -569,7 +569,9 @@ class HeartRate(_message.Message):
     characters.
     """
     bpm: _builtins.int
-    """Beats per minute, 1..300."""
+    """Beats per minute, 1..300; absent when the sensor did not measure it (e.g. no skin contact:
+    the strap sends 0) or sent a value no heart produces. RR intervals may still be present.
+    """
     contact: Global___SensorContact.ValueType
     """Whether the sensor touches the skin."""
     energy_expended_kj: _builtins.int
@@ -595,7 +597,7 @@ class HeartRate(_message.Message):
         self,
         *,
         sensor_id: _builtins.str = ...,
-        bpm: _builtins.int = ...,
+        bpm: _builtins.int | None = ...,
         rr_intervals_ms: _abc.Iterable[_builtins.float] | None = ...,
         contact: Global___SensorContact.ValueType = ...,
         energy_expended_kj: _builtins.int | None = ...,
@@ -603,14 +605,18 @@ class HeartRate(_message.Message):
         rmssd_ms: _builtins.float | None = ...,
         rmssd_window: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_energy_expended_kj", b"_energy_expended_kj", "_rmssd_ms", b"_rmssd_ms", "energy_expended_kj", b"energy_expended_kj", "rmssd_ms", b"rmssd_ms", "rmssd_window", b"rmssd_window"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_bpm", b"_bpm", "_energy_expended_kj", b"_energy_expended_kj", "_rmssd_ms", b"_rmssd_ms", "bpm", b"bpm", "energy_expended_kj", b"energy_expended_kj", "rmssd_ms", b"rmssd_ms", "rmssd_window", b"rmssd_window"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_energy_expended_kj", b"_energy_expended_kj", "_rmssd_ms", b"_rmssd_ms", "bpm", b"bpm", "contact", b"contact", "energy_expended_kj", b"energy_expended_kj", "location", b"location", "rmssd_ms", b"rmssd_ms", "rmssd_window", b"rmssd_window", "rr_intervals_ms", b"rr_intervals_ms", "sensor_id", b"sensor_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_bpm", b"_bpm", "_energy_expended_kj", b"_energy_expended_kj", "_rmssd_ms", b"_rmssd_ms", "bpm", b"bpm", "contact", b"contact", "energy_expended_kj", b"energy_expended_kj", "location", b"location", "rmssd_ms", b"rmssd_ms", "rmssd_window", b"rmssd_window", "rr_intervals_ms", b"rr_intervals_ms", "sensor_id", b"sensor_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__bpm: _TypeAlias = _typing.Literal["bpm"]  # noqa: Y015
+    _WhichOneofArgType__bpm: _TypeAlias = _typing.Literal["_bpm", b"_bpm"]  # noqa: Y015
     _WhichOneofReturnType__energy_expended_kj: _TypeAlias = _typing.Literal["energy_expended_kj"]  # noqa: Y015
     _WhichOneofArgType__energy_expended_kj: _TypeAlias = _typing.Literal["_energy_expended_kj", b"_energy_expended_kj"]  # noqa: Y015
     _WhichOneofReturnType__rmssd_ms: _TypeAlias = _typing.Literal["rmssd_ms"]  # noqa: Y015
     _WhichOneofArgType__rmssd_ms: _TypeAlias = _typing.Literal["_rmssd_ms", b"_rmssd_ms"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__bpm) -> _WhichOneofReturnType__bpm | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__energy_expended_kj) -> _WhichOneofReturnType__energy_expended_kj | None: ...
     @_typing.overload
@@ -671,9 +677,14 @@ class Cadence(_message.Message):
     motion: Global___MotionKind.ValueType
     """Walking, running or cycling."""
     cadence_per_min: _builtins.float
-    """Steps per minute (walking, running) or crank revolutions per minute (cycling); 0..1000."""
+    """Steps per minute (walking, running) or crank revolutions per minute (cycling); 0..1000;
+    absent when not measured (a wheel-only speed sensor) or the sensor's value was implausible.
+    """
     speed_m_per_s: _builtins.float
-    """Instantaneous speed in metres per second; 0..100."""
+    """Instantaneous speed in metres per second; 0..100. Absent when not measured (a crank-only
+    cadence sensor, a footpod without speed) or implausible; present and 0 means measured
+    standing still.
+    """
     stride_length_m: _builtins.float
     """Stride length in metres (0..10), when the sensor reports it."""
     total_distance_m: _builtins.float
@@ -683,19 +694,27 @@ class Cadence(_message.Message):
         *,
         sensor_id: _builtins.str = ...,
         motion: Global___MotionKind.ValueType = ...,
-        cadence_per_min: _builtins.float = ...,
-        speed_m_per_s: _builtins.float = ...,
+        cadence_per_min: _builtins.float | None = ...,
+        speed_m_per_s: _builtins.float | None = ...,
         stride_length_m: _builtins.float | None = ...,
         total_distance_m: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_stride_length_m", b"_stride_length_m", "_total_distance_m", b"_total_distance_m", "stride_length_m", b"stride_length_m", "total_distance_m", b"total_distance_m"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_cadence_per_min", b"_cadence_per_min", "_speed_m_per_s", b"_speed_m_per_s", "_stride_length_m", b"_stride_length_m", "_total_distance_m", b"_total_distance_m", "cadence_per_min", b"cadence_per_min", "speed_m_per_s", b"speed_m_per_s", "stride_length_m", b"stride_length_m", "total_distance_m", b"total_distance_m"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_stride_length_m", b"_stride_length_m", "_total_distance_m", b"_total_distance_m", "cadence_per_min", b"cadence_per_min", "motion", b"motion", "sensor_id", b"sensor_id", "speed_m_per_s", b"speed_m_per_s", "stride_length_m", b"stride_length_m", "total_distance_m", b"total_distance_m"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cadence_per_min", b"_cadence_per_min", "_speed_m_per_s", b"_speed_m_per_s", "_stride_length_m", b"_stride_length_m", "_total_distance_m", b"_total_distance_m", "cadence_per_min", b"cadence_per_min", "motion", b"motion", "sensor_id", b"sensor_id", "speed_m_per_s", b"speed_m_per_s", "stride_length_m", b"stride_length_m", "total_distance_m", b"total_distance_m"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__cadence_per_min: _TypeAlias = _typing.Literal["cadence_per_min"]  # noqa: Y015
+    _WhichOneofArgType__cadence_per_min: _TypeAlias = _typing.Literal["_cadence_per_min", b"_cadence_per_min"]  # noqa: Y015
+    _WhichOneofReturnType__speed_m_per_s: _TypeAlias = _typing.Literal["speed_m_per_s"]  # noqa: Y015
+    _WhichOneofArgType__speed_m_per_s: _TypeAlias = _typing.Literal["_speed_m_per_s", b"_speed_m_per_s"]  # noqa: Y015
     _WhichOneofReturnType__stride_length_m: _TypeAlias = _typing.Literal["stride_length_m"]  # noqa: Y015
     _WhichOneofArgType__stride_length_m: _TypeAlias = _typing.Literal["_stride_length_m", b"_stride_length_m"]  # noqa: Y015
     _WhichOneofReturnType__total_distance_m: _TypeAlias = _typing.Literal["total_distance_m"]  # noqa: Y015
     _WhichOneofArgType__total_distance_m: _TypeAlias = _typing.Literal["_total_distance_m", b"_total_distance_m"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__cadence_per_min) -> _WhichOneofReturnType__cadence_per_min | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__speed_m_per_s) -> _WhichOneofReturnType__speed_m_per_s | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__stride_length_m) -> _WhichOneofReturnType__stride_length_m | None: ...
     @_typing.overload
@@ -743,19 +762,23 @@ class OxygenSaturation(_message.Message):
     spo2_percent: _builtins.float
     """Oxygen saturation, more than 0 and at most 100 percent."""
     pulse_rate_bpm: _builtins.float
-    """Pulse rate the oximeter measured alongside, in beats per minute; 0..300."""
+    """Pulse rate the oximeter measured alongside, in beats per minute; 0..300. Absent when the
+    oximeter did not report one (the PLX "not available" NaN) or reported one no heart produces.
+    """
     def __init__(
         self,
         *,
         sensor_id: _builtins.str = ...,
         spo2_percent: _builtins.float = ...,
-        pulse_rate_bpm: _builtins.float = ...,
+        pulse_rate_bpm: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_pulse_rate_bpm", b"_pulse_rate_bpm", "pulse_rate_bpm", b"pulse_rate_bpm"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["pulse_rate_bpm", b"pulse_rate_bpm", "sensor_id", b"sensor_id", "spo2_percent", b"spo2_percent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_pulse_rate_bpm", b"_pulse_rate_bpm", "pulse_rate_bpm", b"pulse_rate_bpm", "sensor_id", b"sensor_id", "spo2_percent", b"spo2_percent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__pulse_rate_bpm: _TypeAlias = _typing.Literal["pulse_rate_bpm"]  # noqa: Y015
+    _WhichOneofArgType__pulse_rate_bpm: _TypeAlias = _typing.Literal["_pulse_rate_bpm", b"_pulse_rate_bpm"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__pulse_rate_bpm) -> _WhichOneofReturnType__pulse_rate_bpm | None: ...
 
 Global___OxygenSaturation: _TypeAlias = OxygenSaturation  # noqa: Y015
 

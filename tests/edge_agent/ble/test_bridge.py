@@ -10,9 +10,10 @@ import pytest
 from bleak.exc import BleakError
 from bleak_retry_connector import BleakOutOfConnectionSlotsError
 
+from pulsesync.edge_agent import retry
 from pulsesync.edge_agent.ble.backends import BleBackends
 from pulsesync.edge_agent.ble.bridge import (
-    Backoff,
+    DEFAULT_BACKOFF,
     Bridge,
     BridgeConfig,
     ErrorClass,
@@ -32,15 +33,18 @@ from tests.support.bumble_backend import (
 )
 
 FAST = {
-    ErrorClass.LINK_LOST: Backoff(0.05, 0.4),
-    ErrorClass.NOT_FOUND: Backoff(0.1, 0.4),
-    ErrorClass.OUT_OF_SLOTS: Backoff(0.1, 0.4),
-    ErrorClass.CONNECT_FAILED: Backoff(0.1, 0.4),
-    ErrorClass.SETUP_FAILED: Backoff(0.1, 0.4),
+    ErrorClass.LINK_LOST: retry.RetryPolicy(0.05, 0.4),
+    ErrorClass.NOT_FOUND: retry.RetryPolicy(0.1, 0.4),
+    ErrorClass.OUT_OF_SLOTS: retry.RetryPolicy(0.1, 0.4),
+    ErrorClass.CONNECT_FAILED: retry.RetryPolicy(0.1, 0.4),
+    ErrorClass.SETUP_FAILED: retry.RetryPolicy(0.1, 0.4),
 }
-# Scanning plus connecting on the virtual link takes tens of ms; this bounds "reconnected
-# promptly after the backoff" generously for a loaded 2-core machine.
-RECONNECT_SLACK_S = 2.0
+# Waiting for the next advertisement plus connecting on the virtual link takes tens of ms when
+# the machine is idle, but several seconds were seen on the shared 2-core machine at load 20+.
+# The bound only has to tell "reconnected right after its delay" from "waited out a scan
+# timeout or a longer backoff" (the NOT_FOUND policy starts at 2 s, caps at 60 s), so it is
+# generous rather than a measure of speed.
+RECONNECT_SLACK_S = 10.0
 
 
 def _has_sessions(link: SensorLink, n: int) -> bool:
@@ -180,8 +184,7 @@ async def test_link_drops_mid_stream_lose_and_duplicate_nothing_and_reconnect_wi
     assert len(reconnects) == 4
     for r in reconnects:
         assert r.error is ErrorClass.LINK_LOST
-        low, high = FAST[ErrorClass.LINK_LOST].bounds(r.attempt)
-        assert low <= r.delay_s <= high
+        assert 0.0 <= r.delay_s <= FAST[ErrorClass.LINK_LOST].ceiling(r.attempt)
         assert r.up_at is not None
         assert r.delay_s <= r.up_at - r.down_at <= r.delay_s + RECONNECT_SLACK_S
 
@@ -265,14 +268,80 @@ def test_classify(exc, expected):
     assert classify(exc) is expected
 
 
-def test_backoff_bounds_grow_exponentially_to_the_cap():
-    b = Backoff(0.25, 10.0)
-    assert b.bounds(0) == (0.125, 0.25)
-    assert b.bounds(3) == (1.0, 2.0)
-    assert b.bounds(10) == (5.0, 10.0)
-    assert b.bounds(10_000) == (5.0, 10.0)
+def test_the_bridge_waits_by_the_agents_one_retry_policy():
+    # every error class has a policy from edge_agent.retry (full jitter, base and cap)
+    assert set(DEFAULT_BACKOFF) == set(ErrorClass)
+    assert all(isinstance(p, retry.RetryPolicy) for p in DEFAULT_BACKOFF.values())
+    assert DEFAULT_BACKOFF[ErrorClass.LINK_LOST] is retry.BLE_LINK_LOST
+    assert DEFAULT_BACKOFF[ErrorClass.LINK_LOST].ceiling(0) == 0.25
+    assert DEFAULT_BACKOFF[ErrorClass.LINK_LOST].ceiling(10_000) == 10.0
 
 
 def test_bridge_without_sensors_says_what_to_do():
     with pytest.raises(ValueError, match="sensors add"):
         Bridge(ListSink(), [])
+
+
+async def test_a_sensor_back_in_range_is_connected_at_its_next_advertisement_not_the_next_poll():
+    # A long NOT_FOUND delay: a bridge that slept it out before looking again would take tens
+    # of seconds; one listening to advertisements reconnects as soon as the sensor advertises.
+    slow = dict(FAST)
+    slow[ErrorClass.NOT_FOUND] = retry.RetryPolicy(120.0, 120.0)
+    async with emulated_world() as w:
+        sink = ListSink()
+        bridge = Bridge(
+            sink,
+            [w.strap.address],
+            config=BridgeConfig(scan_timeout_s=0.2, backoff=slow, seed=1),
+            backends=w.backends,
+        )
+        async with running(bridge):
+            link = bridge.links[0]
+            await w.strap.leave()
+            await wait_until(
+                lambda: any(r.error is ErrorClass.NOT_FOUND for r in link.stats.reconnects),
+                within_s=20,
+            )
+            await w.strap.come_back()
+            await wait_until(lambda: link.stats.sessions == 2, within_s=20)
+            await w.strap.tick()
+            await wait_until(lambda: len(sink.of("heart_rate")) == 1)
+        last = link.stats.reconnects[-1]
+        assert last.error is ErrorClass.NOT_FOUND
+        assert last.delay_s > 20.0  # the seeded draw; far longer than the test waited
+        assert last.up_at is not None
+        assert last.up_at - last.down_at < last.delay_s
+
+
+async def test_the_shared_scan_recovers_when_it_fails_to_start_or_goes_deaf():
+    # The first start fails (a stack still coming up); the next scanner hears nothing (a
+    # daemon restarted under it). The bridge must restart the scan and connect anyway.
+    async with emulated_world() as w:
+        starts: list[str] = []
+
+        class FlakyScanner(w.backends.scanner):  # type: ignore[name-defined,misc]
+            async def start(self) -> None:
+                starts.append("start")
+                if len(starts) == 1:
+                    raise BleakError("org.bluez.Error.InProgress: Operation already in progress")
+                await super().start()
+
+            def _on_advertisement(self, adv) -> None:  # type: ignore[no-untyped-def]
+                if len(starts) == 2:
+                    return  # deaf
+                super()._on_advertisement(adv)
+
+        sink = ListSink()
+        bridge = Bridge(
+            sink,
+            [w.strap.address],
+            config=BridgeConfig(scan_timeout_s=0.3, backoff=FAST, seed=2),
+            backends=BleBackends(client=w.backends.client, scanner=FlakyScanner),
+        )
+        async with running(bridge):
+            await w.strap.tick()
+            await wait_until(lambda: len(sink.of("heart_rate")) == 1)
+        assert len(starts) >= 3
+        errors = [r.error for r in bridge.links[0].stats.reconnects]
+        assert errors[0] is ErrorClass.SETUP_FAILED  # the scan that failed to start
+        assert ErrorClass.NOT_FOUND in errors  # the deaf one

@@ -13,12 +13,13 @@ from bleak.exc import BleakError
 
 from pulsesync.edge_agent.ble import uuids
 from pulsesync.edge_agent.ble.backends import BleBackends
-from pulsesync.edge_agent.ble.bridge import Backoff, Bridge, BridgeConfig, ErrorClass
+from pulsesync.edge_agent.ble.bridge import Bridge, BridgeConfig, ErrorClass
 from pulsesync.edge_agent.ble.bumble_backend import BumbleBleakClient
+from pulsesync.edge_agent.retry import RetryPolicy
 from pulsesync.edge_agent.sink import EventSink
 from tests.support.bumble_backend import ListSink, emulated_world, wait_until
 
-FAST = {c: Backoff(0.01, 0.05) for c in ErrorClass}
+FAST = {c: RetryPolicy(0.01, 0.05) for c in ErrorClass}
 
 
 def config() -> BridgeConfig:
@@ -145,3 +146,26 @@ def test_one_sensor_is_one_link_whatever_the_case_of_its_address():
     sink: EventSink = ListSink()
     bridge = Bridge(sink, ["aa:bb:cc:dd:ee:01", "AA:BB:CC:DD:EE:01", " Aa:bB:cc:dd:ee:01"])
     assert [link.address for link in bridge.links] == ["AA:BB:CC:DD:EE:01"]
+
+
+async def test_cancel_ends_the_bridge_at_any_point_while_a_sensor_is_out_of_range():
+    # The link alternates between waiting for an advertisement that does not come and its
+    # NOT_FOUND delay (also spent listening); a cancel anywhere in that cycle ends run().
+    for steps in range(0, 200, 11):
+        async with emulated_world() as w:
+            await w.strap.leave()
+            bridge = Bridge(
+                EventSinkList(),
+                [w.strap.address],
+                config=BridgeConfig(scan_timeout_s=0.02, backoff=FAST, seed=steps),
+                backends=w.backends,
+            )
+            task = asyncio.create_task(bridge.run())
+            for _ in range(steps):
+                await asyncio.sleep(0)
+            task.cancel()
+            done, _ = await asyncio.wait([task], timeout=30)
+            assert done, (steps, task.get_stack())
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            assert task.cancelled()
