@@ -33,9 +33,9 @@ from pulsesync.server.nudges.sim.behavior import expected_walk_steps, people
 from pulsesync.server.nudges.sim.calibrate import check, server_check
 from pulsesync.server.nudges.sim.direct import best_schedule
 from pulsesync.server.nudges.sim.runner import (
-    ARM_CATALOGS,
     ArmResult,
     fixed_catalog,
+    learned_catalog,
     run_arm_blocking,
 )
 
@@ -114,9 +114,7 @@ async def main() -> int:
           + ")", flush=True)  # fmt: skip
     catalogs = {"fixed": fixed_catalog(hhmm)}
     if args.send_budget is not None:
-        catalogs["learned"] = (
-            ARM_CATALOGS["learned"] + f"[policy]\nsend_budget = {args.send_budget}\n"
-        )
+        catalogs["learned"] = learned_catalog(args.send_budget)
     results: dict[str, ArmResult] = {}
     shm = "/dev/shm" if await asyncio.to_thread(os.path.isdir, "/dev/shm") else None
     loop = asyncio.get_running_loop()

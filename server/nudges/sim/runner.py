@@ -65,11 +65,21 @@ def fixed_catalog(schedule: Sequence[str]) -> str:
     )
 
 
+def learned_catalog(send_budget: float = 0.2, exploration_floor: float = 0.03) -> str:
+    """The learned arm's catalog: its send budget and exploration floor.
+
+    By default the learned policy may send at no more than a fifth of the decision points
+    with a choice (~1 nudge a day where the baselines send ~2.5-3: under the burden of recent
+    nudges fewer, better-placed nudges keep their effect), and explores with 3% per option.
+    """
+    return f"[policy]\nsend_budget = {send_budget}\nexploration_floor = {exploration_floor}\n"
+
+
 ARM_CATALOGS: Final = {
     "none": "[policy]\ncold_start_send_probability = 0.0\n",
     "randomized": "",
     "fixed": '[policy]\nschedule = ["10:00", "14:00", "17:30"]\ncold_start_send_probability = 1.0\nsedentary_trigger_min = 100000\n',
-    "learned": "",
+    "learned": learned_catalog(),
 }
 
 
