@@ -31,6 +31,7 @@ from pulsesync.server.nudges.sim.behavior import (
     BASE_RESPONSE,
     Day,
     Person,
+    burden_dose,
     context_multiplier,
     day_plan,
     response_probability,
@@ -54,11 +55,31 @@ START: Final = int(datetime(2026, 1, 5, tzinfo=UTC).timestamp() * US_PER_S)  # a
 BLOCK_MIN: Final = 30  # upload and decide every half hour of simulated time
 NUDGE_SERVICE: Final = "pulsesync.v1.NudgeService"
 
+
+def fixed_catalog(schedule: Sequence[str]) -> str:
+    """The fixed arm's catalog: a nudge at each of these local times (HH:MM), no triggers."""
+    times = ", ".join(f'"{t}"' for t in schedule)
+    return (
+        f"[policy]\nschedule = [{times}]\ncold_start_send_probability = 1.0\n"
+        "sedentary_trigger_min = 100000\n"
+    )
+
+
+def learned_catalog(send_budget: float = 0.2, exploration_floor: float = 0.03) -> str:
+    """The learned arm's catalog: its send budget and exploration floor.
+
+    By default the learned policy may send at no more than a fifth of the decision points
+    with a choice (~1 nudge a day where the baselines send ~2.5-3: under the burden of recent
+    nudges fewer, better-placed nudges keep their effect), and explores with 3% per option.
+    """
+    return f"[policy]\nsend_budget = {send_budget}\nexploration_floor = {exploration_floor}\n"
+
+
 ARM_CATALOGS: Final = {
     "none": "[policy]\ncold_start_send_probability = 0.0\n",
     "randomized": "",
     "fixed": '[policy]\nschedule = ["10:00", "14:00", "17:30"]\ncold_start_send_probability = 1.0\nsedentary_trigger_min = 100000\n',
-    "learned": "",
+    "learned": learned_catalog(),
 }
 
 
@@ -164,10 +185,15 @@ async def run_arm(
     retrain_every: int = 7,
     latency_probe: int = 0,
     base_response: Mapping[str, float] = BASE_RESPONSE,
+    catalog_text: str | None = None,
 ) -> ArmResult:
-    """Simulate `days` days of `persons` under one policy arm; the log and the truth."""
+    """Simulate `days` days of `persons` under one policy arm; the log and the truth.
+
+    catalog_text replaces the arm's catalog override (ARM_CATALOGS) when given.
+    """
     catalog = workdir / "catalog.toml"
-    await asyncio.to_thread(_write_catalog, catalog, ARM_CATALOGS[name] or "# defaults\n")
+    text = ARM_CATALOGS[name] if catalog_text is None else catalog_text
+    await asyncio.to_thread(_write_catalog, catalog, text or "# defaults\n")
     clock = FakeClock(START)
     config = ServerConfig(port=0, data_dir=workdir, grace_seconds=0.5,
                           nudges=NudgeConfig(scheduler="manual", seed=seed, catalog=Path(catalog)))  # fmt: skip
@@ -213,7 +239,8 @@ async def run_arm(
             if srv.app.sessions.connected_device_count() >= len(listeners):
                 break
             await asyncio.sleep(0.01)
-        first_nudge: dict[int, int] = {}
+        # Per person: (dose just after the last delivered nudge, its minute); see burden().
+        dose_at: dict[int, tuple[float, int]] = {}
         try:
             for day in range(days):
                 plans = [day_plan(p, day, seed) for p in persons]
@@ -267,19 +294,19 @@ async def run_arm(
                     for i, dev, nudge in inbox:
                         minute = hi
                         abs_min = day * 1440 + minute
-                        first_nudge.setdefault(i, abs_min)
                         d = plans[i]
                         want_kind = 1 if dev.kind == common_pb2.DEVICE_KIND_PHONE else 2
                         on_active = int(d.device[min(minute, 1439)]) == want_kind or (
                             d.device[min(minute, 1439)] == 0 and want_kind == 1
                         )
-                        since_first = (abs_min - first_nudge[i]) / 1440
+                        dose, after = burden_dose(dose_at.get(i), abs_min)
+                        dose_at[i] = (after, abs_min)
                         prob = response_probability(
-                            persons[i], nudge.nudge_type, d, minute, since_first, on_active,
+                            persons[i], nudge.nudge_type, d, minute, dose, on_active,
                             base_response,
                         )  # fmt: skip
                         mult = context_multiplier(
-                            persons[i], nudge.nudge_type, d, minute, since_first, on_active
+                            persons[i], nudge.nudge_type, d, minute, dose, on_active
                         )
                         result.responses.append((i, abs_min, nudge.nudge_type, prob, mult))
                         rng = random.Random(f"resp-{seed}-{i}-{abs_min}-{nudge.nudge_type}")
