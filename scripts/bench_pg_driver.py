@@ -192,9 +192,7 @@ async def main(dsn: str, n_rows: int, rounds: int) -> dict[str, Any]:
         headline[f"{name}_rows_per_s"] = round(statistics.median(rates[name]))
         headline[f"{name}_client_cpu_us_per_row"] = round(statistics.median(cpu[name]), 2)
     best_apg = max(headline["asyncpg_copy_rows_per_s"], headline["asyncpg_unnest_rows_per_s"])
-    best_ppg = max(
-        headline["psycopg_copy_rows_per_s"], headline["psycopg_executemany_rows_per_s"]
-    )
+    best_ppg = max(headline["psycopg_copy_rows_per_s"], headline["psycopg_executemany_rows_per_s"])
     headline["asyncpg_best_vs_psycopg_best"] = round(best_apg / best_ppg, 3)
     return headline
 
