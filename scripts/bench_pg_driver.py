@@ -128,13 +128,14 @@ async def asyncpg_unnest(conn: asyncpg.Connection, rows: list[Row]) -> None:
 async def psycopg_copy(conn: psycopg.AsyncConnection[Any], rows: list[Row]) -> None:
     types = ["int8", "int8", "int8", "int8", "int4", "int8", "bytea"]
     for chunk in chunks(rows):
-        async with conn.transaction(), conn.cursor() as cur:
-            async with cur.copy(
-                f"COPY events ({', '.join(COLUMNS)}) FROM STDIN (FORMAT BINARY)"
-            ) as copy:
-                copy.set_types(types)
-                for row in chunk:
-                    await copy.write_row(row)
+        async with (
+            conn.transaction(),
+            conn.cursor() as cur,
+            cur.copy(f"COPY events ({', '.join(COLUMNS)}) FROM STDIN (FORMAT BINARY)") as copy,
+        ):
+            copy.set_types(types)
+            for row in chunk:
+                await copy.write_row(row)
 
 
 async def psycopg_executemany(conn: psycopg.AsyncConnection[Any], rows: list[Row]) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Final
 from urllib.parse import urlsplit, urlunsplit
 
@@ -27,6 +27,17 @@ from pulsesync.server.storage.postgres.pool import PostgresPool
 DEFAULT_DSN: Final = "postgresql://postgres@127.0.0.1:5432/test"
 REQUIRED_ENV: Final = "PULSESYNC_TEST_POSTGRES_REQUIRED"
 CONNECT_TIMEOUT_S: Final = 10.0
+
+
+async def until(
+    check: Callable[[], Awaitable[bool]], within_s: float = 60.0, poll_s: float = 0.02
+) -> None:
+    """Wait until check() is true (a condition, never a fixed sleep); fail after within_s."""
+    async with asyncio.timeout(within_s):
+        while True:
+            if await check():
+                return
+            await asyncio.sleep(poll_s)
 
 
 def server_dsn() -> str:

@@ -17,9 +17,10 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeAlias
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,8 @@ CLIENT_CHECK_MS: Final = 1000
 MIN_SERVER_VERSION: Final = 14
 
 Isolation = Literal["read_committed", "repeatable_read", "serializable"]
-Connection = asyncpg.Connection
+# A pooled connection: asyncpg's proxy, with every method of a connection.
+Connection: TypeAlias = "PoolConnectionProxy[asyncpg.Record]"
 
 
 def server_settings() -> dict[str, str]:

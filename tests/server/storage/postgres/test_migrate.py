@@ -4,12 +4,15 @@ once even when several replicas migrate at the same time."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 from pulsesync.server.storage import db as sqlite_db
 from pulsesync.server.storage.postgres.migrate import MIGRATION_LOCK, load_migrations, migrate
-from pulsesync.server.storage.postgres.pool import PostgresPool
+from pulsesync.server.storage.postgres.pool import Connection, PostgresPool
+from tests.support.postgres import until
 
 # Tables that are not per person: they outlive a person's erasure (privacy), describe the
 # deployment (profile_vault), hold imported training data whose people are not users, or are
@@ -89,7 +92,7 @@ async def test_every_per_person_key_starts_with_the_person(pg_pool: PostgresPool
             assert fk["cols"][0] == "user_id", (fk["t"], fk["r"], fk["cols"])
 
 
-async def pool_fetch_keys(pool: PostgresPool) -> list[dict[str, object]]:
+async def pool_fetch_keys(pool: PostgresPool) -> list[dict[str, Any]]:
     rows = await pool.fetch(
         "SELECT c.relname AS table, i.relname AS index,"
         " (SELECT array_agg(a.attname ORDER BY k.ord) FROM unnest(x.indkey) WITH ORDINALITY"
@@ -128,11 +131,7 @@ async def test_runner_waits_for_a_holder_of_the_lock(pg_pool: PostgresPool) -> N
     async with pg_pool.connection() as other:
         await other.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
         runner = asyncio.create_task(migrate(pg_pool))
-        async with asyncio.timeout(60):
-            while not await other.fetchval(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
-            ):
-                await asyncio.sleep(0.02)
+        await until(lambda: _advisory_waiter(other))
         assert not runner.done()
         await other.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
     async with asyncio.timeout(60):
@@ -143,16 +142,18 @@ async def test_cancelled_runner_releases_the_lock(pg_pool: PostgresPool) -> None
     async with pg_pool.connection() as other:
         await other.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
         runner = asyncio.create_task(migrate(pg_pool))
-        async with asyncio.timeout(60):
-            while not await other.fetchval(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
-            ):
-                await asyncio.sleep(0.02)
+        await until(lambda: _advisory_waiter(other))
         runner.cancel()
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await runner
-        except asyncio.CancelledError:
-            pass
         await other.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
     async with asyncio.timeout(60):
         assert len(await migrate(pg_pool)) == len(load_migrations())
+
+
+async def _advisory_waiter(conn: Connection) -> bool:
+    return bool(
+        await conn.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+        )
+    )

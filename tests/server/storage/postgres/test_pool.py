@@ -8,6 +8,7 @@ import asyncpg
 import pytest
 
 from pulsesync.server.storage.postgres.pool import PostgresPool
+from tests.support.postgres import until
 
 DEADLINE_S = 60.0
 
@@ -21,10 +22,14 @@ async def test_commit_and_rollback(pg_pool: PostgresPool) -> None:
     await _table(pg_pool)
     async with pg_pool.transaction() as conn:
         await conn.execute("INSERT INTO t VALUES (2, 'two')")
-    with pytest.raises(ValueError, match="boom"):
+
+    async def failing() -> None:
         async with pg_pool.transaction() as conn:
             await conn.execute("INSERT INTO t VALUES (3, 'three')")
             raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):
+        await failing()
     assert [r["k"] for r in await pg_pool.fetch("SELECT k FROM t ORDER BY k")] == [1, 2]
 
 
@@ -34,10 +39,14 @@ async def test_failed_statement_rolls_back_and_reuses_the_connection(
     await _table(pg_pool)
     async with pg_pool.connection() as conn:
         pid = conn.get_server_pid()
-    with pytest.raises(asyncpg.UniqueViolationError):
+
+    async def conflicting() -> None:
         async with pg_pool.transaction() as conn:
             await conn.execute("INSERT INTO t VALUES (4, 'four')")
             await conn.execute("INSERT INTO t VALUES (1, 'again')")
+
+    with pytest.raises(asyncpg.UniqueViolationError):
+        await conflicting()
     async with pg_pool.connection() as conn:
         # An ordinary error does not cost the connection.
         assert conn.get_server_pid() == pid
@@ -81,9 +90,7 @@ async def test_cancelled_transaction_leaves_no_lock_and_no_open_transaction(
             "SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pids[0]
         )
 
-    async with asyncio.timeout(DEADLINE_S):
-        while not await gone():
-            await asyncio.sleep(0.05)
+    await until(gone, DEADLINE_S)
     for _ in range(8):  # every pooled connection is usable and outside any transaction
         async with pg_pool.connection() as conn:
             assert conn.get_server_pid() != pids[0]
@@ -106,11 +113,15 @@ async def test_cancelled_while_waiting_for_a_lock(pg_pool: PostgresPool) -> None
         task = asyncio.create_task(waiter())
         async with asyncio.timeout(DEADLINE_S):
             await started.wait()
-            # Wait until the waiter's UPDATE is really blocked on the lock.
-            while not await holder.fetchval(
-                "SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype = 'transactionid'"
-            ):
-                await asyncio.sleep(0.02)
+
+        async def blocked() -> bool:  # the waiter's UPDATE is really waiting for the lock
+            return bool(
+                await holder.fetchval(
+                    "SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype = 'transactionid'"
+                )
+            )
+
+        await until(blocked, DEADLINE_S)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
