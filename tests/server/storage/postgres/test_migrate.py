@@ -25,9 +25,11 @@ NOT_PER_PERSON = {
     "imported_people",
     "imported_decisions",
     "schema_migrations",
+    "lease_members",
+    "leases",
 }
-# PostgreSQL-only: the per-person change counter (see 0001_core.sql).
-POSTGRES_ONLY = {"timeline_heads"}
+# PostgreSQL-only: the per-person change counter (0001_core.sql) and the leases (0007).
+POSTGRES_ONLY = {"timeline_heads", "lease_members", "leases"}
 
 
 async def _columns(pool: PostgresPool) -> dict[str, set[str]]:
