@@ -68,6 +68,9 @@ class Doorbell:
         self._task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
         self._lost = asyncio.Event()
+        # One operation at a time on the listening connection (asyncpg refuses a second):
+        # a LISTEN from subscribe() and the keepalive round trip must not overlap.
+        self._busy = asyncio.Lock()
         self.connects = 0  # successful (re)connections, for tests and metrics
 
     async def start(self) -> None:
@@ -100,7 +103,8 @@ class Doorbell:
         self._callbacks.setdefault(channel, []).append(callback)
         conn = self._conn
         if first and conn is not None and not conn.is_closed():
-            await conn.add_listener(channel, self._deliver)
+            async with self._busy:
+                await conn.add_listener(channel, self._deliver)
 
         def unsubscribe() -> None:
             callbacks = self._callbacks.get(channel, [])
@@ -142,8 +146,9 @@ class Doorbell:
         self._conn = conn
         self._lost.clear()
         conn.add_termination_listener(lambda _c: self._lost.set())
-        for channel in list(self._callbacks):
-            await conn.add_listener(channel, self._deliver)
+        async with self._busy:
+            for channel in list(self._callbacks):
+                await conn.add_listener(channel, self._deliver)
         self.connects += 1
         if self.connects > 1:
             # Rings sent while we were away are gone: every watcher reads again.
@@ -155,5 +160,6 @@ class Doorbell:
                 await asyncio.wait_for(self._lost.wait(), self._keepalive_s)
             if self._lost.is_set() or conn.is_closed():
                 break
-            await asyncio.wait_for(conn.fetchval("SELECT 1"), KEEPALIVE_TIMEOUT_S)
+            async with self._busy:
+                await asyncio.wait_for(conn.fetchval("SELECT 1"), KEEPALIVE_TIMEOUT_S)
         raise ConnectionError("the listening connection closed")

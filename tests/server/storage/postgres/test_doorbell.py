@@ -123,3 +123,22 @@ async def test_payloads_are_ids_not_data(migrated_pool: PostgresPool) -> None:
             await ring(conn, "profile_changed", "x" * 1000)
         with pytest.raises(ValueError, match="bad doorbell channel"):
             await ring(conn, "Profile; DROP", "")
+
+
+async def test_subscribing_while_the_keepalive_runs_keeps_the_connection(
+    postgres_dsn: str, migrated_pool: PostgresPool
+) -> None:
+    """LISTEN and the keepalive share one connection: they must take turns, not collide."""
+    bell = Doorbell(postgres_dsn, keepalive_s=0.001)
+    await bell.start()
+    try:
+        heard = [Heard() for _ in range(40)]
+        for i, h in enumerate(heard):
+            await bell.subscribe(f"channel_{i}", h)
+        for i in range(40):
+            await ring_now(migrated_pool, f"channel_{i}", "x")
+        for h in heard:
+            await until(h.has("x"))
+        assert bell.connects == 1
+    finally:
+        await bell.stop()

@@ -271,3 +271,22 @@ async def test_stop_commits_what_is_queued_and_refuses_after(
     late = w.submit(batch([event_row(user, dev, 51)]))
     with pytest.raises(RuntimeError, match="shutting down"):
         await late
+
+
+async def test_a_cancelled_caller_leaves_the_batch_whole(
+    migrated_pool: PostgresPool, writer: PostgresEventWriter
+) -> None:
+    """The request that sent a batch goes away: the batch is committed whole or not at all,
+    never in part, and the writer goes on."""
+    user, dev = await add_device(migrated_pool, "gu")
+    rows = [event_row(user, dev, s) for s in range(1, 2001)]
+    future = writer.submit(batch(rows))
+    waiter = asyncio.ensure_future(asyncio.shield(future))
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    stored = await asyncio.wait_for(future, 60)
+    assert stored.watermark == 2000
+    assert await stored_seqs(migrated_pool, dev) == list(range(1, 2001))
+    after = await writer.submit(batch([event_row(user, dev, 2001)]))
+    assert after.watermark == 2001
