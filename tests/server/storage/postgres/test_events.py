@@ -290,3 +290,35 @@ async def test_a_cancelled_caller_leaves_the_batch_whole(
     assert await stored_seqs(migrated_pool, dev) == list(range(1, 2001))
     after = await writer.submit(batch([event_row(user, dev, 2001)]))
     assert after.watermark == 2001
+
+
+async def test_one_group_with_overlapping_batches_of_one_device(
+    migrated_pool: PostgresPool,
+) -> None:
+    """Later batches of a group see the earlier ones' rows, not yet copied, as stored."""
+    user, dev = await add_device(migrated_pool, "ha")
+    rows = {s: event_row(user, dev, s) for s in range(1, 21)}
+    impostor = event_row(user, dev, 18)
+    group = [
+        batch([rows[s] for s in range(1, 11)]),
+        batch([rows[s] for s in range(5, 16)]),  # 5..10 resent, 11..15 new
+        batch([rows[s] for s in range(16, 21)]),  # in order above the mark again
+        batch([rows[3], impostor]),  # a duplicate and a conflict with this group's rows
+    ]
+    results = await PostgresEventWriter(migrated_pool).commit_group(group)
+    assert not any(isinstance(r, BaseException) for r in results)
+    _, r1, _, r3 = results
+    assert not isinstance(r1, BaseException)
+    assert not isinstance(r3, BaseException)
+    assert (r1.inserted, r1.duplicates) == ([6, 7, 8, 9, 10], 6)
+    assert (r3.inserted, r3.duplicates, [c[0] for c in r3.conflicts]) == ([], 1, [18])
+    assert [r.watermark for r in results if not isinstance(r, BaseException)] == [10, 15, 20, 20]
+    assert await stored_seqs(migrated_pool, dev) == list(range(1, 21))
+    assert (
+        await migrated_pool.fetchval(
+            "SELECT body FROM events WHERE device_pk = $1 AND seq = 18", dev
+        )
+        == rows[18][5]
+    )
+    q = await migrated_pool.fetch("SELECT seq, reason FROM quarantine WHERE device_pk = $1", dev)
+    assert [tuple(r) for r in q] == [(18, "SEQUENCE_CONFLICT")]
