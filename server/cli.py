@@ -284,6 +284,7 @@ _EXTRA_COMMANDS: Final = {
         "pulsesync.server.privacy.cli",
         "consent, summary, export and erasure of a person's data",
     ),
+    "db": ("pulsesync.server.storage.cli", "the database's schema (SQLite or PostgreSQL)"),
 }
 
 

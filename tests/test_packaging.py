@@ -129,10 +129,10 @@ def test_the_ble_bridge_needs_only_the_ble_extra() -> None:
 
 def test_every_extra_is_pulled_by_all_and_test() -> None:
     extras = _project()["optional-dependencies"]
-    assert {"server", "ble", "demo", "all", "test"} <= set(extras)
-    assert extras["all"] == ["pulsesync[server,ble,demo]"]
+    assert {"server", "ble", "demo", "postgres", "all", "test"} <= set(extras)
+    assert extras["all"] == ["pulsesync[server,ble,demo,postgres]"]
     assert "pulsesync[all]" in extras["test"]
-    for name in ("server", "ble", "demo"):
+    for name in ("server", "ble", "demo", "postgres"):
         for req in extras[name]:
             dist = _norm(re.split(r"[\s<>=!~\[;(]", req, maxsplit=1)[0])
             if dist != "pulsesync":

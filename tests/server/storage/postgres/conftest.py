@@ -1,0 +1,5 @@
+"""Fixtures of the PostgreSQL tests (a real server; see tests/support/postgres.py)."""
+
+from tests.support.postgres import migrated_pool, pg_pool, postgres_database, postgres_dsn
+
+__all__ = ["migrated_pool", "pg_pool", "postgres_database", "postgres_dsn"]
