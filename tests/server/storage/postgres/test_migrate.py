@@ -19,6 +19,9 @@ from tests.support.postgres import until
 # the user table itself. docs/scaling.md says where each lives when sharded.
 NOT_PER_PERSON = {
     "users",
+    # Found by a key derived from the request_id alone, before the person is known: distributed
+    # by that key on Citus (docs/scaling.md); user_id is kept for erasure.
+    "idempotency_records",
     "profile_vault",
     "privacy_audit",
     "deletion_receipts",
