@@ -38,6 +38,7 @@ from pulsesync.server.errors import (
     Unimplemented,
 )
 from pulsesync.server.identity import Identity
+from pulsesync.server.storage.db import sqlite_code
 from pulsesync.status import error_info as error_info  # the client helper, kept importable here
 from pulsesync.wire import STREAM_OPEN
 
@@ -85,6 +86,7 @@ async def authenticate(app: AppContext, context: grpc.aio.ServicerContext[Any, A
     """The identity behind the call's bearer token (Unauthenticated if none or revoked)."""
     identity = await app.identity.authenticate(bearer_token(context))
     await app.identity.touch(identity.device_pk)
+    app.db.refuse_if_damaged()  # the touch may be what found the file damaged
     return identity
 
 
@@ -98,6 +100,7 @@ async def _seam(app: AppContext, context: Any, name: str) -> AsyncIterator[None]
     """Map errors to statuses (a cut-off stream ends with its reason) and count the call."""
     code = "OK"
     try:
+        app.db.refuse_if_damaged()
         yield
     except PulseSyncError as e:
         code = e.code.name
@@ -111,11 +114,15 @@ async def _seam(app: AppContext, context: Any, name: str) -> AsyncIterator[None]
             raise
         code = reason.code.name
         await _abort(context, reason)
-    except Exception:
-        # Never Python's text in a status: the log line carries the traceback, and the client
-        # gets only an id to quote that finds exactly that line.
-        code = "INTERNAL"
-        await _abort(context, internal_error(name))
+    except Exception as e:
+        # A full disk, or a damaged file (reported once, in the log), has its own reason.
+        error = app.db.storage_error(sqlite_code(e), str(e))
+        if error is None:
+            # Never Python's text in a status: the log line carries the traceback, and the
+            # client gets only an id to quote that finds exactly that line.
+            error = internal_error(name)
+        code = error.code.name
+        await _abort(context, error)
     finally:
         app.metrics.rpcs.labels(name, code).inc()
 
