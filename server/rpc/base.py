@@ -38,6 +38,7 @@ from pulsesync.server.errors import (
     Unimplemented,
 )
 from pulsesync.server.identity import Identity
+from pulsesync.server.limits import MAX_WAIT_S, ReadRateLimited, read_cost
 from pulsesync.server.storage.db import sqlite_code
 from pulsesync.status import error_info as error_info  # the client helper, kept importable here
 from pulsesync.wire import STREAM_OPEN
@@ -127,6 +128,20 @@ async def _seam(app: AppContext, context: Any, name: str) -> AsyncIterator[None]
         app.metrics.rpcs.labels(name, code).inc()
 
 
+async def _paced(app: AppContext, identity: Identity | None, request: Any) -> None:
+    """Charge a heavy read to its device's row budget: wait for budget that comes soon, or
+    hold the call, then refuse it (see pulsesync.server.limits)."""
+    if identity is None:
+        return
+    try:
+        wait_s = app.heavy_reads.reserve(identity.device_pk, read_cost(request), app.clock.now_us())
+    except ReadRateLimited:
+        await asyncio.sleep(MAX_WAIT_S)
+        raise
+    if wait_s > 0:
+        await asyncio.sleep(wait_s)
+
+
 def _tracked(
     app: AppContext, identity: Identity | None, stream: bool, heavy: bool = False
 ) -> contextlib.ExitStack[bool | None]:
@@ -159,6 +174,8 @@ def rpc_method(
             async def gen_wrapper(self: HasApp, request: Any, context: Any) -> AsyncIterator[Any]:
                 async with _seam(self.app, context, name):
                     identity = None if public else await authenticate(self.app, context)
+                    if heavy:
+                        await _paced(self.app, identity, request)
                     if stream:
                         await context.send_initial_metadata((STREAM_OPEN,))
                     with _tracked(self.app, identity, stream, heavy):
@@ -171,6 +188,8 @@ def rpc_method(
         async def wrapper(self: HasApp, request: Any, context: Any) -> Any:
             async with _seam(self.app, context, name):
                 identity = None if public else await authenticate(self.app, context)
+                if heavy:
+                    await _paced(self.app, identity, request)
                 with _tracked(self.app, identity, stream, heavy):
                     return await fn(self, request, context, identity)
             raise AssertionError("unreachable: the seam aborts the call on every error")

@@ -10,7 +10,8 @@ so late and out-of-order arrivals sit where they happened. Every query is scoped
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import asyncio
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -30,6 +31,10 @@ __all__ = [
 # A summary reads every event of its range into memory: a year of one-minute buckets is
 # already more than anyone can look at, so larger requests are refused rather than served slowly.
 MAX_SUMMARY_BUCKETS: Final = 100_000
+
+
+# Rows a page parses on the event loop; a larger page is parsed in a worker thread.
+INLINE_PARSE_ROWS: Final = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +92,15 @@ class ChangeCursor:
 
     change_id: int
     seq: int
+
+
+def _parse_page(rows: Sequence[Sequence[object]]) -> list[StoredEvent]:
+    """The events of page rows (t_us, device_pk, seq, kind, body, device_id, device_kind)."""
+    parse = events_pb2.Event.FromString
+    return [
+        StoredEvent(str(device_id), int(dkind), int(seq), int(t_us), int(kind), parse(body))  # type: ignore[call-overload,arg-type]
+        for t_us, _pk, seq, kind, body, device_id, dkind in rows
+    ]
 
 
 class TimelineStore:
@@ -150,11 +164,11 @@ class TimelineStore:
             rows = list(await c.fetchall())
         more = len(rows) > limit
         rows = rows[:limit]
-        parse = events_pb2.Event.FromString
-        events = [
-            StoredEvent(str(device_id), int(dkind), int(seq), int(t_us), int(kind), parse(body))
-            for t_us, _pk, seq, kind, body, device_id, dkind in rows
-        ]
+        # Parsing a large page would hold the event loop for milliseconds: a worker does it.
+        if len(rows) > INLINE_PARSE_ROWS:
+            events = await asyncio.to_thread(_parse_page, rows)
+        else:
+            events = _parse_page(rows)
         if not more:
             return events, None
         last = rows[-1]
