@@ -40,6 +40,7 @@ from pulsesync.server.app import running_server
 from pulsesync.server.config import ServerConfig
 from pulsesync.server.demo.persona import Doing, Persona, PersonaTrack
 from pulsesync.server.identity import IdentityStore
+from pulsesync.server.nudges.catalog import load_catalog
 from pulsesync.server.storage.db import Database
 from pulsesync.timeutil import US_PER_MIN
 from pulsesync.timeutil import timestamp as _ts
@@ -73,11 +74,63 @@ SENSOR_TICK_S: Final = 4.0
 # Real seconds between the server's nudge decision ticks (a few simulated minutes at the
 # default speed, so scheduled decision points land close to their time).
 NUDGE_TICK_S: Final = 0.25
+# How long the end of the period waits for the server to measure the outcomes due in it.
+OUTCOME_WAIT_S: Final = 60.0
 # Where in the simulated period the scripted moments happen (fractions of it).
 PROFILE_EDIT_AT: Final = 0.72
 CONSENT_WITHDRAW_AT: Final = 0.88
 
+# How often the pacer looks at the event loop, and the lateness it forgives (a timer is never
+# exactly on time). See PacedClock.
+PACE_TICK_S: Final = 0.01
+PACE_SLACK_S: Final = 0.002
+# How long a sensor tick waits for the bridge to have its readings (a link that is down
+# delivers nothing), and how often it looks.
+DELIVERY_TIMEOUT_S: Final = 2.0
+_DELIVERY_POLL_S: Final = 0.0005
+_MIN_WAIT_S: Final = 0.001  # a sleeper waiting out a hold wakes at most this often
+
 Say = Callable[[int, str, str], None]
+
+
+class PacedClock(ScaledClock):
+    """The demo's accelerated clock, held still while the world lags behind it.
+
+    The whole world (server, agents, sensors) shares one event loop. At a thousandfold speed a
+    loop that falls 50 ms behind, because the machine is busy, lets 50 simulated seconds pass
+    unlived: sensors miss their ticks, batches arrive minutes of simulated time after they
+    were sent (and look skewed into the future), calls meet their deadlines with work queued.
+    So the demo holds this clock for as long as the loop was late (see `DemoWorld._pace`): the
+    simulated period then passes only as fast as the machine can live it, and a busy machine
+    gives the same run, only longer. (The wearable's readings are stamped with their sensor
+    tick's moment besides, see `DemoWorld._wearable`.)
+    """
+
+    def __init__(self, speed: float, start_us: int) -> None:
+        super().__init__(speed, start_us)
+        self._held_ns = 0  # the length of holds that have ended
+        self._hold_from_ns = 0  # the current (or last) hold
+        self._hold_until_ns = 0
+
+    def hold(self, seconds: float) -> None:
+        """Stop the clock for `seconds` of real time from now (added to a hold in progress)."""
+        now = time.monotonic_ns()
+        if now < self._hold_until_ns:
+            self._hold_until_ns += int(seconds * 1e9)
+            return
+        self._held_ns += self._hold_until_ns - self._hold_from_ns
+        self._hold_from_ns, self._hold_until_ns = now, now + int(seconds * 1e9)
+
+    def _elapsed_us(self) -> float:
+        """Real time since the start, less the holds: the clock never goes back."""
+        now = time.monotonic_ns()
+        holding = min(max(now - self._hold_from_ns, 0), self._hold_until_ns - self._hold_from_ns)
+        return (now - self._real0_ns - self._held_ns - holding) / 1000
+
+    async def sleep_until(self, target_us: int) -> None:
+        """Sleep until the clock reads target_us, however long it is held meanwhile."""
+        while (remaining_us := target_us - self.now_us()) > 0:  # noqa: ASYNC110 - a clock, no event
+            await asyncio.sleep(max(remaining_us / self.speed / 1e6, _MIN_WAIT_S))
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,7 +251,7 @@ class DemoWorld:
         self.options = options
         self.start_us, self.end_us = _period(options)
         speed = options.hours * 3600 / options.wall_seconds
-        self.clock = ScaledClock(speed, self.start_us)
+        self.clock = PacedClock(speed, self.start_us)
         self.rng = random.Random(options.seed)
         self.happenings: list[Happening] = []
         self._say = say
@@ -213,8 +266,26 @@ class DemoWorld:
             self._say(h.t_us, f"{person.name} · {what}", text)
 
     # -- the run -------------------------------------------------------------------------------
+    async def _pace(self) -> None:
+        """Hold the clock for as long as the event loop runs late (see PacedClock)."""
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(PACE_TICK_S)
+            late = time.monotonic() - before - PACE_TICK_S
+            if late > PACE_SLACK_S:
+                self.clock.hold(late)
+
     async def run(self) -> DemoResult:
         began = time.monotonic()
+        pacer = asyncio.create_task(self._pace(), name="demo-pacer")
+        try:
+            return await self._run(began)
+        finally:
+            pacer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pacer
+
+    async def _run(self, began: float) -> DemoResult:
         with tempfile.TemporaryDirectory(prefix="pulsesync-demo-") as tmp:
             root = Path(tmp)
             config = ServerConfig(
@@ -441,20 +512,35 @@ class DemoWorld:
         sensors = [strap, pod]
         for s in sensors:
             await s.start()
+        delivering: int | None = None  # the moment of the tick being delivered, if one is
+
+        def bridge_clock_us() -> int:
+            return delivering if delivering is not None else self.clock.now_us()
+
         bridge = Bridge(
             tracker,
             [s.address for s in sensors],
             config=BridgeConfig(scan_timeout_s=2.0, seed=seed),
             backends=air.backends(),
-            clock_us=self.clock.now_us,
+            clock_us=bridge_clock_us,
         )
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(bridge.run())
                 for n in itertools.count(1):
-                    await self.clock.sleep_until(start + int(n * SENSOR_TICK_S * 1_000_000))
+                    # The bridge stamps a reading with its clock when it handles it: a loop
+                    # running late would stamp it seconds of simulated time after the sensor
+                    # took it, and the step count drops cadence samples further apart than
+                    # MAX_CADENCE_GAP_S. While the tick's readings are delivered, the bridge's
+                    # clock reads the tick's own moment.
+                    tick_us = start + int(n * SENSOR_TICK_S * 1_000_000)
+                    await self.clock.sleep_until(tick_us)
+                    before = [link.stats.notifications for link in bridge.links]
+                    delivering = tick_us
                     for s in sensors:
                         await s.tick()
+                    await _delivered(bridge, before)
+                    delivering = None
         finally:
             for s in sensors:
                 await s.close()
@@ -481,6 +567,22 @@ class DemoWorld:
                 await self._outcomes_so_far()
             self.progress(t)
         self.progress(self.end_us)
+        await self._outcomes_due()
+
+    async def _outcomes_due(self) -> None:
+        """Wait for, and announce, the outcomes of nudges whose window closed in the period.
+
+        The server measures an outcome on its first tick after the window and a grace period
+        for late uploads; the hourly looks of `_play` may all come before that tick (always
+        for a nudge in the last hour), so the end of the period waits on the condition itself,
+        with a generous real-time deadline, while the simulated clock runs on."""
+        window_us = load_catalog(self.options.nudge_catalog).policy.outcome_window_us
+        deadline = time.monotonic() + OUTCOME_WAIT_S
+        while await self._outcomes_so_far(due_by=self.end_us - window_us):
+            if time.monotonic() > deadline:
+                log.warning("outcomes not measured %.0f s after the period", OUTCOME_WAIT_S)
+                return
+            await asyncio.sleep(NUDGE_TICK_S)
 
     def _first_profile(self, person: PersonRun) -> None:
         def setup(p: profiles_pb2.Profile) -> None:
@@ -558,15 +660,21 @@ class DemoWorld:
 
         return await _all_pages(page)
 
-    async def _outcomes_so_far(self) -> None:
+    async def _outcomes_so_far(self, due_by: int | None = None) -> int:
         """Announce outcomes the server has measured since the last look (its window of
-        30 minutes after the nudge, plus a grace period for late uploads, has closed)."""
+        30 minutes after the nudge, plus a grace period for late uploads, has closed); the
+        number of nudges sent at or before `due_by` whose outcome is not measured yet."""
+        pending = 0
         for person in self.people:
             phone = person.devices["phone"]
             async with open_channel(phone.creds.server) as channel:
                 records = await self._nudge_history(channel, phone.creds.metadata)
             for r in records:
-                if not r.outcome.complete or r.nudge.nudge_id in person.outcomes_shown:
+                if not r.outcome.complete:
+                    sent_us = r.nudge.create_time.ToMicroseconds()
+                    pending += due_by is not None and sent_us <= due_by
+                    continue
+                if r.nudge.nudge_id in person.outcomes_shown:
                     continue
                 person.outcomes_shown.add(r.nudge.nudge_id)
                 acted = events_pb2.NUDGE_ACTION_ACTED in r.feedback
@@ -582,6 +690,7 @@ class DemoWorld:
                     f"{r.nudge.nudge_type} at {when:%H:%M} "
                     f"({'acted on' if acted else 'not acted on'}): {value}, measured from the timeline",
                 )
+        return pending
 
     def _merged_so_far(self) -> None:
         for person in self.people:
@@ -764,6 +873,17 @@ class DemoWorld:
             f"erased: {deleted} rows deleted, keys destroyed, receipt {resp.receipt.receipt_id[:12]}…; "
             f"the phone's token is {'refused' if person.erased_token_refused else 'STILL ACCEPTED'}",
         )
+
+
+async def _delivered(bridge: Bridge, before: list[int]) -> None:
+    """Return once every connected link of the bridge has handled a notification more than
+    `before` counted (or after DELIVERY_TIMEOUT_S of real time: a link may have dropped)."""
+    deadline = time.monotonic() + DELIVERY_TIMEOUT_S
+    while time.monotonic() < deadline and any(  # noqa: ASYNC110 - the bridge's counters, no event
+        link.stats.connected and link.stats.notifications <= n
+        for link, n in zip(bridge.links, before, strict=True)
+    ):
+        await asyncio.sleep(_DELIVERY_POLL_S)
 
 
 T = TypeVar("T")
