@@ -6,8 +6,9 @@ the server with FLOOD_WORKERS concurrent ListEvents(page_size=1000) loops, from 
 own (so that the flooding client's CPU is not charged to the server); person "bob" reads small
 pages. Bob's p50/p99 are measured first without the flood, then with it, in the same
 invocation (compare ratios, not absolute figures, on a shared machine). The flood is hostile:
-it ignores RetryInfo and calls again at once. Its served and refused calls are counted. Ends
-with one JSON line; the goal is `ratio` (p99 under flood / p99 alone) <= 3.
+it ignores RetryInfo and calls again at once. Its served and refused calls are counted. A last
+phase is the baseline: the same flood with the per-device row budget lifted (the concurrency
+limit alone). Ends with one JSON line; the goal is `ratio` (p99 under flood / p99 alone) <= 3.
 
     python scripts/bench_fairness.py [--events 20000] [--seconds 10]
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import signal
 import statistics
 import sys
@@ -34,6 +36,7 @@ from google.protobuf import timestamp_pb2
 from pulsesync.kinds import kind_of
 from pulsesync.server.app import RunningServer, running_server
 from pulsesync.server.config import ServerConfig
+from pulsesync.server.limits import HeavyReads
 from pulsesync.v1 import (
     common_pb2,
     devices_pb2,
@@ -112,6 +115,33 @@ def _p(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
 
 
+async def _flooded(
+    server: RunningServer,
+    stub: timeline_pb2_grpc.TimelineServiceStub,
+    bob: object,
+    ada: tuple[tuple[str, str], ...],
+    seconds: float,
+) -> tuple[list[float], int, int]:
+    """Bob's latencies while ada's device floods from its own process; its served, refused."""
+    flooder = await asyncio.create_subprocess_exec(
+        sys.executable,
+        __file__,
+        "--flood",
+        server.address,
+        ada[0][1],
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert flooder.stdout is not None
+        assert (await flooder.stdout.readline()).strip() == b"flooding"
+        flooded = await _measure(stub, bob, seconds)
+    finally:
+        flooder.send_signal(signal.SIGINT)
+        out, _ = await asyncio.wait_for(flooder.communicate(), 60)
+    served, refused = (int(x) for x in out.split())
+    return flooded, served, refused
+
+
 async def main(events: int, seconds: float) -> dict[str, object]:
     with tempfile.TemporaryDirectory() as tmp:
         config = ServerConfig(port=0, data_dir=Path(tmp), grace_seconds=1.0)
@@ -123,23 +153,11 @@ async def main(events: int, seconds: float) -> dict[str, object]:
                 stub = timeline_pb2_grpc.TimelineServiceStub(ch)
                 await _measure(stub, bob, 1.0)  # warm up
                 alone = await _measure(stub, bob, seconds)
-
-                flooder = await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    __file__,
-                    "--flood",
-                    server.address,
-                    ada[0][1],
-                    stdout=asyncio.subprocess.PIPE,
-                )
-                try:
-                    assert flooder.stdout is not None
-                    assert (await flooder.stdout.readline()).strip() == b"flooding"
-                    flooded = await _measure(stub, bob, seconds)
-                finally:
-                    flooder.send_signal(signal.SIGINT)
-                    out, _ = await asyncio.wait_for(flooder.communicate(), 60)
-                served, refused = (int(x) for x in out.split())
+                flooded, served, refused = await _flooded(server, stub, bob, ada, seconds)
+                # The baseline: the same flood against the concurrency limit alone (no row
+                # budget), as the server was before it.
+                server.app.heavy_reads = HeavyReads(rows_per_s=math.inf, burst_rows=math.inf)
+                unpaced, unpaced_served, _ = await _flooded(server, stub, bob, ada, seconds)
     p99_alone, p99_flood = _p(alone, 99), _p(flooded, 99)
     return {
         "benchmark": "fairness",
@@ -157,6 +175,10 @@ async def main(events: int, seconds: float) -> dict[str, object]:
         "goal_ratio_max": 3,
         "flood_served": served,
         "flood_refused": refused,
+        "baseline_no_row_budget_p50_flood_ms": round(_p(unpaced, 50), 2),
+        "baseline_no_row_budget_p99_flood_ms": round(_p(unpaced, 99), 2),
+        "baseline_no_row_budget_ratio": round(_p(unpaced, 99) / p99_alone, 2),
+        "baseline_no_row_budget_flood_served": unpaced_served,
     }
 
 
