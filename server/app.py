@@ -210,6 +210,13 @@ async def running_server(
         for name in [*servicers, ""]:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
+        async def not_serving() -> None:  # the database was found damaged: nothing may serve
+            for name in [*servicers, ""]:
+                await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+        health_updates: set[asyncio.Task[None]] = set()  # kept referenced until they ran
+        storage.db.on_damage(lambda: health_updates.add(asyncio.ensure_future(not_serving())))
+
         metrics_port: int | None = None
         if config.metrics_port is not None:
             http_server, _thread = start_http_server(

@@ -43,6 +43,8 @@ from pulsesync.server.errors import (
 )
 from pulsesync.server.idempotency import request_id_in, request_id_of
 from pulsesync.server.identity import Identity
+from pulsesync.server.limits import MAX_WAIT_S, ReadRateLimited, read_cost
+from pulsesync.server.storage.db import sqlite_code
 from pulsesync.status import error_info as error_info  # the client helper, kept importable here
 from pulsesync.wire import STREAM_OPEN
 
@@ -90,6 +92,7 @@ async def authenticate(app: AppContext, context: grpc.aio.ServicerContext[Any, A
     """The identity behind the call's bearer token (Unauthenticated if none or revoked)."""
     identity = await app.identity.authenticate(bearer_token(context))
     await app.identity.touch(identity.device_pk)
+    app.db.refuse_if_damaged()  # the touch may be what found the file damaged
     return identity
 
 
@@ -103,6 +106,7 @@ async def _seam(app: AppContext, context: Any, name: str) -> AsyncIterator[None]
     """Map errors to statuses (a cut-off stream ends with its reason) and count the call."""
     code = "OK"
     try:
+        app.db.refuse_if_damaged()
         yield
     except PulseSyncError as e:
         code = e.code.name
@@ -116,13 +120,31 @@ async def _seam(app: AppContext, context: Any, name: str) -> AsyncIterator[None]
             raise
         code = reason.code.name
         await _abort(context, reason)
-    except Exception:
-        # Never Python's text in a status: the log line carries the traceback, and the client
-        # gets only an id to quote that finds exactly that line.
-        code = "INTERNAL"
-        await _abort(context, internal_error(name))
+    except Exception as e:
+        # A full disk, or a damaged file (reported once, in the log), has its own reason.
+        error = app.db.storage_error(sqlite_code(e), str(e))
+        if error is None:
+            # Never Python's text in a status: the log line carries the traceback, and the
+            # client gets only an id to quote that finds exactly that line.
+            error = internal_error(name)
+        code = error.code.name
+        await _abort(context, error)
     finally:
         app.metrics.rpcs.labels(name, code).inc()
+
+
+async def _paced(app: AppContext, identity: Identity | None, request: Any) -> None:
+    """Charge a heavy read to its device's row budget: wait for budget that comes soon, or
+    hold the call, then refuse it (see pulsesync.server.limits)."""
+    if identity is None:
+        return
+    try:
+        wait_s = app.heavy_reads.reserve(identity.device_pk, read_cost(request), app.clock.now_us())
+    except ReadRateLimited:
+        await asyncio.sleep(MAX_WAIT_S)
+        raise
+    if wait_s > 0:
+        await asyncio.sleep(wait_s)
 
 
 def _tracked(
@@ -230,6 +252,8 @@ def rpc_method(
             async def gen_wrapper(self: HasApp, request: Any, context: Any) -> AsyncIterator[Any]:
                 async with _seam(self.app, context, name):
                     identity = None if public else await authenticate(self.app, context)
+                    if heavy:
+                        await _paced(self.app, identity, request)
                     if stream:
                         await context.send_initial_metadata((STREAM_OPEN,))
                     with _tracked(self.app, identity, stream, heavy):
@@ -242,6 +266,8 @@ def rpc_method(
         async def wrapper(self: HasApp, request: Any, context: Any) -> Any:
             async with _seam(self.app, context, name):
                 identity = None if public else await authenticate(self.app, context)
+                if heavy:
+                    await _paced(self.app, identity, request)
                 with _tracked(self.app, identity, stream, heavy):
                     if idempotent is None:
                         return await fn(self, request, context, identity)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -19,6 +20,7 @@ from pulsesync.server.timeline.store import (
     MAX_SUMMARY_BUCKETS,
     ChangeCursor,
     Cursor,
+    StoredEvent,
     TimelineStore,
 )
 from pulsesync.v1 import events_pb2, timeline_pb2, timeline_pb2_grpc
@@ -27,6 +29,9 @@ from pulsesync.v1 import events_pb2, timeline_pb2, timeline_pb2_grpc
 # megabyte and one read under ~10 ms.
 DEFAULT_PAGE_SIZE: Final = 200
 MAX_PAGE_SIZE: Final = 1000
+# A page of more events is built in a worker thread: ~5 us an event, so a full page would
+# hold the event loop (and every other caller's request) for several milliseconds.
+INLINE_PAGE_EVENTS: Final = 100
 # A bucket narrower than a minute says nothing about steps or heart rate that the raw events
 # do not; one hour is what a day view shows.
 MIN_BUCKET_US: Final = 60 * 1_000_000
@@ -80,6 +85,17 @@ def _time_range(request: Any) -> tuple[int, int]:
     return start, end
 
 
+def _events_page(
+    events: list[StoredEvent], next_page_token: str
+) -> timeline_pb2.ListEventsResponse:
+    resp = timeline_pb2.ListEventsResponse(next_page_token=next_page_token)
+    for e in events:
+        item = resp.events.add(device_id=e.device_id, device_kind=e.device_kind)
+        item.event.CopyFrom(e.event)
+        item.time.CopyFrom(ts(e.t_us))
+    return resp
+
+
 class TimelineServicer(timeline_pb2_grpc.TimelineServiceServicer):
     def __init__(self, app: AppContext, store: TimelineStore) -> None:
         self.app = app
@@ -105,18 +121,16 @@ class TimelineServicer(timeline_pb2_grpc.TimelineServiceServicer):
         events, cursor = await self.store.page(
             me.user_id, start, end, kinds, device_ids=devices, after=after, limit=size
         )
-        resp = timeline_pb2.ListEventsResponse(
-            next_page_token=tokens.encode(
+        token = (
+            tokens.encode(
                 "ListEvents", me.user_id, query, [cursor.t_us, cursor.device_pk, cursor.seq]
             )
             if cursor is not None
             else ""
         )
-        for e in events:
-            item = resp.events.add(device_id=e.device_id, device_kind=e.device_kind)
-            item.event.CopyFrom(e.event)
-            item.time.CopyFrom(ts(e.t_us))
-        return resp
+        if len(events) > INLINE_PAGE_EVENTS:
+            return await asyncio.to_thread(_events_page, events, token)
+        return _events_page(events, token)
 
     @rpc_method(heavy=True)
     async def SummarizeActivity(

@@ -21,7 +21,7 @@ from typing import Final
 
 import aiosqlite
 
-from pulsesync.server.errors import ResourceExhausted
+from pulsesync.server.errors import PulseSyncError, ResourceExhausted, Unavailable
 from pulsesync.server.storage.files import private_database
 
 log = logging.getLogger(__name__)
@@ -66,13 +66,36 @@ def _configure(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA foreign_keys = ON")
 
 
-def _raise_if_full(e: BaseException) -> None:
+def sqlite_code(e: BaseException | None) -> int | None:
+    """SQLite's primary result code behind e (or an exception it was raised from), if any."""
+    while e is not None:
+        if isinstance(e, sqlite3.Error):
+            code = getattr(e, "sqlite_errorcode", None)
+            if code is not None:
+                return int(code) & 0xFF  # an extended code's low byte is its primary code
+        e = e.__cause__ or e.__context__
+    return None
+
+
+# SQLite's answers for a file whose pages are not what SQLite wrote: the database is damaged.
+DAMAGE_CODES: Final = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
+
+
+def storage_full_error() -> ResourceExhausted:
     """A full disk (SQLITE_FULL) as RESOURCE_EXHAUSTED with a reason, for the caller's client."""
-    if isinstance(e, sqlite3.Error) and e.sqlite_errorcode == sqlite3.SQLITE_FULL:
-        raise ResourceExhausted(
-            "the server's storage is full; nothing was written. Retry later (reads still work)",
-            reason="STORAGE_FULL",
-        ) from e
+    return ResourceExhausted(
+        "the server's storage is full; nothing was written. Retry later (reads still work)",
+        reason="STORAGE_FULL",
+    )
+
+
+def storage_damaged_error() -> Unavailable:
+    """What every request gets once the database is known to be damaged."""
+    return Unavailable(
+        "the server's database is damaged; nothing was read or written. The operator must "
+        "restore it (see the server's log); retry later",
+        reason="STORAGE_DAMAGED",
+    )
 
 
 class DatabaseDamaged(RuntimeError):
@@ -174,6 +197,44 @@ class Database:
         # BEGIN to COMMIT so that two tasks' statements never interleave.
         self._write_lock = asyncio.Lock()
         self._write_watchers: list[Callable[[bool], None]] = []
+        # Set once SQLite reports the file damaged while serving: nothing is read or written
+        # after that (a damaged b-tree can lose or misplace what is written to it).
+        self.damage: str | None = None
+        self._damage_watchers: list[Callable[[], None]] = []
+
+    def on_damage(self, fn: Callable[[], None]) -> None:
+        """Call fn() once, when the database is found damaged while serving."""
+        self._damage_watchers.append(fn)
+
+    def report_damage(self, detail: str) -> None:
+        """Mark the database damaged: one log line saying what to do, then the watchers."""
+        if self.damage is not None:
+            return
+        self.damage = detail
+        log.critical(damaged_message(self.path, detail))
+        for fn in self._damage_watchers:
+            fn()
+
+    def refuse_if_damaged(self) -> None:
+        """Raise STORAGE_DAMAGED if the database was found damaged."""
+        if self.damage is not None:
+            raise storage_damaged_error()
+
+    def storage_error(self, code: int | None, detail: str) -> PulseSyncError | None:
+        """The client's error for SQLite's primary result code, if it is about the storage
+        (full or damaged; a damaged file is reported here); None for any other code."""
+        if code == sqlite3.SQLITE_FULL:
+            return storage_full_error()
+        if code in DAMAGE_CODES:
+            self.report_damage(detail)
+            return storage_damaged_error()
+        return None
+
+    def raise_for_storage(self, e: BaseException) -> None:
+        """Raise the client's error if e is a full or damaged storage; return otherwise."""
+        error = self.storage_error(sqlite_code(e), str(e))
+        if error is not None:
+            raise error from e
 
     def watch_writes(self, fn: Callable[[bool], None]) -> Callable[[], None]:
         """Call fn(True) when a `transaction()` takes the write lock and fn(False) when it
@@ -215,22 +276,28 @@ class Database:
         Cancellation-safe: BEGIN, COMMIT and ROLLBACK always run to their end, and a task
         cancelled at any await leaves the connection outside any transaction."""
         async with self._write_lock:
+            self.refuse_if_damaged()
             self._signal_writes(True)
             try:
-                if await self._settle("BEGIN IMMEDIATE"):
+                try:
+                    begun_cancelled = await self._settle("BEGIN IMMEDIATE")
+                except sqlite3.Error as e:
+                    self.raise_for_storage(e)
+                    raise
+                if begun_cancelled:
                     await self._rollback_if_open()
                     raise asyncio.CancelledError
                 try:
                     yield self.writer
                 except BaseException as e:
                     await self._rollback_if_open()
-                    _raise_if_full(e)
+                    self.raise_for_storage(e)
                     raise
                 try:
                     cancelled = await self._settle("COMMIT")
                 except BaseException as e:
                     await self._rollback_if_open()
-                    _raise_if_full(e)
+                    self.raise_for_storage(e)
                     raise
                 if cancelled:
                     raise asyncio.CancelledError

@@ -8,9 +8,10 @@ The server starts this process (see writer.GroupCommitWriter) and talks to it ov
   received_us, rows, quarantine, in_order, clock_offset_us)` and
   `("forget", device_pk)` (the device's rows were erased: drop its cached high-water mark);
 * stdout carries one framed reply per transaction: `(commits, results)`, a result being
-  `(token, inserted, duplicates, conflicts, derived, watermark)` or `(token, error_message)`,
-  where `inserted` is None when every row was inserted, else the indexes of the inserted rows,
-  and `derived` is what the commit hook made of those rows (None without a hook);
+  `(token, inserted, duplicates, conflicts, derived, watermark)` or `(token, error_message,
+  sqlite_code)` (SQLite's primary result code, 0 for another failure), where `inserted` is None
+  when every row was inserted, else the indexes of the inserted rows, and `derived` is what the
+  commit hook made of those rows (None without a hook);
 * CONTROL_FD is a pipe on which the server writes b"1" while one of its own transactions
   (profiles, consent, devices, erasure) holds the database and b"0" after: the writer lets
   those go first instead of leaving them to SQLite's busy handler, which sleeps 1, 2, 5... ms
@@ -261,6 +262,8 @@ class Committer:
         self.commits = 0
         self._hwm: dict[int, int] = {}
         self._marks: dict[int, Watermark] = {}
+        # Set when SQLite reports the file damaged: nothing more is written to it.
+        self.damaged: BaseException | None = None
         # Called before each BEGIN: returns once the server's own writers are done.
         self._wait_turn = wait_turn or (lambda: None)
 
@@ -270,6 +273,8 @@ class Committer:
 
     def commit_group(self, group: list[Batch]) -> list[Stored | BaseException]:
         """Store every batch of the group in one transaction (one by one if that fails)."""
+        if self.damaged is not None:
+            return [self.damaged for _ in group]
         try:
             return list(self._commit(group))
         except Exception as e:
@@ -279,6 +284,9 @@ class Committer:
             log.warning("group commit failed; retrying its batches one by one", exc_info=True)
             results: list[Stored | BaseException] = []
             for batch in group:
+                if self.damaged is not None:
+                    results.append(self.damaged)
+                    continue
                 try:
                     (stored,) = self._commit([batch])
                 except Exception as e1:
@@ -289,6 +297,8 @@ class Committer:
 
     def _failed(self, batch: Batch, error: Exception) -> BaseException:
         log.error("could not store a batch of device %d", batch.device_pk, exc_info=error)
+        if error_code(error) in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+            self.damaged = error
         self._hwm.pop(batch.device_pk, None)
         self._marks.pop(batch.device_pk, None)
         return error
@@ -380,6 +390,13 @@ class Committer:
         self._hwm.update(tentative)
         self._marks.update(marks)
         return results
+
+
+def error_code(e: BaseException) -> int:
+    """SQLite's primary result code for e (0 if it is not SQLite's): the server tells a full
+    disk and a damaged file from other failures by it."""
+    code = getattr(e, "sqlite_errorcode", None) if isinstance(e, sqlite3.Error) else None
+    return int(code) & 0xFF if code is not None else 0
 
 
 def change_runs(b: Batch, seqs: list[int]) -> list[ChangeRow]:
@@ -569,7 +586,7 @@ def serve(
             commits = committer.commits
             results = committer.commit_group(group)
             reply = [
-                (token, f"{type(r).__name__}: {r}")
+                (token, f"{type(r).__name__}: {r}", error_code(r))
                 if isinstance(r, BaseException)
                 else (
                     token,

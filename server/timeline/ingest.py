@@ -25,7 +25,7 @@ from pulsesync import wire
 from pulsesync.kinds import CATEGORY_OF_KIND
 from pulsesync.server.bus import CommittedBatch
 from pulsesync.server.context import AppContext
-from pulsesync.server.errors import Unavailable
+from pulsesync.server.errors import PulseSyncError, Unavailable
 from pulsesync.server.identity import Identity
 from pulsesync.server.timeline.received import Received
 from pulsesync.server.timeline.skew import MAX_OFFSET_US, SkewEstimator
@@ -332,6 +332,8 @@ class IngestPipeline:
             return resp
         try:
             outcome = await p.pending
+        except PulseSyncError:
+            raise  # a full disk or a damaged file: not stored, and said so
         except Exception as e:
             # The events may or may not be stored; not acking makes the agent resend them and
             # deduplication makes that safe.

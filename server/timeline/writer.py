@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from pulsesync.server.logs import uses_json_lines
-from pulsesync.server.storage.db import BUSY_TIMEOUT_MS, Database
+from pulsesync.server.storage.db import BUSY_TIMEOUT_MS, Database, storage_damaged_error
 from pulsesync.server.timeline import committer
 from pulsesync.server.timeline.committer import Batch, EventRow, QuarantineRow
 
@@ -139,6 +139,9 @@ class GroupCommitWriter:
         if self._closed:
             batch.future.set_exception(WriterClosed("the server is shutting down"))
             return batch.future
+        if self._db.damage is not None:
+            batch.future.set_exception(storage_damaged_error())
+            return batch.future
         if proc is None or proc.stdin is None or proc.stdin.is_closing():
             batch.future.set_exception(WriterClosed("the ingest writer is restarting; resend"))
             return batch.future
@@ -229,8 +232,14 @@ class GroupCommitWriter:
         batch = self._waiting.pop(result[0], None)
         if batch is None or batch.future.done():
             return
-        if len(result) == 2:
-            batch.future.set_exception(RuntimeError(f"storing the batch failed: {result[1]}"))
+        if len(result) == 3:
+            _, message, code = result
+            # A full disk or a damaged file is told to the client as such (STORAGE_FULL,
+            # STORAGE_DAMAGED), not as a failure worth resending at once.
+            error = self._db.storage_error(code, message)
+            batch.future.set_exception(
+                error or RuntimeError(f"storing the batch failed: {message}")
+            )
             return
         _, inserted, duplicates, conflicts, derived, watermark = result
         rows = batch.rows if inserted is None else [batch.rows[i] for i in inserted]
