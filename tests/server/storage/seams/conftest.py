@@ -1,0 +1,13 @@
+"""Fixtures of the domain storage tests, run on both backends (tests/support/storage_backends.py)."""
+
+from tests.support.postgres import migrated_pool, pg_pool, postgres_database, postgres_dsn
+from tests.support.storage_backends import backend_server, storage_backend
+
+__all__ = [
+    "backend_server",
+    "migrated_pool",
+    "pg_pool",
+    "postgres_database",
+    "postgres_dsn",
+    "storage_backend",
+]
