@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from pulsesync.server.clock import FakeClock
-from pulsesync.server.config import load_config
+from pulsesync.server.compose import open_profile_store
+from pulsesync.server.config import ServerConfig, load_config
 from pulsesync.server.profiles.crypto import (
     KEK_ENV,
     AesGcmSealer,
@@ -23,6 +24,7 @@ from pulsesync.server.profiles.crypto import (
 from pulsesync.server.profiles.keys import DataKeys
 from pulsesync.server.profiles.store import ProfileStore
 from pulsesync.server.storage.database_url import DatabaseUrl, parse_database
+from pulsesync.server.storage.db import Database
 from pulsesync.server.storage.keys import VaultKey
 from pulsesync.server.storage.postgres.keys import PostgresKeyVault, open_postgres_vault
 from pulsesync.server.storage.postgres.migrate import migrate
@@ -220,3 +222,15 @@ async def test_replicas_share_keys_from_the_environment_over_the_postgresql_vaul
     finally:
         for v in vaults:
             await v.close()
+
+
+async def test_a_sqlite_database_refuses_a_postgresql_vault(tmp_path: Path) -> None:
+    config = ServerConfig(
+        data_dir=tmp_path, key_vault=parse_database("postgresql://u:pw@vault.internal/v")
+    )
+    async with await Database.open(config.database) as db:
+        with pytest.raises(KeyVaultError) as err:
+            await open_profile_store(config, db, FakeClock())
+    assert "postgresql://u:***@vault.internal/v" in err.value.message
+    assert "pw" not in err.value.message
+    assert not config.kek_file.exists()
