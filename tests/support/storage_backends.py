@@ -1,9 +1,10 @@
-"""One domain-storage fixture over both backends: the same test runs on SQLite and PostgreSQL.
+"""Domain-storage fixtures over both backends: the same test runs on SQLite and PostgreSQL.
 
 `storage_backend` gives a `Backend`: the profile, privacy and nudge storage seams of one fresh
 database (a SQLite file, or a PostgreSQL schema of its own; see tests/support/postgres.py), and
 a few helpers to seed rows that other domains own (people, devices, events, consent). Seed SQL
-is written once with `?` placeholders and numbered for PostgreSQL.
+is written once with `?` placeholders and numbered for PostgreSQL. `key_vault` gives the key
+vault of either backend: a SQLite vault file, or a PostgreSQL vault in a schema of its own.
 """
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ from typing import Any, Literal
 
 import pytest
 
+from pulsesync.server.storage.database_url import parse_database
 from pulsesync.server.storage.db import Database
+from pulsesync.server.storage.keys import KeyVaultStorage
 from pulsesync.server.storage.nudges import NudgeStorage
+from pulsesync.server.storage.postgres.keys import PostgresKeyVault
 from pulsesync.server.storage.postgres.migrate import migrate
 from pulsesync.server.storage.postgres.nudges import PostgresNudgeStorage
 from pulsesync.server.storage.postgres.pool import PostgresPool
@@ -25,6 +29,7 @@ from pulsesync.server.storage.postgres.privacy import PostgresPrivacyStorage
 from pulsesync.server.storage.postgres.profiles import PostgresProfileStorage
 from pulsesync.server.storage.privacy import PrivacyStorage
 from pulsesync.server.storage.profiles import ProfileStorage
+from pulsesync.server.storage.sqlite.keys import KeyVault
 from pulsesync.server.storage.sqlite.nudges import SqliteNudgeStorage
 from pulsesync.server.storage.sqlite.privacy import SqlitePrivacyStorage
 from pulsesync.server.storage.sqlite.profiles import SqliteProfileStorage
@@ -125,3 +130,18 @@ async def storage_backend(
                 PostgresNudgeStorage(pool),
                 pool=pool,
             )
+
+
+@pytest.fixture
+async def key_vault(
+    backend_server: tuple[str, str | None], tmp_path: Path
+) -> AsyncIterator[KeyVaultStorage]:
+    _, database = backend_server
+    if database is None:
+        yield await KeyVault.create(tmp_path / "keyvault.db")
+    else:
+        async with (
+            fresh_schema(database) as dsn,
+            await PostgresKeyVault.open(parse_database(dsn)) as vault,
+        ):
+            yield vault

@@ -68,48 +68,18 @@ async def raw_pages_hold(url: DatabaseUrl, needle: bytes) -> bool:
         return bool(found)
 
 
-async def test_keys_are_added_once_rewrapped_and_discarded(
+async def test_a_discarded_key_stays_in_the_page_until_the_vault_is_rewritten(
     vault: PostgresKeyVault, vault_url: DatabaseUrl
 ) -> None:
-    assert vault.vault_id.startswith("vault_")
+    """Why shred and compact rewrite the table: a plain DELETE leaves the bytes in the page
+    (the both-backend shred test is in tests/server/storage/seams/)."""
     assert vault.path == vault_url.redacted()  # no password in messages
-    assert await vault.add(key(2, b"w2"))
-    assert await vault.add(key(1, b"w1"))
-    assert not await vault.add(key(1, b"other"))  # the person has one already
-    assert await vault.get(1) == key(1, b"w1")
-    assert await vault.get(3) is None
-    assert [k.user_id for k in await vault.all()] == [1, 2]
-    assert await vault.user_ids() == {1, 2}
-    assert await vault.kek_counts() == {"kek_1": 2}
-    stale = key(2, b"not-what-is-stored")
-    done = await vault.replace_wrapped(
-        [(key(1, b"w1"), WrappedKey("kek_2", b"n1")), (stale, WrappedKey("kek_2", b"n2"))], 99
-    )
-    assert done == 1  # the row that changed meanwhile is left alone
-    assert await vault.get(1) == VaultKey(1, "dk_a", WrappedKey("kek_2", b"n1"), 10, 99)
-    assert await vault.kek_counts() == {"kek_1": 1, "kek_2": 1}
-    assert not await vault.discard(2, "dk_other")
-    assert await vault.discard(2, "dk_a")
-    assert await vault.user_ids() == {1}
+    blob = b"DISCARDED-KEY-0b9c" * 3
+    assert await vault.add(key(5, blob))
+    assert await vault.discard(5, "dk_a")
+    assert await raw_pages_hold(vault_url, blob)
     assert not await vault.compact()
-
-
-async def test_shred_leaves_no_byte_of_the_key_in_the_vaults_pages(
-    vault: PostgresKeyVault, vault_url: DatabaseUrl
-) -> None:
-    ada_blob, bo_blob = b"ADA-WRAPPED-KEY-5d1e" * 3, b"BO-WRAPPED-KEY-77aa" * 3
-    assert await vault.add(key(1, ada_blob))
-    assert await vault.add(key(2, bo_blob))
-    assert await vault.discard(2, "dk_a")  # a plain delete: the bytes stay in the page
-    assert await raw_pages_hold(vault_url, bo_blob)
-    assert await vault.add(key(2, bo_blob))
-    report = await vault.shred(1)
-    assert report.deleted
-    assert not report.checkpoint_busy
-    assert report.vault_bytes_after > 0
-    assert not await raw_pages_hold(vault_url, ada_blob)
-    assert await vault.get(2) == key(2, bo_blob)  # everyone else's key is intact
-    assert not (await vault.shred(1)).deleted
+    assert not await raw_pages_hold(vault_url, blob)
 
 
 async def test_replicas_opening_at_once_share_one_vault(vault_url: DatabaseUrl) -> None:
