@@ -34,6 +34,7 @@ from pulsesync.server.config import (
 from pulsesync.server.errors import PulseSyncError
 from pulsesync.server.identity import IdentityStore, parse_duration_s
 from pulsesync.server.logs import setup_logging
+from pulsesync.server.storage.database_url import BadDatabaseUrl, DatabaseUrl, parse_key_vault
 from pulsesync.server.storage.db import Database
 from pulsesync.server.storage.sqlite.identity import SqliteIdentityStorage
 from pulsesync.v1 import common_pb2
@@ -75,10 +76,19 @@ def add_key_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--key-vault",
         dest="key_vault",
-        type=Path,
-        help="profile data key vault: back it up apart from the database, with short "
-        "retention (env PULSESYNC_KEY_VAULT; default DATA_DIR/keyvault.db)",
+        type=_key_vault_argument,
+        metavar="FILE_OR_URL",
+        help="profile data key vault, a SQLite file or a postgresql:// database of its own: "
+        "back it up apart from the database, with short retention (env PULSESYNC_KEY_VAULT; "
+        "default DATA_DIR/keyvault.db)",
     )
+
+
+def _key_vault_argument(value: str) -> Path | DatabaseUrl:
+    try:
+        return parse_key_vault(value)
+    except BadDatabaseUrl as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def config_from(args: argparse.Namespace) -> ServerConfig:

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final, Literal
 
+from pulsesync.server.storage.database_url import BadDatabaseUrl, DatabaseUrl, parse_key_vault
+
 DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 50051
 DEFAULT_DATA_DIR: Final = Path("pulsesync-data")
@@ -75,7 +77,8 @@ class ServerConfig:
     key_file: Path | None = None
     # The key vault holding each person's wrapped data key, apart from the database so that
     # database backups hold ciphertext only (created with mode 0600 if missing).
-    key_vault: Path | None = None
+    # A SQLite file, or the URL of a PostgreSQL database of its own (parse_key_vault).
+    key_vault: Path | DatabaseUrl | None = None
     # Write the bound gRPC port here once listening (for supervisors and tests using port 0).
     port_file: Path | None = None
     grace_seconds: float = 5.0
@@ -94,7 +97,15 @@ class ServerConfig:
 
     @property
     def vault_file(self) -> Path:
+        """The SQLite vault file (ValueError when the vault is a PostgreSQL database)."""
+        if isinstance(self.key_vault, DatabaseUrl):
+            raise ValueError("the key vault is a PostgreSQL database, not a file")
         return self.key_vault or self.data_dir / "keyvault.db"
+
+    @property
+    def vault_database(self) -> DatabaseUrl | None:
+        """The key vault's PostgreSQL database, when --key-vault names one."""
+        return self.key_vault if isinstance(self.key_vault, DatabaseUrl) else None
 
     @property
     def address(self) -> str:
@@ -120,6 +131,13 @@ class Setting:
     parse: Callable[[str], Any]
 
 
+def _key_vault(text: str) -> Path | DatabaseUrl:
+    try:
+        return parse_key_vault(text)
+    except BadDatabaseUrl as e:
+        raise ValueError(str(e)) from None
+
+
 def _duration_s(text: str) -> float:
     from pulsesync.server.identity import parse_duration_s
 
@@ -137,7 +155,7 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting("insecure", "INSECURE", _flag),
     Setting("metrics_port", "METRICS_PORT", int),
     Setting("key_file", "KEY_FILE", Path),
-    Setting("key_vault", "KEY_VAULT", Path),
+    Setting("key_vault", "KEY_VAULT", _key_vault),
     Setting("port_file", None, Path),
     Setting("max_token_age_s", "MAX_TOKEN_AGE", _duration_s),
     Setting("nudges.seed", "NUDGE_SEED", int),

@@ -39,6 +39,9 @@ from pulsesync.server.errors import PulseSyncError
 KEY_BYTES: Final = 32  # AES-256
 NONCE_BYTES: Final = 12  # 96 bits: GCM's native nonce size (no GHASH of the IV)
 _KEK_FORMAT: Final = "pulsesync-kek-v1"
+# The key file's content in the environment (e.g. from a secret manager), for replicas that
+# share no file system; takes precedence over the key file.
+KEK_ENV: Final = "PULSESYNC_KEK"
 _PROFILE_AAD: Final = b"pulsesync/profile/v1"
 _DATA_KEY_AAD: Final = b"pulsesync/data-key/v1"
 
@@ -124,6 +127,8 @@ class FileKeyStore:
         self._keks = {k.kek_id: k for k in keks}
         self._order = [k.kek_id for k in keks]
         self._mtime_ns = path.stat().st_mtime_ns if path.exists() else 0
+        # Keys from the environment: nothing to reload, no file to rotate in.
+        self.read_only = False
 
     # -- file handling ---------------------------------------------------------------------
     @classmethod
@@ -144,6 +149,22 @@ class FileKeyStore:
             raise KeyFileError(f"cannot read the key file {path}: {e.strerror}") from None
         if (problem := shared_with_others(path, st, "the key file")) is not None:
             raise KeyFileError(problem)
+        return cls(path, cls._parse(raw, f"the key file {path}"))
+
+    @classmethod
+    def from_env(cls) -> FileKeyStore | None:
+        """The keys given in PULSESYNC_KEK (the key file's content), or None when unset: how
+        every replica of a deployment gets the same keys from a secret manager. Read-only:
+        a rotation writes a key file, then the variable is updated from it."""
+        raw = os.environ.get(KEK_ENV, "")
+        if not raw.strip():
+            return None
+        store = cls(Path(f"${KEK_ENV}"), cls._parse(raw.encode(), f"${KEK_ENV}"))
+        store.read_only = True
+        return store
+
+    @staticmethod
+    def _parse(raw: bytes, where: str) -> list[_Kek]:
         try:
             doc = json.loads(raw)
             if doc.get("format") != _KEK_FORMAT:
@@ -156,12 +177,12 @@ class FileKeyStore:
                 if entry["id"] != kek_id_of(key):
                     raise ValueError(f"key {entry['id']} does not match its id")
                 keks.append(_Kek(entry["id"], key, entry.get("created", "")))
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise KeyFileError(
-                f"the key file {path} is not a valid PulseSync key file ({e}); restore it "
-                "from a backup, or point --key-file / PULSESYNC_KEY_FILE at the right file"
+                f"{where} is not a valid PulseSync key file ({e}); restore it from a backup, "
+                "or point --key-file / PULSESYNC_KEY_FILE (or PULSESYNC_KEK) at the right keys"
             ) from None
-        return cls(path, keks)
+        return keks
 
     @classmethod
     def open(cls, path: Path, *, must_exist: bool) -> tuple[FileKeyStore, bool]:
@@ -207,6 +228,8 @@ class FileKeyStore:
             os.close(dir_fd)
 
     def _reload_if_changed(self) -> None:
+        if self.read_only:
+            return
         try:
             mtime = self.path.stat().st_mtime_ns
         except OSError:
@@ -218,6 +241,7 @@ class FileKeyStore:
     # -- rotation --------------------------------------------------------------------------
     def add_primary(self) -> str:
         """Append a fresh KEK as the new primary (the file is replaced atomically)."""
+        self._refuse_if_read_only()
         self._reload_if_changed()
         kek = self._new_kek()
         keks = [*(self._keks[i] for i in self._order), kek]
@@ -229,11 +253,19 @@ class FileKeyStore:
 
     def drop(self, kek_ids: set[str]) -> None:
         """Remove retired KEKs that no data key is wrapped with any more (never the primary)."""
+        self._refuse_if_read_only()
         keep = [self._keks[i] for i in self._order if i not in kek_ids or i == self.primary_id]
         self._write(self.path, keep)
         self._keks = {k.kek_id: k for k in keep}
         self._order = [k.kek_id for k in keep]
         self._mtime_ns = self.path.stat().st_mtime_ns
+
+    def _refuse_if_read_only(self) -> None:
+        if self.read_only:
+            raise KeyFileError(
+                f"the keys come from {KEK_ENV}: rotate them in a key file (--key-file, with "
+                f"{KEK_ENV} unset), then give every replica the new file's content"
+            )
 
     # -- KeyStore --------------------------------------------------------------------------
     @property

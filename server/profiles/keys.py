@@ -47,21 +47,34 @@ class DataKeys:
 
     @classmethod
     async def open(
-        cls, kek_file: Path, vault: KeyVaultStorage, profiles: ProfileStorage
+        cls,
+        kek_file: Path,
+        vault: KeyVaultStorage,
+        profiles: ProfileStorage,
+        *,
+        must_exist: bool = False,
     ) -> DataKeys:
-        """The keys for a server: open (or create) the key file and check it fits the vault."""
+        """The keys for a server: open (or create) the key file and check it fits the vault.
+
+        PULSESYNC_KEK, when set, gives the keys instead of the file. must_exist: never create
+        a key file (several replicas must share one set of keys, not make one each)."""
         wrapped = await vault.kek_counts()
         in_use = sum(wrapped.values())
-        if in_use and not await asyncio.to_thread(kek_file.exists):
-            raise KeyFileError(
-                f"the key vault {vault.path} holds {in_use} profile data key(s) wrapped "
-                f"by {', '.join(sorted(wrapped))}, but the key file {kek_file} does not exist. "
-                "Restore it from your backup and point --key-file (or PULSESYNC_KEY_FILE) at "
-                "it; without it the stored profiles cannot be decrypted."
-            )
-        keystore, created = FileKeyStore.open(kek_file, must_exist=False)
-        if created:
-            log.info("created profile key file", extra={"path": str(kek_file)})
+        from_env = FileKeyStore.from_env()
+        if from_env is not None:
+            keystore, kek_file = from_env, from_env.path
+        else:
+            if (in_use or must_exist) and not await asyncio.to_thread(kek_file.exists):
+                raise KeyFileError(
+                    f"the key vault {vault.path} holds {in_use} profile data key(s) wrapped "
+                    f"by {', '.join(sorted(wrapped)) or 'no key yet'}, but the key file "
+                    f"{kek_file} does not exist. Restore it from your backup and point "
+                    "--key-file (or PULSESYNC_KEY_FILE) at it, or give its content in "
+                    "PULSESYNC_KEK; without it the stored profiles cannot be decrypted."
+                )
+            keystore, created = FileKeyStore.open(kek_file, must_exist=False)
+            if created:
+                log.info("created profile key file", extra={"path": str(kek_file)})
         missing = set(wrapped) - keystore.key_ids()
         if missing:
             raise KeyFileError(

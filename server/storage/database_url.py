@@ -74,6 +74,16 @@ def parse_database(value: str) -> DatabaseUrl:
     )
 
 
+def parse_key_vault(value: str) -> Path | DatabaseUrl:
+    """A --key-vault value: a SQLite vault file (a path or sqlite:// URL) or the URL of the
+    vault's own PostgreSQL database."""
+    parsed = parse_database(value)
+    if parsed.is_postgres:
+        return parsed
+    assert parsed.path is not None
+    return parsed.path
+
+
 def database_from_env() -> DatabaseUrl | None:
     """PULSESYNC_DATABASE, parsed; None when unset or empty."""
     value = os.environ.get(ENV, "")

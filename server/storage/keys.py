@@ -34,9 +34,9 @@ class ShredReport:
 
 
 class KeyVaultStorage(Protocol):
-    # Where the vault lives, for operators' messages.
+    # Where the vault lives, for operators' messages: its file, or its URL without password.
     @property
-    def path(self) -> Path: ...
+    def path(self) -> Path | str: ...
 
     async def get(self, user_id: int) -> VaultKey | None: ...
 

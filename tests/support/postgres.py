@@ -16,6 +16,7 @@ import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from typing import Final
 from urllib.parse import urlsplit, urlunsplit
 
@@ -88,19 +89,19 @@ def postgres_database() -> Iterator[str]:
         asyncio.run(_drop(dsn, name))
 
 
-@pytest.fixture
-async def postgres_dsn(postgres_database: str) -> AsyncIterator[str]:
-    """A DSN whose connections see only a fresh, empty schema of their own."""
+@asynccontextmanager
+async def fresh_schema(database_dsn: str) -> AsyncIterator[str]:
+    """A DSN whose connections see only a fresh, empty schema of their own (dropped after)."""
     schema = f"t_{uuid.uuid4().hex[:12]}"
-    conn = await asyncpg.connect(postgres_database, timeout=CONNECT_TIMEOUT_S)
+    conn = await asyncpg.connect(database_dsn, timeout=CONNECT_TIMEOUT_S)
     try:
         await conn.execute(f'CREATE SCHEMA "{schema}"')
     finally:
         await conn.close()
     try:
-        yield f"{postgres_database}?search_path={schema}"
+        yield f"{database_dsn}?search_path={schema}"
     finally:
-        conn = await asyncpg.connect(postgres_database, timeout=CONNECT_TIMEOUT_S)
+        conn = await asyncpg.connect(database_dsn, timeout=CONNECT_TIMEOUT_S)
         try:
             # A failed test may have left a session holding a lock here: the session's
             # database is dropped WITH (FORCE) at the end anyway.
@@ -110,6 +111,13 @@ async def postgres_dsn(postgres_database: str) -> AsyncIterator[str]:
             pass
         finally:
             await conn.close()
+
+
+@pytest.fixture
+async def postgres_dsn(postgres_database: str) -> AsyncIterator[str]:
+    """A DSN whose connections see only a fresh, empty schema of their own."""
+    async with fresh_schema(postgres_database) as dsn:
+        yield dsn
 
 
 @pytest.fixture

@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 _MIGRATION_NAME: Final = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 # The advisory lock key of the runner (any fixed bigint; this is "pulsesync" in ASCII).
 MIGRATION_LOCK: Final = 0x70756C736573796E
+# The main database's migrations; the key vault's own database has its own set
+# (`pulsesync.server.storage.postgres.keys`).
+MIGRATIONS: Final = "pulsesync.server.storage.postgres.migrations"
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,10 +36,10 @@ class Migration:
     sql: str
 
 
-def load_migrations() -> list[Migration]:
-    """The numbered SQL files shipped in this package, in order."""
+def load_migrations(package: str = MIGRATIONS) -> list[Migration]:
+    """The numbered SQL files shipped in package, in order."""
     found: list[Migration] = []
-    for entry in resources.files("pulsesync.server.storage.postgres.migrations").iterdir():
+    for entry in resources.files(package).iterdir():
         match = _MIGRATION_NAME.match(entry.name)
         if match:
             found.append(Migration(int(match.group(1)), entry.name, entry.read_text("utf-8")))
@@ -51,18 +54,20 @@ class NewerSchema(RuntimeError):
     """The database has migrations this release does not know: it was made by a newer one."""
 
 
-async def migrate(pool: PostgresPool) -> list[str]:
-    """Apply pending migrations; the names applied (empty when the schema is current)."""
+async def migrate(
+    pool: PostgresPool, *, package: str = MIGRATIONS, lock: int = MIGRATION_LOCK
+) -> list[str]:
+    """Apply pending migrations of package; the names applied (empty when current)."""
     async with pool.connection() as conn:
         # Session-level: held across the per-migration transactions. A cancellation closes
         # the connection (PostgresPool.connection), which releases the lock on the server.
-        await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
+        await conn.execute("SELECT pg_advisory_lock($1)", lock)
         try:
-            applied = await _apply_pending(conn)
+            applied = await _apply_pending(conn, package)
         except Exception:
-            await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
+            await conn.execute("SELECT pg_advisory_unlock($1)", lock)
             raise
-        await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
+        await conn.execute("SELECT pg_advisory_unlock($1)", lock)
         return applied
 
 
@@ -73,12 +78,12 @@ async def applied_versions(conn: Connection) -> set[int]:
     return {int(r[0]) for r in await conn.fetch("SELECT version FROM schema_migrations")}
 
 
-async def _apply_pending(conn: Connection) -> list[str]:
+async def _apply_pending(conn: Connection, package: str) -> list[str]:
     await conn.execute(
         "CREATE TABLE IF NOT EXISTS schema_migrations ("
         " version integer PRIMARY KEY, name text NOT NULL, applied_us bigint NOT NULL)"
     )
-    migrations = load_migrations()
+    migrations = load_migrations(package)
     done = await applied_versions(conn)
     unknown = done - {m.version for m in migrations}
     if unknown:

@@ -64,6 +64,12 @@ async def legacy_keys(db: Database) -> list[VaultKey] | None:
 
 async def open_vault(config: ServerConfig, db: Database, now_us: int) -> KeyVault:
     """The vault holding this database's data keys (see the module docstring)."""
+    if config.vault_database is not None:
+        raise KeyVaultError(
+            f"the key vault {config.vault_database.redacted()} is a PostgreSQL database, but "
+            f"the database {config.database} is a SQLite file: its key vault is a SQLite file "
+            "too (--key-vault FILE, or PULSESYNC_KEY_VAULT)"
+        )
     path = config.vault_file
     async with db.transaction() as tx:
         await tx.execute(_BINDING_DDL)

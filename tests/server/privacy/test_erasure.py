@@ -209,7 +209,7 @@ async def test_erasure_shreds_the_profile_key_so_a_database_backup_cannot_open_i
 
         await server.app.profiles.edit(uid, set_note)
     vault = server.app.profiles.keys.vault
-    assert vault is not None
+    assert isinstance(vault.path, Path)  # the SQLite vault file, whose bytes are scanned
     ada_key = await vault.get(ada_id)
     assert ada_key is not None
     # The database holds ciphertext only: no wrapped key in it, so none in its backups.
