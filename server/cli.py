@@ -34,6 +34,7 @@ from pulsesync.server.config import (
 from pulsesync.server.errors import PulseSyncError
 from pulsesync.server.identity import IdentityStore, parse_duration_s
 from pulsesync.server.logs import setup_logging
+from pulsesync.server.storage.database_url import add_database_option
 from pulsesync.server.storage.db import Database
 from pulsesync.server.storage.sqlite.identity import SqliteIdentityStorage
 from pulsesync.v1 import common_pb2
@@ -84,8 +85,11 @@ def add_key_flags(p: argparse.ArgumentParser) -> None:
 def config_from(args: argparse.Namespace) -> ServerConfig:
     """The command's configuration: its flags, then PULSESYNC_* variables, then defaults.
     Flags are defined with `dest` set to the setting's field and no default (see SETTINGS)."""
+    flags = vars(args)
+    if flags.get("database") is not None:  # add_database_option's value (a DatabaseUrl)
+        flags = {**flags, "database_url": flags["database"]}
     try:
-        return load_config(vars(args))
+        return load_config(flags)
     except ValueError as e:
         raise SystemExit(str(e)) from None
 
@@ -183,6 +187,7 @@ def build_parser(load: Iterable[str] | None = None) -> argparse.ArgumentParser:
         help=f"port (0 = any free; env PULSESYNC_PORT; default {DEFAULT_PORT})",
     )
     add_storage_flags(serve)
+    add_database_option(serve)
     serve.add_argument(
         "--tls-cert",
         dest="tls_cert",

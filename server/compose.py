@@ -41,6 +41,7 @@ from pulsesync.server.storage.sqlite.profile_vault import open_vault
 from pulsesync.server.storage.sqlite.profiles import SqliteProfileStorage
 from pulsesync.server.timeline.ingest import IngestPipeline
 from pulsesync.server.timeline.store import TimelineStore
+from pulsesync.server.timeline.writer import EventWriter, GroupCommitWriter
 
 # Consent changes written by another process (the admin CLI) reach ingest and open
 # WatchConsents streams within this; one indexed query per tick.
@@ -92,6 +93,12 @@ async def build(
         max_token_age_us=round(max_age * 1_000_000) if max_age is not None else None,
     )
     consent = ConsentStore(storage.consent, clock)
+    if storage.db is None:
+        from pulsesync.server.storage.postgres.backend import BackendIncomplete
+
+        # The profile store binds its key vault to the database; on PostgreSQL that vault is
+        # its own PostgreSQL database (docs/scaling.md), not wired in this release yet.
+        raise BackendIncomplete("this release has no PostgreSQL key vault for profiles")
     profiles = await open_profile_store(config, storage.db, clock, sealer=profile_sealer)
     app = AppContext(
         config=config,
@@ -131,7 +138,7 @@ async def build(
         policy=RetentionPolicy.from_config(config),
         key=ReceiptKey.load_or_create(config.data_dir / RECEIPT_KEY_FILE),
     )
-    ingest = IngestPipeline(app, commit_hook=COMMIT_HOOK)
+    ingest = IngestPipeline(app, writer=event_writer(storage, metrics))
     layout = UsageRanker(profiles, storage.profiles, consent)
     profiles.layout = layout
 
@@ -157,6 +164,18 @@ async def build(
             Periodic("nudge-ticks", config.nudges.tick_seconds, nudges.tick).background()
         )
     return Components(app, profiles, nudges, privacy, ingest, timeline, background)
+
+
+def event_writer(storage: Storage, metrics: Metrics) -> EventWriter:
+    """The backend's ingest writer: the SQLite writer process, or group commit by binary COPY
+    on PostgreSQL; both run the nudges' commit hook on every committed batch."""
+    if storage.pool is not None:
+        # Imported here, as in open_storage: a SQLite server never loads the PostgreSQL driver.
+        from pulsesync.server.storage.postgres.ingest_writer import PostgresIngestWriter
+
+        return PostgresIngestWriter(storage.pool, COMMIT_HOOK, metrics.ingest_commits.inc)
+    assert storage.db is not None
+    return GroupCommitWriter(storage.db, COMMIT_HOOK, metrics.ingest_commits.inc)
 
 
 async def _no_op() -> None:

@@ -26,7 +26,8 @@ class AppContext:
     """The server's shared parts, built once in `pulsesync.server.compose`."""
 
     config: ServerConfig
-    db: Database
+    # The SQLite database (None on PostgreSQL): damage and full-disk checks look at it.
+    db: Database | None
     storage: Storage
     clock: Clock
     identity: IdentityStore
