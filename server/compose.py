@@ -102,7 +102,7 @@ async def build(
     profiles = await open_profile_store(config, storage.db, clock, sealer=profile_sealer)
     app = AppContext(
         config=config,
-        db=storage.db,
+        sqlite=storage.db,
         storage=storage,
         clock=clock,
         identity=identity,

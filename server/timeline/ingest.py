@@ -145,7 +145,6 @@ class IngestPipeline:
         on each committed batch (GroupCommitWriter)."""
         self.app = app
         if writer is None:
-            assert app.db is not None, "PostgreSQL storage needs its event writer"
             writer = GroupCommitWriter(app.db, commit_hook, app.metrics.ingest_commits.inc)
         self.writer: EventWriter = writer
         self.skew = SkewEstimator()
