@@ -60,6 +60,20 @@ async def open_profile_store(
     return ProfileStore(storage, clock, keys, sealer or AesGcmSealer())
 
 
+async def open_storage_profile_store(
+    config: ServerConfig, storage: Storage, clock: Clock, *, sealer: Sealer | None = None
+) -> ProfileStore:
+    """The profile store over the storage bundle's backend (see open_profile_store)."""
+    if storage.db is not None:
+        return await open_profile_store(config, storage.db, clock, sealer=sealer)
+    assert storage.pool is not None
+    from pulsesync.server.storage.postgres.vault_binding import open_vault as open_pg_vault
+
+    vault = await open_pg_vault(config, storage.pool, clock.now_us())
+    keys = await DataKeys.open(config.kek_file, vault, storage.profiles)
+    return ProfileStore(storage.profiles, clock, keys, sealer or AesGcmSealer())
+
+
 @dataclass(slots=True)
 class Components:
     """Everything one server (or one admin command) runs on."""
@@ -93,13 +107,7 @@ async def build(
         max_token_age_us=round(max_age * 1_000_000) if max_age is not None else None,
     )
     consent = ConsentStore(storage.consent, clock)
-    if storage.db is None:
-        from pulsesync.server.storage.postgres.backend import BackendIncomplete
-
-        # The profile store binds its key vault to the database; on PostgreSQL that vault is
-        # its own PostgreSQL database (docs/scaling.md), not wired in this release yet.
-        raise BackendIncomplete("this release has no PostgreSQL key vault for profiles")
-    profiles = await open_profile_store(config, storage.db, clock, sealer=profile_sealer)
+    profiles = await open_storage_profile_store(config, storage, clock, sealer=profile_sealer)
     app = AppContext(
         config=config,
         sqlite=storage.db,
