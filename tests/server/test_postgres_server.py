@@ -8,7 +8,6 @@ consent changes reaching a watcher and ingest, and the export archive.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import grpc
 import pytest
 
+from pulsesync.hlc import Stamp
 from pulsesync.server.app import RunningServer
 from pulsesync.server.clock import FakeClock
 from pulsesync.server.privacy.export import read_archive, records, verify_archive, write_archive
@@ -101,7 +101,9 @@ async def test_upload_acks_after_commit_dedupes_and_quarantines_conflicts(
     assert mark == [(6,)]
 
 
-async def test_a_profile_update_reaches_the_other_devices_watch(pg_server: RunningServer) -> None:
+async def test_a_profile_update_reaches_the_other_devices_watch(
+    pg_server: RunningServer, clock: FakeClock
+) -> None:
     a = await pair_device(pg_server, "ada", kind=common_pb2.DEVICE_KIND_PHONE)
     b = await pair_device(pg_server, "ada", kind=common_pb2.DEVICE_KIND_DESKTOP)
     async with grpc.aio.insecure_channel(pg_server.address) as ch:
@@ -111,9 +113,10 @@ async def test_a_profile_update_reaches_the_other_devices_watch(pg_server: Runni
         )
         req = profiles_pb2.UpdateProfileRequest(base_version=0)
         req.profile.goals.daily_steps = 9000
-        stamp = req.edits.add(field_path="goals.daily_steps").stamp
-        stamp.wall_ms = time.time_ns() // 1_000_000
-        stamp.node_id = a.device_id
+        req.edits.add(
+            field_path="goals.daily_steps",
+            stamp=Stamp(clock.now_us() // 1000, 0, a.device_id).to_proto(),
+        )
         resp = await stub.UpdateProfile(req, metadata=a.metadata, timeout=10)
         assert resp.committed
         got = await asyncio.wait_for(_next_with_version(watch, resp.profile.version), 15)

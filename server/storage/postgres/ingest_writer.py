@@ -5,6 +5,13 @@ inserted rows in its own process; here the commit runs on the server's event loo
 its I/O there and PostgreSQL does the work in its own processes), so the hook runs right after
 the commit, on the loop, before the batch's future resolves: what reaches the event bus is the
 same on both backends.
+
+A device's batches commit in the order they arrived. PostgresEventWriter runs several
+transactions at once, so two batches of one device could otherwise commit the wrong way round:
+the later one's ack would carry a lower watermark than the earlier one's, and a replayed seq
+would count as accepted in the later batch and duplicate in the earlier. So a batch waits
+for the previous batch of its device to be answered before it is queued; batches of different
+devices still share transactions.
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ class PostgresIngestWriter:
         self._hook = committer.load_hook(commit_hook)
         self._on_commits = on_commits
         self._commits_seen = 0
+        # device_pk -> the latest batch of that device not yet answered.
+        self._last: dict[int, asyncio.Future[Outcome]] = {}
 
     @property
     def commits(self) -> int:
@@ -49,9 +58,22 @@ class PostgresIngestWriter:
         await self._inner.stop()
 
     def submit(self, batch: PendingBatch) -> asyncio.Future[Outcome]:
+        previous = self._last.get(batch.device_pk)
+        self._last[batch.device_pk] = batch.future
+        batch.future.add_done_callback(lambda f: self._answered(batch.device_pk, f))
+        if previous is None or previous.done():
+            self._queue(batch)
+        else:
+            previous.add_done_callback(lambda _: self._queue(batch))
+        return batch.future
+
+    def _queue(self, batch: PendingBatch) -> None:
         stored = self._inner.submit(batch)
         stored.add_done_callback(lambda f: self._resolve(batch, f))
-        return batch.future
+
+    def _answered(self, device_pk: int, future: asyncio.Future[Outcome]) -> None:
+        if self._last.get(device_pk) is future:
+            del self._last[device_pk]
 
     def forget_device(self, device_pk: int) -> None:
         self._inner.forget_device(device_pk)
