@@ -274,3 +274,22 @@ async def test_a_reused_seq_is_a_conflict_and_quarantined(seams: Seams) -> None:
     assert outcome.watermark == 3
     events, _ = await seams.timeline.page(user_id, 0, 10_000, None, None, None, 10)
     assert [e.event.event_id for e in events] == [f"{pk}-1", f"{pk}-2", f"{pk}-3"]
+
+
+async def test_a_devices_batches_commit_in_arrival_order(seams: Seams) -> None:
+    user_id, pk = await _device(seams)
+    # Each batch is submitted once the writer has picked up the one before, as batches arrive
+    # from a stream: a writer with concurrent transactions must still commit a device's
+    # batches in that order, so its acks read as if committed one after the other.
+    futures = []
+    for round_ in range(10):
+        base = round_ * 3
+        for seqs in ([base + 1, base + 3], [base + 2, base + 1]):
+            futures.append(seams.writer.submit(_batch(user_id, pk, seqs)))
+            for _ in range(3):
+                await asyncio.sleep(0)
+    outcomes = await asyncio.gather(*futures)
+    assert [o.watermark for o in outcomes] == [
+        mark for r in range(10) for mark in (r * 3 + 1, r * 3 + 3)
+    ]
+    assert [o.duplicates for o in outcomes] == [0, 1] * 10
