@@ -34,9 +34,8 @@ from pulsesync.server.config import (
 from pulsesync.server.errors import PulseSyncError
 from pulsesync.server.identity import IdentityStore, parse_duration_s
 from pulsesync.server.logs import setup_logging
+from pulsesync.server.storage.backend import open_storage
 from pulsesync.server.storage.database_url import add_database_option
-from pulsesync.server.storage.db import Database
-from pulsesync.server.storage.sqlite.identity import SqliteIdentityStorage
 from pulsesync.v1 import common_pb2
 
 Handler = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
@@ -63,6 +62,7 @@ def add_storage_flags(p: argparse.ArgumentParser) -> None:
         type=Path,
         help="the SQLite database file (env PULSESYNC_DB; default DATA_DIR/pulsesync.db)",
     )
+    add_database_option(p)
 
 
 def add_key_flags(p: argparse.ArgumentParser) -> None:
@@ -97,8 +97,8 @@ def config_from(args: argparse.Namespace) -> ServerConfig:
 async def _with_identity(
     args: argparse.Namespace, fn: Callable[[IdentityStore], Awaitable[int]]
 ) -> int:
-    async with await Database.open(config_from(args).database) as db:
-        return await fn(IdentityStore(SqliteIdentityStorage(db), SystemClock()))
+    async with open_storage(config_from(args).store) as storage:
+        return await fn(IdentityStore(storage.identity, SystemClock()))
 
 
 # -- serve --------------------------------------------------------------------------------
@@ -187,7 +187,6 @@ def build_parser(load: Iterable[str] | None = None) -> argparse.ArgumentParser:
         help=f"port (0 = any free; env PULSESYNC_PORT; default {DEFAULT_PORT})",
     )
     add_storage_flags(serve)
-    add_database_option(serve)
     serve.add_argument(
         "--tls-cert",
         dest="tls_cert",

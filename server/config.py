@@ -90,10 +90,16 @@ class ServerConfig:
 
     @property
     def database(self) -> Path:
-        """The SQLite file (of --database when it names one, else --db or the default)."""
+        """The SQLite file (of --database when it names one, else --db or the default), for
+        what works on the file itself; refused when --database names PostgreSQL."""
         url = self.database_url
         if url is not None and url.path is not None:
             return url.path
+        if url is not None and url.is_postgres:
+            raise SystemExit(
+                f"this command works on a SQLite file only, not on PostgreSQL "
+                f"({url.redacted()}); run it with a SQLite --database"
+            )
         return self.db_path or self.data_dir / "pulsesync.db"
 
     @property
