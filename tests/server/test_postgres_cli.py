@@ -14,7 +14,7 @@ from pathlib import Path
 
 import grpc
 
-from pulsesync.v1 import devices_pb2, devices_pb2_grpc
+from pulsesync.v1 import common_pb2, devices_pb2, devices_pb2_grpc
 from tests.support.postgres import postgres_database, postgres_dsn, until
 
 __all__ = ["postgres_database", "postgres_dsn"]
@@ -71,7 +71,9 @@ async def test_serve_and_admin_commands_share_a_postgresql_database(
         async with grpc.aio.insecure_channel(address) as ch:
             stub = devices_pb2_grpc.DeviceServiceStub(ch)
             paired = await stub.PairDevice(
-                devices_pb2.PairDeviceRequest(pairing_code=code, device_name="phone", kind=1),
+                devices_pb2.PairDeviceRequest(
+                    pairing_code=code, device_name="phone", kind=common_pb2.DEVICE_KIND_PHONE
+                ),
                 timeout=30,
             )
             listed = await stub.ListDevices(
