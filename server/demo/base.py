@@ -11,7 +11,7 @@ from typing import Final, TypeVar
 import grpc
 from google.protobuf import timestamp_pb2
 
-from pulsesync.edge_agent.clock import ScaledClock
+from pulsesync.server.demo.clock import PacedClock
 from pulsesync.server.demo.model import (
     DemoOptions,
     Happening,
@@ -32,7 +32,7 @@ class WorldBase:
     options: DemoOptions
     start_us: int
     end_us: int
-    clock: ScaledClock
+    clock: PacedClock
     rng: random.Random
     happenings: list[Happening]
     people: list[PersonRun]

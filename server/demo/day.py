@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Awaitable, Coroutine
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 import grpc
 
@@ -24,12 +24,15 @@ from pulsesync.edge_agent.profiles import ProfileSync
 from pulsesync.server.demo.base import WorldBase
 from pulsesync.server.demo.model import (
     CONSENT_WITHDRAW_AT,
+    NUDGE_TICK_S,
+    OUTCOME_WAIT_S,
     PROFILE_EDIT_AT,
     SENSOR_TICK_S,
     NudgeSeen,
     PersonRun,
 )
 from pulsesync.server.demo.persona import Doing, PersonaTrack
+from pulsesync.server.nudges.catalog import load_catalog
 from pulsesync.timeutil import US_PER_MIN, US_PER_S
 from pulsesync.v1 import (
     common_pb2,
@@ -40,6 +43,11 @@ from pulsesync.v1 import (
 )
 
 log = logging.getLogger(__name__)
+
+# How long a sensor tick waits for the bridge to have its readings (a link that is down
+# delivers nothing), and how often it looks.
+DELIVERY_TIMEOUT_S: Final = 2.0
+_DELIVERY_POLL_S: Final = 0.0005
 
 
 class Day(WorldBase):
@@ -139,20 +147,35 @@ class Day(WorldBase):
         sensors = [strap, pod]
         for s in sensors:
             await s.start()
+        delivering: int | None = None  # the moment of the tick being delivered, if one is
+
+        def bridge_clock_us() -> int:
+            return delivering if delivering is not None else self.clock.now_us()
+
         bridge = Bridge(
             tracker,
             [s.address for s in sensors],
             config=BridgeConfig(scan_timeout_s=2.0, seed=seed),
             backends=air.backends(),
-            clock_us=self.clock.now_us,
+            clock_us=bridge_clock_us,
         )
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(bridge.run())
                 for n in itertools.count(1):
-                    await self.clock.sleep_until(start + int(n * SENSOR_TICK_S * US_PER_S))
+                    # The bridge stamps a reading with its clock when it handles it: a loop
+                    # running late would stamp it seconds of simulated time after the sensor
+                    # took it, and the step count drops cadence samples further apart than
+                    # MAX_CADENCE_GAP_S. While the tick's readings are delivered, the bridge's
+                    # clock reads the tick's own moment.
+                    tick_us = start + int(n * SENSOR_TICK_S * US_PER_S)
+                    await self.clock.sleep_until(tick_us)
+                    before = [link.stats.notifications for link in bridge.links]
+                    delivering = tick_us
                     for s in sensors:
                         await s.tick()
+                    await _delivered(bridge, before)
+                    delivering = None
         finally:
             for s in sensors:
                 await s.close()
@@ -179,6 +202,22 @@ class Day(WorldBase):
                 await self._outcomes_so_far()
             self.progress(t)
         self.progress(self.end_us)
+        await self._outcomes_due()
+
+    async def _outcomes_due(self) -> None:
+        """Wait for, and announce, the outcomes of nudges whose window closed in the period.
+
+        The server measures an outcome on its first tick after the window and a grace period
+        for late uploads; the hourly looks of `_play` may all come before that tick (always
+        for a nudge in the last hour), so the end of the period waits on the condition itself,
+        with a generous real-time deadline, while the simulated clock runs on."""
+        window_us = load_catalog(self.options.nudge_catalog).policy.outcome_window_us
+        deadline = time.monotonic() + OUTCOME_WAIT_S
+        while await self._outcomes_so_far(due_by=self.end_us - window_us):
+            if time.monotonic() > deadline:
+                log.warning("outcomes not measured %.0f s after the period", OUTCOME_WAIT_S)
+                return
+            await asyncio.sleep(NUDGE_TICK_S)
 
     def _first_profile(self, person: PersonRun) -> None:
         def setup(p: profiles_pb2.Profile) -> None:
@@ -232,15 +271,21 @@ class Day(WorldBase):
         else:
             tracker.screen_view(app, "player", 60.0, at_us=at)
 
-    async def _outcomes_so_far(self) -> None:
+    async def _outcomes_so_far(self, due_by: int | None = None) -> int:
         """Announce outcomes the server has measured since the last look (its window of
-        30 minutes after the nudge, plus a grace period for late uploads, has closed)."""
+        30 minutes after the nudge, plus a grace period for late uploads, has closed); the
+        number of nudges sent at or before `due_by` whose outcome is not measured yet."""
+        pending = 0
         for person in self.people:
             phone = person.devices["phone"]
             async with open_channel(phone.creds.server) as channel:
                 records = await self._nudge_history(channel, phone.creds.metadata)
             for r in records:
-                if not r.outcome.complete or r.nudge.nudge_id in person.outcomes_shown:
+                if not r.outcome.complete:
+                    sent_us = r.nudge.create_time.ToMicroseconds()
+                    pending += due_by is not None and sent_us <= due_by
+                    continue
+                if r.nudge.nudge_id in person.outcomes_shown:
                     continue
                 person.outcomes_shown.add(r.nudge.nudge_id)
                 acted = events_pb2.NUDGE_ACTION_ACTED in r.feedback
@@ -256,6 +301,7 @@ class Day(WorldBase):
                     f"{r.nudge.nudge_type} at {when:%H:%M} "
                     f"({'acted on' if acted else 'not acted on'}): {value}, measured from the timeline",
                 )
+        return pending
 
     def _merged_so_far(self) -> None:
         for person in self.people:
@@ -320,3 +366,14 @@ class Day(WorldBase):
                 else ""
             ),
         )
+
+
+async def _delivered(bridge: Bridge, before: list[int]) -> None:
+    """Return once every connected link of the bridge has handled a notification more than
+    `before` counted (or after DELIVERY_TIMEOUT_S of real time: a link may have dropped)."""
+    deadline = time.monotonic() + DELIVERY_TIMEOUT_S
+    while time.monotonic() < deadline and any(  # noqa: ASYNC110 - the bridge's counters, no event
+        link.stats.connected and link.stats.notifications <= n
+        for link, n in zip(bridge.links, before, strict=True)
+    ):
+        await asyncio.sleep(_DELIVERY_POLL_S)

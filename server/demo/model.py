@@ -32,6 +32,8 @@ SENSOR_TICK_S: Final = 4.0
 # Real seconds between the server's nudge decision ticks (a few simulated minutes at the
 # default speed, so scheduled decision points land close to their time).
 NUDGE_TICK_S: Final = 0.25
+# How long the end of the period waits for the server to measure the outcomes due in it.
+OUTCOME_WAIT_S: Final = 60.0
 # Where in the simulated period the scripted moments happen (fractions of it).
 PROFILE_EDIT_AT: Final = 0.72
 CONSENT_WITHDRAW_AT: Final = 0.88

@@ -7,12 +7,14 @@ an app would use them.
 
 The world is told in three parts, each a module: setup.py's pairing and agents (`SetUp`),
 day.py's simulated day (`Day`) and collect.py's reads, export and erasure at its end
-(`Collection`); model.py holds what they fill in and base.py what they share.
+(`Collection`); model.py holds what they fill in, base.py what they share and clock.py the
+paced clock the whole world runs on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import tempfile
 import time
@@ -21,9 +23,9 @@ from contextlib import AsyncExitStack
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from pulsesync.edge_agent.clock import ScaledClock
 from pulsesync.server.app import running_server
 from pulsesync.server.config import ServerConfig
+from pulsesync.server.demo.clock import PACE_SLACK_S, PACE_TICK_S, PacedClock
 from pulsesync.server.demo.collect import Collection
 from pulsesync.server.demo.day import Day
 from pulsesync.server.demo.model import (
@@ -38,7 +40,7 @@ from pulsesync.server.demo.persona import Persona
 from pulsesync.server.demo.setup import SetUp
 from pulsesync.timeutil import US_PER_HOUR, US_PER_S
 
-__all__ = ["DemoOptions", "DemoResult", "DemoWorld", "PersonRun"]
+__all__ = ["DemoOptions", "DemoResult", "DemoWorld", "PacedClock", "PersonRun"]
 
 
 def _period(options: DemoOptions) -> tuple[int, int]:
@@ -60,7 +62,7 @@ class DemoWorld(SetUp, Day, Collection):
         self.options = options
         self.start_us, self.end_us = _period(options)
         speed = options.hours * 3600 / options.wall_seconds
-        self.clock = ScaledClock(speed, self.start_us)
+        self.clock = PacedClock(speed, self.start_us)
         self.rng = random.Random(options.seed)
         self.happenings: list[Happening] = []
         self._say = say
@@ -69,8 +71,26 @@ class DemoWorld(SetUp, Day, Collection):
         self.progress: Callable[[int], None] = lambda _t: None
 
     # -- the run -------------------------------------------------------------------------------
+    async def _pace(self) -> None:
+        """Hold the clock for as long as the event loop runs late (see PacedClock)."""
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(PACE_TICK_S)
+            late = time.monotonic() - before - PACE_TICK_S
+            if late > PACE_SLACK_S:
+                self.clock.hold(late)
+
     async def run(self) -> DemoResult:
         began = time.monotonic()
+        pacer = asyncio.create_task(self._pace(), name="demo-pacer")
+        try:
+            return await self._run(began)
+        finally:
+            pacer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pacer
+
+    async def _run(self, began: float) -> DemoResult:
         with tempfile.TemporaryDirectory(prefix="pulsesync-demo-") as tmp:
             root = Path(tmp)
             config = ServerConfig(
