@@ -25,9 +25,9 @@ from tests.server.timeline.events import (
     upload,
 )
 from tests.support.postgres import postgres_database, postgres_dsn
-from tests.support.server import pair_device, start_server, stored_rows
+from tests.support.server import pair_device, server_database, start_server, stored_rows
 
-__all__ = ["postgres_database", "postgres_dsn"]
+__all__ = ["postgres_database", "postgres_dsn", "server_database"]
 
 MIN_US = 60 * 1_000_000
 
@@ -37,17 +37,10 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def database(request: pytest.FixtureRequest) -> str | None:
-    """Each test runs on both backends: None (the SQLite file) or a fresh PostgreSQL schema."""
-    if request.param == "sqlite":
-        return None
-    return str(request.getfixturevalue("postgres_dsn"))
-
-
 @pytest.fixture
-async def fake_server(tmp_path: Path, clock: FakeClock, database: str | None):
-    async with start_server(tmp_path, clock=clock, database=database) as running:
+async def fake_server(tmp_path: Path, clock: FakeClock, server_database: str | None):
+    # Every test here runs on both backends (server_database).
+    async with start_server(tmp_path, clock=clock, database=server_database) as running:
         yield running
 
 

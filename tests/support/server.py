@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 
 from pulsesync.server.app import RunningServer, running_server
 from pulsesync.server.clock import Clock
@@ -62,6 +63,16 @@ async def stored_rows(server: RunningServer, sql: str, *args: Any) -> list[tuple
     parts = sql.split("?")
     numbered = parts[0] + "".join(f"${i}{part}" for i, part in enumerate(parts[1:], start=1))
     return [tuple(r) for r in await pool.fetch(numbered, *args)]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def server_database(request: pytest.FixtureRequest) -> str | None:
+    """For start_server's `database`, once per backend: None (the SQLite file), then the DSN of
+    a fresh PostgreSQL schema. A test module using it imports the fixtures of
+    tests/support/postgres.py (postgres_database, postgres_dsn)."""
+    if request.param == "sqlite":
+        return None
+    return str(request.getfixturevalue("postgres_dsn"))
 
 
 ALL_CONSENTS = tuple(CATEGORIES)
