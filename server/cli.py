@@ -1,12 +1,12 @@
 """`pulsesync`: run the server and administer it.
 
-    pulsesync serve [--host H] [--port P] [--db FILE] [--tls-cert C --tls-key K [--tls-client-ca CA]]
-                    [--insecure]
+    pulsesync serve [--host H] [--port P] [--db FILE | --database URL]
+                    [--tls-cert C --tls-key K [--tls-client-ca CA]] [--insecure]
     pulsesync users add NAME | users list
     pulsesync devices pair-code USER | devices list USER | devices revoke USER DEVICE_ID
 
-Admin commands work on the database file directly (no server needed), so the first user can
-be created before anything runs. Every flag has a PULSESYNC_* environment variable.
+Admin commands work on the database directly (no server needed), so the first user can be
+created before anything runs; --database names a SQLite file or a postgresql:// URL. Every flag has a PULSESYNC_* environment variable.
 """
 
 from __future__ import annotations
