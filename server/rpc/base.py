@@ -124,7 +124,12 @@ async def _seam(app: AppContext, context: Any, name: str) -> AsyncIterator[None]
         await _abort(context, reason)
     except Exception as e:
         # A full disk, or a damaged file (reported once, in the log), has its own reason.
-        error = app.sqlite.storage_error(sqlite_code(e), str(e)) if app.sqlite is not None else None
+        if app.sqlite is not None:
+            error = app.sqlite.storage_error(sqlite_code(e), str(e))
+        else:
+            from pulsesync.server.storage.postgres.errors import storage_error
+
+            error = storage_error(e)
         if error is None:
             # Never Python's text in a status: the log line carries the traceback, and the
             # client gets only an id to quote that finds exactly that line.

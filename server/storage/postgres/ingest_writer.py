@@ -20,6 +20,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
+from pulsesync.server.storage.postgres.errors import storage_error
 from pulsesync.server.storage.postgres.events import PostgresEventWriter, WriterClosed
 from pulsesync.server.storage.postgres.pool import PostgresPool
 from pulsesync.server.timeline import committer
@@ -91,6 +92,10 @@ class PostgresIngestWriter:
         if error is not None:
             if isinstance(error, WriterClosed):
                 error = IngestWriterClosed(str(error))
+            else:
+                # A full disk or a lost database is told as such (STORAGE_FULL,
+                # STORAGE_UNAVAILABLE); another failure is ingest's to answer.
+                error = storage_error(error) or error
             batch.future.set_exception(error)
             return
         result = stored.result()
