@@ -164,7 +164,7 @@ async def running_server(
     AES-GCM sealer for the profile benchmark's plaintext baseline only."""
     async with AsyncExitStack() as stack:
         try:
-            storage = await stack.enter_async_context(open_storage(config.database))
+            storage = await stack.enter_async_context(open_storage(config.store))
         except DatabaseDamaged as e:
             raise SystemExit(str(e)) from None  # a clear refusal, no traceback
         parts = await build(config, storage, clock or SystemClock(), profile_sealer=profile_sealer)
@@ -215,7 +215,8 @@ async def running_server(
                 await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
         health_updates: set[asyncio.Task[None]] = set()  # kept referenced until they ran
-        storage.db.on_damage(lambda: health_updates.add(asyncio.ensure_future(not_serving())))
+        if storage.db is not None:
+            storage.db.on_damage(lambda: health_updates.add(asyncio.ensure_future(not_serving())))
 
         metrics_port: int | None = None
         if config.metrics_port is not None:
@@ -232,7 +233,7 @@ async def running_server(
             tmp.replace(config.port_file)
         log.info(
             "serving",
-            extra={"address": f"{config.host}:{port}", "db": str(config.database),
+            extra={"address": f"{config.host}:{port}", "db": config.store.redacted(),
                    "tls": creds is not None, "mtls": config.tls_client_ca is not None, "metrics_port": metrics_port},
         )  # fmt: skip
         yield RunningServer(server, port, app, servicers, metrics_port, parts)

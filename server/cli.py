@@ -1,12 +1,12 @@
 """`pulsesync`: run the server and administer it.
 
-    pulsesync serve [--host H] [--port P] [--db FILE] [--tls-cert C --tls-key K [--tls-client-ca CA]]
-                    [--insecure]
+    pulsesync serve [--host H] [--port P] [--db FILE | --database URL]
+                    [--tls-cert C --tls-key K [--tls-client-ca CA]] [--insecure]
     pulsesync users add NAME | users list
     pulsesync devices pair-code USER | devices list USER | devices revoke USER DEVICE_ID
 
-Admin commands work on the database file directly (no server needed), so the first user can
-be created before anything runs. Every flag has a PULSESYNC_* environment variable.
+Admin commands work on the database directly (no server needed), so the first user can be
+created before anything runs; --database names a SQLite file or a postgresql:// URL. Every flag has a PULSESYNC_* environment variable.
 """
 
 from __future__ import annotations
@@ -34,9 +34,13 @@ from pulsesync.server.config import (
 from pulsesync.server.errors import PulseSyncError
 from pulsesync.server.identity import IdentityStore, parse_duration_s
 from pulsesync.server.logs import setup_logging
-from pulsesync.server.storage.database_url import BadDatabaseUrl, DatabaseUrl, parse_key_vault
-from pulsesync.server.storage.db import Database
-from pulsesync.server.storage.sqlite.identity import SqliteIdentityStorage
+from pulsesync.server.storage.backend import open_storage
+from pulsesync.server.storage.database_url import (
+    BadDatabaseUrl,
+    DatabaseUrl,
+    add_database_option,
+    parse_key_vault,
+)
 from pulsesync.v1 import common_pb2
 
 Handler = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
@@ -63,6 +67,7 @@ def add_storage_flags(p: argparse.ArgumentParser) -> None:
         type=Path,
         help="the SQLite database file (env PULSESYNC_DB; default DATA_DIR/pulsesync.db)",
     )
+    add_database_option(p)
 
 
 def add_key_flags(p: argparse.ArgumentParser) -> None:
@@ -94,8 +99,11 @@ def _key_vault_argument(value: str) -> Path | DatabaseUrl:
 def config_from(args: argparse.Namespace) -> ServerConfig:
     """The command's configuration: its flags, then PULSESYNC_* variables, then defaults.
     Flags are defined with `dest` set to the setting's field and no default (see SETTINGS)."""
+    flags = vars(args)
+    if flags.get("database") is not None:  # add_database_option's value (a DatabaseUrl)
+        flags = {**flags, "database_url": flags["database"]}
     try:
-        return load_config(vars(args))
+        return load_config(flags)
     except ValueError as e:
         raise SystemExit(str(e)) from None
 
@@ -103,8 +111,8 @@ def config_from(args: argparse.Namespace) -> ServerConfig:
 async def _with_identity(
     args: argparse.Namespace, fn: Callable[[IdentityStore], Awaitable[int]]
 ) -> int:
-    async with await Database.open(config_from(args).database) as db:
-        return await fn(IdentityStore(SqliteIdentityStorage(db), SystemClock()))
+    async with open_storage(config_from(args).store) as storage:
+        return await fn(IdentityStore(storage.identity, SystemClock()))
 
 
 # -- serve --------------------------------------------------------------------------------

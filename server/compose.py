@@ -37,10 +37,12 @@ from pulsesync.server.profiles.store import ProfileStore
 from pulsesync.server.sessions import SessionRegistry
 from pulsesync.server.storage.backend import Storage
 from pulsesync.server.storage.db import Database
+from pulsesync.server.storage.keys import KeyVaultStorage
 from pulsesync.server.storage.sqlite.profile_vault import open_vault
 from pulsesync.server.storage.sqlite.profiles import SqliteProfileStorage
 from pulsesync.server.timeline.ingest import IngestPipeline
 from pulsesync.server.timeline.store import TimelineStore
+from pulsesync.server.timeline.writer import EventWriter, GroupCommitWriter
 
 # Consent changes written by another process (the admin CLI) reach ingest and open
 # WatchConsents streams within this; one indexed query per tick.
@@ -57,6 +59,38 @@ async def open_profile_store(
     vault = await open_vault(config, db, clock.now_us())
     keys = await DataKeys.open(config.kek_file, vault, storage)
     return ProfileStore(storage, clock, keys, sealer or AesGcmSealer())
+
+
+async def open_storage_profile_store(
+    config: ServerConfig,
+    storage: Storage,
+    clock: Clock,
+    *,
+    sealer: Sealer | None = None,
+    closers: list[Callable[[], Awaitable[None]]] | None = None,
+) -> ProfileStore:
+    """The profile store over the storage bundle's backend (see open_profile_store). On
+    PostgreSQL the key vault is a PostgreSQL database of its own when --key-vault names one
+    (its close is appended to closers), else a file bound to the database."""
+    if storage.db is not None:
+        return await open_profile_store(config, storage.db, clock, sealer=sealer)
+    assert storage.pool is not None
+    vault: KeyVaultStorage
+    if config.vault_database is not None:
+        from pulsesync.server.storage.postgres.keys import open_postgres_vault
+
+        pg_vault = await open_postgres_vault(
+            config.vault_database, storage.pool, config.store.redacted(), clock.now_us()
+        )
+        if closers is not None:
+            closers.append(pg_vault.close)
+        vault = pg_vault
+    else:
+        from pulsesync.server.storage.postgres.vault_binding import open_vault as open_pg_vault
+
+        vault = await open_pg_vault(config, storage.pool, clock.now_us())
+    keys = await DataKeys.open(config.kek_file, vault, storage.profiles)
+    return ProfileStore(storage.profiles, clock, keys, sealer or AesGcmSealer())
 
 
 @dataclass(slots=True)
@@ -92,10 +126,13 @@ async def build(
         max_token_age_us=round(max_age * 1_000_000) if max_age is not None else None,
     )
     consent = ConsentStore(storage.consent, clock)
-    profiles = await open_profile_store(config, storage.db, clock, sealer=profile_sealer)
+    closers: list[Callable[[], Awaitable[None]]] = []
+    profiles = await open_storage_profile_store(
+        config, storage, clock, sealer=profile_sealer, closers=closers
+    )
     app = AppContext(
         config=config,
-        db=storage.db,
+        sqlite=storage.db,
         storage=storage,
         clock=clock,
         identity=identity,
@@ -131,7 +168,7 @@ async def build(
         policy=RetentionPolicy.from_config(config),
         key=ReceiptKey.load_or_create(config.data_dir / RECEIPT_KEY_FILE),
     )
-    ingest = IngestPipeline(app, commit_hook=COMMIT_HOOK)
+    ingest = IngestPipeline(app, writer=event_writer(storage, metrics))
     layout = UsageRanker(profiles, storage.profiles, consent)
     profiles.layout = layout
 
@@ -144,6 +181,7 @@ async def build(
     user_data.on_erase("ingest", ingest.forget_user)
 
     background = [
+        *(Background("key-vault", _no_op, close) for close in closers),  # stopped last
         Background("ingest-writer", ingest.start, ingest.stop),
         Background("profile-layout", _started(layout.start), layout.stop),
         Periodic(
@@ -157,6 +195,18 @@ async def build(
             Periodic("nudge-ticks", config.nudges.tick_seconds, nudges.tick).background()
         )
     return Components(app, profiles, nudges, privacy, ingest, timeline, background)
+
+
+def event_writer(storage: Storage, metrics: Metrics) -> EventWriter:
+    """The backend's ingest writer: the SQLite writer process, or group commit by binary COPY
+    on PostgreSQL; both run the nudges' commit hook on every committed batch."""
+    if storage.pool is not None:
+        # Imported here, as in open_storage: a SQLite server never loads the PostgreSQL driver.
+        from pulsesync.server.storage.postgres.ingest_writer import PostgresIngestWriter
+
+        return PostgresIngestWriter(storage.pool, COMMIT_HOOK, metrics.ingest_commits.inc)
+    assert storage.db is not None
+    return GroupCommitWriter(storage.db, COMMIT_HOOK, metrics.ingest_commits.inc)
 
 
 async def _no_op() -> None:

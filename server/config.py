@@ -13,7 +13,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from pulsesync.server.storage.database_url import BadDatabaseUrl, DatabaseUrl, parse_key_vault
+from pulsesync.server.storage.database_url import (
+    BadDatabaseUrl,
+    DatabaseUrl,
+    parse_database,
+    parse_key_vault,
+)
 
 DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 50051
@@ -65,6 +70,8 @@ class ServerConfig:
     port: int = DEFAULT_PORT
     data_dir: Path = DEFAULT_DATA_DIR
     db_path: Path | None = None
+    # --database / PULSESYNC_DATABASE: a SQLite file or a postgresql:// URL (over db_path).
+    database_url: DatabaseUrl | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
     # Require each device to present a client certificate signed by this CA (mutual TLS).
@@ -89,7 +96,24 @@ class ServerConfig:
 
     @property
     def database(self) -> Path:
+        """The SQLite file (of --database when it names one, else --db or the default), for
+        what works on the file itself; refused when --database names PostgreSQL."""
+        url = self.database_url
+        if url is not None and url.path is not None:
+            return url.path
+        if url is not None and url.is_postgres:
+            raise SystemExit(
+                f"this command works on a SQLite file only, not on PostgreSQL "
+                f"({url.redacted()}); run it with a SQLite --database"
+            )
         return self.db_path or self.data_dir / "pulsesync.db"
+
+    @property
+    def store(self) -> DatabaseUrl:
+        """Where the server's data lives: the PostgreSQL URL given, else the SQLite file."""
+        if self.database_url is not None and self.database_url.is_postgres:
+            return self.database_url
+        return DatabaseUrl("sqlite", path=self.database)
 
     @property
     def kek_file(self) -> Path:
@@ -149,6 +173,7 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting("port", "PORT", int),
     Setting("data_dir", "DATA_DIR", Path),
     Setting("db_path", "DB", Path),
+    Setting("database_url", "DATABASE", parse_database),
     Setting("tls_cert", "TLS_CERT", Path),
     Setting("tls_key", "TLS_KEY", Path),
     Setting("tls_client_ca", "TLS_CLIENT_CA", Path),

@@ -26,7 +26,8 @@ class AppContext:
     """The server's shared parts, built once in `pulsesync.server.compose`."""
 
     config: ServerConfig
-    db: Database
+    # The SQLite database (None on PostgreSQL): damage and full-disk checks look at it.
+    sqlite: Database | None
     storage: Storage
     clock: Clock
     identity: IdentityStore
@@ -41,3 +42,10 @@ class AppContext:
     idempotency: Idempotency
     # Heavy reads in flight per device (see pulsesync.server.limits).
     heavy_reads: HeavyReads = field(default_factory=HeavyReads)
+
+    @property
+    def db(self) -> Database:
+        """The SQLite database, for what works on the file itself; an error on PostgreSQL."""
+        if self.sqlite is None:
+            raise RuntimeError("this server stores its data in PostgreSQL, not a SQLite file")
+        return self.sqlite

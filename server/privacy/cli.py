@@ -34,8 +34,6 @@ from pulsesync.server.privacy.center import PrivacyCenter
 from pulsesync.server.privacy.consent import CATEGORIES, CURRENT_POLICY_VERSION
 from pulsesync.server.privacy.export import read_archive, verify_archive, write_archive
 from pulsesync.server.storage.backend import open_storage
-from pulsesync.server.storage.db import Database
-from pulsesync.server.storage.sqlite.privacy import SqlitePrivacyStorage
 
 
 def parse_category(text: str) -> int:
@@ -57,7 +55,7 @@ async def offline_center(args: argparse.Namespace) -> AsyncIterator[PrivacyCente
     from pulsesync.server.compose import build
 
     config = config_from(args)
-    async with open_storage(config.database) as storage:
+    async with open_storage(config.store) as storage:
         parts = await build(config, storage, SystemClock())
         yield parts.privacy
 
@@ -180,8 +178,8 @@ async def cmd_consent(args: argparse.Namespace) -> int:
 
 async def cmd_audit(args: argparse.Namespace) -> int:
     config = config_from(args)
-    async with await Database.open(config.database) as db:
-        entries = await AuditLog(SqlitePrivacyStorage(db), SystemClock()).entries(
+    async with open_storage(config.store) as storage:
+        entries = await AuditLog(storage.privacy, SystemClock()).entries(
             limit=args.limit, action=args.action
         )
     for e in entries:

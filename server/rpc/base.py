@@ -92,7 +92,8 @@ async def authenticate(app: AppContext, context: grpc.aio.ServicerContext[Any, A
     """The identity behind the call's bearer token (Unauthenticated if none or revoked)."""
     identity = await app.identity.authenticate(bearer_token(context))
     await app.identity.touch(identity.device_pk)
-    app.db.refuse_if_damaged()  # the touch may be what found the file damaged
+    if app.sqlite is not None:
+        app.sqlite.refuse_if_damaged()  # the touch may be what found the file damaged
     return identity
 
 
@@ -106,7 +107,8 @@ async def _seam(app: AppContext, context: Any, name: str) -> AsyncIterator[None]
     """Map errors to statuses (a cut-off stream ends with its reason) and count the call."""
     code = "OK"
     try:
-        app.db.refuse_if_damaged()
+        if app.sqlite is not None:
+            app.sqlite.refuse_if_damaged()
         yield
     except PulseSyncError as e:
         code = e.code.name
@@ -122,7 +124,12 @@ async def _seam(app: AppContext, context: Any, name: str) -> AsyncIterator[None]
         await _abort(context, reason)
     except Exception as e:
         # A full disk, or a damaged file (reported once, in the log), has its own reason.
-        error = app.db.storage_error(sqlite_code(e), str(e))
+        if app.sqlite is not None:
+            error = app.sqlite.storage_error(sqlite_code(e), str(e))
+        else:
+            from pulsesync.server.storage.postgres.errors import storage_error
+
+            error = storage_error(e)
         if error is None:
             # Never Python's text in a status: the log line carries the traceback, and the
             # client gets only an id to quote that finds exactly that line.

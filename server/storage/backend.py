@@ -1,11 +1,11 @@
 """The storage bundle: one object holding every domain's storage seam, and how to open it.
 
-    async with open_storage(config) as storage:
+    async with open_storage(config.database) as storage:
         storage.identity, storage.consent, storage.profiles, storage.privacy, storage.nudges,
         storage.timeline
 
-SQLite is the one backend today; another (a postgresql:// URL) implements the same Protocols
-and is chosen here. The key vault is not in the bundle: it is bound to the database when the
+SQLite (a file path, the default) and PostgreSQL (a postgresql:// URL, see database_url)
+implement the same Protocols; `open_storage` chooses by the database given. The key vault is not in the bundle: it is bound to the database when the
 profile store opens (`pulsesync.server.compose.open_profile_store`), and lives in its own file.
 """
 
@@ -15,8 +15,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pulsesync.server.storage.consent import ConsentStorage
+from pulsesync.server.storage.database_url import Backend, DatabaseUrl
 from pulsesync.server.storage.db import Database
 from pulsesync.server.storage.idempotency import IdempotencyStorage
 from pulsesync.server.storage.identity import IdentityStorage
@@ -32,6 +34,9 @@ from pulsesync.server.storage.sqlite.profiles import SqliteProfileStorage
 from pulsesync.server.storage.sqlite.timeline import SqliteTimelineStorage
 from pulsesync.server.storage.timeline import TimelineStorage
 
+if TYPE_CHECKING:
+    from pulsesync.server.storage.postgres.pool import PostgresPool
+
 
 @dataclass(frozen=True, slots=True)
 class Storage:
@@ -42,9 +47,15 @@ class Storage:
     nudges: NudgeStorage
     timeline: TimelineStorage
     idempotency: IdempotencyStorage
-    # The SQLite database itself: the ingest writer process (the SQLite event writer) and the
-    # key vault binding work on it directly.
-    db: Database
+    # The backend's own handle, for what works below the seams: on SQLite the database (the
+    # ingest writer process and the key vault binding use it directly), on PostgreSQL the
+    # pool (its event writer). Exactly one is set.
+    db: Database | None = None
+    pool: PostgresPool | None = None
+
+    @property
+    def backend(self) -> Backend:
+        return "sqlite" if self.db is not None else "postgres"
 
 
 def sqlite_storage(db: Database) -> Storage:
@@ -62,7 +73,21 @@ def sqlite_storage(db: Database) -> Storage:
 
 
 @asynccontextmanager
-async def open_storage(path: Path) -> AsyncIterator[Storage]:
-    """Migrate and open the database at path (DatabaseDamaged if it is damaged); closed on exit."""
+async def open_storage(database: Path | DatabaseUrl) -> AsyncIterator[Storage]:
+    """Migrate and open the database (a SQLite path, or a parsed --database value); closed on
+    exit. DatabaseDamaged if a SQLite file is damaged."""
+    if isinstance(database, DatabaseUrl) and database.is_postgres:
+        # Imported here: a SQLite-only deployment never loads the PostgreSQL driver.
+        from pulsesync.server.storage.postgres.backend import postgres_storage
+        from pulsesync.server.storage.postgres.migrate import migrate
+        from pulsesync.server.storage.postgres.pool import PostgresPool
+
+        assert database.dsn is not None
+        async with await PostgresPool.open(database.dsn) as pool:
+            await migrate(pool)
+            yield postgres_storage(pool)
+        return
+    path = database.path if isinstance(database, DatabaseUrl) else database
+    assert path is not None
     async with await Database.open(path) as db:
         yield sqlite_storage(db)

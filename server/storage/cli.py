@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from pulsesync.server.storage.database_url import DatabaseUrl, add_database_option
+from pulsesync.server.storage.database_url import DatabaseUrl
 
 
 def register(sub: Any) -> None:
@@ -24,8 +24,7 @@ def register(sub: Any) -> None:
         dest="db_cmd", required=True
     )
     p = db.add_parser("migrate", help="apply pending schema migrations")
-    add_database_option(p)
-    add_storage_flags(p)
+    add_storage_flags(p)  # with --database
     p.set_defaults(handler=cmd_migrate)
 
 

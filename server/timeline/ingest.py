@@ -44,6 +44,7 @@ from pulsesync.server.timeline.validate import (
 )
 from pulsesync.server.timeline.writer import (
     EventRow,
+    EventWriter,
     GroupCommitWriter,
     Outcome,
     PendingBatch,
@@ -136,10 +137,16 @@ class Prepared:
 class IngestPipeline:
     """Turns upload batches into stored events and acks; one per server."""
 
-    def __init__(self, app: AppContext, commit_hook: str = "") -> None:
-        """commit_hook: what the writer process runs on each committed batch (GroupCommitWriter)."""
+    def __init__(
+        self, app: AppContext, commit_hook: str = "", *, writer: EventWriter | None = None
+    ) -> None:
+        """writer: where validated batches are committed (the composition root chooses the
+        backend's); without one, the SQLite writer process over app.db, running commit_hook
+        on each committed batch (GroupCommitWriter)."""
         self.app = app
-        self.writer = GroupCommitWriter(app.db, commit_hook, app.metrics.ingest_commits.inc)
+        if writer is None:
+            writer = GroupCommitWriter(app.db, commit_hook, app.metrics.ingest_commits.inc)
+        self.writer: EventWriter = writer
         self.skew = SkewEstimator()
         self._persisted_offset: dict[int, int] = {}
         self._devices_of_user: dict[int, set[int]] = {}

@@ -22,7 +22,7 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from pulsesync.server.logs import uses_json_lines
 from pulsesync.server.storage.db import BUSY_TIMEOUT_MS, Database, storage_damaged_error
@@ -38,7 +38,15 @@ STOP_TIMEOUT_S: Final = 10.0
 # Before starting a new process after one died: a crash loop must not spin.
 RESTART_DELAY_S: Final = 1.0
 
-__all__ = ["Conflict", "EventRow", "GroupCommitWriter", "Outcome", "PendingBatch", "QuarantineRow"]
+__all__ = [
+    "Conflict",
+    "EventRow",
+    "EventWriter",
+    "GroupCommitWriter",
+    "Outcome",
+    "PendingBatch",
+    "QuarantineRow",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +80,31 @@ class PendingBatch(Batch):
 
 class WriterClosed(RuntimeError):
     """The writer is stopping or stopped; the batch was not stored."""
+
+
+class EventWriter(Protocol):
+    """Where ingest sends validated batches: the seam between the pipeline and a backend.
+
+    Every implementation keeps the ingest promises: a batch's future resolves only once its
+    rows are durably committed (ack after commit); a seq already stored with the same event is
+    a duplicate and with another event a conflict, quarantined with its reason; the outcome
+    carries the device's contiguous watermark as committed with the rows. On SQLite this is the
+    writer process (`GroupCommitWriter`); on PostgreSQL, group commit with binary COPY
+    (`pulsesync.server.storage.postgres.ingest_writer`). The composition root picks one."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None:
+        """Commit what is queued, then stop; later batches fail with WriterClosed."""
+        ...
+
+    def submit(self, batch: PendingBatch) -> asyncio.Future[Outcome]:
+        """Queue a batch; its future resolves once it is durably committed."""
+        ...
+
+    def forget_device(self, device_pk: int) -> None:
+        """The device's rows were erased: drop anything remembered about its seqs."""
+        ...
 
 
 class GroupCommitWriter:

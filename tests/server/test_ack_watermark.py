@@ -11,7 +11,15 @@ from pulsesync.server.app import RunningServer
 from pulsesync.server.clock import FakeClock
 from pulsesync.v1 import common_pb2, events_pb2, ingest_pb2, ingest_pb2_grpc
 from tests.server.timeline.events import batch, heart_rate, screen_view, upload
-from tests.support.server import PairedDevice, pair_device, start_server
+from tests.support.postgres import postgres_database, postgres_dsn
+from tests.support.server import (
+    PairedDevice,
+    pair_device,
+    server_database,
+    start_server,
+)
+
+__all__ = ["postgres_database", "postgres_dsn", "server_database"]
 
 
 @pytest.fixture
@@ -117,9 +125,9 @@ async def test_events_refused_for_consent_count_as_handled(
 
 
 async def test_upload_state_equals_the_last_ack_after_a_restart(
-    tmp_path: Path, clock: FakeClock
+    tmp_path: Path, clock: FakeClock, server_database: str | None
 ) -> None:
-    async with start_server(tmp_path, clock=clock) as server:
+    async with start_server(tmp_path, clock=clock, database=server_database) as server:
         dev = await pair_device(server, "ada")
         now = clock.now_us()
         async with grpc.aio.insecure_channel(server.address) as ch:
@@ -129,7 +137,7 @@ async def test_upload_state_equals_the_last_ack_after_a_restart(
             assert await upload_state(ch, dev) == last.acked_through_seq
     # a new server (and writer process) picks up the mark and the seqs held above it
     async with (
-        start_server(tmp_path, clock=clock) as server,
+        start_server(tmp_path, clock=clock, database=server_database) as server,
         grpc.aio.insecure_channel(server.address) as ch,
     ):
         assert await upload_state(ch, dev) == 2

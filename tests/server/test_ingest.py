@@ -12,13 +12,11 @@ import pytest
 from pulsesync.server.app import RunningServer
 from pulsesync.server.bus import CommittedEvent
 from pulsesync.server.clock import FakeClock
-from pulsesync.server.storage.sqlite.timeline import SqliteTimelineStorage
 from pulsesync.server.timeline.store import TimelineStore
 from pulsesync.status import error_info
 from pulsesync.v1 import common_pb2, events_pb2, ingest_pb2, ingest_pb2_grpc
 from tests.server.timeline.events import (
     batch,
-    fetch,
     heart_rate,
     open_upload,
     screen_view,
@@ -26,7 +24,10 @@ from tests.server.timeline.events import (
     ts,
     upload,
 )
-from tests.support.server import pair_device, start_server
+from tests.support.postgres import postgres_database, postgres_dsn
+from tests.support.server import pair_device, server_database, start_server, stored_rows
+
+__all__ = ["postgres_database", "postgres_dsn", "server_database"]
 
 MIN_US = 60 * 1_000_000
 
@@ -37,8 +38,9 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-async def fake_server(tmp_path: Path, clock: FakeClock):
-    async with start_server(tmp_path, clock=clock) as running:
+async def fake_server(tmp_path: Path, clock: FakeClock, server_database: str | None):
+    # Every test here runs on both backends (server_database).
+    async with start_server(tmp_path, clock=clock, database=server_database) as running:
         yield running
 
 
@@ -100,7 +102,7 @@ async def test_three_skewed_devices_merge_into_one_ordered_duplicate_free_timeli
             assert [a.accepted_count for a in acks] == [20, 0]
             assert acks[1].duplicate_count == 60
 
-    stored = await TimelineStore(SqliteTimelineStorage(server.app.db)).events(
+    stored = await TimelineStore(server.app.storage.timeline).events(
         (await server.app.identity.user_id_by_name("ada")), t0 - 3600 * 1_000_000, clock.now_us()
     )
     assert len(stored) == 180
@@ -113,7 +115,7 @@ async def test_three_skewed_devices_merge_into_one_ordered_duplicate_free_timeli
     # The estimate was persisted for each device.
     for dev, skew in zip(devices, skews, strict=True):
         sql = "SELECT clock_offset_us FROM devices WHERE device_id = ?"
-        assert await fetch(server.app.db, sql, (dev.device_id,)) == [(-skew,)]
+        assert await stored_rows(server, sql, dev.device_id) == [(-skew,)]
 
 
 async def test_skew_estimate_is_the_minimum_of_recent_samples(
@@ -151,7 +153,7 @@ async def test_same_seq_with_a_different_id_is_quarantined_as_a_conflict(
     assert rej.seq == 1
     assert rej.event_id == impostor.event_id
     assert first.event_id in rej.detail
-    rows = await fetch(fake_server.app.db, "SELECT reason, event_id, body FROM quarantine")
+    rows = await stored_rows(fake_server, "SELECT reason, event_id, body FROM quarantine")
     assert [(r[0], r[1]) for r in rows] == [("SEQUENCE_CONFLICT", impostor.event_id)]
     assert events_pb2.Event.FromString(rows[0][2]) == impostor
 
@@ -221,8 +223,8 @@ async def test_invalid_events_are_quarantined_with_reasons_and_valid_ones_stored
     assert all(r.reason == ingest_pb2.REJECTION_REASON_INVALID and r.detail for r in ack.rejected)
     future = next(r for r in ack.rejected if r.seq == 24)
     assert "3650 days in the future" in future.detail
-    rows = await fetch(
-        fake_server.app.db, "SELECT reason, body FROM quarantine ORDER BY quarantine_id"
+    rows = await stored_rows(
+        fake_server, "SELECT reason, body FROM quarantine ORDER BY quarantine_id"
     )
     assert [r[0] for r in rows] == [code for _, code in cases]
     # The raw bytes are kept, unknown fields included.
@@ -290,8 +292,12 @@ async def test_consent_withdrawal_mid_stream_stops_storage_for_later_batches(
     assert second.acked_through_seq == 4
     (rej,) = second.rejected
     assert (rej.seq, rej.reason) == (3, ingest_pb2.REJECTION_REASON_CONSENT_NOT_GRANTED)
-    assert await fetch(app.db, "SELECT seq FROM events ORDER BY seq") == [(1,), (2,), (4,)]
-    assert await fetch(app.db, "SELECT count(*) FROM quarantine") == [(0,)]
+    assert await stored_rows(fake_server, "SELECT seq FROM events ORDER BY seq") == [
+        (1,),
+        (2,),
+        (4,),
+    ]
+    assert await stored_rows(fake_server, "SELECT count(*) FROM quarantine") == [(0,)]
     assert app.metrics.ingest_events.labels("consent_not_granted")._value.get() == 1
 
 

@@ -12,8 +12,11 @@ from pulsesync.server.app import RunningServer
 from pulsesync.server.clock import FakeClock
 from pulsesync.server.timeline import skew
 from pulsesync.v1 import ingest_pb2
-from tests.server.timeline.events import batch, fetch, heart_rate, upload
-from tests.support.server import pair_device, start_server
+from tests.server.timeline.events import batch, heart_rate, upload
+from tests.support.postgres import postgres_database, postgres_dsn
+from tests.support.server import pair_device, server_database, start_server, stored_rows
+
+__all__ = ["postgres_database", "postgres_dsn", "server_database"]
 
 S = 1_000_000
 DAY = 86_400 * S
@@ -25,8 +28,11 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-async def fake_server(tmp_path: Path, clock: FakeClock) -> AsyncIterator[RunningServer]:
-    async with start_server(tmp_path, clock=clock) as running:
+async def fake_server(
+    tmp_path: Path, clock: FakeClock, server_database: str | None
+) -> AsyncIterator[RunningServer]:
+    # Every test here runs on both backends (server_database).
+    async with start_server(tmp_path, clock=clock, database=server_database) as running:
         yield running
 
 
@@ -49,9 +55,9 @@ async def test_an_implausible_sent_time_is_refused_and_later_times_stay_right(
         )
     assert [a.error.reason for a in acks] == ["", ""]
     assert [a.clock_offset.ToMicroseconds() for a in acks] == [0, 0]
-    rows = await fetch(fake_server.app.db, "SELECT seq, t_us FROM events ORDER BY seq")
+    rows = await stored_rows(fake_server, "SELECT seq, t_us FROM events ORDER BY seq")
     assert rows == [(1, now - 10 * S), (2, now)]
-    assert await fetch(fake_server.app.db, "SELECT COUNT(*) FROM quarantine") == [(0,)]
+    assert await stored_rows(fake_server, "SELECT COUNT(*) FROM quarantine") == [(0,)]
 
 
 def test_one_sample_far_below_the_estimate_does_not_move_it_until_confirmed() -> None:
@@ -79,5 +85,5 @@ async def test_a_seq_beyond_sqlite_integer_is_quarantined_and_the_valid_event_st
     assert [(r.seq, r.reason) for r in ack.rejected] == [
         (2**63, ingest_pb2.REJECTION_REASON_INVALID)
     ]
-    assert await fetch(fake_server.app.db, "SELECT seq FROM events") == [(1,)]
-    assert await fetch(fake_server.app.db, "SELECT reason FROM quarantine") == [("SEQ_TOO_LARGE",)]
+    assert await stored_rows(fake_server, "SELECT seq FROM events") == [(1,)]
+    assert await stored_rows(fake_server, "SELECT reason FROM quarantine") == [("SEQ_TOO_LARGE",)]

@@ -11,7 +11,10 @@ from pulsesync.server.app import RunningServer
 from pulsesync.server.clock import FakeClock
 from pulsesync.v1 import ingest_pb2, ingest_pb2_grpc
 from tests.server.timeline.events import batch, heart_rate
-from tests.support.server import pair_device, start_server
+from tests.support.postgres import postgres_database, postgres_dsn
+from tests.support.server import pair_device, server_database, start_server
+
+__all__ = ["postgres_database", "postgres_dsn", "server_database"]
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""A real server on 127.0.0.1 port 0 over a real SQLite file, and helpers to pair devices."""
+"""A real server on 127.0.0.1 port 0 over a real SQLite file or PostgreSQL, and helpers to pair
+devices and read what the server stored on either backend."""
 
 from __future__ import annotations
 
@@ -6,14 +7,17 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
+import pytest
 
 from pulsesync.server.app import RunningServer, running_server
 from pulsesync.server.clock import Clock
 from pulsesync.server.config import ServerConfig
 from pulsesync.server.errors import NotFound
 from pulsesync.server.privacy.consent import CATEGORIES
+from pulsesync.server.storage.database_url import parse_database
 from pulsesync.v1 import common_pb2, devices_pb2, devices_pb2_grpc
 
 
@@ -32,11 +36,43 @@ class PairedDevice:
 
 
 @asynccontextmanager
-async def start_server(tmp: Path, *, clock: Clock | None = None) -> AsyncIterator[RunningServer]:
-    """A server bound to 127.0.0.1:0 with its database under tmp."""
-    config = ServerConfig(port=0, data_dir=tmp, grace_seconds=0.5)
+async def start_server(
+    tmp: Path, *, clock: Clock | None = None, database: str | None = None
+) -> AsyncIterator[RunningServer]:
+    """A server bound to 127.0.0.1:0 with its files under tmp; its database is the SQLite file
+    there, or `database` (a postgresql:// DSN, e.g. the postgres_dsn fixture's)."""
+    config = ServerConfig(
+        port=0,
+        data_dir=tmp,
+        grace_seconds=0.5,
+        database_url=parse_database(database) if database else None,
+    )
     async with running_server(config, clock=clock) as server:
         yield server
+
+
+async def stored_rows(server: RunningServer, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+    """The rows of a read query on the server's database, written with `?` placeholders (the
+    SQL both backends share), each value as Python reads it (bytes for a blob)."""
+    db = server.app.sqlite
+    if db is not None:
+        async with db.reader.execute(sql, args) as c:
+            return [tuple(r) for r in await c.fetchall()]
+    pool = server.app.storage.pool
+    assert pool is not None
+    parts = sql.split("?")
+    numbered = parts[0] + "".join(f"${i}{part}" for i, part in enumerate(parts[1:], start=1))
+    return [tuple(r) for r in await pool.fetch(numbered, *args)]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def server_database(request: pytest.FixtureRequest) -> str | None:
+    """For start_server's `database`, once per backend: None (the SQLite file), then the DSN of
+    a fresh PostgreSQL schema. A test module using it imports the fixtures of
+    tests/support/postgres.py (postgres_database, postgres_dsn)."""
+    if request.param == "sqlite":
+        return None
+    return str(request.getfixturevalue("postgres_dsn"))
 
 
 ALL_CONSENTS = tuple(CATEGORIES)

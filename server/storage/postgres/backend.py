@@ -1,0 +1,28 @@
+"""The storage bundle on PostgreSQL: every domain's PostgreSQL storage over one pool."""
+
+from __future__ import annotations
+
+from pulsesync.server.storage.backend import Storage
+from pulsesync.server.storage.postgres.consent import PostgresConsentStorage
+from pulsesync.server.storage.postgres.idempotency import PostgresIdempotencyStorage
+from pulsesync.server.storage.postgres.identity import PostgresIdentityStorage
+from pulsesync.server.storage.postgres.nudges import PostgresNudgeStorage
+from pulsesync.server.storage.postgres.pool import PostgresPool
+from pulsesync.server.storage.postgres.privacy import PostgresPrivacyStorage
+from pulsesync.server.storage.postgres.profiles import PostgresProfileStorage
+from pulsesync.server.storage.postgres.timeline import PostgresTimelineStorage
+
+
+def postgres_storage(pool: PostgresPool) -> Storage:
+    """Every domain's PostgreSQL storage over pool (migrated already)."""
+    return Storage(
+        identity=PostgresIdentityStorage(pool),
+        consent=PostgresConsentStorage(pool),
+        profiles=PostgresProfileStorage(pool),
+        privacy=PostgresPrivacyStorage(pool),
+        nudges=PostgresNudgeStorage(pool),
+        timeline=PostgresTimelineStorage(pool),
+        idempotency=PostgresIdempotencyStorage(pool),
+        db=None,
+        pool=pool,
+    )

@@ -1,0 +1,56 @@
+"""PostgreSQL storage of first answers to calls with a request_id (table idempotency_records)."""
+
+from __future__ import annotations
+
+from pulsesync.server.storage.idempotency import StoredAnswer
+from pulsesync.server.storage.postgres.pool import PostgresPool
+
+
+class PostgresIdempotencyStorage:
+    """`IdempotencyStorage` over PostgreSQL."""
+
+    def __init__(self, pool: PostgresPool) -> None:
+        self._pool = pool
+
+    async def get(self, handle: bytes, now_us: int) -> StoredAnswer | None:
+        rows = await self._pool.fetch(
+            "SELECT method, request_hash, nonce, ciphertext FROM idempotency_records"
+            " WHERE lookup_key = $1 AND expire_us > $2",
+            handle,
+            now_us,
+        )
+        if not rows:
+            return None
+        row = rows[0]
+        return StoredAnswer(str(row[0]), bytes(row[1]), bytes(row[2]), bytes(row[3]))
+
+    async def put(
+        self,
+        handle: bytes,
+        answer: StoredAnswer,
+        *,
+        user_id: int | None,
+        now_us: int,
+        expire_us: int,
+    ) -> None:
+        async with self._pool.transaction() as conn:
+            # Expired answers are useless; the index on expire_us makes this cost what it
+            # removes, so the table stays the size of one retry window of calls.
+            await conn.execute("DELETE FROM idempotency_records WHERE expire_us <= $1", now_us)
+            await conn.execute(
+                "INSERT INTO idempotency_records (lookup_key, user_id, method,"
+                " request_hash, nonce, ciphertext, create_us, expire_us)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+                " ON CONFLICT (lookup_key) DO UPDATE SET user_id = excluded.user_id,"
+                " method = excluded.method, request_hash = excluded.request_hash,"
+                " nonce = excluded.nonce, ciphertext = excluded.ciphertext,"
+                " create_us = excluded.create_us, expire_us = excluded.expire_us",
+                handle,
+                user_id,
+                answer.method,
+                answer.fingerprint,
+                answer.nonce,
+                answer.ciphertext,
+                now_us,
+                expire_us,
+            )
