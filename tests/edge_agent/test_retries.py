@@ -4,13 +4,14 @@ the response arrives (the server has carried the call out by then)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
 import grpc
 import pytest
 
-from pulsesync.edge_agent.calls import mutate
+from pulsesync.edge_agent import retry
 from pulsesync.edge_agent.client import AgentError, Credentials, pair
 from pulsesync.edge_agent.config import AgentSettings
 from pulsesync.edge_agent.consent_sync import SyncedConsent
@@ -40,7 +41,7 @@ async def _kept_answers(server: RunningServer, method: str) -> int:
     rows = await server.app.db.reader.execute_fetchall(
         "SELECT count(*) FROM idempotency_records WHERE method = ?", (method,)
     )
-    return int(list(rows)[0][0])
+    return int(next(iter(rows))[0])
 
 
 async def _device_of(server: RunningServer, token: str) -> str:
@@ -145,31 +146,34 @@ async def test_a_lost_profile_answer_is_resent_with_the_same_request_id(
     sync = ProfileSync(tmp_path, dev.device_id)
     sync.edit(lambda p: setattr(p.goals, "daily_steps", 9000))
     sent_ids: list[str] = []
-    async with lossy_proxy(server.address) as proxy:
-        async with grpc.aio.insecure_channel(proxy.address) as ch:
-            stub = profiles_pb2_grpc.ProfileServiceStub(ch)
-            real = stub.UpdateProfile
+    async with (
+        lossy_proxy(server.address) as proxy,
+        grpc.aio.insecure_channel(proxy.address) as ch,
+    ):
+        stub = profiles_pb2_grpc.ProfileServiceStub(ch)
+        real = stub.UpdateProfile
 
-            async def spy(req, **kw):  # type: ignore[no-untyped-def]
-                sent_ids.append(req.request_id)
-                return await real(req, **kw)
+        async def spy(req, **kw):  # type: ignore[no-untyped-def]
+            sent_ids.append(req.request_id)
+            return await real(req, **kw)
 
-            stub.UpdateProfile = spy  # type: ignore[method-assign]
-            proxy.lose_answers(1)
-            with pytest.raises(grpc.aio.AioRpcError):
-                await sync.push(stub, dev.metadata)
-            assert sync.pending_paths  # not acknowledged: still pending
-            resp = await mutate(lambda _: sync.push(stub, dev.metadata), _NoId(), what="push")
-    assert resp is not None and resp.profile.goals.daily_steps == 9000
+        stub.UpdateProfile = spy  # type: ignore[method-assign]
+        proxy.lose_answers(1)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await sync.push(stub, dev.metadata)
+        assert sync.pending_paths  # not acknowledged: still pending
+        resp = None
+        async for _ in retry.UNARY.attempts(max_attempts=8):  # as the sync loop reconnects
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                resp = await sync.push(stub, dev.metadata)
+                break
+    assert resp is not None
+    assert resp.profile.goals.daily_steps == 9000
     assert not sync.pending_paths
     # The lost send and every retry of it (one more while the channel reconnects) share it.
-    assert len(sent_ids) >= 2 and len(set(sent_ids)) == 1 and sent_ids[0]
+    assert len(sent_ids) >= 2
+    assert len(set(sent_ids)) == 1
+    assert sent_ids[0]
     # Applied once: one version, not two.
     assert resp.profile.version == 1
     assert await _kept_answers(server, "ProfileService.UpdateProfile") == 1
-
-
-class _NoId:
-    """A stand-in request for mutate() when the callee keeps its own request_id."""
-
-    request_id = "kept-by-callee"
