@@ -86,7 +86,7 @@ async def mutate(
     what: str,
     max_attempts: int = DEFAULT_ATTEMPTS,
     policy: RetryPolicy = retry.UNARY,
-    on_retry: Callable[[grpc.RpcError], None] | None = None,
+    on_retry: Callable[[grpc.RpcError], object] | None = None,
     rng: Random | None = None,
     sleep: Sleep | None = None,
 ) -> R:

@@ -98,3 +98,18 @@ def test_rotation_goes_round_and_stays_on_a_single_address() -> None:
     assert (one.current, one.advance(), one.moves) == ("a", "a", 0)
     with pytest.raises(ValueError, match="no server"):
         ServerRotation(())
+
+
+def test_the_cli_takes_repeated_and_comma_separated_servers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from pulsesync.edge_agent.cli import _servers, build_parser
+
+    args = build_parser().parse_args(
+        ["pair", "--server", "a:1,b:2", "--server", "c:3", "--code", "X", "--kind", "phone"]
+    )
+    assert _servers(args.server) == ("a:1", "b:2", "c:3")
+    monkeypatch.setenv("PULSESYNC_AGENT_SERVER", "d:4, e:5")
+    assert _servers(None) == ("d:4", "e:5")
+    run = build_parser().parse_args(["run", "--source", "simulated-phone"])
+    assert run.server is None  # keeps the addresses saved at pairing

@@ -157,7 +157,7 @@ async def test_a_lost_profile_answer_is_resent_with_the_same_request_id(
             sent_ids.append(req.request_id)
             return await real(req, **kw)
 
-        stub.UpdateProfile = spy  # type: ignore[method-assign]
+        stub.UpdateProfile = spy  # type: ignore[method-assign,assignment]
         proxy.lose_answers(1)
         with pytest.raises(grpc.aio.AioRpcError):
             await sync.push(stub, dev.metadata)
