@@ -36,7 +36,7 @@ def _error(code: grpc.StatusCode, retry_s: float | None = None) -> grpc.aio.AioR
         )
         status = status_pb2.Status(code=code.value[0], message="busy", details=[detail])
         trailing.add("grpc-status-details-bin", status.SerializeToString())
-    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailing, details="busy")
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailing, "busy", None)
 
 
 class _Server:
@@ -57,7 +57,7 @@ class _Server:
 
 async def test_retries_reuse_one_fresh_request_id() -> None:
     server = _Server(_error(grpc.StatusCode.UNAVAILABLE), _error(grpc.StatusCode.DEADLINE_EXCEEDED))
-    sleeps, moved = _Sleeps(), []
+    sleeps, moved = _Sleeps(), list[grpc.RpcError]()
     await mutate(
         server, privacy_pb2.UpdateConsentRequest(), what="t", sleep=sleeps, rng=_Top(),
         on_retry=moved.append,
