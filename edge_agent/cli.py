@@ -1,11 +1,13 @@
 """`pulsesync-agent`: pair this device, run the agent with a source, show its state.
 
-    pulsesync-agent pair --server HOST:PORT --code CODE --kind phone|desktop|wearable [--name N]
+    pulsesync-agent pair --server HOST:PORT [--server HOST:PORT ...] --code CODE --kind phone|...
     pulsesync-agent run --source simulated-phone|simulated-desktop [--speed N] [--duration S]
     pulsesync-agent status          (with sensors chosen: the Bluetooth adapter's state too)
 
 State (credentials.json, outbox.db) lives in --state-dir (env PULSESYNC_AGENT_STATE_DIR,
 default ~/.local/state/pulsesync-agent). Every flag has a PULSESYNC_AGENT_* variable.
+Several --server addresses (or a comma list, or a dns:/// name of several replicas) make the
+agent move to another replica when one fails (see edge_agent/servers.py).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import logging
 import os
@@ -49,6 +52,7 @@ from pulsesync.edge_agent.config import (
 from pulsesync.edge_agent.consent import StaticConsent
 from pulsesync.edge_agent.errors import OutboxFull
 from pulsesync.edge_agent.outbox import OutboxError, read_stats
+from pulsesync.edge_agent.servers import join_servers, parse_servers
 from pulsesync.edge_agent.sources import SOURCES, SourceOptions, create_source
 
 Handler = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
@@ -62,6 +66,7 @@ _CATCH_UP_S: Final = 600.0
 # On SIGTERM/SIGINT the agent tries this long to hand the last events to the server; what
 # is left stays in the outbox for the next run.
 SHUTDOWN_DRAIN_S: Final = 2.0
+DEFAULT_SERVER: Final = "127.0.0.1:50051"
 
 log = logging.getLogger("pulsesync.edge_agent")
 
@@ -91,7 +96,7 @@ async def cmd_pair(args: argparse.Namespace) -> int:
     paths = StatePaths(args.state_dir)
     paths.ensure()
     creds = await pair(
-        args.server,
+        _servers(args.server) or parse_servers(DEFAULT_SERVER),
         args.code,
         KINDS[args.kind],
         args.name or f"{socket.gethostname()} ({args.kind})",
@@ -107,6 +112,13 @@ async def cmd_pair(args: argparse.Namespace) -> int:
 
 
 # -- run ------------------------------------------------------------------------------------
+def _servers(values: list[str] | None) -> tuple[str, ...]:
+    """The addresses given by --server (repeated, comma lists) or PULSESYNC_AGENT_SERVER."""
+    if values:
+        return parse_servers(values)
+    return parse_servers(env_or("SERVER", ""))
+
+
 def _settings(args: argparse.Namespace) -> AgentSettings:
     return AgentSettings(
         batch_size=args.batch_size,
@@ -129,6 +141,7 @@ def _progress(agent: Agent, started: float) -> str:
             f"acked_through={u.acked_through}",
             f"batch={u.batch_size}",
             f"reconnects={u.reconnects}",
+            f"server={u.server}",
             "connected" if u.connected else f"offline ({u.last_error or 'connecting'})",
         ]
     if t.dropped_no_consent:
@@ -153,6 +166,9 @@ async def cmd_run(args: argparse.Namespace) -> int:
     paths = StatePaths(args.state_dir)
     paths.ensure()
     creds = Credentials.load(paths.credentials)
+    if servers := _servers(args.server):
+        # Replicas added or moved since pairing: the token stays valid on all of them.
+        creds = dataclasses.replace(creds, server=join_servers(servers))
     speed = float(args.speed)
     clock = ScaledClock(
         speed, time.time_ns() // 1000 - int((speed - 1) * (args.duration or _CATCH_UP_S) * 1e6)
@@ -283,7 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("pair", help="pair this device with a server using a pairing code")
-    p.add_argument("--server", default=env_or("SERVER", "127.0.0.1:50051"), help="HOST:PORT")
+    p.add_argument(
+        "--server",
+        action="append",
+        help="HOST:PORT, dns:///NAME:PORT, or a comma list; repeat for several replicas "
+        f"(env PULSESYNC_AGENT_SERVER; default {DEFAULT_SERVER})",
+    )
     p.add_argument("--code", required=True, help="from `pulsesync devices pair-code USER`")
     p.add_argument("--kind", choices=sorted(KINDS), required=True)
     p.add_argument("--name", default=env_or("NAME", ""), help="device name (default: host name)")
@@ -316,6 +337,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=None,
                    help="stop the source after this many real seconds (default: run until stopped)")  # fmt: skip
     p.add_argument("--seed", type=int, default=int(env_or("SEED", "0")))
+    p.add_argument(
+        "--server",
+        action="append",
+        help="use these server addresses instead of those saved at pairing (repeatable; "
+        "env PULSESYNC_AGENT_SERVER)",
+    )
     p.add_argument("--source-option", action="append", default=[], metavar="KEY=VALUE",
                    help="source-specific setting (repeatable)")  # fmt: skip
     p.add_argument(

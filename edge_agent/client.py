@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -15,6 +16,7 @@ from typing import Final
 import grpc
 
 from pulsesync import wire
+from pulsesync.edge_agent.calls import mutate
 from pulsesync.edge_agent.config import DEFAULT_CALL_TIMEOUT_S
 from pulsesync.edge_agent.errors import (  # re-exported: callers import them from here too
     AgentError,
@@ -23,6 +25,7 @@ from pulsesync.edge_agent.errors import (  # re-exported: callers import them fr
     classify,
     pair_again_message,
 )
+from pulsesync.edge_agent.servers import ServerRotation, join_servers, parse_servers
 from pulsesync.kinds import DEVICE_KIND_NAMES, DEVICE_KINDS
 from pulsesync.v1 import common_pb2, devices_pb2, devices_pb2_grpc
 
@@ -31,19 +34,25 @@ __all__ = ["AgentError", "Disposition", "PairingRequired", "classify", "pair_aga
 KINDS: Final = DEVICE_KINDS
 KIND_NAMES: Final = DEVICE_KIND_NAMES
 
-CHANNEL_OPTIONS: Final[list[tuple[str, int]]] = [
+CHANNEL_OPTIONS: Final[list[tuple[str, int | str]]] = [
     *wire.MESSAGE_SIZE_OPTIONS,
     *wire.KEEPALIVE_OPTIONS,
     # The uplink opens a fresh channel per attempt and owns the backoff; keep gRPC's own
     # reconnect backoff from stacking a second, longer wait on top of it.
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2_000),
+    # A target with several addresses (a DNS name of several replicas, `ipv4:a,b`): connect
+    # to all and send each call to one that is up, instead of pick_first's one address.
+    ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})),
 ]
 
 
 @dataclass(frozen=True, slots=True)
 class Credentials:
-    """What pairing yields: the server address, device id and bearer token (never logged)."""
+    """What pairing yields: the server address(es), device id and bearer token (never logged).
+
+    `server` is one address or several, comma-separated (servers.parse_servers): the replicas
+    the agent moves between when one fails."""
 
     server: str
     device_id: str
@@ -57,9 +66,19 @@ class Credentials:
     tls_client_cert: Path | None = None
     tls_client_key: Path | None = None
 
-    def channel(self) -> grpc.aio.Channel:
-        """A channel to this device's server, with its TLS settings."""
-        return open_channel(self.server, self.tls_root_cert, self.client_identity)
+    @property
+    def servers(self) -> tuple[str, ...]:
+        """Every server address of this device, in the order given at pairing."""
+        return parse_servers(self.server)
+
+    def rotation(self, *, start: int | None = None) -> ServerRotation:
+        """A position in the server list for one loop (see servers.ServerRotation)."""
+        return ServerRotation(self.servers, start=start)
+
+    def channel(self, server: str | None = None) -> grpc.aio.Channel:
+        """A channel to server (default: the first address), with this device's TLS settings."""
+        target = server or self.servers[0]
+        return open_channel(target, self.tls_root_cert, self.client_identity)
 
     @property
     def client_identity(self) -> tuple[Path, Path] | None:
@@ -175,7 +194,7 @@ def _read_private_key(path: Path) -> bytes:
 
 
 async def pair(
-    server: str,
+    server: str | Sequence[str],
     code: str,
     kind: int,
     name: str,
@@ -184,26 +203,44 @@ async def pair(
     tls_client_cert: Path | None = None,
     tls_client_key: Path | None = None,
     timeout_s: float = DEFAULT_CALL_TIMEOUT_S,
+    max_attempts: int = 4,
 ) -> Credentials:
-    """Trade a pairing code for a device token (DeviceService.PairDevice)."""
+    """Trade a pairing code for a device token (DeviceService.PairDevice).
+
+    server is one address or several (replicas, tried in turn). The call carries a request_id
+    and is retried with it when the answer is lost, so a dropped connection after the server
+    paired the device still yields its token (the code alone is used up by then)."""
+    servers = parse_servers(server)
+    if not servers:
+        raise AgentError("give the server's address: --server HOST:PORT")
+    joined = join_servers(servers)
     identity = (tls_client_cert, tls_client_key) if tls_client_cert and tls_client_key else None
     if (tls_client_cert is None) != (tls_client_key is None):
         raise AgentError("give both --tls-client-cert and --tls-client-key, or neither")
-    async with open_channel(server, tls_root_cert, identity) as channel:
-        stub = devices_pb2_grpc.DeviceServiceStub(channel)
-        try:
-            resp = await stub.PairDevice(
-                devices_pb2.PairDeviceRequest(pairing_code=code, device_name=name, kind=kind),  # type: ignore[arg-type]
-                timeout=timeout_s,
-            )
-        except grpc.aio.AioRpcError as e:
-            hint = {
-                grpc.StatusCode.UNAVAILABLE: f"is the server running at {server}?",
-                grpc.StatusCode.DEADLINE_EXCEEDED: f"no answer from {server} in {timeout_s:g} s",
-            }.get(e.code(), "ask for a new code with `pulsesync devices pair-code USER`")
-            raise AgentError(f"pairing failed: {e.details() or e.code().name}; {hint}") from e
+    rotation = ServerRotation(servers, start=0)
+
+    async def invoke(req: devices_pb2.PairDeviceRequest) -> devices_pb2.PairDeviceResponse:
+        async with open_channel(rotation.current, tls_root_cert, identity) as channel:
+            stub = devices_pb2_grpc.DeviceServiceStub(channel)
+            return await stub.PairDevice(req, timeout=timeout_s)
+
+    request = devices_pb2.PairDeviceRequest(pairing_code=code, device_name=name, kind=kind)  # type: ignore[arg-type]
+    try:
+        resp = await mutate(
+            invoke,
+            request,
+            what="pairing",
+            max_attempts=max_attempts,
+            on_retry=lambda _: rotation.advance(),
+        )
+    except grpc.aio.AioRpcError as e:
+        hint = {
+            grpc.StatusCode.UNAVAILABLE: f"is the server running at {joined}?",
+            grpc.StatusCode.DEADLINE_EXCEEDED: f"no answer from {joined} in {timeout_s:g} s",
+        }.get(e.code(), "ask for a new code with `pulsesync devices pair-code USER`")
+        raise AgentError(f"pairing failed: {e.details() or e.code().name}; {hint}") from e
     return Credentials(
-        server=server,
+        server=joined,
         device_id=resp.device.device_id,
         token=resp.token,
         kind=kind,

@@ -22,6 +22,7 @@ from typing import Final
 
 import grpc
 
+from pulsesync.edge_agent.calls import mutate
 from pulsesync.edge_agent.client import Credentials
 from pulsesync.edge_agent.config import AgentSettings
 from pulsesync.edge_agent.errors import AgentError, PairingRequired, translate_rpc
@@ -131,17 +132,28 @@ class SyncedConsent:
     ) -> privacy_pb2.Consent:
         """Grant or withdraw a category from this device (the person's choice in the app)."""
         creds = self._require_credentials()
-        async with creds.channel() as channel:
-            stub = privacy_pb2_grpc.PrivacyServiceStub(channel)
-            resp = await stub.UpdateConsent(
-                privacy_pb2.UpdateConsentRequest(
-                    category=category,  # type: ignore[arg-type]
-                    granted=granted,
-                    policy_version=policy_version,
-                ),
-                metadata=creds.metadata,
-                timeout=self.settings.call_timeout_s,
-            )
+        rotation = creds.rotation()
+
+        async def invoke(
+            req: privacy_pb2.UpdateConsentRequest,
+        ) -> privacy_pb2.UpdateConsentResponse:
+            async with creds.channel(rotation.current) as channel:
+                stub = privacy_pb2_grpc.PrivacyServiceStub(channel)
+                return await stub.UpdateConsent(
+                    req, metadata=creds.metadata, timeout=self.settings.call_timeout_s
+                )
+
+        # One request_id for this choice, reused if the answer is lost (calls.mutate).
+        resp = await mutate(
+            invoke,
+            privacy_pb2.UpdateConsentRequest(
+                category=category,  # type: ignore[arg-type]
+                granted=granted,
+                policy_version=policy_version,
+            ),
+            what="consent update",
+            on_retry=lambda _: rotation.advance(),
+        )
         if resp.consent.granted:
             self._set(self._granted | {resp.consent.category})
         else:
@@ -156,9 +168,10 @@ class SyncedConsent:
         """
         creds = self._require_credentials()
         backoff = backoff or Backoff(self.settings.backoff_base_s, self.settings.backoff_cap_s)
+        rotation = creds.rotation()
         while True:
             try:
-                async with creds.channel() as channel:
+                async with creds.channel(rotation.current) as channel:
                     stub = privacy_pb2_grpc.PrivacyServiceStub(channel)
                     call = stub.WatchConsents(
                         privacy_pb2.WatchConsentsRequest(),
@@ -178,4 +191,5 @@ class SyncedConsent:
                 if isinstance(err, AgentError):
                     raise err from e
                 log.info("consent watch failed (%s); retrying", code.name)
+                rotation.advance()  # another replica, if there are several
             await backoff.wait()

@@ -6,6 +6,8 @@ token that leaked should not work forever. The agent therefore trades its token 
 The new token is written to the credentials file (atomically, mode 0600) before anything uses
 it; the old one stays valid on the server for a short grace period, so a crash between the
 call and the write is recovered by rotating again with the old token on the next start.
+The call carries a request_id and is retried with it (calls.mutate), so a lost answer is
+recovered at once: the retry gets the same new token instead of a second rotation.
 
 When the token was issued is kept beside the credentials file (`<file>.rotated`); a file
 without it counts from the credentials file's modification time (when it was paired).
@@ -22,6 +24,7 @@ from typing import Final
 
 import grpc
 
+from pulsesync.edge_agent.calls import mutate
 from pulsesync.edge_agent.client import Credentials
 from pulsesync.edge_agent.config import DEFAULT_CALL_TIMEOUT_S
 from pulsesync.timeutil import US_PER_S
@@ -49,15 +52,34 @@ def token_issue_us(credentials_path: Path) -> int:
         return credentials_path.stat().st_mtime_ns // 1000
 
 
+# Few: rotation runs while the agent starts, and an unreachable server only defers it.
+ROTATE_ATTEMPTS: Final = 3
+
+
 async def rotate(
-    creds: Credentials, path: Path, *, timeout_s: float = DEFAULT_CALL_TIMEOUT_S
+    creds: Credentials,
+    path: Path,
+    *,
+    timeout_s: float = DEFAULT_CALL_TIMEOUT_S,
+    max_attempts: int = ROTATE_ATTEMPTS,
 ) -> Credentials:
     """Trade the token for a new one and save it to path; the new credentials."""
-    async with creds.channel() as channel:
-        stub = devices_pb2_grpc.DeviceServiceStub(channel)
-        resp = await stub.RotateDeviceToken(
-            devices_pb2.RotateDeviceTokenRequest(), metadata=creds.metadata, timeout=timeout_s
-        )
+    rotation = creds.rotation()
+
+    async def invoke(
+        req: devices_pb2.RotateDeviceTokenRequest,
+    ) -> devices_pb2.RotateDeviceTokenResponse:
+        async with creds.channel(rotation.current) as channel:
+            stub = devices_pb2_grpc.DeviceServiceStub(channel)
+            return await stub.RotateDeviceToken(req, metadata=creds.metadata, timeout=timeout_s)
+
+    resp = await mutate(
+        invoke,
+        devices_pb2.RotateDeviceTokenRequest(),
+        what="token rotation",
+        max_attempts=max_attempts,
+        on_retry=lambda _: rotation.advance(),
+    )
     new = dataclasses.replace(creds, token=resp.token)
     new.save(path)
     stamp = stamp_path(path)

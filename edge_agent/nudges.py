@@ -5,6 +5,8 @@
 
 A `Presenter` shows a nudge (a notification, a banner) and returns what the person did;
 the receiver reports DELIVERED at once and then each action through RecordNudgeFeedback.
+Each report carries its own request_id, reused on its retries, so a report whose answer was
+lost is not counted twice. With several server addresses, a lost stream reconnects to the next.
 Outcomes such as steps afterwards are measured by the server, never sent from here.
 """
 
@@ -18,6 +20,7 @@ import grpc
 from google.protobuf import timestamp_pb2
 
 from pulsesync.edge_agent import retry
+from pulsesync.edge_agent.calls import mutate
 from pulsesync.edge_agent.client import Credentials
 from pulsesync.edge_agent.errors import AgentError, translate_rpc
 from pulsesync.edge_agent.retry import Backoff
@@ -45,6 +48,7 @@ class NudgeReceiver:
         self._presenter = presenter
         # Reconnect quickly after a blip, but never hammer a server that is down.
         self._backoff = backoff or retry.WATCH.backoff()
+        self._rotation = credentials.rotation()
         self.received: int = 0
 
     async def run(self) -> None:
@@ -57,10 +61,11 @@ class NudgeReceiver:
                 if isinstance(err, AgentError):
                     raise err from e
                 log.info("nudge stream lost; reconnecting", extra={"code": e.code().name})
+                self._rotation.advance()
                 await self._backoff.wait()
 
     async def _subscribe_once(self) -> None:
-        async with self._credentials.channel() as channel:
+        async with self._credentials.channel(self._rotation.current) as channel:
             stub = nudges_pb2_grpc.NudgeServiceStub(channel)
             call = stub.SubscribeNudges(
                 nudges_pb2.SubscribeNudgesRequest(), metadata=self._credentials.metadata
@@ -77,8 +82,17 @@ class NudgeReceiver:
     async def _feedback(self, stub: Any, nudge_id: str, action: int) -> None:
         ts = timestamp_pb2.Timestamp()
         ts.GetCurrentTime()
-        await stub.RecordNudgeFeedback(
+
+        async def invoke(
+            req: nudges_pb2.RecordNudgeFeedbackRequest,
+        ) -> nudges_pb2.RecordNudgeFeedbackResponse:
+            response: nudges_pb2.RecordNudgeFeedbackResponse = await stub.RecordNudgeFeedback(
+                req, metadata=self._credentials.metadata, timeout=FEEDBACK_TIMEOUT_S
+            )
+            return response
+
+        await mutate(
+            invoke,
             nudges_pb2.RecordNudgeFeedbackRequest(nudge_id=nudge_id, action=action, action_time=ts),  # type: ignore[arg-type]
-            metadata=self._credentials.metadata,
-            timeout=FEEDBACK_TIMEOUT_S,
+            what="nudge feedback",
         )

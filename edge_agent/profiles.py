@@ -12,6 +12,8 @@ stamped with the device's hybrid logical clock, queued, shown at once in the loc
 (the server version merged with the pending edits, exactly as the server will merge them)
 and sent when connected; offline edits wait and go out on reconnect. The watch stream
 applies every newer server version; a reconnect resumes after the last version kept.
+Each send carries a request_id that is reused while the pending edits are unchanged, so a
+send whose answer was lost and is sent again after a reconnect is applied once.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import grpc
 
 from pulsesync import profile_document as document
 from pulsesync.edge_agent import retry
+from pulsesync.edge_agent.calls import new_request_id
 from pulsesync.edge_agent.errors import AgentError, translate_rpc
 from pulsesync.edge_agent.retry import Backoff
 from pulsesync.hlc import HybridClock, Stamp
@@ -76,6 +79,9 @@ class ProfileSync:
         self._server_state: State = {}
         self._pending: State = {}
         self._listeners: list[Listener] = []
+        # (the request without its id, the id) of the last send: an unchanged request sent
+        # again is a retry of it and keeps its request_id.
+        self._last_send: tuple[bytes, str] | None = None
         self._wake = asyncio.Event()
         self._changed = asyncio.Event()
         self.connected = False
@@ -191,7 +197,12 @@ class ProfileSync:
         if req is None:
             return None
         sent = dict(self._pending)
+        body = req.SerializeToString(deterministic=True)
+        if self._last_send is None or self._last_send[0] != body:
+            self._last_send = (body, new_request_id())
+        req.request_id = self._last_send[1]
         resp = await stub.UpdateProfile(req, metadata=metadata, timeout=CALL_TIMEOUT_S)
+        self._last_send = None
         for path, entry in sent.items():
             if self._pending.get(path) == entry:
                 del self._pending[path]

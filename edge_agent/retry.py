@@ -123,9 +123,10 @@ class Backoff:
         self.attempts += 1
         return delay
 
-    async def wait(self) -> float:
-        """Sleep the next delay (cancellable) and return it."""
-        delay = self.next_delay()
+    async def wait(self, at_least_s: float = 0.0) -> float:
+        """Sleep the next delay, or at_least_s if longer (a server's RetryInfo), cancellably;
+        return what was slept."""
+        delay = max(self.next_delay(), at_least_s)
         await self._sleep(delay)
         return delay
 

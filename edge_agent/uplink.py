@@ -9,6 +9,9 @@ Any failure ends the stream; the error is classified (client.classify) and, unle
 was refused, the uplink reconnects after a full-jitter exponential backoff and resends
 everything still in the outbox, from the lowest seq. The server dedupes on (device, seq), so
 resending is always safe and nothing committed to the outbox is ever lost.
+
+With several server addresses (replicas, servers.py) each reconnect after a failure goes to
+the next address, so a dead replica costs one backoff delay before the survivor takes over.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from pulsesync.edge_agent.config import AgentSettings
 from pulsesync.edge_agent.errors import AgentError, OutboxError, translate
 from pulsesync.edge_agent.outbox import Outbox
 from pulsesync.edge_agent.retry import Backoff
+from pulsesync.edge_agent.servers import ServerRotation
 
 __all__ = ["Backoff", "Uplink", "UplinkStats"]
 from pulsesync.v1 import events_pb2, ingest_pb2, ingest_pb2_grpc
@@ -96,6 +100,8 @@ class UplinkStats:
     clock_offset_us: int
     last_ack_latency_s: float | None
     last_error: str | None
+    # The address the uplink uses (or will use next): with several replicas, which one.
+    server: str = ""
 
 
 ChannelFactory = Callable[[], grpc.aio.Channel]
@@ -130,7 +136,10 @@ class Uplink:
         self.settings = settings or AgentSettings()
         self.batch_size = self.settings.batch_size
         self._clock: Clock = clock or SystemClock()
-        self._connect: ChannelFactory = connect or (credentials.channel)
+        self.servers: ServerRotation = credentials.rotation()
+        self._connect: ChannelFactory = connect or (
+            lambda: credentials.channel(self.servers.current)
+        )
         self.backoff = Backoff(self.settings.backoff_base_s, self.settings.backoff_cap_s, rng=rng)
         self._sleep = sleep
         self._monotonic = monotonic
@@ -156,6 +165,7 @@ class Uplink:
             clock_offset_us=self._clock_offset_us,
             last_ack_latency_s=self._ack_latency,
             last_error=self._last_error,
+            server=self.servers.current,
         )
 
     async def run(self) -> None:
@@ -167,9 +177,7 @@ class Uplink:
             except (grpc.aio.AioRpcError, _CallEnded) as e:
                 code = e.code() if isinstance(e, grpc.aio.AioRpcError) else e.code
                 detail = (e.details() if isinstance(e, grpc.aio.AioRpcError) else e.details) or ""
-                err = translate(
-                    code, detail, server=self.credentials.server, what="uploading events"
-                )
+                err = translate(code, detail, server=self.servers.current, what="uploading events")
                 if isinstance(err, AgentError):
                     raise err from e
                 detail = detail or code.name
@@ -187,10 +195,12 @@ class Uplink:
                 self.backoff.reset()
             delay = self.backoff.next_delay()
             self._reconnects += 1
+            failed = self.servers.current
             log.warning(
-                "upload stream to %s ended (%s); reconnecting in %.2f s",
-                self.credentials.server,
+                "upload stream to %s ended (%s); reconnecting to %s in %.2f s",
+                failed,
                 self._last_error,
+                self.servers.advance(),
                 delay,
             )
             await self._sleep(delay)

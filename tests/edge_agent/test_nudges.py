@@ -75,6 +75,12 @@ async def test_receiver_shows_nudges_and_reports_feedback(tmp_path: Path) -> Non
                 events_pb2.NUDGE_ACTION_OPENED,
                 events_pb2.NUDGE_ACTION_ACTED,
             ]
+            # Each report carried its own request_id (kept by the server for retries of it).
+            kept = await srv.app.db.reader.execute_fetchall(
+                "SELECT count(*) FROM idempotency_records WHERE method = ?",
+                ("NudgeService.RecordNudgeFeedback",),
+            )
+            assert next(iter(kept))[0] == 3
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)

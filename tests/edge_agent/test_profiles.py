@@ -100,6 +100,9 @@ async def test_change_reaches_subscriber_and_state_survives_restart(
         # Removing an item is a tombstone that reaches B too.
         a.edit(lambda p: p.ClearField("continuity_items"))
         await b.wait_for(lambda p: not p.continuity_items)
+        # B can see the change before A has its answer (the server keeps the answer for
+        # retries after committing): leave A online until its edit is acknowledged.
+        await a.wait_for(lambda p: not a.pending_paths)
     # Offline edit, then the agent restarts: the queued edit is kept on disk and sent later.
     a.edit(lambda p: setattr(p.goals, "daily_steps", 12000))
     a2 = ProfileSync(tmp_path / "a", dev_a.device_id)
