@@ -168,7 +168,9 @@ async def build(
         policy=RetentionPolicy.from_config(config),
         key=ReceiptKey.load_or_create(config.data_dir / RECEIPT_KEY_FILE),
     )
-    ingest = IngestPipeline(app, writer=event_writer(storage, metrics))
+    ingest = IngestPipeline(
+        event_writer(storage, metrics), consent=consent, bus=bus, metrics=metrics
+    )
     layout = UsageRanker(profiles, storage.profiles, consent)
     profiles.layout = layout
 

@@ -23,10 +23,11 @@ import grpc
 
 from pulsesync import wire
 from pulsesync.kinds import CATEGORY_OF_KIND
-from pulsesync.server.bus import CommittedBatch
-from pulsesync.server.context import AppContext
+from pulsesync.server.bus import CommittedBatch, EventBus
 from pulsesync.server.errors import PulseSyncError, Unavailable
 from pulsesync.server.identity import Identity
+from pulsesync.server.metrics import Metrics
+from pulsesync.server.privacy.consent import ConsentStore
 from pulsesync.server.timeline.received import Received
 from pulsesync.server.timeline.skew import MAX_OFFSET_US, SkewEstimator
 from pulsesync.server.timeline.validate import (
@@ -45,7 +46,6 @@ from pulsesync.server.timeline.validate import (
 from pulsesync.server.timeline.writer import (
     EventRow,
     EventWriter,
-    GroupCommitWriter,
     Outcome,
     PendingBatch,
     QuarantineRow,
@@ -138,19 +138,18 @@ class IngestPipeline:
     """Turns upload batches into stored events and acks; one per server."""
 
     def __init__(
-        self, app: AppContext, commit_hook: str = "", *, writer: EventWriter | None = None
+        self, writer: EventWriter, *, consent: ConsentStore, bus: EventBus, metrics: Metrics
     ) -> None:
         """writer: where validated batches are committed (the composition root chooses the
-        backend's); without one, the SQLite writer process over app.db, running commit_hook
-        on each committed batch (GroupCommitWriter)."""
-        self.app = app
-        if writer is None:
-            writer = GroupCommitWriter(app.db, commit_hook, app.metrics.ingest_commits.inc)
-        self.writer: EventWriter = writer
+        backend's); consent: checked before storing; bus: told of every committed batch."""
+        self.writer = writer
+        self._consent = consent
+        self._bus = bus
+        self._metrics = metrics
         self.skew = SkewEstimator()
         self._persisted_offset: dict[int, int] = {}
         self._devices_of_user: dict[int, set[int]] = {}
-        m = app.metrics
+        m = metrics
         self._m_accepted = m.ingest_events.labels("accepted")
         self._m_duplicate = m.ingest_events.labels("duplicate")
         self._m_invalid = m.ingest_events.labels("invalid")
@@ -236,7 +235,7 @@ class IngestPipeline:
             )
         self._devices_of_user.setdefault(uid, set()).add(dev)
         offset = self._observe(dev, received_us, batch)
-        granted = await self.app.consent.granted(uid)
+        granted = await self._consent.granted(uid)
         allowed = _allowed_payloads(granted)
 
         rows: list[EventRow] = []
@@ -296,7 +295,7 @@ class IngestPipeline:
                         detail=problem.detail,
                     )
                 )
-                self.app.metrics.quarantined.labels(problem.code).inc()
+                self._metrics.quarantined.labels(problem.code).inc()
                 continue
             if seq <= last_seq:
                 in_order = False
@@ -355,7 +354,7 @@ class IngestPipeline:
                 )
             )
         if outcome.conflicts:
-            self.app.metrics.quarantined.labels("SEQUENCE_CONFLICT").inc(len(outcome.conflicts))
+            self._metrics.quarantined.labels("SEQUENCE_CONFLICT").inc(len(outcome.conflicts))
             self._m_conflict.inc(len(outcome.conflicts))
         resp.acked_through_seq = outcome.watermark
         resp.accepted_count = len(outcome.inserted)
@@ -372,6 +371,6 @@ class IngestPipeline:
         self._m_batch_ok.inc()
         if outcome.inserted:
             # The inserted rows are in CommittedEvent's field order: published as they are.
-            self.app.bus.publish(me.user_id, CommittedBatch(outcome.inserted, outcome.derived))
-        self.app.metrics.ack_latency.observe(time.perf_counter() - p.received_at)
+            self._bus.publish(me.user_id, CommittedBatch(outcome.inserted, outcome.derived))
+        self._metrics.ack_latency.observe(time.perf_counter() - p.received_at)
         return resp
