@@ -35,6 +35,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from pulsesync.server.errors import PulseSyncError
+from pulsesync.server.storage.keys import WrappedKey
 
 KEY_BYTES: Final = 32  # AES-256
 NONCE_BYTES: Final = 12  # 96 bits: GCM's native nonce size (no GHASH of the IV)
@@ -59,14 +60,6 @@ class KeyFileError(SystemExit):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
-
-
-@dataclass(frozen=True, slots=True)
-class WrappedKey:
-    """A data key wrapped by the KEK named kek_id."""
-
-    kek_id: str
-    blob: bytes
 
 
 class KeyStore(Protocol):

@@ -10,7 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from pulsesync.server.profiles.crypto import WrappedKey
+
+@dataclass(frozen=True, slots=True)
+class WrappedKey:
+    """A data key wrapped by the KEK named kek_id."""
+
+    kek_id: str
+    blob: bytes
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,9 +25,8 @@ from typing import Final
 
 import asyncpg
 
-from pulsesync.server.profiles.crypto import WrappedKey
 from pulsesync.server.storage.database_url import DatabaseUrl
-from pulsesync.server.storage.keys import ShredReport, VaultKey
+from pulsesync.server.storage.keys import ShredReport, VaultKey, WrappedKey
 from pulsesync.server.storage.postgres.migrate import migrate
 from pulsesync.server.storage.postgres.pool import Connection, PostgresPool
 from pulsesync.server.storage.postgres.profiles import affected

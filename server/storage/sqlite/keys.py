@@ -28,8 +28,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
-from pulsesync.server.profiles.crypto import KeyFileError, WrappedKey, shared_with_others
-from pulsesync.server.storage.keys import ShredReport, VaultKey
+from pulsesync.server.profiles.crypto import KeyFileError, shared_with_others
+from pulsesync.server.storage.keys import ShredReport, VaultKey, WrappedKey
 
 VAULT_FORMAT: Final = "pulsesync-keyvault-v1"
 # Long enough to ride out another process's (the CLI's) short transaction on the vault.

@@ -22,9 +22,8 @@ import logging
 from typing import Final
 
 from pulsesync.server.config import ServerConfig
-from pulsesync.server.profiles.crypto import WrappedKey
 from pulsesync.server.storage.db import Database
-from pulsesync.server.storage.keys import VaultKey
+from pulsesync.server.storage.keys import VaultKey, WrappedKey
 from pulsesync.server.storage.sqlite.keys import KeyVault, KeyVaultError, compact_database
 from pulsesync.server.storage.sqlite.profiles import secure_delete
 

@@ -19,13 +19,12 @@ from pulsesync.server.profiles.crypto import (
     AesGcmSealer,
     FileKeyStore,
     KeyFileError,
-    WrappedKey,
 )
 from pulsesync.server.profiles.keys import DataKeys
 from pulsesync.server.profiles.store import ProfileStore
 from pulsesync.server.storage.database_url import DatabaseUrl, parse_database
 from pulsesync.server.storage.db import Database
-from pulsesync.server.storage.keys import VaultKey
+from pulsesync.server.storage.keys import VaultKey, WrappedKey
 from pulsesync.server.storage.postgres.keys import PostgresKeyVault, open_postgres_vault
 from pulsesync.server.storage.postgres.migrate import migrate
 from pulsesync.server.storage.postgres.pool import PostgresPool

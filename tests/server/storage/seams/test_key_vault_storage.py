@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pulsesync.server.profiles.crypto import WrappedKey
-from pulsesync.server.storage.keys import KeyVaultStorage, VaultKey
+from pulsesync.server.storage.keys import KeyVaultStorage, VaultKey, WrappedKey
 from pulsesync.server.storage.postgres.keys import PostgresKeyVault
 from pulsesync.server.storage.sqlite.keys import KeyVault, vault_bytes
 
