@@ -263,7 +263,7 @@ async def _cut_off_revoked(app: AppContext) -> None:
             cut = await app.identity.revoked_among(app.sessions.connected_devices())
             for device_pk, reason in cut.items():
                 app.identity.forget_device(device_pk)
-                if app.sessions.cut_off_device(device_pk, _cut_off_error(reason)):
+                if app.sessions.cut_off_device(device_pk, _cut_off_error(reason), local_only=True):
                     log.info(
                         "closed streams of a cut-off device",
                         extra={"device_pk": device_pk, "reason": reason},
