@@ -192,3 +192,25 @@ async def test_a_nudge_made_on_a_is_delivered_on_the_stream_b_holds(
     assert got.nudge.title == "Time to move"  # read from storage, not carried by the ring
     assert got.nudge.device_id == phone.device_id
     stream.cancel()
+
+
+async def test_an_erasure_on_a_cuts_the_persons_streams_on_b(
+    replicas: tuple[Replica, Replica],
+) -> None:
+    a, b = replicas
+    phone = await pair_device(a.server, "ada")
+    laptop = await pair_device(a.server, "ada")
+    stream = profiles_pb2_grpc.ProfileServiceStub(b.channel).WatchProfile(
+        profiles_pb2.WatchProfileRequest(), metadata=laptop.metadata, timeout=WITHIN_S
+    )
+    await until(_connected_on(b), WITHIN_S)
+    await privacy_pb2_grpc.PrivacyServiceStub(a.channel).EraseData(
+        privacy_pb2.EraseDataRequest(confirmation="ERASE"), metadata=phone.metadata
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async with asyncio.timeout(WITHIN_S):
+            await stream.read()
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    info = error_info(err.value)
+    assert info is not None
+    assert info.reason == "USER_ERASED"
