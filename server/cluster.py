@@ -22,11 +22,15 @@ import contextlib
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
-from typing import Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from pulsesync.server.storage.postgres.doorbell import Doorbell, ring
+from pulsesync.server.storage.postgres.feed import PostgresEventFeed
 from pulsesync.server.storage.postgres.leases import DEFAULT_TTL_S, LeaseGroup, NowUs, shard_of
 from pulsesync.server.storage.postgres.pool import Connection, PostgresPool
+
+if TYPE_CHECKING:
+    from pulsesync.server.nudges.shard_feed import EventFeedStorage
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +77,9 @@ class Shards(Protocol):
 class Cluster(Protocol):
     signals: Signals
     nudge_shards: Shards
+    # Where the nudge features read committed events from when any replica may have ingested
+    # them; None: from this process's bus (it ingests everything).
+    events: EventFeedStorage | None
 
     async def runs(self, job: str) -> bool:
         """Whether this replica runs the cluster-wide `job` now."""
@@ -146,6 +153,7 @@ class LocalCluster:
     def __init__(self, hub: LocalHub | None = None) -> None:
         self.signals: Signals = LocalSignals(hub)
         self.nudge_shards: Shards = AllShards()
+        self.events: EventFeedStorage | None = None
 
     async def runs(self, job: str) -> bool:
         return True
@@ -219,7 +227,10 @@ class PostgresCluster:
         now_us: NowUs | None = None,
         nudge_shards: int = NUDGE_SHARDS,
         keepalive_s: float | None = None,
+        events_feed: bool = True,
     ) -> None:
+        """`events_feed=False` keeps the nudge features on this process's bus (for data
+        ingested elsewhere than the PostgreSQL events table)."""
         self.replica = replica or secrets.token_hex(8)
         kwargs: dict[str, Any] = {} if keepalive_s is None else {"keepalive_s": keepalive_s}
         self.doorbell = Doorbell(dsn, **kwargs)
@@ -231,6 +242,7 @@ class PostgresCluster:
             pool, "jobs", len(JOBS), ttl_s=ttl_s, holder=self.replica, now_us=now_us
         )
         self.nudge_shards: Shards = LeasedShards(self.nudge_leases)
+        self.events: EventFeedStorage | None = PostgresEventFeed(pool) if events_feed else None
 
     async def runs(self, job: str) -> bool:
         return await self.job_leases.holds(JOBS.index(job))

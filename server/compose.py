@@ -40,6 +40,7 @@ from pulsesync.server.nudges.engine import NudgeEngine
 from pulsesync.server.nudges.profiles import profile_source
 from pulsesync.server.nudges.push import push_provider
 from pulsesync.server.nudges.registry import ModelRegistry
+from pulsesync.server.nudges.shard_feed import ShardFeed
 from pulsesync.server.privacy.center import PrivacyCenter
 from pulsesync.server.privacy.consent import ConsentStore
 from pulsesync.server.privacy.keys import RECEIPT_KEY_FILE, ReceiptKey
@@ -155,7 +156,10 @@ async def build(
 
     # -- wiring: every bus subscription and erase/export hook ------------------------------
     bus.subscribe(layout.on_events)
-    bus.subscribe(nudges.feed.on_events)
+    if cluster.events is None:
+        bus.subscribe(nudges.feed.on_events)
+    else:  # any replica may have ingested them: read from the committed change feed
+        nudges.pull = ShardFeed(cluster.events, cluster.nudge_shards, nudges.feed, clock).pull
     user_data.on_erase("profiles", profiles.erase_user)
     user_data.add_exporter("profile", profiles.export_user)
     user_data.on_erase("nudges", nudges.erase_user)

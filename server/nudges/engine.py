@@ -123,6 +123,8 @@ class NudgeEngine:
         self._held: dict[int, int] = {}  # shard -> epoch, as of the last tick
         # Whether expiry and outcomes run here (the cluster-wide job's lease holder).
         self.runs_outcomes: Callable[[], Awaitable[bool]] | None = None
+        # Reads events other replicas committed into the feed (several replicas ingesting).
+        self.pull: Callable[[], Awaitable[object]] | None = None
         self._clock = clock
         self._consent = consent
         self.catalog = catalog
@@ -270,6 +272,8 @@ class NudgeEngine:
     async def tick(self, now_us: int | None = None) -> list[Decision]:
         """Run everything due at now: decisions, expiry, outcomes."""
         now = self._clock.now_us() if now_us is None else now_us
+        if self.pull is not None:
+            await self.pull()
         await self.flush()
         self.reload_model()
         made: list[Decision] = []

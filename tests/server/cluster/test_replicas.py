@@ -3,7 +3,8 @@
 Each replica is a real gRPC server with its own cluster (its own pool, LISTEN connection and
 lease memberships) on a real PostgreSQL; their data is one shared database file. The periodic
 fallbacks (the consent sync, the revocation sweep) are slowed to an hour, so what crosses
-between replicas here crosses by the doorbell.
+between replicas here crosses by the doorbell. The nudge features follow each replica's own
+ingest (`events_feed=False`): the events are in the shared file, not in PostgreSQL.
 """
 
 from __future__ import annotations
@@ -67,7 +68,9 @@ async def replicas(
             for name in ("a", "b"):
                 pool = await PostgresPool.open(postgres_dsn, max_size=4)
                 pools.append(pool)
-                cluster = PostgresCluster(pool, postgres_dsn, replica=name, keepalive_s=0.5)
+                cluster = PostgresCluster(
+                    pool, postgres_dsn, replica=name, keepalive_s=0.5, events_feed=False
+                )
                 server = await stack.enter_async_context(running_server(config, cluster=cluster))
                 channel = await stack.enter_async_context(grpc.aio.insecure_channel(server.address))
                 out.append(Replica(server, cluster, channel))

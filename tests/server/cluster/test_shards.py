@@ -2,7 +2,9 @@
 
 Lease times come from PostgreSQL's clock (the default) with a short TTL, so a replica whose
 renewals stop loses its shards within TTL + TTL/3 of real time; every wait is on a condition.
-Decision times come from one fake clock shared by both replicas.
+Decision times come from one fake clock shared by both replicas. The replicas' data is one
+shared SQLite file (events included), so their features come from their own ingest
+(`events_feed=False`); the feed from PostgreSQL's change feed is tested in test_shard_feed.py.
 """
 
 from __future__ import annotations
@@ -57,8 +59,8 @@ async def test_a_dead_replicas_shards_are_taken_over_and_no_decision_is_made_twi
     clock = FakeClock(MIDNIGHT + 60 * MIN)
     config = ServerConfig(port=0, data_dir=tmp_path, grace_seconds=0.5,
                           nudges=NudgeConfig(scheduler="manual", seed=1))  # fmt: skip
-    a_cluster = PostgresCluster(pools[0], postgres_dsn, replica="a", ttl_s=TTL_S)
-    b_cluster = PostgresCluster(pools[1], postgres_dsn, replica="b", ttl_s=TTL_S)
+    a_cluster = PostgresCluster(pools[0], postgres_dsn, replica="a", ttl_s=TTL_S, events_feed=False)
+    b_cluster = PostgresCluster(pools[1], postgres_dsn, replica="b", ttl_s=TTL_S, events_feed=False)
     async with contextlib.AsyncExitStack() as stack:
         a = await stack.enter_async_context(running_server(config, clock=clock, cluster=a_cluster))
         eng_a = a.components.nudges
@@ -114,8 +116,8 @@ async def triggers(server: RunningServer) -> list[tuple[int, str]]:
 async def test_replicas_share_the_shards_and_each_job_runs_on_one(
     postgres_dsn: str, pools: list[PostgresPool]
 ) -> None:
-    a = PostgresCluster(pools[0], postgres_dsn, replica="a", ttl_s=TTL_S)
-    b = PostgresCluster(pools[1], postgres_dsn, replica="b", ttl_s=TTL_S)
+    a = PostgresCluster(pools[0], postgres_dsn, replica="a", ttl_s=TTL_S, events_feed=False)
+    b = PostgresCluster(pools[1], postgres_dsn, replica="b", ttl_s=TTL_S, events_feed=False)
     await a.start()
     await b.start()
     try:
