@@ -5,7 +5,8 @@ build their parts here, so bus subscriptions and erase/export hooks are wired in
 place (`build`), the same way for both; background work is listed with an explicit start and
 stop. The cluster (`pulsesync.server.cluster`: one process on SQLite, N replicas on
 PostgreSQL) is wired here too: what each engine rings to the other replicas and how it acts
-on their rings, which shards of people it decides for, and which jobs run once. Servicers only adapt the engines built here to gRPC.
+on their rings, which shards of people it decides for, and which jobs run once. Servicers
+only adapt the engines built here to gRPC.
 """
 
 from __future__ import annotations
