@@ -5,7 +5,9 @@ Before each tick, the people of the shards held are read with their change-feed 
 changes after each person's cursor are read and handed to the feature feed as if published on
 the bus. A person met for the first time (or again, after their shard changed hands) starts
 from a warm-up window of recent events up to the head read first, so nothing is folded twice.
-One indexed query per tick finds who changed; reads follow only for those people.
+One query per tick finds who changed; reads follow only for those people. (Taking shards over
+costs one read per person of those shards; for many millions of people a change feed indexed
+by commit time would let it read only the people active in the window.)
 """
 
 from __future__ import annotations
