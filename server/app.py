@@ -28,6 +28,7 @@ from prometheus_client import start_http_server
 from pulsesync import wire
 from pulsesync.server import reflection
 from pulsesync.server.clock import Clock, SystemClock
+from pulsesync.server.cluster import Cluster
 from pulsesync.server.compose import Components, build
 from pulsesync.server.config import ServerConfig
 from pulsesync.server.context import AppContext
@@ -158,16 +159,23 @@ def _check_plaintext_bind(config: ServerConfig) -> None:
 
 @asynccontextmanager
 async def running_server(
-    config: ServerConfig, *, clock: Clock | None = None, profile_sealer: Sealer | None = None
+    config: ServerConfig,
+    *,
+    clock: Clock | None = None,
+    profile_sealer: Sealer | None = None,
+    cluster: Cluster | None = None,
 ) -> AsyncIterator[RunningServer]:
     """Start a server for config; stop it gracefully on exit. `profile_sealer` replaces the
-    AES-GCM sealer for the profile benchmark's plaintext baseline only."""
+    AES-GCM sealer for the profile benchmark's plaintext baseline only; `cluster` is the
+    replicas it is one of (default: a cluster of this process alone)."""
     async with AsyncExitStack() as stack:
         try:
             storage = await stack.enter_async_context(open_storage(config.store))
         except DatabaseDamaged as e:
             raise SystemExit(str(e)) from None  # a clear refusal, no traceback
-        parts = await build(config, storage, clock or SystemClock(), profile_sealer=profile_sealer)
+        parts = await build(
+            config, storage, clock or SystemClock(), profile_sealer=profile_sealer, cluster=cluster
+        )
         app = parts.app
         stack.push_async_callback(app.idempotency.drain)  # before the database closes
         server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[MalformedRequestInterceptor()])
@@ -264,7 +272,7 @@ async def _cut_off_revoked(app: AppContext) -> None:
             cut = await app.identity.revoked_among(app.sessions.connected_devices())
             for device_pk, reason in cut.items():
                 app.identity.forget_device(device_pk)
-                if app.sessions.cut_off_device(device_pk, _cut_off_error(reason)):
+                if app.sessions.cut_off_device(device_pk, _cut_off_error(reason), local_only=True):
                     log.info(
                         "closed streams of a cut-off device",
                         extra={"device_pk": device_pk, "reason": reason},

@@ -3,19 +3,35 @@
 The server (`pulsesync.server.app`) and the offline admin commands (`pulsesync privacy ...`)
 build their parts here, so bus subscriptions and erase/export hooks are wired in one visible
 place (`build`), the same way for both; background work is listed with an explicit start and
-stop. Servicers only adapt the engines built here to gRPC.
+stop. The cluster (`pulsesync.server.cluster`: one process on SQLite, N replicas on
+PostgreSQL) is wired here too: what each engine rings to the other replicas and how it acts
+on their rings, which shards of people it decides for, and which jobs run once. Servicers
+only adapt the engines built here to gRPC.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from pulsesync.server.background import Background, Periodic
 from pulsesync.server.bus import EventBus
 from pulsesync.server.clock import Clock
+from pulsesync.server.cluster import (
+    CONSENT_CHANGED,
+    DEVICE_REVOKED,
+    NUDGE_CREATED,
+    PROFILE_CHANGED,
+    USER_ERASED,
+    Cluster,
+    LocalCluster,
+    once,
+    spawn,
+)
 from pulsesync.server.config import ServerConfig
 from pulsesync.server.context import AppContext
+from pulsesync.server.errors import Unauthenticated
 from pulsesync.server.idempotency import Idempotency
 from pulsesync.server.identity import IdentityStore
 from pulsesync.server.metrics import Metrics
@@ -25,6 +41,7 @@ from pulsesync.server.nudges.engine import NudgeEngine
 from pulsesync.server.nudges.profiles import profile_source
 from pulsesync.server.nudges.push import push_provider
 from pulsesync.server.nudges.registry import ModelRegistry
+from pulsesync.server.nudges.shard_feed import ShardFeed
 from pulsesync.server.privacy.center import PrivacyCenter
 from pulsesync.server.privacy.consent import ConsentStore
 from pulsesync.server.privacy.keys import RECEIPT_KEY_FILE, ReceiptKey
@@ -113,8 +130,12 @@ async def build(
     clock: Clock,
     *,
     profile_sealer: Sealer | None = None,
+    cluster: Cluster | None = None,
 ) -> Components:
-    """Build every engine over storage and wire them together (nothing is started)."""
+    """Build every engine over storage and wire them together (nothing is started). On
+    PostgreSQL this server is one replica of many unless `cluster` says otherwise."""
+    if cluster is None:
+        cluster = LocalCluster() if storage.pool is None else _postgres_cluster(config, storage)
     metrics = Metrics()
     bus = EventBus()
     user_data = UserDataRegistry()
@@ -157,6 +178,7 @@ async def build(
         push=push_provider(config.nudges),
         decision_seconds=metrics.nudge_decision,
         seed=config.nudges.seed,
+        shards=cluster.nudge_shards,
     )
     privacy = PrivacyCenter(
         storage.privacy,
@@ -176,18 +198,25 @@ async def build(
 
     # -- wiring: every bus subscription and erase/export hook ------------------------------
     bus.subscribe(layout.on_events)
-    bus.subscribe(nudges.feed.on_events)
+    if cluster.events is None:
+        bus.subscribe(nudges.feed.on_events)
+    else:  # any replica may have ingested them: read from the committed change feed
+        nudges.pull = ShardFeed(cluster.events, cluster.nudge_shards, nudges.feed, clock).pull
     user_data.on_erase("profiles", profiles.erase_user)
     user_data.add_exporter("profile", profiles.export_user)
     user_data.on_erase("nudges", nudges.erase_user)
     user_data.on_erase("ingest", ingest.forget_user)
 
+    wiring = _ClusterWiring(cluster, app, profiles, nudges)
     background = [
         *(Background("key-vault", _no_op, close) for close in closers),  # stopped last
+        Background("cluster", wiring.start, wiring.stop),
         Background("ingest-writer", ingest.start, ingest.stop),
         Background("profile-layout", _started(layout.start), layout.stop),
         Periodic(
-            "privacy-retention", privacy.policy.sweep_seconds, privacy.purge_expired
+            "privacy-retention",
+            privacy.policy.sweep_seconds,
+            once(cluster, "retention", privacy.purge_expired),
         ).background(),
         Periodic("privacy-consent-sync", CONSENT_SYNC_SECONDS, consent.sync_external).background(),
         Background("nudge-engine", _no_op, _stopped(nudges.close)),
@@ -209,6 +238,98 @@ def event_writer(storage: Storage, metrics: Metrics) -> EventWriter:
         return PostgresIngestWriter(storage.pool, COMMIT_HOOK, metrics.ingest_commits.inc)
     assert storage.db is not None
     return GroupCommitWriter(storage.db, COMMIT_HOOK, metrics.ingest_commits.inc)
+
+
+def _postgres_cluster(config: ServerConfig, storage: Storage) -> Cluster:
+    """This replica among the others over the same PostgreSQL: rings on the doorbell, nudge
+    shards and jobs by lease, features from the events table."""
+    from pulsesync.server.cluster import PostgresCluster
+
+    dsn = config.store.dsn
+    assert storage.pool is not None
+    assert dsn is not None
+    return PostgresCluster(storage.pool, dsn)
+
+
+class _ClusterWiring:
+    """What this replica rings to the others, and what it does at their rings."""
+
+    def __init__(
+        self, cluster: Cluster, app: AppContext, profiles: ProfileStore, nudges: NudgeEngine
+    ) -> None:
+        self.cluster = cluster
+        self._app = app
+        self._profiles = profiles
+        self._nudges = nudges
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._unsubscribe: list[Callable[[], None]] = []
+
+    async def start(self) -> None:
+        app, cluster = self._app, self.cluster
+        signals = cluster.signals
+        await cluster.start()
+        # The consent ledger cursor first, so that the first ring reads from here on.
+        await app.consent.sync_external()
+        for topic, callback in (
+            (PROFILE_CHANGED, self._profiles.changed_elsewhere),
+            (CONSENT_CHANGED, self._consent_changed),
+            (DEVICE_REVOKED, self._device_revoked),
+            (USER_ERASED, self._user_erased),
+            (NUDGE_CREATED, self._nudges.delivery.created_elsewhere),
+        ):
+            self._unsubscribe.append(await signals.subscribe(topic, callback))
+        # Rung after each commit made here (never on the ingest path).
+        self._unsubscribe.append(
+            self._profiles.on_commit(lambda user_id, _p: self._ring(PROFILE_CHANGED, user_id))
+        )
+        app.consent.on_change = lambda user_id: self._ring(CONSENT_CHANGED, user_id)
+        app.sessions.signals = signals
+        self._nudges.delivery.signals = signals
+        self._nudges.runs_outcomes = lambda: cluster.runs("nudge-outcomes")
+
+    async def stop(self) -> None:
+        self._app.consent.on_change = None
+        self._app.sessions.signals = None
+        self._nudges.delivery.signals = None
+        for unsubscribe in self._unsubscribe:
+            unsubscribe()
+        self._unsubscribe.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        await self.cluster.stop()
+
+    def _ring(self, topic: str, key: int) -> None:
+        spawn(self._tasks, self.cluster.signals.ring(topic, key), f"ring-{topic}")
+
+    def _consent_changed(self, _user_id: int | None) -> None:
+        # The ledger is read from the last entry seen: a ring heard twice, or one for an
+        # entry the periodic sync already applied, changes nothing twice.
+        spawn(self._tasks, _ignore(self._app.consent.sync_external()), "consent-from-elsewhere")
+
+    def _device_revoked(self, device_pk: int | None) -> None:
+        if device_pk is None:
+            return  # a lost ring: the revocation sweep (app.py) finds it
+        self._app.identity.forget_device(device_pk)
+        self._app.sessions.cut_off_device(device_pk, local_only=True)
+
+    def _user_erased(self, user_id: int | None) -> None:
+        if user_id is None:
+            return  # as above
+        app = self._app
+        app.identity.forget_user(user_id)
+        app.consent.forget_user(user_id)
+        app.sessions.cut_off_user(user_id, _erased(), local_only=True)
+
+
+def _erased() -> Unauthenticated:
+    return Unauthenticated(
+        "this person's data was erased; pair the device again to start over",
+        reason="USER_ERASED",
+    )
+
+
+async def _ignore(aw: Awaitable[object]) -> None:
+    await aw
 
 
 async def _no_op() -> None:

@@ -1,4 +1,9 @@
-"""Open streams per device, so that revocation and erasure can cut them off at once."""
+"""Open streams per device, so that revocation and erasure can cut them off at once.
+
+With several replicas a device's streams may be open on any of them: a cut made here is rung
+to the others (`pulsesync.server.cluster`), which cut their own streams of that device or
+person with `local_only=True` (so the ring is not sent on again).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from pulsesync.server.cluster import DEVICE_REVOKED, USER_ERASED, Signals, spawn
 from pulsesync.server.errors import PulseSyncError, Unauthenticated
 from pulsesync.server.identity import Identity
 from pulsesync.server.metrics import Metrics
@@ -25,6 +31,9 @@ class SessionRegistry:
         self._reasons: weakref.WeakKeyDictionary[asyncio.Task[object], PulseSyncError] = (
             weakref.WeakKeyDictionary()
         )
+        # The other replicas, told of every cut made here (None: a server of one process).
+        self.signals: Signals | None = None
+        self._rings: set[asyncio.Task[None]] = set()
 
     @contextmanager
     def track(self, identity: Identity, *, exclusive_key: str | None = None) -> Iterator[None]:
@@ -44,9 +53,14 @@ class SessionRegistry:
                 self._users.pop(identity.device_pk, None)
             self._metrics.connected_devices.set(len(self._by_device))
 
-    def cut_off_device(self, device_pk: int, error: PulseSyncError | None = None) -> int:
-        """Cancel every stream of the device; they end with `error`. Returns how many."""
+    def cut_off_device(
+        self, device_pk: int, error: PulseSyncError | None = None, *, local_only: bool = False
+    ) -> int:
+        """Cancel every stream of the device (on every replica unless `local_only`); they end
+        with `error`. Returns how many were cut here."""
         error = error or Unauthenticated("this device was revoked", reason="DEVICE_REVOKED")
+        if not local_only:
+            self._ring(DEVICE_REVOKED, device_pk)
         tasks = list(self._by_device.get(device_pk, ()))
         current = asyncio.current_task()
         for task in tasks:
@@ -56,10 +70,23 @@ class SessionRegistry:
             task.cancel()
         return len(tasks)
 
-    def cut_off_user(self, user_id: int, error: PulseSyncError) -> int:
-        """Cancel every stream of every device of the user."""
+    def cut_off_user(self, user_id: int, error: PulseSyncError, *, local_only: bool = False) -> int:
+        """Cancel every stream of every device of the user (on every replica unless
+        `local_only`)."""
+        if not local_only:
+            self._ring(USER_ERASED, user_id)
         devices = [pk for pk, uid in self._users.items() if uid == user_id]
-        return sum(self.cut_off_device(pk, error) for pk in devices)
+        return sum(self.cut_off_device(pk, error, local_only=True) for pk in devices)
+
+    def devices_of(self, user_id: int) -> list[int]:
+        """The user's devices with a stream open here."""
+        return [pk for pk, uid in self._users.items() if uid == user_id]
+
+    def _ring(self, topic: str, key: int) -> None:
+        # Called after the revocation or erasure committed; the sweep in app.py still finds
+        # a cut whose ring was lost (the sender died between commit and ring).
+        if self.signals is not None:
+            spawn(self._rings, self.signals.ring(topic, key), f"ring-{topic}")
 
     def reason_for(self, task: asyncio.Task[object] | None) -> PulseSyncError | None:
         """Why this task was cut off, if it was (read once)."""

@@ -4,6 +4,11 @@ A nudge is routed to one device when it is made. It reaches that device through 
 stream, through a push provider (a device that registered a push token), or when the app
 fetches pending nudges; a stream that closes with nudges undelivered hands them to another
 reachable device of the same person.
+
+With several replicas the device's stream may be open on another one: a nudge routed to a
+device without a stream here is rung (`NUDGE_CREATED`, the device), and the replica holding
+its stream reads the device's pending nudges from storage and claims each one (marking it
+delivered) before queueing it, so a nudge reaches the device once whichever path wins.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from pulsesync.server.clock import Clock
+from pulsesync.server.cluster import NUDGE_CREATED, Signals, spawn
 from pulsesync.server.nudges.catalog import Catalog
 from pulsesync.server.nudges.eligibility import Reachable, route
 from pulsesync.server.nudges.features import FeatureStore
@@ -85,6 +91,8 @@ class NudgeDelivery:
         self._offline: dict[int, _Offline] = {}
         self._push_loaded = False
         self._tasks: set[asyncio.Task[None]] = set()
+        # The other replicas, told of nudges for devices without a stream here.
+        self.signals: Signals | None = None
 
     def close(self) -> None:
         for task in self._tasks:
@@ -145,6 +153,7 @@ class NudgeDelivery:
         if stream is not None:
             stream.queue.put_nowait(moved)
         else:
+            self._ring(pk)
             self._deliver_offline(pk, moved)
 
     def reachable(self, user_id: int, now: int | None = None) -> list[Reachable]:
@@ -192,7 +201,31 @@ class NudgeDelivery:
             if not stream.queue.full():
                 stream.queue.put_nowait(nudge)
         else:
+            self._ring(device_pk)
             self._deliver_offline(device_pk, nudge)
+
+    def _ring(self, device_pk: int) -> None:
+        if self.signals is not None:
+            spawn(self._tasks, self.signals.ring(NUDGE_CREATED, device_pk), "ring-nudge")
+
+    def created_elsewhere(self, device_pk: int | None) -> None:
+        """Another replica stored a nudge for the device (for any device, for None): a stream
+        of it open here takes its pending nudges from storage."""
+        pks = list(self._streams) if device_pk is None else [device_pk]
+        for pk in pks:
+            if pk in self._streams:
+                spawn(self._tasks, self._take_pending(pk), "nudge-from-elsewhere")
+
+    async def _take_pending(self, device_pk: int) -> None:
+        stream = self._streams.get(device_pk)
+        if stream is None:
+            return
+        for nudge in await self.pending_for(stream.user_id, device_pk, stream.device_id):
+            if self._streams.get(device_pk) is not stream or stream.queue.full():
+                return  # the stream closed or is full: the nudge stays pending
+            # Claimed first: a fetch, a push or another stream of the device may race us.
+            if await self.mark_delivered(nudge.nudge_id, device_pk):
+                stream.queue.put_nowait(nudge)
 
     # -- push and fetch -------------------------------------------------------------------
     async def load_push_targets(self) -> None:

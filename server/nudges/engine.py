@@ -5,6 +5,12 @@
                 sedentary stretch ─► decide ─► log ─► queue on the device in use
              ─► expire undelivered nudges ─► compute outcomes whose window (+ grace) closed
 
+With several replicas each decides only for the shards of people it holds a lease on
+(`pulsesync.server.cluster`); expiry and outcomes are cluster-wide jobs run by one replica.
+When a shard changes hands the new holder starts its users afresh (the first tick only marks
+the time) and counts a sedentary stretch already under way as served, so no decision point
+is taken twice; those within the takeover window are missed.
+
 `tick` runs from a background task every `TICK_SECONDS` of real time; simulations with a
 fake clock call it themselves after moving the clock (`NudgeConfig.scheduler = "manual"`).
 The parts live beside this module: `feed` (committed events into features), `delivery`
@@ -19,12 +25,14 @@ import logging
 import random
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
 from prometheus_client import Histogram
 
 from pulsesync.server.clock import Clock
+from pulsesync.server.cluster import AllShards, Shards, shard_of
 from pulsesync.server.nudges.catalog import NONE_ACTION, Catalog, NudgeType
 from pulsesync.server.nudges.delivery import NudgeDelivery
 from pulsesync.server.nudges.eligibility import (
@@ -108,8 +116,15 @@ class NudgeEngine:
         push: PushProvider | None = None,
         decision_seconds: Histogram | None = None,
         seed: int | None = None,
+        shards: Shards | None = None,
     ) -> None:
         self._storage = storage
+        self.shards: Shards = shards or AllShards()
+        self._held: dict[int, int] = {}  # shard -> epoch, as of the last tick
+        # Whether expiry and outcomes run here (the cluster-wide job's lease holder).
+        self.runs_outcomes: Callable[[], Awaitable[bool]] | None = None
+        # Reads events other replicas committed into the feed (several replicas ingesting).
+        self.pull: Callable[[], Awaitable[object]] | None = None
         self._clock = clock
         self._consent = consent
         self.catalog = catalog
@@ -257,16 +272,46 @@ class NudgeEngine:
     async def tick(self, now_us: int | None = None) -> list[Decision]:
         """Run everything due at now: decisions, expiry, outcomes."""
         now = self._clock.now_us() if now_us is None else now_us
+        if self.pull is not None:
+            await self.pull()
         await self.flush()
         self.reload_model()
         made: list[Decision] = []
+        held = await self._take_shards()
+        n = self.shards.shards
         for user_id in self.features.known_users():
+            if shard_of(user_id, n) not in held:
+                continue
             trigger = await self._due(user_id, now)
             if trigger is not None:
                 made.append(await self.decide(user_id, now, trigger))
-        await self.outcomes.expire(now)
-        await self.outcomes.complete(now)
+        if self.runs_outcomes is None or await self.runs_outcomes():
+            await self.outcomes.expire(now)
+            await self.outcomes.complete(now)
         return made
+
+    async def _take_shards(self) -> dict[int, int]:
+        """The shards decided for now; users of a shard that changed hands start afresh."""
+        held = await self.shards.held()
+        changed = {s for s, epoch in held.items() if self._held.get(s) != epoch}
+        changed |= set(self._held) - set(held)
+        if changed:
+            n = self.shards.shards
+            for user_id in self.features.known_users():
+                shard = shard_of(user_id, n)
+                if shard not in changed:
+                    continue
+                # Decisions made elsewhere meanwhile are in storage, not here: reread them.
+                self._history.pop(user_id, None)
+                self._last_tick.pop(user_id, None)
+                since = self.features.user(user_id).sedentary_since()
+                if held.get(shard, 0) > 1 and since is not None:
+                    # Taken over from another replica, which may have served the stretch.
+                    self._trigger_stretch[user_id] = since
+                else:
+                    self._trigger_stretch.pop(user_id, None)
+        self._held = held
+        return held
 
     async def _due(self, user_id: int, now: int) -> str | None:
         profile = await self.profiles.nudge_profile(user_id)

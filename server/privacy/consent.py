@@ -53,6 +53,8 @@ class ConsentStore:
         # admin CLI): the highest entry seen, and entries this store wrote itself since then.
         self._seen_entry: int | None = None
         self._own_entries: set[int] = set()
+        # Called with the person after each change made here (the cluster rings it).
+        self.on_change: Callable[[int], None] | None = None
 
     async def states(self, user_id: int) -> tuple[ConsentState, ...]:
         """One state per category (never-asked categories are not granted)."""
@@ -99,6 +101,8 @@ class ConsentStore:
             self._granted[user_id] = frozenset(s.category for s in states if s.granted)
         for watcher in list(self._watchers.get(user_id, ())):
             watcher(user_id, states)
+        if self.on_change is not None:
+            self.on_change(user_id)
         return next(s for s in states if s.category == category)
 
     def watch(self, user_id: int, fn: Watcher) -> Callable[[], None]:

@@ -250,6 +250,15 @@ class ProfileStore:
         """End every open watch of the user with error (e.g. consent withdrawn)."""
         self._watches.interrupt(user_id, error)
 
+    def changed_elsewhere(self, user_id: int | None) -> None:
+        """Another replica committed versions of the person (of anyone, for None): drop the
+        cached head and let open watches read the new versions from storage."""
+        if user_id is None:
+            self._heads.clear()
+        else:
+            self._heads.pop(user_id, None)
+        self._watches.reread(user_id)
+
     def on_commit(self, fn: CommitListener) -> Callable[[], None]:
         """Call fn(user_id, profile) after each committed version; returns an unsubscribe.
         fn runs on the write path: keep it quick and do not mutate the profile."""

@@ -3,6 +3,10 @@
 A watch subscribes before it reads, so a version committed in between is queued, not missed;
 a watch that falls `MAX_WATCH_BACKLOG` versions behind re-reads from storage instead of
 holding an unbounded queue.
+
+Versions committed on another replica arrive as a ring of the person (`reread`): the watch
+then reads the versions after its last one from storage, so the data comes from the tables
+and a ring heard twice, or for a version already sent, sends nothing twice.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ class _Watcher:
     items: deque[profiles_pb2.Profile] = field(default_factory=deque)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     overflow: bool = False
+    reread: bool = False  # another replica committed versions: read them from storage
     error: PulseSyncError | None = None
 
     def push(self, profile: profiles_pb2.Profile) -> None:
@@ -58,6 +63,22 @@ class ProfileWatches:
     def push(self, user_id: int, profile: profiles_pb2.Profile) -> None:
         for watcher in list(self._watchers.get(user_id, ())):
             watcher.push(profile)
+
+    def reread(self, user_id: int | None) -> None:
+        """Versions of the person (of everyone, for None) may have been committed elsewhere:
+        every such watch reads from storage what it has not sent yet."""
+        groups = (
+            list(self._watchers.values())
+            if user_id is None
+            else [self._watchers.get(user_id, set())]
+        )
+        for watchers in groups:
+            for watcher in list(watchers):
+                watcher.reread = True
+                watcher.wake.set()
+
+    def watching(self, user_id: int) -> bool:
+        return bool(self._watchers.get(user_id))
 
     def interrupt(self, user_id: int, error: PulseSyncError) -> None:
         for watcher in list(self._watchers.get(user_id, ())):
@@ -94,8 +115,8 @@ class ProfileWatches:
                 watcher.wake.clear()
                 if watcher.error is not None:
                     raise watcher.error
-                if watcher.overflow:
-                    watcher.overflow = False
+                if watcher.overflow or watcher.reread:
+                    watcher.overflow = watcher.reread = False
                     watcher.items.clear()
                     for profile in await source.versions_after(user_id, last):
                         yield profile

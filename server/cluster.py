@@ -1,0 +1,296 @@
+"""What replicas of one deployment tell each other and share out: signals, shards and jobs.
+
+One server process around SQLite is a cluster of one: `LocalCluster` delivers nothing to other
+processes (there are none), holds every shard of people and runs every cluster-wide job. On
+PostgreSQL, `PostgresCluster` makes N replicas act as one:
+
+* Signals: a replica that commits a low-rate change another replica must act on rings a topic
+  with a key (a person, a device) on the LISTEN/NOTIFY doorbell; the other replicas read the
+  data from the tables. A replica acts on its own changes in-process as it always did, so a
+  ring carries its sender and a replica ignores its own. Never rung on the ingest commit path.
+* Shards of people for nudge decisions (user_id % NUDGE_SHARDS), leased so that each person's
+  decisions are made by one replica at a time; a dead replica's shards are taken over within
+  the lease TTL plus a renewal interval.
+* Cluster-wide jobs (retention, nudge expiry and outcomes) run by the one replica holding the
+  job's lease. (Training is an operator's command, `pulsesync nudges train`, run once.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Final, Protocol
+
+from pulsesync.server.storage.postgres.doorbell import Doorbell, ring
+from pulsesync.server.storage.postgres.feed import PostgresEventFeed
+from pulsesync.server.storage.postgres.leases import DEFAULT_TTL_S, LeaseGroup, NowUs, shard_of
+from pulsesync.server.storage.postgres.pool import Connection, PostgresPool
+
+if TYPE_CHECKING:
+    from pulsesync.server.nudges.shard_feed import EventFeedStorage
+
+log = logging.getLogger(__name__)
+
+__all__ = ["shard_of"]  # the shard of a person, for the engines deciding per shard
+
+# Topics, keyed by the id the receiving replica reads the data with.
+PROFILE_CHANGED: Final = "profile_changed"  # user_id: read the new versions
+CONSENT_CHANGED: Final = "consent_changed"  # user_id: read the consent ledger
+DEVICE_REVOKED: Final = "device_revoked"  # device_pk: cut the device's streams
+USER_ERASED: Final = "user_erased"  # user_id: cut every stream of the person
+NUDGE_CREATED: Final = "nudge_created"  # device_pk: deliver its pending nudges
+TOPICS: Final = (PROFILE_CHANGED, CONSENT_CHANGED, DEVICE_REVOKED, USER_ERASED, NUDGE_CREATED)
+
+# Shards of people for nudge decisions: a few per replica for an even share, few enough
+# that a renewal round stays one small transaction.
+NUDGE_SHARDS: Final = 64
+# Cluster-wide jobs; each one is a shard of the "jobs" lease group, so replicas share them out.
+JOBS: Final = ("retention", "nudge-outcomes")
+
+# key, or None after the doorbell reconnected: "rings may have been missed, read again".
+Callback = Callable[[int | None], None]
+
+
+class Signals(Protocol):
+    async def ring(self, topic: str, key: int, *, conn: Connection | None = None) -> None:
+        """Tell the other replicas that `key` changed under `topic`: within the caller's
+        transaction when `conn` is given (delivered if it commits), else at once."""
+        ...
+
+    async def subscribe(self, topic: str, callback: Callback) -> Callable[[], None]:
+        """Call `callback(key)` at rings of other replicas; returns the unsubscriber."""
+        ...
+
+
+class Shards(Protocol):
+    shards: int
+
+    async def held(self) -> dict[int, int]:
+        """The shards of people this replica decides for now, each with its epoch (a new
+        epoch means the shard changed hands since this replica last held it)."""
+        ...
+
+
+class Cluster(Protocol):
+    signals: Signals
+    nudge_shards: Shards
+    # Where the nudge features read committed events from when any replica may have ingested
+    # them; None: from this process's bus (it ingests everything).
+    events: EventFeedStorage | None
+
+    async def runs(self, job: str) -> bool:
+        """Whether this replica runs the cluster-wide `job` now."""
+        ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+def _check_topic(topic: str) -> None:
+    if topic not in TOPICS:
+        raise ValueError(f"unknown cluster topic {topic!r}")
+
+
+# -- one process -------------------------------------------------------------------------------
+class LocalHub:
+    """Processes of one Python interpreter acting as replicas (every LocalSignals on a hub
+    hears the others): in a single server there is one member, so a ring reaches nobody."""
+
+    def __init__(self) -> None:
+        self.members: list[LocalSignals] = []
+
+
+class LocalSignals:
+    """Direct calls between the members of a hub; the sender's own callbacks are not called."""
+
+    def __init__(self, hub: LocalHub | None = None) -> None:
+        self._hub = hub or LocalHub()
+        self._hub.members.append(self)
+        self._callbacks: dict[str, list[Callback]] = {}
+
+    async def ring(self, topic: str, key: int, *, conn: Connection | None = None) -> None:
+        _check_topic(topic)
+        for member in list(self._hub.members):
+            if member is not self:
+                member._call(topic, key)
+
+    async def subscribe(self, topic: str, callback: Callback) -> Callable[[], None]:
+        _check_topic(topic)
+        self._callbacks.setdefault(topic, []).append(callback)
+
+        def unsubscribe() -> None:
+            with contextlib.suppress(ValueError):
+                self._callbacks.get(topic, []).remove(callback)
+
+        return unsubscribe
+
+    def _call(self, topic: str, key: int | None) -> None:
+        for callback in list(self._callbacks.get(topic, ())):
+            try:
+                callback(key)
+            except Exception:
+                log.exception("a cluster signal callback failed", extra={"topic": topic})
+
+
+class AllShards:
+    """Every shard, always, at one epoch: the only replica decides for everyone."""
+
+    def __init__(self, shards: int = NUDGE_SHARDS) -> None:
+        self.shards = shards
+        self._all = dict.fromkeys(range(shards), 0)
+
+    async def held(self) -> dict[int, int]:
+        return dict(self._all)
+
+
+class LocalCluster:
+    """A cluster of one process (SQLite): see the module docstring."""
+
+    def __init__(self, hub: LocalHub | None = None) -> None:
+        self.signals: Signals = LocalSignals(hub)
+        self.nudge_shards: Shards = AllShards()
+        self.events: EventFeedStorage | None = None
+
+    async def runs(self, job: str) -> bool:
+        return True
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+
+# -- PostgreSQL ----------------------------------------------------------------------------
+class PostgresSignals:
+    """Signals over the LISTEN/NOTIFY doorbell; payload "key sender" (ids only, never data)."""
+
+    def __init__(self, pool: PostgresPool, doorbell: Doorbell, sender: str) -> None:
+        self._pool = pool
+        self._doorbell = doorbell
+        self._sender = sender
+
+    async def ring(self, topic: str, key: int, *, conn: Connection | None = None) -> None:
+        _check_topic(topic)
+        payload = f"{int(key)} {self._sender}"
+        if conn is not None:
+            await ring(conn, topic, payload)
+            return
+        async with self._pool.transaction() as tx:
+            await ring(tx, topic, payload)
+
+    async def subscribe(self, topic: str, callback: Callback) -> Callable[[], None]:
+        _check_topic(topic)
+
+        def heard(payload: str | None) -> None:
+            if payload is None:
+                callback(None)
+                return
+            key, _, sender = payload.partition(" ")
+            if sender == self._sender:
+                return  # this replica acted on its own change in-process
+            try:
+                parsed = int(key)
+            except ValueError:
+                log.warning("ignoring a malformed cluster signal", extra={"topic": topic})
+                return
+            callback(parsed)
+
+        return await self._doorbell.subscribe(topic, heard)
+
+
+class LeasedShards:
+    """The nudge shards this replica holds in a lease group."""
+
+    def __init__(self, group: LeaseGroup) -> None:
+        self.shards = group.shards
+        self._group = group
+
+    async def held(self) -> dict[int, int]:
+        return await self._group.held()
+
+
+class PostgresCluster:
+    """N replicas over one PostgreSQL: see the module docstring."""
+
+    def __init__(
+        self,
+        pool: PostgresPool,
+        dsn: str,
+        *,
+        replica: str | None = None,
+        ttl_s: float = DEFAULT_TTL_S,
+        now_us: NowUs | None = None,
+        nudge_shards: int = NUDGE_SHARDS,
+        keepalive_s: float | None = None,
+        events_feed: bool = True,
+    ) -> None:
+        """`events_feed=False` keeps the nudge features on this process's bus (for data
+        ingested elsewhere than the PostgreSQL events table)."""
+        self.replica = replica or secrets.token_hex(8)
+        kwargs: dict[str, Any] = {} if keepalive_s is None else {"keepalive_s": keepalive_s}
+        self.doorbell = Doorbell(dsn, **kwargs)
+        self.signals: Signals = PostgresSignals(pool, self.doorbell, self.replica)
+        self.nudge_leases = LeaseGroup(
+            pool, "nudges", nudge_shards, ttl_s=ttl_s, holder=self.replica, now_us=now_us
+        )
+        self.job_leases = LeaseGroup(
+            pool, "jobs", len(JOBS), ttl_s=ttl_s, holder=self.replica, now_us=now_us
+        )
+        self.nudge_shards: Shards = LeasedShards(self.nudge_leases)
+        self.events: EventFeedStorage | None = PostgresEventFeed(pool) if events_feed else None
+
+    async def runs(self, job: str) -> bool:
+        return await self.job_leases.holds(JOBS.index(job))
+
+    async def start(self) -> None:
+        await self.doorbell.start()
+        # A first round before serving, so a lone replica decides from its first tick.
+        for group in (self.nudge_leases, self.job_leases):
+            with contextlib.suppress(Exception):
+                await group.renew()
+            group.start()
+
+    async def stop(self, *, release: bool = True) -> None:
+        """Stop renewing (giving the leases back unless `release` is False, as a crash would
+        not) and stop listening."""
+        for group in (self.nudge_leases, self.job_leases):
+            try:
+                await group.stop(release=release)
+            except Exception:
+                log.warning("releasing the %s leases failed; they expire", group.group)
+        await self.doorbell.stop()
+
+
+def once(
+    cluster: Cluster, job: str, fn: Callable[[], Awaitable[object]]
+) -> Callable[[], Awaitable[None]]:
+    """`fn` as a periodic job that runs only on the replica holding the job's lease."""
+    if job not in JOBS:
+        raise ValueError(f"unknown cluster-wide job {job!r}")
+
+    async def run() -> None:
+        if await cluster.runs(job):
+            await fn()
+
+    return run
+
+
+def spawn(tasks: set[asyncio.Task[None]], coro: Awaitable[None], name: str) -> None:
+    """Run `coro` from a synchronous callback, keeping its task referenced until done."""
+
+    async def guarded() -> None:
+        try:
+            await coro
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("cluster signal handling failed", extra={"task": name})
+
+    task = asyncio.get_running_loop().create_task(guarded(), name=name)
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
