@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -88,7 +89,8 @@ def check(
 ) -> Calibration:
     """The trial-design randomized arm for each seed, pooled, against every trial row."""
     if jobs > 1:
-        with ProcessPoolExecutor(jobs) as pool:
+        # Spawned, not forked: a process that already runs gRPC threads must not fork.
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             parts = list(
                 pool.map(
                     _seed_points,
