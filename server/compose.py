@@ -173,7 +173,7 @@ async def build(
         consent=consent,
         timeline=timeline,
         catalog=catalog,
-        profiles=profile_source(app, catalog.policy),
+        profiles=profile_source(profiles, catalog.policy),
         registry=ModelRegistry(config.data_dir / "nudge_models"),
         push=push_provider(config.nudges),
         decision_seconds=metrics.nudge_decision,

@@ -30,7 +30,7 @@ class DefaultProfiles:
 
 
 class StoreProfiles:
-    """Reads `app.profiles.get(user_id)` (a pulsesync.v1.Profile), falling back to defaults."""
+    """Reads `store.get(user_id)` (a pulsesync.v1.Profile), falling back to defaults."""
 
     def __init__(self, store: Any, defaults: DefaultProfiles) -> None:
         self._store = store
@@ -64,10 +64,10 @@ class StoreProfiles:
         )
 
 
-def profile_source(app: Any, settings: PolicySettings) -> ProfileSource:
-    """The profile store on the app context when the server has one, else the defaults."""
+def profile_source(store: Any | None, settings: PolicySettings) -> ProfileSource:
+    """The people's profiles from store (anything with `async get(user_id)`, the server's
+    ProfileStore) when there is one, else the defaults."""
     defaults = DefaultProfiles(settings)
-    store = getattr(app, "profiles", None)
-    if store is not None and hasattr(store, "get"):
+    if store is not None:
         return StoreProfiles(store, defaults)
     return defaults
