@@ -2,7 +2,8 @@
 
 One server process around SQLite is a cluster of one: `LocalCluster` delivers nothing to other
 processes (there are none), holds every shard of people and runs every cluster-wide job. On
-PostgreSQL, `PostgresCluster` makes N replicas act as one:
+PostgreSQL, `PostgresCluster` (server/postgres_cluster.py, which alone loads the driver)
+makes N replicas act as one:
 
 * Signals: a replica that commits a low-rate change another replica must act on rings a topic
   with a key (a person, a device) on the LISTEN/NOTIFY doorbell; the other replicas read the
@@ -20,21 +21,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Final, Protocol
-
-from pulsesync.server.storage.postgres.doorbell import Doorbell, ring
-from pulsesync.server.storage.postgres.feed import PostgresEventFeed
-from pulsesync.server.storage.postgres.leases import DEFAULT_TTL_S, LeaseGroup, NowUs, shard_of
-from pulsesync.server.storage.postgres.pool import Connection, PostgresPool
+from typing import TYPE_CHECKING, Final, Protocol
 
 if TYPE_CHECKING:
     from pulsesync.server.nudges.shard_feed import EventFeedStorage
+    from pulsesync.server.storage.postgres.pool import Connection
 
 log = logging.getLogger(__name__)
 
-__all__ = ["shard_of"]  # the shard of a person, for the engines deciding per shard
 
 # Topics, keyed by the id the receiving replica reads the data with.
 PROFILE_CHANGED: Final = "profile_changed"  # user_id: read the new versions
@@ -49,6 +44,12 @@ TOPICS: Final = (PROFILE_CHANGED, CONSENT_CHANGED, DEVICE_REVOKED, USER_ERASED, 
 NUDGE_SHARDS: Final = 64
 # Cluster-wide jobs; each one is a shard of the "jobs" lease group, so replicas share them out.
 JOBS: Final = ("retention", "nudge-outcomes")
+
+
+def shard_of(user_id: int, shards: int) -> int:
+    """The shard of a person: ids are dense, so a modulo spreads them evenly."""
+    return user_id % shards
+
 
 # key, or None after the doorbell reconnected: "rings may have been missed, read again".
 Callback = Callable[[int | None], None]
@@ -163,107 +164,6 @@ class LocalCluster:
 
     async def stop(self) -> None:
         return None
-
-
-# -- PostgreSQL ----------------------------------------------------------------------------
-class PostgresSignals:
-    """Signals over the LISTEN/NOTIFY doorbell; payload "key sender" (ids only, never data)."""
-
-    def __init__(self, pool: PostgresPool, doorbell: Doorbell, sender: str) -> None:
-        self._pool = pool
-        self._doorbell = doorbell
-        self._sender = sender
-
-    async def ring(self, topic: str, key: int, *, conn: Connection | None = None) -> None:
-        _check_topic(topic)
-        payload = f"{int(key)} {self._sender}"
-        if conn is not None:
-            await ring(conn, topic, payload)
-            return
-        async with self._pool.transaction() as tx:
-            await ring(tx, topic, payload)
-
-    async def subscribe(self, topic: str, callback: Callback) -> Callable[[], None]:
-        _check_topic(topic)
-
-        def heard(payload: str | None) -> None:
-            if payload is None:
-                callback(None)
-                return
-            key, _, sender = payload.partition(" ")
-            if sender == self._sender:
-                return  # this replica acted on its own change in-process
-            try:
-                parsed = int(key)
-            except ValueError:
-                log.warning("ignoring a malformed cluster signal", extra={"topic": topic})
-                return
-            callback(parsed)
-
-        return await self._doorbell.subscribe(topic, heard)
-
-
-class LeasedShards:
-    """The nudge shards this replica holds in a lease group."""
-
-    def __init__(self, group: LeaseGroup) -> None:
-        self.shards = group.shards
-        self._group = group
-
-    async def held(self) -> dict[int, int]:
-        return await self._group.held()
-
-
-class PostgresCluster:
-    """N replicas over one PostgreSQL: see the module docstring."""
-
-    def __init__(
-        self,
-        pool: PostgresPool,
-        dsn: str,
-        *,
-        replica: str | None = None,
-        ttl_s: float = DEFAULT_TTL_S,
-        now_us: NowUs | None = None,
-        nudge_shards: int = NUDGE_SHARDS,
-        keepalive_s: float | None = None,
-        events_feed: bool = True,
-    ) -> None:
-        """`events_feed=False` keeps the nudge features on this process's bus (for data
-        ingested elsewhere than the PostgreSQL events table)."""
-        self.replica = replica or secrets.token_hex(8)
-        kwargs: dict[str, Any] = {} if keepalive_s is None else {"keepalive_s": keepalive_s}
-        self.doorbell = Doorbell(dsn, **kwargs)
-        self.signals: Signals = PostgresSignals(pool, self.doorbell, self.replica)
-        self.nudge_leases = LeaseGroup(
-            pool, "nudges", nudge_shards, ttl_s=ttl_s, holder=self.replica, now_us=now_us
-        )
-        self.job_leases = LeaseGroup(
-            pool, "jobs", len(JOBS), ttl_s=ttl_s, holder=self.replica, now_us=now_us
-        )
-        self.nudge_shards: Shards = LeasedShards(self.nudge_leases)
-        self.events: EventFeedStorage | None = PostgresEventFeed(pool) if events_feed else None
-
-    async def runs(self, job: str) -> bool:
-        return await self.job_leases.holds(JOBS.index(job))
-
-    async def start(self) -> None:
-        await self.doorbell.start()
-        # A first round before serving, so a lone replica decides from its first tick.
-        for group in (self.nudge_leases, self.job_leases):
-            with contextlib.suppress(Exception):
-                await group.renew()
-            group.start()
-
-    async def stop(self, *, release: bool = True) -> None:
-        """Stop renewing (giving the leases back unless `release` is False, as a crash would
-        not) and stop listening."""
-        for group in (self.nudge_leases, self.job_leases):
-            try:
-                await group.stop(release=release)
-            except Exception:
-                log.warning("releasing the %s leases failed; they expire", group.group)
-        await self.doorbell.stop()
 
 
 def once(

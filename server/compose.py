@@ -243,7 +243,7 @@ def event_writer(storage: Storage, metrics: Metrics) -> EventWriter:
 def _postgres_cluster(config: ServerConfig, storage: Storage) -> Cluster:
     """This replica among the others over the same PostgreSQL: rings on the doorbell, nudge
     shards and jobs by lease, features from the events table."""
-    from pulsesync.server.cluster import PostgresCluster
+    from pulsesync.server.postgres_cluster import PostgresCluster
 
     dsn = config.store.dsn
     assert storage.pool is not None

@@ -177,3 +177,17 @@ def test_a_command_group_is_still_built_in_full_when_named() -> None:
 
     args = build_parser(load=("keys",)).parse_args(["keys", "rotate", "--data-dir", "x"])
     assert args.command == "keys"
+
+
+def test_a_sqlite_server_never_loads_the_postgresql_driver() -> None:
+    # `pip install ".[server]"` (or ".[demo]") has no asyncpg: serving, the demo and the admin
+    # commands on SQLite must not import it.
+    probe = (
+        "import sys, pulsesync.server.app, pulsesync.server.cli, pulsesync.server.compose, "
+        "pulsesync.server.demo.world; "
+        "print(','.join(m for m in sys.modules if m.split('.')[0] in ('asyncpg', 'psycopg')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=100
+    )
+    assert out.stdout.strip() == ""

@@ -38,11 +38,6 @@ NowUs = Callable[[], Awaitable[int]]
 OnChange = Callable[[frozenset[int], frozenset[int]], None]  # (acquired, lost)
 
 
-def shard_of(user_id: int, shards: int) -> int:
-    """The shard of a person: ids are dense, so a modulo spreads them evenly."""
-    return user_id % shards
-
-
 class LeaseGroup:
     """This replica's part of one lease group."""
 

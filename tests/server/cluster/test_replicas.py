@@ -23,8 +23,8 @@ import pytest
 from pulsesync.server import app as app_module
 from pulsesync.server import compose
 from pulsesync.server.app import RunningServer, running_server
-from pulsesync.server.cluster import PostgresCluster
 from pulsesync.server.config import ServerConfig
+from pulsesync.server.postgres_cluster import PostgresCluster
 from pulsesync.server.storage.nudges import DecisionRow, NewNudge, NudgeRow
 from pulsesync.server.storage.postgres.pool import PostgresPool
 from pulsesync.status import error_info

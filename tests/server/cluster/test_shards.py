@@ -17,8 +17,9 @@ import pytest
 
 from pulsesync.server.app import RunningServer, running_server
 from pulsesync.server.clock import FakeClock
-from pulsesync.server.cluster import JOBS, LocalCluster, PostgresCluster, shard_of
+from pulsesync.server.cluster import JOBS, LocalCluster, shard_of
 from pulsesync.server.config import NudgeConfig, ServerConfig
+from pulsesync.server.postgres_cluster import PostgresCluster
 from pulsesync.server.storage.postgres.pool import PostgresPool
 from pulsesync.v1 import common_pb2
 from tests.server.nudges.support import device_pk_of, steps_event, store

@@ -12,8 +12,8 @@ from pulsesync.server.cluster import (
     PROFILE_CHANGED,
     LocalCluster,
     LocalHub,
-    PostgresCluster,
 )
+from pulsesync.server.postgres_cluster import PostgresCluster
 from pulsesync.server.storage.postgres.pool import PostgresPool
 from tests.support.postgres import until
 

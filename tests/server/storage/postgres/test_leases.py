@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from pulsesync.server.storage.postgres.leases import LeaseGroup, shard_of
+from pulsesync.server.cluster import shard_of
+from pulsesync.server.storage.postgres.leases import LeaseGroup
 from pulsesync.server.storage.postgres.pool import PostgresPool
 from tests.support.postgres import until
 
