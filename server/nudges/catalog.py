@@ -1,12 +1,12 @@
 """The nudge catalog: types, their limits and the policy settings, from a TOML file.
 
-The defaults ship as `catalog.toml` beside this module; `PULSESYNC_NUDGE_CATALOG` (or the
-`NudgeConfig.catalog`) points at an override whose keys replace the defaults'.
+The defaults ship as `catalog.toml` beside this module; `NudgeConfig.catalog` (the `--catalog`
+flag or `PULSESYNC_NUDGE_CATALOG`, read by the one configuration loader) points at an override
+whose keys replace the defaults'.
 """
 
 from __future__ import annotations
 
-import os
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -190,9 +190,8 @@ def default_catalog_text() -> str:
 def load_catalog(
     path: str | Path | None = None, overrides: dict[str, Any] | None = None
 ) -> Catalog:
-    """The default catalog, with the file at path (or $PULSESYNC_NUDGE_CATALOG) and overrides merged in."""
+    """The default catalog, with the file at path and overrides merged in."""
     raw = tomllib.loads(default_catalog_text())
-    path = path or os.environ.get("PULSESYNC_NUDGE_CATALOG")
     if path:
         try:
             raw = _merge(raw, tomllib.loads(Path(path).read_text("utf-8")))

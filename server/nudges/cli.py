@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pulsesync.server.nudges.catalog import load_catalog
+from pulsesync.server.nudges.catalog import Catalog, load_catalog
 from pulsesync.server.nudges.registry import ModelRegistry, version_name
 from pulsesync.server.nudges.training import (
     DEFAULT_HOLDOUT,
@@ -37,6 +37,13 @@ def _paths(args: argparse.Namespace) -> tuple[Path, ModelRegistry]:
     return config.database, ModelRegistry(args.models or config.data_dir / "nudge_models")
 
 
+def _catalog(args: argparse.Namespace) -> Catalog:
+    """--catalog, else the configured one (PULSESYNC_NUDGE_CATALOG), else the defaults."""
+    from pulsesync.server.cli import config_from
+
+    return load_catalog(args.catalog or config_from(args).nudges.catalog)
+
+
 def _latest(registry: ModelRegistry, version: int | None) -> int:
     if version is not None:
         return version
@@ -51,7 +58,7 @@ async def cmd_train(args: argparse.Namespace) -> int:
     async with await Database.open(db_path) as db:
         try:
             version = await train_candidate(
-                SqliteNudgeStorage(db), load_catalog(args.catalog), registry, args.holdout
+                SqliteNudgeStorage(db), _catalog(args), registry, args.holdout
             )
         except ValueError as e:
             raise SystemExit(f"cannot train: {e}") from None
@@ -64,7 +71,7 @@ async def cmd_train(args: argparse.Namespace) -> int:
 async def cmd_evaluate(args: argparse.Namespace) -> int:
     db_path, registry = _paths(args)
     version = _latest(registry, args.version)
-    catalog = load_catalog(args.catalog)
+    catalog = _catalog(args)
     async with await Database.open(db_path) as db:
         try:
             ev = await evaluate_candidate(SqliteNudgeStorage(db), catalog, registry, version)
@@ -139,7 +146,7 @@ async def cmd_import_log(args: argparse.Namespace) -> int:
     from pulsesync.server.nudges.importlog import LogFormatError, import_file
 
     db_path, _ = _paths(args)
-    catalog = load_catalog(args.catalog)
+    catalog = _catalog(args)
     async with await Database.open(db_path) as db:
         try:
             summary = await import_file(SqliteNudgeStorage(db), args.file, catalog.actions)
