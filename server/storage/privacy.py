@@ -18,6 +18,18 @@ USER_COLUMN: Final = "user_id"
 _SECRET_COLUMN: Final = re.compile(
     r"(_hash$|^hash$|secret|^token|_token$|wrapped|^key$|_key$|nonce|ciphertext)"
 )
+# Identifiers taken from the schema (table and column names) before they are quoted into SQL.
+_NAME: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Tables that record nudges sent, in order of preference, and the column marking delivery.
+_NUDGE_TABLES: Final = ("nudges", "nudge_deliveries", "nudge_decisions")
+_DELIVERY_COLUMNS: Final = ("delivered_us", "deliver_us", "sent_us", "send_us")
+
+
+def quote(name: str) -> str:
+    """An identifier from the schema, quoted for SQL (names are checked, never user input)."""
+    if not _NAME.match(name):
+        raise ValueError(f"unexpected identifier in schema: {name!r}")
+    return f'"{name}"'
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +75,11 @@ class AuditRow:
     actor: str
     subject: str
     detail_json: str
+
+
+def audit_params(row: AuditRow) -> tuple[int, str, str, str, str]:
+    """The audit row as the parameters of its INSERT, in column order."""
+    return (row.at_us, row.action, row.actor, row.subject, row.detail_json)
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,3 +203,15 @@ class PrivacyStorage(Protocol):
         ...
 
     async def delete_quarantine_before(self, cutoff_us: int, limit: int) -> int: ...
+
+
+def nudges_sent_source(present: dict[str, UserTable]) -> tuple[str, str] | None:
+    """Where a person's sent nudges are counted: (quoted table, extra WHERE condition, "" for
+    none) from the first nudge table present, or None when there is none."""
+    for name in _NUDGE_TABLES:
+        table = present.get(name)
+        if table is None:
+            continue
+        column = next((c for c in _DELIVERY_COLUMNS if table.has(c)), None)
+        return quote(name), f" AND {quote(column)} IS NOT NULL" if column else ""
+    return None

@@ -12,7 +12,6 @@ destroyed.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import AsyncIterator
 from typing import Final
@@ -34,24 +33,16 @@ from pulsesync.server.storage.privacy import (
     StoredAuditRow,
     SummaryRows,
     UserTable,
+    audit_params,
+    nudges_sent_source,
+    quote,
 )
 
-_NAME: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Rows fetched per round trip by the export cursor.
 _FETCH_ROWS: Final = 500
-# Tables that record nudges sent, in order of preference, and the column marking delivery.
-_NUDGE_TABLES: Final = ("nudges", "nudge_deliveries", "nudge_decisions")
-_DELIVERY_COLUMNS: Final = ("delivered_us", "deliver_us", "sent_us", "send_us")
 _AUDIT_INSERT: Final = (
     "INSERT INTO privacy_audit (at_us, action, actor, subject, detail) VALUES ($1, $2, $3, $4, $5)"
 )
-
-
-def quote(name: str) -> str:
-    """An identifier from the schema, quoted for SQL (names are checked, never user input)."""
-    if not _NAME.match(name):
-        raise ValueError(f"unexpected identifier in schema: {name!r}")
-    return f'"{name}"'
 
 
 async def user_tables(conn: Connection) -> list[UserTable]:
@@ -70,10 +61,6 @@ async def user_tables(conn: Connection) -> list[UserTable]:
     found = [t for t in found if t.has(USER_COLUMN)]
     found.sort(key=lambda t: (t.name == "users", t.name))
     return found
-
-
-def _audit_params(row: AuditRow) -> tuple[int, str, str, str, str]:
-    return (row.at_us, row.action, row.actor, row.subject, row.detail_json)
 
 
 class PostgresPrivacyStorage:
@@ -117,7 +104,7 @@ class PostgresPrivacyStorage:
                 receipt.deleted_counts_json,
                 receipt.signature,
             )
-            await tx.execute(_AUDIT_INSERT, *_audit_params(audit))
+            await tx.execute(_AUDIT_INSERT, *audit_params(audit))
         return receipt, audit
 
     async def sweep_rows(self, user_id: int, tables: list[UserTable]) -> int:
@@ -156,7 +143,7 @@ class PostgresPrivacyStorage:
         return int(total or 0)
 
     async def append_audit(self, row: AuditRow) -> None:
-        await self._pool.execute(_AUDIT_INSERT, *_audit_params(row))
+        await self._pool.execute(_AUDIT_INSERT, *audit_params(row))
 
     async def audit_entries(self, limit: int, action: str | None) -> list[StoredAuditRow]:
         sql = "SELECT audit_id, at_us, action, actor, subject, detail FROM privacy_audit"
@@ -256,14 +243,11 @@ class PostgresPrivacyStorage:
 
 
 async def _nudges_sent(conn: Connection, present: dict[str, UserTable], user_id: int) -> int:
-    for name in _NUDGE_TABLES:
-        table = present.get(name)
-        if table is None:
-            continue
-        column = next((c for c in _DELIVERY_COLUMNS if table.has(c)), None)
-        where = f" AND {quote(column)} IS NOT NULL" if column else ""
-        found = await conn.fetchval(
-            f"SELECT COUNT(*) FROM {quote(name)} WHERE {USER_COLUMN} = $1{where}", user_id
-        )
-        return int(found or 0)
-    return 0
+    source = nudges_sent_source(present)
+    if source is None:
+        return 0
+    table, where = source
+    found = await conn.fetchval(
+        f"SELECT COUNT(*) FROM {table} WHERE {USER_COLUMN} = $1{where}", user_id
+    )
+    return int(found or 0)

@@ -4,7 +4,6 @@ snapshot export, summary counts and chunked retention deletes."""
 from __future__ import annotations
 
 import asyncio
-import re
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -29,21 +28,13 @@ from pulsesync.server.storage.privacy import (
     StoredAuditRow,
     SummaryRows,
     UserTable,
+    audit_params,
+    nudges_sent_source,
+    quote,
 )
 
-_NAME: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Rows fetched per round trip to the database thread.
 _FETCH_ROWS: Final = 500
-# Tables that record nudges sent, in order of preference, and the column marking delivery.
-_NUDGE_TABLES: Final = ("nudges", "nudge_deliveries", "nudge_decisions")
-_DELIVERY_COLUMNS: Final = ("delivered_us", "deliver_us", "sent_us", "send_us")
-
-
-def quote(name: str) -> str:
-    """An identifier from the schema, quoted for SQL (names are checked, never user input)."""
-    if not _NAME.match(name):
-        raise ValueError(f"unexpected identifier in schema: {name!r}")
-    return f'"{name}"'
 
 
 async def all_tables(conn: aiosqlite.Connection) -> list[UserTable]:
@@ -104,10 +95,6 @@ _AUDIT_INSERT: Final = (
 )
 
 
-def _audit_params(row: AuditRow) -> tuple[int, str, str, str, str]:
-    return (row.at_us, row.action, row.actor, row.subject, row.detail_json)
-
-
 class SqlitePrivacyStorage:
     def __init__(self, db: Database) -> None:
         self._db = db
@@ -153,7 +140,7 @@ class SqlitePrivacyStorage:
                     receipt.signature,
                 ),
             )
-            await tx.execute(_AUDIT_INSERT, _audit_params(audit))
+            await tx.execute(_AUDIT_INSERT, audit_params(audit))
         return receipt, audit
 
     async def sweep_rows(self, user_id: int, tables: list[UserTable]) -> int:
@@ -173,7 +160,7 @@ class SqlitePrivacyStorage:
 
     async def append_audit(self, row: AuditRow) -> None:
         async with self._db.transaction() as tx:
-            await tx.execute(_AUDIT_INSERT, _audit_params(row))
+            await tx.execute(_AUDIT_INSERT, audit_params(row))
 
     async def audit_entries(self, limit: int, action: str | None) -> list[StoredAuditRow]:
         sql = "SELECT audit_id, at_us, action, actor, subject, detail FROM privacy_audit"
@@ -263,18 +250,15 @@ class SqlitePrivacyStorage:
         )
 
     async def _nudges_sent(self, present: dict[str, UserTable], user_id: int) -> int:
-        for name in _NUDGE_TABLES:
-            table = present.get(name)
-            if table is None:
-                continue
-            column = next((c for c in _DELIVERY_COLUMNS if table.has(c)), None)
-            where = f" AND {quote(column)} IS NOT NULL" if column else ""
-            async with self._db.reader.execute(
-                f"SELECT COUNT(*) FROM {quote(name)} WHERE {USER_COLUMN} = ?{where}", (user_id,)
-            ) as c:
-                row = await c.fetchone()
-            return int(row[0]) if row else 0
-        return 0
+        source = nudges_sent_source(present)
+        if source is None:
+            return 0
+        table, where = source
+        async with self._db.reader.execute(
+            f"SELECT COUNT(*) FROM {table} WHERE {USER_COLUMN} = ?{where}", (user_id,)
+        ) as c:
+            row = await c.fetchone()
+        return int(row[0]) if row else 0
 
     async def _delete_chunk(self, sql: str, params: tuple[int, ...]) -> int:
         async with self._db.transaction() as tx:
