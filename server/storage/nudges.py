@@ -4,8 +4,16 @@ and outcomes. JSON-valued columns travel as already-encoded strings: the engine 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Final, Protocol
+
+
+class Row(Protocol):
+    """A result row of either backend (a tuple, sqlite3.Row, asyncpg.Record), by position."""
+
+    def __getitem__(self, index: int, /) -> Any: ...
+    def __iter__(self) -> Iterator[Any]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +30,21 @@ class NudgeRow:
     create_us: int
     expire_us: int
 
+    @classmethod
+    def from_row(cls, r: Row) -> NudgeRow:
+        """A nudge from a result row whose first columns are NUDGE_COLUMNS."""
+        return cls(
+            str(r[0]), str(r[1]), str(r[2]), str(r[3]), str(r[4]),
+            float(r[5]), str(r[6]), int(r[7]), int(r[8]),
+        )  # fmt: skip
+
+
+# The columns NudgeRow.from_row reads, in order, of the nudges table aliased `n`.
+NUDGE_COLUMNS: Final = (
+    "n.nudge_id, n.nudge_type, n.title, n.message, n.data, n.probability, n.reasons,"
+    " n.create_us, n.expire_us"
+)
+
 
 @dataclass(frozen=True, slots=True)
 class NudgeHistoryRow:
@@ -34,6 +57,20 @@ class NudgeHistoryRow:
     outcome_complete: bool
     device_id: str | None
     feedback: tuple[int, ...]
+
+    @classmethod
+    def from_row(cls, r: Row, feedback: tuple[int, ...]) -> NudgeHistoryRow:
+        """From NUDGE_COLUMNS followed by deliver_us, outcome_metric, outcome_value,
+        outcome_complete and the routed device's id."""
+        return cls(
+            NudgeRow.from_row(r),
+            None if r[9] is None else int(r[9]),
+            str(r[10]),
+            None if r[11] is None else float(r[11]),
+            bool(r[12]),
+            None if r[13] is None else str(r[13]),
+            feedback,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +131,12 @@ class TrainingRow:
     outcome_steps: float
     acted: bool
 
+    @classmethod
+    def from_row(cls, r: Row) -> TrainingRow:
+        """From (user_id, decision_us, features, options, chosen, probability, outcome, acted)."""
+        u, at, f, o, c, p, out, a = r
+        return cls(int(u), int(at), str(f), str(o), str(c), float(p), float(out), bool(a))
+
 
 @dataclass(frozen=True, slots=True)
 class ImportedDecision:
@@ -120,6 +163,16 @@ class LoggedOutcome:
     probability: float
     outcome_steps: float | None
     outcome_complete: bool
+
+    @classmethod
+    def from_row(cls, r: Row) -> LoggedOutcome:
+        """From (user_id, decision_us, policy_version, options, chosen, probability,
+        outcome_steps, outcome_complete)."""
+        u, at, v, o, c, p, out, done = r
+        return cls(
+            int(u), int(at), str(v), str(o), str(c), float(p),
+            None if out is None else float(out), bool(done),
+        )  # fmt: skip
 
 
 class NudgeStorage(Protocol):

@@ -8,11 +8,8 @@ which keeps each on one shard when the tables are distributed by user_id.
 
 from __future__ import annotations
 
-from typing import Final
-
-import asyncpg
-
 from pulsesync.server.storage.nudges import (
+    NUDGE_COLUMNS,
     DecisionRow,
     ImportedDecision,
     LoggedOutcome,
@@ -25,18 +22,6 @@ from pulsesync.server.storage.nudges import (
 )
 from pulsesync.server.storage.postgres.pool import PostgresPool
 from pulsesync.server.storage.postgres.profiles import affected
-
-_NUDGE_COLUMNS: Final = (
-    "n.nudge_id, n.nudge_type, n.title, n.message, n.data, n.probability, n.reasons,"
-    " n.create_us, n.expire_us"
-)
-
-
-def _nudge(r: asyncpg.Record) -> NudgeRow:
-    return NudgeRow(
-        str(r[0]), str(r[1]), str(r[2]), str(r[3]), str(r[4]),
-        float(r[5]), str(r[6]), int(r[7]), int(r[8]),
-    )  # fmt: skip
 
 
 # People whose latest choice for the category (parameter $n) grants it.
@@ -89,13 +74,13 @@ class PostgresNudgeStorage:
 
     async def pending(self, user_id: int, device_pk: int, now_us: int) -> list[NudgeRow]:
         rows = await self._pool.fetch(
-            f"SELECT {_NUDGE_COLUMNS} FROM nudges n WHERE n.user_id = $1 AND n.device_pk = $2"
+            f"SELECT {NUDGE_COLUMNS} FROM nudges n WHERE n.user_id = $1 AND n.device_pk = $2"
             " AND n.state = 'pending' AND n.expire_us > $3 ORDER BY n.create_us, n.decision_id",
             user_id,
             device_pk,
             now_us,
         )
-        return [_nudge(r) for r in rows]
+        return [NudgeRow.from_row(r) for r in rows]
 
     async def mark_delivered(
         self, nudge_id: str, device_pk: int, channel: str, now_us: int
@@ -237,7 +222,7 @@ class PostgresNudgeStorage:
             params += [after[0], after[1]]
         async with self._pool.transaction(isolation="repeatable_read", readonly=True) as tx:
             rows = await tx.fetch(
-                f"SELECT {_NUDGE_COLUMNS}, n.deliver_us, n.outcome_metric, n.outcome_value,"
+                f"SELECT {NUDGE_COLUMNS}, n.deliver_us, n.outcome_metric, n.outcome_value,"
                 " n.outcome_complete, d.device_id"
                 " FROM nudges n LEFT JOIN devices d"
                 " ON d.user_id = n.user_id AND d.device_pk = n.device_pk"
@@ -257,18 +242,7 @@ class PostgresNudgeStorage:
                     list(feedback),
                 ):
                     feedback[str(nudge_id)].append(int(action))
-        return [
-            NudgeHistoryRow(
-                _nudge(r),
-                None if r[9] is None else int(r[9]),
-                str(r[10]),
-                None if r[11] is None else float(r[11]),
-                bool(r[12]),
-                None if r[13] is None else str(r[13]),
-                tuple(feedback[str(r[0])]),
-            )
-            for r in rows
-        ]
+        return [NudgeHistoryRow.from_row(r, tuple(feedback[str(r[0])])) for r in rows]
 
     async def training_rows(
         self, since_us: int, acted_action: int, consent_category: int
@@ -294,10 +268,7 @@ class PostgresNudgeStorage:
         rows = [tuple(r) for r in own]
         if imported:
             rows = sorted([*rows, *(tuple(r) for r in imported)], key=lambda r: int(r[1]))
-        return [
-            TrainingRow(int(u), int(at), str(f), str(o), str(c), float(p), float(out), bool(a))
-            for u, at, f, o, c, p, out, a in rows
-        ]
+        return [TrainingRow.from_row(r) for r in rows]
 
     async def replace_imported(self, source: str, rows: list[ImportedDecision]) -> int:
         async with self._pool.transaction() as tx:
@@ -334,16 +305,4 @@ class PostgresNudgeStorage:
             " outcome_steps, outcome_complete FROM nudge_decisions"
             " ORDER BY decision_us, decision_id"
         )
-        return [
-            LoggedOutcome(
-                int(u),
-                int(at),
-                str(v),
-                str(o),
-                str(c),
-                float(p),
-                None if out is None else float(out),
-                bool(done),
-            )
-            for u, at, v, o, c, p, out, done in rows
-        ]
+        return [LoggedOutcome.from_row(r) for r in rows]

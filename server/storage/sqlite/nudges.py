@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import sqlite3
 from typing import Final
 
 from pulsesync.server.storage.db import Database
 from pulsesync.server.storage.nudges import (
+    NUDGE_COLUMNS,
     DecisionRow,
     ImportedDecision,
     LoggedOutcome,
@@ -17,19 +17,6 @@ from pulsesync.server.storage.nudges import (
     PushTargetRow,
     TrainingRow,
 )
-
-_NUDGE_COLUMNS: Final = (
-    "n.nudge_id, n.nudge_type, n.title, n.message, n.data, n.probability, n.reasons,"
-    " n.create_us, n.expire_us"
-)
-
-
-def _nudge(r: sqlite3.Row | tuple[object, ...]) -> NudgeRow:
-    return NudgeRow(
-        str(r[0]), str(r[1]), str(r[2]), str(r[3]), str(r[4]),
-        float(r[5]), str(r[6]), int(r[7]), int(r[8]),  # type: ignore[arg-type]
-    )  # fmt: skip
-
 
 _CONSENTING: Final = (
     "SELECT c.user_id FROM consent_ledger c WHERE c.category = ? AND c.granted = 1"
@@ -76,11 +63,11 @@ class SqliteNudgeStorage:
 
     async def pending(self, user_id: int, device_pk: int, now_us: int) -> list[NudgeRow]:
         async with self._db.reader.execute(
-            f"SELECT {_NUDGE_COLUMNS} FROM nudges n WHERE n.user_id = ? AND n.device_pk = ?"
+            f"SELECT {NUDGE_COLUMNS} FROM nudges n WHERE n.user_id = ? AND n.device_pk = ?"
             " AND n.state = 'pending' AND n.expire_us > ? ORDER BY n.create_us",
             (user_id, device_pk, now_us),
         ) as cur:
-            return [_nudge(r) for r in await cur.fetchall()]
+            return [NudgeRow.from_row(r) for r in await cur.fetchall()]
 
     async def mark_delivered(
         self, nudge_id: str, device_pk: int, channel: str, now_us: int
@@ -204,7 +191,7 @@ class SqliteNudgeStorage:
             keyset = " AND (n.create_us < ? OR (n.create_us = ? AND n.nudge_id > ?))"
             params += [after[0], after[0], after[1]]
         async with self._db.reader.execute(
-            f"SELECT {_NUDGE_COLUMNS}, n.deliver_us, n.outcome_metric, n.outcome_value,"
+            f"SELECT {NUDGE_COLUMNS}, n.deliver_us, n.outcome_metric, n.outcome_value,"
             " n.outcome_complete, d.device_id"
             " FROM nudges n LEFT JOIN devices d ON d.device_pk = n.device_pk"
             " WHERE n.user_id = ? AND n.create_us >= ? AND n.create_us < ?"
@@ -223,18 +210,7 @@ class SqliteNudgeStorage:
             ) as cur:
                 for nudge_id, action in await cur.fetchall():
                     feedback[str(nudge_id)].append(int(action))
-        return [
-            NudgeHistoryRow(
-                _nudge(r),
-                None if r[9] is None else int(r[9]),
-                str(r[10]),
-                None if r[11] is None else float(r[11]),
-                bool(r[12]),
-                None if r[13] is None else str(r[13]),
-                tuple(feedback[str(r[0])]),
-            )
-            for r in rows
-        ]
+        return [NudgeHistoryRow.from_row(r, tuple(feedback[str(r[0])])) for r in rows]
 
     async def training_rows(
         self, since_us: int, acted_action: int, consent_category: int
@@ -258,10 +234,7 @@ class SqliteNudgeStorage:
             imported = list(await cur.fetchall())
         if imported:
             rows = sorted([*rows, *imported], key=lambda r: int(r[1]))
-        return [
-            TrainingRow(int(u), int(at), str(f), str(o), str(c), float(p), float(out), bool(a))
-            for u, at, f, o, c, p, out, a in rows
-        ]
+        return [TrainingRow.from_row(r) for r in rows]
 
     async def replace_imported(self, source: str, rows: list[ImportedDecision]) -> int:
         async with self._db.transaction() as conn:
@@ -291,16 +264,4 @@ class SqliteNudgeStorage:
             "SELECT user_id, decision_us, policy_version, options, chosen, probability,"
             " outcome_steps, outcome_complete FROM nudge_decisions ORDER BY decision_us"
         ) as cur:
-            return [
-                LoggedOutcome(
-                    int(u),
-                    int(at),
-                    str(v),
-                    str(o),
-                    str(c),
-                    float(p),
-                    None if out is None else float(out),
-                    bool(done),
-                )
-                for u, at, v, o, c, p, out, done in await cur.fetchall()
-            ]
+            return [LoggedOutcome.from_row(r) for r in await cur.fetchall()]
