@@ -5,9 +5,10 @@ counts and a device's upload watermark. The write side is the ingest writer proc
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import asyncio
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Final, Protocol
 
 from pulsesync.v1 import events_pb2
 
@@ -80,3 +81,24 @@ class TimelineStorage(Protocol):
     async def upload_state(self, user_id: int, device_pk: int) -> UploadState:
         """The device's acked-through mark and last commit time, from what is stored."""
         ...
+
+
+# Rows a page parses on the event loop; a larger page is parsed in a worker thread.
+INLINE_PARSE_ROWS: Final = 100
+
+
+def _parse_page(rows: Sequence[Any]) -> list[StoredEvent]:
+    """The events of page rows (t_us, device_pk, seq, kind, body, device_id, device_kind)."""
+    parse = events_pb2.Event.FromString
+    return [
+        StoredEvent(str(r[5]), int(r[6]), int(r[2]), int(r[0]), int(r[3]), parse(r[4]))
+        for r in rows
+    ]
+
+
+async def page_events(rows: Sequence[Any]) -> list[StoredEvent]:
+    """The events of a page's rows (as _parse_page reads them), either backend's rows.
+    Parsing a large page would hold the event loop for milliseconds: a worker does it."""
+    if len(rows) > INLINE_PARSE_ROWS:
+        return await asyncio.to_thread(_parse_page, rows)
+    return _parse_page(rows)

@@ -6,23 +6,17 @@ the person first, so on a table sharded by person (docs/scaling.md) it runs on o
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Collection, Sequence
-from typing import Any
+from collections.abc import Collection
 
 from pulsesync.server.storage.postgres.pool import PostgresPool
-from pulsesync.server.storage.sqlite.timeline import INLINE_PARSE_ROWS
-from pulsesync.server.storage.timeline import ChangeCursor, Cursor, StoredEvent, UploadState
+from pulsesync.server.storage.timeline import (
+    ChangeCursor,
+    Cursor,
+    StoredEvent,
+    UploadState,
+    page_events,
+)
 from pulsesync.v1 import events_pb2
-
-
-def _parse(rows: Sequence[Any]) -> list[StoredEvent]:
-    """The events of rows (t_us, device_pk, seq, kind, body, device_id, device_kind)."""
-    parse = events_pb2.Event.FromString
-    return [
-        StoredEvent(str(r[5]), int(r[6]), int(r[2]), int(r[0]), int(r[3]), parse(r[4]))
-        for r in rows
-    ]
 
 
 class PostgresTimelineStorage:
@@ -60,11 +54,7 @@ class PostgresTimelineStorage:
         rows = await self._pool.fetch("".join(sql), *args)
         more = len(rows) > limit
         rows = rows[:limit]
-        # Parsing a large page would hold the event loop for milliseconds: a worker does it.
-        if len(rows) > INLINE_PARSE_ROWS:
-            events = await asyncio.to_thread(_parse, rows)
-        else:
-            events = _parse(rows)
+        events = await page_events(rows)
         if not more:
             return events, None
         last = rows[-1]

@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Collection, Sequence
-from typing import Final
+from collections.abc import Collection
 
 from pulsesync.server.storage.db import Database
-from pulsesync.server.storage.timeline import ChangeCursor, Cursor, StoredEvent, UploadState
+from pulsesync.server.storage.timeline import (
+    ChangeCursor,
+    Cursor,
+    StoredEvent,
+    UploadState,
+    page_events,
+)
 from pulsesync.v1 import events_pb2
-
-# Rows a page parses on the event loop; a larger page is parsed in a worker thread.
-INLINE_PARSE_ROWS: Final = 100
-
-
-def _parse_page(rows: Sequence[Sequence[object]]) -> list[StoredEvent]:
-    """The events of page rows (t_us, device_pk, seq, kind, body, device_id, device_kind)."""
-    parse = events_pb2.Event.FromString
-    return [
-        StoredEvent(str(device_id), int(dkind), int(seq), int(t_us), int(kind), parse(body))  # type: ignore[call-overload,arg-type]
-        for t_us, _pk, seq, kind, body, device_id, dkind in rows
-    ]
 
 
 class SqliteTimelineStorage:
@@ -60,11 +52,7 @@ class SqliteTimelineStorage:
             rows = list(await c.fetchall())
         more = len(rows) > limit
         rows = rows[:limit]
-        # Parsing a large page would hold the event loop for milliseconds: a worker does it.
-        if len(rows) > INLINE_PARSE_ROWS:
-            events = await asyncio.to_thread(_parse_page, rows)
-        else:
-            events = _parse_page(rows)
+        events = await page_events(rows)
         if not more:
             return events, None
         last = rows[-1]
