@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Final
 
@@ -23,6 +20,7 @@ import aiosqlite
 
 from pulsesync.server.errors import PulseSyncError, ResourceExhausted, Unavailable
 from pulsesync.server.storage.files import private_database
+from pulsesync.server.storage.versions import Migration, read_migrations
 
 log = logging.getLogger(__name__)
 
@@ -34,28 +32,11 @@ BUSY_TIMEOUT_MS: Final = 10_000
 # with a quarter of the page splits and WAL frames of SQLite's 4 KiB default: a writer measured
 # alone inserts ~17% faster (docs/benchmarks-history.md, Ingest).
 PAGE_SIZE: Final = 16384
-_MIGRATION_NAME: Final = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
-
-
-@dataclass(frozen=True, slots=True)
-class Migration:
-    version: int
-    name: str
-    sql: str
 
 
 def load_migrations() -> list[Migration]:
     """The numbered SQL files shipped in this package, in order."""
-    found: list[Migration] = []
-    for entry in resources.files("pulsesync.server.storage.migrations").iterdir():
-        match = _MIGRATION_NAME.match(entry.name)
-        if match:
-            found.append(Migration(int(match.group(1)), entry.name, entry.read_text("utf-8")))
-    found.sort(key=lambda m: m.version)
-    versions = [m.version for m in found]
-    if len(set(versions)) != len(versions):
-        raise RuntimeError(f"duplicate migration numbers: {versions}")
-    return found
+    return read_migrations("pulsesync.server.storage.migrations")
 
 
 def _configure(conn: sqlite3.Connection) -> None:

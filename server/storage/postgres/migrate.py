@@ -11,17 +11,14 @@ bookkeeping row, so a failure or a cancellation leaves it wholly applied or not 
 from __future__ import annotations
 
 import logging
-import re
 import time
-from dataclasses import dataclass
-from importlib import resources
 from typing import Final
 
 from pulsesync.server.storage.postgres.pool import Connection, PostgresPool
+from pulsesync.server.storage.versions import Migration, read_migrations
 
 log = logging.getLogger(__name__)
 
-_MIGRATION_NAME: Final = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 # The advisory lock key of the runner (any fixed bigint; this is "pulsesync" in ASCII).
 MIGRATION_LOCK: Final = 0x70756C736573796E
 # The main database's migrations; the key vault's own database has its own set
@@ -29,25 +26,9 @@ MIGRATION_LOCK: Final = 0x70756C736573796E
 MIGRATIONS: Final = "pulsesync.server.storage.postgres.migrations"
 
 
-@dataclass(frozen=True, slots=True)
-class Migration:
-    version: int
-    name: str
-    sql: str
-
-
 def load_migrations(package: str = MIGRATIONS) -> list[Migration]:
     """The numbered SQL files shipped in package, in order."""
-    found: list[Migration] = []
-    for entry in resources.files(package).iterdir():
-        match = _MIGRATION_NAME.match(entry.name)
-        if match:
-            found.append(Migration(int(match.group(1)), entry.name, entry.read_text("utf-8")))
-    found.sort(key=lambda m: m.version)
-    versions = [m.version for m in found]
-    if len(set(versions)) != len(versions):
-        raise RuntimeError(f"duplicate migration numbers: {versions}")
-    return found
+    return read_migrations(package)
 
 
 class NewerSchema(RuntimeError):
