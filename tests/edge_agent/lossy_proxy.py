@@ -26,29 +26,10 @@ class LossyProxy(TcpProxy):
         super().__init__(upstream)
         self.to_lose = 0
         self.lost = 0
-        self.connections = 0
 
     def lose_answers(self, n: int = 1) -> None:
         """Cut the connection instead of delivering each of the next n responses."""
         self.to_lose = n
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.blocked:
-            writer.transport.abort()
-            return
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*self._upstream)
-        except OSError:
-            writer.transport.abort()
-            return
-        self.connections += 1
-        self._writers.update((writer, up_writer))
-        for task in (
-            asyncio.create_task(self._pipe(reader, up_writer)),
-            asyncio.create_task(self._answers(up_reader, writer, up_writer)),
-        ):
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
 
     async def _answers(
         self,

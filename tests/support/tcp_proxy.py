@@ -19,6 +19,7 @@ class TcpProxy:
         self._tasks: set[asyncio.Task[None]] = set()
         self.blocked = False
         self.address = ""
+        self.connections = 0  # links forwarded so far
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
@@ -53,11 +54,20 @@ class TcpProxy:
         except OSError:
             writer.transport.abort()
             return
+        self.connections += 1
         self._writers.update((writer, up_writer))
-        for src, dst in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.create_task(self._pipe(src, dst))
+        for task in (
+            asyncio.create_task(self._pipe(reader, up_writer)),
+            asyncio.create_task(self._answers(up_reader, writer, up_writer)),
+        ):
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    async def _answers(
+        self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, upstream: asyncio.StreamWriter
+    ) -> None:
+        """Forward the server's side to the client (a subclass may interfere here)."""
+        await self._pipe(src, dst)
 
     async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
         try:
