@@ -473,6 +473,13 @@ def _dedupe(conn: sqlite3.Connection, b: Batch, hwm: int) -> Stored:
             (b.device_pk, *chunk),
         ):
             stored[int(seq)] = events_pb2.Event.FromString(body).event_id
+    return classify(b, stored)
+
+
+def classify(b: Batch, stored: dict[int, str]) -> Stored:
+    """Sort a batch's rows against the event ids already stored per seq (either backend's
+    slow path): a new seq is inserted (and added to `stored`), the same event again is a
+    duplicate, another event under a stored seq is a conflict."""
     inserted: list[int] = []
     duplicates = 0
     conflicts: list[ConflictRow] = []

@@ -28,17 +28,18 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Final
 
+from pulsesync.server.bus import ROW_SEQ
 from pulsesync.server.storage.postgres.pool import Connection, PostgresPool
 from pulsesync.server.timeline.committer import (
     MAX_SEQ,
     Batch,
     ChangeRow,
-    ConflictRow,
     EventRow,
     QuarantineRow,
     Stored,
     Watermark,
     change_runs,
+    classify,
 )
 from pulsesync.v1 import events_pb2
 
@@ -325,27 +326,11 @@ async def _dedupe(conn: Connection, b: Batch, st: _DeviceState, pending: list[Ev
             below,
         ):
             stored[int(r["seq"])] = events_pb2.Event.FromString(r["body"]).event_id
-    inserted: list[int] = []
-    duplicates = 0
-    conflicts: list[ConflictRow] = []
-    conflicting: list[int] = []
-    for i, row in enumerate(b.rows):
-        seq = row[2]
-        event_id = _event_id(row)
-        prior = stored.get(seq)
-        if prior is None:
-            inserted.append(i)
-            stored[seq] = event_id
-            st.group_seqs[seq] = event_id
-        elif prior == event_id:
-            duplicates += 1
-        else:
-            conflicts.append(
-                (seq, event_id, f"seq {seq} already holds event {prior!r}; seqs must not be reused")
-            )
-            conflicting.append(i)
-    inserted.sort(key=lambda i: b.rows[i][2])
-    return Stored(inserted, duplicates, conflicts, conflicting)
+    result = classify(b, stored)
+    assert result.inserted is not None  # classify lists the rows it inserts
+    # This group's later batches of the device see what this one inserts.
+    st.group_seqs.update((b.rows[i][ROW_SEQ], stored[b.rows[i][ROW_SEQ]]) for i in result.inserted)
+    return result
 
 
 async def _append_changes(conn: Connection, changes: list[ChangeRow]) -> None:
