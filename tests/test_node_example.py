@@ -50,14 +50,22 @@ def _tools() -> tuple[str, str]:
     return node, npm
 
 
-def _noon_ahead() -> int:
-    """The first noon (UTC) at least 3 hours from now, in microseconds: the server's fake
-    clock runs ahead of the client's real one, so the client's events are never ahead."""
+def _local_noon() -> tuple[int, str]:
+    """A local noon 10-70 minutes after the first 100-minute morning that starts now, and the
+    whole-hour time zone that has it (in microseconds, an Etc/GMT zone name).
+
+    The server's fake clock starts that morning, a little ahead of the client's real clock, so
+    the client's events are never ahead of it and its send times stay well within the server's
+    plausible skew (12 h) at any hour of the day this test runs."""
     now = int(time.time() * 1_000_000)
-    noon = now - now % DAY + 12 * 60 * MIN
-    while noon < now + 3 * 60 * MIN:
-        noon += DAY
-    return noon
+    hour = 60 * MIN
+    noon = -(-(now + 110 * MIN) // hour) * hour  # the next whole hour past now + 110 min
+    offset = (12 - noon % DAY // hour) % 24  # local = UTC + offset hours puts noon at 12:00
+    if offset > 14:
+        offset -= 24
+    # Etc/GMT names carry the opposite sign (Etc/GMT-3 is UTC+3).
+    zone = "Etc/GMT" if offset == 0 else f"Etc/GMT{-offset:+d}"
+    return noon, zone
 
 
 async def _run(*argv: str, cwd: Path, limit_s: float) -> tuple[int, str]:
@@ -87,8 +95,8 @@ async def _install(npm: str) -> None:
 
 
 @pytest.fixture
-async def srv(tmp_path: Path) -> AsyncIterator[tuple[RunningServer, FakeClock, int]]:
-    noon = _noon_ahead()
+async def srv(tmp_path: Path) -> AsyncIterator[tuple[RunningServer, FakeClock, int, str]]:
+    noon, zone = _local_noon()
     clock = FakeClock(noon - 100 * MIN)
     nudges = NudgeConfig(scheduler="manual", seed=3)
     config = ServerConfig(port=0, data_dir=tmp_path, grace_seconds=0.5, nudges=nudges)
@@ -97,7 +105,7 @@ async def srv(tmp_path: Path) -> AsyncIterator[tuple[RunningServer, FakeClock, i
         eng.catalog = replace(
             eng.catalog, policy=replace(eng.catalog.policy, cold_start_send_probability=1.0)
         )
-        yield server, clock, noon
+        yield server, clock, noon, zone
 
 
 def _engine(server: RunningServer) -> Any:
@@ -116,14 +124,16 @@ async def _stream_open(server: RunningServer, device_id: str) -> None:
 
 @pytest.mark.timeout(900)
 async def test_the_node_client_completes_the_journey(
-    srv: tuple[RunningServer, FakeClock, int],
+    srv: tuple[RunningServer, FakeClock, int, str],
 ) -> None:
     node, npm = _tools()
-    server, clock, noon = srv
+    server, clock, noon, zone = srv
     await _install(npm)
     # The person's watch, with consent to everything; the Node app pairs as their phone.
     watch = await pair_device(server, "ada", kind=common_pb2.DEVICE_KIND_WEARABLE_BRIDGE)
     user_id = await server.app.identity.user_id_by_name("ada")
+    # The person lives where it is noon at `noon` (the decision point the journey waits for).
+    await server.app.profiles.edit(user_id, lambda p: setattr(p, "time_zone", zone))
     code, _ = await server.app.identity.create_pairing_code(user_id)
 
     env = {**os.environ, "PULSESYNC_NUDGE_WAIT_S": "240"}
