@@ -7,15 +7,14 @@ API: all three processes share only the PostgreSQL database named by --database.
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import sys
 from pathlib import Path
 
 import grpc
 
 from pulsesync.v1 import common_pb2, devices_pb2, devices_pb2_grpc
-from tests.support.postgres import postgres_database, postgres_dsn, until
+from tests.support.postgres import postgres_database, postgres_dsn
+from tests.support.serve import ServeProcess
 
 __all__ = ["postgres_database", "postgres_dsn"]
 
@@ -46,29 +45,10 @@ async def test_serve_and_admin_commands_share_a_postgresql_database(
     assert rc == 0, err
     code = out.strip()
 
-    port_file = tmp_path / "port"
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "pulsesync.server.cli",
-        "serve",
-        "--port",
-        "0",
-        "--port-file",
-        str(port_file),
-        *where,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    server = ServeProcess("serve", tmp_path)
     try:
-
-        async def started() -> bool:
-            assert proc.returncode is None, "the server exited"
-            return port_file.exists()
-
-        await until(started, within_s=120, poll_s=0.05)
-        address = f"127.0.0.1:{int(port_file.read_text())}"
-        async with grpc.aio.insecure_channel(address) as ch:
+        await server.start(where)
+        async with grpc.aio.insecure_channel(server.address) as ch:
             stub = devices_pb2_grpc.DeviceServiceStub(ch)
             paired = await stub.PairDevice(
                 devices_pb2.PairDeviceRequest(
@@ -82,14 +62,9 @@ async def test_serve_and_admin_commands_share_a_postgresql_database(
                 timeout=30,
             )
         assert [d.device_id for d in listed.devices] == [paired.device.device_id]
-        proc.send_signal(signal.SIGTERM)
-        assert proc.stderr is not None
-        err_bytes = await asyncio.wait_for(proc.stderr.read(), 60)
-        assert await asyncio.wait_for(proc.wait(), 60) == 0, err_bytes.decode()
+        assert await server.stop() == 0, server.log()
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert '"message": "serving"' in err_bytes.decode()
+        await server.kill()
+    assert '"message": "serving"' in server.log()
     # Nothing was stored in a SQLite file beside the PostgreSQL database.
     assert not (tmp_path / "pulsesync.db").exists()
