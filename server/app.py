@@ -31,7 +31,7 @@ from pulsesync.server.clock import Clock, SystemClock
 from pulsesync.server.cluster import Cluster
 from pulsesync.server.compose import Components, build
 from pulsesync.server.config import ServerConfig
-from pulsesync.server.context import AppContext
+from pulsesync.server.context import RpcContext
 from pulsesync.server.errors import PulseSyncError, Unauthenticated
 from pulsesync.server.profiles.crypto import Sealer
 from pulsesync.server.rpc.base import MalformedRequestInterceptor
@@ -62,17 +62,17 @@ log = logging.getLogger(__name__)
 
 # (servicer built from the components, registration function, full service name)
 SERVICES: list[tuple[Callable[[Components], Any], Callable[[Any, grpc.aio.Server], None], str]] = [
-    (lambda c: DeviceServicer(c.app), devices_pb2_grpc.add_DeviceServiceServicer_to_server,
+    (lambda c: DeviceServicer(c.rpc), devices_pb2_grpc.add_DeviceServiceServicer_to_server,
      devices_pb2.DESCRIPTOR.services_by_name["DeviceService"].full_name),
-    (lambda c: IngestServicer(c.app, c.ingest, c.timeline), add_ingest_service_to_server,
+    (lambda c: IngestServicer(c.rpc, c.ingest, c.timeline), add_ingest_service_to_server,
      ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name),
-    (lambda c: TimelineServicer(c.app, c.timeline), timeline_pb2_grpc.add_TimelineServiceServicer_to_server,
+    (lambda c: TimelineServicer(c.rpc, c.timeline), timeline_pb2_grpc.add_TimelineServiceServicer_to_server,
      timeline_pb2.DESCRIPTOR.services_by_name["TimelineService"].full_name),
-    (lambda c: ProfileServicer(c.app, c.profiles), profiles_pb2_grpc.add_ProfileServiceServicer_to_server,
+    (lambda c: ProfileServicer(c.rpc, c.profiles, c.consent), profiles_pb2_grpc.add_ProfileServiceServicer_to_server,
      profiles_pb2.DESCRIPTOR.services_by_name["ProfileService"].full_name),
-    (lambda c: NudgeServicer(c.app, c.nudges), nudges_pb2_grpc.add_NudgeServiceServicer_to_server,
+    (lambda c: NudgeServicer(c.rpc, c.nudges), nudges_pb2_grpc.add_NudgeServiceServicer_to_server,
      nudges_pb2.DESCRIPTOR.services_by_name["NudgeService"].full_name),
-    (lambda c: PrivacyServicer(c.app, c.privacy), privacy_pb2_grpc.add_PrivacyServiceServicer_to_server,
+    (lambda c: PrivacyServicer(c.rpc, c.privacy, c.consent), privacy_pb2_grpc.add_PrivacyServiceServicer_to_server,
      privacy_pb2.DESCRIPTOR.services_by_name["PrivacyService"].full_name),
 ]  # fmt: skip
 
@@ -85,14 +85,14 @@ GRPC_OPTIONS = [
 
 @dataclass(slots=True)
 class RunningServer:
-    """A started server: its bound port, shared context and servicers."""
+    """A started server: its bound port, its components (shared parts and engines) and
+    servicers."""
 
     server: grpc.aio.Server
     port: int
-    app: AppContext
+    app: Components
     servicers: dict[str, Any]
     metrics_port: int | None
-    components: Components
 
     @property
     def address(self) -> str:
@@ -176,8 +176,8 @@ async def running_server(
         parts = await build(
             config, storage, clock or SystemClock(), profile_sealer=profile_sealer, cluster=cluster
         )
-        app = parts.app
-        stack.push_async_callback(app.idempotency.drain)  # before the database closes
+        rpc = parts.rpc
+        stack.push_async_callback(rpc.idempotency.drain)  # before the database closes
         server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[MalformedRequestInterceptor()])
         servicers: dict[str, Any] = {}
         for make, register, name in SERVICES:
@@ -207,7 +207,7 @@ async def running_server(
             stack.push_async_callback(work.stop)
 
         await server.start()
-        sweeper = asyncio.create_task(_cut_off_revoked(app), name="revocation-sweep")
+        sweeper = asyncio.create_task(_cut_off_revoked(rpc), name="revocation-sweep")
         stack.push_async_callback(_cancel, sweeper)
 
         async def shutdown() -> None:
@@ -229,7 +229,7 @@ async def running_server(
         metrics_port: int | None = None
         if config.metrics_port is not None:
             http_server, _thread = start_http_server(
-                config.metrics_port, addr=config.host, registry=app.metrics.registry
+                config.metrics_port, addr=config.host, registry=rpc.metrics.registry
             )
             stack.callback(http_server.server_close)
             stack.callback(http_server.shutdown)
@@ -244,7 +244,7 @@ async def running_server(
             extra={"address": f"{config.host}:{port}", "db": config.store.redacted(),
                    "tls": creds is not None, "mtls": config.tls_client_ca is not None, "metrics_port": metrics_port},
         )  # fmt: skip
-        yield RunningServer(server, port, app, servicers, metrics_port, parts)
+        yield RunningServer(server, port, parts, servicers, metrics_port)
         log.info("shutting down", extra={"grace_seconds": config.grace_seconds})
 
 
@@ -264,15 +264,15 @@ def _cut_off_error(reason: str) -> PulseSyncError:
     return Unauthenticated("this device was revoked", reason="DEVICE_REVOKED")
 
 
-async def _cut_off_revoked(app: AppContext) -> None:
+async def _cut_off_revoked(rpc: RpcContext) -> None:
     """Close the open streams of devices revoked by another process, every few seconds."""
     while True:
         await asyncio.sleep(REVOCATION_SWEEP_SECONDS)
         try:
-            cut = await app.identity.revoked_among(app.sessions.connected_devices())
+            cut = await rpc.identity.revoked_among(rpc.sessions.connected_devices())
             for device_pk, reason in cut.items():
-                app.identity.forget_device(device_pk)
-                if app.sessions.cut_off_device(device_pk, _cut_off_error(reason), local_only=True):
+                rpc.identity.forget_device(device_pk)
+                if rpc.sessions.cut_off_device(device_pk, _cut_off_error(reason), local_only=True):
                     log.info(
                         "closed streams of a cut-off device",
                         extra={"device_pk": device_pk, "reason": reason},

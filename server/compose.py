@@ -30,7 +30,7 @@ from pulsesync.server.cluster import (
     spawn,
 )
 from pulsesync.server.config import ServerConfig
-from pulsesync.server.context import AppContext
+from pulsesync.server.context import RpcContext
 from pulsesync.server.errors import Unauthenticated
 from pulsesync.server.idempotency import Idempotency
 from pulsesync.server.identity import IdentityStore
@@ -112,9 +112,17 @@ async def open_storage_profile_store(
 
 @dataclass(slots=True)
 class Components:
-    """Everything one server (or one admin command) runs on."""
+    """Everything one server (or one admin command) runs on: the shared parts, the engines
+    over them and the background work, built and wired by `build`."""
 
-    app: AppContext
+    config: ServerConfig
+    storage: Storage
+    clock: Clock
+    consent: ConsentStore
+    bus: EventBus
+    user_data: UserDataRegistry
+    # What every RPC call shares (authentication, sessions, metrics, limits, idempotency).
+    rpc: RpcContext
     profiles: ProfileStore
     nudges: NudgeEngine
     privacy: PrivacyCenter
@@ -122,6 +130,30 @@ class Components:
     timeline: TimelineStore
     # Started in order after storage is open, stopped in reverse before it closes.
     background: list[Background] = field(default_factory=list)
+
+    @property
+    def identity(self) -> IdentityStore:
+        return self.rpc.identity
+
+    @property
+    def sessions(self) -> SessionRegistry:
+        return self.rpc.sessions
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.rpc.metrics
+
+    @property
+    def sqlite(self) -> Database | None:
+        """The SQLite database, None on PostgreSQL."""
+        return self.storage.db
+
+    @property
+    def db(self) -> Database:
+        """The SQLite database, for what works on the file itself; an error on PostgreSQL."""
+        if self.storage.db is None:
+            raise RuntimeError("this server stores its data in PostgreSQL, not a SQLite file")
+        return self.storage.db
 
 
 async def build(
@@ -151,18 +183,13 @@ async def build(
     profiles = await open_storage_profile_store(
         config, storage, clock, sealer=profile_sealer, closers=closers
     )
-    app = AppContext(
+    rpc = RpcContext(
         config=config,
         sqlite=storage.db,
-        storage=storage,
         clock=clock,
         identity=identity,
         sessions=sessions,
         metrics=metrics,
-        consent=consent,
-        bus=bus,
-        user_data=user_data,
-        profiles=profiles,
         idempotency=Idempotency(storage.idempotency, clock),
     )
     timeline = TimelineStore(storage.timeline)
@@ -207,7 +234,7 @@ async def build(
     user_data.on_erase("nudges", nudges.erase_user)
     user_data.on_erase("ingest", ingest.forget_user)
 
-    wiring = _ClusterWiring(cluster, app, profiles, nudges)
+    wiring = _ClusterWiring(cluster, identity, sessions, consent, profiles, nudges)
     background = [
         *(Background("key-vault", _no_op, close) for close in closers),  # stopped last
         Background("cluster", wiring.start, wiring.stop),
@@ -225,7 +252,21 @@ async def build(
         background.append(
             Periodic("nudge-ticks", config.nudges.tick_seconds, nudges.tick).background()
         )
-    return Components(app, profiles, nudges, privacy, ingest, timeline, background)
+    return Components(
+        config,
+        storage,
+        clock,
+        consent,
+        bus,
+        user_data,
+        rpc,
+        profiles,
+        nudges,
+        privacy,
+        ingest,
+        timeline,
+        background,
+    )
 
 
 def event_writer(storage: Storage, metrics: Metrics) -> EventWriter:
@@ -255,21 +296,29 @@ class _ClusterWiring:
     """What this replica rings to the others, and what it does at their rings."""
 
     def __init__(
-        self, cluster: Cluster, app: AppContext, profiles: ProfileStore, nudges: NudgeEngine
+        self,
+        cluster: Cluster,
+        identity: IdentityStore,
+        sessions: SessionRegistry,
+        consent: ConsentStore,
+        profiles: ProfileStore,
+        nudges: NudgeEngine,
     ) -> None:
         self.cluster = cluster
-        self._app = app
+        self._identity = identity
+        self._sessions = sessions
+        self._consent = consent
         self._profiles = profiles
         self._nudges = nudges
         self._tasks: set[asyncio.Task[None]] = set()
         self._unsubscribe: list[Callable[[], None]] = []
 
     async def start(self) -> None:
-        app, cluster = self._app, self.cluster
+        cluster = self.cluster
         signals = cluster.signals
         await cluster.start()
         # The consent ledger cursor first, so that the first ring reads from here on.
-        await app.consent.sync_external()
+        await self._consent.sync_external()
         for topic, callback in (
             (PROFILE_CHANGED, self._profiles.changed_elsewhere),
             (CONSENT_CHANGED, self._consent_changed),
@@ -282,14 +331,14 @@ class _ClusterWiring:
         self._unsubscribe.append(
             self._profiles.on_commit(lambda user_id, _p: self._ring(PROFILE_CHANGED, user_id))
         )
-        app.consent.on_change = lambda user_id: self._ring(CONSENT_CHANGED, user_id)
-        app.sessions.signals = signals
+        self._consent.on_change = lambda user_id: self._ring(CONSENT_CHANGED, user_id)
+        self._sessions.signals = signals
         self._nudges.delivery.signals = signals
         self._nudges.runs_outcomes = lambda: cluster.runs("nudge-outcomes")
 
     async def stop(self) -> None:
-        self._app.consent.on_change = None
-        self._app.sessions.signals = None
+        self._consent.on_change = None
+        self._sessions.signals = None
         self._nudges.delivery.signals = None
         for unsubscribe in self._unsubscribe:
             unsubscribe()
@@ -304,21 +353,20 @@ class _ClusterWiring:
     def _consent_changed(self, _user_id: int | None) -> None:
         # The ledger is read from the last entry seen: a ring heard twice, or one for an
         # entry the periodic sync already applied, changes nothing twice.
-        spawn(self._tasks, _ignore(self._app.consent.sync_external()), "consent-from-elsewhere")
+        spawn(self._tasks, _ignore(self._consent.sync_external()), "consent-from-elsewhere")
 
     def _device_revoked(self, device_pk: int | None) -> None:
         if device_pk is None:
             return  # a lost ring: the revocation sweep (app.py) finds it
-        self._app.identity.forget_device(device_pk)
-        self._app.sessions.cut_off_device(device_pk, local_only=True)
+        self._identity.forget_device(device_pk)
+        self._sessions.cut_off_device(device_pk, local_only=True)
 
     def _user_erased(self, user_id: int | None) -> None:
         if user_id is None:
             return  # as above
-        app = self._app
-        app.identity.forget_user(user_id)
-        app.consent.forget_user(user_id)
-        app.sessions.cut_off_user(user_id, _erased(), local_only=True)
+        self._identity.forget_user(user_id)
+        self._consent.forget_user(user_id)
+        self._sessions.cut_off_user(user_id, _erased(), local_only=True)
 
 
 def _erased() -> Unauthenticated:

@@ -1,51 +1,34 @@
-"""What the RPC layer shares: authentication (identity), sessions, metrics and heavy-read slots
-for every call, plus the parts the ingest pipeline takes. Built by the composition root
-(`pulsesync.server.compose.build`); engines receive only the parts they use, not this."""
+"""What every RPC call shares: authentication (identity), sessions, metrics, heavy-read slots,
+idempotency, the clock and the configuration. Built by the composition root
+(`pulsesync.server.compose.build`) and given to every servicer beside the one engine it adapts;
+engines never see it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pulsesync.server.bus import EventBus
 from pulsesync.server.clock import Clock
 from pulsesync.server.config import ServerConfig
 from pulsesync.server.idempotency import Idempotency
 from pulsesync.server.identity import IdentityStore
 from pulsesync.server.limits import HeavyReads
 from pulsesync.server.metrics import Metrics
-from pulsesync.server.privacy.consent import ConsentStore
-from pulsesync.server.privacy.registry import UserDataRegistry
-from pulsesync.server.profiles.store import ProfileStore
 from pulsesync.server.sessions import SessionRegistry
-from pulsesync.server.storage.backend import Storage
 from pulsesync.server.storage.db import Database
 
 
 @dataclass(slots=True)
-class AppContext:
-    """The server's shared parts, built once in `pulsesync.server.compose`."""
+class RpcContext:
+    """The per-call plumbing of the rpc layer (`pulsesync.server.rpc.base`)."""
 
     config: ServerConfig
-    # The SQLite database (None on PostgreSQL): damage and full-disk checks look at it.
+    # The SQLite database (None on PostgreSQL): every call first checks it was not found damaged.
     sqlite: Database | None
-    storage: Storage
     clock: Clock
     identity: IdentityStore
     sessions: SessionRegistry
     metrics: Metrics
-    consent: ConsentStore
-    bus: EventBus
-    user_data: UserDataRegistry
-    # Merged, encrypted profiles: `await profiles.get(user_id)` -> pulsesync.v1.Profile.
-    profiles: ProfileStore
     # First answers of calls with a request_id, for their retries (AIP-155).
     idempotency: Idempotency
     # Heavy reads in flight per device (see pulsesync.server.limits).
     heavy_reads: HeavyReads = field(default_factory=HeavyReads)
-
-    @property
-    def db(self) -> Database:
-        """The SQLite database, for what works on the file itself; an error on PostgreSQL."""
-        if self.sqlite is None:
-            raise RuntimeError("this server stores its data in PostgreSQL, not a SQLite file")
-        return self.sqlite

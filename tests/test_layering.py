@@ -251,3 +251,22 @@ def test_storage_protocols_name_no_sqlite_type() -> None:
         for p in protocols
     }
     assert {k: v for k, v in offenders.items() if v} == {}
+
+
+# What the rpc layer may take from the storage package: the SQLite error codes and the
+# PostgreSQL error mapping (a failed call's status), and the secret-file helper (page token key).
+_RPC_STORAGE_INFRASTRUCTURE = {
+    f"{SERVER}.storage.db",
+    f"{SERVER}.storage.files",
+    f"{SERVER}.storage.postgres.errors",
+}
+
+
+def test_servicers_reach_storage_only_through_their_engine() -> None:
+    reached = {
+        m: sorted(set(edges) - _RPC_STORAGE_INFRASTRUCTURE)
+        for m, edges in _edges_into(
+            [m for m in MODULES if _under(m, RPC)], f"{SERVER}.storage"
+        ).items()
+    }
+    assert {m: v for m, v in reached.items() if v} == {}

@@ -50,7 +50,13 @@ from pulsesync.server.nudges.profiles import ProfileSource
 from pulsesync.server.nudges.push import PushProvider
 from pulsesync.server.nudges.registry import ModelRegistry
 from pulsesync.server.privacy.consent import ConsentStore
-from pulsesync.server.storage.nudges import DecisionRow, NewNudge, NudgeRow, NudgeStorage
+from pulsesync.server.storage.nudges import (
+    DecisionRow,
+    NewNudge,
+    NudgeHistoryRow,
+    NudgeRow,
+    NudgeStorage,
+)
 from pulsesync.server.timeline.store import TimelineStore
 from pulsesync.timeutil import timestamp as _ts
 from pulsesync.v1 import nudges_pb2
@@ -172,6 +178,17 @@ class NudgeEngine:
         return await self._storage.add_feedback(
             user_id, nudge_id, device_pk, action, action_us, received_us
         )
+
+    async def owns(self, user_id: int, nudge_id: str) -> bool:
+        """Whether the nudge exists and is the person's."""
+        return await self._storage.owns(user_id, nudge_id)
+
+    async def history_page(
+        self, user_id: int, start_us: int, end_us: int, after: tuple[int, str] | None, limit: int
+    ) -> list[NudgeHistoryRow]:
+        """The person's nudges created in [start, end), newest first, keyset-paged after
+        (create_us, nudge_id), each with its feedback and outcome (ListNudges)."""
+        return await self._storage.history_page(user_id, start_us, end_us, after, limit)
 
     async def feedback_settled(self) -> None:
         """Wait until feedback from interaction events is recorded and pushes are done."""

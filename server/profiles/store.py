@@ -1,8 +1,9 @@
 """The profile store: merged, versioned, encrypted profiles, and a watch per device.
 
-Other server components read a person's profile through `app.profiles` (a `ProfileStore`):
+Other server components are given the one `ProfileStore` by the composition root
+(`pulsesync.server.compose`) and read a person's profile through it:
 
-    profile = await app.profiles.get(user_id)   # decrypted latest; version 0 if none yet
+    profile = await profiles.get(user_id)   # decrypted latest; version 0 if none yet
     profile.quiet_hours, profile.time_zone, profile.goals, profile.muted_nudge_types
 
 Every write merges field by field (see `document`), commits version N+1 with compare-and-set

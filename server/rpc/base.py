@@ -33,7 +33,7 @@ from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from pulsesync.server.context import AppContext
+from pulsesync.server.context import RpcContext
 from pulsesync.server.errors import (
     DOMAIN,
     InvalidArgument,
@@ -56,8 +56,8 @@ Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
 
-class HasApp(Protocol):
-    app: AppContext
+class HasRpc(Protocol):
+    rpc: RpcContext
 
 
 def to_status(error: PulseSyncError) -> grpc.Status:
@@ -88,12 +88,12 @@ def bearer_token(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     )
 
 
-async def authenticate(app: AppContext, context: grpc.aio.ServicerContext[Any, Any]) -> Identity:
+async def authenticate(rpc: RpcContext, context: grpc.aio.ServicerContext[Any, Any]) -> Identity:
     """The identity behind the call's bearer token (Unauthenticated if none or revoked)."""
-    identity = await app.identity.authenticate(bearer_token(context))
-    await app.identity.touch(identity.device_pk)
-    if app.sqlite is not None:
-        app.sqlite.refuse_if_damaged()  # the touch may be what found the file damaged
+    identity = await rpc.identity.authenticate(bearer_token(context))
+    await rpc.identity.touch(identity.device_pk)
+    if rpc.sqlite is not None:
+        rpc.sqlite.refuse_if_damaged()  # the touch may be what found the file damaged
     return identity
 
 
@@ -103,12 +103,12 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: PulseSyncEr
 
 
 @contextlib.asynccontextmanager
-async def _seam(app: AppContext, context: Any, name: str) -> AsyncIterator[None]:
+async def _seam(rpc: RpcContext, context: Any, name: str) -> AsyncIterator[None]:
     """Map errors to statuses (a cut-off stream ends with its reason) and count the call."""
     code = "OK"
     try:
-        if app.sqlite is not None:
-            app.sqlite.refuse_if_damaged()
+        if rpc.sqlite is not None:
+            rpc.sqlite.refuse_if_damaged()
         yield
     except PulseSyncError as e:
         code = e.code.name
@@ -116,7 +116,7 @@ async def _seam(app: AppContext, context: Any, name: str) -> AsyncIterator[None]
     except grpc.aio.AbortError:
         raise
     except asyncio.CancelledError:
-        reason = app.sessions.reason_for(asyncio.current_task())
+        reason = rpc.sessions.reason_for(asyncio.current_task())
         if reason is None:
             code = "CANCELLED"
             raise
@@ -124,8 +124,8 @@ async def _seam(app: AppContext, context: Any, name: str) -> AsyncIterator[None]
         await _abort(context, reason)
     except Exception as e:
         # A full disk, or a damaged file (reported once, in the log), has its own reason.
-        if app.sqlite is not None:
-            error = app.sqlite.storage_error(sqlite_code(e), str(e))
+        if rpc.sqlite is not None:
+            error = rpc.sqlite.storage_error(sqlite_code(e), str(e))
         else:
             from pulsesync.server.storage.postgres.errors import storage_error
 
@@ -137,16 +137,16 @@ async def _seam(app: AppContext, context: Any, name: str) -> AsyncIterator[None]
         code = error.code.name
         await _abort(context, error)
     finally:
-        app.metrics.rpcs.labels(name, code).inc()
+        rpc.metrics.rpcs.labels(name, code).inc()
 
 
-async def _paced(app: AppContext, identity: Identity | None, request: Any) -> None:
+async def _paced(rpc: RpcContext, identity: Identity | None, request: Any) -> None:
     """Charge a heavy read to its device's row budget: wait for budget that comes soon, or
     hold the call, then refuse it (see pulsesync.server.limits)."""
     if identity is None:
         return
     try:
-        wait_s = app.heavy_reads.reserve(identity.device_pk, read_cost(request), app.clock.now_us())
+        wait_s = rpc.heavy_reads.reserve(identity.device_pk, read_cost(request), rpc.clock.now_us())
     except ReadRateLimited:
         await asyncio.sleep(MAX_WAIT_S)
         raise
@@ -155,15 +155,15 @@ async def _paced(app: AppContext, identity: Identity | None, request: Any) -> No
 
 
 def _tracked(
-    app: AppContext, identity: Identity | None, stream: bool, heavy: bool = False
+    rpc: RpcContext, identity: Identity | None, stream: bool, heavy: bool = False
 ) -> contextlib.ExitStack[bool | None]:
     """While a stream is open, its task is registered so that it can be cut off; a heavy
     read holds one of its device's slots (see pulsesync.server.limits)."""
     stack = contextlib.ExitStack()
     if identity is not None and heavy:
-        stack.enter_context(app.heavy_reads.slot(identity.device_pk))
+        stack.enter_context(rpc.heavy_reads.slot(identity.device_pk))
     if stream and identity is not None:
-        stack.enter_context(app.sessions.track(identity))
+        stack.enter_context(rpc.sessions.track(identity))
     return stack
 
 
@@ -192,7 +192,7 @@ def _message_types(name: str) -> tuple[Any, Any]:
 
 
 async def _idempotent_call(
-    self: HasApp,
+    self: HasRpc,
     policy: Idempotent,
     name: str,
     request: Any,
@@ -223,7 +223,7 @@ async def _idempotent_call(
             return identity.user_id
         return await policy.owner(self, response) if policy.owner is not None else None
 
-    return await self.app.idempotency.run(
+    return await self.rpc.idempotency.run(
         method=name,
         scope=scope,
         request=message,
@@ -256,26 +256,26 @@ def rpc_method(
         if inspect.isasyncgenfunction(fn):
 
             @functools.wraps(fn)
-            async def gen_wrapper(self: HasApp, request: Any, context: Any) -> AsyncIterator[Any]:
-                async with _seam(self.app, context, name):
-                    identity = None if public else await authenticate(self.app, context)
+            async def gen_wrapper(self: HasRpc, request: Any, context: Any) -> AsyncIterator[Any]:
+                async with _seam(self.rpc, context, name):
+                    identity = None if public else await authenticate(self.rpc, context)
                     if heavy:
-                        await _paced(self.app, identity, request)
+                        await _paced(self.rpc, identity, request)
                     if stream:
                         await context.send_initial_metadata((STREAM_OPEN,))
-                    with _tracked(self.app, identity, stream, heavy):
+                    with _tracked(self.rpc, identity, stream, heavy):
                         async for item in fn(self, request, context, identity):
                             yield item
 
             return gen_wrapper
 
         @functools.wraps(fn)
-        async def wrapper(self: HasApp, request: Any, context: Any) -> Any:
-            async with _seam(self.app, context, name):
-                identity = None if public else await authenticate(self.app, context)
+        async def wrapper(self: HasRpc, request: Any, context: Any) -> Any:
+            async with _seam(self.rpc, context, name):
+                identity = None if public else await authenticate(self.rpc, context)
                 if heavy:
-                    await _paced(self.app, identity, request)
-                with _tracked(self.app, identity, stream, heavy):
+                    await _paced(self.rpc, identity, request)
+                with _tracked(self.rpc, identity, stream, heavy):
                     if idempotent is None:
                         return await fn(self, request, context, identity)
                     return await _idempotent_call(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from pulsesync.server.context import AppContext
+from pulsesync.server.context import RpcContext
 from pulsesync.server.errors import PermissionDenied
 from pulsesync.server.identity import Identity, PairingLimiter, normalize_pairing_code, peer_host
 from pulsesync.server.rpc.base import Idempotent, bearer_token, rpc_method
@@ -18,7 +18,7 @@ MAX_PAGE_SIZE: Final = 500
 
 
 async def _paired_user(servicer: DeviceServicer, response: devices_pb2.PairDeviceResponse) -> int:
-    return await servicer.app.identity.user_id_by_name(response.user_name)
+    return await servicer.rpc.identity.user_id_by_name(response.user_name)
 
 
 # A lost PairDevice response must not leave a device nobody holds the token of: the retry,
@@ -30,9 +30,9 @@ PAIRING_RETRIES: Final = Idempotent(
 
 
 class DeviceServicer(devices_pb2_grpc.DeviceServiceServicer):
-    def __init__(self, app: AppContext) -> None:
-        self.app = app
-        self.pairing_limiter = PairingLimiter(app.clock)
+    def __init__(self, rpc: RpcContext) -> None:
+        self.rpc = rpc
+        self.pairing_limiter = PairingLimiter(rpc.clock)
 
     @rpc_method(public=True, idempotent=PAIRING_RETRIES)
     async def PairDevice(
@@ -41,7 +41,7 @@ class DeviceServicer(devices_pb2_grpc.DeviceServiceServicer):
         peer = peer_host(str(context.peer()))
         self.pairing_limiter.check(peer)
         try:
-            device, token, user_name = await self.app.identity.pair(
+            device, token, user_name = await self.rpc.identity.pair(
                 request.pairing_code, request.device_name, request.kind
             )
         except PermissionDenied:
@@ -55,7 +55,7 @@ class DeviceServicer(devices_pb2_grpc.DeviceServiceServicer):
     async def GetCurrentDevice(
         self, request: devices_pb2.GetCurrentDeviceRequest, context: Any, me: Identity
     ) -> devices_pb2.GetCurrentDeviceResponse:
-        device = await self.app.identity.get_device(me.user_id, me.device_id)
+        device = await self.rpc.identity.get_device(me.user_id, me.device_id)
         return devices_pb2.GetCurrentDeviceResponse(
             device=device_message(device), user_name=me.user_name
         )
@@ -65,9 +65,9 @@ class DeviceServicer(devices_pb2_grpc.DeviceServiceServicer):
         self, request: devices_pb2.ListDevicesRequest, context: Any, me: Identity
     ) -> devices_pb2.ListDevicesResponse:
         size = page_size(request.page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        tokens = page_tokens(self.app.config.data_dir)
+        tokens = page_tokens(self.rpc.config.data_dir)
         pos = tokens.decode(request.page_token, "ListDevices", me.user_id, ())
-        devices = await self.app.identity.list_devices(me.user_id)  # ordered by device_pk
+        devices = await self.rpc.identity.list_devices(me.user_id)  # ordered by device_pk
         if pos:
             devices = [d for d in devices if d.device_pk > int(pos[0])]
         page = devices[:size]
@@ -84,22 +84,22 @@ class DeviceServicer(devices_pb2_grpc.DeviceServiceServicer):
     async def RevokeDevice(
         self, request: devices_pb2.RevokeDeviceRequest, context: Any, me: Identity
     ) -> devices_pb2.RevokeDeviceResponse:
-        device = await self.app.identity.revoke(me.user_id, request.device_id)
-        self.app.sessions.cut_off_device(device.device_pk)
+        device = await self.rpc.identity.revoke(me.user_id, request.device_id)
+        self.rpc.sessions.cut_off_device(device.device_pk)
         return devices_pb2.RevokeDeviceResponse(device=device_message(device))
 
     @rpc_method(idempotent=Idempotent())
     async def CreatePairingCode(
         self, request: devices_pb2.CreatePairingCodeRequest, context: Any, me: Identity
     ) -> devices_pb2.CreatePairingCodeResponse:
-        code, expire_us = await self.app.identity.create_pairing_code(me.user_id)
+        code, expire_us = await self.rpc.identity.create_pairing_code(me.user_id)
         return devices_pb2.CreatePairingCodeResponse(pairing_code=code, expire_time=ts(expire_us))
 
     @rpc_method(idempotent=Idempotent())
     async def RotateDeviceToken(
         self, request: devices_pb2.RotateDeviceTokenRequest, context: Any, me: Identity
     ) -> devices_pb2.RotateDeviceTokenResponse:
-        token, issue_us, grace_us = await self.app.identity.rotate_token(me, bearer_token(context))
+        token, issue_us, grace_us = await self.rpc.identity.rotate_token(me, bearer_token(context))
         return devices_pb2.RotateDeviceTokenResponse(
             token=token, issue_time=ts(issue_us), previous_token_expire_time=ts(grace_us)
         )

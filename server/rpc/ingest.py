@@ -12,7 +12,7 @@ from typing import Any, Final
 import grpc
 from google.protobuf.message import DecodeError
 
-from pulsesync.server.context import AppContext
+from pulsesync.server.context import RpcContext
 from pulsesync.server.errors import Aborted, InvalidArgument
 from pulsesync.server.identity import Identity
 from pulsesync.server.rpc.base import Idempotent, rpc_method
@@ -101,8 +101,8 @@ class _Stream:
 
 
 class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
-    def __init__(self, app: AppContext, pipeline: IngestPipeline, timeline: TimelineStore) -> None:
-        self.app = app
+    def __init__(self, rpc: RpcContext, pipeline: IngestPipeline, timeline: TimelineStore) -> None:
+        self.rpc = rpc
         self.pipeline = pipeline
         self.timeline = timeline
         self._streams: dict[int, _Stream] = {}
@@ -153,7 +153,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         try:
             async for raw in requests:
                 await stream.window.acquire()
-                received_us = self.app.clock.now_us()
+                received_us = self.rpc.clock.now_us()
                 received = parse_upload(raw, ingest_pb2.UploadRequest)
                 prepared = await self.pipeline.prepare(me, received, received_us)
                 batch = received.batch
@@ -194,7 +194,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 "check the client's protobuf encoding",
                 reason="MALFORMED_MESSAGE",
             ) from None
-        prepared = await self.pipeline.prepare(me, received, self.app.clock.now_us())
+        prepared = await self.pipeline.prepare(me, received, self.rpc.clock.now_us())
         if prepared.refusal is not None:
             raise InvalidArgument(prepared.refusal.message, reason=prepared.refusal.reason)
         return ingest_pb2.UploadBatchResponse(ack=await self.pipeline.finish(me, prepared))

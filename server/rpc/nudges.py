@@ -6,7 +6,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any, Final
 
-from pulsesync.server.context import AppContext
+from pulsesync.server.context import RpcContext
 from pulsesync.server.errors import InvalidArgument, NotFound
 from pulsesync.server.identity import Identity
 from pulsesync.server.nudges.delivery import nudge_message
@@ -29,8 +29,8 @@ MAX_PUSH_TOKEN: Final = 4096
 
 
 class NudgeServicer(nudges_pb2_grpc.NudgeServiceServicer):
-    def __init__(self, app: AppContext, engine: NudgeEngine) -> None:
-        self.app = app
+    def __init__(self, rpc: RpcContext, engine: NudgeEngine) -> None:
+        self.rpc = rpc
         self.engine = engine
 
     @rpc_method(stream=True)
@@ -48,7 +48,7 @@ class NudgeServicer(nudges_pb2_grpc.NudgeServiceServicer):
                 if item is None:
                     return  # a newer stream of this device took over
                 nudge = item
-                if nudge.expire_time.ToMicroseconds() <= self.app.clock.now_us():
+                if nudge.expire_time.ToMicroseconds() <= self.rpc.clock.now_us():
                     continue
                 await self.engine.mark_delivered(nudge.nudge_id, me.device_pk)
                 yield nudges_pb2.SubscribeNudgesResponse(nudge=nudge)
@@ -68,9 +68,9 @@ class NudgeServicer(nudges_pb2_grpc.NudgeServiceServicer):
                 "action must be DELIVERED, OPENED, DISMISSED or ACTED",
                 reason="INVALID_NUDGE_ACTION",
             )
-        if not await self.app.storage.nudges.owns(me.user_id, request.nudge_id):
+        if not await self.engine.owns(me.user_id, request.nudge_id):
             raise NotFound(f"no nudge {request.nudge_id!r} for this user", reason="NUDGE_NOT_FOUND")
-        now = self.app.clock.now_us()
+        now = self.rpc.clock.now_us()
         at = (
             timestamp_us(request.action_time, "action_time")
             if request.HasField("action_time")
@@ -115,12 +115,12 @@ class NudgeServicer(nudges_pb2_grpc.NudgeServiceServicer):
             timestamp_us(request.start_time, "start_time") if request.HasField("start_time") else 0
         )
         end = timestamp_us(request.end_time, "end_time") if request.HasField("end_time") else 2**62
-        tokens = page_tokens(self.app.config.data_dir)
+        tokens = page_tokens(self.rpc.config.data_dir)
         pos = tokens.decode(request.page_token, "ListNudges", me.user_id, (start, end))
         after = (int(pos[0]), str(pos[1])) if pos else None
         # Keyset paging on (create_us DESC, nudge_id): a page never skips or repeats a nudge
         # when new ones arrive between calls, and reading page k costs the same as page 1.
-        rows = await self.app.storage.nudges.history_page(me.user_id, start, end, after, size + 1)
+        rows = await self.engine.history_page(me.user_id, start, end, after, size + 1)
         more = len(rows) > size
         rows = rows[:size]
         records = [

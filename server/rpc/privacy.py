@@ -11,12 +11,12 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any, Final
 
-from pulsesync.server.context import AppContext
+from pulsesync.server.context import RpcContext
 from pulsesync.server.errors import InvalidArgument
 from pulsesync.server.identity import Identity
 from pulsesync.server.privacy.audit import Actor
 from pulsesync.server.privacy.center import PrivacyCenter
-from pulsesync.server.privacy.consent import CURRENT_POLICY_VERSION, ConsentState
+from pulsesync.server.privacy.consent import CURRENT_POLICY_VERSION, ConsentState, ConsentStore
 from pulsesync.server.privacy.erasure import ERASE_CONFIRMATION, DeletionReceipt
 from pulsesync.server.privacy.summary import PrivacySummary
 from pulsesync.server.rpc.base import Idempotent, rpc_method
@@ -79,15 +79,16 @@ def receipt_message(r: DeletionReceipt) -> privacy_pb2.DeletionReceipt:
 
 
 class PrivacyServicer(privacy_pb2_grpc.PrivacyServiceServicer):
-    def __init__(self, app: AppContext, center: PrivacyCenter) -> None:
-        self.app = app
+    def __init__(self, rpc: RpcContext, center: PrivacyCenter, consent: ConsentStore) -> None:
+        self.rpc = rpc
+        self.consent = consent
         self.center = center
 
     @rpc_method()
     async def GetConsents(
         self, request: privacy_pb2.GetConsentsRequest, context: Any, me: Identity
     ) -> privacy_pb2.GetConsentsResponse:
-        states = await self.app.consent.states(me.user_id)
+        states = await self.consent.states(me.user_id)
         return privacy_pb2.GetConsentsResponse(consents=[consent_message(s) for s in states])
 
     @rpc_method(idempotent=Idempotent())
@@ -101,7 +102,7 @@ class PrivacyServicer(privacy_pb2_grpc.PrivacyServiceServicer):
                 "the version label of the policy text the person was shown",
                 reason="FIELD_TOO_LONG",
             )
-        state = await self.app.consent.set(
+        state = await self.consent.set(
             me.user_id, request.category, request.granted, device_id=me.device_id,
             policy_version=policy,
         )  # fmt: skip
@@ -118,9 +119,9 @@ class PrivacyServicer(privacy_pb2_grpc.PrivacyServiceServicer):
             latest[:] = [states]  # only the newest state matters: coalesce bursts
             changed.set()
 
-        cancel = self.app.consent.watch(me.user_id, on_change)  # before reading: miss nothing
+        cancel = self.consent.watch(me.user_id, on_change)  # before reading: miss nothing
         try:
-            sent = await self.app.consent.states(me.user_id)
+            sent = await self.consent.states(me.user_id)
             yield privacy_pb2.WatchConsentsResponse(consents=[consent_message(s) for s in sent])
             while True:
                 await changed.wait()

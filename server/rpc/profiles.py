@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from pulsesync.server.context import AppContext
+from pulsesync.server.context import RpcContext
 from pulsesync.server.errors import FailedPrecondition
 from pulsesync.server.identity import Identity
-from pulsesync.server.privacy.consent import ConsentState
+from pulsesync.server.privacy.consent import ConsentState, ConsentStore
 from pulsesync.server.profiles.store import ProfileStore
 from pulsesync.server.rpc.base import Idempotent, rpc_method
 from pulsesync.v1 import common_pb2, profiles_pb2, profiles_pb2_grpc
@@ -27,12 +27,13 @@ def consent_required() -> FailedPrecondition:
 
 
 class ProfileServicer(profiles_pb2_grpc.ProfileServiceServicer):
-    def __init__(self, app: AppContext, profiles: ProfileStore) -> None:
-        self.app = app
+    def __init__(self, rpc: RpcContext, profiles: ProfileStore, consent: ConsentStore) -> None:
+        self.rpc = rpc
+        self.consent = consent
         self.profiles = profiles
 
     async def _require_sync(self, user_id: int) -> None:
-        if _SYNC not in await self.app.consent.granted(user_id):
+        if _SYNC not in await self.consent.granted(user_id):
             raise consent_required()
 
     @rpc_method()
@@ -70,7 +71,7 @@ class ProfileServicer(profiles_pb2_grpc.ProfileServiceServicer):
             if not any(s.category == _SYNC and s.granted for s in states):
                 store.interrupt_watches(user_id, consent_required())
 
-        cancel = self.app.consent.watch(me.user_id, on_consent)
+        cancel = self.consent.watch(me.user_id, on_consent)
         try:
             async for profile in store.watch(me.user_id, request.after_version):
                 yield profiles_pb2.WatchProfileResponse(profile=profile)

@@ -9,7 +9,7 @@ import hashlib
 import struct
 from typing import Any, Final
 
-from pulsesync.server.context import AppContext
+from pulsesync.server.context import RpcContext
 from pulsesync.server.errors import InvalidArgument
 from pulsesync.server.identity import Identity
 from pulsesync.server.rpc.base import rpc_method
@@ -97,8 +97,8 @@ def _events_page(
 
 
 class TimelineServicer(timeline_pb2_grpc.TimelineServiceServicer):
-    def __init__(self, app: AppContext, store: TimelineStore) -> None:
-        self.app = app
+    def __init__(self, rpc: RpcContext, store: TimelineStore) -> None:
+        self.rpc = rpc
         self.store = store
 
     @rpc_method(heavy=True)
@@ -115,7 +115,7 @@ class TimelineServicer(timeline_pb2_grpc.TimelineServiceServicer):
             )
         devices = sorted(set(request.device_ids))
         query = (start, end, kinds, devices)
-        tokens = page_tokens(self.app.config.data_dir)
+        tokens = page_tokens(self.rpc.config.data_dir)
         pos = tokens.decode(request.page_token, "ListEvents", me.user_id, query)
         after = Cursor(int(pos[0]), int(pos[1]), int(pos[2])) if pos else None
         events, cursor = await self.store.page(

@@ -254,7 +254,7 @@ class ServerThread:
         async with start_server(self.tmp) as server:
             # The fuzzer sends heavy reads back to back, far past a device's row budget, whose
             # pacing (tests/server/test_limits.py) would only make each call wait.
-            server.app.heavy_reads = HeavyReads(rows_per_s=1e12, burst_rows=1e12)
+            server.app.rpc.heavy_reads = HeavyReads(rows_per_s=1e12, burst_rows=1e12)
             self.server, self.loop = server, asyncio.get_running_loop()
             self.ready.set()
             await self._stop.wait()

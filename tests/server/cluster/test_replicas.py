@@ -180,16 +180,14 @@ async def test_a_nudge_made_on_a_is_delivered_on_the_stream_b_holds(
     )  # fmt: skip
     # A's engine decided (its storage committed the decision and the nudge) and routes it
     # to the phone, which has no stream on A.
-    await a.server.components.nudges._storage.log_decision(
+    await a.server.app.nudges._storage.log_decision(
         DecisionRow(
             ident.user_id, now, "schedule", "cold-start", "{}", json.dumps({"move": 0.5}),
             "{}", "move", 0.5, "{}",
         ),
         NewNudge(row, ident.device_pk, "steps"),
     )  # fmt: skip
-    a.server.components.nudges.delivery.send(
-        ident.device_pk, nudges_pb2.Nudge(nudge_id=row.nudge_id)
-    )
+    a.server.app.nudges.delivery.send(ident.device_pk, nudges_pb2.Nudge(nudge_id=row.nudge_id))
     got: Any = await stream.read()
     assert got.nudge.nudge_id == row.nudge_id
     assert got.nudge.title == "Time to move"  # read from storage, not carried by the ring

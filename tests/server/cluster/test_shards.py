@@ -64,7 +64,7 @@ async def test_a_dead_replicas_shards_are_taken_over_and_no_decision_is_made_twi
     b_cluster = PostgresCluster(pools[1], postgres_dsn, replica="b", ttl_s=TTL_S, events_feed=False)
     async with contextlib.AsyncExitStack() as stack:
         a = await stack.enter_async_context(running_server(config, clock=clock, cluster=a_cluster))
-        eng_a = a.components.nudges
+        eng_a = a.app.nudges
         assert len(await a_cluster.nudge_shards.held()) == a_cluster.nudge_shards.shards
         watch = await pair_device(a, "ada", kind=common_pb2.DEVICE_KIND_WEARABLE_BRIDGE)
         _, user_id = await device_pk_of(a, watch.device_id)
@@ -104,7 +104,7 @@ async def run_until(clock: FakeClock, servers: list[RunningServer], minute: int)
     while clock.now_us() < MIDNIGHT + minute * MIN:
         clock.advance(15 * 60)
         for server in servers:
-            await server.components.nudges.tick()
+            await server.app.nudges.tick()
 
 
 async def triggers(server: RunningServer) -> list[tuple[int, str]]:
