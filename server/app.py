@@ -66,7 +66,7 @@ SERVICES: list[tuple[Callable[[Components], Any], Callable[[Any, grpc.aio.Server
      devices_pb2.DESCRIPTOR.services_by_name["DeviceService"].full_name),
     (lambda c: IngestServicer(c.rpc, c.ingest, c.timeline), add_ingest_service_to_server,
      ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name),
-    (lambda c: TimelineServicer(c.rpc, c.timeline), timeline_pb2_grpc.add_TimelineServiceServicer_to_server,
+    (lambda c: TimelineServicer(c.rpc, c.timeline_reads), timeline_pb2_grpc.add_TimelineServiceServicer_to_server,
      timeline_pb2.DESCRIPTOR.services_by_name["TimelineService"].full_name),
     (lambda c: ProfileServicer(c.rpc, c.profiles, c.consent), profiles_pb2_grpc.add_ProfileServiceServicer_to_server,
      profiles_pb2.DESCRIPTOR.services_by_name["ProfileService"].full_name),
@@ -170,7 +170,7 @@ async def running_server(
     replicas it is one of (default: a cluster of this process alone)."""
     async with AsyncExitStack() as stack:
         try:
-            storage = await stack.enter_async_context(open_storage(config.store))
+            storage = await stack.enter_async_context(open_storage(config.store, config.read_store))
         except DatabaseDamaged as e:
             raise SystemExit(str(e)) from None  # a clear refusal, no traceback
         parts = await build(

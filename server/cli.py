@@ -40,6 +40,7 @@ from pulsesync.server.storage.database_url import (
     DatabaseUrl,
     add_database_option,
     parse_key_vault,
+    parse_read_database,
 )
 from pulsesync.v1 import common_pb2
 
@@ -92,6 +93,13 @@ def add_key_flags(p: argparse.ArgumentParser) -> None:
 def _key_vault_argument(value: str) -> Path | DatabaseUrl:
     try:
         return parse_key_vault(value)
+    except BadDatabaseUrl as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _read_database_argument(value: str) -> DatabaseUrl:
+    try:
+        return parse_read_database(value)
     except BadDatabaseUrl as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -201,6 +209,15 @@ def build_parser(load: Iterable[str] | None = None) -> argparse.ArgumentParser:
         help=f"port (0 = any free; env PULSESYNC_PORT; default {DEFAULT_PORT})",
     )
     add_storage_flags(serve)
+    serve.add_argument(
+        "--read-database",
+        dest="read_database",
+        type=_read_database_argument,
+        metavar="URL",
+        help="a PostgreSQL hot standby of --database that TimelineService reads (ListEvents, "
+        "SummarizeActivity, ListEventChanges) are served from; they may lag it by the "
+        "standby's replay delay (env PULSESYNC_READ_DATABASE; docs/scaling.md)",
+    )
     serve.add_argument(
         "--tls-cert",
         dest="tls_cert",

@@ -128,6 +128,8 @@ class Components:
     privacy: PrivacyCenter
     ingest: IngestPipeline
     timeline: TimelineStore
+    # The TimelineService's reads: the standby given with --read-database, else `timeline`.
+    timeline_reads: TimelineStore
     # Started in order after storage is open, stopped in reverse before it closes.
     background: list[Background] = field(default_factory=list)
 
@@ -193,6 +195,9 @@ async def build(
         idempotency=Idempotency(storage.idempotency, clock),
     )
     timeline = TimelineStore(storage.timeline)
+    timeline_reads = (
+        timeline if storage.timeline_reads is None else TimelineStore(storage.timeline_reads)
+    )
     catalog = load_catalog(config.nudges.catalog)
     nudges = NudgeEngine(
         storage.nudges,
@@ -265,6 +270,7 @@ async def build(
         privacy,
         ingest,
         timeline,
+        timeline_reads,
         background,
     )
 

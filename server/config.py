@@ -18,6 +18,7 @@ from pulsesync.server.storage.database_url import (
     DatabaseUrl,
     parse_database,
     parse_key_vault,
+    parse_read_database,
 )
 
 DEFAULT_HOST: Final = "127.0.0.1"
@@ -72,6 +73,8 @@ class ServerConfig:
     db_path: Path | None = None
     # --database / PULSESYNC_DATABASE: a SQLite file or a postgresql:// URL (over db_path).
     database_url: DatabaseUrl | None = None
+    # --read-database / PULSESYNC_READ_DATABASE: a PostgreSQL hot standby for timeline reads.
+    read_database: DatabaseUrl | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
     # Require each device to present a client certificate signed by this CA (mutual TLS).
@@ -114,6 +117,15 @@ class ServerConfig:
         if self.database_url is not None and self.database_url.is_postgres:
             return self.database_url
         return DatabaseUrl("sqlite", path=self.database)
+
+    @property
+    def read_store(self) -> DatabaseUrl | None:
+        """The hot standby the TimelineService reads from, if any (PostgreSQL only)."""
+        if self.read_database is not None and not self.store.is_postgres:
+            raise SystemExit(
+                "--read-database (a PostgreSQL standby) needs --database postgresql://... too"
+            )
+        return self.read_database
 
     @property
     def kek_file(self) -> Path:
@@ -162,6 +174,13 @@ def _key_vault(text: str) -> Path | DatabaseUrl:
         raise ValueError(str(e)) from None
 
 
+def _read_database(text: str) -> DatabaseUrl:
+    try:
+        return parse_read_database(text)
+    except BadDatabaseUrl as e:
+        raise ValueError(str(e)) from None
+
+
 def _duration_s(text: str) -> float:
     from pulsesync.server.identity import parse_duration_s
 
@@ -174,6 +193,7 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting("data_dir", "DATA_DIR", Path),
     Setting("db_path", "DB", Path),
     Setting("database_url", "DATABASE", parse_database),
+    Setting("read_database", "READ_DATABASE", _read_database),
     Setting("tls_cert", "TLS_CERT", Path),
     Setting("tls_key", "TLS_KEY", Path),
     Setting("tls_client_ca", "TLS_CLIENT_CA", Path),

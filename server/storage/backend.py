@@ -11,6 +11,7 @@ profile store opens (`pulsesync.server.compose.open_profile_store`), and lives i
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -47,6 +48,10 @@ class Storage:
     nudges: NudgeStorage
     timeline: TimelineStorage
     idempotency: IdempotencyStorage
+    # Where the TimelineService's reads go when not to the primary: a PostgreSQL hot standby
+    # (--read-database). Everything else, the upload state and the nudges' outcomes included,
+    # reads the primary, which never lags behind an ack.
+    timeline_reads: TimelineStorage | None = None
     # The backend's own handle, for what works below the seams: on SQLite the database (the
     # ingest writer process and the key vault binding use it directly), on PostgreSQL the
     # pool (its event writer). Exactly one is set.
@@ -73,9 +78,13 @@ def sqlite_storage(db: Database) -> Storage:
 
 
 @asynccontextmanager
-async def open_storage(database: Path | DatabaseUrl) -> AsyncIterator[Storage]:
+async def open_storage(
+    database: Path | DatabaseUrl, read_database: DatabaseUrl | None = None
+) -> AsyncIterator[Storage]:
     """Migrate and open the database (a SQLite path, or a parsed --database value); closed on
-    exit. DatabaseDamaged if a SQLite file is damaged."""
+    exit. DatabaseDamaged if a SQLite file is damaged. On PostgreSQL, `read_database` names a
+    hot standby the TimelineService reads from (opened read-only; not migrated: it replays the
+    primary's schema)."""
     if isinstance(database, DatabaseUrl) and database.is_postgres:
         # Imported here: a SQLite-only deployment never loads the PostgreSQL driver.
         from pulsesync.server.storage.postgres.backend import postgres_storage
@@ -83,10 +92,19 @@ async def open_storage(database: Path | DatabaseUrl) -> AsyncIterator[Storage]:
         from pulsesync.server.storage.postgres.pool import PostgresPool
 
         assert database.dsn is not None
-        async with await PostgresPool.open(database.dsn) as pool:
+        async with contextlib.AsyncExitStack() as stack:
+            pool = await stack.enter_async_context(await PostgresPool.open(database.dsn))
             await migrate(pool)
-            yield postgres_storage(pool)
+            reads = None
+            if read_database is not None:
+                assert read_database.dsn is not None
+                reads = await stack.enter_async_context(
+                    await PostgresPool.open(read_database.dsn, read_only=True)
+                )
+            yield postgres_storage(pool, reads)
         return
+    if read_database is not None:
+        raise ValueError("a read database (a PostgreSQL standby) needs a PostgreSQL database")
     path = database.path if isinstance(database, DatabaseUrl) else database
     assert path is not None
     async with await Database.open(path) as db:

@@ -84,6 +84,17 @@ def parse_key_vault(value: str) -> Path | DatabaseUrl:
     return parsed.path
 
 
+def parse_read_database(value: str) -> DatabaseUrl:
+    """A --read-database value: the URL of a PostgreSQL hot standby (or a pooler in front of
+    several) that timeline reads may be served from."""
+    parsed = parse_database(value)
+    if not parsed.is_postgres:
+        raise BadDatabaseUrl(
+            f"{value!r}: a read database is a PostgreSQL standby, given as a postgresql:// URL"
+        )
+    return parsed
+
+
 def database_from_env() -> DatabaseUrl | None:
     """PULSESYNC_DATABASE, parsed; None when unset or empty."""
     value = os.environ.get(ENV, "")

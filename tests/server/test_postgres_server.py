@@ -11,17 +11,24 @@ import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
+import asyncpg
 import grpc
 import pytest
 
 from pulsesync.hlc import Stamp
 from pulsesync.server.app import RunningServer
 from pulsesync.server.clock import FakeClock
+from pulsesync.server.config import load_config
 from pulsesync.server.privacy.export import read_archive, records, verify_archive, write_archive
+from pulsesync.server.storage.database_url import parse_database
+from pulsesync.server.storage.postgres.migrate import migrate
+from pulsesync.server.storage.postgres.pool import PostgresPool
 from pulsesync.v1 import (
     common_pb2,
     ingest_pb2,
+    ingest_pb2_grpc,
     privacy_pb2,
     privacy_pb2_grpc,
     profiles_pb2,
@@ -30,7 +37,7 @@ from pulsesync.v1 import (
     timeline_pb2_grpc,
 )
 from tests.server.timeline.events import batch, heart_rate, steps, ts, upload
-from tests.support.postgres import postgres_database, postgres_dsn
+from tests.support.postgres import fresh_schema, postgres_database, postgres_dsn
 from tests.support.server import pair_device, start_server, stored_rows
 
 __all__ = ["postgres_database", "postgres_dsn"]
@@ -196,3 +203,75 @@ async def test_export_holds_what_was_stored(
     assert [e["seq"] for e in exported] == [1, 2]
     assert {d["device_id"] for d in records(members, "devices")} == {phone.device_id}
     assert isinstance(exported[0]["body"], dict)
+
+
+async def test_timeline_reads_come_from_the_read_database_and_the_upload_state_from_the_primary(
+    tmp_path: Path, postgres_database: str, clock: FakeClock
+) -> None:
+    # The "standby" is a second schema migrated like the primary; rows reach it only when the
+    # test copies them, as replay would. So what ListEvents answers shows where it read.
+    async with (
+        fresh_schema(postgres_database) as primary_dsn,
+        fresh_schema(postgres_database) as standby_dsn,
+    ):
+        async with await PostgresPool.open(standby_dsn) as standby:
+            await migrate(standby)
+        async with start_server(
+            tmp_path, clock=clock, database=primary_dsn, read_database=standby_dsn
+        ) as server:
+            dev = await pair_device(server, "ada")
+            now = clock.now_us()
+            evs = [steps(seq, now - (10 - seq) * S) for seq in range(1, 4)]
+            window = timeline_pb2.ListEventsRequest(
+                start_time=ts(now - 60 * S), end_time=ts(now + S)
+            )
+            async with grpc.aio.insecure_channel(server.address) as ch:
+                acks = await upload(ch, dev.metadata, [batch(1, now, evs)])
+                assert acks[-1].acked_through_seq == 3
+                timeline = timeline_pb2_grpc.TimelineServiceStub(ch)
+                before = await timeline.ListEvents(window, metadata=dev.metadata, timeout=10)
+                state = await ingest_pb2_grpc.IngestServiceStub(ch).GetUploadState(
+                    ingest_pb2.GetUploadStateRequest(), metadata=dev.metadata, timeout=10
+                )
+                assert before.events == []  # the standby has not replayed them yet
+                assert state.acked_through_seq == 3  # the resume point never lags an ack
+
+                await _replay(
+                    postgres_database, primary_dsn, standby_dsn, ("users", "devices", "events")
+                )
+                after = await timeline.ListEvents(window, metadata=dev.metadata, timeout=10)
+            assert [e.event.event_id for e in after.events] == [e.event_id for e in evs]
+
+
+async def _replay(database: str, source_dsn: str, target_dsn: str, tables: tuple[str, ...]) -> None:
+    """Copy tables between the two schemas (what a standby's WAL replay would have done)."""
+    source, target = (
+        parse_qs(urlsplit(d).query)["search_path"][0] for d in (source_dsn, target_dsn)
+    )
+    conn = await asyncpg.connect(database)
+    try:
+        for table in tables:
+            await conn.execute(f'INSERT INTO "{target}".{table} SELECT * FROM "{source}".{table}')
+    finally:
+        await conn.close()
+
+
+async def test_a_read_only_pool_refuses_writes(postgres_dsn: str) -> None:
+    async with await PostgresPool.open(postgres_dsn, read_only=True) as pool:
+        assert [tuple(r) for r in await pool.fetch("SELECT 1")] == [(1,)]
+        with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
+            await pool.fetch("CREATE TABLE nope (x int)")
+
+
+def test_a_read_database_must_be_a_postgresql_standby_of_a_postgresql_database(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("PULSESYNC_READ_DATABASE", str(tmp_path / "copy.db"))
+    with pytest.raises(ValueError, match=r"PULSESYNC_READ_DATABASE.*PostgreSQL standby"):
+        load_config()
+    monkeypatch.setenv("PULSESYNC_READ_DATABASE", "postgresql://reader@standby.internal/ps")
+    sqlite_primary = load_config({"data_dir": tmp_path})
+    with pytest.raises(SystemExit, match="needs --database postgresql"):
+        _ = sqlite_primary.read_store
+    pg_primary = load_config({"database_url": parse_database("postgresql://db.internal/ps")})
+    assert pg_primary.read_store == parse_database("postgresql://reader@standby.internal/ps")

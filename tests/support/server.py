@@ -37,15 +37,21 @@ class PairedDevice:
 
 @asynccontextmanager
 async def start_server(
-    tmp: Path, *, clock: Clock | None = None, database: str | None = None
+    tmp: Path,
+    *,
+    clock: Clock | None = None,
+    database: str | None = None,
+    read_database: str | None = None,
 ) -> AsyncIterator[RunningServer]:
     """A server bound to 127.0.0.1:0 with its files under tmp; its database is the SQLite file
-    there, or `database` (a postgresql:// DSN, e.g. the postgres_dsn fixture's)."""
+    there, or `database` (a postgresql:// DSN, e.g. the postgres_dsn fixture's), with timeline
+    reads from `read_database` when given."""
     config = ServerConfig(
         port=0,
         data_dir=tmp,
         grace_seconds=0.5,
         database_url=parse_database(database) if database else None,
+        read_database=parse_database(read_database) if read_database else None,
     )
     async with running_server(config, clock=clock) as server:
         yield server

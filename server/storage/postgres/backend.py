@@ -13,8 +13,9 @@ from pulsesync.server.storage.postgres.profiles import PostgresProfileStorage
 from pulsesync.server.storage.postgres.timeline import PostgresTimelineStorage
 
 
-def postgres_storage(pool: PostgresPool) -> Storage:
-    """Every domain's PostgreSQL storage over pool (migrated already)."""
+def postgres_storage(pool: PostgresPool, reads: PostgresPool | None = None) -> Storage:
+    """Every domain's PostgreSQL storage over pool (migrated already); timeline reads from
+    `reads` when given (a hot standby, see docs/scaling.md)."""
     return Storage(
         identity=PostgresIdentityStorage(pool),
         consent=PostgresConsentStorage(pool),
@@ -22,6 +23,7 @@ def postgres_storage(pool: PostgresPool) -> Storage:
         privacy=PostgresPrivacyStorage(pool),
         nudges=PostgresNudgeStorage(pool),
         timeline=PostgresTimelineStorage(pool),
+        timeline_reads=PostgresTimelineStorage(reads) if reads is not None else None,
         idempotency=PostgresIdempotencyStorage(pool),
         db=None,
         pool=pool,

@@ -38,12 +38,16 @@ Isolation = Literal["read_committed", "repeatable_read", "serializable"]
 Connection: TypeAlias = "PoolConnectionProxy[asyncpg.Record]"
 
 
-def server_settings() -> dict[str, str]:
-    """Session settings of every connection PulseSync opens."""
-    return {
+def server_settings(*, read_only: bool = False) -> dict[str, str]:
+    """Session settings of every connection PulseSync opens; a read-only pool's connections
+    refuse every write (a write sent there by mistake fails loudly, even on a primary)."""
+    settings = {
         "application_name": APPLICATION_NAME,
         "client_connection_check_interval": str(CLIENT_CHECK_MS),
     }
+    if read_only:
+        settings["default_transaction_read_only"] = "on"
+    return settings
 
 
 class PostgresPool:
@@ -54,13 +58,18 @@ class PostgresPool:
 
     @classmethod
     async def open(
-        cls, dsn: str, *, min_size: int = 1, max_size: int = DEFAULT_MAX_SIZE
+        cls,
+        dsn: str,
+        *,
+        min_size: int = 1,
+        max_size: int = DEFAULT_MAX_SIZE,
+        read_only: bool = False,
     ) -> PostgresPool:
         pool = await asyncpg.create_pool(
             dsn,
             min_size=min_size,
             max_size=max_size,
-            server_settings=server_settings(),
+            server_settings=server_settings(read_only=read_only),
         )
         async with pool.acquire() as conn:
             version = conn.get_server_version()
