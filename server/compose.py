@@ -12,6 +12,7 @@ only adapt the engines built here to gRPC.
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -60,6 +61,9 @@ from pulsesync.server.storage.sqlite.profiles import SqliteProfileStorage
 from pulsesync.server.timeline.ingest import IngestPipeline
 from pulsesync.server.timeline.store import TimelineStore
 from pulsesync.server.timeline.writer import EventWriter, GroupCommitWriter
+
+# The name of the page-token key among the database's shared secrets.
+PAGE_TOKEN_SECRET = "page-token"
 
 # Consent changes written by another process (the admin CLI) reach ingest and open
 # WatchConsents streams within this; one indexed query per tick.
@@ -193,6 +197,9 @@ async def build(
         sessions=sessions,
         metrics=metrics,
         idempotency=Idempotency(storage.idempotency, clock),
+        page_token_secret=await storage.identity.shared_secret(
+            PAGE_TOKEN_SECRET, secrets.token_bytes(32)
+        ),
     )
     timeline = TimelineStore(storage.timeline)
     timeline_reads = (

@@ -30,5 +30,8 @@ class RpcContext:
     metrics: Metrics
     # First answers of calls with a request_id, for their retries (AIP-155).
     idempotency: Idempotency
+    # The secret page tokens are sealed under (pulsesync.server.rpc.pagination): kept in the
+    # database, so a token from one replica is good on every other.
+    page_token_secret: bytes
     # Heavy reads in flight per device (see pulsesync.server.limits).
     heavy_reads: HeavyReads = field(default_factory=HeavyReads)

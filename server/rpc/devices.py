@@ -65,7 +65,7 @@ class DeviceServicer(devices_pb2_grpc.DeviceServiceServicer):
         self, request: devices_pb2.ListDevicesRequest, context: Any, me: Identity
     ) -> devices_pb2.ListDevicesResponse:
         size = page_size(request.page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        tokens = page_tokens(self.rpc.config.data_dir)
+        tokens = page_tokens(self.rpc.page_token_secret)
         pos = tokens.decode(request.page_token, "ListDevices", me.user_id, ())
         devices = await self.rpc.identity.list_devices(me.user_id)  # ordered by device_pk
         if pos:

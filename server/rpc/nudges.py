@@ -115,7 +115,7 @@ class NudgeServicer(nudges_pb2_grpc.NudgeServiceServicer):
             timestamp_us(request.start_time, "start_time") if request.HasField("start_time") else 0
         )
         end = timestamp_us(request.end_time, "end_time") if request.HasField("end_time") else 2**62
-        tokens = page_tokens(self.rpc.config.data_dir)
+        tokens = page_tokens(self.rpc.page_token_secret)
         pos = tokens.decode(request.page_token, "ListNudges", me.user_id, (start, end))
         after = (int(pos[0]), str(pos[1])) if pos else None
         # Keyset paging on (create_us DESC, nudge_id): a page never skips or repeats a nudge

@@ -4,8 +4,9 @@ A token is base64url of a random nonce (12) and the AES-256-GCM sealing of
 
     version (1) | caller digest (8) | query digest (16) | position (JSON)
 
-under a server secret kept in DATA_DIR/page-token.key (0600, created on first use; replicas
-share it with the data directory). Sealed rather than only signed: a client can neither read
+under a server secret kept in the database (`server_secrets`, made by the first server to start
+over it), so that every replica of a deployment reads the same one: a token handed out by one
+replica is good on any other, as a client that moves between them needs. Sealed rather than only signed: a client can neither read
 the position (ids, times) nor make or alter a token, so the paging scheme can change behind
 it. The GCM tag (128 bits) makes a hand-made or altered token fail; the digests bind a token to the caller's user, the method and every query parameter other than
 page_size and page_token, so a token reused with a different query is refused with a reason
@@ -20,16 +21,13 @@ import hashlib
 import json
 import secrets
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Final
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from pulsesync.server.errors import InvalidArgument
-from pulsesync.server.storage.files import create_secret_file
 
-KEY_FILE: Final = "page-token.key"
 _VERSION: Final = 1
 _NONCE_BYTES: Final = 12  # GCM's standard nonce; random, so one key seals any number of tokens
 _HEAD: Final = 1 + 8 + 16
@@ -104,24 +102,12 @@ class PageTokens:
         return list(position)
 
 
-def load_or_create_secret(path: Path) -> bytes:
-    """The token secret in path, created (mode 0600, 256 random bits) when missing."""
-    create_secret_file(path, 32)
-    try:
-        return bytes.fromhex(path.read_text("ascii").strip())
-    except ValueError:
-        # A damaged key only invalidates outstanding tokens: replace it.
-        fresh = secrets.token_bytes(32)
-        path.write_text(fresh.hex(), "ascii")
-        return fresh
+_codecs: dict[bytes, PageTokens] = {}
 
 
-_codecs: dict[Path, PageTokens] = {}
-
-
-def page_tokens(data_dir: Path) -> PageTokens:
-    """The codec for a server's data directory (its secret is read once)."""
-    codec = _codecs.get(data_dir)
+def page_tokens(secret: bytes) -> PageTokens:
+    """The codec for a server's page-token secret (RpcContext.page_token_secret)."""
+    codec = _codecs.get(secret)
     if codec is None:
-        codec = _codecs[data_dir] = PageTokens(load_or_create_secret(data_dir / KEY_FILE))
+        codec = _codecs[secret] = PageTokens(secret)
     return codec

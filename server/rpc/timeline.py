@@ -115,7 +115,7 @@ class TimelineServicer(timeline_pb2_grpc.TimelineServiceServicer):
             )
         devices = sorted(set(request.device_ids))
         query = (start, end, kinds, devices)
-        tokens = page_tokens(self.rpc.config.data_dir)
+        tokens = page_tokens(self.rpc.page_token_secret)
         pos = tokens.decode(request.page_token, "ListEvents", me.user_id, query)
         after = Cursor(int(pos[0]), int(pos[1]), int(pos[2])) if pos else None
         events, cursor = await self.store.page(

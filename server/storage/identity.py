@@ -128,3 +128,9 @@ class IdentityStorage(Protocol):
     async def touch_device(self, device_pk: int, now_us: int) -> None:
         """Record last_seen; StorageError if it cannot be written now."""
         ...
+
+    async def shared_secret(self, name: str, fresh: bytes) -> bytes:
+        """The server-wide secret stored under name, storing `fresh` first if there is none:
+        every replica over the same database gets the one stored first (e.g. the page-token
+        key, pulsesync.server.rpc.pagination)."""
+        ...

@@ -90,6 +90,18 @@ def postgres_database() -> Iterator[str]:
 
 
 @asynccontextmanager
+async def fresh_database(database_dsn: str) -> AsyncIterator[str]:
+    """The DSN of a database of its own on database_dsn's server (dropped after): for what must
+    be a whole database, not a schema, e.g. a key vault, which refuses to share the main one."""
+    name = f"pulsesync_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    await _create(database_dsn, name)
+    try:
+        yield with_database(database_dsn, name)
+    finally:
+        await _drop(database_dsn, name)
+
+
+@asynccontextmanager
 async def fresh_schema(database_dsn: str) -> AsyncIterator[str]:
     """A DSN whose connections see only a fresh, empty schema of their own (dropped after)."""
     schema = f"t_{uuid.uuid4().hex[:12]}"

@@ -229,3 +229,16 @@ class PostgresIdentityStorage:
             )
         except (asyncpg.PostgresError, OSError) as e:
             raise StorageError(f"{type(e).__name__}: {e}") from e
+
+    async def shared_secret(self, name: str, fresh: bytes) -> bytes:
+        async with self._pool.transaction() as conn:
+            # Replicas starting together: the second insert waits for the first to commit and
+            # does nothing; the select (a new snapshot) then reads the first one's secret.
+            await conn.execute(
+                "INSERT INTO server_secrets (name, secret) VALUES ($1, $2)"
+                " ON CONFLICT (name) DO NOTHING",
+                name,
+                fresh,
+            )
+            secret = await conn.fetchval("SELECT secret FROM server_secrets WHERE name = $1", name)
+        return bytes(secret)

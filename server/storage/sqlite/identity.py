@@ -199,3 +199,15 @@ class SqliteIdentityStorage:
                 )
         except sqlite3.Error as e:
             raise StorageError(str(e)) from e
+
+    async def shared_secret(self, name: str, fresh: bytes) -> bytes:
+        async with self._db.transaction() as tx:
+            await tx.execute(
+                "INSERT OR IGNORE INTO server_secrets (name, secret) VALUES (?, ?)", (name, fresh)
+            )
+            async with tx.execute(
+                "SELECT secret FROM server_secrets WHERE name = ?", (name,)
+            ) as cur:
+                row = await cur.fetchone()
+        assert row is not None
+        return bytes(row[0])

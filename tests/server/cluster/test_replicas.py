@@ -25,6 +25,8 @@ from pulsesync.server import compose
 from pulsesync.server.app import RunningServer, running_server
 from pulsesync.server.config import ServerConfig
 from pulsesync.server.postgres_cluster import PostgresCluster
+from pulsesync.server.profiles.crypto import KEK_ENV, FileKeyStore
+from pulsesync.server.storage.database_url import parse_database, parse_key_vault
 from pulsesync.server.storage.nudges import DecisionRow, NewNudge, NudgeRow
 from pulsesync.server.storage.postgres.pool import PostgresPool
 from pulsesync.status import error_info
@@ -40,7 +42,7 @@ from pulsesync.v1 import (
     profiles_pb2_grpc,
 )
 from tests.server.profiles.test_rpc import update_request
-from tests.support.postgres import until
+from tests.support.postgres import fresh_database, until
 from tests.support.server import pair_device
 
 ACTIVITY = common_pb2.CONSENT_CATEGORY_ACTIVITY
@@ -215,3 +217,45 @@ async def test_an_erasure_on_a_cuts_the_persons_streams_on_b(
     info = error_info(err.value)
     assert info is not None
     assert info.reason == "USER_ERASED"
+
+
+async def test_a_page_token_from_one_replica_is_good_on_another(
+    tmp_path: Path, postgres_database: str, postgres_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replicas with data directories of their own (nothing shared but the database, the key
+    vault and the key-encryption key) page for each other: the token key is in the database."""
+    monkeypatch.setenv(KEK_ENV, FileKeyStore.create(tmp_path / "kek.key").path.read_text())
+    async with contextlib.AsyncExitStack() as stack:
+        vault = await stack.enter_async_context(fresh_database(postgres_database))
+        a, b = [
+            await stack.enter_async_context(
+                running_server(
+                    ServerConfig(
+                        port=0,
+                        data_dir=tmp_path / name,
+                        grace_seconds=0.5,
+                        database_url=parse_database(postgres_dsn),
+                        key_vault=parse_key_vault(vault),
+                    )
+                )
+            )
+            for name in ("a", "b")
+        ]
+        phone = await pair_device(a, "ada")
+        await pair_device(a, "ada")
+        pages: list[devices_pb2.ListDevicesResponse] = []
+        for server in (a, b):
+            async with grpc.aio.insecure_channel(server.address) as ch:
+                pages.append(
+                    await devices_pb2_grpc.DeviceServiceStub(ch).ListDevices(
+                        devices_pb2.ListDevicesRequest(
+                            page_size=1, page_token=pages[-1].next_page_token if pages else ""
+                        ),
+                        metadata=phone.metadata,
+                        timeout=WITHIN_S,
+                    )
+                )
+        first, second = pages
+        assert first.next_page_token
+        assert len({d.device_id for p in pages for d in p.devices}) == 2
+        assert not second.next_page_token

@@ -13,6 +13,7 @@ NOT_PERSONAL = {
     "privacy_audit": "pseudonymous by design; must outlive erasure",
     "deletion_receipts": "salted hashes only; must outlive erasure",
     "profile_vault": "the id of the key vault holding the data keys; names nobody",
+    "server_secrets": "keys of the server as a whole (the page-token key); names nobody",
     "imported_people": "pseudonymous ids from an imported decision log; not server users",
     "imported_decisions": "decisions from an imported log (nudges import-log); not server users",
 }

@@ -18,6 +18,7 @@ from tests.support.postgres import until
 # deployment (profile_vault), hold imported training data whose people are not users, or are
 # the user table itself. docs/scaling.md says where each lives when sharded.
 NOT_PER_PERSON = {
+    "server_secrets",
     "users",
     # Found by a key derived from the request_id alone, before the person is known: distributed
     # by that key on Citus (docs/scaling.md); user_id is kept for erasure.
