@@ -719,7 +719,11 @@ async def postgres_phases(args: argparse.Namespace, work: Path) -> dict[str, Any
 
         data_dsn, vault_dsn = with_database(args.dsn, data_db), with_database(args.dsn, vault_db)
         FileKeyStore.create(work / "kek.key")
-        env = {"PULSESYNC_KEK": (work / "kek.key").read_text()}
+        # Replicas share the key-encryption key and the receipt key, nothing else.
+        env = {
+            "PULSESYNC_KEK": (work / "kek.key").read_text(),
+            "PULSESYNC_RECEIPT_KEY": secrets.token_hex(32),
+        }
         rounds = args.ingest_rounds
         bridge, phone = common_pb2.DEVICE_KIND_WEARABLE_BRIDGE, common_pb2.DEVICE_KIND_PHONE
         people = await provision(

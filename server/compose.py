@@ -45,10 +45,10 @@ from pulsesync.server.nudges.registry import ModelRegistry
 from pulsesync.server.nudges.shard_feed import ShardFeed
 from pulsesync.server.privacy.center import PrivacyCenter
 from pulsesync.server.privacy.consent import ConsentStore
-from pulsesync.server.privacy.keys import RECEIPT_KEY_FILE, ReceiptKey
+from pulsesync.server.privacy.keys import RECEIPT_KEY_ENV, RECEIPT_KEY_FILE, ReceiptKey
 from pulsesync.server.privacy.registry import UserDataRegistry
 from pulsesync.server.privacy.retention import RetentionPolicy
-from pulsesync.server.profiles.crypto import AesGcmSealer, Sealer
+from pulsesync.server.profiles.crypto import AesGcmSealer, KeyFileError, Sealer
 from pulsesync.server.profiles.keys import DataKeys
 from pulsesync.server.profiles.layout import UsageRanker
 from pulsesync.server.profiles.store import ProfileStore
@@ -64,6 +64,8 @@ from pulsesync.server.timeline.writer import EventWriter, GroupCommitWriter
 
 # The name of the page-token key among the database's shared secrets.
 PAGE_TOKEN_SECRET = "page-token"
+# The receipt key's fingerprint (never the key) among them: see pulsesync.server.privacy.keys.
+RECEIPT_KEY_FINGERPRINT = "receipt-key-fingerprint"
 
 # Consent changes written by another process (the admin CLI) reach ingest and open
 # WatchConsents streams within this; one indexed query per tick.
@@ -227,7 +229,7 @@ async def build(
         sessions=sessions,
         hooks=user_data,
         policy=RetentionPolicy.from_config(config),
-        key=ReceiptKey.load_or_create(config.data_dir / RECEIPT_KEY_FILE),
+        key=await _shared_receipt_key(config, storage),
     )
     ingest = IngestPipeline(
         event_writer(storage, metrics), consent=consent, bus=bus, metrics=metrics
@@ -280,6 +282,25 @@ async def build(
         timeline_reads,
         background,
     )
+
+
+async def _shared_receipt_key(config: ServerConfig, storage: Storage) -> ReceiptKey:
+    """The receipt key; on PostgreSQL, checked to be the one every other replica uses (on
+    SQLite every process reads the one file beside the database)."""
+    key = ReceiptKey.load(config.data_dir / RECEIPT_KEY_FILE)
+    if storage.pool is None:
+        return key
+    first = await storage.identity.shared_secret(
+        RECEIPT_KEY_FINGERPRINT, key.fingerprint().encode()
+    )
+    if first.decode() != key.fingerprint():
+        raise KeyFileError(
+            f"this server's receipt key ({config.data_dir / RECEIPT_KEY_FILE}, or "
+            f"{RECEIPT_KEY_ENV}) is not the one the other servers over this database use: "
+            "give every replica the same receipt key file, or its content in "
+            f"{RECEIPT_KEY_ENV} (docs/scaling.md, \"The receipt key\")"
+        )
+    return key
 
 
 def event_writer(storage: Storage, metrics: Metrics) -> EventWriter:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -43,6 +44,7 @@ from pulsesync.server.clock import SystemClock
 from pulsesync.server.cluster import NUDGE_SHARDS
 from pulsesync.server.identity import IdentityStore
 from pulsesync.server.privacy.consent import CATEGORIES, ConsentStore
+from pulsesync.server.privacy.keys import RECEIPT_KEY_ENV
 from pulsesync.server.profiles.crypto import KEK_ENV, FileKeyStore
 from pulsesync.server.storage.backend import Storage, open_storage
 from pulsesync.server.storage.database_url import parse_database
@@ -233,7 +235,9 @@ async def test_a_replica_sigkilled_mid_stream_loses_nothing_and_the_survivor_tak
 ) -> None:
     main, vault = databases
     key_file = FileKeyStore.create(tmp_path / "kek.key").path
-    env = {KEK_ENV: key_file.read_text()}
+    # Replicas share the key-encryption key and the receipt key (as an operator's secret
+    # manager would give them), nothing else.
+    env = {KEK_ENV: key_file.read_text(), RECEIPT_KEY_ENV: secrets.token_hex(32)}
     a, b = ServeProcess("a", tmp_path), ServeProcess("b", tmp_path)
 
     def serve_args(name: str) -> list[str]:
