@@ -23,6 +23,7 @@ from pulsesync.server.cluster import (
     DEVICE_REVOKED,
     NUDGE_CREATED,
     PROFILE_CHANGED,
+    TOKEN_ROTATED,
     USER_ERASED,
     Cluster,
     LocalCluster,
@@ -276,6 +277,7 @@ class _ClusterWiring:
             (DEVICE_REVOKED, self._device_revoked),
             (USER_ERASED, self._user_erased),
             (NUDGE_CREATED, self._nudges.delivery.created_elsewhere),
+            (TOKEN_ROTATED, self._token_rotated),
         ):
             self._unsubscribe.append(await signals.subscribe(topic, callback))
         # Rung after each commit made here (never on the ingest path).
@@ -283,12 +285,14 @@ class _ClusterWiring:
             self._profiles.on_commit(lambda user_id, _p: self._ring(PROFILE_CHANGED, user_id))
         )
         app.consent.on_change = lambda user_id: self._ring(CONSENT_CHANGED, user_id)
+        app.identity.on_token_rotated = lambda device_pk: self._ring(TOKEN_ROTATED, device_pk)
         app.sessions.signals = signals
         self._nudges.delivery.signals = signals
         self._nudges.runs_outcomes = lambda: cluster.runs("nudge-outcomes")
 
     async def stop(self) -> None:
         self._app.consent.on_change = None
+        self._app.identity.on_token_rotated = None
         self._app.sessions.signals = None
         self._nudges.delivery.signals = None
         for unsubscribe in self._unsubscribe:
@@ -311,6 +315,13 @@ class _ClusterWiring:
             return  # a lost ring: the revocation sweep (app.py) finds it
         self._app.identity.forget_device(device_pk)
         self._app.sessions.cut_off_device(device_pk, local_only=True)
+
+    def _token_rotated(self, device_pk: int | None) -> None:
+        # Read again from storage at the device's next call: a replaced token is refused
+        # there (TOKEN_UNKNOWN, or TOKEN_ROTATED after its grace period). A lost ring leaves
+        # a cached entry for at most TOKEN_CACHE_US.
+        if device_pk is not None:
+            self._app.identity.forget_device(device_pk)
 
     def _user_erased(self, user_id: int | None) -> None:
         if user_id is None:

@@ -22,6 +22,7 @@ import pytest
 
 from pulsesync.server import app as app_module
 from pulsesync.server import compose
+from pulsesync.server import identity as identity_module
 from pulsesync.server.app import RunningServer, running_server
 from pulsesync.server.config import ServerConfig
 from pulsesync.server.postgres_cluster import PostgresCluster
@@ -217,3 +218,53 @@ async def test_an_erasure_on_a_cuts_the_persons_streams_on_b(
     info = error_info(err.value)
     assert info is not None
     assert info.reason == "USER_ERASED"
+
+
+async def test_a_token_replaced_on_a_is_refused_at_once_on_b_that_cached_it(
+    replicas: tuple[Replica, Replica], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Cached for an hour: without the ring, B would accept the replaced token that long.
+    monkeypatch.setattr(identity_module, "TOKEN_CACHE_US", 3600 * 1_000_000)
+    a, b = replicas
+    phone = await pair_device(a.server, "ada")
+    on_a = devices_pb2_grpc.DeviceServiceStub(a.channel)
+    on_b = devices_pb2_grpc.DeviceServiceStub(b.channel)
+
+    async def rotate(token: str) -> str:
+        resp = await on_a.RotateDeviceToken(
+            devices_pb2.RotateDeviceTokenRequest(), metadata=_bearer(token), timeout=WITHIN_S
+        )
+        return str(resp.token)
+
+    first = await rotate(phone.token)
+    assert await _who(on_b, first) == phone.device_id  # B caches the new token
+    # The device lost the answer and retries with the token it holds: the token it never
+    # received is replaced (the "lost response" path of RotateDeviceToken).
+    second = await rotate(phone.token)
+
+    async def refused_on_b() -> bool:
+        try:
+            await _who(on_b, first)
+        except grpc.aio.AioRpcError as e:
+            info = error_info(e)
+            assert info is not None
+            assert info.reason == "TOKEN_UNKNOWN"
+            return True
+        return False
+
+    await until(refused_on_b, WITHIN_S)
+    # The current token and the one still in its grace period work on both.
+    for stub in (on_a, on_b):
+        assert await _who(stub, second) == phone.device_id
+        assert await _who(stub, phone.token) == phone.device_id
+
+
+def _bearer(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+async def _who(stub: Any, token: str) -> str:
+    resp = await stub.GetCurrentDevice(
+        devices_pb2.GetCurrentDeviceRequest(), metadata=_bearer(token), timeout=WITHIN_S
+    )
+    return str(resp.device.device_id)
