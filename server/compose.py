@@ -123,6 +123,14 @@ class Components:
     timeline: TimelineStore
     # Started in order after storage is open, stopped in reverse before it closes.
     background: list[Background] = field(default_factory=list)
+    # What build opened beside storage (a PostgreSQL key vault's connections); a server closes
+    # it with its background work, an admin command that starts none calls close().
+    closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    async def close(self) -> None:
+        """Close what build opened, for a caller that never started the background work."""
+        while self.closers:
+            await self.closers.pop()()
 
 
 async def build(
@@ -226,7 +234,7 @@ async def build(
         background.append(
             Periodic("nudge-ticks", config.nudges.tick_seconds, nudges.tick).background()
         )
-    return Components(app, profiles, nudges, privacy, ingest, timeline, background)
+    return Components(app, profiles, nudges, privacy, ingest, timeline, background, closers)
 
 
 def event_writer(storage: Storage, metrics: Metrics) -> EventWriter:
