@@ -37,7 +37,15 @@ CONSENT_CHANGED: Final = "consent_changed"  # user_id: read the consent ledger
 DEVICE_REVOKED: Final = "device_revoked"  # device_pk: cut the device's streams
 USER_ERASED: Final = "user_erased"  # user_id: cut every stream of the person
 NUDGE_CREATED: Final = "nudge_created"  # device_pk: deliver its pending nudges
-TOPICS: Final = (PROFILE_CHANGED, CONSENT_CHANGED, DEVICE_REVOKED, USER_ERASED, NUDGE_CREATED)
+TOKEN_ROTATED: Final = "token_rotated"  # device_pk: forget its cached tokens
+TOPICS: Final = (
+    PROFILE_CHANGED,
+    CONSENT_CHANGED,
+    DEVICE_REVOKED,
+    USER_ERASED,
+    NUDGE_CREATED,
+    TOKEN_ROTATED,
+)
 
 # Shards of people for nudge decisions: a few per replica for an even share, few enough
 # that a renewal round stays one small transaction.

@@ -24,6 +24,7 @@ from pulsesync.server.cluster import (
     DEVICE_REVOKED,
     NUDGE_CREATED,
     PROFILE_CHANGED,
+    TOKEN_ROTATED,
     USER_ERASED,
     Cluster,
     LocalCluster,
@@ -138,6 +139,14 @@ class Components:
     timeline_reads: TimelineStore
     # Started in order after storage is open, stopped in reverse before it closes.
     background: list[Background] = field(default_factory=list)
+    # What build opened beside storage (a PostgreSQL key vault's connections); a server closes
+    # it with its background work, an admin command that starts none calls close().
+    closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    async def close(self) -> None:
+        """Close what build opened, for a caller that never started the background work."""
+        while self.closers:
+            await self.closers.pop()()
 
     @property
     def identity(self) -> IdentityStore:
@@ -281,6 +290,7 @@ async def build(
         timeline,
         timeline_reads,
         background,
+        closers,
     )
 
 
@@ -298,7 +308,7 @@ async def _shared_receipt_key(config: ServerConfig, storage: Storage) -> Receipt
             f"this server's receipt key ({config.data_dir / RECEIPT_KEY_FILE}, or "
             f"{RECEIPT_KEY_ENV}) is not the one the other servers over this database use: "
             "give every replica the same receipt key file, or its content in "
-            f"{RECEIPT_KEY_ENV} (docs/scaling.md, \"The receipt key\")"
+            f'{RECEIPT_KEY_ENV} (docs/scaling.md, "The receipt key")'
         )
     return key
 
@@ -359,6 +369,7 @@ class _ClusterWiring:
             (DEVICE_REVOKED, self._device_revoked),
             (USER_ERASED, self._user_erased),
             (NUDGE_CREATED, self._nudges.delivery.created_elsewhere),
+            (TOKEN_ROTATED, self._token_rotated),
         ):
             self._unsubscribe.append(await signals.subscribe(topic, callback))
         # Rung after each commit made here (never on the ingest path).
@@ -366,12 +377,14 @@ class _ClusterWiring:
             self._profiles.on_commit(lambda user_id, _p: self._ring(PROFILE_CHANGED, user_id))
         )
         self._consent.on_change = lambda user_id: self._ring(CONSENT_CHANGED, user_id)
+        self._identity.on_token_rotated = lambda device_pk: self._ring(TOKEN_ROTATED, device_pk)
         self._sessions.signals = signals
         self._nudges.delivery.signals = signals
         self._nudges.runs_outcomes = lambda: cluster.runs("nudge-outcomes")
 
     async def stop(self) -> None:
         self._consent.on_change = None
+        self._identity.on_token_rotated = None
         self._sessions.signals = None
         self._nudges.delivery.signals = None
         for unsubscribe in self._unsubscribe:
@@ -394,6 +407,13 @@ class _ClusterWiring:
             return  # a lost ring: the revocation sweep (app.py) finds it
         self._identity.forget_device(device_pk)
         self._sessions.cut_off_device(device_pk, local_only=True)
+
+    def _token_rotated(self, device_pk: int | None) -> None:
+        # Read again from storage at the device's next call: a replaced token is refused
+        # there (TOKEN_UNKNOWN, or TOKEN_ROTATED after its grace period). A lost ring leaves
+        # a cached entry for at most TOKEN_CACHE_US.
+        if device_pk is not None:
+            self._identity.forget_device(device_pk)
 
     def _user_erased(self, user_id: int | None) -> None:
         if user_id is None:

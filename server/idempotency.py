@@ -16,8 +16,14 @@ that PairDevice and RotateDeviceToken answer with nor any personal data of the r
 
 Only successful answers are kept: a refused call changed nothing and is decided afresh on
 retry. A call with a request_id runs to its end once started, even if the client goes away
-meanwhile, so that the retry after a lost response finds the answer; calls with the same handle
-wait for each other (within this process), so concurrent retries never both take effect.
+meanwhile, so that the retry after a lost response finds the answer.
+
+Concurrent retries never both take effect, on one server or across replicas: calls with the
+same handle wait for each other within this process (a lock), and before running, the call
+claims its handle in the database (one row per handle: the first claimer holds it, in one
+statement). A retry that finds another replica's claim waits for that call's answer, polling;
+a claim whose replica died expires after CLAIM_US and the next retry carries the call out. A
+call that fails or is cancelled drops its claim, so that its retry is decided afresh at once.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from google.protobuf.message import Message
 
 from pulsesync.server.clock import Clock
-from pulsesync.server.errors import InvalidArgument
+from pulsesync.server.errors import Aborted, InvalidArgument
 from pulsesync.server.storage.idempotency import IdempotencyStorage, StoredAnswer
 
 log = logging.getLogger(__name__)
@@ -48,6 +54,18 @@ log = logging.getLogger(__name__)
 WINDOW_US: Final = 24 * 3600 * 1_000_000
 # How long a stopping server lets such calls finish: they are short writes, and a stop must end.
 DRAIN_TIMEOUT_S: Final = 10.0
+# How long a claim holds a handle while its call runs. Such calls are short writes (a stopping
+# server gives them DRAIN_TIMEOUT_S); one claimed longer ago than this is presumed dead with
+# its replica, and a retry elsewhere carries the call out. Short, because that retry waits.
+CLAIM_US: Final = 30 * 1_000_000
+# A retry that finds another replica's live claim asks again after these delays (doubling):
+# the first answers come within milliseconds; a dead replica's claim takes CLAIM_US.
+_CLAIM_POLL_FIRST_S: Final = 0.01
+_CLAIM_POLL_MAX_S: Final = 0.25
+# ... and gives up (REQUEST_IN_PROGRESS, the client retries later) after waiting this long:
+# longer than a claim lives, so only a claimer whose clock runs behind or a call stuck past
+# its claim makes a retry wait that long.
+_CLAIM_WAIT_S: Final = CLAIM_US / 1_000_000 + 5.0
 FIELD: Final = "request_id"
 _NONCE_BYTES: Final = 12
 _INFO: Final = b"pulsesync.v1 request_id\x00"
@@ -201,10 +219,15 @@ class Idempotency:
         self._locks[keys.handle] = (lock, users + 1)
         try:
             async with lock:
-                stored = await self._storage.get(keys.handle, self._clock.now_us())
+                claim_id = os.urandom(_NONCE_BYTES)
+                stored = await self._claim(keys, claim_id, method, fingerprint)
                 if stored is not None:
                     return self._replay(keys, method, fingerprint, stored, response_type)
-                response = await call()
+                try:
+                    response = await call()
+                except BaseException:
+                    await self._release(keys.handle, claim_id, method)
+                    raise
                 await self._keep(keys, method, fingerprint, response, owner)
                 return response
         finally:
@@ -213,6 +236,49 @@ class Idempotency:
                 del self._locks[keys.handle]
             else:
                 self._locks[keys.handle] = (lock, users - 1)
+
+    async def _claim(
+        self, keys: _Keys, claim_id: bytes, method: str, fingerprint: bytes
+    ) -> StoredAnswer | None:
+        """The stored answer of an earlier call, or None once this call holds the handle
+        (waiting while a call on another replica holds it)."""
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + _CLAIM_WAIT_S
+        delay = _CLAIM_POLL_FIRST_S
+        while True:
+            now = self._clock.now_us()
+            found = await self._storage.claim(
+                keys.handle,
+                claim_id,
+                method=method,
+                fingerprint=fingerprint,
+                now_us=now,
+                expire_us=now + CLAIM_US,
+            )
+            if found.held:
+                return None
+            if found.answer is not None:
+                return found.answer
+            if loop.time() >= give_up_at:
+                raise Aborted(
+                    "another server is still carrying out a call with this request_id; retry "
+                    "the same request (same request_id) later to get its answer",
+                    reason="REQUEST_IN_PROGRESS",
+                    metadata={"field": FIELD},
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _CLAIM_POLL_MAX_S)
+
+    async def _release(self, handle: bytes, claim_id: bytes, method: str) -> None:
+        """Drop this call's claim after it failed or was cancelled, so a retry is decided
+        afresh at once; shielded, so a cancellation does not stop it half-way."""
+        try:
+            await asyncio.shield(self._storage.release(handle, claim_id))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # The claim then expires after CLAIM_US; a retry before that waits for it.
+            log.exception("could not release a request_id claim", extra={"method": method})
 
     def _replay(
         self,
@@ -257,5 +323,5 @@ class Idempotency:
             )
         except Exception:
             # The call took effect: its client gets the answer all the same; only a retry of
-            # this call would be carried out again.
+            # this call would be carried out again (once its claim lapsed, after CLAIM_US).
             log.exception("could not keep the answer for retries", extra={"method": method})

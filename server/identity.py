@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -42,7 +43,8 @@ MAX_NAME_LENGTH: Final = 100
 # last_seen is refreshed at most once a minute: a write per call would put every read RPC
 # behind the write lock for a value nobody needs to the second.
 TOUCH_INTERVAL_US: Final = 60 * 1_000_000
-# A revocation written by another process (the admin CLI) reaches unary calls within this.
+# A revocation written by another process (the admin CLI) reaches unary calls within this;
+# revocations and rotations on other replicas evict at once (on_token_rotated, the cluster).
 TOKEN_CACHE_US: Final = 5 * 1_000_000
 # After RotateDeviceToken the replaced token still works this long: enough for a device whose
 # response was lost to retry with the token it holds, or to finish calls already in flight;
@@ -207,6 +209,9 @@ class IdentityStore:
         # how long a revocation made by another process (the admin CLI) takes to apply.
         self._cache: dict[bytes, tuple[Identity, int]] = {}
         self._last_touch: dict[int, int] = {}
+        # Called with the device after its token was rotated here, so that the other replicas
+        # forget the tokens they cached for it (None: a server of one process).
+        self.on_token_rotated: Callable[[int], None] | None = None
 
     # -- users ---------------------------------------------------------------------------
     async def add_user(self, name: str) -> int:
@@ -322,13 +327,17 @@ class IdentityStore:
         )
         if grace_until is None:
             raise Unauthenticated("this device was revoked; pair it again", reason="DEVICE_REVOKED")
-        # The replaced token's cache entry must not outlive its grace period.
+        # The replaced token's cache entry must not outlive its grace period, and a token
+        # replaced by a retried rotation must stop working at once: here and, through the
+        # cluster, on every replica that cached it.
         self._cache.pop(key, None)
         self.forget_device(me.device_pk)
+        if self.on_token_rotated is not None:
+            self.on_token_rotated(me.device_pk)
         return new, now, grace_until
 
     def forget_device(self, device_pk: int) -> None:
-        """Evict a device's cached identity (after revocation or erasure)."""
+        """Evict a device's cached identity (after revocation, erasure or token rotation)."""
         for key, (ident, _) in list(self._cache.items()):
             if ident.device_pk == device_pk:
                 del self._cache[key]

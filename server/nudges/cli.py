@@ -6,8 +6,9 @@
     pulsesync nudges status             # versions, the promoted one, logged decisions
     pulsesync nudges import-log FILE    # add decisions logged elsewhere (CSV or JSON Lines)
 
-They work on the database and model folder directly; a running server picks up a promoted
-model at its next decision tick.
+They work on the database (the SQLite file, or PostgreSQL with --database postgresql://...)
+and the model folder directly; a running server picks up a promoted model at its next decision
+tick. With several replicas, give the command and every replica the same model folder.
 """
 
 from __future__ import annotations
@@ -26,15 +27,16 @@ from pulsesync.server.nudges.training import (
     promote_if_better,
     train_candidate,
 )
-from pulsesync.server.storage.db import Database
-from pulsesync.server.storage.sqlite.nudges import SqliteNudgeStorage
+from pulsesync.server.storage.backend import open_storage
+from pulsesync.server.storage.database_url import DatabaseUrl
 
 
-def _paths(args: argparse.Namespace) -> tuple[Path, ModelRegistry]:
+def _paths(args: argparse.Namespace) -> tuple[DatabaseUrl, ModelRegistry]:
+    """Where the logged decisions are (a SQLite file or PostgreSQL) and the model folder."""
     from pulsesync.server.cli import config_from
 
     config = config_from(args)
-    return config.database, ModelRegistry(args.models or config.data_dir / "nudge_models")
+    return config.store, ModelRegistry(args.models or config.data_dir / "nudge_models")
 
 
 def _catalog(args: argparse.Namespace) -> Catalog:
@@ -54,12 +56,10 @@ def _latest(registry: ModelRegistry, version: int | None) -> int:
 
 
 async def cmd_train(args: argparse.Namespace) -> int:
-    db_path, registry = _paths(args)
-    async with await Database.open(db_path) as db:
+    database, registry = _paths(args)
+    async with open_storage(database) as storage:
         try:
-            version = await train_candidate(
-                SqliteNudgeStorage(db), _catalog(args), registry, args.holdout
-            )
+            version = await train_candidate(storage.nudges, _catalog(args), registry, args.holdout)
         except ValueError as e:
             raise SystemExit(f"cannot train: {e}") from None
     meta = registry.meta(version)
@@ -69,12 +69,12 @@ async def cmd_train(args: argparse.Namespace) -> int:
 
 
 async def cmd_evaluate(args: argparse.Namespace) -> int:
-    db_path, registry = _paths(args)
+    database, registry = _paths(args)
     version = _latest(registry, args.version)
     catalog = _catalog(args)
-    async with await Database.open(db_path) as db:
+    async with open_storage(database) as storage:
         try:
-            ev = await evaluate_candidate(SqliteNudgeStorage(db), catalog, registry, version)
+            ev = await evaluate_candidate(storage.nudges, catalog, registry, version)
         except ValueError as e:
             raise SystemExit(f"cannot evaluate: {e}") from None
     print(
@@ -145,11 +145,11 @@ async def cmd_promote(args: argparse.Namespace) -> int:
 async def cmd_import_log(args: argparse.Namespace) -> int:
     from pulsesync.server.nudges.importlog import LogFormatError, import_file
 
-    db_path, _ = _paths(args)
+    database, _ = _paths(args)
     catalog = _catalog(args)
-    async with await Database.open(db_path) as db:
+    async with open_storage(database) as storage:
         try:
-            summary = await import_file(SqliteNudgeStorage(db), args.file, catalog.actions)
+            summary = await import_file(storage.nudges, args.file, catalog.actions)
         except LogFormatError as e:
             raise SystemExit(f"cannot import {args.file}: {e}") from None
         except OSError as e:
@@ -163,7 +163,7 @@ async def cmd_import_log(args: argparse.Namespace) -> int:
 
 
 async def cmd_status(args: argparse.Namespace) -> int:
-    db_path, registry = _paths(args)
+    database, registry = _paths(args)
     current = registry.current()
     print(f"promoted: {version_name(current) if current else 'none (randomized cold start)'}")
     for v in registry.versions():
@@ -179,8 +179,8 @@ async def cmd_status(args: argparse.Namespace) -> int:
             else "not evaluated"
         )
         print(f"  {version_name(v)}  trained on {meta.get('trained_on', '?')} decisions  {verdict}")
-    async with await Database.open(db_path) as db:
-        decisions = await logged_decisions(SqliteNudgeStorage(db))
+    async with open_storage(database) as storage:
+        decisions = await logged_decisions(storage.nudges)
     print(f"decisions with outcomes (consenting users): {len(decisions)}")
     if args.json:
         print(

@@ -8,8 +8,9 @@
     pulsesync privacy purge
     pulsesync privacy verify-export FILE.zip|DIR
 
-The commands work on the database file (no server needed) through the same code as the
-PrivacyService RPCs, with the components' exporters and erase hooks registered. A running
+The commands work on the database (the SQLite file, or PostgreSQL with --database; no server
+needed) and the key vault (--key-vault, a file or a PostgreSQL database, as the server is
+given it) through the same code as the PrivacyService RPCs, with the components' exporters and erase hooks registered. A running
 server picks up consent changes and erasures made here within seconds. Reads, exports and
 erasures are recorded in the audit log as the admin's.
 """
@@ -26,7 +27,7 @@ from typing import Any
 
 from pulsesync import kinds
 from pulsesync.kinds import category_name
-from pulsesync.server.cli import _when, add_storage_flags, config_from
+from pulsesync.server.cli import _when, add_key_flags, add_storage_flags, config_from
 from pulsesync.server.clock import SystemClock
 from pulsesync.server.errors import InvalidArgument
 from pulsesync.server.privacy.audit import DEFAULT_AUDIT_LIMIT, Action, Actor, AuditLog
@@ -57,7 +58,10 @@ async def offline_center(args: argparse.Namespace) -> AsyncIterator[PrivacyCente
     config = config_from(args)
     async with open_storage(config.store) as storage:
         parts = await build(config, storage, SystemClock())
-        yield parts.privacy
+        try:
+            yield parts.privacy
+        finally:
+            await parts.close()
 
 
 async def _user(center: PrivacyCenter, name: str) -> int:
@@ -223,6 +227,7 @@ def register(sub: Any) -> None:
     p.add_argument("user")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     add_storage_flags(p)
+    add_key_flags(p)  # they open profiles (export, erasure)
     p.set_defaults(handler=cmd_summary)
 
     p = group.add_parser("export", help="write everything about USER to a .zip or a folder")
@@ -231,12 +236,14 @@ def register(sub: Any) -> None:
         "--out", type=Path, required=True, help="FILE.zip, or a directory for loose files"
     )
     add_storage_flags(p)
+    add_key_flags(p)  # they open profiles (export, erasure)
     p.set_defaults(handler=cmd_export)
 
     p = group.add_parser("erase", help="delete everything about USER and print the receipt")
     p.add_argument("user")
     p.add_argument("--yes", action="store_true", help="confirm: this cannot be undone")
     add_storage_flags(p)
+    add_key_flags(p)  # they open profiles (export, erasure)
     p.set_defaults(handler=cmd_erase)
 
     p = group.add_parser("consent", help="grant or withdraw one consent category for USER")
@@ -249,6 +256,7 @@ def register(sub: Any) -> None:
         help="the privacy policy version the person agreed to (default %(default)s)",
     )
     add_storage_flags(p)
+    add_key_flags(p)  # they open profiles (export, erasure)
     p.set_defaults(handler=cmd_consent)
 
     p = group.add_parser("audit", help="the privacy audit log, newest first")
@@ -259,6 +267,7 @@ def register(sub: Any) -> None:
 
     p = group.add_parser("purge", help="apply the retention policy now")
     add_storage_flags(p)
+    add_key_flags(p)  # they open profiles (export, erasure)
     p.set_defaults(handler=cmd_purge)
 
     p = group.add_parser("verify-export", help="check an export against its manifest")

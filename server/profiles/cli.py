@@ -1,22 +1,26 @@
 """`pulsesync keys ...`: administer the profile key-encryption key.
 
-    pulsesync keys rotate [--data-dir D] [--db FILE] [--key-file FILE] [--key-vault FILE]
+    pulsesync keys rotate [--data-dir D] [--db FILE | --database URL] [--key-file FILE]
+                          [--key-vault FILE_OR_URL]
 
 Rotation adds a new key-encryption key to the key file, re-wraps every user's data key in
 the key vault under it in one transaction (profiles themselves are not re-encrypted, so every stored
 version stays readable), then removes the retired key from the file once no data key uses
-it. It works on the files directly, with the server stopped or running.
+it. It works on the key file and the key vault directly (a SQLite file, or a PostgreSQL
+database of its own), with the servers stopped or running; the vault is opened as a server
+opens it, so a key file or vault that does not fit the database is refused first.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
 from pulsesync.server.clock import SystemClock
 from pulsesync.server.profiles.crypto import FileKeyStore, data_key_context
-from pulsesync.server.storage.db import Database
+from pulsesync.server.storage.backend import open_storage
 from pulsesync.server.storage.keys import KeyVaultStorage
 
 # Re-wrap passes: a key added by a running server during a pass under the old primary is
@@ -58,17 +62,25 @@ async def rotate(vault: KeyVaultStorage, keystore: FileKeyStore, now_us: int) ->
 
 async def cmd_rotate(args: argparse.Namespace) -> int:
     from pulsesync.server.cli import config_from
-    from pulsesync.server.compose import open_profile_store
+    from pulsesync.server.compose import open_storage_profile_store
 
     config = config_from(args)
-    async with await Database.open(config.database) as db:
-        # Opening the store checks that the key file and vault fit the database first.
-        store = await open_profile_store(config, db, SystemClock())
-        assert isinstance(store.keys.keystore, FileKeyStore)
-        done = await rotate(store.keys.vault, store.keys.keystore, SystemClock().now_us())
-    print(f"new key-encryption key {done.new_kek_id} in {config.kek_file}")
+    closers: list[Callable[[], Awaitable[None]]] = []
+    async with open_storage(config.store) as storage:
+        try:
+            # Opening the store checks that the key file and vault fit the database first.
+            store = await open_storage_profile_store(
+                config, storage, SystemClock(), closers=closers
+            )
+            keystore, vault = store.keys.keystore, store.keys.vault
+            assert isinstance(keystore, FileKeyStore)
+            done = await rotate(vault, keystore, SystemClock().now_us())
+        finally:
+            for close in reversed(closers):  # the PostgreSQL key vault's connections
+                await close()
+    print(f"new key-encryption key {done.new_kek_id} in {keystore.path}")
     print(
-        f"re-wrapped {done.rewrapped} profile data key(s) in {config.vault_file}; "
+        f"re-wrapped {done.rewrapped} profile data key(s) in {vault.path}; "
         "profiles were not re-encrypted"
     )
     if done.removed:

@@ -1,9 +1,10 @@
-"""SQLite storage of first answers to calls with a request_id (table idempotency_records)."""
+"""SQLite storage of first answers to calls with a request_id (table idempotency_records), and
+the claims that make one caller carry a call out (see pulsesync.server.storage.idempotency)."""
 
 from __future__ import annotations
 
 from pulsesync.server.storage.db import Database
-from pulsesync.server.storage.idempotency import StoredAnswer
+from pulsesync.server.storage.idempotency import Claim, StoredAnswer
 
 
 class SqliteIdempotencyStorage:
@@ -15,13 +16,53 @@ class SqliteIdempotencyStorage:
     async def get(self, handle: bytes, now_us: int) -> StoredAnswer | None:
         async with self._db.reader.execute(
             "SELECT method, request_hash, nonce, ciphertext FROM idempotency_records"
-            " WHERE lookup_key = ? AND expire_us > ?",
+            " WHERE lookup_key = ? AND expire_us > ? AND length(ciphertext) > 0",
             (handle, now_us),
         ) as c:
             row = await c.fetchone()
         if row is None:
             return None
         return StoredAnswer(str(row[0]), bytes(row[1]), bytes(row[2]), bytes(row[3]))
+
+    async def claim(
+        self,
+        handle: bytes,
+        claim_id: bytes,
+        *,
+        method: str,
+        fingerprint: bytes,
+        now_us: int,
+        expire_us: int,
+    ) -> Claim:
+        # The write transaction serializes claimers (of every process on this file).
+        async with self._db.transaction() as tx:
+            async with tx.execute(
+                "SELECT method, request_hash, nonce, ciphertext FROM idempotency_records"
+                " WHERE lookup_key = ? AND expire_us > ?",
+                (handle, now_us),
+            ) as c:
+                row = await c.fetchone()
+            if row is not None:
+                if not row[3]:
+                    return Claim()  # another caller's live claim
+                return Claim(
+                    answer=StoredAnswer(str(row[0]), bytes(row[1]), bytes(row[2]), bytes(row[3]))
+                )
+            await tx.execute(
+                "INSERT OR REPLACE INTO idempotency_records (lookup_key, user_id, method,"
+                " request_hash, nonce, ciphertext, create_us, expire_us)"
+                " VALUES (?, NULL, ?, ?, ?, x'', ?, ?)",
+                (handle, method, fingerprint, claim_id, now_us, expire_us),
+            )
+        return Claim(held=True)
+
+    async def release(self, handle: bytes, claim_id: bytes) -> None:
+        async with self._db.transaction() as tx:
+            await tx.execute(
+                "DELETE FROM idempotency_records WHERE lookup_key = ? AND nonce = ?"
+                " AND length(ciphertext) = 0",
+                (handle, claim_id),
+            )
 
     async def put(
         self,

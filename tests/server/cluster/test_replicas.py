@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +23,11 @@ import pytest
 
 from pulsesync.server import app as app_module
 from pulsesync.server import compose
+from pulsesync.server import identity as identity_module
 from pulsesync.server.app import RunningServer, running_server
 from pulsesync.server.config import ServerConfig
 from pulsesync.server.postgres_cluster import PostgresCluster
+from pulsesync.server.privacy.keys import RECEIPT_KEY_ENV
 from pulsesync.server.profiles.crypto import KEK_ENV, FileKeyStore
 from pulsesync.server.storage.database_url import parse_database, parse_key_vault
 from pulsesync.server.storage.nudges import DecisionRow, NewNudge, NudgeRow
@@ -225,6 +228,7 @@ async def test_a_page_token_from_one_replica_is_good_on_another(
     """Replicas with data directories of their own (nothing shared but the database, the key
     vault and the key-encryption key) page for each other: the token key is in the database."""
     monkeypatch.setenv(KEK_ENV, FileKeyStore.create(tmp_path / "kek.key").path.read_text())
+    monkeypatch.setenv(RECEIPT_KEY_ENV, secrets.token_hex(32))
     async with contextlib.AsyncExitStack() as stack:
         vault = await stack.enter_async_context(fresh_database(postgres_database))
         a, b = [
@@ -259,3 +263,53 @@ async def test_a_page_token_from_one_replica_is_good_on_another(
         assert first.next_page_token
         assert len({d.device_id for p in pages for d in p.devices}) == 2
         assert not second.next_page_token
+
+
+async def test_a_token_replaced_on_a_is_refused_at_once_on_b_that_cached_it(
+    replicas: tuple[Replica, Replica], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Cached for an hour: without the ring, B would accept the replaced token that long.
+    monkeypatch.setattr(identity_module, "TOKEN_CACHE_US", 3600 * 1_000_000)
+    a, b = replicas
+    phone = await pair_device(a.server, "ada")
+    on_a = devices_pb2_grpc.DeviceServiceStub(a.channel)
+    on_b = devices_pb2_grpc.DeviceServiceStub(b.channel)
+
+    async def rotate(token: str) -> str:
+        resp = await on_a.RotateDeviceToken(
+            devices_pb2.RotateDeviceTokenRequest(), metadata=_bearer(token), timeout=WITHIN_S
+        )
+        return str(resp.token)
+
+    first = await rotate(phone.token)
+    assert await _who(on_b, first) == phone.device_id  # B caches the new token
+    # The device lost the answer and retries with the token it holds: the token it never
+    # received is replaced (the "lost response" path of RotateDeviceToken).
+    second = await rotate(phone.token)
+
+    async def refused_on_b() -> bool:
+        try:
+            await _who(on_b, first)
+        except grpc.aio.AioRpcError as e:
+            info = error_info(e)
+            assert info is not None
+            assert info.reason == "TOKEN_UNKNOWN"
+            return True
+        return False
+
+    await until(refused_on_b, WITHIN_S)
+    # The current token and the one still in its grace period work on both.
+    for stub in (on_a, on_b):
+        assert await _who(stub, second) == phone.device_id
+        assert await _who(stub, phone.token) == phone.device_id
+
+
+def _bearer(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+async def _who(stub: Any, token: str) -> str:
+    resp = await stub.GetCurrentDevice(
+        devices_pb2.GetCurrentDeviceRequest(), metadata=_bearer(token), timeout=WITHIN_S
+    )
+    return str(resp.device.device_id)
