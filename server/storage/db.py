@@ -242,6 +242,12 @@ class Database:
                 if task.done():
                     raise
                 cancelled = True
+            except BaseException:
+                if cancelled:
+                    # The statement failed after the caller was cancelled: the cancellation
+                    # still stands (swallowing it would leave e.g. a stopping loop running).
+                    raise asyncio.CancelledError from None
+                raise
 
     async def _rollback_if_open(self) -> bool:
         """ROLLBACK if the connection is inside a transaction (SQLite rolls back by itself on
@@ -260,6 +266,11 @@ class Database:
             self.refuse_if_damaged()
             self._signal_writes(True)
             try:
+                if self.writer.in_transaction:
+                    # Only a transaction() may begin one on this connection; one left open
+                    # (a statement run outside it) would fail every write from here on.
+                    log.error("a transaction was left open on the write connection; rolled back")
+                    await self._rollback_if_open()
                 try:
                     begun_cancelled = await self._settle("BEGIN IMMEDIATE")
                 except sqlite3.Error as e:

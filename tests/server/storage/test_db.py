@@ -84,3 +84,45 @@ async def test_a_transaction_cancelled_during_commit_commits_and_leaves_the_conn
             await conn.execute("INSERT INTO users (name, create_us) VALUES ('ada', 1)")
         async with db.reader.execute("SELECT name FROM users ORDER BY name") as cur:
             assert [r[0] for r in await cur.fetchall()] == ["ada", "x"]
+
+
+async def test_a_cancelled_transaction_whose_begin_then_fails_is_still_cancelled(
+    tmp_path: Path,
+) -> None:
+    # A periodic job stopped at shutdown must end even when its BEGIN fails meanwhile: a
+    # swallowed cancellation left such a job sleeping for its whole period, and the stop hung.
+    path = tmp_path / "db.sqlite"
+    async with await Database.open(path) as db:
+        await db.writer.execute("PRAGMA busy_timeout = 500")
+        other = sqlite3.connect(path, isolation_level=None, timeout=0)
+        other.execute("BEGIN IMMEDIATE")  # held until BEGIN below gives up (SQLITE_BUSY)
+        try:
+
+            async def write() -> None:
+                async with db.transaction() as conn:
+                    await conn.execute("INSERT INTO users (name, create_us) VALUES ('x', 1)")
+
+            task = asyncio.create_task(write())
+            for _ in range(20):  # into BEGIN IMMEDIATE, which waits in aiosqlite's thread
+                await asyncio.sleep(0)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        assert not db.writer.in_transaction
+
+
+async def test_a_transaction_left_open_on_the_writer_is_rolled_back_before_the_next(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "db.sqlite"
+    async with await Database.open(path) as db:
+        await db.writer.execute("BEGIN")  # a statement outside transaction(), say
+        await db.writer.execute("INSERT INTO users (name, create_us) VALUES ('stray', 1)")
+        async with db.transaction() as conn:
+            await conn.execute("INSERT INTO users (name, create_us) VALUES ('ada', 1)")
+        async with db.reader.execute("SELECT name FROM users") as cur:
+            assert [r[0] for r in await cur.fetchall()] == ["ada"]
+    assert "left open on the write connection" in caplog.text
