@@ -33,7 +33,9 @@ key-encryption key (PULSESYNC_KEK) and a key vault database (--key-vault postgre
    as it takes shards over, minus the wall-clock time of the kill. From that tick on the
    taken people's decision points are taken again; those between the kill and it are missed.
    Beside it, `nudge_leases_taken_s`: kill -> the leases table shows every nudge shard held
-   (unexpired) by the survivor, polled every 50 ms. After the kill every agent drains and
+   (unexpired) by the survivor, polled every 50 ms; and `nudge_takeover_tick_s`: that tick's
+   own length as its log line gives it (mostly reading the taken people's last 24 hours of
+   events into the features). After the kill every agent drains and
    the events table is checked: every acked event stored once.
 
     python scripts/bench_scale.py [--quick] [--dsn postgresql://postgres@127.0.0.1:5432/test]
@@ -491,9 +493,9 @@ async def wait_for(check: Any, what: str, within_s: float = PHASE_S, poll_s: flo
         await asyncio.sleep(poll_s)
 
 
-def takeover_ticks(server: ServeProcess, offset: int) -> list[tuple[float, int]]:
-    """(wall time, shards decided for) of each "took over" line the server logged after byte
-    `offset` of its log, in order."""
+def takeover_ticks(server: ServeProcess, offset: int) -> list[tuple[float, int, float]]:
+    """(wall time, shards decided for, the tick's own seconds) of each "took over" line the
+    server logged after byte `offset` of its log, in order."""
     out = []
     with server.log_path.open("rb") as f:
         f.seek(offset)
@@ -504,7 +506,7 @@ def takeover_ticks(server: ServeProcess, offset: int) -> list[tuple[float, int]]
                 continue
             if isinstance(line, dict) and "nudge_shards_held" in line:
                 at = datetime.strptime(line["time"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
-                out.append((at.timestamp(), int(line["nudge_shards_held"])))
+                out.append((at.timestamp(), int(line["nudge_shards_held"]), line["tick_s"]))
     return out
 
 
@@ -682,17 +684,19 @@ async def failover_phase(
                 return time.monotonic() - killed
             return None
 
-        async def engine_took_over() -> float | None:
+        async def engine_took_over() -> tuple[float, float] | None:
             ticks = takeover_ticks(a, log_offset)
-            at = next((t for t, held in ticks if held == NUDGE_SHARDS), None)
-            return None if at is None else at - killed_wall
+            done = next(((t, s) for t, held, s in ticks if held == NUDGE_SHARDS), None)
+            return None if done is None else (done[0] - killed_wall, done[1])
 
         acks_task = asyncio.create_task(wait_for(survivor_acked_all, "survivor acks", poll_s=0.01))
         leases_task = asyncio.create_task(wait_for(shards_taken, "lease takeover", poll_s=0.05))
         engine_task = asyncio.create_task(
             wait_for(engine_took_over, "the survivor's takeover tick", poll_s=0.05)
         )
-        firsts, leases_s, nudge_s = await asyncio.gather(acks_task, leases_task, engine_task)
+        firsts, leases_s, (nudge_s, tick_s) = await asyncio.gather(
+            acks_task, leases_task, engine_task
+        )
 
         # Drain: everything recorded is acked, and stored exactly once.
         stop.set()
@@ -717,7 +721,7 @@ async def failover_phase(
         "failover: first ack from the survivor per agent (s): "
         + ", ".join(f"{x:.2f}" for x in sorted(firsts))
         + f"; every nudge shard leased by the survivor after {leases_s:.2f} s, decided for"
-        f" (its takeover tick done) after {nudge_s:.2f} s;"
+        f" (its takeover tick done, {tick_s:.2f} s long) after {nudge_s:.2f} s;"
         f" {sum(recorded.values())} events recorded, {lost} lost, {extra} extra"
     )
     return {
@@ -732,6 +736,7 @@ async def failover_phase(
         "nudge_failover_s": round(nudge_s, 2),
         "goal_nudge_failover_s": 10,
         "nudge_leases_taken_s": round(leases_s, 2),
+        "nudge_takeover_tick_s": round(tick_s, 2),
     }
 
 
