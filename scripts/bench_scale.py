@@ -26,9 +26,17 @@ key-encryption key (PULSESYNC_KEK) and a key vault database (--key-vault postgre
 5. Failover: FAILOVER_AGENTS edge-agent uplinks (the product's Outbox + Uplink, both replica
    addresses listed, spread over them) upload a steady trickle; replica B is SIGKILLed.
    `failover_ack_p99_s`: per agent, kill -> its first ack from the survivor (p99 over
-   agents; goal < 5 s). `nudge_failover_s`: kill -> the leases table shows every nudge shard
-   held (unexpired) by the survivor, polled every 50 ms (goal < 10 s). After the kill every
-   agent drains and the events table is checked: every acked event stored once.
+   agents; goal < 5 s). `nudge_failover_s`: kill -> the survivor's engine has ticked with
+   every nudge shard, B's included (goal < 10 s), read from outside the process: the time
+   field of the survivor's JSON log line "took over N nudge shards; deciding for 64"
+   (`nudge_shards_held` = 64), which the engine writes at the end of the tick it runs as soon
+   as it takes shards over, minus the wall-clock time of the kill. From that tick on the
+   taken people's decision points are taken again; those between the kill and it are missed.
+   Beside it, `nudge_leases_taken_s`: kill -> the leases table shows every nudge shard held
+   (unexpired) by the survivor, polled every 50 ms; and `nudge_takeover_tick_s`: that tick's
+   own length as its log line gives it (mostly reading the taken people's last 24 hours of
+   events into the features). After the kill every agent drains and
+   the events table is checked: every acked event stored once.
 
     python scripts/bench_scale.py [--quick] [--dsn postgresql://postgres@127.0.0.1:5432/test]
 """
@@ -49,6 +57,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
@@ -484,6 +493,23 @@ async def wait_for(check: Any, what: str, within_s: float = PHASE_S, poll_s: flo
         await asyncio.sleep(poll_s)
 
 
+def takeover_ticks(server: ServeProcess, offset: int) -> list[tuple[float, int, float]]:
+    """(wall time, shards decided for, the tick's own seconds) of each "took over" line the
+    server logged after byte `offset` of its log, in order."""
+    out = []
+    with server.log_path.open("rb") as f:
+        f.seek(offset)
+        for raw in f.read().splitlines():
+            try:
+                line = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(line, dict) and "nudge_shards_held" in line:
+                at = datetime.strptime(line["time"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+                out.append((at.timestamp(), int(line["nudge_shards_held"]), line["tick_s"]))
+    return out
+
+
 # -- 4. cross-replica watch ---------------------------------------------------------------------
 async def watch_phase(
     a: ServeProcess, b: ServeProcess, editor: Device, watcher: Device, rounds: int
@@ -639,7 +665,8 @@ async def failover_phase(
         taken_from_b = sum(n for h, n in holders.items() if h != survivor)
         on_b = sum(1 for ag in agents if ag.uplink and ag.uplink.servers.current == b.address)
         log(f"failover: {len(agents)} agents ({on_b} on B), B holds {taken_from_b} nudge shards")
-        killed = time.monotonic()
+        log_offset = a.log_path.stat().st_size
+        killed_wall, killed = time.time(), time.monotonic()
         await b.kill()
 
         async def survivor_acked_all() -> list[float] | None:
@@ -657,9 +684,19 @@ async def failover_phase(
                 return time.monotonic() - killed
             return None
 
+        async def engine_took_over() -> tuple[float, float] | None:
+            ticks = takeover_ticks(a, log_offset)
+            done = next(((t, s) for t, held, s in ticks if held == NUDGE_SHARDS), None)
+            return None if done is None else (done[0] - killed_wall, done[1])
+
         acks_task = asyncio.create_task(wait_for(survivor_acked_all, "survivor acks", poll_s=0.01))
         leases_task = asyncio.create_task(wait_for(shards_taken, "lease takeover", poll_s=0.05))
-        firsts, nudge_s = await asyncio.gather(acks_task, leases_task)
+        engine_task = asyncio.create_task(
+            wait_for(engine_took_over, "the survivor's takeover tick", poll_s=0.05)
+        )
+        firsts, leases_s, (nudge_s, tick_s) = await asyncio.gather(
+            acks_task, leases_task, engine_task
+        )
 
         # Drain: everything recorded is acked, and stored exactly once.
         stop.set()
@@ -683,7 +720,8 @@ async def failover_phase(
     log(
         "failover: first ack from the survivor per agent (s): "
         + ", ".join(f"{x:.2f}" for x in sorted(firsts))
-        + f"; every nudge shard held by the survivor after {nudge_s:.2f} s;"
+        + f"; every nudge shard leased by the survivor after {leases_s:.2f} s, decided for"
+        f" (its takeover tick done, {tick_s:.2f} s long) after {nudge_s:.2f} s;"
         f" {sum(recorded.values())} events recorded, {lost} lost, {extra} extra"
     )
     return {
@@ -697,6 +735,8 @@ async def failover_phase(
         "nudge_shards_taken_over": taken_from_b,
         "nudge_failover_s": round(nudge_s, 2),
         "goal_nudge_failover_s": 10,
+        "nudge_leases_taken_s": round(leases_s, 2),
+        "nudge_takeover_tick_s": round(tick_s, 2),
     }
 
 

@@ -11,7 +11,8 @@ makes N replicas act as one:
   ring carries its sender and a replica ignores its own. Never rung on the ingest commit path.
 * Shards of people for nudge decisions (user_id % NUDGE_SHARDS), leased so that each person's
   decisions are made by one replica at a time; a dead replica's shards are taken over within
-  the lease TTL plus a renewal interval.
+  the lease TTL plus a renewal interval, and the taker is told at once (`Shards.on_taken`), so
+  its engine decides for them from then on rather than from its next periodic tick.
 * Cluster-wide jobs (retention, nudge expiry and outcomes) run by the one replica holding the
   job's lease. (Training is an operator's command, `pulsesync nudges train`, run once.)
 """
@@ -61,6 +62,8 @@ def shard_of(user_id: int, shards: int) -> int:
 
 # key, or None after the doorbell reconnected: "rings may have been missed, read again".
 Callback = Callable[[int | None], None]
+# The shards this replica has just taken (it did not hold them a moment before).
+TakenCallback = Callable[[frozenset[int]], None]
 
 
 class Signals(Protocol):
@@ -80,6 +83,12 @@ class Shards(Protocol):
     async def held(self) -> dict[int, int]:
         """The shards of people this replica decides for now, each with its epoch (a new
         epoch means the shard changed hands since this replica last held it)."""
+        ...
+
+    def on_taken(self, callback: TakenCallback) -> Callable[[], None]:
+        """Call `callback(shards)` as soon as this replica takes shards it did not hold (a
+        dead replica's, or a leaving one's); returns the unsubscriber. Called from the
+        event loop, synchronously: the callback must not block."""
         ...
 
 
@@ -154,6 +163,13 @@ class AllShards:
 
     async def held(self) -> dict[int, int]:
         return dict(self._all)
+
+    def on_taken(self, callback: TakenCallback) -> Callable[[], None]:
+        return _no_unsubscribe  # they never change hands
+
+
+def _no_unsubscribe() -> None:
+    return None
 
 
 class LocalCluster:

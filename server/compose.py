@@ -28,6 +28,7 @@ from pulsesync.server.cluster import (
     USER_ERASED,
     Cluster,
     LocalCluster,
+    Shards,
     once,
     spawn,
 )
@@ -272,9 +273,11 @@ async def build(
         Background("nudge-engine", _no_op, _stopped(nudges.close)),
     ]
     if config.nudges.scheduler != "manual":  # a simulation ticks itself on its fake clock
-        background.append(
-            Periodic("nudge-ticks", config.nudges.tick_seconds, nudges.tick).background()
-        )
+        background += [
+            # Listening before the first periodic tick, so no takeover falls between them.
+            _TakeoverTicks(cluster.nudge_shards, nudges).background(),
+            Periodic("nudge-ticks", config.nudges.tick_seconds, nudges.tick).background(),
+        ]
     return Components(
         config,
         storage,
@@ -421,6 +424,36 @@ class _ClusterWiring:
         self._identity.forget_user(user_id)
         self._consent.forget_user(user_id)
         self._sessions.cut_off_user(user_id, _erased(), local_only=True)
+
+
+class _TakeoverTicks:
+    """A nudge tick as soon as this replica takes shards it did not hold (a dead replica's),
+    so decisions for their people resume then, not at the next periodic tick (up to
+    `nudges.tick_seconds` later). The engine runs ticks one at a time."""
+
+    def __init__(self, shards: Shards, nudges: NudgeEngine) -> None:
+        self._shards = shards
+        self._nudges = nudges
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._unsubscribe: Callable[[], None] | None = None
+
+    def background(self) -> Background:
+        return Background("nudge-takeover-ticks", self.start, self.stop)
+
+    async def start(self) -> None:
+        self._unsubscribe = self._shards.on_taken(self._taken)
+
+    async def stop(self) -> None:
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _taken(self, shards: frozenset[int]) -> None:
+        spawn(self._tasks, _ignore(self._nudges.take_over(shards)), "nudge-takeover-tick")
 
 
 def _erased() -> Unauthenticated:

@@ -18,6 +18,7 @@ from pulsesync.server.cluster import (
     Callback,
     Shards,
     Signals,
+    TakenCallback,
     _check_topic,
 )
 from pulsesync.server.storage.postgres.doorbell import Doorbell, ring
@@ -69,14 +70,35 @@ class PostgresSignals:
 
 
 class LeasedShards:
-    """The nudge shards this replica holds in a lease group."""
+    """The nudge shards this replica holds in a lease group; told of the shards it takes by
+    the group's renewal that took them."""
 
     def __init__(self, group: LeaseGroup) -> None:
         self.shards = group.shards
         self._group = group
+        self._taken: list[TakenCallback] = []
+        group.on_change = self._changed
 
     async def held(self) -> dict[int, int]:
         return await self._group.held()
+
+    def on_taken(self, callback: TakenCallback) -> Callable[[], None]:
+        self._taken.append(callback)
+
+        def unsubscribe() -> None:
+            with contextlib.suppress(ValueError):
+                self._taken.remove(callback)
+
+        return unsubscribe
+
+    def _changed(self, acquired: frozenset[int], lost: frozenset[int]) -> None:
+        if not acquired:
+            return
+        for callback in list(self._taken):
+            try:
+                callback(acquired)
+            except Exception:  # never fail the renewal that took them
+                log.exception("a nudge shard takeover callback failed")
 
 
 class PostgresCluster:

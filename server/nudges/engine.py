@@ -9,10 +9,12 @@ With several replicas each decides only for the shards of people it holds a leas
 (`pulsesync.server.cluster`); expiry and outcomes are cluster-wide jobs run by one replica.
 When a shard changes hands the new holder starts its users afresh (the first tick only marks
 the time) and counts a sedentary stretch already under way as served, so no decision point
-is taken twice; those within the takeover window are missed.
+is taken twice; those within the takeover window are missed. That window ends at the tick
+the new holder runs as soon as it takes the shards (`take_over`), not at its next periodic one.
 
-`tick` runs from a background task every `TICK_SECONDS` of real time; simulations with a
-fake clock call it themselves after moving the clock (`NudgeConfig.scheduler = "manual"`).
+`tick` runs from a background task every `TICK_SECONDS` of real time, and after a takeover;
+ticks never overlap. Simulations with a fake clock call it themselves after moving the clock
+(`NudgeConfig.scheduler = "manual"`; nothing ticks at a takeover then).
 The parts live beside this module: `feed` (committed events into features), `delivery`
 (streams, push, fetch) and `outcomes` (expiry and the steps after each decision).
 """
@@ -127,6 +129,7 @@ class NudgeEngine:
         self._storage = storage
         self.shards: Shards = shards or AllShards()
         self._held: dict[int, int] = {}  # shard -> epoch, as of the last tick
+        self._ticking = asyncio.Lock()
         # Whether expiry and outcomes run here (the cluster-wide job's lease holder).
         self.runs_outcomes: Callable[[], Awaitable[bool]] | None = None
         # Reads events other replicas committed into the feed (several replicas ingesting).
@@ -150,6 +153,11 @@ class NudgeEngine:
         self._habitual = tuple(
             t.near_habitual_feature for t in self.catalog.types if t.near_habitual_feature
         )
+
+    @property
+    def deciding_for(self) -> frozenset[int]:
+        """The shards of people decided for as of the last tick."""
+        return frozenset(self._held)
 
     @property
     def push(self) -> PushProvider | None:
@@ -287,7 +295,36 @@ class NudgeEngine:
         return cached
 
     async def tick(self, now_us: int | None = None) -> list[Decision]:
-        """Run everything due at now: decisions, expiry, outcomes."""
+        """Run everything due at now: decisions, expiry, outcomes. Ticks run one at a time
+        (the periodic one, one after a takeover, a simulation's): a second waits for the
+        first, then runs at its own now."""
+        async with self._ticking:
+            return await self._tick(now_us)
+
+    async def take_over(self, taken: frozenset[int]) -> list[Decision]:
+        """Tick now for shards this replica has just taken, rather than at the next periodic
+        tick: their people start afresh from this tick (it marks their time), so decision
+        points after it are taken and only those between the old holder's end and now are
+        missed. Its log line says how long it took (`tick_s`: waiting for a running tick,
+        reading the taken people's recent events into the features, the tick itself)."""
+        started = time.perf_counter()
+        async with self._ticking:
+            made = await self._tick(None)
+            now_held = taken & self._held.keys()
+            if now_held:
+                log.info(
+                    "took over %d nudge shards; deciding for %d",
+                    len(now_held),
+                    len(self._held),
+                    extra={
+                        "nudge_shards_taken": len(now_held),
+                        "nudge_shards_held": len(self._held),
+                        "tick_s": round(time.perf_counter() - started, 3),
+                    },
+                )
+            return made
+
+    async def _tick(self, now_us: int | None) -> list[Decision]:
         now = self._clock.now_us() if now_us is None else now_us
         if self.pull is not None:
             await self.pull()

@@ -60,7 +60,8 @@ class LeaseGroup:
         self._pool = pool
         self._ttl_us = int(ttl_s * 1e6)
         self._now_us = now_us or self._database_now
-        self._on_change = on_change
+        # Told of every change of the shards held, at the end of the renewal that made it.
+        self.on_change = on_change
         self._held: dict[int, int] = {}  # shard -> epoch
         self._deadline_us = 0  # our own view: we hold nothing at or after this
         self._task: asyncio.Task[None] | None = None
@@ -94,8 +95,8 @@ class LeaseGroup:
         self._held = held
         self._deadline_us = expire
         acquired, lost = frozenset(set(held) - before), frozenset(before - set(held))
-        if (acquired or lost) and self._on_change is not None:
-            self._on_change(acquired, lost)
+        if (acquired or lost) and self.on_change is not None:
+            self.on_change(acquired, lost)
         return dict(held)
 
     async def _renew_in(self, conn: Connection, now: int, expire: int) -> dict[int, int]:

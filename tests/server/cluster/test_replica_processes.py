@@ -11,7 +11,8 @@ is SIGKILLed while they do (no shutdown, no lease given back, transactions cut).
 * the agents that were on A moved to B by themselves and B acknowledged what they recorded
   after the kill;
 * (before the kill) a profile edit made on A reached a WatchProfile stream open on B;
-* B holds every nudge shard, A's included, each taken at a new epoch;
+* B holds every nudge shard, A's included, each taken at a new epoch, and its engine ticks
+  with them as soon as it takes them (its periodic tick is an hour apart here), as its log says;
 * B answers every RPC of the v1 API (walked from the service descriptors) with a valid,
   authenticated request.
 
@@ -229,6 +230,20 @@ def _failure(*servers: ServeProcess) -> str:
     return "\n".join(f"--- {s.name} log ---\n{s.log()[-6000:]}" for s in servers)
 
 
+def _log_lines(server: ServeProcess, offset: int) -> list[dict[str, object]]:
+    """The server's JSON log lines after byte `offset` of its log."""
+    with server.log_path.open("rb") as f:
+        f.seek(offset)
+        raw = f.read().splitlines()
+    lines = []
+    for line in raw:
+        with contextlib.suppress(ValueError):
+            parsed = json.loads(line)
+            if isinstance(parsed, dict):
+                lines.append(parsed)
+    return lines
+
+
 # -- the test --------------------------------------------------------------------------------
 async def test_a_replica_sigkilled_mid_stream_loses_nothing_and_the_survivor_takes_over(
     tmp_path: Path, databases: tuple[str, str]
@@ -236,8 +251,13 @@ async def test_a_replica_sigkilled_mid_stream_loses_nothing_and_the_survivor_tak
     main, vault = databases
     key_file = FileKeyStore.create(tmp_path / "kek.key").path
     # Replicas share the key-encryption key and the receipt key (as an operator's secret
-    # manager would give them), nothing else.
-    env = {KEK_ENV: key_file.read_text(), RECEIPT_KEY_ENV: secrets.token_hex(32)}
+    # manager would give them), nothing else. The periodic nudge tick runs once, at start:
+    # only a takeover makes a replica tick again.
+    env = {
+        KEK_ENV: key_file.read_text(),
+        RECEIPT_KEY_ENV: secrets.token_hex(32),
+        "PULSESYNC_NUDGE_TICK_SECONDS": "3600",
+    }
     a, b = ServeProcess("a", tmp_path), ServeProcess("b", tmp_path)
 
     def serve_args(name: str) -> list[str]:
@@ -296,6 +316,7 @@ async def test_a_replica_sigkilled_mid_stream_loses_nothing_and_the_survivor_tak
 
             await until(streaming, WITHIN_S, poll_s=0.05)
             listing, first_page = await _list_events(a, ada_phone)
+            b_log_at_kill = b.log_path.stat().st_size
             await a.kill()
             assert a.proc is not None
             assert a.proc.returncode == -9  # SIGKILL
@@ -353,6 +374,15 @@ async def test_a_replica_sigkilled_mid_stream_loses_nothing_and_the_survivor_tak
 
             await until(b_holds_all, WITHIN_S, poll_s=0.1)
             assert all(taken[s][1] > epoch for s, epoch in shards_of_a.items())
+
+            # ... and its engine decides for them from then on, without a periodic tick.
+            async def b_decides_for_all() -> bool:
+                return any(
+                    line.get("nudge_shards_held") == NUDGE_SHARDS
+                    for line in _log_lines(b, b_log_at_kill)
+                )
+
+            await until(b_decides_for_all, WITHIN_S, poll_s=0.1)
 
             await _every_rpc_answered(b, storage, codes["cy"])
             assert b.running, _failure(b)

@@ -3,7 +3,7 @@ ingested them, each folded once, and started over when a shard changes hands."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import pytest
 
@@ -29,6 +29,9 @@ class Held:
 
     async def held(self) -> dict[int, int]:
         return dict(self.now)
+
+    def on_taken(self, callback: Callable[[frozenset[int]], None]) -> Callable[[], None]:
+        return lambda: None  # the feed reads held() at every pull
 
 
 class Sink:

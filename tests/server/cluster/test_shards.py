@@ -9,7 +9,9 @@ shared SQLite file (events included), so their features come from their own inge
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from pulsesync.server.app import RunningServer, running_server
 from pulsesync.server.clock import FakeClock
 from pulsesync.server.cluster import JOBS, LocalCluster, shard_of
 from pulsesync.server.config import NudgeConfig, ServerConfig
+from pulsesync.server.nudges.engine import NudgeEngine
 from pulsesync.server.postgres_cluster import PostgresCluster
 from pulsesync.server.storage.postgres.pool import PostgresPool
 from pulsesync.v1 import common_pb2
@@ -91,6 +94,102 @@ async def test_a_dead_replicas_shards_are_taken_over_and_no_decision_is_made_twi
         await run_until(clock, [a, b], 11 * 60)
         assert await triggers(a) == [(2 * 60 + 45, "sedentary"), (8 * 60 + 30, "schedule")]
         assert user_id in eng_a.features.known_users()  # A still knows ada, yet did not decide
+
+
+async def test_a_replica_decides_for_the_shards_it_takes_without_waiting_for_its_periodic_tick(
+    tmp_path: Path, postgres_dsn: str, pools: list[PostgresPool], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="pulsesync.server.nudges.engine")
+    clock = FakeClock(MIDNIGHT + 8 * 60 * MIN)  # 08:00
+    # The periodic tick runs once, at start: only a takeover can make a replica tick again.
+    config = ServerConfig(port=0, data_dir=tmp_path, grace_seconds=0.5,
+                          nudges=NudgeConfig(tick_seconds=3600.0, seed=1))  # fmt: skip
+    a_cluster = PostgresCluster(pools[0], postgres_dsn, replica="a", ttl_s=TTL_S, events_feed=False)
+    b_cluster = PostgresCluster(pools[1], postgres_dsn, replica="b", ttl_s=TTL_S, events_feed=False)
+    n = a_cluster.nudge_shards.shards
+    async with contextlib.AsyncExitStack() as stack:
+        a = await stack.enter_async_context(running_server(config, clock=clock, cluster=a_cluster))
+        await until(_deciding_for(a.app.nudges, n), WITHIN_S)  # its tick at start
+
+        # B joins: A gives back its surplus at its next renewal, B takes it at its own and
+        # ticks with it at once.
+        b = await stack.enter_async_context(running_server(config, clock=clock, cluster=b_cluster))
+        eng_b = b.app.nudges
+
+        async def balanced() -> bool:
+            held = await b_cluster.nudge_shards.held()
+            return len(held) == n // 2 and eng_b.deciding_for == held.keys()
+
+        await until(balanced, WITHIN_S)
+        watch = await pair_device(a, "ada", kind=common_pb2.DEVICE_KIND_WEARABLE_BRIDGE)
+        _, user_id = await device_pk_of(a, watch.device_id)
+        shard = shard_of(user_id, n)
+        assert shard not in eng_b.deciding_for, "the test needs ada on a shard A holds"
+        # B's features know ada (from its own ingest), yet it does not decide for her.
+        await store(b, watch.device_id, [steps_event(MIDNIGHT + (7 * 60 + m) * MIN, 100) for m in range(50, 55)])  # fmt: skip
+        await eng_b.flush()
+        assert user_id in eng_b.features.known_users()
+
+        # A stops renewing, as a killed replica would: B takes A's shards and ticks with them
+        # before any periodic tick could (the next is an hour away).
+        await a_cluster.nudge_leases.stop(release=False)
+        await a_cluster.job_leases.stop(release=False)
+
+        async def took_over() -> bool:  # logged at the end of the takeover tick
+            return any(r.__dict__.get("nudge_shards_held") == n for r in caplog.records)
+
+        await until(took_over, WITHIN_S)
+        (line,) = [r for r in caplog.records if r.__dict__.get("nudge_shards_held") == n]
+        assert line.__dict__["nudge_shards_taken"] == n // 2
+        assert eng_b.deciding_for == set(range(n))
+
+        # That tick started ada afresh at 08:00, so B takes the 08:30 decision point at its
+        # next tick; had it first ticked at 08:31, that tick would only mark the time.
+        clock.advance(31 * 60)
+        made = await eng_b.tick()
+        assert [(d.user_id, d.decision_us) for d in made] == [(user_id, clock.now_us())]
+        assert await triggers(b) == [(8 * 60 + 31, "schedule")]
+
+
+async def test_ticks_never_overlap(tmp_path: Path) -> None:
+    config = ServerConfig(port=0, data_dir=tmp_path, nudges=NudgeConfig(scheduler="manual"))
+    async with running_server(config, cluster=LocalCluster()) as server:
+        engine = server.app.nudges
+        inside, most = 0, 0
+        release = asyncio.Event()
+
+        async def pull() -> None:  # every tick passes here first
+            nonlocal inside, most
+            inside += 1
+            most = max(most, inside)
+            await release.wait()
+            inside -= 1
+
+        engine.pull = pull
+        ticks = [asyncio.create_task(engine.tick()) for _ in range(2)]
+        ticks.append(asyncio.create_task(engine.take_over(frozenset({1}))))
+        await until(_is(lambda: inside == 1), WITHIN_S)
+        # A tick cancelled while it waits for the running one leaves nothing held.
+        ticks[1].cancel()
+        release.set()
+        results = await asyncio.gather(*ticks, return_exceptions=True)
+        assert most == 1
+        assert isinstance(results[1], asyncio.CancelledError)
+        await asyncio.wait_for(engine.tick(), WITHIN_S)  # the lock is free again
+
+
+def _is(predicate: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return predicate()
+
+    return check
+
+
+def _deciding_for(engine: NudgeEngine, count: int) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return len(engine.deciding_for) == count
+
+    return check
 
 
 def _holds_nothing(cluster: PostgresCluster) -> Callable[[], Awaitable[bool]]:
