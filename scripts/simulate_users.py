@@ -3,7 +3,7 @@
 
     python scripts/simulate_users.py --arm randomized --people 8 --days 14 [--keep DIR]
 
-With --keep, the server's data folder (database, nudge_models/) stays for inspection with
+With --keep, the server's data folder (its database, models included) stays for inspection with
 `pulsesync nudges status --data-dir DIR/<arm>`.
 """
 

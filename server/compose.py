@@ -43,7 +43,7 @@ from pulsesync.server.nudges.catalog import load_catalog
 from pulsesync.server.nudges.engine import NudgeEngine
 from pulsesync.server.nudges.profiles import profile_source
 from pulsesync.server.nudges.push import push_provider
-from pulsesync.server.nudges.registry import ModelRegistry
+from pulsesync.server.nudges.registry import MODEL_FOLDER, ModelRegistry
 from pulsesync.server.nudges.shard_feed import ShardFeed
 from pulsesync.server.privacy.center import PrivacyCenter
 from pulsesync.server.privacy.consent import ConsentStore
@@ -197,6 +197,10 @@ async def build(
         max_token_age_us=round(max_age * 1_000_000) if max_age is not None else None,
     )
     consent = ConsentStore(storage.consent, clock)
+    registry = ModelRegistry(storage.models, clock)
+    # Once, at the first start after an upgrade: the model folder of an earlier release (before
+    # anything is opened that a refusal would have to close).
+    await registry.import_folder(config.data_dir / MODEL_FOLDER)
     closers: list[Callable[[], Awaitable[None]]] = []
     profiles = await open_storage_profile_store(
         config, storage, clock, sealer=profile_sealer, closers=closers
@@ -225,7 +229,7 @@ async def build(
         timeline=timeline,
         catalog=catalog,
         profiles=profile_source(profiles, catalog.policy),
-        registry=ModelRegistry(config.data_dir / "nudge_models"),
+        registry=registry,
         push=push_provider(config.nudges),
         decision_seconds=metrics.nudge_decision,
         seed=config.nudges.seed,

@@ -6,20 +6,28 @@
     pulsesync nudges status             # versions, the promoted one, logged decisions
     pulsesync nudges import-log FILE    # add decisions logged elsewhere (CSV or JSON Lines)
 
-They work on the database (the SQLite file, or PostgreSQL with --database postgresql://...)
-and the model folder directly; a running server picks up a promoted model at its next decision
-tick. With several replicas, give the command and every replica the same model folder.
+They work on the database (the SQLite file, or PostgreSQL with --database postgresql://...),
+which keeps the logged decisions and the model registry alike; every running server over it
+(every replica) loads a promoted model at its next decision tick. A model folder of an earlier
+release (DATA_DIR/nudge_models, or --models) is imported into the database first, once.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 from pulsesync.server.nudges.catalog import Catalog, load_catalog
-from pulsesync.server.nudges.registry import ModelRegistry, version_name
+from pulsesync.server.nudges.registry import (
+    MODEL_FOLDER,
+    ModelNotFound,
+    ModelRegistry,
+    version_name,
+)
 from pulsesync.server.nudges.training import (
     DEFAULT_HOLDOUT,
     evaluate_candidate,
@@ -27,16 +35,23 @@ from pulsesync.server.nudges.training import (
     promote_if_better,
     train_candidate,
 )
-from pulsesync.server.storage.backend import open_storage
-from pulsesync.server.storage.database_url import DatabaseUrl
+from pulsesync.server.storage.backend import Storage, open_storage
 
 
-def _paths(args: argparse.Namespace) -> tuple[DatabaseUrl, ModelRegistry]:
-    """Where the logged decisions are (a SQLite file or PostgreSQL) and the model folder."""
+@asynccontextmanager
+async def _opened(args: argparse.Namespace) -> AsyncIterator[tuple[Storage, ModelRegistry]]:
+    """The database (a SQLite file or PostgreSQL) and the model registry in it, with an earlier
+    release's model folder imported first."""
     from pulsesync.server.cli import config_from
 
     config = config_from(args)
-    return config.store, ModelRegistry(args.models or config.data_dir / "nudge_models")
+    async with open_storage(config.store) as storage:
+        registry = ModelRegistry(storage.models)
+        await registry.import_folder(args.models or config.data_dir / MODEL_FOLDER)
+        try:
+            yield storage, registry
+        except ModelNotFound as e:
+            raise SystemExit(str(e)) from None
 
 
 def _catalog(args: argparse.Namespace) -> Catalog:
@@ -46,33 +61,31 @@ def _catalog(args: argparse.Namespace) -> Catalog:
     return load_catalog(args.catalog or config_from(args).nudges.catalog)
 
 
-def _latest(registry: ModelRegistry, version: int | None) -> int:
+async def _latest(registry: ModelRegistry, version: int | None) -> int:
     if version is not None:
         return version
-    versions = registry.versions()
+    versions = await registry.versions()
     if not versions:
         raise SystemExit("no model versions yet: run `pulsesync nudges train` first")
     return versions[-1]
 
 
 async def cmd_train(args: argparse.Namespace) -> int:
-    database, registry = _paths(args)
-    async with open_storage(database) as storage:
+    async with _opened(args) as (storage, registry):
         try:
             version = await train_candidate(storage.nudges, _catalog(args), registry, args.holdout)
         except ValueError as e:
             raise SystemExit(f"cannot train: {e}") from None
-    meta = registry.meta(version)
+        meta = await registry.meta(version)
     print(f"saved {version_name(version)} (trained on {meta['trained_on']} decisions)")
     print(f"next: pulsesync nudges evaluate --version {version}")
     return 0
 
 
 async def cmd_evaluate(args: argparse.Namespace) -> int:
-    database, registry = _paths(args)
-    version = _latest(registry, args.version)
     catalog = _catalog(args)
-    async with open_storage(database) as storage:
+    async with _opened(args) as (storage, registry):
+        version = await _latest(registry, args.version)
         try:
             ev = await evaluate_candidate(storage.nudges, catalog, registry, version)
         except ValueError as e:
@@ -108,13 +121,22 @@ async def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 async def cmd_promote(args: argparse.Namespace) -> int:
-    _, registry = _paths(args)
-    version = _latest(registry, args.version)
-    evaluation: dict[str, Any] | None = registry.meta(version).get("evaluation")
-    if evaluation is None:
-        raise SystemExit(
-            f"{version_name(version)} has not been evaluated: run `pulsesync nudges evaluate -v {version}`"
-        )
+    async with _opened(args) as (_, registry):
+        version = await _latest(registry, args.version)
+        evaluation: dict[str, Any] | None = (await registry.meta(version)).get("evaluation")
+        if evaluation is None:
+            raise SystemExit(
+                f"{version_name(version)} has not been evaluated: run `pulsesync nudges evaluate -v {version}`"
+            )
+        promoted = await _promote(registry, version, evaluation)
+    if not promoted:
+        return 2
+    print(f"promoted {version_name(version)}; running servers load it at their next tick")
+    return 0
+
+
+async def _promote(registry: ModelRegistry, version: int, evaluation: dict[str, Any]) -> bool:
+    """Promote version on its stored evaluation if the gate passed it; whether promoted."""
     from pulsesync.server.nudges.ope import Estimate
     from pulsesync.server.nudges.training import Evaluation
 
@@ -131,23 +153,21 @@ async def cmd_promote(args: argparse.Namespace) -> int:
         bool(evaluation["better"]),
         str(evaluation.get("reason", "")),
     )
-    if not promote_if_better(registry, ev):
+    if not await promote_if_better(registry, ev):
         print(
             f"not promoted: the estimate does not show {version_name(version)} is better than {ev.against}"
         )
         if ev.reason:
             print(f"gate: {ev.reason}")
-        return 2
-    print(f"promoted {version_name(version)}; running servers load it at their next tick")
-    return 0
+        return False
+    return True
 
 
 async def cmd_import_log(args: argparse.Namespace) -> int:
     from pulsesync.server.nudges.importlog import LogFormatError, import_file
 
-    database, _ = _paths(args)
     catalog = _catalog(args)
-    async with open_storage(database) as storage:
+    async with _opened(args) as (storage, _):
         try:
             summary = await import_file(storage.nudges, args.file, catalog.actions)
         except LogFormatError as e:
@@ -163,11 +183,13 @@ async def cmd_import_log(args: argparse.Namespace) -> int:
 
 
 async def cmd_status(args: argparse.Namespace) -> int:
-    database, registry = _paths(args)
-    current = registry.current()
+    async with _opened(args) as (storage, registry):
+        current = await registry.current()
+        versions = await registry.versions()
+        metas = [await registry.meta(v) for v in versions]
+        decisions = await logged_decisions(storage.nudges)
     print(f"promoted: {version_name(current) if current else 'none (randomized cold start)'}")
-    for v in registry.versions():
-        meta = registry.meta(v)
+    for v, meta in zip(versions, metas, strict=True):
         ev = meta.get("evaluation") or {}
         # Evaluations made before the net estimate existed have the DR gain only.
         label, gain = (
@@ -179,15 +201,9 @@ async def cmd_status(args: argparse.Namespace) -> int:
             else "not evaluated"
         )
         print(f"  {version_name(v)}  trained on {meta.get('trained_on', '?')} decisions  {verdict}")
-    async with open_storage(database) as storage:
-        decisions = await logged_decisions(storage.nudges)
     print(f"decisions with outcomes (consenting users): {len(decisions)}")
     if args.json:
-        print(
-            json.dumps(
-                {"current": current, "versions": registry.versions(), "decisions": len(decisions)}
-            )
-        )
+        print(json.dumps({"current": current, "versions": versions, "decisions": len(decisions)}))
     return 0
 
 
@@ -202,7 +218,11 @@ def register(sub: Any) -> None:
     def common(p: argparse.ArgumentParser) -> None:
         add_storage_flags(p)
         p.add_argument(
-            "--models", type=Path, default=None, help="model folder (default DATA_DIR/nudge_models)"
+            "--models",
+            type=Path,
+            default=None,
+            help="an earlier release's model folder, imported into the database once"
+            " (default DATA_DIR/nudge_models)",
         )
         p.add_argument(
             "--catalog", type=Path, default=None, help="nudge catalog TOML overriding the defaults"

@@ -224,16 +224,16 @@ class NudgeEngine:
         self.delivery.forget_user(user_id)
 
     # -- model ----------------------------------------------------------------------------
-    def reload_model(self) -> bool:
-        """Load the promoted model if current.json changed; whether a new one was loaded."""
-        if not self.registry.changed():
+    async def reload_model(self) -> bool:
+        """Load the promoted model if the promotion changed; whether a new one was loaded."""
+        if not await self.registry.changed():
             return False
-        version = self.registry.current()
+        version = await self.registry.current()
         if version is None:
             self.model = None
             return False
         try:
-            self.model = self.registry.load(version)
+            self.model = await self.registry.load(version)
         except Exception:
             log.exception("cannot load promoted nudge model; keeping the previous policy")
             return False
@@ -329,7 +329,7 @@ class NudgeEngine:
         if self.pull is not None:
             await self.pull()
         await self.flush()
-        self.reload_model()
+        await self.reload_model()
         made: list[Decision] = []
         held = await self._take_shards()
         n = self.shards.shards

@@ -35,7 +35,6 @@ from __future__ import annotations
 import json
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Final
 
 import lightgbm as lgb
@@ -222,21 +221,22 @@ class OutcomeModel:
         x = np.array(rows, dtype=np.float64).reshape(n * len(actions), len(COLUMNS))
         return self._q(x, list(actions) * n).reshape(n, len(actions))
 
-    def save(self, stem: Path) -> None:
-        """Write stem.base.txt, stem.effect.<type>.txt (or stem.effect.txt for a shared effect
-        booster) and stem.response.txt (the registry: stem.json)."""
-        self.base.save_model(str(stem.with_suffix(".base.txt")))
+    def parts(self) -> dict[str, str]:
+        """The boosters as LightGBM text models, by part: "base", "effect.<type>" (or "effect"
+        for a shared effect booster) and "response" (the registry stores them)."""
+        out = {"base": self.base.model_to_string()}
         if isinstance(self.effect, lgb.Booster):
-            self.effect.save_model(str(stem.with_suffix(".effect.txt")))
+            out["effect"] = self.effect.model_to_string()
         for a, booster in self.effects.items():
-            booster.save_model(str(stem.with_suffix(f".effect.{a}.txt")))
+            out[f"effect.{a}"] = booster.model_to_string()
         if self.response is not None:
-            self.response.save_model(str(stem.with_suffix(".response.txt")))
+            out["response"] = self.response.model_to_string()
+        return out
 
     @classmethod
-    def load(
+    def from_parts(
         cls,
-        stem: Path,
+        parts: Mapping[str, str],
         actions: Sequence[str],
         version: str,
         send_threshold: float = 0.0,
@@ -244,23 +244,19 @@ class OutcomeModel:
         act_gain: Mapping[str, float] | None = None,
         columns: Sequence[str] = COLUMNS,
     ) -> OutcomeModel:
-        """Read a model written by save()."""
-        base = lgb.Booster(model_file=str(stem.with_suffix(".base.txt")))
-        shared = stem.with_suffix(".effect.txt")
+        """A model from the parts written by parts()."""
+        base = lgb.Booster(model_str=parts["base"])
         effect: lgb.Booster | dict[str, lgb.Booster] = (
-            lgb.Booster(model_file=str(shared))
-            if shared.exists()
+            lgb.Booster(model_str=parts["effect"])
+            if "effect" in parts
             else {
-                a: lgb.Booster(model_file=str(stem.with_suffix(f".effect.{a}.txt")))
+                a: lgb.Booster(model_str=parts[f"effect.{a}"])
                 for a in (actions if learned_actions is None else learned_actions)
-                if a != NONE and stem.with_suffix(f".effect.{a}.txt").exists()
+                if a != NONE and f"effect.{a}" in parts
             }
         )
-        response_file = stem.with_suffix(".response.txt")
         response = (
-            lgb.Booster(model_file=str(response_file))
-            if act_gain and response_file.exists()
-            else None
+            lgb.Booster(model_str=parts["response"]) if act_gain and "response" in parts else None
         )
         return cls(
             base,
@@ -474,7 +470,7 @@ def _threshold(
 
 
 def meta_json(model: OutcomeModel, extra: Mapping[str, Any]) -> str:
-    """The metadata file written beside a model."""
+    """The metadata stored with a model (the registry adds its evaluation)."""
     return json.dumps(
         {
             "version": model.version,

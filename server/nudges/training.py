@@ -108,7 +108,7 @@ async def train_candidate(
     holdout_from = (
         decisions[cut].decision_us if cut < len(decisions) else decisions[-1].decision_us + 1
     )
-    return registry.save(
+    return await registry.save(
         model,
         {
             "trained_on": cut,
@@ -181,15 +181,17 @@ async def evaluate_candidate(
     storage: NudgeStorage, catalog: Catalog, registry: ModelRegistry, version: int
 ) -> Evaluation:
     """Estimate the candidate against the current policy on its held-out decisions."""
-    meta = registry.meta(version)
+    meta = await registry.meta(version)
     decisions = await logged_decisions(storage)
-    current_v = registry.current()
-    current = registry.load(current_v) if current_v is not None and current_v != version else None
+    current_v = await registry.current()
+    current = (
+        await registry.load(current_v) if current_v is not None and current_v != version else None
+    )
     if meta.get("holdout_from_us") is not None:
         held = split(decisions, int(meta["holdout_from_us"]))
         if not held:
             raise ValueError(f"{version_name(version)} has no held-out decisions with outcomes yet")
-        est = evaluate_model(registry.load(version), current, held, catalog.policy)
+        est = evaluate_model(await registry.load(version), current, held, catalog.policy)
     else:
         until = int(meta.get("trained_until_us", 2**62))
         held = [d for d in decisions if d.decision_us < until]
@@ -197,7 +199,7 @@ async def evaluate_candidate(
         # is (its greedy choices fit those outcomes' noise): score only the decisions logged
         # after its training.
         score_from = (
-            int(registry.meta(current_v).get("trained_until_us", 0))
+            int((await registry.meta(current_v)).get("trained_until_us", 0))
             if current is not None and current_v is not None
             else 0
         )
@@ -217,13 +219,13 @@ async def evaluate_candidate(
         promote,
         reason,
     )
-    registry.update_meta(version, evaluation=evaluation.as_dict())
+    await registry.update_meta(version, evaluation=evaluation.as_dict())
     return evaluation
 
 
-def promote_if_better(registry: ModelRegistry, evaluation: Evaluation) -> bool:
+async def promote_if_better(registry: ModelRegistry, evaluation: Evaluation) -> bool:
     """Promote the evaluated version only when the estimate says it is better."""
     if not evaluation.better:
         return False
-    registry.promote(evaluation.version, evaluation.as_dict())
+    await registry.promote(evaluation.version, evaluation.as_dict())
     return True

@@ -2,7 +2,7 @@
 
     async with open_storage(config.database) as storage:
         storage.identity, storage.consent, storage.profiles, storage.privacy, storage.nudges,
-        storage.timeline
+        storage.timeline, storage.idempotency, storage.models
 
 SQLite (a file path, the default) and PostgreSQL (a postgresql:// URL, see database_url)
 implement the same Protocols; `open_storage` chooses by the database given. The key vault is not in the bundle: it is bound to the database when the
@@ -23,12 +23,14 @@ from pulsesync.server.storage.database_url import Backend, DatabaseUrl
 from pulsesync.server.storage.db import Database
 from pulsesync.server.storage.idempotency import IdempotencyStorage
 from pulsesync.server.storage.identity import IdentityStorage
+from pulsesync.server.storage.models import ModelStorage
 from pulsesync.server.storage.nudges import NudgeStorage
 from pulsesync.server.storage.privacy import PrivacyStorage
 from pulsesync.server.storage.profiles import ProfileStorage
 from pulsesync.server.storage.sqlite.consent import SqliteConsentStorage
 from pulsesync.server.storage.sqlite.idempotency import SqliteIdempotencyStorage
 from pulsesync.server.storage.sqlite.identity import SqliteIdentityStorage
+from pulsesync.server.storage.sqlite.models import SqliteModelStorage
 from pulsesync.server.storage.sqlite.nudges import SqliteNudgeStorage
 from pulsesync.server.storage.sqlite.privacy import SqlitePrivacyStorage
 from pulsesync.server.storage.sqlite.profiles import SqliteProfileStorage
@@ -48,6 +50,8 @@ class Storage:
     nudges: NudgeStorage
     timeline: TimelineStorage
     idempotency: IdempotencyStorage
+    # The nudge model registry: trained versions and the promoted one.
+    models: ModelStorage
     # Where the TimelineService's reads go when not to the primary: a PostgreSQL hot standby
     # (--read-database). Everything else, the upload state and the nudges' outcomes included,
     # reads the primary, which never lags behind an ack.
@@ -73,6 +77,7 @@ def sqlite_storage(db: Database) -> Storage:
         nudges=SqliteNudgeStorage(db),
         timeline=SqliteTimelineStorage(db),
         idempotency=SqliteIdempotencyStorage(db),
+        models=SqliteModelStorage(db),
         db=db,
     )
 

@@ -364,7 +364,7 @@ async def _learn(srv: Any, engine: Any, result: ArmResult, minute: int) -> None:
     except ValueError as e:
         result.extra.setdefault("train_errors", []).append(str(e))
         return
-    promoted = promote_if_better(registry, evaluation)
+    promoted = await promote_if_better(registry, evaluation)
     result.extra.setdefault("evaluations", []).append(
         {"minute": minute, "promoted": promoted, **evaluation.as_dict()}
     )

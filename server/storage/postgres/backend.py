@@ -6,6 +6,7 @@ from pulsesync.server.storage.backend import Storage
 from pulsesync.server.storage.postgres.consent import PostgresConsentStorage
 from pulsesync.server.storage.postgres.idempotency import PostgresIdempotencyStorage
 from pulsesync.server.storage.postgres.identity import PostgresIdentityStorage
+from pulsesync.server.storage.postgres.models import PostgresModelStorage
 from pulsesync.server.storage.postgres.nudges import PostgresNudgeStorage
 from pulsesync.server.storage.postgres.pool import PostgresPool
 from pulsesync.server.storage.postgres.privacy import PostgresPrivacyStorage
@@ -25,6 +26,7 @@ def postgres_storage(pool: PostgresPool, reads: PostgresPool | None = None) -> S
         timeline=PostgresTimelineStorage(pool),
         timeline_reads=PostgresTimelineStorage(reads) if reads is not None else None,
         idempotency=PostgresIdempotencyStorage(pool),
+        models=PostgresModelStorage(pool),
         db=None,
         pool=pool,
     )

@@ -1,15 +1,21 @@
-"""Helpers: store events as ingest does (insert, then publish on the bus) and build events."""
+"""Helpers: store events as ingest does (insert, then publish on the bus), build events, and a
+model registry in a SQLite database of its own."""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from pulsesync.kinds import kind_of
 from pulsesync.server.app import RunningServer
 from pulsesync.server.bus import CommittedEvent
+from pulsesync.server.nudges.registry import ModelRegistry
+from pulsesync.server.storage.db import Database
+from pulsesync.server.storage.sqlite.models import SqliteModelStorage
 from pulsesync.v1 import events_pb2
 
 _seq: dict[int, int] = {}
@@ -63,3 +69,10 @@ async def store(server: RunningServer, device_id: str, events: Sequence[events_p
             )
             committed.append(CommittedEvent(user_id, device_pk, seq, t_us, kind_of(ev), body))
     server.app.bus.publish(user_id, committed)
+
+
+@asynccontextmanager
+async def sqlite_registry(folder: Path) -> AsyncIterator[ModelRegistry]:
+    """A model registry in a fresh SQLite database in folder."""
+    async with await Database.open(folder / "models.db") as db:
+        yield ModelRegistry(SqliteModelStorage(db))

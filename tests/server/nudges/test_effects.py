@@ -10,7 +10,7 @@ import numpy as np
 from pulsesync.server.nudges.catalog import load_catalog
 from pulsesync.server.nudges.model import LoggedDecision, train
 from pulsesync.server.nudges.policy import randomized
-from pulsesync.server.nudges.registry import ModelRegistry
+from tests.server.nudges.support import sqlite_registry
 
 ACTIONS = load_catalog().actions
 WALK, BREAK = "walking_suggestion", "break_from_sitting"
@@ -40,7 +40,7 @@ def two_type_logs(n_users: int, per_user: int, seed: int) -> list[LoggedDecision
     return out
 
 
-def test_learned_effects_differ_by_type_where_one_works_and_the_other_does_not(
+async def test_learned_effects_differ_by_type_where_one_works_and_the_other_does_not(
     tmp_path: Path,
 ) -> None:
     data = two_type_logs(20, 200, 3)
@@ -56,7 +56,7 @@ def test_learned_effects_differ_by_type_where_one_works_and_the_other_does_not(
     assert walk_over_break[midday].mean() > 50.0, walk_over_break[midday].mean()
     assert walk_over_break[evening].mean() < -50.0, walk_over_break[evening].mean()
     # The per-type boosters survive a save and load.
-    registry = ModelRegistry(tmp_path)
-    version = registry.save(model, {})
-    again = registry.load(version).predict_many(data[:50], ACTIONS)
+    async with sqlite_registry(tmp_path) as registry:
+        version = await registry.save(model, {})
+        again = (await registry.load(version)).predict_many(data[:50], ACTIONS)
     assert np.allclose(again, q[:50])

@@ -23,8 +23,8 @@ from pulsesync.server.nudges.model import (
 )
 from pulsesync.server.nudges.ope import better, estimate, policy_matrix
 from pulsesync.server.nudges.policy import randomized
-from pulsesync.server.nudges.registry import ModelRegistry
 from pulsesync.server.nudges.training import cross_fitted
+from tests.server.nudges.support import sqlite_registry
 
 CATALOG = load_catalog()
 ACTIONS = CATALOG.actions
@@ -62,7 +62,9 @@ def test_ips_and_dr_cover_the_true_value_of_a_known_policy() -> None:
         assert est[name].low <= truth <= est[name].high, (name, est[name], truth)
 
 
-def test_trained_model_learns_the_effect_and_registry_promotes_and_reloads(tmp_path: Path) -> None:
+async def test_trained_model_learns_the_effect_and_registry_promotes_and_reloads(
+    tmp_path: Path,
+) -> None:
     data = logged(2000, 2)
     model = train(data, ACTIONS, "candidate")
     q = model.predict_many(data, ACTIONS)
@@ -71,14 +73,15 @@ def test_trained_model_learns_the_effect_and_registry_promotes_and_reloads(tmp_p
     sed = np.array([d.features["sedentary_min"] for d in data])
     assert pi[sed > 80, walk].mean() > 0.8
     assert pi[sed < 40, walk].mean() < 0.2
-    reg = ModelRegistry(tmp_path / "models")
-    v = reg.save(model, {"trained_on": 2000, "holdout_from_us": 0})
-    assert reg.current() is None
-    assert not reg.changed()  # nothing promoted yet
-    reg.promote(v, {"better": True})
-    assert reg.changed()
-    assert not reg.changed()
-    loaded = reg.load(v)
+    async with sqlite_registry(tmp_path) as reg:
+        v = await reg.save(model, {"trained_on": 2000, "holdout_from_us": 0})
+        assert await reg.current() is None
+        assert not await reg.changed()  # nothing promoted yet
+        await reg.promote(v, {"better": True})
+        assert await reg.changed()
+        assert not await reg.changed()
+        loaded = await reg.load(v)
+        assert (await reg.meta(v))["trained_on"] == 2000
     assert np.allclose(loaded.predict_many(data[:20], ACTIONS), q[:20])
     # Types never sent in training (here all but walking) are predicted like sending nothing.
     assert loaded.learned_actions == {"walking_suggestion"}
@@ -175,7 +178,9 @@ def acting_logs(n_users: int, per_user: int, seed: int) -> list[LoggedDecision]:
     return out
 
 
-def test_acting_model_learns_where_people_act_and_what_an_act_adds(tmp_path: Path) -> None:
+async def test_acting_model_learns_where_people_act_and_what_an_act_adds(
+    tmp_path: Path,
+) -> None:
     data = acting_logs(10, 400, 21)
     model = train(data, ACTIONS, "candidate", send_budget=1.0, min_gain=20.0)
     assert model.response is not None
@@ -200,8 +205,8 @@ def test_acting_model_learns_where_people_act_and_what_an_act_adds(tmp_path: Pat
     assert np.abs(q[:, brk] - q[:, none]).max() < 20.0
     assert pi[:, brk].max() <= CATALOG.policy.exploration_floor + 1e-9
     # The acting model is saved and loaded with the others.
-    reg = ModelRegistry(tmp_path / "models")
-    loaded = reg.load(reg.save(model, {}))
+    async with sqlite_registry(tmp_path) as reg:
+        loaded = await reg.load(await reg.save(model, {}))
     assert loaded.act_gain == model.act_gain
     assert np.allclose(loaded.predict_many(data[:50], ACTIONS), q[:50])
 
@@ -233,7 +238,9 @@ def test_net_estimate_counts_the_cost_of_each_nudge() -> None:
     assert free["net_diff"].value == pytest.approx(free["dr_diff"].value)
 
 
-def test_a_model_saved_before_an_input_was_added_still_loads_and_predicts(tmp_path: Path) -> None:
+async def test_a_model_saved_before_an_input_was_added_still_loads_and_predicts(
+    tmp_path: Path,
+) -> None:
     # A model from before `action_past_response` existed: its boosters read one column fewer.
     data = people_logs(4, 300, 300.0, 31)
     old_columns = COLUMNS[:-1]
@@ -242,8 +249,8 @@ def test_a_model_saved_before_an_input_was_added_still_loads_and_predicts(tmp_pa
     base = _fit(x[:, : len(FEATURE_NAMES)], y, None, FEATURE_NAMES, (), BASE_PARAMS, 20)
     effect = _fit(x[:, : len(old_columns)], y, None, old_columns, (), EFFECT_PARAMS, 20)
     old = OutcomeModel(base, effect, ACTIONS, "old", columns=old_columns)
-    reg = ModelRegistry(tmp_path / "models")
-    loaded = reg.load(reg.save(old, {}))
+    async with sqlite_registry(tmp_path) as reg:
+        loaded = await reg.load(await reg.save(old, {}))
     assert loaded.columns == old_columns
     assert np.allclose(loaded.predict_many(data, ACTIONS), old.predict_many(data, ACTIONS))
     with pytest.raises(ValueError, match="other inputs"):

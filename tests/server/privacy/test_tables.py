@@ -16,6 +16,8 @@ NOT_PERSONAL = {
     "server_secrets": "keys of the server as a whole (the page-token key); names nobody",
     "imported_people": "pseudonymous ids from an imported decision log; not server users",
     "imported_decisions": "decisions from an imported log (nudges import-log); not server users",
+    "nudge_models": "trained nudge models of the whole deployment; name nobody",
+    "nudge_model_promoted": "which nudge model is promoted; names nobody",
 }
 
 

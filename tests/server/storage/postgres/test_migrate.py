@@ -15,8 +15,8 @@ from pulsesync.server.storage.postgres.pool import Connection, PostgresPool
 from tests.support.postgres import until
 
 # Tables that are not per person: they outlive a person's erasure (privacy), describe the
-# deployment (profile_vault), hold imported training data whose people are not users, or are
-# the user table itself. docs/scaling.md says where each lives when sharded.
+# deployment (profile_vault, the nudge models), hold imported training data whose people are
+# not users, or are the user table itself. docs/scaling.md says where each lives when sharded.
 NOT_PER_PERSON = {
     "server_secrets",
     "users",
@@ -28,6 +28,9 @@ NOT_PER_PERSON = {
     "deletion_receipts",
     "imported_people",
     "imported_decisions",
+    # The nudge model registry: the deployment's models, trained on many people's decisions.
+    "nudge_models",
+    "nudge_model_promoted",
     "schema_migrations",
     "lease_members",
     "leases",
