@@ -296,6 +296,7 @@ class NudgeEngine:
         made: list[Decision] = []
         held = await self._take_shards()
         n = self.shards.shards
+        await self.delivery.refresh_elsewhere(held, n, now)  # devices on other replicas
         for user_id in self.features.known_users():
             if shard_of(user_id, n) not in held:
                 continue
