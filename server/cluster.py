@@ -17,7 +17,7 @@ makes N replicas act as one:
 * Nudge reach: a person's device may take nudges through another replica than the one deciding
   for the person (its SubscribeNudges stream is open there, or its app fetched from there), so
   each replica records its streams and the fetches it answers in a shared record, and the
-  deciding replica reads, once per tick, the devices of the people it decides for.
+  deciding replica reads, once per tick, the devices of the people it decides for then.
 """
 
 from __future__ import annotations
@@ -120,10 +120,10 @@ class NudgeReach(Protocol):
         ...
 
     async def elsewhere(
-        self, shards: Collection[int], of: int, fetched_since_us: int
+        self, user_ids: Collection[int], fetched_since_us: int
     ) -> list[DeviceElsewhere]:
-        """The devices of the people in `shards` (of `of`) with a stream open on another live
-        replica, and those that fetched after `fetched_since_us` on any replica."""
+        """The devices of these people with a stream open on another live replica, and those
+        that fetched after `fetched_since_us` on any replica."""
         ...
 
 
@@ -215,7 +215,7 @@ class LocalReach:
         return None
 
     async def elsewhere(
-        self, shards: Collection[int], of: int, fetched_since_us: int
+        self, user_ids: Collection[int], fetched_since_us: int
     ) -> list[DeviceElsewhere]:
         return []
 

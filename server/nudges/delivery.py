@@ -11,7 +11,7 @@ its stream reads the device's pending nudges from storage and claims each one (m
 delivered) before queueing it, so a nudge reaches the device once whichever path wins. For the
 decision to count such a device, each replica records its streams and the fetches it answers
 in the cluster's reach record (`reach`), and the deciding replica reads the devices of the
-people it decides for from it once per tick (`refresh_elsewhere`).
+people due for a decision from it once per tick (`refresh_elsewhere`).
 """
 
 from __future__ import annotations
@@ -197,14 +197,14 @@ class NudgeDelivery:
             found.append(Reachable(d.device_pk, d.kind, last))
         return found
 
-    async def refresh_elsewhere(self, shards: Collection[int], of: int, now: int) -> None:
-        """Read which devices of the people in `shards` (of `of`) take nudges through other
-        replicas (one query; kept for the decisions until the next call). If the record cannot
-        be read, the decisions count this replica's own ways in only."""
+    async def refresh_elsewhere(self, user_ids: Collection[int], now: int) -> None:
+        """Read which devices of these people take nudges through other replicas (one query,
+        none for nobody; kept for the decisions until the next call). If the record cannot be
+        read, the decisions count this replica's own ways in only."""
         if self.reach is None:
             return
         try:
-            found = await self.reach.elsewhere(shards, of, now - FETCH_REACH_US)
+            found = await self.reach.elsewhere(user_ids, now - FETCH_REACH_US) if user_ids else []
         except Exception:
             log.warning("reading the devices reachable elsewhere failed", exc_info=True)
             found = []

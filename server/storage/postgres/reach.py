@@ -12,8 +12,8 @@ rounds never reorder a device's open and close.
 A stream row counts only while its replica's membership of the "nudges" lease group is live
 (`lease_members`, heartbeat every TTL/3): the rows of a replica that died are ignored from
 the moment its membership expires. Every sweep interval each replica deletes the rows of
-replicas whose membership has been expired for over a TTL (or is gone), and checks that its
-own rows are all there: a replica that stalled for longer finds them deleted and writes them
+replicas whose membership has been expired for over a TTL (now and then, also of replicas
+with no membership row), and checks that its own rows are all there: a replica that stalled for longer finds them deleted and writes them
 again. Times of membership come from the database's clock, as the leases' do.
 """
 
@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 
 # How often each replica deletes the dead replicas' stream rows and checks its own.
 SWEEP_S: Final = 30.0
+# Every this many sweeps, also rows whose replica has no membership row at all (left by a
+# race with a graceful stop); the others go by the expired memberships, an indexed delete.
+FULL_SWEEP_EVERY: Final = 20
 # After a failed write round, the next one waits this long (the changes are kept).
 RETRY_S: Final = 1.0
 
@@ -81,6 +84,7 @@ class PostgresNudgeReach:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.rounds = 0  # write rounds that committed (for tests and the bench)
+        self._sweeps = 0
 
     # -- this replica's changes (in memory; written by the writer task) -----------------------
     def stream_opened(self, user_id: int, device_pk: int, device_id: str, kind: int) -> None:
@@ -103,9 +107,9 @@ class PostgresNudgeReach:
 
     # -- the deciding replica's read ------------------------------------------------------------
     async def elsewhere(
-        self, shards: Collection[int], of: int, fetched_since_us: int
+        self, user_ids: Collection[int], fetched_since_us: int
     ) -> list[DeviceElsewhere]:
-        if not shards:
+        if not user_ids:
             return []
         now = await self._now_us() if self._now_us is not None else None
         rows = await self._pool.fetch(
@@ -113,15 +117,14 @@ class PostgresNudgeReach:
             " FROM nudge_streams s JOIN lease_members m"
             "   ON m.grp = $1 AND m.holder = s.member"
             f" AND m.expire_us > COALESCE($3::bigint, {_DB_NOW})"
-            " WHERE s.member <> $2 AND s.user_id % $4 = ANY($5::integer[])"
+            " WHERE s.member <> $2 AND s.user_id = ANY($4::bigint[])"
             " UNION ALL"
             " SELECT user_id, device_pk, device_id, kind, fetched_us FROM nudge_fetches"
-            " WHERE fetched_us > $6 AND user_id % $4 = ANY($5::integer[])",
+            " WHERE user_id = ANY($4::bigint[]) AND fetched_us > $5",
             self._group,
             self.member,
             now,
-            of,
-            sorted(shards),
+            sorted(user_ids),
             fetched_since_us,
         )
         return [
@@ -245,15 +248,26 @@ class PostgresNudgeReach:
         """Delete the stream rows of replicas gone for over a TTL; write ours again if some
         are missing (deleted while this replica stalled)."""
         now = await self._now_us() if self._now_us is not None else None
+        self._sweeps += 1
         async with self._pool.transaction() as tx:
-            await tx.execute(
-                "DELETE FROM nudge_streams s WHERE NOT EXISTS ("
-                "   SELECT 1 FROM lease_members m WHERE m.grp = $1 AND m.holder = s.member"
-                f"   AND m.expire_us > COALESCE($2::bigint, {_DB_NOW}) - $3)",
-                self._group,
-                now,
-                self._grace_us,
-            )
+            if self._sweeps % FULL_SWEEP_EVERY == 1:
+                await tx.execute(
+                    "DELETE FROM nudge_streams s WHERE NOT EXISTS ("
+                    "   SELECT 1 FROM lease_members m WHERE m.grp = $1 AND m.holder = s.member"
+                    f"   AND m.expire_us > COALESCE($2::bigint, {_DB_NOW}) - $3)",
+                    self._group,
+                    now,
+                    self._grace_us,
+                )
+            else:
+                await tx.execute(
+                    "DELETE FROM nudge_streams WHERE member IN ("
+                    "   SELECT holder FROM lease_members WHERE grp = $1"
+                    f"   AND expire_us <= COALESCE($2::bigint, {_DB_NOW}) - $3)",
+                    self._group,
+                    now,
+                    self._grace_us,
+                )
             mine = int(
                 await tx.fetchval(
                     "SELECT count(*) FROM nudge_streams WHERE member = $1", self.member

@@ -35,7 +35,7 @@ MIN = 60_000_000
 NOON = 1_767_268_800_000_000  # 2026-01-01T12:00Z; the default time zone is UTC
 TTL_S = 1.5
 WITHIN_S = 60.0
-EVERY_SHARD = range(NUDGE_SHARDS)
+PEOPLE = range(1, 20)  # every person of these tests
 PHONE = common_pb2.DEVICE_KIND_PHONE
 
 
@@ -59,7 +59,7 @@ def _cluster(pool: PostgresPool, dsn: str, name: str, *, sweep_s: float) -> Post
 
 async def _seen_by(cluster: PostgresCluster, since_us: int = 0) -> set[tuple[int, int, int]]:
     """(user, device, fetched_us) of every device `cluster` reads as reachable elsewhere."""
-    found = await cluster.reach.elsewhere(EVERY_SHARD, NUDGE_SHARDS, since_us)
+    found = await cluster.reach.elsewhere(PEOPLE, since_us)
     return {(d.user_id, d.device_pk, d.fetched_us) for d in found}
 
 
@@ -83,9 +83,9 @@ async def test_a_stream_counts_while_its_replica_lives_and_a_dead_ones_rows_are_
         await b.nudge_reach.flushed()
         assert await _seen_by(a) == {(7, 70, 0)}
         assert await _seen_by(b) == set()  # its own streams are in its memory, not "elsewhere"
-        # Only the shards asked for: person 7 is in shard 7.
-        assert await a.reach.elsewhere([8], NUDGE_SHARDS, 0) == []
-        assert [d.device_id for d in await a.reach.elsewhere([7], NUDGE_SHARDS, 0)] == ["dev_70"]
+        # Only the people asked for.
+        assert await a.reach.elsewhere([8, 9], 0) == []
+        assert [d.device_id for d in await a.reach.elsewhere([7], 0)] == ["dev_70"]
 
         # B dies (no cleanup): its row stops counting once its membership expires ...
         await b.stop(release=False)
@@ -164,7 +164,7 @@ async def test_one_process_has_nothing_elsewhere() -> None:
     local = LocalCluster()
     local.reach.stream_opened(7, 70, "dev_70", PHONE)
     local.reach.fetched(7, 70, "dev_70", PHONE, NOON)
-    assert await local.reach.elsewhere(EVERY_SHARD, NUDGE_SHARDS, 0) == []
+    assert await local.reach.elsewhere(PEOPLE, 0) == []
 
 
 # -- decisions over gRPC ------------------------------------------------------------------------
@@ -225,9 +225,7 @@ async def _decide(decider: Replica, clock: FakeClock, dev: PairedDevice) -> list
 
 def _reachable_on(decider: Replica, user_id: int, device_pk: int) -> Callable[[], Awaitable[bool]]:
     async def check() -> bool:
-        return any(
-            (u, d) == (user_id, device_pk) for u, d, _ in await _seen_by(decider.cluster)
-        )
+        return any((u, d) == (user_id, device_pk) for u, d, _ in await _seen_by(decider.cluster))
 
     return check
 
@@ -248,7 +246,8 @@ async def test_a_device_streaming_on_the_other_replica_is_reachable_and_gets_the
         assert not eng.delivery.has_stream(phone.device_id)  # not on the deciding replica
 
         made = [d for d in await _decide(decider, clock, phone) if d.user_id == user_id]
-        assert len(made) == 1 and made[0].nudge is not None, made
+        assert len(made) == 1, made
+        assert made[0].nudge is not None, made
         nudge = made[0].nudge
         assert made[0].eligibility.device_for[nudge.nudge_type] == device_pk
         assert nudge.device_id == phone.device_id
@@ -257,15 +256,38 @@ async def test_a_device_streaming_on_the_other_replica_is_reachable_and_gets_the
         assert got.nudge.nudge_id == nudge.nudge_id
         assert got.nudge.device_id == phone.device_id
 
-        # The stream closes: at its next tick the deciding replica no longer counts the phone.
         stream.cancel()
-        await until(lambda: _is_empty(_reachable(decider, user_id, clock)), WITHIN_S)
 
 
-async def _reachable(decider: Replica, user_id: int, clock: FakeClock) -> set[int]:
-    eng = decider.server.app.nudges
-    await eng.tick()
-    return {r.device_pk for r in eng.delivery.reachable(user_id, clock.now_us())}
+@pytest.mark.parametrize("gone", ["stream closed", "replica died"])
+async def test_a_stream_closed_or_on_a_dead_replica_no_longer_counts(
+    replicas: tuple[Replica, Replica, FakeClock], gone: str
+) -> None:
+    a, _, clock = replicas
+    phone = await pair_device(a.server, "dee", kind=PHONE)
+    device_pk, user_id = await device_pk_of(a.server, phone.device_id)
+    decider, other = await _split(replicas, user_id)
+    async with grpc.aio.insecure_channel(other.server.address) as ch:
+        stream = nudges_pb2_grpc.NudgeServiceStub(ch).SubscribeNudges(
+            nudges_pb2.SubscribeNudgesRequest(), metadata=phone.metadata, timeout=WITHIN_S
+        )
+        await until(_reachable_on(decider, user_id, device_pk), WITHIN_S)
+        if gone == "stream closed":
+            stream.cancel()
+        else:  # the other replica stops heartbeating, its stream still open, its row left
+            await other.cluster.stop(release=False)
+        await until(_not(_reachable_on(decider, user_id, device_pk)), WITHIN_S)
+        made = [d for d in await _decide(decider, clock, phone) if d.user_id == user_id]
+        assert [d.nudge for d in made] == [None]
+        assert "no reachable device" in " ".join(made[0].eligibility.ineligible.values())
+        stream.cancel()
+
+
+def _not(check: Callable[[], Awaitable[bool]]) -> Callable[[], Awaitable[bool]]:
+    async def negated() -> bool:
+        return not await check()
+
+    return negated
 
 
 async def test_a_device_that_fetched_on_the_other_replica_is_reachable_and_fetches_the_nudge(
@@ -282,7 +304,8 @@ async def test_a_device_that_fetched_on_the_other_replica_is_reachable_and_fetch
         assert list(first.nudges) == []
         await until(_reachable_on(decider, user_id, device_pk), WITHIN_S)
         made = [d for d in await _decide(decider, clock, phone) if d.user_id == user_id]
-        assert len(made) == 1 and made[0].nudge is not None, made
+        assert len(made) == 1, made
+        assert made[0].nudge is not None, made
         got = await stub.FetchPendingNudges(fetch, metadata=phone.metadata, timeout=WITHIN_S)
         assert [n.nudge_id for n in got.nudges] == [made[0].nudge.nudge_id]
 

@@ -17,6 +17,8 @@ CREATE TABLE nudge_streams (
     since_us    bigint NOT NULL,                -- when the stream opened (database clock)
     PRIMARY KEY (member, device_pk)
 );
+-- The deciding replica reads the streams of the people due for a decision.
+CREATE INDEX nudge_streams_user ON nudge_streams (user_id);
 
 -- When each device last fetched its pending nudges (FetchPendingNudges), on any replica: an
 -- app that fetched lately counts as reachable by fetching. Per person: distributed by user_id
