@@ -15,6 +15,10 @@ makes N replicas act as one:
   its engine decides for them from then on rather than from its next periodic tick.
 * Cluster-wide jobs (retention, nudge expiry and outcomes) run by the one replica holding the
   job's lease. (Training is an operator's command, `pulsesync nudges train`, run once.)
+* Nudge reach: a person's device may take nudges through another replica than the one deciding
+  for the person (its SubscribeNudges stream is open there, or its app fetched from there), so
+  each replica records its streams and the fetches it answers in a shared record, and the
+  deciding replica reads, once per tick, the devices of the people it decides for then.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Protocol
 
 if TYPE_CHECKING:
@@ -92,9 +97,49 @@ class Shards(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class DeviceElsewhere:
+    """A device that takes nudges through another replica: its nudge stream is open there
+    (fetched_us 0), or its app fetched pending nudges at fetched_us (from any replica)."""
+
+    user_id: int
+    device_pk: int
+    device_id: str
+    kind: int
+    fetched_us: int
+
+
+class NudgeReach(Protocol):
+    """The shared record of how devices take nudges, across replicas.
+
+    The first three are called by this replica's nudge delivery and return at once (the
+    record is written behind them); `elsewhere` is read once per tick by the replica deciding.
+    """
+
+    def stream_opened(self, user_id: int, device_pk: int, device_id: str, kind: int) -> None:
+        """The device's SubscribeNudges stream is open here (a newer one replaced an older)."""
+        ...
+
+    def stream_closed(self, device_pk: int) -> None:
+        """The device's stream here closed."""
+        ...
+
+    def fetched(self, user_id: int, device_pk: int, device_id: str, kind: int, at_us: int) -> None:
+        """The device's app fetched its pending nudges here at `at_us` (the server's clock)."""
+        ...
+
+    async def elsewhere(
+        self, user_ids: Collection[int], fetched_since_us: int
+    ) -> list[DeviceElsewhere]:
+        """The devices of these people with a stream open on another live replica, and those
+        that fetched after `fetched_since_us` on any replica."""
+        ...
+
+
 class Cluster(Protocol):
     signals: Signals
     nudge_shards: Shards
+    reach: NudgeReach
     # Where the nudge features read committed events from when any replica may have ingested
     # them; None: from this process's bus (it ingests everything).
     events: EventFeedStorage | None
@@ -172,12 +217,32 @@ def _no_unsubscribe() -> None:
     return None
 
 
+class LocalReach:
+    """One process: every stream is open here and every fetch is answered here, so the nudge
+    delivery's own memory is the whole record and nothing is elsewhere."""
+
+    def stream_opened(self, user_id: int, device_pk: int, device_id: str, kind: int) -> None:
+        return None
+
+    def stream_closed(self, device_pk: int) -> None:
+        return None
+
+    def fetched(self, user_id: int, device_pk: int, device_id: str, kind: int, at_us: int) -> None:
+        return None
+
+    async def elsewhere(
+        self, user_ids: Collection[int], fetched_since_us: int
+    ) -> list[DeviceElsewhere]:
+        return []
+
+
 class LocalCluster:
     """A cluster of one process (SQLite): see the module docstring."""
 
     def __init__(self, hub: LocalHub | None = None) -> None:
         self.signals: Signals = LocalSignals(hub)
         self.nudge_shards: Shards = AllShards()
+        self.reach: NudgeReach = LocalReach()
         self.events: EventFeedStorage | None = None
 
     async def runs(self, job: str) -> bool:

@@ -387,6 +387,7 @@ class _ClusterWiring:
         self._identity.on_token_rotated = lambda device_pk: self._ring(TOKEN_ROTATED, device_pk)
         self._sessions.signals = signals
         self._nudges.delivery.signals = signals
+        self._nudges.delivery.reach = cluster.reach
         self._nudges.runs_outcomes = lambda: cluster.runs("nudge-outcomes")
 
     async def stop(self) -> None:
@@ -394,6 +395,7 @@ class _ClusterWiring:
         self._identity.on_token_rotated = None
         self._sessions.signals = None
         self._nudges.delivery.signals = None
+        self._nudges.delivery.reach = None
         for unsubscribe in self._unsubscribe:
             unsubscribe()
         self._unsubscribe.clear()

@@ -16,6 +16,7 @@ from pulsesync.server.cluster import (
     JOBS,
     NUDGE_SHARDS,
     Callback,
+    NudgeReach,
     Shards,
     Signals,
     TakenCallback,
@@ -25,6 +26,7 @@ from pulsesync.server.storage.postgres.doorbell import Doorbell, ring
 from pulsesync.server.storage.postgres.feed import PostgresEventFeed
 from pulsesync.server.storage.postgres.leases import DEFAULT_TTL_S, LeaseGroup, NowUs
 from pulsesync.server.storage.postgres.pool import Connection, PostgresPool
+from pulsesync.server.storage.postgres.reach import SWEEP_S, PostgresNudgeReach
 
 if TYPE_CHECKING:
     from pulsesync.server.nudges.shard_feed import EventFeedStorage
@@ -115,6 +117,7 @@ class PostgresCluster:
         nudge_shards: int = NUDGE_SHARDS,
         keepalive_s: float | None = None,
         events_feed: bool = True,
+        reach_sweep_s: float = SWEEP_S,
     ) -> None:
         """`events_feed=False` keeps the nudge features on this process's bus (for data
         ingested elsewhere than the PostgreSQL events table)."""
@@ -129,6 +132,11 @@ class PostgresCluster:
             pool, "jobs", len(JOBS), ttl_s=ttl_s, holder=self.replica, now_us=now_us
         )
         self.nudge_shards: Shards = LeasedShards(self.nudge_leases)
+        # Streams count while this replica's membership of the nudge lease group is live.
+        self.nudge_reach = PostgresNudgeReach(
+            pool, self.replica, group="nudges", ttl_s=ttl_s, sweep_s=reach_sweep_s, now_us=now_us
+        )
+        self.reach: NudgeReach = self.nudge_reach
         self.events: EventFeedStorage | None = PostgresEventFeed(pool) if events_feed else None
 
     async def runs(self, job: str) -> bool:
@@ -141,10 +149,17 @@ class PostgresCluster:
             with contextlib.suppress(Exception):
                 await group.renew()
             group.start()
+        # After the first round: this replica's stream rows count from its first stream.
+        await self.nudge_reach.start()
 
     async def stop(self, *, release: bool = True) -> None:
         """Stop renewing (giving the leases back unless `release` is False, as a crash would
-        not) and stop listening."""
+        not, and leaving this replica's stream rows to expire with its membership) and stop
+        listening."""
+        try:
+            await self.nudge_reach.stop(release=release)
+        except Exception:
+            log.warning("deleting this replica's nudge streams failed; they expire")
         for group in (self.nudge_leases, self.job_leases):
             try:
                 await group.stop(release=release)

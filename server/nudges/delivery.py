@@ -8,7 +8,10 @@ reachable device of the same person.
 With several replicas the device's stream may be open on another one: a nudge routed to a
 device without a stream here is rung (`NUDGE_CREATED`, the device), and the replica holding
 its stream reads the device's pending nudges from storage and claims each one (marking it
-delivered) before queueing it, so a nudge reaches the device once whichever path wins.
+delivered) before queueing it, so a nudge reaches the device once whichever path wins. For the
+decision to count such a device, each replica records its streams and the fetches it answers
+in the cluster's reach record (`reach`), and the deciding replica reads the devices of the
+people due for a decision from it once per tick (`refresh_elsewhere`).
 """
 
 from __future__ import annotations
@@ -16,11 +19,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Final
 
 from pulsesync.server.clock import Clock
-from pulsesync.server.cluster import NUDGE_CREATED, Signals, spawn
+from pulsesync.server.cluster import NUDGE_CREATED, DeviceElsewhere, NudgeReach, Signals, spawn
 from pulsesync.server.nudges.catalog import Catalog
 from pulsesync.server.nudges.eligibility import Reachable, route
 from pulsesync.server.nudges.features import FeatureStore
@@ -93,6 +97,11 @@ class NudgeDelivery:
         self._tasks: set[asyncio.Task[None]] = set()
         # The other replicas, told of nudges for devices without a stream here.
         self.signals: Signals | None = None
+        # The record shared with the other replicas (None: one process, nothing elsewhere),
+        # and the devices it said take nudges through other replicas, as of the last tick.
+        self.reach: NudgeReach | None = None
+        self._elsewhere: dict[int, list[DeviceElsewhere]] = {}  # user_id -> devices
+        self._elsewhere_pks: dict[int, DeviceElsewhere] = {}
 
     def close(self) -> None:
         for task in self._tasks:
@@ -106,6 +115,8 @@ class NudgeDelivery:
     def forget_user(self, user_id: int) -> None:
         for pk in [pk for pk, o in self._offline.items() if o.user_id == user_id]:
             del self._offline[pk]
+        for d in self._elsewhere.pop(user_id, ()):
+            self._elsewhere_pks.pop(d.device_pk, None)
 
     # -- streams --------------------------------------------------------------------------
     def open_stream(
@@ -116,6 +127,8 @@ class NudgeDelivery:
         stream = _Stream(user_id, device_id, kind)
         self._streams[device_pk] = stream
         self._features.note_device(user_id, device_pk, kind)
+        if self.reach is not None:
+            self.reach.stream_opened(user_id, device_pk, device_id, kind)
         if old is not None:
             while not old.queue.empty():
                 item = old.queue.get_nowait()
@@ -132,6 +145,8 @@ class NudgeDelivery:
         if stream is None or stream.queue is not queue:
             return
         del self._streams[device_pk]
+        if self.reach is not None:
+            self.reach.stream_closed(device_pk)
         left = [n for n in (queue.get_nowait() for _ in range(queue.qsize())) if n is not None]
         for nudge in left:
             await self._fallback(stream.user_id, device_pk, nudge)
@@ -148,7 +163,7 @@ class NudgeDelivery:
         moved = nudges_pb2.Nudge()
         moved.CopyFrom(nudge)
         stream = self._streams.get(pk)
-        moved.device_id = stream.device_id if stream else self._offline[pk].device_id
+        moved.device_id = self.device_id(pk)
         await self._storage.route(nudge.nudge_id, pk)
         if stream is not None:
             stream.queue.put_nowait(moved)
@@ -173,7 +188,32 @@ class NudgeDelivery:
             if not o.push_token and now is not None and now - o.seen_us > FETCH_REACH_US:
                 continue  # an app that has not woken lately would see the nudge too late
             found.append(Reachable(pk, o.kind, state.device_last_us.get(pk, 0) if state else 0))
+        for d in self._elsewhere.get(user_id, ()):
+            if d.device_pk in self._streams or any(r.device_pk == d.device_pk for r in found):
+                continue
+            if d.fetched_us and now is not None and now - d.fetched_us > FETCH_REACH_US:
+                continue  # as above
+            last = state.device_last_us.get(d.device_pk, 0) if state else 0
+            found.append(Reachable(d.device_pk, d.kind, last))
         return found
+
+    async def refresh_elsewhere(self, user_ids: Collection[int], now: int) -> None:
+        """Read which devices of these people take nudges through other replicas (one query,
+        none for nobody; kept for the decisions until the next call). If the record cannot be
+        read, the decisions count this replica's own ways in only."""
+        if self.reach is None:
+            return
+        try:
+            found = await self.reach.elsewhere(user_ids, now - FETCH_REACH_US) if user_ids else []
+        except Exception:
+            log.warning("reading the devices reachable elsewhere failed", exc_info=True)
+            found = []
+        elsewhere: dict[int, list[DeviceElsewhere]] = {}
+        for d in found:
+            elsewhere.setdefault(d.user_id, []).append(d)
+        self._elsewhere = elsewhere
+        # A stream elsewhere wins over a fetch (sorted last): it is how a nudge reaches it now.
+        self._elsewhere_pks = {d.device_pk: d for d in sorted(found, key=lambda d: -d.fetched_us)}
 
     def has_stream(self, device_id: str) -> bool:
         """Whether the device has a nudge stream open on this server."""
@@ -183,7 +223,12 @@ class NudgeDelivery:
         """The API id of a device that can take nudges ("" if unknown here)."""
         stream = self._streams.get(device_pk)
         offline = self._offline.get(device_pk)
-        return stream.device_id if stream else offline.device_id if offline else ""
+        if stream is not None:
+            return stream.device_id
+        if offline is not None:
+            return offline.device_id
+        elsewhere = self._elsewhere_pks.get(device_pk)
+        return elsewhere.device_id if elsewhere is not None else ""
 
     def channel_for(self, device_pk: int) -> str:
         """How a nudge routed to the device now reaches it: stream, push or pending."""
@@ -192,6 +237,9 @@ class NudgeDelivery:
         o = self._offline.get(device_pk)
         if o is not None and o.push_token and self.push is not None:
             return "push"
+        elsewhere = self._elsewhere_pks.get(device_pk)
+        if elsewhere is not None and not elsewhere.fetched_us:
+            return "stream"  # on another replica, rung there
         return "pending"
 
     def send(self, device_pk: int, nudge: nudges_pb2.Nudge) -> None:
@@ -258,6 +306,8 @@ class NudgeDelivery:
             user_id, device_id, kind, old.push_token if old else "", now
         )
         self._features.note_device(user_id, device_pk, kind)
+        if self.reach is not None:
+            self.reach.fetched(user_id, device_pk, device_id, kind, now)
         out = []
         for nudge in await self.pending_for(user_id, device_pk, device_id):
             if await self.mark_delivered(nudge.nudge_id, device_pk, "pending"):

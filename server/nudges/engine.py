@@ -333,12 +333,17 @@ class NudgeEngine:
         made: list[Decision] = []
         held = await self._take_shards()
         n = self.shards.shards
+        due: list[tuple[int, str]] = []
         for user_id in self.features.known_users():
             if shard_of(user_id, n) not in held:
                 continue
             trigger = await self._due(user_id, now)
             if trigger is not None:
-                made.append(await self.decide(user_id, now, trigger))
+                due.append((user_id, trigger))
+        # Their devices reachable through other replicas: one query for everyone due.
+        await self.delivery.refresh_elsewhere([u for u, _ in due], now)
+        for user_id, trigger in due:
+            made.append(await self.decide(user_id, now, trigger))
         if self.runs_outcomes is None or await self.runs_outcomes():
             await self.outcomes.expire(now)
             await self.outcomes.complete(now)

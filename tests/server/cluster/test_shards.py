@@ -31,7 +31,9 @@ from tests.support.server import pair_device
 
 MIN = 60_000_000
 MIDNIGHT = 1_767_225_600_000_000  # 2026-01-01T00:00Z; the default time zone is UTC
-TTL_S = 1.5
+# Long enough that a loaded machine stalling the loop for a second or two does not let a live
+# replica's leases lapse mid-test; short enough that a takeover takes seconds.
+TTL_S = 4.0
 WITHIN_S = 60.0
 
 

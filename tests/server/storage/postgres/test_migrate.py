@@ -34,9 +34,12 @@ NOT_PER_PERSON = {
     "schema_migrations",
     "lease_members",
     "leases",
+    # Streams open on each replica (cluster state, keyed by replica; 0010).
+    "nudge_streams",
 }
-# PostgreSQL-only: the per-person change counter (0001_core.sql) and the leases (0007).
-POSTGRES_ONLY = {"timeline_heads", "lease_members", "leases"}
+# PostgreSQL-only: the per-person change counter (0001_core.sql), the leases (0007) and the
+# record of how devices take nudges across replicas (0010).
+POSTGRES_ONLY = {"timeline_heads", "lease_members", "leases", "nudge_streams", "nudge_fetches"}
 
 
 async def _columns(pool: PostgresPool) -> dict[str, set[str]]:
