@@ -44,6 +44,7 @@ DEVICE_REVOKED: Final = "device_revoked"  # device_pk: cut the device's streams
 USER_ERASED: Final = "user_erased"  # user_id: cut every stream of the person
 NUDGE_CREATED: Final = "nudge_created"  # device_pk: deliver its pending nudges
 TOKEN_ROTATED: Final = "token_rotated"  # device_pk: forget its cached tokens
+PUSH_TARGET_CHANGED: Final = "push_target_changed"  # device_pk: read its push target again
 TOPICS: Final = (
     PROFILE_CHANGED,
     CONSENT_CHANGED,
@@ -51,6 +52,7 @@ TOPICS: Final = (
     USER_ERASED,
     NUDGE_CREATED,
     TOKEN_ROTATED,
+    PUSH_TARGET_CHANGED,
 )
 
 # Shards of people for nudge decisions: a few per replica for an even share, few enough

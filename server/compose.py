@@ -24,6 +24,7 @@ from pulsesync.server.cluster import (
     DEVICE_REVOKED,
     NUDGE_CREATED,
     PROFILE_CHANGED,
+    PUSH_TARGET_CHANGED,
     TOKEN_ROTATED,
     USER_ERASED,
     Cluster,
@@ -377,6 +378,7 @@ class _ClusterWiring:
             (USER_ERASED, self._user_erased),
             (NUDGE_CREATED, self._nudges.delivery.created_elsewhere),
             (TOKEN_ROTATED, self._token_rotated),
+            (PUSH_TARGET_CHANGED, self._nudges.delivery.push_target_changed),
         ):
             self._unsubscribe.append(await signals.subscribe(topic, callback))
         # Rung after each commit made here (never on the ingest path).

@@ -11,7 +11,9 @@ its stream reads the device's pending nudges from storage and claims each one (m
 delivered) before queueing it, so a nudge reaches the device once whichever path wins. For the
 decision to count such a device, each replica records its streams and the fetches it answers
 in the cluster's reach record (`reach`), and the deciding replica reads the devices of the
-people due for a decision from it once per tick (`refresh_elsewhere`).
+people due for a decision from it once per tick (`refresh_elsewhere`). A push target set or
+removed on one replica is rung (`PUSH_TARGET_CHANGED`, the device) and the others read that
+device's target again before their next decision (all of them after a lost ring).
 """
 
 from __future__ import annotations
@@ -20,16 +22,23 @@ import asyncio
 import json
 import logging
 from collections.abc import Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Final
 
 from pulsesync.server.clock import Clock
-from pulsesync.server.cluster import NUDGE_CREATED, DeviceElsewhere, NudgeReach, Signals, spawn
+from pulsesync.server.cluster import (
+    NUDGE_CREATED,
+    PUSH_TARGET_CHANGED,
+    DeviceElsewhere,
+    NudgeReach,
+    Signals,
+    spawn,
+)
 from pulsesync.server.nudges.catalog import Catalog
 from pulsesync.server.nudges.eligibility import Reachable, route
 from pulsesync.server.nudges.features import FeatureStore
 from pulsesync.server.nudges.push import PushProvider
-from pulsesync.server.storage.nudges import NudgeRow, NudgeStorage
+from pulsesync.server.storage.nudges import NudgeRow, NudgeStorage, PushTargetRow
 from pulsesync.timeutil import timestamp as _ts
 from pulsesync.v1 import nudges_pb2
 
@@ -54,13 +63,14 @@ class _Stream:
 
 @dataclass(frozen=True, slots=True)
 class _Offline:
-    """A device reachable without a stream: by push (token set) or by fetching when it wakes."""
+    """A device reachable without a stream: by push (token set) or by fetching when it wakes
+    (it fetched here); an entry with neither is not kept."""
 
     user_id: int
     device_id: str
     kind: int
     push_token: str  # "" for a device that only fetches
-    seen_us: int  # when it registered or last fetched
+    fetched_us: int  # when its app last fetched here; 0: never
 
 
 def nudge_message(row: NudgeRow, device_id: str) -> nudges_pb2.Nudge:
@@ -93,7 +103,12 @@ class NudgeDelivery:
         # Devices without a stream that still take nudges: push targets (from the database)
         # and apps that fetched pending nudges within the active window (this replica).
         self._offline: dict[int, _Offline] = {}
-        self._push_loaded = False
+        # Push targets to read before the next decision: all of them (at first, and after a
+        # ring may have been lost), else the devices other replicas rang since the last read.
+        self._push_reload = True
+        self._push_stale: set[int] = set()
+        # Reads and registrations one at a time, so an older read never overwrites a newer one.
+        self._push_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         # The other replicas, told of nudges for devices without a stream here.
         self.signals: Signals | None = None
@@ -185,7 +200,7 @@ class NudgeDelivery:
                 continue
             if o.push_token and self.push is None:
                 continue  # no provider configured: a push target is not a way in
-            if not o.push_token and now is not None and now - o.seen_us > FETCH_REACH_US:
+            if not o.push_token and now is not None and now - o.fetched_us > FETCH_REACH_US:
                 continue  # an app that has not woken lately would see the nudge too late
             found.append(Reachable(pk, o.kind, state.device_last_us.get(pk, 0) if state else 0))
         for d in self._elsewhere.get(user_id, ()):
@@ -277,22 +292,75 @@ class NudgeDelivery:
 
     # -- push and fetch -------------------------------------------------------------------
     async def load_push_targets(self) -> None:
-        if self._push_loaded:
-            return
-        for t in await self._storage.push_targets():
-            self._offline[t.device_pk] = _Offline(
-                t.user_id, t.device_id, t.kind, t.push_token, t.update_us
+        """Bring the push targets up to date: all of them at first and after a lost ring, else
+        the devices rung since the last call (nothing to read: no query)."""
+        if not self._push_reload and not self._push_stale and not self._push_lock.locked():
+            return  # (locked: a read under way may be of a device rung just before this call)
+        async with self._push_lock:
+            if self._push_reload:
+                self._push_reload = False
+                self._push_stale.clear()
+                try:
+                    rows = await self._storage.push_targets()
+                except BaseException:
+                    self._push_reload = True  # read at the next call
+                    raise
+                loaded = {t.device_pk: t for t in rows}
+                # A target no longer stored (removed, or its device revoked) stops counting.
+                for pk in [pk for pk, o in self._offline.items() if o.push_token]:
+                    if pk not in loaded:
+                        self._set_push_target(pk, None)
+                for pk, t in loaded.items():
+                    self._set_push_target(pk, t)
+            for pk in list(self._push_stale):
+                self._push_stale.discard(pk)  # a ring heard during the read marks it again
+                try:
+                    target = await self._storage.push_target(pk)
+                except BaseException:
+                    self._push_stale.add(pk)
+                    raise
+                self._set_push_target(pk, target)
+
+    def _set_push_target(self, device_pk: int, target: PushTargetRow | None) -> None:
+        old = self._offline.get(device_pk)
+        if target is not None:
+            fetched_us = old.fetched_us if old is not None else 0
+            self._offline[device_pk] = _Offline(
+                target.user_id, target.device_id, target.kind, target.push_token, fetched_us
             )
-        self._push_loaded = True
+        elif old is not None and old.fetched_us:
+            self._offline[device_pk] = replace(old, push_token="")  # still fetches
+        else:
+            self._offline.pop(device_pk, None)
+
+    def push_target_changed(self, device_pk: int | None) -> None:
+        """Another replica set or removed the device's push target (any device's, for None:
+        a ring may have been lost): read it again now, and before the next decision if that
+        read fails."""
+        if self._push_reload:
+            return  # never read yet: the first read finds it
+        if device_pk is None:
+            self._push_reload = True
+        else:
+            self._push_stale.add(device_pk)
+        spawn(self._tasks, self.load_push_targets(), "push-target-from-elsewhere")
 
     async def register_push_target(
         self, user_id: int, device_pk: int, device_id: str, kind: int, push_token: str
     ) -> None:
-        """Make a device reachable by push (or, with an empty token, no longer)."""
-        await self.load_push_targets()
+        """Make a device reachable by push (or, with an empty token, no longer); the other
+        replicas are told once it is stored."""
         now = self._clock.now_us()
-        await self._storage.set_push_target(user_id, device_pk, push_token, now)
-        self._offline[device_pk] = _Offline(user_id, device_id, kind, push_token, now)
+        async with self._push_lock:
+            await self._storage.set_push_target(user_id, device_pk, push_token, now)
+            target = PushTargetRow(device_pk, user_id, device_id, kind, push_token, now)
+            self._set_push_target(device_pk, target if push_token else None)
+        if self.signals is not None:
+            spawn(
+                self._tasks,
+                self.signals.ring(PUSH_TARGET_CHANGED, device_pk),
+                "ring-push-target",
+            )
 
     async def fetch_pending(
         self, user_id: int, device_pk: int, device_id: str, kind: int
@@ -303,7 +371,7 @@ class NudgeDelivery:
         old = self._offline.get(device_pk)
         now = self._clock.now_us()
         self._offline[device_pk] = _Offline(
-            user_id, device_id, kind, old.push_token if old else "", now
+            user_id, device_id, kind, old.push_token if old is not None else "", now
         )
         self._features.note_device(user_id, device_pk, kind)
         if self.reach is not None:

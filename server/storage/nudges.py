@@ -206,6 +206,10 @@ class NudgeStorage(Protocol):
         """Push targets of devices not revoked."""
         ...
 
+    async def push_target(self, device_pk: int) -> PushTargetRow | None:
+        """The device's push target; None without one (removed) or for a revoked device."""
+        ...
+
     async def set_push_target(
         self, user_id: int, device_pk: int, push_token: str, now_us: int
     ) -> None:

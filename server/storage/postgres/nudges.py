@@ -120,6 +120,21 @@ class PostgresNudgeStorage:
             for pk, uid, dev, kind, token, at in rows
         ]
 
+    async def push_target(self, device_pk: int) -> PushTargetRow | None:
+        # By device alone (the ring carries no person): the devices_by_pk index finds the
+        # person, then the target's primary key.
+        rows = await self._pool.fetch(
+            "SELECT t.device_pk, t.user_id, d.device_id, d.kind, t.push_token, t.update_us"
+            " FROM devices d JOIN nudge_push_targets t"
+            " ON t.user_id = d.user_id AND t.device_pk = d.device_pk"
+            " WHERE d.device_pk = $1 AND d.revoke_us IS NULL",
+            device_pk,
+        )
+        if not rows:
+            return None
+        pk, uid, dev, kind, token, at = rows[0]
+        return PushTargetRow(int(pk), int(uid), str(dev), int(kind), str(token), int(at))
+
     async def set_push_target(
         self, user_id: int, device_pk: int, push_token: str, now_us: int
     ) -> None:

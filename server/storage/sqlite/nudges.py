@@ -105,6 +105,19 @@ class SqliteNudgeStorage:
                 for pk, uid, dev, kind, token, at in await cur.fetchall()
             ]
 
+    async def push_target(self, device_pk: int) -> PushTargetRow | None:
+        async with self._db.reader.execute(
+            "SELECT t.device_pk, t.user_id, d.device_id, d.kind, t.push_token, t.update_us"
+            " FROM nudge_push_targets t JOIN devices d ON d.device_pk = t.device_pk"
+            " WHERE t.device_pk = ? AND d.revoke_us IS NULL",
+            (device_pk,),
+        ) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        pk, uid, dev, kind, token, at = row
+        return PushTargetRow(int(pk), int(uid), str(dev), int(kind), str(token), int(at))
+
     async def set_push_target(
         self, user_id: int, device_pk: int, push_token: str, now_us: int
     ) -> None:

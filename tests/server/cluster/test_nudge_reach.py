@@ -5,13 +5,16 @@ SubscribeNudges stream open on another live replica or fetched lately on any rep
 (`nudge_streams`, `nudge_fetches`; server/storage/postgres/reach.py). The record tests run two
 clusters without servers; the gRPC tests run two servers whose data is one shared SQLite file
 (as in test_shards.py), with decision times from one fake clock and lease times from
-PostgreSQL's clock with a short TTL; every wait is on a condition.
+PostgreSQL's clock with a short TTL; every wait is on a condition. A push target registered or
+removed on one replica is rung (`push_target_changed`) and read again by the other; the push
+provider is a loopback webhook receiver.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -23,11 +26,17 @@ from pulsesync.server.app import RunningServer, running_server
 from pulsesync.server.clock import FakeClock
 from pulsesync.server.cluster import NUDGE_SHARDS, LocalCluster, shard_of
 from pulsesync.server.config import NudgeConfig, ServerConfig
-from pulsesync.server.nudges.delivery import FETCH_REACH_US
+from pulsesync.server.nudges.delivery import FETCH_REACH_US, NudgeDelivery
 from pulsesync.server.postgres_cluster import PostgresCluster
 from pulsesync.server.storage.postgres.pool import PostgresPool
 from pulsesync.v1 import common_pb2, nudges_pb2, nudges_pb2_grpc
-from tests.server.nudges.support import device_pk_of, steps_event, store
+from tests.server.nudges.support import (
+    PushReceiver,
+    device_pk_of,
+    push_receiver,
+    steps_event,
+    store,
+)
 from tests.support.postgres import until
 from tests.support.server import PairedDevice, pair_device
 
@@ -37,6 +46,7 @@ TTL_S = 3.0  # a live replica's membership must not lapse while a loaded machine
 WITHIN_S = 60.0
 PEOPLE = range(1, 20)  # every person of these tests
 PHONE = common_pb2.DEVICE_KIND_PHONE
+PUSH_SECRET = "gateway-secret-0123456789"
 
 
 @pytest.fixture
@@ -175,12 +185,18 @@ class Replica:
 
 
 @pytest.fixture
+def receiver() -> Iterator[PushReceiver]:
+    with push_receiver() as r:
+        yield r
+
+
+@pytest.fixture
 async def replicas(
-    tmp_path: Path, postgres_dsn: str, pools: list[PostgresPool]
+    tmp_path: Path, postgres_dsn: str, pools: list[PostgresPool], receiver: PushReceiver
 ) -> AsyncIterator[tuple[Replica, Replica, FakeClock]]:
     clock = FakeClock(NOON - 100 * MIN)
-    config = ServerConfig(port=0, data_dir=tmp_path, grace_seconds=0.5,
-                          nudges=NudgeConfig(scheduler="manual", seed=3))  # fmt: skip
+    nudges = NudgeConfig(scheduler="manual", seed=3, push_url=receiver.url, push_secret=PUSH_SECRET)
+    config = ServerConfig(port=0, data_dir=tmp_path, grace_seconds=0.5, nudges=nudges)
     out = []
     async with contextlib.AsyncExitStack() as stack:
         for name, pool in zip("ab", pools, strict=True):
@@ -317,6 +333,83 @@ async def test_without_a_way_in_anywhere_no_nudge_is_made(
     phone = await pair_device(a.server, "cy", kind=PHONE)
     _, user_id = await device_pk_of(a.server, phone.device_id)
     decider, _ = await _split(replicas, user_id)
+    made = [d for d in await _decide(decider, clock, phone) if d.user_id == user_id]
+    assert [d.nudge for d in made] == [None]
+    assert "no reachable device" in " ".join(made[0].eligibility.ineligible.values())
+
+
+# -- push targets -------------------------------------------------------------------------------
+def _counts(delivery: NudgeDelivery, user_id: int, device_pk: int) -> Callable[[], Awaitable[bool]]:
+    """Whether the replica's decisions count the device as reachable (here: by push)."""
+
+    async def check() -> bool:
+        return any(r.device_pk == device_pk for r in delivery.reachable(user_id, NOON))
+
+    return check
+
+
+async def _register(replica: Replica, dev: PairedDevice, push_token: str) -> None:
+    async with grpc.aio.insecure_channel(replica.server.address) as ch:
+        await nudges_pb2_grpc.NudgeServiceStub(ch).RegisterPushTarget(
+            nudges_pb2.RegisterPushTargetRequest(push_token=push_token),
+            metadata=dev.metadata,
+            timeout=WITHIN_S,
+        )
+
+
+async def test_a_push_target_registered_on_the_other_replica_counts_until_removed_there(
+    replicas: tuple[Replica, Replica, FakeClock], receiver: PushReceiver
+) -> None:
+    a, _, clock = replicas
+    phone = await pair_device(a.server, "fay", kind=PHONE)
+    device_pk, user_id = await device_pk_of(a.server, phone.device_id)
+    decider, other = await _split(replicas, user_id)
+    eng = decider.server.app.nudges
+    # The deciding replica read its push targets (as at its first decision) before the phone
+    # registered one; the phone's only way in is that target, registered on the other replica.
+    await eng.delivery.load_push_targets()
+    assert not await _counts(eng.delivery, user_id, device_pk)()
+    await _register(other, phone, "fcm:fay")
+    await until(_counts(eng.delivery, user_id, device_pk), WITHIN_S)
+    assert eng.delivery.channel_for(device_pk) == "push"
+
+    made = [d for d in await _decide(decider, clock, phone) if d.user_id == user_id]
+    assert len(made) == 1, made
+    nudge = made[0].nudge
+    assert nudge is not None, made
+    assert made[0].eligibility.device_for[nudge.nudge_type] == device_pk
+    await eng.feedback_settled()
+    payloads = [json.loads(body) for _, body in receiver.posts]
+    assert [(p["push_token"], p["nudge_id"], p["device_id"]) for p in payloads] == [
+        ("fcm:fay", nudge.nudge_id, phone.device_id)
+    ]
+
+    # Removed on the other replica (an empty token): it stops counting on the deciding one.
+    await _register(other, phone, "")
+    await until(_not(_counts(eng.delivery, user_id, device_pk)), WITHIN_S)
+    assert eng.delivery.channel_for(device_pk) == "pending"
+
+
+async def test_after_a_lost_ring_every_push_target_is_read_again(
+    replicas: tuple[Replica, Replica, FakeClock], pools: list[PostgresPool]
+) -> None:
+    a, _, clock = replicas
+    phone = await pair_device(a.server, "gus", kind=PHONE)
+    device_pk, user_id = await device_pk_of(a.server, phone.device_id)
+    decider, other = await _split(replicas, user_id)
+    eng = decider.server.app.nudges
+    await eng.delivery.load_push_targets()
+    await _register(other, phone, "fcm:gus")
+    await until(_counts(eng.delivery, user_id, device_pk), WITHIN_S)
+    # The target is removed and its ring lost (written without one, as if the other replica
+    # died between its commit and its ring): the deciding replica still counts it ...
+    await other.server.app.nudges._storage.set_push_target(user_id, device_pk, "", clock.now_us())
+    assert await _counts(eng.delivery, user_id, device_pk)()
+    # ... until its listener reconnects, which says "rings may have been missed".
+    pid = decider.cluster.doorbell.backend_pid
+    assert pid is not None
+    await pools[0].fetchval("SELECT pg_terminate_backend($1)", pid)
+    await until(_not(_counts(eng.delivery, user_id, device_pk)), WITHIN_S)
     made = [d for d in await _decide(decider, clock, phone) if d.user_id == user_id]
     assert [d.nudge for d in made] == [None]
     assert "no reachable device" in " ".join(made[0].eligibility.ineligible.values())

@@ -1,12 +1,15 @@
-"""Helpers: store events as ingest does (insert, then publish on the bus), build events, and a
-model registry in a SQLite database of its own."""
+"""Helpers: store events as ingest does (insert, then publish on the bus), build events, a
+model registry in a SQLite database of its own, and a loopback push gateway."""
 
 from __future__ import annotations
 
+import threading
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
@@ -76,3 +79,40 @@ async def sqlite_registry(folder: Path) -> AsyncIterator[ModelRegistry]:
     """A model registry in a fresh SQLite database in folder."""
     async with await Database.open(folder / "models.db") as db:
         yield ModelRegistry(SqliteModelStorage(db))
+
+
+class PushReceiver:
+    """A loopback push gateway: answers 503 to the first `fail` POSTs, then 200."""
+
+    def __init__(self, fail: int) -> None:
+        self.fail = fail
+        self.posts: list[tuple[dict[str, str], bytes]] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                outer.posts.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                self.send_response(503 if len(outer.posts) <= outer.fail else 200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/push"
+
+
+@contextmanager
+def push_receiver(fail: int = 0) -> Iterator[PushReceiver]:
+    """A PushReceiver serving on a thread until the block ends."""
+    r = PushReceiver(fail)
+    thread = threading.Thread(target=r.server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield r
+    finally:
+        r.server.shutdown()
+        r.server.server_close()
+        thread.join()

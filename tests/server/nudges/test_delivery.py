@@ -5,10 +5,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +19,7 @@ from pulsesync.server.clock import FakeClock
 from pulsesync.server.config import NudgeConfig, ServerConfig, load_config
 from pulsesync.server.nudges.push import ENV_SECRET, ENV_URL, WebhookPushProvider, push_provider
 from pulsesync.v1 import common_pb2, nudges_pb2, nudges_pb2_grpc
-from tests.server.nudges.support import steps_event, store
+from tests.server.nudges.support import PushReceiver, push_receiver, steps_event, store
 from tests.support.server import PairedDevice, pair_device
 
 MIN = 60_000_000
@@ -29,42 +27,16 @@ NOON = 1_767_268_800_000_000  # 2026-01-01T12:00Z
 SECRET = "gateway-secret-0123456789"
 
 
-class Receiver:
-    """A loopback push gateway: answers 503 to the first `fail` POSTs, then 200."""
-
-    def __init__(self, fail: int) -> None:
-        self.fail = fail
-        self.posts: list[tuple[dict[str, str], bytes]] = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                outer.posts.append(({k.lower(): v for k, v in self.headers.items()}, body))
-                self.send_response(503 if len(outer.posts) <= outer.fail else 200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/push"
+@pytest.fixture
+def receiver() -> Iterator[PushReceiver]:
+    with push_receiver(fail=1) as r:
+        yield r
 
 
 @pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    r = Receiver(fail=1)
-    thread = threading.Thread(target=r.server.serve_forever, daemon=True)
-    thread.start()
-    yield r
-    r.server.shutdown()
-    r.server.server_close()
-    thread.join()
-
-
-@pytest.fixture
-async def srv(tmp_path: Path, receiver: Receiver) -> AsyncIterator[tuple[RunningServer, FakeClock]]:
+async def srv(
+    tmp_path: Path, receiver: PushReceiver
+) -> AsyncIterator[tuple[RunningServer, FakeClock]]:
     clock = FakeClock(NOON - 100 * MIN)
     nudges = NudgeConfig(scheduler="manual", seed=3, push_url=receiver.url, push_secret=SECRET)
     config = ServerConfig(port=0, data_dir=tmp_path, grace_seconds=0.5, nudges=nudges)
@@ -99,7 +71,7 @@ async def _row(server: RunningServer, sql: str, *args: object) -> Any:
 
 
 async def test_a_device_without_a_stream_gets_its_nudge_by_push(
-    srv: tuple[RunningServer, FakeClock], receiver: Receiver
+    srv: tuple[RunningServer, FakeClock], receiver: PushReceiver
 ) -> None:
     server, clock = srv
     phone = await pair_device(server, "ada", kind=common_pb2.DEVICE_KIND_PHONE)
@@ -143,7 +115,7 @@ async def test_a_device_without_a_stream_gets_its_nudge_by_push(
 
 
 async def test_an_app_that_fetches_when_it_wakes_gets_pending_nudges_once(
-    srv: tuple[RunningServer, FakeClock], receiver: Receiver
+    srv: tuple[RunningServer, FakeClock], receiver: PushReceiver
 ) -> None:
     server, clock = srv
     phone = await pair_device(server, "bo", kind=common_pb2.DEVICE_KIND_PHONE)
@@ -174,6 +146,22 @@ async def test_a_device_no_path_reaches_gets_no_nudge(
     phone = await pair_device(server, "ed", kind=common_pb2.DEVICE_KIND_PHONE)
     # No stream, no push target, never fetched: no device to reach, nothing is chosen.
     assert await _decide(server, clock, phone) == []
+
+
+async def test_a_removed_push_target_is_no_way_in(
+    srv: tuple[RunningServer, FakeClock], receiver: PushReceiver
+) -> None:
+    server, clock = srv
+    phone = await pair_device(server, "fe", kind=common_pb2.DEVICE_KIND_PHONE)
+    async with grpc.aio.insecure_channel(server.address) as ch:
+        stub = nudges_pb2_grpc.NudgeServiceStub(ch)
+        for token in ("fcm:fe", ""):  # registered, then removed (an empty token)
+            await stub.RegisterPushTarget(
+                nudges_pb2.RegisterPushTargetRequest(push_token=token), metadata=phone.metadata, timeout=10
+            )  # fmt: skip
+    # Removing the token is no fetch: the app never fetched, so nothing reaches it.
+    assert await _decide(server, clock, phone) == []
+    assert receiver.posts == []
 
 
 async def test_expired_pending_nudges_are_not_fetched(srv: tuple[RunningServer, FakeClock]) -> None:

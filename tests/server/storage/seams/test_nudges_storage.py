@@ -117,6 +117,15 @@ async def test_feedback_push_targets_and_history_pages(storage_backend: Backend)
     assert [(t.device_pk, t.user_id, t.device_id, t.push_token, t.update_us) for t in targets] == [
         (phone, ada, "dev_phone", "tok-2", 11)
     ]
+    # One device's target, as a replica reads it again when another one rings it.
+    one = await s.push_target(phone)
+    assert one is not None
+    assert (one.device_pk, one.user_id, one.device_id, one.push_token, one.update_us) == (
+        phone, ada, "dev_phone", "tok-2", 11
+    )  # fmt: skip
+    assert await s.push_target(watch) is None  # removed
+    assert await s.push_target(bob_phone) is None  # its device is revoked
+    assert await s.push_target(phone + watch + bob_phone) is None  # no such device
 
 
 async def test_training_rows_follow_consent_and_merge_imported(storage_backend: Backend) -> None:
