@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from pulsesync.server.nudges.catalog import load_catalog
 from pulsesync.server.nudges.sim.behavior import expected_walk_steps, people
 from pulsesync.server.nudges.sim.calibrate import check, server_check
 from pulsesync.server.nudges.sim.direct import best_schedule
@@ -88,10 +89,10 @@ async def main() -> int:
     ap.add_argument("--quick", action="store_true", help="8 people, 21 days (a smoke run)")
     ap.add_argument("--with-none", action="store_true", help="also run the send-nothing arm")
     ap.add_argument(
-        "--send-budget",
+        "--daily-budget",
         type=float,
         default=None,
-        help="the learned arm's send budget (policy.send_budget; default: the catalog's)",
+        help="the learned arm's nudges per person-day (policy.daily_budget; default: the catalog's)",
     )
     args = ap.parse_args()
     if args.quick:
@@ -113,8 +114,11 @@ async def main() -> int:
           + ", ".join(f"{'/'.join(f'{m // 60:02d}:{m % 60:02d}' for m in c)} {g:.1f}" for c, g in shortlist[1:4])
           + ")", flush=True)  # fmt: skip
     catalogs = {"fixed": fixed_catalog(hhmm)}
-    if args.send_budget is not None:
-        catalogs["learned"] = learned_catalog(args.send_budget)
+    catalogs["learned"] = learned_catalog(args.daily_budget)
+    # The learned arm's nudges per person-day (policy.daily_budget): the catalog's unless given.
+    budget = (
+        args.daily_budget if args.daily_budget is not None else load_catalog().policy.daily_budget
+    )
     results: dict[str, ArmResult] = {}
     shm = "/dev/shm" if await asyncio.to_thread(os.path.isdir, "/dev/shm") else None
     loop = asyncio.get_running_loop()
@@ -183,7 +187,8 @@ async def main() -> int:
         d, net = ev["dr_diff"], ev["net_diff"]
         print(f"  training on day {ev['minute'] / 1440:.0f}: {ev['decisions']} decisions, DR gain over {ev['against']} "
               f"{d['value']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}], net of the nudges' cost "
-              f"{net['value']:+.2f} [{net['low']:+.2f}, {net['high']:+.2f}] steps/decision point  "
+              f"{net['value']:+.2f} [{net['low']:+.2f}, {net['high']:+.2f}] steps/decision point, "
+              f"send threshold {ev.get('send_threshold') or 0:.1f}  "
               f"{'PROMOTED' if ev['promoted'] else 'not promoted'}")  # fmt: skip
     if learned.evaluation is not None:
         ev = learned.evaluation
@@ -258,6 +263,8 @@ async def main() -> int:
         "vs_best_baseline_gained_realized": round(vs_best_realized, 1),
         "goal_met": goal,
         "decision_p50_ms": round(probe.get("p50_ms", 0.0), 2), "decision_p99_ms": round(probe.get("p99_ms", 0.0), 2),
+        "daily_budget": budget,
+        "send_thresholds": [round(ev.get("send_threshold") or 0.0, 1) for ev in learned.extra.get("evaluations", [])],
         "people": args.people, "days": args.days, "seed": args.seed,
     }))  # fmt: skip
     return 0

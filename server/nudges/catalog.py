@@ -60,7 +60,7 @@ class PolicySettings:
     sedentary_trigger_min: int
     exploration_floor: float
     min_gain_steps: float
-    send_budget: float
+    daily_budget: float | None
     cold_start_send_probability: float
     min_training_decisions: int
     daily_cap: int
@@ -121,6 +121,12 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _budget(value: Any) -> float | None:
+    """policy.daily_budget: nudges per person-day, 0 for no budget."""
+    budget = float(value)
+    return None if budget == 0.0 else budget
+
+
 def _type(name: str, raw: dict[str, Any]) -> NudgeType:
     kinds = tuple(_DEVICE_KINDS[d] for d in raw["devices"])
     if raw["outcome"] not in _OUTCOMES:
@@ -147,16 +153,37 @@ def _type(name: str, raw: dict[str, Any]) -> NudgeType:
     )
 
 
+_POLICY_KEYS: Final = frozenset({
+    "schedule", "sedentary_trigger_min", "exploration_floor", "min_gain_steps", "daily_budget",
+    "cold_start_send_probability", "min_training_decisions", "daily_cap",
+    "global_cooldown_min", "default_quiet_start_min", "default_quiet_end_min",
+    "default_time_zone", "active_window_min", "outcome_window_min", "outcome_grace_min",
+})  # fmt: skip
+
+
+def _check_policy_keys(p: dict[str, Any]) -> None:
+    """A key the policy does not read is a mistake to say, not to ignore."""
+    unknown = sorted(set(p) - _POLICY_KEYS)
+    if "send_budget" in unknown:
+        raise ValueError(
+            "policy.send_budget was replaced by policy.daily_budget (nudges per person-day; "
+            "docs/nudges.md, Policy)"
+        )
+    if unknown:
+        raise ValueError(f"unknown key(s) in the catalog's [policy]: {', '.join(unknown)}")
+
+
 def parse_catalog(raw: dict[str, Any]) -> Catalog:
     """A catalog from parsed TOML (ValueError naming the bad key)."""
     try:
         p = raw["policy"]
+        _check_policy_keys(p)
         policy = PolicySettings(
             schedule_min=tuple(sorted(_hhmm(s) for s in p["schedule"])),
             sedentary_trigger_min=int(p["sedentary_trigger_min"]),
             exploration_floor=float(p["exploration_floor"]),
             min_gain_steps=float(p["min_gain_steps"]),
-            send_budget=float(p.get("send_budget", 1.0)),
+            daily_budget=_budget(p.get("daily_budget", 0)),
             cold_start_send_probability=float(p["cold_start_send_probability"]),
             min_training_decisions=int(p["min_training_decisions"]),
             daily_cap=int(p["daily_cap"]),
@@ -173,8 +200,8 @@ def parse_catalog(raw: dict[str, Any]) -> Catalog:
         raise ValueError(f"nudge catalog is missing the key {e.args[0]!r}") from None
     if not 0.0 <= policy.exploration_floor < 0.5:
         raise ValueError("policy.exploration_floor must be in [0, 0.5)")
-    if not 0.0 <= policy.send_budget <= 1.0:
-        raise ValueError("policy.send_budget must be in [0, 1]")
+    if policy.daily_budget is not None and not 0.0 < policy.daily_budget <= policy.daily_cap:
+        raise ValueError("policy.daily_budget must be in (0, policy.daily_cap], or 0 for none")
     if not 0.0 <= policy.cold_start_send_probability <= 1.0:
         raise ValueError("policy.cold_start_send_probability must be in [0, 1]")
     if NONE_ACTION in {t.name for t in types}:

@@ -45,8 +45,9 @@ from pulsesync.server.nudges.eligibility import (
 )
 from pulsesync.server.nudges.features import FeatureStore, local_day, local_time
 from pulsesync.server.nudges.feed import FeatureFeed
-from pulsesync.server.nudges.model import OutcomeModel
+from pulsesync.server.nudges.model import OutcomeModel, best_gain
 from pulsesync.server.nudges.outcomes import Outcomes
+from pulsesync.server.nudges.pacing import BudgetPacer
 from pulsesync.server.nudges.policy import COLD_START, choose
 from pulsesync.server.nudges.profiles import ProfileSource
 from pulsesync.server.nudges.push import PushProvider
@@ -142,6 +143,9 @@ class NudgeEngine:
         self.features = FeatureStore(self.catalog.policy.active_window_us)
         self.timeline = timeline
         self.model: OutcomeModel | None = None
+        p = self.catalog.policy
+        # The learned policy's threshold, kept at its daily budget on its own decision points.
+        self.pacer = BudgetPacer(p.daily_budget, p.min_gain_steps, p.exploration_floor)
         self.rng = random.Random(seed if seed is not None else secrets.randbits(64))
         self._decision_seconds = decision_seconds
         self._last_tick: dict[int, int] = {}
@@ -330,6 +334,8 @@ class NudgeEngine:
             await self.pull()
         await self.flush()
         await self.reload_model()
+        if self.model is not None:
+            self.pacer.refresh(now)
         made: list[Decision] = []
         held = await self._take_shards()
         n = self.shards.shards
@@ -432,13 +438,13 @@ class NudgeEngine:
             if model and len(elig.options) > 1
             else None
         )
-        choice = choose(
-            elig.options,
-            predicted,
-            self.catalog.policy,
-            self.rng,
-            model.min_gain(self.catalog.policy.min_gain_steps) if model else None,
-        )
+        threshold: float | None = None
+        if model is not None:
+            trained = model.min_gain(self.catalog.policy.min_gain_steps)
+            threshold = self.pacer.threshold(model.version, trained, now)
+            best = best_gain(predicted, elig.options) if predicted is not None else None
+            self.pacer.record(model.version, (user_id, today), now, best, len(elig.options))
+        choice = choose(elig.options, predicted, self.catalog.policy, self.rng, threshold)
         version = model.version if model else COLD_START
         nudge = (
             self._make_nudge(choice.chosen, choice.probability, elig, ctx, profile, now)

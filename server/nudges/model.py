@@ -26,13 +26,15 @@ effect and a proposal that does not pay off is not promoted. Types whose outcome
 keep the R-learner.
 
 The model also carries its `send_threshold`: the predicted gain a nudge must reach to get the
-greedy mass, set at training so the greedy policy would send at no more than `send_budget` of
-the decision points that had a choice (never below the catalog's `min_gain_steps`).
+greedy mass, set at training from the *recent* decisions (the last `BUDGET_DAYS` days of the
+log) so that the policy, exploration included, would send at most `daily_budget` nudges per
+person-day on them (never below the catalog's `min_gain_steps`; see `_threshold`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -92,6 +94,11 @@ RESPONSE_ROUNDS: Final = 150
 # Acted nudges needed before the response model predicts effects (and, per type, before a
 # type's own steps per act replace the pooled figure).
 MIN_ACTS: Final = 20
+# The send threshold is calibrated on the decisions of this many days before the latest one:
+# predicted gains drift as people habituate, so a threshold set over the whole log (early,
+# unburdened days with large predicted gains) sends far less than its budget later.
+BUDGET_DAYS: Final = 7.0
+US_PER_DAY: Final = 86_400_000_000
 _NO_RESPONSE: Final[Mapping[str, float]] = {}
 
 
@@ -318,14 +325,17 @@ def train(
     actions: Sequence[str],
     version: str,
     *,
-    send_budget: float = 1.0,
+    daily_budget: float | None = None,
     min_gain: float = 0.0,
+    exploration_floor: float = 0.0,
     steps_types: Collection[str] | None = None,
 ) -> OutcomeModel:
     """Fit the base, effect and acting models on logged decisions (a few hundred at least).
 
-    steps_types: the types whose outcome is steps (the acting model predicts their effect);
-    by default every type.
+    daily_budget: nudges per person-day the policy may send on average (None: no budget, the
+    threshold is min_gain); exploration_floor: the policy's floor per option, whose sends
+    count against the budget. steps_types: the types whose outcome is steps (the acting model
+    predicts their effect); by default every type.
     """
     if len(decisions) < 50:
         raise ValueError(
@@ -397,7 +407,7 @@ def train(
     steps = [a for a in actions if a != NONE] if steps_types is None else list(steps_types)
     response, act_gain = _fit_response(decisions, resid, index, steps)
     model = OutcomeModel(base, effects, actions, version, 0.0, sorted(learned), response, act_gain)
-    model.send_threshold = _threshold(model, decisions, send_budget, min_gain)
+    model.send_threshold = _threshold(model, decisions, daily_budget, min_gain, exploration_floor)
     return model
 
 
@@ -446,27 +456,87 @@ def _fit_response(
     return response, act_gain
 
 
-def _threshold(
-    model: OutcomeModel, decisions: Sequence[LoggedDecision], budget: float, min_gain: float
+def local_day(d: LoggedDecision) -> int:
+    """The decision's local day number (its UTC minute less its local minute of the day)."""
+    minute = d.decision_us // 60_000_000 - int(d.features.get("local_minute", 0.0))
+    return round(minute / 1440)
+
+
+def best_gain(predicted: Mapping[str, float], options: Collection[str]) -> float:
+    """The largest predicted gain of a nudge over sending nothing at a decision point."""
+    base = predicted.get(NONE, 0.0)
+    gains = [predicted[a] - base for a in options if a != NONE and a in predicted]
+    return max(gains, default=-math.inf)
+
+
+def budget_threshold(
+    best: npt.NDArray[np.float64],
+    options: npt.NDArray[np.float64],
+    person_days: int,
+    daily_budget: float,
+    min_gain: float,
+    floor: float,
 ) -> float:
-    """The smallest gain threshold at which the greedy policy sends at <= budget of choices."""
-    choice = [d for d in decisions if len(d.options) > 1]
-    if not choice or budget >= 1.0:
+    """The lowest threshold (>= min_gain) at which the greedy-with-floor policy would send at
+    most daily_budget nudges per person-day at decision points with these best predicted
+    gains and option counts (send-nothing included), the floor's sends included.
+
+    The expected sends are exact given the threshold (policy.greedy_with_floor): 1 - floor at
+    a point whose best gain exceeds it, the floor of each type elsewhere. When even the
+    highest threshold sends too many (exploration alone is over the budget), that one.
+    """
+    if best.size == 0:
+        return min_gain
+    allowed = daily_budget * person_days
+    f = np.minimum(floor, 1.0 / np.maximum(options, 1.0))
+    explore = float((f * (options - 1.0)).sum())
+    # Sends at threshold c: the floor's everywhere, plus (1 - f K) more at each point whose
+    # best gain exceeds c; so sort the points by gain and add up, highest first.
+    order = np.argsort(-best, kind="stable")
+    extra = np.concatenate(([0.0], np.cumsum((1.0 - f * options)[order])))
+    ascending = np.sort(best)
+    candidates = np.unique(
+        np.concatenate(([min_gain], best[np.isfinite(best) & (best > min_gain)]))
+    )
+    above = len(best) - np.searchsorted(ascending, candidates, side="right")
+    sends = explore + extra[above]
+    ok = candidates[sends <= allowed + 1e-9]
+    return float(ok.min()) if ok.size else float(candidates.max())
+
+
+def _threshold(
+    model: OutcomeModel,
+    decisions: Sequence[LoggedDecision],
+    daily_budget: float | None,
+    min_gain: float,
+    floor: float = 0.0,
+) -> float:
+    """The send threshold for daily_budget nudges per person-day over the last BUDGET_DAYS of
+    the log, re-predicted by the model (budget_threshold).
+
+    A causal rule: at a decision point the policy sees only this point's predicted gain, never
+    the rest of the day, so "the top k of the day" becomes a threshold set on recent days at
+    which about k points a day would pass. Person-days count every decision point logged
+    (those without a choice too). The server then keeps the rate at the budget on the
+    policy's own decision points (pacing.BudgetPacer).
+    """
+    if daily_budget is None or not decisions:
+        return min_gain
+    recent_from = decisions[-1].decision_us - int(BUDGET_DAYS * US_PER_DAY)
+    recent = [d for d in decisions if d.decision_us >= recent_from]
+    person_days = len({(d.user_id, local_day(d)) for d in recent})
+    choice = [d for d in recent if len(d.options) > 1]
+    if not choice:
         return min_gain
     q = model.predict_many(choice, model.actions)
-    index = {a: j for j, a in enumerate(model.actions)}
     best = np.array(
         [
-            max(
-                (q[i, index[a]] - q[i, index[NONE]] for a in d.options if a in index and a != NONE),
-                default=-np.inf,
-            )
+            best_gain(dict(zip(model.actions, q[i], strict=True)), list(d.options))
             for i, d in enumerate(choice)
         ]
     )
-    if budget <= 0.0:
-        return float(max(min_gain, best.max(initial=min_gain) + 1.0))
-    return float(max(min_gain, np.quantile(best, 1.0 - budget)))
+    k = np.array([float(len(d.options)) for d in choice])
+    return budget_threshold(best, k, person_days, daily_budget, min_gain, floor)
 
 
 def meta_json(model: OutcomeModel, extra: Mapping[str, Any]) -> str:

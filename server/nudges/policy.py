@@ -4,9 +4,8 @@ Cold start (no promoted model): HeartSteps' micro-randomized policy. With probab
 `cold_start_send_probability` (0.6) a nudge is sent, its type drawn uniformly from the
 eligible types; otherwise nothing. Learned: the option with the highest predicted outcome,
 where a nudge must beat sending nothing by the model's threshold (at least `min_gain_steps`;
-see model.py: set so the policy sends at no more than `send_budget` of the decision points
-with a choice), gets the greedy mass; every
-eligible option keeps `exploration_floor`. The probabilities always sum to one over exactly
+see model.py: set on the last week of decisions so the policy sends at most `daily_budget`
+nudges per person-day), gets the greedy mass; every eligible option keeps `exploration_floor`. The probabilities always sum to one over exactly
 the eligible options, and the one of the option chosen is what is logged.
 """
 

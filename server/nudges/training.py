@@ -114,7 +114,7 @@ async def train_candidate(
             "trained_on": cut,
             "trained_until_us": decisions[-1].decision_us + 1,
             "holdout_from_us": holdout_from if holdout > 0 else None,
-            "send_budget": catalog.policy.send_budget,
+            "daily_budget": catalog.policy.daily_budget,
         },
     )
 
@@ -125,8 +125,9 @@ def _train(decisions: Sequence[LoggedDecision], catalog: Catalog) -> OutcomeMode
         decisions,
         catalog.actions,
         "candidate",
-        send_budget=p.send_budget,
+        daily_budget=p.daily_budget,
         min_gain=p.min_gain_steps,
+        exploration_floor=p.exploration_floor,
         steps_types=[t.name for t in catalog.types if t.outcome == "steps_30m"],
     )
 

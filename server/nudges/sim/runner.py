@@ -65,14 +65,14 @@ def fixed_catalog(schedule: Sequence[str]) -> str:
     )
 
 
-def learned_catalog(send_budget: float = 0.2, exploration_floor: float = 0.03) -> str:
-    """The learned arm's catalog: its send budget and exploration floor.
+def learned_catalog(daily_budget: float | None = None, exploration_floor: float = 0.03) -> str:
+    """The learned arm's catalog: its exploration floor and, when given, its daily budget.
 
-    By default the learned policy may send at no more than a fifth of the decision points
-    with a choice (~1 nudge a day where the baselines send ~2.5-3: under the burden of recent
-    nudges fewer, better-placed nudges keep their effect), and explores with 3% per option.
+    By default the catalog's budget (policy.daily_budget, one nudge per person-day on average,
+    exploration included) and a 3% exploration floor per option.
     """
-    return f"[policy]\nsend_budget = {send_budget}\nexploration_floor = {exploration_floor}\n"
+    budget = "" if daily_budget is None else f"daily_budget = {daily_budget}\n"
+    return f"[policy]\n{budget}exploration_floor = {exploration_floor}\n"
 
 
 ARM_CATALOGS: Final = {
@@ -365,8 +365,14 @@ async def _learn(srv: Any, engine: Any, result: ArmResult, minute: int) -> None:
         result.extra.setdefault("train_errors", []).append(str(e))
         return
     promoted = await promote_if_better(registry, evaluation)
+    threshold = (await registry.meta(version)).get("send_threshold")
     result.extra.setdefault("evaluations", []).append(
-        {"minute": minute, "promoted": promoted, **evaluation.as_dict()}
+        {
+            "minute": minute,
+            "promoted": promoted,
+            "send_threshold": threshold,
+            **evaluation.as_dict(),
+        }
     )
     if promoted and result.promote_minute is None:
         result.promote_minute = minute
