@@ -77,25 +77,29 @@ def _allowed_payloads(granted: frozenset[int]) -> frozenset[str]:
 
 
 def problem_of(
-    ev: events_pb2.Event, which: str | None, body_size: int, t_us: int, received_us: int
+    ev: events_pb2.Event,
+    which: str | None,
+    body_size: int,
+    envelope: tuple[int, str, int, int],
+    t_us: int,
+    received_us: int,
 ) -> Problem | None:
     """`validate_event`, with the checks skipped that a common event provably passes.
 
     An event with an id, a seq, a device time and a payload has a sound envelope without
     reading it again, and one whose serialized body is short cannot break a length limit
-    (SHORT_EVENT_CHECKS). Anything odd takes the full definition. tests/server/timeline/
-    test_validation_paths.py holds the two equal.
+    (SHORT_EVENT_CHECKS). Anything odd takes the full definition. `envelope` is the event's
+    (seq, event_id, device_time.seconds, device_time.nanos) as the caller read them once
+    (each field read from a protobuf message costs as much as a check).
+    tests/server/timeline/test_validation_paths.py holds the two equal.
     """
-    dt = ev.device_time
-    seconds = dt.seconds
-    seq = ev.seq
-    event_id = ev.event_id
+    seq, event_id, seconds, nanos = envelope
     if (
         seconds  # a set device_time (an unset one reads 0) past 1970: the fast path
         and 0 < seq <= MAX_SEQ
         and event_id
         and len(event_id) <= MAX_EVENT_ID_LENGTH
-        and 0 <= dt.nanos < _NANOS
+        and 0 <= nanos < _NANOS
         and which is not None
     ):
         if received_us - MAX_AGE_US <= t_us <= received_us + MAX_FUTURE_US:
@@ -104,6 +108,12 @@ def problem_of(
             )
         return check_time(t_us, received_us)
     return validate_event(ev, t_us, received_us)
+
+
+def envelope_of(ev: events_pb2.Event) -> tuple[int, str, int, int]:
+    """(seq, event_id, device_time.seconds, device_time.nanos): what problem_of reads."""
+    dt = ev.device_time
+    return ev.seq, ev.event_id, dt.seconds, dt.nanos
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,8 +282,12 @@ class IngestPipeline:
                 continue
             event_id = ev.event_id
             dt = ev.device_time
-            t_us = dt.seconds * US_PER_S + dt.nanos // US_PER_MS + offset
-            problem = problem_of(ev, which, len(body), t_us, received_us)
+            seconds = dt.seconds
+            nanos = dt.nanos
+            t_us = seconds * US_PER_S + nanos // US_PER_MS + offset
+            problem = problem_of(
+                ev, which, len(body), (seq, event_id, seconds, nanos), t_us, received_us
+            )
             if problem is not None:
                 quarantine.append(
                     (

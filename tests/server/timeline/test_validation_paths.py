@@ -13,7 +13,7 @@ from google.protobuf import descriptor
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pulsesync.server.timeline.ingest import problem_of
+from pulsesync.server.timeline.ingest import envelope_of, problem_of
 from pulsesync.server.timeline.validate import (
     MAX_AGE_US,
     MAX_FUTURE_US,
@@ -117,7 +117,9 @@ def test_the_fast_path_names_the_problem_the_definition_names(drawn) -> None:
     ev, t_us = drawn
     body = ev.SerializeToString()
     which = ev.WhichOneof("payload")
-    assert problem_of(ev, which, len(body), t_us, NOW_US) == validate_event(ev, t_us, NOW_US)
+    assert problem_of(ev, which, len(body), envelope_of(ev), t_us, NOW_US) == validate_event(
+        ev, t_us, NOW_US
+    )
 
 
 def test_a_sound_event_passes_both_and_a_long_name_fails_both() -> None:
@@ -125,9 +127,9 @@ def test_a_sound_event_passes_both_and_a_long_name_fails_both() -> None:
     ev.device_time.seconds = NOW_US // 10**6
     ev.tap.app = "mail"
     t = NOW_US
-    assert problem_of(ev, "tap", ev.ByteSize(), t, NOW_US) is None
+    assert problem_of(ev, "tap", ev.ByteSize(), envelope_of(ev), t, NOW_US) is None
     assert validate_event(ev, t, NOW_US) is None
     ev.tap.app = "a" * (MAX_NAME_LENGTH + 1)
-    p = problem_of(ev, "tap", ev.ByteSize(), t, NOW_US)
+    p = problem_of(ev, "tap", ev.ByteSize(), envelope_of(ev), t, NOW_US)
     assert p is not None
     assert p == validate_event(ev, t, NOW_US)
