@@ -13,8 +13,8 @@ A stream row counts only while its replica's membership of the "nudges" lease gr
 (`lease_members`, heartbeat every TTL/3): the rows of a replica that died are ignored from
 the moment its membership expires. Every sweep interval each replica deletes the rows of
 replicas whose membership has been expired for over a TTL (now and then, also of replicas
-with no membership row), and checks that its own rows are all there: a replica that stalled for longer finds them deleted and writes them
-again. Times of membership come from the database's clock, as the leases' do.
+with no membership row), and checks that its own rows are all there: a replica that stalled
+for longer finds them deleted and writes them again. Times of membership come from the database's clock, as the leases' do.
 """
 
 from __future__ import annotations
