@@ -270,7 +270,8 @@ class Database:
                     # Only a transaction() may begin one on this connection; one left open
                     # (a statement run outside it) would fail every write from here on.
                     log.error("a transaction was left open on the write connection; rolled back")
-                    await self._rollback_if_open()
+                    if await self._rollback_if_open():
+                        raise asyncio.CancelledError
                 try:
                     begun_cancelled = await self._settle("BEGIN IMMEDIATE")
                 except sqlite3.Error as e:
