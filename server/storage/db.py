@@ -256,6 +256,13 @@ class Database:
             return await self._settle("ROLLBACK")
         return False
 
+    async def _roll_back_after(self, error: BaseException) -> None:
+        """Roll back after `error`, raising the client's storage error for it if it is one; a
+        cancel that arrives meanwhile wins over the error (it must reach the caller)."""
+        if await self._rollback_if_open() and not isinstance(error, asyncio.CancelledError):
+            raise asyncio.CancelledError from error
+        self.raise_for_storage(error)
+
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
         """A write transaction (BEGIN IMMEDIATE ... COMMIT, ROLLBACK on error).
@@ -283,14 +290,12 @@ class Database:
                 try:
                     yield self.writer
                 except BaseException as e:
-                    await self._rollback_if_open()
-                    self.raise_for_storage(e)
+                    await self._roll_back_after(e)
                     raise
                 try:
                     cancelled = await self._settle("COMMIT")
                 except BaseException as e:
-                    await self._rollback_if_open()
-                    self.raise_for_storage(e)
+                    await self._roll_back_after(e)
                     raise
                 if cancelled:
                     raise asyncio.CancelledError
