@@ -36,9 +36,8 @@ from pulsesync.server.identity import IdentityStore, parse_duration_s
 from pulsesync.server.logs import setup_logging
 from pulsesync.server.storage.backend import open_storage
 from pulsesync.server.storage.database_url import (
-    BadDatabaseUrl,
-    DatabaseUrl,
     add_database_option,
+    argument_type,
     parse_key_vault,
     parse_read_database,
 )
@@ -82,26 +81,12 @@ def add_key_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--key-vault",
         dest="key_vault",
-        type=_key_vault_argument,
+        type=argument_type(parse_key_vault),
         metavar="FILE_OR_URL",
         help="profile data key vault, a SQLite file or a postgresql:// database of its own: "
         "back it up apart from the database, with short retention (env PULSESYNC_KEY_VAULT; "
         "default DATA_DIR/keyvault.db)",
     )
-
-
-def _key_vault_argument(value: str) -> Path | DatabaseUrl:
-    try:
-        return parse_key_vault(value)
-    except BadDatabaseUrl as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _read_database_argument(value: str) -> DatabaseUrl:
-    try:
-        return parse_read_database(value)
-    except BadDatabaseUrl as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def config_from(args: argparse.Namespace) -> ServerConfig:
@@ -212,7 +197,7 @@ def build_parser(load: Iterable[str] | None = None) -> argparse.ArgumentParser:
     serve.add_argument(
         "--read-database",
         dest="read_database",
-        type=_read_database_argument,
+        type=argument_type(parse_read_database),
         metavar="URL",
         help="a PostgreSQL hot standby of --database that TimelineService reads (ListEvents, "
         "SummarizeActivity, ListEventChanges) are served from; they may lag it by the "

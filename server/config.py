@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 from pulsesync.server.storage.database_url import (
-    BadDatabaseUrl,
     DatabaseUrl,
     parse_database,
     parse_key_vault,
@@ -167,20 +166,6 @@ class Setting:
     parse: Callable[[str], Any]
 
 
-def _key_vault(text: str) -> Path | DatabaseUrl:
-    try:
-        return parse_key_vault(text)
-    except BadDatabaseUrl as e:
-        raise ValueError(str(e)) from None
-
-
-def _read_database(text: str) -> DatabaseUrl:
-    try:
-        return parse_read_database(text)
-    except BadDatabaseUrl as e:
-        raise ValueError(str(e)) from None
-
-
 def _duration_s(text: str) -> float:
     from pulsesync.server.identity import parse_duration_s
 
@@ -193,14 +178,14 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting("data_dir", "DATA_DIR", Path),
     Setting("db_path", "DB", Path),
     Setting("database_url", "DATABASE", parse_database),
-    Setting("read_database", "READ_DATABASE", _read_database),
+    Setting("read_database", "READ_DATABASE", parse_read_database),
     Setting("tls_cert", "TLS_CERT", Path),
     Setting("tls_key", "TLS_KEY", Path),
     Setting("tls_client_ca", "TLS_CLIENT_CA", Path),
     Setting("insecure", "INSECURE", _flag),
     Setting("metrics_port", "METRICS_PORT", int),
     Setting("key_file", "KEY_FILE", Path),
-    Setting("key_vault", "KEY_VAULT", _key_vault),
+    Setting("key_vault", "KEY_VAULT", parse_key_vault),
     Setting("port_file", None, Path),
     Setting("max_token_age_s", "MAX_TOKEN_AGE", _duration_s),
     Setting("nudges.seed", "NUDGE_SEED", int),

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final, Literal, TypeVar
 from urllib.parse import urlsplit, urlunsplit
+
+T = TypeVar("T")
 
 ENV: Final = "PULSESYNC_DATABASE"
 POSTGRES_SCHEMES: Final = ("postgresql", "postgres")
@@ -101,11 +104,17 @@ def database_from_env() -> DatabaseUrl | None:
     return parse_database(value) if value.strip() else None
 
 
-def _argument(value: str) -> DatabaseUrl:
-    try:
-        return parse_database(value)
-    except BadDatabaseUrl as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+def argument_type(parse: Callable[[str], T]) -> Callable[[str], T]:
+    """`parse` as an argparse type: a bad value is reported with its reason (argparse shows
+    only "invalid value" for a plain ValueError)."""
+
+    def convert(value: str) -> T:
+        try:
+            return parse(value)
+        except BadDatabaseUrl as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return convert
 
 
 def add_database_option(parser: argparse.ArgumentParser) -> None:
@@ -119,7 +128,7 @@ def add_database_option(parser: argparse.ArgumentParser) -> None:
         parser.error(f"{ENV}: {e}")
     parser.add_argument(
         "--database",
-        type=_argument,
+        type=argument_type(parse_database),
         default=default,
         metavar="URL",
         help=(
