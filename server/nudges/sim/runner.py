@@ -65,14 +65,26 @@ def fixed_catalog(schedule: Sequence[str]) -> str:
     )
 
 
-def learned_catalog(daily_budget: float | None = None, exploration_floor: float = 0.03) -> str:
-    """The learned arm's catalog: its exploration floor and, when given, its daily budget.
+def learned_catalog(
+    daily_budget: float | None = None,
+    exploration_floor: float = 0.01,
+    cold_start_send_probability: float = 0.3,
+) -> str:
+    """The learned arm's catalog: its cold start, exploration floor and daily budget.
 
-    By default the catalog's budget (policy.daily_budget, one nudge per person-day on average,
-    exploration included) and a 3% exploration floor per option.
+    A gentler cold start than HeartSteps' (send with probability 0.3, not 0.6) and a 1%
+    exploration floor per option once a model is promoted: in this simulator every nudge
+    received lowers later responses (the dose-based burden, sim/behavior.py), so exploring
+    with half the nudges leaves people more responsive when the model takes over, and the
+    floor's sends at random moments cost budget the model would place better. Unless given,
+    the catalog's budget (policy.daily_budget, one nudge per person-day, exploration included).
+    docs/nudges.md, "The learned arm", has the measurements behind each value.
     """
     budget = "" if daily_budget is None else f"daily_budget = {daily_budget}\n"
-    return f"[policy]\n{budget}exploration_floor = {exploration_floor}\n"
+    return (
+        f"[policy]\n{budget}exploration_floor = {exploration_floor}\n"
+        f"cold_start_send_probability = {cold_start_send_probability}\n"
+    )
 
 
 ARM_CATALOGS: Final = {
