@@ -136,8 +136,8 @@ def _heart_rate_values(e: events_pb2.Event) -> Problem | None:
     rr = p.rr_intervals_ms[:]  # a list: iterating it is several times cheaper than the field
     # bpm is optional: absent means the sensor did not measure it (an event may carry only RR
     # intervals), but an event that measured nothing at all carries no reading.
-    if p.HasField("bpm"):
-        bpm = p.bpm
+    bpm = p.bpm  # 0 when absent: HasField only tells an explicit 0 from none (it costs a call)
+    if bpm or p.HasField("bpm"):
         if not 0 < bpm <= MAX_BPM:
             return Problem("VALUE_OUT_OF_RANGE", f"heart_rate.bpm is {bpm}; expected 1..{MAX_BPM}")
     elif not rr:
