@@ -34,6 +34,7 @@ from tests.server.nudges.support import (
     PushReceiver,
     device_pk_of,
     push_receiver,
+    register_push_target,
     steps_event,
     store,
 )
@@ -348,15 +349,6 @@ def _counts(delivery: NudgeDelivery, user_id: int, device_pk: int) -> Callable[[
     return check
 
 
-async def _register(replica: Replica, dev: PairedDevice, push_token: str) -> None:
-    async with grpc.aio.insecure_channel(replica.server.address) as ch:
-        await nudges_pb2_grpc.NudgeServiceStub(ch).RegisterPushTarget(
-            nudges_pb2.RegisterPushTargetRequest(push_token=push_token),
-            metadata=dev.metadata,
-            timeout=WITHIN_S,
-        )
-
-
 async def test_a_push_target_registered_on_the_other_replica_counts_until_removed_there(
     replicas: tuple[Replica, Replica, FakeClock], receiver: PushReceiver
 ) -> None:
@@ -369,7 +361,7 @@ async def test_a_push_target_registered_on_the_other_replica_counts_until_remove
     # registered one; the phone's only way in is that target, registered on the other replica.
     await eng.delivery.load_push_targets()
     assert not await _counts(eng.delivery, user_id, device_pk)()
-    await _register(other, phone, "fcm:fay")
+    await register_push_target(other.server.address, phone, "fcm:fay", WITHIN_S)
     await until(_counts(eng.delivery, user_id, device_pk), WITHIN_S)
     assert eng.delivery.channel_for(device_pk) == "push"
 
@@ -385,7 +377,7 @@ async def test_a_push_target_registered_on_the_other_replica_counts_until_remove
     ]
 
     # Removed on the other replica (an empty token): it stops counting on the deciding one.
-    await _register(other, phone, "")
+    await register_push_target(other.server.address, phone, "", WITHIN_S)
     await until(_not(_counts(eng.delivery, user_id, device_pk)), WITHIN_S)
     assert eng.delivery.channel_for(device_pk) == "pending"
 
@@ -399,7 +391,7 @@ async def test_after_a_lost_ring_every_push_target_is_read_again(
     decider, other = await _split(replicas, user_id)
     eng = decider.server.app.nudges
     await eng.delivery.load_push_targets()
-    await _register(other, phone, "fcm:gus")
+    await register_push_target(other.server.address, phone, "fcm:gus", WITHIN_S)
     await until(_counts(eng.delivery, user_id, device_pk), WITHIN_S)
     # The target is removed and its ring lost (written without one, as if the other replica
     # died between its commit and its ring): the deciding replica still counts it ...

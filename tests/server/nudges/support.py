@@ -1,5 +1,6 @@
 """Helpers: store events as ingest does (insert, then publish on the bus), build events, a
-model registry in a SQLite database of its own, and a loopback push gateway."""
+model registry in a SQLite database of its own, a loopback push gateway, and registering a
+device's push target over gRPC."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from pulsesync.kinds import kind_of
@@ -19,7 +21,8 @@ from pulsesync.server.bus import CommittedEvent
 from pulsesync.server.nudges.registry import ModelRegistry
 from pulsesync.server.storage.db import Database
 from pulsesync.server.storage.sqlite.models import SqliteModelStorage
-from pulsesync.v1 import events_pb2
+from pulsesync.v1 import events_pb2, nudges_pb2, nudges_pb2_grpc
+from tests.support.server import PairedDevice
 
 _seq: dict[int, int] = {}
 
@@ -116,3 +119,16 @@ def push_receiver(fail: int = 0) -> Iterator[PushReceiver]:
         r.server.shutdown()
         r.server.server_close()
         thread.join()
+
+
+async def register_push_target(
+    address: str, device: PairedDevice, push_token: str, deadline_s: float = 10
+) -> None:
+    """RegisterPushTarget for device on the server at address (an empty token removes it);
+    deadline_s: the call's gRPC deadline."""
+    async with grpc.aio.insecure_channel(address) as ch:
+        await nudges_pb2_grpc.NudgeServiceStub(ch).RegisterPushTarget(
+            nudges_pb2.RegisterPushTargetRequest(push_token=push_token),
+            metadata=device.metadata,
+            timeout=deadline_s,
+        )

@@ -19,7 +19,13 @@ from pulsesync.server.clock import FakeClock
 from pulsesync.server.config import NudgeConfig, ServerConfig, load_config
 from pulsesync.server.nudges.push import ENV_SECRET, ENV_URL, WebhookPushProvider, push_provider
 from pulsesync.v1 import common_pb2, nudges_pb2, nudges_pb2_grpc
-from tests.server.nudges.support import PushReceiver, push_receiver, steps_event, store
+from tests.server.nudges.support import (
+    PushReceiver,
+    push_receiver,
+    register_push_target,
+    steps_event,
+    store,
+)
 from tests.support.server import PairedDevice, pair_device
 
 MIN = 60_000_000
@@ -75,11 +81,9 @@ async def test_a_device_without_a_stream_gets_its_nudge_by_push(
 ) -> None:
     server, clock = srv
     phone = await pair_device(server, "ada", kind=common_pb2.DEVICE_KIND_PHONE)
+    await register_push_target(server.address, phone, "fcm:abc")
     async with grpc.aio.insecure_channel(server.address) as ch:
         stub = nudges_pb2_grpc.NudgeServiceStub(ch)
-        await stub.RegisterPushTarget(
-            nudges_pb2.RegisterPushTargetRequest(push_token="fcm:abc"), metadata=phone.metadata, timeout=10
-        )  # fmt: skip
         sent = await _decide(server, clock, phone)
         assert len(sent) == 1
         await _engine(server).feedback_settled()
@@ -153,12 +157,8 @@ async def test_a_removed_push_target_is_no_way_in(
 ) -> None:
     server, clock = srv
     phone = await pair_device(server, "fe", kind=common_pb2.DEVICE_KIND_PHONE)
-    async with grpc.aio.insecure_channel(server.address) as ch:
-        stub = nudges_pb2_grpc.NudgeServiceStub(ch)
-        for token in ("fcm:fe", ""):  # registered, then removed (an empty token)
-            await stub.RegisterPushTarget(
-                nudges_pb2.RegisterPushTargetRequest(push_token=token), metadata=phone.metadata, timeout=10
-            )  # fmt: skip
+    for token in ("fcm:fe", ""):  # registered, then removed (an empty token)
+        await register_push_target(server.address, phone, token)
     # Removing the token is no fetch: the app never fetched, so nothing reaches it.
     assert await _decide(server, clock, phone) == []
     assert receiver.posts == []
