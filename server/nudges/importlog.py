@@ -27,11 +27,12 @@ import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
 from pulsesync.server.nudges.features import FEATURE_NAMES
+from pulsesync.server.nudges.model import LoggedDecision
 from pulsesync.server.storage.nudges import ImportedDecision, NudgeStorage
 from pulsesync.timeutil import US_PER_S
 
@@ -337,3 +338,31 @@ async def import_file(storage: NudgeStorage, path: Path, actions: Sequence[str])
     rows, unavailable = parse(records, actions)
     stored = await store(storage, path.name, rows)
     return ImportSummary(len(records), stored, unavailable, len({r.person for r in rows}))
+
+
+def write_jsonl(path: Path, decisions: Iterable[LoggedDecision], shift_us: int = 0) -> int:
+    """Write decisions in this format (JSON Lines), times moved by shift_us; rows written.
+
+    The inverse of `parse` for a deployment's own log (`logged_decisions`), e.g. to start
+    another deployment from it: person ids become strings, times are written in UTC (the
+    local minute and weekday travel as feature columns), the personal per-type histories
+    (past gain, past response) are left out, as the format has no column for them.
+    """
+    n = 0
+    with path.open("w", encoding="utf-8") as f:
+        f.write(json.dumps({"format": FORMAT, "version": VERSION}) + "\n")
+        for d in decisions:
+            at = datetime.fromtimestamp((d.decision_us + shift_us) / US_PER_S, UTC)
+            rec: dict[str, Any] = {
+                "person": str(d.user_id),
+                "decision_time": at.isoformat(),
+                "available": True,
+                "options": d.options,
+                "chosen": d.chosen,
+                "probability": d.probability,
+                "outcome_steps": d.outcome,
+            }
+            rec.update({k: v for k, v in d.features.items() if k in FEATURE_NAMES})
+            f.write(json.dumps(rec) + "\n")
+            n += 1
+    return n
