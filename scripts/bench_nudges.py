@@ -7,8 +7,9 @@ gained per nudge, nudges per day, total outcome, the off-policy estimate against
 happened, decision latency under ingest load, and one JSON line.
 
     python scripts/bench_nudges.py [--people 80] [--days 28] [--seed 7] [--jobs 2] [--quick]
+                                   [--prior-trial]
 
-The arms run in `--jobs` worker processes (2: about 6 minutes on a 2-core machine). The three
+The arms run in `--jobs` worker processes (2: about 20 minutes on a 2-core machine). The three
 reference arms run their servers on tmpfs (/dev/shm, when there is one) because only their
 policy outcomes are read; the learned arm, whose decision latency is reported, keeps its
 database on disk with durable commits.
@@ -44,6 +45,8 @@ from pulsesync.server.nudges.sim.runner import (
 # latency probe (at its end) usually runs after the others have finished. Sending nothing adds
 # nothing by construction (common random numbers); `--with-none` runs that arm too.
 ARMS = ("randomized", "fixed", "learned")
+# Decisions of the latency probe (while another process uploads as fast as the server takes).
+PROBE_DECISIONS = 1500
 
 
 def caused_per_decision(r: ArmResult, lo: int, hi: int) -> float:
@@ -94,6 +97,12 @@ async def main() -> int:
         default=None,
         help="the learned arm's nudges per person-day (policy.daily_budget; default: the catalog's)",
     )
+    ap.add_argument(
+        "--prior-trial",
+        action="store_true",
+        help="start the learned arm from an earlier trial's log: a randomized arm run first on"
+        " other simulated people (seed + 1000), exported and imported before day 0",
+    )
     args = ap.parse_args()
     if args.quick:
         args.people, args.days, args.train_day = 8, 21, 10
@@ -127,13 +136,32 @@ async def main() -> int:
         tempfile.TemporaryDirectory(dir=shm) as fast,
         ProcessPoolExecutor(max(1, args.jobs)) as pool,
     ):
+        prior = Path(tmp) / "prior.jsonl" if args.prior_trial else None
+        prior_done = asyncio.Event()
+        if prior is None:
+            prior_done.set()
+
+        async def trial() -> None:
+            """The earlier trial: the randomized design on other people, its log exported."""
+            assert prior is not None
+            t = time.perf_counter()
+            kwargs = {"persons": people(args.people, args.seed + 1000), "days": args.days,
+                      "seed": args.seed + 1000, "export_log": prior}  # fmt: skip
+            await loop.run_in_executor(
+                pool, run_arm_blocking, "randomized", str(Path(fast) / "prior"), kwargs
+            )
+            print(f"earlier trial {time.perf_counter() - t:6.1f} s  (randomized, other people) -> {prior.name}", flush=True)  # fmt: skip
+            prior_done.set()
 
         async def one(name: str) -> None:
+            if name == "learned":
+                await prior_done.wait()
             t = time.perf_counter()
             kwargs = {"persons": persons, "days": args.days, "seed": args.seed,
                       "train_day": args.train_day, "retrain_every": args.retrain_every,
-                      "latency_probe": 400 if name == "learned" else 0,
-                      "catalog_text": catalogs.get(name)}  # fmt: skip
+                      "latency_probe": PROBE_DECISIONS if name == "learned" else 0,
+                      "catalog_text": catalogs.get(name),
+                      "prior_log": prior if name == "learned" else None}  # fmt: skip
             workdir = str(Path(tmp if name == "learned" else fast) / name)
             r = results[name] = await loop.run_in_executor(
                 pool, run_arm_blocking, name, workdir, kwargs
@@ -141,7 +169,10 @@ async def main() -> int:
             print(f"arm {name:<10} {time.perf_counter() - t:6.1f} s  {r.events} events uploaded over gRPC, "
                   f"{len(r.decisions)} decisions, {sum(r.nudges_sent.values())} nudges", flush=True)  # fmt: skip
 
-        await asyncio.gather(*(one(name) for name in arms))
+        order = [one(name) for name in arms]
+        if prior is not None:  # first, beside the randomized arm; the learned arm waits for it
+            order.insert(1, trial())
+        await asyncio.gather(*order)
     results = {name: results[name] for name in arms}
     end = args.days * 1440
     rnd = results["randomized"]
@@ -283,7 +314,7 @@ async def main() -> int:
         "decision_p50_ms": round(probe.get("p50_ms", 0.0), 2), "decision_p99_ms": round(probe.get("p99_ms", 0.0), 2),
         "daily_budget": budget,
         "send_thresholds": [round(ev.get("send_threshold") or 0.0, 1) for ev in learned.extra.get("evaluations", [])],
-        "people": args.people, "days": args.days, "seed": args.seed,
+        "people": args.people, "days": args.days, "seed": args.seed, "prior_trial": args.prior_trial,
     }))  # fmt: skip
     return 0
 

@@ -11,6 +11,7 @@ clock and runs one nudge tick. Nudges arrive over the streams; the simulated per
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import random
 import time
 import uuid
@@ -27,6 +28,7 @@ from google.protobuf import duration_pb2
 from pulsesync.server.app import running_server
 from pulsesync.server.clock import FakeClock
 from pulsesync.server.config import NudgeConfig, ServerConfig
+from pulsesync.server.nudges.importlog import import_file, write_jsonl
 from pulsesync.server.nudges.sim.behavior import (
     BASE_RESPONSE,
     Day,
@@ -37,7 +39,12 @@ from pulsesync.server.nudges.sim.behavior import (
     response_probability,
     response_walk,
 )
-from pulsesync.server.nudges.training import evaluate_candidate, promote_if_better, train_candidate
+from pulsesync.server.nudges.training import (
+    evaluate_candidate,
+    logged_decisions,
+    promote_if_better,
+    train_candidate,
+)
 from pulsesync.timeutil import US_PER_MIN, US_PER_S, timestamp
 from pulsesync.v1 import (
     common_pb2,
@@ -54,6 +61,9 @@ START: Final = int(datetime(2026, 1, 5, tzinfo=UTC).timestamp() * US_PER_S)  # a
 
 BLOCK_MIN: Final = 30  # upload and decide every half hour of simulated time
 NUDGE_SERVICE: Final = "pulsesync.v1.NudgeService"
+# The latency probe's load process: how long it may take to start, and to run at most.
+LOAD_START_TIMEOUT_S: Final = 60.0
+LOAD_MAX_S: Final = 600.0
 
 
 def fixed_catalog(schedule: Sequence[str]) -> str:
@@ -198,10 +208,16 @@ async def run_arm(
     latency_probe: int = 0,
     base_response: Mapping[str, float] = BASE_RESPONSE,
     catalog_text: str | None = None,
+    prior_log: Path | None = None,
+    export_log: Path | None = None,
 ) -> ArmResult:
     """Simulate `days` days of `persons` under one policy arm; the log and the truth.
 
-    catalog_text replaces the arm's catalog override (ARM_CATALOGS) when given.
+    catalog_text replaces the arm's catalog override (ARM_CATALOGS) when given. prior_log, a
+    decision log file (importlog format), is imported before the first day and, in the learned
+    arm, trained on, evaluated and promoted if better, as an operator starting a deployment
+    from an earlier trial's log would. export_log receives this arm's own logged decisions in
+    that format at the end, dated to end before START (an earlier deployment, for prior_log).
     """
     catalog = workdir / "catalog.toml"
     text = ARM_CATALOGS[name] if catalog_text is None else catalog_text
@@ -253,6 +269,11 @@ async def run_arm(
             await asyncio.sleep(0.01)
         # Per person: (dose just after the last delivered nudge, its minute); see burden().
         dose_at: dict[int, tuple[float, int]] = {}
+        if prior_log is not None:
+            summary = await import_file(srv.app.storage.nudges, prior_log, engine.catalog.actions)
+            result.extra["prior"] = {"decisions": summary.stored, "people": summary.people}
+            if name == "learned":
+                await _learn(srv, engine, result, 0)
         try:
             for day in range(days):
                 plans = [day_plan(p, day, seed) for p in persons]
@@ -343,9 +364,14 @@ async def run_arm(
             # Let the last outcomes complete.
             clock.advance(3 * 3600)
             await engine.complete_outcomes(clock.now_us())
+            if export_log is not None:
+                # Whole weeks earlier (weekdays kept), ending a day before START.
+                shift = -((days + 1 + 6) // 7) * 7 * 1440 * US_PER_MIN
+                own = await logged_decisions(srv.app.storage.nudges)
+                await asyncio.to_thread(write_jsonl, export_log, own, shift)
             if latency_probe:
                 result.extra["probe"] = await _latency_probe(
-                    srv, engine, users, devices, ingest, latency_probe, latencies
+                    srv, engine, users, devices, latency_probe, latencies
                 )
         finally:
             for t in listeners:
@@ -396,46 +422,74 @@ async def _latency_probe(
     engine: Any,
     users: list[int],
     devices: list[list[_Device]],
-    ingest: Any,
     n: int,
     latencies: list[float],
 ) -> dict[str, float]:
-    """Decision latency while a device uploads 500-event batches as fast as it can."""
-    stop = asyncio.Event()
+    """Decision latency while a device uploads 500-event batches as fast as it can.
+
+    The device is another process (as devices are): building its batches in this one would
+    put a client's CPU on the server's event loop and charge it to the decisions.
+    """
     dev = devices[0][0]
-    clock_now = srv.app.clock.now_us()
-    uploaded = 0
-
-    async def load() -> None:
-        nonlocal uploaded
-        while not stop.is_set():
-            evs = []
-            for _ in range(500):
-                dev.seq += 1
-                evs.append(events_pb2.Event(event_id=str(uuid.uuid4()), seq=dev.seq, device_time=timestamp(clock_now - 60 * US_PER_MIN),
-                           heart_rate=events_pb2.HeartRate(sensor_id="strap", bpm=70)))  # fmt: skip
-            await ingest.UploadBatch(ingest_pb2.UploadBatchRequest(batch=ingest_pb2.EventBatch(batch_id=dev.seq, sent_time=timestamp(clock_now), events=evs)),
-                                     metadata=dev.metadata, timeout=30)  # fmt: skip
-            uploaded += len(evs)
-
-    task = asyncio.create_task(load())
-    await asyncio.sleep(0.2)
-    lat = []
-    t0 = time.perf_counter()
-    for k in range(n):
-        d = await engine.decide(users[k % len(users)], srv.app.clock.now_us(), "probe")
-        lat.append(d.latency_s)
-        latencies.append(d.latency_s)
-        await asyncio.sleep(0)
-    elapsed = time.perf_counter() - t0
-    stop.set()
-    await task
+    ctx = multiprocessing.get_context("spawn")
+    stop, ready = ctx.Event(), ctx.Event()
+    uploaded, last_seq = ctx.Value("q", 0), ctx.Value("q", dev.seq)
+    load = ctx.Process(
+        target=_upload_until,
+        args=(srv.address, dev.token, srv.app.clock.now_us(), stop, ready, uploaded, last_seq),
+        daemon=True,
+    )
+    load.start()
+    try:
+        if not await asyncio.to_thread(ready.wait, LOAD_START_TIMEOUT_S):
+            raise RuntimeError("the load process uploaded nothing")
+        lat = []
+        before, t0 = uploaded.value, time.perf_counter()
+        for k in range(n):
+            d = await engine.decide(users[k % len(users)], srv.app.clock.now_us(), "probe")
+            lat.append(d.latency_s)
+            latencies.append(d.latency_s)
+            await asyncio.sleep(0)
+        elapsed = time.perf_counter() - t0
+        during = uploaded.value - before
+    finally:
+        stop.set()
+        await asyncio.to_thread(load.join, LOAD_START_TIMEOUT_S)
+        if load.is_alive():
+            load.kill()
+    dev.seq = last_seq.value
     arr = np.array(lat) * 1000
     return {
         "p50_ms": float(np.percentile(arr, 50)),
         "p99_ms": float(np.percentile(arr, 99)),
-        "ingest_events_per_s": uploaded / max(elapsed, 1e-9),
+        "ingest_events_per_s": during / max(elapsed, 1e-9),
     }
+
+
+def _upload_until(
+    address: str, token: str, now_us: int, stop: Any, ready: Any, uploaded: Any, last_seq: Any
+) -> None:
+    """The load process: 500-event batches over its own channel until `stop` (or LOAD_MAX_S)."""
+
+    async def upload() -> None:
+        seq = int(last_seq.value)
+        deadline = time.monotonic() + LOAD_MAX_S
+        metadata = (("authorization", f"Bearer {token}"),)
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = ingest_pb2_grpc.IngestServiceStub(channel)
+            while not stop.is_set() and time.monotonic() < deadline:
+                evs = []
+                for _ in range(500):
+                    seq += 1
+                    evs.append(events_pb2.Event(event_id=str(uuid.uuid4()), seq=seq, device_time=timestamp(now_us - 60 * US_PER_MIN),
+                               heart_rate=events_pb2.HeartRate(sensor_id="strap", bpm=70)))  # fmt: skip
+                batch = ingest_pb2.EventBatch(batch_id=seq, sent_time=timestamp(now_us), events=evs)
+                await stub.UploadBatch(ingest_pb2.UploadBatchRequest(batch=batch), metadata=metadata, timeout=30)  # fmt: skip
+                last_seq.value = seq
+                uploaded.value += len(evs)
+                ready.set()
+
+    asyncio.run(upload())
 
 
 def run_arm_blocking(name: str, workdir: str, kwargs: dict[str, Any]) -> ArmResult:
