@@ -452,6 +452,8 @@ async def _latency_probe(
             await asyncio.sleep(0)
         elapsed = time.perf_counter() - t0
         during = uploaded.value - before
+        if not load.is_alive():  # the figures would be of a server without load
+            raise RuntimeError(f"the load process ended during the probe (exit {load.exitcode})")
     finally:
         stop.set()
         await asyncio.to_thread(load.join, LOAD_START_TIMEOUT_S)
