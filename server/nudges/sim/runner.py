@@ -436,7 +436,7 @@ async def _latency_probe(
     uploaded, last_seq = ctx.Value("q", 0), ctx.Value("q", dev.seq)
     load = ctx.Process(
         target=_upload_until,
-        args=(srv.address, dev.token, srv.app.clock.now_us(), stop, ready, uploaded, last_seq),
+        args=(srv.address, dev.metadata, srv.app.clock.now_us(), stop, ready, uploaded, last_seq),
         daemon=True,
     )
     load.start()
@@ -469,14 +469,20 @@ async def _latency_probe(
 
 
 def _upload_until(
-    address: str, token: str, now_us: int, stop: Any, ready: Any, uploaded: Any, last_seq: Any
+    address: str,
+    metadata: tuple[tuple[str, str], ...],
+    now_us: int,
+    stop: Any,
+    ready: Any,
+    uploaded: Any,
+    last_seq: Any,
 ) -> None:
-    """The load process: 500-event batches over its own channel until `stop` (or LOAD_MAX_S)."""
+    """The load process: 500-event batches over its own channel until `stop` (or LOAD_MAX_S);
+    metadata: the device's call metadata (`_Device.metadata`)."""
 
     async def upload() -> None:
         seq = int(last_seq.value)
         deadline = time.monotonic() + LOAD_MAX_S
-        metadata = (("authorization", f"Bearer {token}"),)
         async with grpc.aio.insecure_channel(address) as channel:
             stub = ingest_pb2_grpc.IngestServiceStub(channel)
             while not stop.is_set() and time.monotonic() < deadline:
