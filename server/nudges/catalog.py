@@ -71,6 +71,20 @@ class PolicySettings:
     active_window_us: int
     outcome_window_us: int
     outcome_grace_us: int
+    # (local minute it starts at, send probability), ascending: the cold start's send
+    # probability from each time to the next; before the first, cold_start_send_probability.
+    cold_start_bands: tuple[tuple[int, float], ...] = ()
+
+    def cold_start_probability(self, local_minute: float | None) -> float:
+        """The cold start's send probability at a local minute of the day (None: unknown)."""
+        probability = self.cold_start_send_probability
+        if local_minute is None:
+            return probability
+        for start, band in self.cold_start_bands:
+            if local_minute < start:
+                break
+            probability = band
+        return probability
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +141,19 @@ def _budget(value: Any) -> float | None:
     return None if budget == 0.0 else budget
 
 
+def _bands(raw: Any) -> tuple[tuple[int, float], ...]:
+    """policy.cold_start_by_local_time: a table of "HH:MM" = send probability."""
+    if not isinstance(raw, dict):
+        raise ValueError('policy.cold_start_by_local_time must be a table of "HH:MM" = probability')
+    bands = []
+    for text, value in raw.items():
+        probability = float(value)
+        if not 0.0 <= probability <= 1.0:
+            raise ValueError(f"policy.cold_start_by_local_time[{text!r}] must be in [0, 1]")
+        bands.append((_hhmm(text), probability))
+    return tuple(sorted(bands))
+
+
 def _type(name: str, raw: dict[str, Any]) -> NudgeType:
     kinds = tuple(_DEVICE_KINDS[d] for d in raw["devices"])
     if raw["outcome"] not in _OUTCOMES:
@@ -155,8 +182,8 @@ def _type(name: str, raw: dict[str, Any]) -> NudgeType:
 
 _POLICY_KEYS: Final = frozenset({
     "schedule", "sedentary_trigger_min", "exploration_floor", "min_gain_steps", "daily_budget",
-    "cold_start_send_probability", "min_training_decisions", "daily_cap",
-    "global_cooldown_min", "default_quiet_start_min", "default_quiet_end_min",
+    "cold_start_send_probability", "cold_start_by_local_time", "min_training_decisions",
+    "daily_cap", "global_cooldown_min", "default_quiet_start_min", "default_quiet_end_min",
     "default_time_zone", "active_window_min", "outcome_window_min", "outcome_grace_min",
 })  # fmt: skip
 
@@ -194,6 +221,7 @@ def parse_catalog(raw: dict[str, Any]) -> Catalog:
             active_window_us=int(p["active_window_min"]) * _MIN,
             outcome_window_us=int(p["outcome_window_min"]) * _MIN,
             outcome_grace_us=int(p["outcome_grace_min"]) * _MIN,
+            cold_start_bands=_bands(p.get("cold_start_by_local_time", {})),
         )
         types = tuple(_type(name, t) for name, t in raw["types"].items())
     except KeyError as e:

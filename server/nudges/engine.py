@@ -444,7 +444,10 @@ class NudgeEngine:
             threshold = self.pacer.threshold(model.version, trained, now)
             best = best_gain(predicted, elig.options) if predicted is not None else None
             self.pacer.record(model.version, (user_id, today), now, best, len(elig.options))
-        choice = choose(elig.options, predicted, self.catalog.policy, self.rng, threshold)
+        choice = choose(
+            elig.options, predicted, self.catalog.policy, self.rng, threshold,
+            ctx.values.get("local_minute"),
+        )  # fmt: skip
         version = model.version if model else COLD_START
         nudge = (
             self._make_nudge(choice.chosen, choice.probability, elig, ctx, profile, now)

@@ -123,7 +123,8 @@ def policy_matrix(
     for i, d in enumerate(decisions):
         options = [o for o in d.options if o in index]
         if q is None:
-            probs = randomized(options, settings.cold_start_send_probability)
+            local_minute = d.features.get("local_minute")
+            probs = randomized(options, settings.cold_start_probability(local_minute))
         else:
             predicted = {o: float(q[i, index[o]]) for o in options}
             probs = greedy_with_floor(options, predicted, gain, settings.exploration_floor)

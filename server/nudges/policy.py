@@ -1,8 +1,9 @@
 """Choosing among the eligible options with exploration, and logging the exact probabilities.
 
 Cold start (no promoted model): HeartSteps' micro-randomized policy. With probability
-`cold_start_send_probability` (0.6) a nudge is sent, its type drawn uniformly from the
-eligible types; otherwise nothing. Learned: the option with the highest predicted outcome,
+`cold_start_send_probability` (0.6; or its band in `cold_start_by_local_time` at the
+decision's local time) a nudge is sent, its type drawn uniformly from the eligible types;
+otherwise nothing. Learned: the option with the highest predicted outcome,
 where a nudge must beat sending nothing by the model's threshold (at least `min_gain_steps`;
 see model.py: set on the last week of decisions so the policy sends at most `daily_budget`
 nudges per person-day), gets the greedy mass; every eligible option keeps `exploration_floor`. The probabilities always sum to one over exactly
@@ -78,10 +79,11 @@ def choose(
     settings: PolicySettings,
     rng: random.Random,
     min_gain: float | None = None,
+    local_minute: float | None = None,
 ) -> Choice:
     """The policy: randomized without a model, greedy with an exploration floor with one."""
     if predicted is None:
-        probs = randomized(options, settings.cold_start_send_probability)
+        probs = randomized(options, settings.cold_start_probability(local_minute))
     else:
         gain = settings.min_gain_steps if min_gain is None else min_gain
         probs = greedy_with_floor(options, predicted, gain, settings.exploration_floor)
