@@ -30,11 +30,11 @@ from typing import Any
 
 import numpy as np
 
-from pulsesync.server.nudges.catalog import load_catalog
 from pulsesync.server.nudges.sim.behavior import expected_walk_steps, people
 from pulsesync.server.nudges.sim.calibrate import check, server_check
 from pulsesync.server.nudges.sim.direct import best_schedule
 from pulsesync.server.nudges.sim.runner import (
+    LEARNED_BUDGET,
     ArmResult,
     fixed_catalog,
     learned_catalog,
@@ -94,8 +94,8 @@ async def main() -> int:
     ap.add_argument(
         "--daily-budget",
         type=float,
-        default=None,
-        help="the learned arm's nudges per person-day (policy.daily_budget; default: the catalog's)",
+        default=LEARNED_BUDGET,
+        help="the learned arm's nudges per person-day (policy.daily_budget)",
     )
     ap.add_argument(
         "--prior-trial",
@@ -124,10 +124,6 @@ async def main() -> int:
           + ")", flush=True)  # fmt: skip
     catalogs = {"fixed": fixed_catalog(hhmm)}
     catalogs["learned"] = learned_catalog(args.daily_budget)
-    # The learned arm's nudges per person-day (policy.daily_budget): the catalog's unless given.
-    budget = (
-        args.daily_budget if args.daily_budget is not None else load_catalog().policy.daily_budget
-    )
     results: dict[str, ArmResult] = {}
     shm = "/dev/shm" if await asyncio.to_thread(os.path.isdir, "/dev/shm") else None
     loop = asyncio.get_running_loop()
@@ -312,7 +308,7 @@ async def main() -> int:
             "vs_best_baseline_gained": round(vs_best_whole, 1), "best_baseline": best_whole,
         },
         "decision_p50_ms": round(probe.get("p50_ms", 0.0), 2), "decision_p99_ms": round(probe.get("p99_ms", 0.0), 2),
-        "daily_budget": budget,
+        "daily_budget": args.daily_budget,
         "send_thresholds": [round(ev.get("send_threshold") or 0.0, 1) for ev in learned.extra.get("evaluations", [])],
         "people": args.people, "days": args.days, "seed": args.seed, "prior_trial": args.prior_trial,
     }))  # fmt: skip

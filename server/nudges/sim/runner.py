@@ -28,6 +28,7 @@ from google.protobuf import duration_pb2
 from pulsesync.server.app import running_server
 from pulsesync.server.clock import FakeClock
 from pulsesync.server.config import NudgeConfig, ServerConfig
+from pulsesync.server.nudges.catalog import load_catalog
 from pulsesync.server.nudges.importlog import import_file, write_jsonl
 from pulsesync.server.nudges.sim.behavior import (
     BASE_RESPONSE,
@@ -39,6 +40,7 @@ from pulsesync.server.nudges.sim.behavior import (
     response_probability,
     response_walk,
 )
+from pulsesync.server.nudges.sim.trial import TRIAL
 from pulsesync.server.nudges.training import (
     evaluate_candidate,
     logged_decisions,
@@ -75,25 +77,56 @@ def fixed_catalog(schedule: Sequence[str]) -> str:
     )
 
 
+# The learned arm's budget (policy.daily_budget), in nudges per person-day.
+LEARNED_BUDGET: Final = 2.0
+
+
+def trial_prior(
+    schedule_min: Sequence[int], top: float = 0.6, floor: float = 0.03
+) -> tuple[float, dict[str, float]]:
+    """A cold start by local time from HeartSteps' per-slot effects (sim/trial.TRIAL).
+
+    Around each of the five daily decision points (schedule_min, local minutes), a send
+    probability in proportion to the trial's steps difference at that slot: `top`
+    (HeartSteps' 0.6) at the strongest, never below `floor` (where the trial found no effect:
+    a little exploration, not none). Each band starts midway from the previous point.
+    Returns (the probability before the first band, {"HH:MM": probability}) for the catalog's
+    cold_start_send_probability and cold_start_by_local_time.
+    """
+    effects = [next(r.point for r in TRIAL if r.name == f"diff_slot{i}") for i in range(1, 6)]
+    if len(schedule_min) != len(effects):
+        raise ValueError(
+            f"the trial has {len(effects)} daily slots, the schedule {len(schedule_min)}"
+        )
+    best = max(effects)
+    probs = [round(max(floor, top * e / best), 3) for e in effects]
+    bands = {}
+    for prev, point, prob in zip(schedule_min, schedule_min[1:], probs[1:], strict=False):
+        start = (prev + point) // 2
+        bands[f"{start // 60:02d}:{start % 60:02d}"] = prob
+    return probs[0], bands
+
+
 def learned_catalog(
-    daily_budget: float | None = None,
-    exploration_floor: float = 0.01,
-    cold_start_send_probability: float = 0.3,
+    daily_budget: float | None = LEARNED_BUDGET, exploration_floor: float = 0.01
 ) -> str:
     """The learned arm's catalog: its cold start, exploration floor and daily budget.
 
-    A gentler cold start than HeartSteps' (send with probability 0.3, not 0.6) and a 1%
-    exploration floor per option once a model is promoted: in this simulator every nudge
-    received lowers later responses (the dose-based burden, sim/behavior.py), so exploring
-    with half the nudges leaves people more responsive when the model takes over, and the
-    floor's sends at random moments cost budget the model would place better. Unless given,
-    the catalog's budget (policy.daily_budget, one nudge per person-day, exploration included).
-    docs/nudges.md, "The learned arm", has the measurements behind each value.
+    The cold start explores where the trial found its effect (`trial_prior`: a deployment
+    that knows the trial starts from it) and a 1% exploration floor per option once a model
+    is promoted: in this simulator every nudge received lowers later responses (the
+    dose-based burden, sim/behavior.py), so sends at moments the trial found useless cost
+    responsiveness the model's later nudges would use. daily_budget None: the catalog's
+    (policy.daily_budget). docs/nudges.md, "The learned arm", has the measurements behind
+    each value.
     """
+    before, bands = trial_prior(load_catalog().policy.schedule_min)
     budget = "" if daily_budget is None else f"daily_budget = {daily_budget}\n"
+    table = ", ".join(f'"{t}" = {p}' for t, p in bands.items())
     return (
         f"[policy]\n{budget}exploration_floor = {exploration_floor}\n"
-        f"cold_start_send_probability = {cold_start_send_probability}\n"
+        f"cold_start_send_probability = {before}\n"
+        f"cold_start_by_local_time = {{ {table} }}\n"
     )
 
 
