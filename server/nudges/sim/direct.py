@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -143,6 +143,69 @@ def schedule_gain(
                 burden.add(t)
                 last[kind] = t
     return gained / max(1, person_days), sent / max(1, person_days)
+
+
+def _deliver(
+    p: Person, d: Day, kind: str, m: int, t: int, burden: _Burden, last: dict[str, int]
+) -> float:
+    """Deliver a nudge at local minute m (absolute minute t): its expected steps added."""
+    prob = response_probability(p, kind, d, m, burden.now(t), True)
+    burden.add(t)
+    last[kind] = t
+    return prob * expected_walk_steps(kind)
+
+
+def ceiling(
+    persons: Sequence[Person],
+    plans: Sequence[Sequence[Day]],
+    minutes: Sequence[int],
+    cold_start: Callable[[int], float],
+    first_day: int,
+    per_day: int,
+) -> tuple[float, float]:
+    """(expected steps added, nudges) per person-day over all days: a cold start, then a policy
+    that knows the simulator's truth.
+
+    Before first_day, the randomized cold start at each of minutes (send with
+    cold_start(minute), a type drawn uniformly). From first_day, each day the per_day decision
+    points (an hour apart) with the highest true expected gain given the dose that morning,
+    the best type at each: an upper bound on what a model choosing among these decision
+    points after that cold start can add (greedy day by day, so not the exact optimum over
+    the burden's weeks).
+    """
+    gained, sent = 0.0, 0
+    for p, days in zip(persons, plans, strict=True):
+        burden = _Burden()
+        last: dict[str, int] = {}
+        for day, d in enumerate(days):
+            if day < first_day:
+                rng = random.Random(f"cold-{p.index}-{day}")
+                for m in sorted(minutes):
+                    t = day * 1440 + m
+                    types = _eligible(d, m, last, t)
+                    if types and rng.random() < cold_start(m):
+                        gained += _deliver(p, d, rng.choice(types), m, t, burden, last)
+                        sent += 1
+                continue
+            ranked = sorted(
+                (
+                    response_probability(p, k, d, m, burden.now(day * 1440 + m), True)
+                    * expected_walk_steps(k),
+                    m,
+                    k,
+                )
+                for m in minutes
+                for k in _eligible(d, m, last, day * 1440 + m)
+            )
+            chosen: list[tuple[int, str]] = []
+            for _, m, k in reversed(ranked):
+                if len(chosen) < per_day and all(abs(m - c) >= 60 for c, _ in chosen):
+                    chosen.append((m, k))
+            for m, k in sorted(chosen):
+                gained += _deliver(p, d, k, m, day * 1440 + m, burden, last)
+                sent += 1
+    person_days = max(1, sum(len(days) for days in plans))
+    return gained / person_days, sent / person_days
 
 
 def best_schedule(

@@ -1,0 +1,31 @@
+"""sim/direct's ceiling: a cold start, then a policy that knows the simulator's truth."""
+
+from __future__ import annotations
+
+from pulsesync.server.nudges.sim.behavior import day_plan, people
+from pulsesync.server.nudges.sim.direct import SLOTS, ceiling, schedule_gain
+
+PERSONS = people(12, 3)
+PLANS = [[day_plan(p, day, 3) for day in range(10)] for p in PERSONS]
+
+
+def test_the_truth_from_day_one_beats_every_fixed_time_at_one_a_day() -> None:
+    best, sent = ceiling(PERSONS, PLANS, SLOTS, lambda m: 0.0, first_day=0, per_day=1)
+    assert 0.9 <= sent <= 1.0
+    for m in SLOTS:
+        fixed, _ = schedule_gain(PERSONS, PLANS, [m])
+        assert best > fixed, m
+
+
+def test_the_cold_start_alone_is_what_it_sends() -> None:
+    # No days of the oracle: the cold start's probability decides everything.
+    assert ceiling(PERSONS, PLANS, SLOTS, lambda m: 0.0, first_day=10, per_day=2) == (0.0, 0.0)
+    always, sent = ceiling(PERSONS, PLANS, SLOTS, lambda m: float(m == 930), 10, 2)
+    # Sending at 15:30 whenever a type is eligible: the fixed schedule's nudges (its types
+    # drawn from another stream, so its gain is close, not equal).
+    fixed, fixed_sent = schedule_gain(PERSONS, PLANS, [930])
+    assert sent == fixed_sent
+    assert abs(always - fixed) < 0.2 * fixed
+    sometimes, fewer = ceiling(PERSONS, PLANS, SLOTS, lambda m: 0.3 * (m == 930), 10, 2)
+    assert 0.15 * sent < fewer < 0.45 * sent
+    assert 0.0 < sometimes < always
