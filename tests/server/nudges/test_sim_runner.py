@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import tomllib
 from datetime import datetime
 from pathlib import Path
 
+import pytest
+
+from pulsesync.server.nudges.catalog import load_catalog
 from pulsesync.server.nudges.importlog import read_records
 from pulsesync.server.nudges.sim.behavior import people
-from pulsesync.server.nudges.sim.runner import START, learned_catalog, run_arm
+from pulsesync.server.nudges.sim.runner import (
+    LEARNED_BUDGET,
+    START,
+    learned_catalog,
+    run_arm,
+    trial_prior,
+)
 from pulsesync.timeutil import US_PER_S
 
 
@@ -35,3 +45,16 @@ async def test_an_exported_log_is_imported_and_trained_on_before_the_first_day(
     assert first["against"] == "randomized"
     assert first["decisions"] == len(records)
     assert later.promote_minute == (0 if first["promoted"] else None)
+
+
+def test_the_learned_arms_cold_start_follows_the_trials_slot_effects() -> None:
+    # HeartSteps' steps difference per slot: -16, +22, +50, +23, -3.
+    before, bands = trial_prior(load_catalog().policy.schedule_min)
+    assert before == 0.03
+    assert bands == {"10:22": 0.264, "13:52": 0.6, "16:45": 0.276, "19:15": 0.03}
+    policy = load_catalog(overrides=tomllib.loads(learned_catalog())).policy
+    assert policy.cold_start_probability(15 * 60 + 30) == 0.6
+    assert policy.cold_start_probability(8 * 60 + 30) == 0.03
+    assert policy.daily_budget == LEARNED_BUDGET
+    with pytest.raises(ValueError, match="5 daily slots, the schedule 4"):
+        trial_prior((510, 750, 930, 1080))
