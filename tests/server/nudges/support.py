@@ -1,6 +1,6 @@
-"""Helpers: store events as ingest does (insert, then publish on the bus), build events, a
-model registry in a SQLite database of its own, a loopback push gateway, and registering a
-device's push target over gRPC."""
+"""Helpers: a server whose nudge engine ticks when the test says, store events as ingest does
+(insert, then publish on the bus), build events, a model registry in a SQLite database of its
+own, a loopback push gateway, and registering a device's push target over gRPC."""
 
 from __future__ import annotations
 
@@ -16,8 +16,10 @@ import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from pulsesync.kinds import kind_of
-from pulsesync.server.app import RunningServer
+from pulsesync.server.app import RunningServer, running_server
 from pulsesync.server.bus import CommittedEvent
+from pulsesync.server.clock import FakeClock
+from pulsesync.server.config import NudgeConfig, ServerConfig
 from pulsesync.server.nudges.registry import ModelRegistry
 from pulsesync.server.storage.db import Database
 from pulsesync.server.storage.sqlite.models import SqliteModelStorage
@@ -25,6 +27,18 @@ from pulsesync.v1 import events_pb2, nudges_pb2, nudges_pb2_grpc
 from tests.support.server import PairedDevice
 
 _seq: dict[int, int] = {}
+
+
+@asynccontextmanager
+async def manual_nudge_server(
+    folder: Path, start_us: int, seed: int = 1, catalog: Path | None = None
+) -> AsyncIterator[tuple[RunningServer, FakeClock]]:
+    """A server on a fake clock from start_us whose nudge engine ticks only when told."""
+    clock = FakeClock(start_us)
+    config = ServerConfig(port=0, data_dir=folder, grace_seconds=0.5,
+                          nudges=NudgeConfig(scheduler="manual", seed=seed, catalog=catalog))  # fmt: skip
+    async with running_server(config, clock=clock) as server:
+        yield server, clock
 
 
 def steps_event(t_us: int, count: int, sensor: str = "watch") -> events_pb2.Event:

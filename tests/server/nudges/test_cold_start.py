@@ -10,15 +10,14 @@ from pathlib import Path
 import grpc
 import pytest
 
-from pulsesync.server.app import RunningServer, running_server
+from pulsesync.server.app import RunningServer
 from pulsesync.server.clock import FakeClock
-from pulsesync.server.config import NudgeConfig, ServerConfig
 from pulsesync.server.nudges.catalog import load_catalog
 from pulsesync.server.nudges.model import LoggedDecision
 from pulsesync.server.nudges.ope import policy_matrix
 from pulsesync.server.nudges.policy import choose
 from pulsesync.v1 import common_pb2, nudges_pb2, nudges_pb2_grpc
-from tests.server.nudges.support import steps_event, store
+from tests.server.nudges.support import manual_nudge_server, steps_event, store
 from tests.support.server import pair_device
 
 MIN = 60_000_000
@@ -77,12 +76,8 @@ async def srv(tmp_path: Path) -> AsyncIterator[tuple[RunningServer, FakeClock]]:
         "cold_start_send_probability = 0.6\n"
         '[policy.cold_start_by_local_time]\n"06:00" = 0.0\n"15:00" = 1.0\n"16:00" = 0.6\n'
     )
-    clock = FakeClock(MIDNIGHT + 7 * 60 * MIN)
-    config = ServerConfig(
-        port=0, data_dir=tmp_path / "data", grace_seconds=0.5,
-        nudges=NudgeConfig(scheduler="manual", seed=1, catalog=catalog),
-    )  # fmt: skip
-    async with running_server(config, clock=clock) as server:
+    start = MIDNIGHT + 7 * 60 * MIN
+    async with manual_nudge_server(tmp_path / "data", start, catalog=catalog) as (server, clock):
         yield server, clock
 
 

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from pulsesync.server.app import RunningServer, running_server
+from pulsesync.server.app import RunningServer
 from pulsesync.server.clock import FakeClock
-from pulsesync.server.config import NudgeConfig, ServerConfig
 from pulsesync.v1 import common_pb2
-from tests.server.nudges.support import steps_event, store
+from tests.server.nudges.support import manual_nudge_server, steps_event, store
 from tests.support.server import pair_device
 
 MIN = 60_000_000
@@ -20,10 +19,7 @@ MIDNIGHT = 1_767_225_600_000_000  # 2026-01-01T00:00Z; the default time zone is 
 
 @pytest.fixture
 async def srv(tmp_path: Path) -> AsyncIterator[tuple[RunningServer, FakeClock]]:
-    clock = FakeClock(MIDNIGHT + 60 * MIN)
-    config = ServerConfig(port=0, data_dir=tmp_path, grace_seconds=0.5,
-                          nudges=NudgeConfig(scheduler="manual", seed=1))  # fmt: skip
-    async with running_server(config, clock=clock) as server:
+    async with manual_nudge_server(tmp_path, MIDNIGHT + 60 * MIN) as (server, clock):
         yield server, clock
 
 

@@ -12,11 +12,10 @@ import grpc
 import pytest
 
 from pulsesync.hlc import Stamp
-from pulsesync.server.app import RunningServer, running_server
+from pulsesync.server.app import RunningServer
 from pulsesync.server.clock import FakeClock
-from pulsesync.server.config import NudgeConfig, ServerConfig
 from pulsesync.v1 import common_pb2, nudges_pb2, nudges_pb2_grpc, profiles_pb2, profiles_pb2_grpc
-from tests.server.nudges.support import steps_event, store
+from tests.server.nudges.support import manual_nudge_server, steps_event, store
 from tests.support.server import pair_device
 
 MIN = 60_000_000
@@ -25,10 +24,7 @@ NOON = 1_767_268_800_000_000  # 2026-01-01T12:00Z
 
 @pytest.fixture
 async def srv(tmp_path: Path) -> AsyncIterator[tuple[RunningServer, FakeClock]]:
-    clock = FakeClock(NOON - 100 * MIN)
-    config = ServerConfig(port=0, data_dir=tmp_path, grace_seconds=0.5,
-                          nudges=NudgeConfig(scheduler="manual", seed=3))  # fmt: skip
-    async with running_server(config, clock=clock) as server:
+    async with manual_nudge_server(tmp_path, NOON - 100 * MIN, seed=3) as (server, clock):
         yield server, clock
 
 

@@ -10,14 +10,19 @@ from pathlib import Path
 import grpc
 import pytest
 
-from pulsesync.server.app import RunningServer, running_server
+from pulsesync.server.app import RunningServer
 from pulsesync.server.clock import FakeClock
-from pulsesync.server.config import NudgeConfig, ServerConfig
 from pulsesync.server.nudges import feed as feed_module
 from pulsesync.server.nudges.training import logged_decisions
 from pulsesync.status import error_info
 from pulsesync.v1 import common_pb2, events_pb2, nudges_pb2, nudges_pb2_grpc
-from tests.server.nudges.support import app_event, device_pk_of, steps_event, store
+from tests.server.nudges.support import (
+    app_event,
+    device_pk_of,
+    manual_nudge_server,
+    steps_event,
+    store,
+)
 from tests.support.server import pair_device
 
 MIN = 60_000_000
@@ -26,10 +31,7 @@ NOON = 1_767_268_800_000_000  # 2026-01-01T12:00Z
 
 @pytest.fixture
 async def nudge_server(tmp_path: Path) -> AsyncIterator[tuple[RunningServer, FakeClock]]:
-    clock = FakeClock(NOON - 100 * MIN)
-    config = ServerConfig(port=0, data_dir=tmp_path, grace_seconds=0.5,
-                          nudges=NudgeConfig(scheduler="manual", seed=3))  # fmt: skip
-    async with running_server(config, clock=clock) as srv:
+    async with manual_nudge_server(tmp_path, NOON - 100 * MIN, seed=3) as (srv, clock):
         yield srv, clock
 
 
