@@ -135,6 +135,9 @@ ARM_CATALOGS: Final = {
     "randomized": "",
     "fixed": '[policy]\nschedule = ["10:00", "14:00", "17:30"]\ncold_start_send_probability = 1.0\nsedentary_trigger_min = 100000\n',
     "learned": learned_catalog(),
+    # The learned arm's cold start kept all along (no training): the policy the off-policy
+    # estimate at promotion compares the candidate with, so its simulated truth.
+    "cold_start": learned_catalog(),
 }
 
 
