@@ -1,16 +1,17 @@
 #!/usr/bin/env python
-"""Nudge policy bench: learned vs HeartSteps-style randomized vs fixed schedule vs none.
+"""Nudge policy bench: learned vs HeartSteps-style randomized vs the best fixed schedule.
 
 Every arm runs the same simulated people and days (same seed: common random numbers) against
 its own real server over gRPC. Prints the HeartSteps calibration check first, then steps
 gained per nudge, nudges per day, total outcome, the off-policy estimate against what
-happened, decision latency under ingest load, and one JSON line.
+happened (the learned arm's cold start kept on, an arm of its own, gives the truth), decision
+latency under ingest load, and one JSON line.
 
     python scripts/bench_nudges.py [--people 80] [--days 28] [--seed 7] [--jobs 2] [--quick]
                                    [--prior-trial]
 
-The arms run in `--jobs` worker processes (2: about 20 minutes on a 2-core machine). The three
-reference arms run their servers on tmpfs (/dev/shm, when there is one) because only their
+The arms run in `--jobs` worker processes (2: 15-35 minutes on a 2-core machine, as busy as
+it is). The reference arms run their servers on tmpfs (/dev/shm, when there is one) because only their
 policy outcomes are read; the learned arm, whose decision latency is reported, keeps its
 database on disk with durable commits.
 """
