@@ -111,6 +111,16 @@ def _eligible(d: Day, minute: int, last: Mapping[str, int], t: int) -> list[str]
     return out
 
 
+def _deliver(
+    p: Person, d: Day, kind: str, m: int, t: int, burden: _Burden, last: dict[str, int]
+) -> float:
+    """Deliver a nudge at local minute m (absolute minute t): its expected steps added."""
+    prob = response_probability(p, kind, d, m, burden.now(t), True)
+    burden.add(t)
+    last[kind] = t
+    return prob * expected_walk_steps(kind)
+
+
 def schedule_gain(
     persons: Sequence[Person],
     plans: Sequence[Sequence[Day]],
@@ -135,24 +145,11 @@ def schedule_gain(
                 types = _eligible(d, m, last, t)
                 if not types:
                     continue
-                kind = rng.choice(types)
-                prob = response_probability(p, kind, d, m, burden.now(t), True)
+                added = _deliver(p, d, rng.choice(types), m, t, burden, last)
                 if counted:
-                    gained += prob * expected_walk_steps(kind)
+                    gained += added
                     sent += 1
-                burden.add(t)
-                last[kind] = t
     return gained / max(1, person_days), sent / max(1, person_days)
-
-
-def _deliver(
-    p: Person, d: Day, kind: str, m: int, t: int, burden: _Burden, last: dict[str, int]
-) -> float:
-    """Deliver a nudge at local minute m (absolute minute t): its expected steps added."""
-    prob = response_probability(p, kind, d, m, burden.now(t), True)
-    burden.add(t)
-    last[kind] = t
-    return prob * expected_walk_steps(kind)
 
 
 def ceiling(

@@ -132,14 +132,15 @@ def learned_catalog(
     )
 
 
+_LEARNED_CATALOG: Final = learned_catalog()
 ARM_CATALOGS: Final = {
     "none": "[policy]\ncold_start_send_probability = 0.0\n",
     "randomized": "",
     "fixed": '[policy]\nschedule = ["10:00", "14:00", "17:30"]\ncold_start_send_probability = 1.0\nsedentary_trigger_min = 100000\n',
-    "learned": learned_catalog(),
+    "learned": _LEARNED_CATALOG,
     # The learned arm's cold start kept all along (no training): the policy the off-policy
     # estimate at promotion compares the candidate with, so its simulated truth.
-    "cold_start": learned_catalog(),
+    "cold_start": _LEARNED_CATALOG,
 }
 
 
