@@ -7,6 +7,7 @@ whose keys replace the defaults'.
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -74,6 +75,10 @@ class PolicySettings:
     # (local minute it starts at, send probability), ascending: the cold start's send
     # probability from each time to the next; before the first, cold_start_send_probability.
     cold_start_bands: tuple[tuple[int, float], ...] = ()
+    # Off-policy estimates score only the decisions of this many days before a candidate's
+    # training ends (0: every day): responses change over weeks, and the days a candidate is
+    # scored on should be those most like the days it will decide on.
+    evaluation_days: float = 0.0
 
     def cold_start_probability(self, local_minute: float | None) -> float:
         """The cold start's send probability at a local minute of the day (None: unknown)."""
@@ -183,6 +188,7 @@ def _type(name: str, raw: dict[str, Any]) -> NudgeType:
 _POLICY_KEYS: Final = frozenset({
     "schedule", "sedentary_trigger_min", "exploration_floor", "min_gain_steps", "daily_budget",
     "cold_start_send_probability", "cold_start_by_local_time", "min_training_decisions",
+    "evaluation_days",
     "daily_cap", "global_cooldown_min", "default_quiet_start_min", "default_quiet_end_min",
     "default_time_zone", "active_window_min", "outcome_window_min", "outcome_grace_min",
 })  # fmt: skip
@@ -222,6 +228,7 @@ def parse_catalog(raw: dict[str, Any]) -> Catalog:
             outcome_window_us=int(p["outcome_window_min"]) * _MIN,
             outcome_grace_us=int(p["outcome_grace_min"]) * _MIN,
             cold_start_bands=_bands(p.get("cold_start_by_local_time", {})),
+            evaluation_days=float(p.get("evaluation_days", 0)),
         )
         types = tuple(_type(name, t) for name, t in raw["types"].items())
     except KeyError as e:
@@ -232,6 +239,8 @@ def parse_catalog(raw: dict[str, Any]) -> Catalog:
         raise ValueError("policy.daily_budget must be in (0, policy.daily_cap], or 0 for none")
     if not 0.0 <= policy.cold_start_send_probability <= 1.0:
         raise ValueError("policy.cold_start_send_probability must be in [0, 1]")
+    if not (math.isfinite(policy.evaluation_days) and policy.evaluation_days >= 0.0):
+        raise ValueError("policy.evaluation_days must be a number of days >= 0 (0: every day)")
     if NONE_ACTION in {t.name for t in types}:
         raise ValueError(f"{NONE_ACTION!r} is reserved for sending nothing")
     return Catalog(policy, types)

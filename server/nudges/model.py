@@ -44,6 +44,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pulsesync.server.nudges.features import FEATURE_NAMES
+from pulsesync.timeutil import US_PER_DAY
 
 NONE: Final = "none"
 ACTION_COLUMNS: Final = ("action", "action_past_gain", "action_past_response")
@@ -98,7 +99,6 @@ MIN_ACTS: Final = 20
 # predicted gains drift as people habituate, so a threshold set over the whole log (early,
 # unburdened days with large predicted gains) sends far less than its budget later.
 BUDGET_DAYS: Final = 7.0
-US_PER_DAY: Final = 86_400_000_000
 _NO_RESPONSE: Final[Mapping[str, float]] = {}
 
 
@@ -456,6 +456,14 @@ def _fit_response(
     return response, act_gain
 
 
+def recent_from(decisions: Sequence[LoggedDecision], days: float) -> int:
+    """The start of the last `days` days of decisions (oldest first): the latest decision's
+    time less `days` (0 when days is 0 or there are none: every decision)."""
+    if days <= 0 or not decisions:
+        return 0
+    return decisions[-1].decision_us - int(days * US_PER_DAY)
+
+
 def local_day(d: LoggedDecision) -> int:
     """The decision's local day number (its UTC minute less its local minute of the day)."""
     minute = d.decision_us // 60_000_000 - int(d.features.get("local_minute", 0.0))
@@ -522,8 +530,8 @@ def _threshold(
     """
     if daily_budget is None or not decisions:
         return min_gain
-    recent_from = decisions[-1].decision_us - int(BUDGET_DAYS * US_PER_DAY)
-    recent = [d for d in decisions if d.decision_us >= recent_from]
+    since = recent_from(decisions, BUDGET_DAYS)
+    recent = [d for d in decisions if d.decision_us >= since]
     person_days = len({(d.user_id, local_day(d)) for d in recent})
     choice = [d for d in recent if len(d.options) > 1]
     if not choice:

@@ -27,7 +27,8 @@ from typing import Final
 
 import numpy as np
 
-from pulsesync.server.nudges.model import BUDGET_DAYS, US_PER_DAY, budget_threshold
+from pulsesync.server.nudges.model import BUDGET_DAYS, budget_threshold
+from pulsesync.timeutil import US_PER_DAY
 
 # How often (clock time) the threshold is recomputed, and how much of a model's own decisions
 # it needs first.

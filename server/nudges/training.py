@@ -20,7 +20,7 @@ from typing import Any, Final
 import numpy as np
 
 from pulsesync.server.nudges.catalog import Catalog
-from pulsesync.server.nudges.model import LoggedDecision, OutcomeModel, train
+from pulsesync.server.nudges.model import LoggedDecision, OutcomeModel, recent_from, train
 from pulsesync.server.nudges.ope import (
     Estimate,
     candidate_matrices,
@@ -204,6 +204,7 @@ async def evaluate_candidate(
             if current is not None and current_v is not None
             else 0
         )
+        score_from = max(score_from, recent_from(held, catalog.policy.evaluation_days))
         if len({d.user_id for d in held}) < EVAL_FOLDS:
             raise ValueError(
                 f"cross-fitted evaluation needs decisions of at least {EVAL_FOLDS} people;"

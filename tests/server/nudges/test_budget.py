@@ -13,7 +13,6 @@ import pytest
 from pulsesync.server.nudges.catalog import load_catalog
 from pulsesync.server.nudges.model import (
     BUDGET_DAYS,
-    US_PER_DAY,
     LoggedDecision,
     OutcomeModel,
     budget_threshold,
@@ -23,6 +22,7 @@ from pulsesync.server.nudges.model import (
 from pulsesync.server.nudges.ope import policy_matrix
 from pulsesync.server.nudges.pacing import BudgetPacer
 from pulsesync.server.nudges.policy import randomized
+from pulsesync.timeutil import US_PER_DAY
 
 CATALOG = load_catalog()
 ACTIONS = CATALOG.actions

@@ -15,7 +15,6 @@ from pulsesync.server.nudges.model import (
     BASE_PARAMS,
     COLUMNS,
     EFFECT_PARAMS,
-    US_PER_DAY,
     LoggedDecision,
     OutcomeModel,
     _fit,
@@ -25,6 +24,7 @@ from pulsesync.server.nudges.model import (
 from pulsesync.server.nudges.ope import better, estimate, policy_matrix
 from pulsesync.server.nudges.policy import randomized
 from pulsesync.server.nudges.training import cross_fitted
+from pulsesync.timeutil import US_PER_DAY
 from tests.server.nudges.support import sqlite_registry
 
 CATALOG = load_catalog()
