@@ -104,7 +104,7 @@ async def train_candidate(
             f"only {len(decisions)} decisions with outcomes; training needs {need} (policy.min_training_decisions)"
         )
     cut = int(len(decisions) * (1 - holdout)) if holdout > 0 else len(decisions)
-    model = _train(decisions[:cut], catalog)
+    model = train_model(decisions[:cut], catalog)
     holdout_from = (
         decisions[cut].decision_us if cut < len(decisions) else decisions[-1].decision_us + 1
     )
@@ -119,7 +119,8 @@ async def train_candidate(
     )
 
 
-def _train(decisions: Sequence[LoggedDecision], catalog: Catalog) -> OutcomeModel:
+def train_model(decisions: Sequence[LoggedDecision], catalog: Catalog) -> OutcomeModel:
+    """A model trained on decisions with the catalog's policy settings (not saved)."""
     p = catalog.policy
     return train(
         decisions,
@@ -165,7 +166,7 @@ def cross_fitted(
             continue
         held = [scored[int(i)] for i in part]
         rest = [d for d, f in zip(decisions, fold_all, strict=True) if f != k]
-        q[part], pi_new[part] = candidate_matrices(_train(rest, catalog), held, catalog.policy)
+        q[part], pi_new[part] = candidate_matrices(train_model(rest, catalog), held, catalog.policy)
     pi_cur = current_matrix(current, scored, actions, catalog.policy)
     return estimate(
         scored,
