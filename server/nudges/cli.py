@@ -18,6 +18,7 @@ import argparse
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from pulsesync.server.nudges.training import (
     train_candidate,
 )
 from pulsesync.server.storage.backend import Storage, open_storage
+from pulsesync.timeutil import US_PER_S
 
 
 @asynccontextmanager
@@ -93,6 +95,13 @@ async def cmd_evaluate(args: argparse.Namespace) -> int:
     print(
         f"{version_name(version)} vs {ev.against} on {ev.decisions} held-out decisions (steps in 30 min):"
     )
+    if ev.scored_from_us:
+        since = datetime.fromtimestamp(ev.scored_from_us / US_PER_S, UTC)
+        print(
+            f"  scored: the decisions logged from {since:%Y-%m-%d %H:%M} UTC on"
+            f" (policy.evaluation_days = {catalog.policy.evaluation_days:g}; against a promoted"
+            " model, only those after its training); the earlier ones train the models only"
+        )
     for name in ("ips", "snips", "dr", "net"):
         new, base, diff = (
             ev.estimates[name],

@@ -78,6 +78,7 @@ class Evaluation:
     estimates: dict[str, Estimate]
     better: bool
     reason: str = ""  # the gate's reason for its verdict (ope.gate)
+    scored_from_us: int = 0  # the decisions scored were logged from this time on (0: all)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -86,6 +87,7 @@ class Evaluation:
             "decisions": self.decisions,
             "better": self.better,
             "reason": self.reason,
+            "scored_from_us": self.scored_from_us,
             **{k: v.as_dict() for k, v in self.estimates.items()},
         }
 
@@ -190,7 +192,8 @@ async def evaluate_candidate(
         await registry.load(current_v) if current_v is not None and current_v != version else None
     )
     if meta.get("holdout_from_us") is not None:
-        held = split(decisions, int(meta["holdout_from_us"]))
+        score_from = int(meta["holdout_from_us"])
+        held = split(decisions, score_from)
         if not held:
             raise ValueError(f"{version_name(version)} has no held-out decisions with outcomes yet")
         est = evaluate_model(await registry.load(version), current, held, catalog.policy)
@@ -221,6 +224,7 @@ async def evaluate_candidate(
         est,
         promote,
         reason,
+        score_from,
     )
     await registry.update_meta(version, evaluation=evaluation.as_dict())
     return evaluation

@@ -173,6 +173,10 @@ def test_train_and_evaluate_on_an_imported_log(
         assert f"  {name} " in out
     assert "support: 100%" in out
     assert "gate: net gain" in out
+    # 40 days logged, the last 7 scored (policy.evaluation_days): each person's 35 decision
+    # points of days 33-39 and day 32's last, at exactly 7 days before the latest decision.
+    assert "on 432 held-out decisions" in out
+    assert "policy.evaluation_days = 7" in out
 
 
 def test_import_log_cli_prints_each_problem(
