@@ -72,13 +72,13 @@ class PolicySettings:
     active_window_us: int
     outcome_window_us: int
     outcome_grace_us: int
-    # (local minute it starts at, send probability), ascending: the cold start's send
-    # probability from each time to the next; before the first, cold_start_send_probability.
-    cold_start_bands: tuple[tuple[int, float], ...] = ()
     # Off-policy estimates score only the decisions of this many days before a candidate's
     # training ends (0: every day): responses change over weeks, and the days a candidate is
     # scored on should be those most like the days it will decide on.
-    evaluation_days: float = 0.0
+    evaluation_days: float
+    # (local minute it starts at, send probability), ascending: the cold start's send
+    # probability from each time to the next; before the first, cold_start_send_probability.
+    cold_start_bands: tuple[tuple[int, float], ...] = ()
 
     def cold_start_probability(self, local_minute: float | None) -> float:
         """The cold start's send probability at a local minute of the day (None: unknown)."""
@@ -227,8 +227,8 @@ def parse_catalog(raw: dict[str, Any]) -> Catalog:
             active_window_us=int(p["active_window_min"]) * _MIN,
             outcome_window_us=int(p["outcome_window_min"]) * _MIN,
             outcome_grace_us=int(p["outcome_grace_min"]) * _MIN,
+            evaluation_days=float(p["evaluation_days"]),
             cold_start_bands=_bands(p.get("cold_start_by_local_time", {})),
-            evaluation_days=float(p.get("evaluation_days", 0)),
         )
         types = tuple(_type(name, t) for name, t in raw["types"].items())
     except KeyError as e:
