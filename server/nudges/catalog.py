@@ -119,7 +119,9 @@ class Catalog:
 _MIN: Final = US_PER_MIN
 
 
-def _hhmm(text: str) -> int:
+def _hhmm(text: Any) -> int:
+    if not isinstance(text, str):
+        raise ValueError(f"schedule time {text!r} is not HH:MM")
     try:
         hh, mm = text.split(":")
         value = int(hh) * 60 + int(mm)
@@ -140,9 +142,35 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _float(where: str, value: Any, minimum: float | None = None) -> float:
+    """A TOML number (not a string or a boolean), finite and >= minimum; ValueError naming
+    where it is."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{where} must be a number, not {value!r}")
+    if not math.isfinite(value) or (minimum is not None and value < minimum):
+        bound = "" if minimum is None else f" >= {minimum:g}"
+        raise ValueError(f"{where} must be a finite number{bound}, not {value!r}")
+    return float(value)
+
+
+def _int(where: str, value: Any, minimum: int = 0, maximum: int | None = None) -> int:
+    """A TOML whole number (30 or 30.0) in [minimum, maximum]; ValueError naming where it is."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{where} must be a whole number, not {value!r}")
+    if not (
+        math.isfinite(value)
+        and value == int(value)
+        and value >= minimum
+        and (maximum is None or value <= maximum)
+    ):
+        bound = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
+        raise ValueError(f"{where} must be a whole number {bound}, not {value!r}")
+    return int(value)
+
+
 def _budget(value: Any) -> float | None:
     """policy.daily_budget: nudges per person-day, 0 for no budget."""
-    budget = float(value)
+    budget = _float("policy.daily_budget", value)
     return None if budget == 0.0 else budget
 
 
@@ -152,36 +180,56 @@ def _bands(raw: Any) -> tuple[tuple[int, float], ...]:
         raise ValueError('policy.cold_start_by_local_time must be a table of "HH:MM" = probability')
     bands = []
     for text, value in raw.items():
-        probability = float(value)
+        probability = _float(f"policy.cold_start_by_local_time[{text!r}]", value)
         if not 0.0 <= probability <= 1.0:
             raise ValueError(f"policy.cold_start_by_local_time[{text!r}] must be in [0, 1]")
         bands.append((_hhmm(text), probability))
     return tuple(sorted(bands))
 
 
-def _type(name: str, raw: dict[str, Any]) -> NudgeType:
-    kinds = tuple(_DEVICE_KINDS[d] for d in raw["devices"])
+def _optional_float(name: str, raw: dict[str, Any], key: str) -> float | None:
+    value = raw.get(key)
+    return None if value is None else _float(f"type {name}: {key}", value)
+
+
+def _type(name: str, raw: Any) -> NudgeType:
+    if not isinstance(raw, dict):
+        raise ValueError(f"type {name} must be a table of settings ([types.{name}])")
+    devices = raw["devices"]
+    if not isinstance(devices, list) or not devices:
+        raise ValueError(f"type {name}: devices must be a non-empty list of device kinds")
+    unknown = [d for d in devices if d not in _DEVICE_KINDS]
+    if unknown:
+        raise ValueError(
+            f"type {name}: unknown device kind(s) {unknown}; one of {sorted(_DEVICE_KINDS)}"
+        )
     if raw["outcome"] not in _OUTCOMES:
         raise ValueError(f"type {name}: outcome must be one of {_OUTCOMES}")
     if raw["consent"] not in _CONSENTS:
         raise ValueError(f"type {name}: consent must be one of {sorted(_CONSENTS)}")
+    habitual = raw.get("near_habitual_feature")
+    if habitual is not None and not isinstance(habitual, str):
+        raise ValueError(f"type {name}: near_habitual_feature must be a string")
+    after = raw.get("after_local_min")
     return NudgeType(
         name=name,
         title=str(raw["title"]),
         message=str(raw["message"]),
         consent=_CONSENTS[raw["consent"]],
-        device_kinds=kinds,
-        cooldown_us=int(raw["cooldown_min"]) * _MIN,
-        daily_cap=int(raw["daily_cap"]),
-        expire_us=int(raw["expire_min"]) * _MIN,
+        device_kinds=tuple(_DEVICE_KINDS[d] for d in devices),
+        cooldown_us=_int(f"type {name}: cooldown_min", raw["cooldown_min"]) * _MIN,
+        daily_cap=_int(f"type {name}: daily_cap", raw["daily_cap"]),
+        expire_us=_int(f"type {name}: expire_min", raw["expire_min"], minimum=1) * _MIN,
         outcome=str(raw["outcome"]),
         activity=bool(raw.get("activity", False)),
-        max_recent_steps_per_min=raw.get("max_recent_steps_per_min"),
-        min_sedentary_min=raw.get("min_sedentary_min"),
+        max_recent_steps_per_min=_optional_float(name, raw, "max_recent_steps_per_min"),
+        min_sedentary_min=_optional_float(name, raw, "min_sedentary_min"),
         needs_continuity_item=bool(raw.get("needs_continuity_item", False)),
-        near_habitual_feature=raw.get("near_habitual_feature"),
-        min_stress=raw.get("min_stress"),
-        after_local_min=raw.get("after_local_min"),
+        near_habitual_feature=habitual,
+        min_stress=_optional_float(name, raw, "min_stress"),
+        after_local_min=None
+        if after is None
+        else _int(f"type {name}: after_local_min", after, maximum=1439),
     )
 
 
@@ -211,23 +259,30 @@ def parse_catalog(raw: dict[str, Any]) -> Catalog:
     try:
         p = raw["policy"]
         _check_policy_keys(p)
+
+        def number(key: str, minimum: float | None = None) -> float:
+            return _float(f"policy.{key}", p[key], minimum)
+
+        def whole(key: str, minimum: int = 0, maximum: int | None = None) -> int:
+            return _int(f"policy.{key}", p[key], minimum, maximum)
+
         policy = PolicySettings(
             schedule_min=tuple(sorted(_hhmm(s) for s in p["schedule"])),
-            sedentary_trigger_min=int(p["sedentary_trigger_min"]),
-            exploration_floor=float(p["exploration_floor"]),
-            min_gain_steps=float(p["min_gain_steps"]),
+            sedentary_trigger_min=whole("sedentary_trigger_min", minimum=1),
+            exploration_floor=number("exploration_floor"),
+            min_gain_steps=number("min_gain_steps"),
             daily_budget=_budget(p.get("daily_budget", 0)),
-            cold_start_send_probability=float(p["cold_start_send_probability"]),
-            min_training_decisions=int(p["min_training_decisions"]),
-            daily_cap=int(p["daily_cap"]),
-            global_cooldown_us=int(p["global_cooldown_min"]) * _MIN,
-            default_quiet_start_min=int(p["default_quiet_start_min"]),
-            default_quiet_end_min=int(p["default_quiet_end_min"]),
+            cold_start_send_probability=number("cold_start_send_probability"),
+            min_training_decisions=whole("min_training_decisions", minimum=1),
+            daily_cap=whole("daily_cap"),
+            global_cooldown_us=whole("global_cooldown_min") * _MIN,
+            default_quiet_start_min=whole("default_quiet_start_min", maximum=1439),
+            default_quiet_end_min=whole("default_quiet_end_min", maximum=1439),
             default_time_zone=str(p["default_time_zone"]),
-            active_window_us=int(p["active_window_min"]) * _MIN,
-            outcome_window_us=int(p["outcome_window_min"]) * _MIN,
-            outcome_grace_us=int(p["outcome_grace_min"]) * _MIN,
-            evaluation_days=float(p["evaluation_days"]),
+            active_window_us=whole("active_window_min", minimum=1) * _MIN,
+            outcome_window_us=whole("outcome_window_min", minimum=1) * _MIN,
+            outcome_grace_us=whole("outcome_grace_min") * _MIN,
+            evaluation_days=number("evaluation_days", minimum=0.0),
             cold_start_bands=_bands(p.get("cold_start_by_local_time", {})),
         )
         types = tuple(_type(name, t) for name, t in raw["types"].items())
@@ -239,8 +294,6 @@ def parse_catalog(raw: dict[str, Any]) -> Catalog:
         raise ValueError("policy.daily_budget must be in (0, policy.daily_cap], or 0 for none")
     if not 0.0 <= policy.cold_start_send_probability <= 1.0:
         raise ValueError("policy.cold_start_send_probability must be in [0, 1]")
-    if not (math.isfinite(policy.evaluation_days) and policy.evaluation_days >= 0.0):
-        raise ValueError("policy.evaluation_days must be a number of days >= 0 (0: every day)")
     if NONE_ACTION in {t.name for t in types}:
         raise ValueError(f"{NONE_ACTION!r} is reserved for sending nothing")
     return Catalog(policy, types)
