@@ -97,11 +97,14 @@ async def cmd_evaluate(args: argparse.Namespace) -> int:
     )
     if ev.scored_from_us:
         since = datetime.fromtimestamp(ev.scored_from_us / US_PER_S, UTC)
-        print(
-            f"  scored: the decisions logged from {since:%Y-%m-%d %H:%M} UTC on"
-            f" (policy.evaluation_days = {catalog.policy.evaluation_days:g}; against a promoted"
-            " model, only those after its training); the earlier ones train the models only"
-        )
+        why = {
+            "holdout": "the candidate's holdout: it was trained on the decisions before",
+            "evaluation_days": f"policy.evaluation_days = {catalog.policy.evaluation_days:g};"
+            " the earlier ones train the models only",
+            "promoted_model": "after the promoted model's training: its own training decisions"
+            " would flatter it; the earlier ones train the models only",
+        }[ev.scored_by]
+        print(f"  scored: the decisions logged from {since:%Y-%m-%d %H:%M} UTC on ({why})")
     for name in ("ips", "snips", "dr", "net"):
         new, base, diff = (
             ev.estimates[name],

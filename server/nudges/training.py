@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import numpy as np
 
@@ -68,6 +68,9 @@ async def logged_decisions(storage: NudgeStorage, since_us: int = 0) -> list[Log
     return out
 
 
+ScoredBy = Literal["holdout", "evaluation_days", "promoted_model"]
+
+
 @dataclass(frozen=True, slots=True)
 class Evaluation:
     """A candidate's off-policy estimates against the current policy, and the verdict."""
@@ -79,6 +82,10 @@ class Evaluation:
     better: bool
     reason: str = ""  # the gate's reason for its verdict (ope.gate)
     scored_from_us: int = 0  # the decisions scored were logged from this time on (0: all)
+    # What set scored_from_us: "holdout" (the candidate was trained with a holdout),
+    # "evaluation_days" (policy.evaluation_days) or "promoted_model" (the current model's
+    # training ends later: its own training decisions would flatter it).
+    scored_by: ScoredBy = "evaluation_days"
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -88,6 +95,7 @@ class Evaluation:
             "better": self.better,
             "reason": self.reason,
             "scored_from_us": self.scored_from_us,
+            "scored_by": self.scored_by,
             **{k: v.as_dict() for k, v in self.estimates.items()},
         }
 
@@ -136,6 +144,7 @@ def train_model(decisions: Sequence[LoggedDecision], catalog: Catalog) -> Outcom
 
 
 def split(decisions: Sequence[LoggedDecision], from_us: int) -> list[LoggedDecision]:
+    """The decisions logged at or after from_us."""
     return [d for d in decisions if d.decision_us >= from_us]
 
 
@@ -151,7 +160,7 @@ def cross_fitted(
     score_from_us are scored (against a promoted model: those it was not trained on).
     """
     actions = catalog.actions
-    scored = [d for d in decisions if d.decision_us >= score_from_us]
+    scored = split(decisions, score_from_us)
     if len({d.user_id for d in scored}) < EVAL_FOLDS:
         raise ValueError(
             f"cross-fitted evaluation needs decisions of at least {EVAL_FOLDS} people"
@@ -191,31 +200,34 @@ async def evaluate_candidate(
     current = (
         await registry.load(current_v) if current_v is not None and current_v != version else None
     )
+    scored_by: ScoredBy
     if meta.get("holdout_from_us") is not None:
-        score_from = int(meta["holdout_from_us"])
+        score_from, scored_by = int(meta["holdout_from_us"]), "holdout"
         held = split(decisions, score_from)
         if not held:
             raise ValueError(f"{version_name(version)} has no held-out decisions with outcomes yet")
         est = evaluate_model(await registry.load(version), current, held, catalog.policy)
     else:
         until = int(meta.get("trained_until_us", 2**62))
-        held = [d for d in decisions if d.decision_us < until]
+        logged = [d for d in decisions if d.decision_us < until]
         # A promoted model's policy scored on its own training decisions looks better than it
         # is (its greedy choices fit those outcomes' noise): score only the decisions logged
         # after its training.
-        score_from = (
+        after_current = (
             int((await registry.meta(current_v)).get("trained_until_us", 0))
             if current is not None and current_v is not None
             else 0
         )
-        score_from = max(score_from, recent_from(held, catalog.policy.evaluation_days))
-        if len({d.user_id for d in held}) < EVAL_FOLDS:
+        recent = recent_from(logged, catalog.policy.evaluation_days)
+        score_from = max(after_current, recent)
+        scored_by = "promoted_model" if after_current > recent else "evaluation_days"
+        if len({d.user_id for d in logged}) < EVAL_FOLDS:
             raise ValueError(
                 f"cross-fitted evaluation needs decisions of at least {EVAL_FOLDS} people;"
                 " train with --holdout 0.25 to evaluate on the latest decisions instead"
             )
-        est = cross_fitted(held, catalog, current, score_from)
-        held = [d for d in held if d.decision_us >= score_from]
+        est = cross_fitted(logged, catalog, current, score_from)
+        held = split(logged, score_from)
     promote, reason = gate(est)
     evaluation = Evaluation(
         version,
@@ -225,6 +237,7 @@ async def evaluate_candidate(
         promote,
         reason,
         score_from,
+        scored_by,
     )
     await registry.update_meta(version, evaluation=evaluation.as_dict())
     return evaluation

@@ -91,6 +91,27 @@ async def test_a_fading_effect_is_promoted_only_when_every_day_is_scored(
         assert ev.decisions < len(decisions) / 3
         assert dr.low < 0.0 < dr.high or dr.high < 0.0, dr
         assert not ev.better, ev.reason
+        assert (ev.scored_from_us, ev.scored_by) == (since, "evaluation_days")
+
+
+async def test_against_a_model_trained_later_only_the_decisions_after_its_training_are_scored(
+    tmp_path: Path,
+) -> None:
+    log = tmp_path / "fading.jsonl"
+    write_jsonl(log, fading_logs(12, 3))
+    cat = catalog(7)
+    async with await Database.open(tmp_path / "db.sqlite") as db, sqlite_registry(tmp_path) as reg:
+        storage = SqliteNudgeStorage(db)
+        await import_file(storage, log, cat.actions)
+        decisions = await logged_decisions(storage)
+        # A model trained up to three days before the latest decision, then promoted.
+        trained_until = decisions[-1].decision_us - 3 * US_PER_DAY
+        current = await train_candidate(storage, cat, reg)
+        await reg.update_meta(current, trained_until_us=trained_until)
+        await reg.promote(current, {})
+        ev = await evaluate_candidate(storage, cat, reg, await train_candidate(storage, cat, reg))
+    assert (ev.scored_from_us, ev.scored_by) == (trained_until, "promoted_model")
+    assert ev.decisions == sum(d.decision_us >= trained_until for d in decisions)
 
 
 def test_recent_from_takes_the_last_days_before_the_latest_decision() -> None:

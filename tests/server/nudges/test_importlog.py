@@ -177,6 +177,12 @@ def test_train_and_evaluate_on_an_imported_log(
     # points of days 33-39 and day 32's last, at exactly 7 days before the latest decision.
     assert "on 432 held-out decisions" in out
     assert "policy.evaluation_days = 7" in out
+    # Trained with a holdout, the candidate is scored on it, whatever evaluation_days says.
+    assert cli_main(["nudges", "train", "--holdout", "0.25", *flags]) == 0
+    assert cli_main(["nudges", "evaluate", *flags]) == 0
+    out = capsys.readouterr().out
+    assert "(the candidate's holdout: it was trained on the decisions before)" in out
+    assert "evaluation_days" not in out
 
 
 def test_import_log_cli_prints_each_problem(
