@@ -89,7 +89,7 @@ async def cmd_evaluate(args: argparse.Namespace) -> int:
     async with _opened(args) as (storage, registry):
         version = await _latest(registry, args.version)
         try:
-            ev = await evaluate_candidate(storage.nudges, catalog, registry, version)
+            ev = await evaluate_candidate(storage.nudges, catalog, registry, version, args.clip)
         except ValueError as e:
             raise SystemExit(f"cannot evaluate: {e}") from None
     print(
@@ -119,6 +119,10 @@ async def cmd_evaluate(args: argparse.Namespace) -> int:
     print(
         f"  (NET: DR less {cost:g} steps per nudge sent, the policy's objective; the gate uses it)"
     )
+    if args.clip is not None:
+        print(
+            f"  (importance weights capped at {args.clip:g}: less variance, a bias towards the log)"
+        )
     support = ev.estimates.get("support")
     if support is not None:
         print(f"  support: {support.value:.0%} of the candidate's choices are on logged actions")
@@ -263,6 +267,15 @@ def register(sub: Any) -> None:
             "-v", "--version", type=int, default=None, help="model version (default: latest)"
         )
         p.set_defaults(handler=fn)
+        if name == "evaluate":
+            p.add_argument(
+                "--clip",
+                type=float,
+                default=None,
+                metavar="M",
+                help="cap every importance weight at M (>= 1), for logs where a few tiny"
+                " logged probabilities dominate the estimate (default: no cap)",
+            )
     p = group.add_parser("status", help="model versions, the promoted one, logged decisions")
     common(p)
     p.add_argument("--json", action="store_true", help="also print one JSON line")

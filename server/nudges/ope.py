@@ -262,8 +262,10 @@ def evaluate_model(
     decisions: Sequence[LoggedDecision],
     settings: PolicySettings,
     seed: int = 0,
+    clip: float | None = None,
 ) -> dict[str, Estimate]:
-    """Estimates of the candidate's policy against the current one on held-out decisions."""
+    """Estimates of the candidate's policy against the current one on held-out decisions
+    (importance weights capped at clip when given)."""
     q, pi_new = candidate_matrices(candidate, decisions, settings)
     pi_cur = current_matrix(current, decisions, candidate.actions, settings)
     return estimate(
@@ -275,6 +277,7 @@ def evaluate_model(
         clusters=[d.user_id for d in decisions],
         seed=seed,
         send_cost=settings.min_gain_steps,
+        clip=clip,
     )
 
 

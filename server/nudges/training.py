@@ -153,6 +153,7 @@ def cross_fitted(
     catalog: Catalog,
     current: OutcomeModel | None,
     score_from_us: int = 0,
+    clip: float | None = None,
 ) -> dict[str, Estimate]:
     """Estimates of the training procedure's policy against the current one, cross-fitted by people.
 
@@ -187,13 +188,19 @@ def cross_fitted(
         baseline_pi=pi_cur,
         clusters=[d.user_id for d in scored],
         send_cost=catalog.policy.min_gain_steps,
+        clip=clip,
     )
 
 
 async def evaluate_candidate(
-    storage: NudgeStorage, catalog: Catalog, registry: ModelRegistry, version: int
+    storage: NudgeStorage,
+    catalog: Catalog,
+    registry: ModelRegistry,
+    version: int,
+    clip: float | None = None,
 ) -> Evaluation:
-    """Estimate the candidate against the current policy on its held-out decisions."""
+    """Estimate the candidate against the current policy on its held-out decisions
+    (importance weights capped at clip when given: ope.estimate)."""
     meta = await registry.meta(version)
     decisions = await logged_decisions(storage)
     current_v = await registry.current()
@@ -206,7 +213,7 @@ async def evaluate_candidate(
         held = split(decisions, score_from)
         if not held:
             raise ValueError(f"{version_name(version)} has no held-out decisions with outcomes yet")
-        est = evaluate_model(await registry.load(version), current, held, catalog.policy)
+        est = evaluate_model(await registry.load(version), current, held, catalog.policy, clip=clip)
     else:
         until = int(meta.get("trained_until_us", 2**62))
         logged = [d for d in decisions if d.decision_us < until]
@@ -226,7 +233,7 @@ async def evaluate_candidate(
                 f"cross-fitted evaluation needs decisions of at least {EVAL_FOLDS} people;"
                 " train with --holdout 0.25 to evaluate on the latest decisions instead"
             )
-        est = cross_fitted(logged, catalog, current, score_from)
+        est = cross_fitted(logged, catalog, current, score_from, clip)
         held = split(logged, score_from)
     promote, reason = gate(est)
     evaluation = Evaluation(

@@ -185,6 +185,31 @@ def test_train_and_evaluate_on_an_imported_log(
     assert "evaluation_days" not in out
 
 
+def test_evaluate_caps_importance_weights_when_asked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    flags = ["--data-dir", str(tmp_path)]
+    assert (
+        cli_main(
+            ["nudges", "import-log", str(trial_jsonl(tmp_path / "t.jsonl", 12, 40, 5)), *flags]
+        )
+        == 0
+    )
+    assert cli_main(["nudges", "train", *flags]) == 0
+    lines = {}
+    for clip in ([], ["--clip", "1.5"]):
+        assert cli_main(["nudges", "evaluate", *clip, *flags]) == 0
+        out = capsys.readouterr().out
+        lines[bool(clip)] = next(line for line in out.splitlines() if line.startswith("  IPS "))
+        assert ("importance weights capped at 1.5" in out) == bool(clip)
+    # A send logged with 0.3 weighs 1/0.3 where the candidate sends: capped at 1.5, IPS moves.
+    assert lines[True] != lines[False]
+    with pytest.raises(
+        SystemExit, match=r"cannot evaluate: weight clip 0.5 must be a finite number >= 1"
+    ):
+        cli_main(["nudges", "evaluate", "--clip", "0.5", *flags])
+
+
 def test_import_log_cli_prints_each_problem(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
