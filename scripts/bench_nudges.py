@@ -219,7 +219,8 @@ async def main() -> int:
         print(f"  training on day {ev['minute'] / 1440:.0f}: {ev['decisions']} decisions, DR gain over {ev['against']} "
               f"{d['value']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}], net of the nudges' cost "
               f"{net['value']:+.2f} [{net['low']:+.2f}, {net['high']:+.2f}] steps/decision point, "
-              f"send threshold {ev.get('send_threshold') or 0:.1f}  "
+              f"send threshold {ev.get('send_threshold') or 0:.1f}, "
+              f"effective decisions {ev.get('effective_decisions', {}).get('value', 0):.0f}  "
               f"{'PROMOTED' if ev['promoted'] else 'not promoted'}")  # fmt: skip
     if learned.evaluation is not None:
         ev = learned.evaluation

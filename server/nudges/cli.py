@@ -126,6 +126,12 @@ async def cmd_evaluate(args: argparse.Namespace) -> int:
     support = ev.estimates.get("support")
     if support is not None:
         print(f"  support: {support.value:.0%} of the candidate's choices are on logged actions")
+    ess = ev.estimates.get("effective_decisions")
+    if ess is not None:
+        print(
+            f"  effective decisions: {ess.value:.0f} of {ev.decisions} (importance weights;"
+            " a small share means a few decisions decide the estimate)"
+        )
     print(
         "verdict: better (promotable)"
         if ev.better

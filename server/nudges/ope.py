@@ -27,7 +27,10 @@ least `MIN_CHOSEN` times; below `MIN_SUPPORT` the gate refuses to promote and sa
 and DR cannot see the outcome of actions the log never takes). `clip` caps the importance
 weights w_i at a maximum (lower variance, biased towards the logged outcomes: use it when a
 few tiny logged probabilities dominate the estimate; the weight bound is reported as
-`clip`).
+`clip`). `effective_decisions` is the weights' Kish effective sample size, (sum w)^2 / sum w^2:
+the number of decisions the estimate effectively rests on (all of them when the target acts
+like the log; a handful when a few decisions the log explored with a tiny probability carry
+most of the weight, and then the bootstrap interval is not to be trusted).
 """
 
 from __future__ import annotations
@@ -91,6 +94,12 @@ def support(decisions: Sequence[LoggedDecision], actions: Sequence[str], pi: Mat
             ):
                 ok[i, j] = 1.0
     return float((pi * ok).sum() / max(float(pi.sum()), 1e-12))
+
+
+def effective_decisions(w: Matrix) -> float:
+    """Kish's effective sample size of importance weights: (sum w)^2 / sum w^2."""
+    square = float((w * w).sum())
+    return float(w.sum()) ** 2 / square if square > 0.0 else 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,7 +180,8 @@ def estimate(
 
     With clusters (e.g. the user of each decision) the bootstrap resamples whole clusters.
     The log is checked first (LogError names the first bad decision); "support" reports the
-    share of pi's mass the log supports, and "clip" the weight bound when one is given.
+    share of pi's mass the log supports, "effective_decisions" the weights' effective sample
+    size, and "clip" the weight bound when one is given.
     """
     n = len(decisions)
     if n == 0:
@@ -207,13 +217,16 @@ def estimate(
             "net": (float(net.mean()), counts @ snet / np.maximum(size, 1.0)),
         }
 
-    target = stats(*_per_decision(decisions, actions, pi, q, send_cost, clip))
+    per_decision = _per_decision(decisions, actions, pi, q, send_cost, clip)
+    target = stats(*per_decision)
     out = {
         k: Estimate(v, float(np.percentile(b, lo_q)), float(np.percentile(b, hi_q)))
         for k, (v, b) in target.items()
     }
     share = support(decisions, actions, pi)
     out["support"] = Estimate(share, share, share)
+    ess = effective_decisions(per_decision[0])
+    out["effective_decisions"] = Estimate(ess, ess, ess)
     if clip is not None:
         out["clip"] = Estimate(clip, clip, clip)
     if baseline_pi is not None:

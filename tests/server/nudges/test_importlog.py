@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -172,6 +173,8 @@ def test_train_and_evaluate_on_an_imported_log(
     for name in ("IPS", "SNIPS", "DR", "NET"):
         assert f"  {name} " in out
     assert "support: 100%" in out
+    effective = re.search(r"effective decisions: (\d+) of 432 ", out)
+    assert effective is not None and 0 < int(effective[1]) <= 432, out
     assert "gate: net gain" in out
     # 40 days logged, the last 7 scored (policy.evaluation_days): each person's 35 decision
     # points of days 33-39 and day 32's last, at exactly 7 days before the latest decision.

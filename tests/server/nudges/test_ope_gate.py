@@ -106,3 +106,29 @@ def test_clipping_bounds_the_weights_and_is_reported() -> None:
     assert all(np.isfinite([e.value, e.low, e.high]).all() for e in clipped.values())
     with pytest.raises(ValueError, match="clip"):
         estimate(data, ACTIONS, always(n, WALK), q, clip=0.5)
+
+
+def test_effective_decisions_say_how_many_decisions_an_estimate_rests_on() -> None:
+    data = logged(400, 5)
+    n = len(data)
+    q = np.zeros((n, len(ACTIONS)))
+    # The logging policy itself: every weight is 1, every decision counts.
+    logging_pi = np.zeros((n, len(ACTIONS)))
+    for i, d in enumerate(data):
+        for a, p in d.options.items():
+            logging_pi[i, ACTIONS.index(a)] = p
+    assert estimate(data, ACTIONS, logging_pi, q)["effective_decisions"].value == pytest.approx(n)
+    # Always walking: weight 1/0.6 on the walking decisions, 0 elsewhere; the estimate rests on them.
+    walks = sum(d.chosen == WALK for d in data)
+    assert estimate(data, ACTIONS, always(n, WALK), q)["effective_decisions"].value == (
+        pytest.approx(walks)
+    )
+    # Four walks logged with probability 0.001 carry weights of 1,000: they decide the estimate.
+    rare = [
+        replace(d, probability=0.001) if d.chosen == WALK and i < 40 else d
+        for i, d in enumerate(data)
+    ]
+    tiny = sum(d.probability == 0.001 for d in rare)
+    assert 0 < tiny <= 40
+    ess = estimate(rare, ACTIONS, always(n, WALK), q)["effective_decisions"].value
+    assert ess < tiny + 2
