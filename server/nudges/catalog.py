@@ -287,7 +287,7 @@ def parse_catalog(raw: dict[str, Any]) -> Catalog:
         )
         types = tuple(_type(name, t) for name, t in raw["types"].items())
     except KeyError as e:
-        raise ValueError(f"nudge catalog is missing the key {e.args[0]!r}") from None
+        raise ValueError(f"missing the key {e.args[0]!r}") from None
     if not 0.0 <= policy.exploration_floor < 0.5:
         raise ValueError("policy.exploration_floor must be in [0, 0.5)")
     if policy.daily_budget is not None and not 0.0 < policy.daily_budget <= policy.daily_cap:
@@ -307,13 +307,25 @@ def default_catalog_text() -> str:
 def load_catalog(
     path: str | Path | None = None, overrides: dict[str, Any] | None = None
 ) -> Catalog:
-    """The default catalog, with the file at path and overrides merged in."""
+    """The default catalog, with the file at path and overrides merged in.
+
+    ValueError says which file and what is wrong (unreadable, not TOML, a bad key or value).
+    """
     raw = tomllib.loads(default_catalog_text())
+    where = f"nudge catalog {path}" if path else "nudge catalog"
     if path:
         try:
-            raw = _merge(raw, tomllib.loads(Path(path).read_text("utf-8")))
-        except OSError as e:
-            raise ValueError(f"cannot read nudge catalog {path}: {e}") from e
+            text = Path(path).read_text("utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise ValueError(f"cannot read {where}: {reason}") from None
+        try:
+            raw = _merge(raw, tomllib.loads(text))
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{where} is not valid TOML: {e}") from None
     if overrides:
         raw = _merge(raw, overrides)
-    return parse_catalog(raw)
+    try:
+        return parse_catalog(raw)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None

@@ -60,7 +60,10 @@ def _catalog(args: argparse.Namespace) -> Catalog:
     """--catalog, else the configured one (PULSESYNC_NUDGE_CATALOG), else the defaults."""
     from pulsesync.server.cli import config_from
 
-    return load_catalog(args.catalog or config_from(args).nudges.catalog)
+    try:
+        return load_catalog(args.catalog or config_from(args).nudges.catalog)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
 
 async def _latest(registry: ModelRegistry, version: int | None) -> int:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from pulsesync.server.cli import main as cli_main
 from pulsesync.server.nudges.catalog import load_catalog
 from pulsesync.timeutil import US_PER_MIN
 
@@ -60,5 +64,42 @@ def test_a_missing_key_is_named(tmp_path: Path) -> None:
     # A new type must carry every required key; the first one missing is named.
     path = tmp_path / "catalog.toml"
     path.write_text('[types.stretch]\ntitle = "Stretch"\nmessage = "now"\n', "utf-8")
-    with pytest.raises(ValueError, match="nudge catalog is missing the key 'devices'"):
+    with pytest.raises(ValueError, match=f"nudge catalog {path}: missing the key 'devices'"):
         load_catalog(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[types.walking_suggestion]\ncooldown_min = "2h"\n', "type walking_suggestion: cooldown_min must be a whole number, not '2h'"),
+        ("schedule = [", "is not valid TOML"),
+        (None, "cannot read nudge catalog .*: No such file or directory"),
+    ],
+)  # fmt: skip
+def test_the_nudge_commands_say_what_is_wrong_with_a_catalog_in_one_line(
+    tmp_path: Path, text: str | None, message: str
+) -> None:
+    path = tmp_path / "catalog.toml"
+    if text is not None:
+        path.write_text(text, "utf-8")
+    with pytest.raises(SystemExit, match=message):
+        cli_main(["nudges", "evaluate", "--catalog", str(path), "--data-dir", str(tmp_path)])
+
+
+def test_the_server_refuses_a_bad_catalog_before_it_starts(tmp_path: Path) -> None:
+    path = tmp_path / "catalog.toml"
+    path.write_text("[policy]\ndaily_cap = 2.5\n", "utf-8")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pulsesync.server.cli", "serve", "--data-dir", str(tmp_path / "data"), "--port", "0"],
+        env={**os.environ, "PULSESYNC_NUDGE_CATALOG": str(path)},
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert (
+        f"nudge catalog {path}: policy.daily_cap must be a whole number >= 0, not 2.5"
+        in proc.stderr
+    )
+    assert "Traceback" not in proc.stderr
