@@ -107,6 +107,8 @@ async def train_candidate(
     holdout: float = DEFAULT_HOLDOUT,
 ) -> int:
     """Train on the earliest (1 - holdout) decisions; save as a new, unpromoted version."""
+    if not 0.0 <= holdout < 1.0:  # nan included
+        raise ValueError(f"the holdout must be a fraction in [0, 1), not {holdout:g}")
     decisions = await logged_decisions(storage)
     need = catalog.policy.min_training_decisions
     if len(decisions) < need:
@@ -114,6 +116,11 @@ async def train_candidate(
             f"only {len(decisions)} decisions with outcomes; training needs {need} (policy.min_training_decisions)"
         )
     cut = int(len(decisions) * (1 - holdout)) if holdout > 0 else len(decisions)
+    if cut < need:
+        raise ValueError(
+            f"a holdout of {holdout:g} leaves {cut} of {len(decisions)} decisions to train on;"
+            f" training needs {need} (policy.min_training_decisions)"
+        )
     model = train_model(decisions[:cut], catalog)
     holdout_from = (
         decisions[cut].decision_us if cut < len(decisions) else decisions[-1].decision_us + 1

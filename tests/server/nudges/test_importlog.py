@@ -174,7 +174,8 @@ def test_train_and_evaluate_on_an_imported_log(
         assert f"  {name} " in out
     assert "support: 100%" in out
     effective = re.search(r"effective decisions: (\d+) of 432 ", out)
-    assert effective is not None and 0 < int(effective[1]) <= 432, out
+    assert effective is not None, out
+    assert 0 < int(effective[1]) <= 432, out
     assert "gate: net gain" in out
     # 40 days logged, the last 7 scored (policy.evaluation_days): each person's 35 decision
     # points of days 33-39 and day 32's last, at exactly 7 days before the latest decision.
@@ -186,6 +187,26 @@ def test_train_and_evaluate_on_an_imported_log(
     out = capsys.readouterr().out
     assert "(the candidate's holdout: it was trained on the decisions before)" in out
     assert "evaluation_days" not in out
+
+
+def test_train_refuses_a_holdout_that_is_not_a_fraction_or_leaves_too_little(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    flags = ["--data-dir", str(tmp_path)]
+    log = trial_jsonl(tmp_path / "t.jsonl", 12, 10, 5)  # 600 decisions
+    assert cli_main(["nudges", "import-log", str(log), *flags]) == 0
+    for holdout in ("1.5", "nan", "-0.1", "1"):
+        with pytest.raises(
+            SystemExit, match=r"cannot train: the holdout must be a fraction in \[0, 1\)"
+        ):
+            cli_main(["nudges", "train", f"--holdout={holdout}", *flags])
+    with pytest.raises(
+        SystemExit,
+        match=r"a holdout of 0.6 leaves 240 of 600 decisions to train on; training needs 300",
+    ):
+        cli_main(["nudges", "train", "--holdout=0.6", *flags])
+    assert cli_main(["nudges", "train", "--holdout=0.25", *flags]) == 0
+    assert "trained on 450 decisions" in capsys.readouterr().out
 
 
 def test_evaluate_caps_importance_weights_when_asked(
