@@ -7,6 +7,7 @@ setting listed in `SETTINGS` (its field, its environment variable and how to rea
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -221,8 +222,21 @@ def load_config(flags: Mapping[str, object] | None = None) -> ServerConfig:
         part, _, name = s.field.rpartition(".")
         (parts[part] if part else top)[name] = value
     base = ServerConfig(**top)
-    return replace(
+    config = replace(
         base,
         nudges=replace(base.nudges, **parts["nudges"]),
         retention=replace(base.retention, **parts["retention"]),
     )
+    _check(config)
+    return config
+
+
+def _check(config: ServerConfig) -> None:
+    """Values a parser accepts but the server cannot use (ValueError naming the setting): a
+    port beyond 0..65535 would be bound elsewhere, a tick of 0 would spin."""
+    for name, port in (("port", config.port), ("metrics port", config.metrics_port)):
+        if port is not None and not 0 <= port <= 65535:
+            raise ValueError(f"the {name} must be in 0..65535 (0: any free one), not {port}")
+    tick = config.nudges.tick_seconds
+    if not (math.isfinite(tick) and tick > 0):
+        raise ValueError(f"the nudge tick must be a positive number of seconds, not {tick:g}")
