@@ -33,7 +33,12 @@ from pulsesync.server.errors import InvalidArgument
 from pulsesync.server.privacy.audit import DEFAULT_AUDIT_LIMIT, Action, Actor, AuditLog
 from pulsesync.server.privacy.center import PrivacyCenter
 from pulsesync.server.privacy.consent import CATEGORIES, CURRENT_POLICY_VERSION
-from pulsesync.server.privacy.export import read_archive, verify_archive, write_archive
+from pulsesync.server.privacy.export import (
+    ArchiveExists,
+    read_archive,
+    verify_archive,
+    write_archive,
+)
 from pulsesync.server.storage.backend import open_storage
 
 
@@ -118,7 +123,12 @@ async def cmd_summary(args: argparse.Namespace) -> int:
 async def cmd_export(args: argparse.Namespace) -> int:
     async with offline_center(args) as center:
         user_id = await _user(center, args.user)
-        names = await write_archive(center.export(user_id, Actor.ADMIN), args.out)
+        try:
+            names = await write_archive(center.export(user_id, Actor.ADMIN), args.out)
+        except ArchiveExists as e:
+            raise SystemExit(f"error: {e}; choose a new path") from None
+        except OSError as e:
+            raise SystemExit(f"error: cannot write {args.out}: {e.strerror or e}") from None
     manifest = verify_archive(read_archive(args.out))
     total = sum(f["count"] for f in manifest["files"])
     print(f"wrote {args.out}: {len(names) - 1} record files, {total} records, manifest.json")
@@ -209,7 +219,10 @@ async def cmd_purge(args: argparse.Namespace) -> int:
 async def cmd_verify_export(args: argparse.Namespace) -> int:
     try:
         manifest = verify_archive(read_archive(args.path))
-    except (ValueError, OSError, KeyError) as e:
+    except OSError as e:
+        print(f"error: cannot read {args.path}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    except (ValueError, KeyError) as e:
         print(f"error: {args.path} does not verify: {e}", file=sys.stderr)
         return 1
     for f in manifest["files"]:

@@ -12,13 +12,16 @@ import asyncio
 import base64
 import hashlib
 import json
+import os
 import re
+import secrets
+import shutil
 import zipfile
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, BinaryIO, Final
 
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
@@ -180,27 +183,77 @@ def check_member_name(name: str) -> str:
     return name
 
 
+FILE_MODE: Final = 0o600  # an export holds a person's data: readable by its owner only
+DIR_MODE: Final = 0o700
+
+
+class ArchiveExists(FileExistsError):
+    """The export's destination already exists; an export never writes over anything."""
+
+
 async def write_archive(chunks: AsyncIterable[tuple[str, bytes]], out: Path) -> list[str]:
-    """Write an export stream to a .zip file or into a directory; the member names written."""
+    """Write an export stream to a new .zip file or a new directory; the member names written.
+
+    Never over an existing path (ArchiveExists; an empty directory may be the destination of
+    a directory export), private to its owner (files 0600, directories 0700), and whole or not
+    at all: written beside `out` under a temporary name, renamed to `out` once complete, and
+    removed if the stream fails or the task is cancelled.
+    """
+    zipped = out.suffix == ".zip"
+    await asyncio.to_thread(_check_destination, out, zipped)
+    partial = out.with_name(f".{out.name}.partial-{secrets.token_hex(4)}")
+    try:
+        names = await (_write_zip(chunks, partial) if zipped else _write_dir(chunks, partial))
+        os.replace(partial, out)
+    except BaseException:
+        if partial.is_dir():
+            shutil.rmtree(partial, ignore_errors=True)
+        else:
+            partial.unlink(missing_ok=True)
+        raise
+    return names
+
+
+def _check_destination(out: Path, zipped: bool) -> None:
+    if out.exists() and (zipped or not out.is_dir() or any(out.iterdir())):
+        raise ArchiveExists(f"{out} already exists; an export never writes over anything")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _make_dir(path: Path) -> None:
+    path.mkdir(mode=DIR_MODE)
+    os.chmod(path, DIR_MODE)  # mkdir's mode is filtered by the umask
+
+
+def _create(path: Path) -> BinaryIO:
+    """A new file at path, mode 0600 whatever the umask."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    os.fchmod(fd, FILE_MODE)
+    return os.fdopen(fd, "wb")
+
+
+async def _write_zip(chunks: AsyncIterable[tuple[str, bytes]], path: Path) -> list[str]:
     names: list[str] = []
-    if out.suffix == ".zip":
-        await asyncio.to_thread(out.parent.mkdir, parents=True, exist_ok=True)
-        with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-            member = None
-            try:
-                async for name, chunk in chunks:
-                    if not names or names[-1] != name:
-                        if member is not None:
-                            member.close()
-                        names.append(check_member_name(name))
-                        member = zf.open(name, "w", force_zip64=True)
-                    assert member is not None
-                    member.write(chunk)
-            finally:
-                if member is not None:
-                    member.close()
-        return names
-    await asyncio.to_thread(out.mkdir, parents=True, exist_ok=True)
+    with _create(path) as raw, zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        member = None
+        try:
+            async for name, chunk in chunks:
+                if not names or names[-1] != name:
+                    if member is not None:
+                        member.close()
+                    names.append(check_member_name(name))
+                    member = zf.open(name, "w", force_zip64=True)
+                assert member is not None
+                member.write(chunk)
+        finally:
+            if member is not None:
+                member.close()
+    return names
+
+
+async def _write_dir(chunks: AsyncIterable[tuple[str, bytes]], path: Path) -> list[str]:
+    names: list[str] = []
+    await asyncio.to_thread(_make_dir, path)
     handle = None
     try:
         async for name, chunk in chunks:
@@ -208,7 +261,7 @@ async def write_archive(chunks: AsyncIterable[tuple[str, bytes]], out: Path) -> 
                 if handle is not None:
                     handle.close()
                 names.append(check_member_name(name))
-                handle = (out / name).open("wb")
+                handle = _create(path / name)
             assert handle is not None
             handle.write(chunk)
     finally:
@@ -218,11 +271,15 @@ async def write_archive(chunks: AsyncIterable[tuple[str, bytes]], out: Path) -> 
 
 
 def read_archive(path: Path) -> dict[str, bytes]:
-    """Every member of an archive written by write_archive (a .zip file or a directory)."""
+    """Every member of an archive written by write_archive (a .zip file or a directory);
+    ValueError when it is neither."""
     if path.is_dir():
         return {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.is_file()}
-    with zipfile.ZipFile(path) as zf:
-        return {name: zf.read(name) for name in zf.namelist()}
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return {name: zf.read(name) for name in zf.namelist()}
+    except zipfile.BadZipFile:
+        raise ValueError("neither a .zip export nor a directory export") from None
 
 
 def verify_archive(members: dict[str, bytes]) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from pulsesync.server.cli import main
 from pulsesync.server.clock import SystemClock
 from pulsesync.server.identity import IdentityStore
 from pulsesync.server.privacy.consent import ConsentStore
-from pulsesync.server.privacy.export import read_archive, records
+from pulsesync.server.privacy.export import read_archive, records, write_archive
 from pulsesync.server.storage.db import Database
 from pulsesync.server.storage.sqlite.consent import SqliteConsentStorage
 from pulsesync.server.storage.sqlite.identity import SqliteIdentityStorage
@@ -97,3 +98,59 @@ def test_privacy_commands_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtu
     ]  # fmt: skip
     assert all("zoe" not in line and device_id not in line for line in log)
     assert (tmp_path / "receipt.key").stat().st_mode & 0o777 == 0o600
+
+
+def test_export_never_writes_over_anything_and_is_private(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "data"
+    flags = ["--data-dir", str(data)]
+    assert main(["users", "add", "zoe", *flags]) == 0
+    asyncio.run(_seed(data / "pulsesync.db"))
+    # The data directory itself (it once received the export's files beside the database).
+    with pytest.raises(SystemExit, match=r"already exists; an export never writes over anything"):
+        main(["privacy", "export", "zoe", "--out", str(data), *flags])
+    assert not [p.name for p in data.iterdir() if p.suffix == ".jsonl" or p.suffix == ".json"]
+    taken = tmp_path / "taken.zip"
+    taken.write_bytes(b"someone's file")
+    with pytest.raises(SystemExit, match=r"taken\.zip already exists"):
+        main(["privacy", "export", "zoe", "--out", str(taken), *flags])
+    assert taken.read_bytes() == b"someone's file"
+
+    # A new .zip, a new directory and an empty directory: written, readable by their owner only.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for out in (tmp_path / "new" / "zoe.zip", tmp_path / "zoe-dir", empty):
+        assert main(["privacy", "export", "zoe", "--out", str(out), *flags]) == 0
+        assert len(records(read_archive(out), "events")) == 5
+        files = [out] if out.is_file() else list(out.iterdir())
+        assert {p.stat().st_mode & 0o777 for p in files} == {0o600}
+        if out.is_dir():
+            assert out.stat().st_mode & 0o777 == 0o700
+    # No temporary files left beside them.
+    assert not [p for p in tmp_path.rglob(".*partial*")]
+
+
+async def _failing_export() -> AsyncIterator[tuple[str, bytes]]:
+    yield "events.jsonl", b"{}\n"
+    raise ConnectionError("stream broken")
+
+
+@pytest.mark.parametrize("name", ["zoe.zip", "zoe-dir"])
+async def test_an_export_that_fails_midway_leaves_nothing(tmp_path: Path, name: str) -> None:
+    with pytest.raises(ConnectionError):
+        await write_archive(_failing_export(), tmp_path / name)
+    assert await asyncio.to_thread(lambda: list(tmp_path.iterdir())) == []
+
+
+def test_verify_export_says_what_is_wrong_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    garbage = tmp_path / "g.zip"
+    garbage.write_bytes(b"not a zip")
+    assert main(["privacy", "verify-export", str(garbage)]) == 1
+    assert (
+        "does not verify: neither a .zip export nor a directory export" in capsys.readouterr().err
+    )
+    assert main(["privacy", "verify-export", str(tmp_path / "none.zip")]) == 1
+    assert "cannot read" in capsys.readouterr().err
