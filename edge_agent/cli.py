@@ -45,9 +45,12 @@ from pulsesync.edge_agent.config import (
     DEFAULT_UPLINK_LINGER_S,
     AgentSettings,
     StatePaths,
+    batch_size,
     default_state_dir,
     env,
     env_or,
+    non_negative,
+    positive,
 )
 from pulsesync.edge_agent.consent import StaticConsent
 from pulsesync.edge_agent.errors import OutboxFull
@@ -332,11 +335,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--source", choices=sorted(SOURCES), default=env("SOURCE"), required=not env("SOURCE")
     )
-    p.add_argument("--speed", type=float, default=float(env_or("SPEED", "1")),
+    # Defaults from the environment stay strings: argparse parses them with `type` like a flag,
+    # so a bad PULSESYNC_AGENT_* value is a usage error naming the option, not a traceback.
+    p.add_argument("--speed", type=positive, default=env_or("SPEED", "1"),
                    help="simulated seconds per real second (default %(default)s)")  # fmt: skip
-    p.add_argument("--duration", type=float, default=None,
+    p.add_argument("--duration", type=positive, default=None,
                    help="stop the source after this many real seconds (default: run until stopped)")  # fmt: skip
-    p.add_argument("--seed", type=int, default=int(env_or("SEED", "0")))
+    p.add_argument("--seed", type=int, default=env_or("SEED", "0"))
     p.add_argument(
         "--server",
         action="append",
@@ -346,16 +351,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source-option", action="append", default=[], metavar="KEY=VALUE",
                    help="source-specific setting (repeatable)")  # fmt: skip
     p.add_argument(
-        "--batch-size", type=int, default=int(env_or("BATCH_SIZE", str(DEFAULT_BATCH_SIZE)))
+        "--batch-size", type=batch_size, default=env_or("BATCH_SIZE", str(DEFAULT_BATCH_SIZE))
     )
-    p.add_argument("--linger-ms", type=float,
-                   default=float(env_or("LINGER_MS", str(DEFAULT_UPLINK_LINGER_S * 1000))))  # fmt: skip
-    p.add_argument("--backoff-cap", type=float,
-                   default=float(env_or("BACKOFF_CAP_S", str(DEFAULT_BACKOFF_CAP_S))),
+    p.add_argument("--linger-ms", type=non_negative,
+                   default=env_or("LINGER_MS", str(DEFAULT_UPLINK_LINGER_S * 1000)))  # fmt: skip
+    p.add_argument("--backoff-cap", type=positive,
+                   default=env_or("BACKOFF_CAP_S", str(DEFAULT_BACKOFF_CAP_S)),
                    help="longest wait between reconnects, seconds (default %(default)s)")  # fmt: skip
-    p.add_argument("--drain-timeout", type=float, default=float(env_or("DRAIN_TIMEOUT_S", "30")),
+    p.add_argument("--drain-timeout", type=non_negative, default=env_or("DRAIN_TIMEOUT_S", "30"),
                    help="after the source ends, wait this long for every ack (default %(default)s)")  # fmt: skip
-    p.add_argument("--progress", type=float, default=float(env_or("PROGRESS_S", "2")),
+    p.add_argument("--progress", type=positive, default=env_or("PROGRESS_S", "2"),
                    help="print progress every this many seconds")  # fmt: skip
     p.set_defaults(handler=cmd_run)
 

@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 from pulsesync.edge_agent.ble.sensors import SensorStore
+from pulsesync.edge_agent.config import positive
 
 
 async def cmd_scan(args: argparse.Namespace) -> int:
@@ -79,7 +80,7 @@ async def cmd_sensors(args: argparse.Namespace) -> int:
 def register(sub: Any) -> None:
     """Add the BLE commands to the `pulsesync-agent` subparsers."""
     p = sub.add_parser("scan", help="list nearby BLE sensors with supported services")
-    p.add_argument("--duration", type=float, default=5.0, help="seconds to scan (default 5)")
+    p.add_argument("--duration", type=positive, default=5.0, help="seconds to scan (default 5)")
     p.add_argument(
         "--emulated", action="store_true", help="scan the emulated strap and footpod instead"
     )

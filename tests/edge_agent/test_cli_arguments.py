@@ -1,0 +1,49 @@
+"""`pulsesync-agent` numbers: a bad flag or PULSESYNC_AGENT_* value is a usage error naming it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pulsesync.edge_agent.cli import build_parser, main
+
+RUN = ["run", "--source", "simulated-phone"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--speed", "0"], "argument --speed: '0' must be more than 0"),
+        (["--speed", "nan"], "argument --speed: 'nan' is not a finite number"),
+        (["--duration", "-1"], "argument --duration: '-1' must be more than 0"),
+        (["--batch-size", "99999"], "argument --batch-size: '99999' is outside 1..5000"),
+        (["--linger-ms", "-1"], "argument --linger-ms: '-1' must not be negative"),
+        (["--progress", "fast"], "argument --progress: 'fast' is not a number"),
+    ],
+)
+def test_a_bad_number_is_a_usage_error_naming_the_flag(
+    flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args([*RUN, *flags])
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_bad_environment_value_only_stops_the_command_that_reads_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("PULSESYNC_AGENT_SPEED", "fast")
+    # `status` has no --speed: it runs (it raised ValueError from the parser's construction).
+    assert main(["--state-dir", str(tmp_path), "status"]) == 0
+    with pytest.raises(SystemExit):
+        main(["--state-dir", str(tmp_path), *RUN])
+    assert "argument --speed: 'fast' is not a number" in capsys.readouterr().err
+
+
+def test_defaults_and_good_values_parse_to_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PULSESYNC_AGENT_SEED", "7")
+    args = build_parser().parse_args([*RUN, "--linger-ms", "0", "--batch-size", "5000"])
+    assert (args.speed, args.seed, args.linger_ms, args.batch_size) == (1.0, 7, 0.0, 5000)
+    assert build_parser().parse_args(["scan", "--duration", "0.5"]).duration == 0.5
