@@ -234,7 +234,7 @@ async def cmd_status(args: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     """Add the `nudges` command group to the pulsesync CLI."""
-    from pulsesync.server.cli import add_storage_flags
+    from pulsesync.server.cli import add_storage_flags, positive_int
 
     group = sub.add_parser(
         "nudges", help="train, evaluate and promote the nudge policy"
@@ -273,7 +273,11 @@ def register(sub: Any) -> None:
         p = group.add_parser(name, help=helptext)
         common(p)
         p.add_argument(
-            "-v", "--version", type=int, default=None, help="model version (default: latest)"
+            "-v",
+            "--version",
+            type=positive_int,
+            default=None,
+            help="model version (default: latest)",
         )
         p.set_defaults(handler=fn)
         if name == "evaluate":

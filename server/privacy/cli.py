@@ -27,7 +27,13 @@ from typing import Any
 
 from pulsesync import kinds
 from pulsesync.kinds import category_name
-from pulsesync.server.cli import _when, add_key_flags, add_storage_flags, config_from
+from pulsesync.server.cli import (
+    _when,
+    add_key_flags,
+    add_storage_flags,
+    config_from,
+    positive_int,
+)
 from pulsesync.server.clock import SystemClock
 from pulsesync.server.errors import InvalidArgument
 from pulsesync.server.privacy.audit import DEFAULT_AUDIT_LIMIT, Action, Actor, AuditLog
@@ -273,7 +279,12 @@ def register(sub: Any) -> None:
     p.set_defaults(handler=cmd_consent)
 
     p = group.add_parser("audit", help="the privacy audit log, newest first")
-    p.add_argument("--limit", type=int, default=DEFAULT_AUDIT_LIMIT)
+    p.add_argument(
+        "--limit",
+        type=positive_int,
+        default=DEFAULT_AUDIT_LIMIT,
+        help="entries to show (default %(default)s)",
+    )
     p.add_argument("--action", choices=[a.value for a in Action], default=None)
     add_storage_flags(p)
     p.set_defaults(handler=cmd_audit)

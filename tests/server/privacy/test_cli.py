@@ -154,3 +154,14 @@ def test_verify_export_says_what_is_wrong_in_one_line(
     )
     assert main(["privacy", "verify-export", str(tmp_path / "none.zip")]) == 1
     assert "cannot read" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("limit", ["-1", "0", "many"])
+def test_audit_limit_must_be_a_whole_number_of_entries(
+    tmp_path: Path, limit: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # -1 read as SQLite's "no limit" and failed on PostgreSQL ("LIMIT must not be negative").
+    with pytest.raises(SystemExit) as exited:
+        main(["privacy", "audit", "--limit", limit, "--data-dir", str(tmp_path)])
+    assert exited.value.code == 2
+    assert "argument --limit" in capsys.readouterr().err
