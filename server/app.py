@@ -44,6 +44,7 @@ from pulsesync.server.rpc.profiles import ProfileServicer
 from pulsesync.server.rpc.timeline import TimelineServicer
 from pulsesync.server.storage.backend import open_storage
 from pulsesync.server.storage.db import DatabaseDamaged
+from pulsesync.server.storage.errors import DatabaseUnavailable
 from pulsesync.v1 import (
     devices_pb2,
     devices_pb2_grpc,
@@ -171,7 +172,7 @@ async def running_server(
     async with AsyncExitStack() as stack:
         try:
             storage = await stack.enter_async_context(open_storage(config.store, config.read_store))
-        except DatabaseDamaged as e:
+        except (DatabaseDamaged, DatabaseUnavailable) as e:
             raise SystemExit(str(e)) from None  # a clear refusal, no traceback
         parts = await build(
             config, storage, clock or SystemClock(), profile_sealer=profile_sealer, cluster=cluster

@@ -41,6 +41,7 @@ from pulsesync.server.storage.database_url import (
     parse_key_vault,
     parse_read_database,
 )
+from pulsesync.server.storage.errors import DatabaseUnavailable
 from pulsesync.v1 import common_pb2
 
 Handler = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
@@ -362,6 +363,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(handler(args))
     except PulseSyncError as e:
         print(f"error: {e.message}", file=sys.stderr)
+        return 1
+    except DatabaseUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -14,6 +14,7 @@ import argparse
 from typing import Any
 
 from pulsesync.server.storage.database_url import DatabaseUrl
+from pulsesync.server.storage.errors import DatabaseUnavailable
 
 
 def register(sub: Any) -> None:
@@ -71,7 +72,7 @@ async def _migrate_postgres(database: DatabaseUrl) -> list[str]:
     assert database.dsn is not None
     try:
         pool = await PostgresPool.open(database.dsn, min_size=1, max_size=1)
-    except (OSError, TimeoutError) as e:
-        raise SystemExit(f"cannot reach PostgreSQL at {database.redacted()}: {e}") from None
+    except DatabaseUnavailable as e:
+        raise SystemExit(str(e)) from None
     async with pool:
         return await migrate(pool)

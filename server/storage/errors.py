@@ -9,3 +9,8 @@ class StorageError(Exception):
 
 class DuplicateKey(StorageError):
     """A row with the same unique key exists already (a name taken, an id reused)."""
+
+
+class DatabaseUnavailable(StorageError):
+    """The database cannot be opened or reached (a missing folder, no permission, PostgreSQL
+    down or the database absent); the message names it (password left out) and says why."""

@@ -26,6 +26,7 @@ from typing import Final
 import asyncpg
 
 from pulsesync.server.storage.database_url import DatabaseUrl
+from pulsesync.server.storage.errors import DatabaseUnavailable
 from pulsesync.server.storage.keys import ShredReport, VaultKey, WrappedKey
 from pulsesync.server.storage.postgres.migrate import migrate
 from pulsesync.server.storage.postgres.pool import Connection, PostgresPool
@@ -84,10 +85,8 @@ class PostgresKeyVault:
             raise ValueError("a PostgreSQL key vault needs a postgresql:// URL")
         try:
             pool = await PostgresPool.open(url.dsn, min_size=1, max_size=POOL_SIZE)
-        except (OSError, asyncpg.PostgresError) as e:
-            raise KeyVaultError(
-                f"cannot connect to the key vault {url.redacted()}: {type(e).__name__}: {e}"
-            ) from None
+        except DatabaseUnavailable as e:
+            raise KeyVaultError(f"the key vault: {e}") from None
         try:
             await migrate(pool, package=MIGRATIONS, lock=VAULT_MIGRATION_LOCK)
             meta = {

@@ -22,6 +22,9 @@ from typing import Any, Final, Literal, TypeAlias
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+from pulsesync.server.storage.database_url import DatabaseUrl
+from pulsesync.server.storage.errors import DatabaseUnavailable
+
 log = logging.getLogger(__name__)
 
 # Enough for a replica's request handlers, its ingest writer and its background jobs; each
@@ -65,12 +68,16 @@ class PostgresPool:
         max_size: int = DEFAULT_MAX_SIZE,
         read_only: bool = False,
     ) -> PostgresPool:
-        pool = await asyncpg.create_pool(
-            dsn,
-            min_size=min_size,
-            max_size=max_size,
-            server_settings=server_settings(read_only=read_only),
-        )
+        try:
+            pool = await asyncpg.create_pool(
+                dsn,
+                min_size=min_size,
+                max_size=max_size,
+                server_settings=server_settings(read_only=read_only),
+            )
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+            where = DatabaseUrl("postgres", dsn=dsn).redacted()
+            raise DatabaseUnavailable(f"cannot connect to PostgreSQL at {where}: {e}") from e
         async with pool.acquire() as conn:
             version = conn.get_server_version()
         if version.major < MIN_SERVER_VERSION:

@@ -13,6 +13,7 @@ import pytest
 from pulsesync.server.storage.database_url import BadDatabaseUrl, parse_database
 from pulsesync.server.storage.postgres.migrate import load_migrations
 from pulsesync.server.storage.postgres.pool import PostgresPool
+from tests.support.postgres import server_dsn, with_database
 
 
 @pytest.mark.parametrize(
@@ -97,8 +98,31 @@ async def test_unreachable_postgres_and_bad_url_fail_clearly() -> None:
         "db", "migrate", "--database", "postgresql://app:s3cret@127.0.0.1:1/nothing"
     )
     assert code == 1
-    assert "cannot reach PostgreSQL" in err
+    assert "cannot connect to PostgreSQL at postgresql://app:***@127.0.0.1:1/nothing" in err
     assert "s3cret" not in err
+    assert "Traceback" not in err
     code, _, err = await _pulsesync("db", "migrate", "--database", "mysql://h/db")
     assert code == 2
     assert "unsupported database scheme" in err
+
+
+async def test_a_database_that_does_not_exist_is_said_in_one_line(postgres_dsn: str) -> None:
+    # The server answers, the database is not there: asyncpg's error was a traceback.
+    absent = with_database(server_dsn(), "pulsesync_no_such_database")
+    for command in (["db", "migrate"], ["users", "add", "ada"]):
+        code, _, err = await _pulsesync(*command, "--database", absent)
+        assert code == 1, err
+        assert 'database "pulsesync_no_such_database" does not exist' in err
+        assert "Traceback" not in err
+
+
+async def test_a_sqlite_file_that_cannot_be_created_is_said_in_one_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    code, _, err = await _pulsesync("users", "add", "ada", "--data-dir", str(blocker / "data"))
+    assert code == 1, err
+    assert (
+        f"error: cannot open the database {blocker / 'data' / 'pulsesync.db'}: Not a directory"
+        in err
+    )
+    assert "Traceback" not in err
