@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pulsesync.server.demo.report import write_report
 from pulsesync.server.demo.world import DemoOptions, DemoResult, DemoWorld
+from pulsesync.server.nudges.catalog import load_catalog
 
 STYLES = {
     "nudge": "bold green",
@@ -78,8 +80,10 @@ async def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             nudge_catalog=args.nudge_catalog,
         )
+        if options.nudge_catalog is not None:
+            load_catalog(options.nudge_catalog)  # refused here in one line, not mid-demo
     except ValueError as e:
-        print(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
         return 2
     result = await play(options, Console())
     return 0 if result.report is not None else 1

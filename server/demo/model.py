@@ -61,7 +61,7 @@ class DemoOptions:
             raise ValueError("--hours must be in (0, 72]")
         if not 0 <= self.start_hour < 24:
             raise ValueError("--start-hour must be in [0, 24)")
-        if self.wall_seconds < 5:
+        if not self.wall_seconds >= 5:  # nan included
             raise ValueError("--wall-seconds must be at least 5")
 
 
