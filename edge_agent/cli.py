@@ -49,6 +49,7 @@ from pulsesync.edge_agent.config import (
     default_state_dir,
     env,
     env_or,
+    key_value,
     non_negative,
     positive,
 )
@@ -176,7 +177,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
     clock = ScaledClock(
         speed, time.time_ns() // 1000 - int((speed - 1) * (args.duration or _CATCH_UP_S) * 1e6)
     )
-    extra = dict(kv.split("=", 1) for kv in args.source_option)
+    extra = dict(args.source_option)
     source = create_source(
         args.source,
         SourceOptions(
@@ -348,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="use these server addresses instead of those saved at pairing (repeatable; "
         "env PULSESYNC_AGENT_SERVER)",
     )
-    p.add_argument("--source-option", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--source-option", action="append", default=[], metavar="KEY=VALUE", type=key_value,
                    help="source-specific setting (repeatable)")  # fmt: skip
     p.add_argument(
         "--batch-size", type=batch_size, default=env_or("BATCH_SIZE", str(DEFAULT_BATCH_SIZE))

@@ -92,6 +92,14 @@ def batch_size(text: str) -> int:
     return value
 
 
+def key_value(text: str) -> tuple[str, str]:
+    """An argparse type: KEY=VALUE (a source option)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    return key.strip(), value
+
+
 def default_state_dir() -> Path:
     """$PULSESYNC_AGENT_STATE_DIR, else $XDG_STATE_HOME/pulsesync-agent, else ~/.local/state/..."""
     if v := os.environ.get(STATE_DIR_ENV):

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -46,6 +47,30 @@ class SourceOptions:
     clock: SimClock = field(default_factory=ScaledClock)
     duration_s: float | None = None
     extra: Mapping[str, str] = field(default_factory=dict)
+
+
+def check_extra(options: SourceOptions, source: str, known: Collection[str] = ()) -> None:
+    """Refuse a source option the source does not read (a typo would otherwise be ignored)."""
+    unknown = sorted(set(options.extra) - set(known))
+    if unknown:
+        takes = ", ".join(sorted(known)) if known else "none"
+        raise ValueError(
+            f"{source} has no source option {', '.join(repr(k) for k in unknown)} (it takes: {takes})"
+        )
+
+
+def extra_number(options: SourceOptions, key: str, default: float) -> float:
+    """A finite number >= 0 from the source options (ValueError naming the option)."""
+    text = options.extra.get(key)
+    if text is None:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"source option {key}={text!r} is not a number") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"source option {key}={text!r} must be a finite number >= 0")
+    return value
 
 
 class EventSource(Protocol):

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Final
 
-from pulsesync.edge_agent.sources.base import SourceOptions
+from pulsesync.edge_agent.sources.base import SourceOptions, check_extra
 from pulsesync.edge_agent.tracker import Tracker
 from pulsesync.timeutil import US_PER_S
 from pulsesync.v1 import events_pb2
@@ -80,9 +80,11 @@ class _Simulated:
     """Shared pacing: record the plan's events on the clock until the duration is over."""
 
     APP = ""
+    SOURCE = ""  # its name in sources.SOURCES
 
     def __init__(self, options: SourceOptions | None = None) -> None:
         self.options = options or SourceOptions()
+        check_extra(self.options, self.SOURCE)  # it takes no options
 
     def events(self, start_us: int) -> Iterator[events_pb2.Event]:
         """The endless plan from start_us, in time order."""
@@ -121,6 +123,7 @@ class SimulatedPhone(_Simulated):
     """A person's phone running a study app: short sessions of screens, taps and searches."""
 
     APP = "studybuddy"
+    SOURCE = "simulated-phone"
 
     def events(self, start_us: int) -> Iterator[events_pb2.Event]:
         """The endless plan from start_us, in time order."""
@@ -161,6 +164,7 @@ class SimulatedDesktop(_Simulated):
     """A person's desktop running a work app: long sessions, mostly feature use."""
 
     APP = "workdesk"
+    SOURCE = "simulated-desktop"
 
     def events(self, start_us: int) -> Iterator[events_pb2.Event]:
         """The endless plan from start_us, in time order."""

@@ -21,7 +21,7 @@ from pulsesync.edge_agent.ble.bridge import Bridge, BridgeConfig
 from pulsesync.edge_agent.ble.sensors import SensorStore
 from pulsesync.edge_agent.config import default_state_dir
 from pulsesync.edge_agent.errors import AgentError
-from pulsesync.edge_agent.sources.base import SourceOptions
+from pulsesync.edge_agent.sources.base import SourceOptions, check_extra, extra_number
 from pulsesync.edge_agent.tracker import Tracker
 from pulsesync.timeutil import US_PER_S
 
@@ -38,12 +38,13 @@ class EmulatedWearable:
 
     def __init__(self, options: SourceOptions) -> None:
         self.options = options
+        check_extra(options, "emulated-wearable", ("sensors", "drop_every_s"))
         wanted = options.extra.get("sensors", "strap,footpod").split(",")
         self.sensors = {s.strip() for s in wanted if s.strip()}
         unknown = self.sensors - {"strap", "footpod"}
         if unknown or not self.sensors:
             raise ValueError(f"sensors= takes strap and/or footpod, not {sorted(unknown)}")
-        self.drop_every_s = float(options.extra.get("drop_every_s", "0"))
+        self.drop_every_s = extra_number(options, "drop_every_s", 0.0)
         self.bridge: Bridge | None = None
         # The sensors of the last run (their delivery logs say what the bridge was sent).
         self.emulated: list[EmulatedSensor] = []
@@ -121,6 +122,7 @@ class RealWearable:
 
     def __init__(self, options: SourceOptions) -> None:
         self.options = options
+        check_extra(options, "wearable", ("addresses", "state_dir"))
         if addresses := options.extra.get("addresses"):
             self.addresses = [a.strip() for a in addresses.split(",") if a.strip()]
         else:

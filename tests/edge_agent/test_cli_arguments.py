@@ -20,6 +20,7 @@ RUN = ["run", "--source", "simulated-phone"]
         (["--batch-size", "99999"], "argument --batch-size: '99999' is outside 1..5000"),
         (["--linger-ms", "-1"], "argument --linger-ms: '-1' must not be negative"),
         (["--progress", "fast"], "argument --progress: 'fast' is not a number"),
+        (["--source-option", "sensors"], "argument --source-option: 'sensors' is not KEY=VALUE"),
     ],
 )
 def test_a_bad_number_is_a_usage_error_naming_the_flag(
@@ -46,4 +47,6 @@ def test_defaults_and_good_values_parse_to_numbers(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("PULSESYNC_AGENT_SEED", "7")
     args = build_parser().parse_args([*RUN, "--linger-ms", "0", "--batch-size", "5000"])
     assert (args.speed, args.seed, args.linger_ms, args.batch_size) == (1.0, 7, 0.0, 5000)
+    options = build_parser().parse_args([*RUN, "--source-option", "addresses=A=B"]).source_option
+    assert options == [("addresses", "A=B")]
     assert build_parser().parse_args(["scan", "--duration", "0.5"]).duration == 0.5

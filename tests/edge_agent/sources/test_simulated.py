@@ -69,3 +69,21 @@ def test_registry_names_and_unknown_source() -> None:
     assert isinstance(create_source("simulated-desktop", SourceOptions()), SimulatedDesktop)
     with pytest.raises(ValueError, match="choose one of"):
         create_source("toaster", SourceOptions())
+
+
+@pytest.mark.parametrize(
+    ("source", "extra", "message"),
+    [
+        ("simulated-phone", {"speed": "2"}, r"simulated-phone has no source option 'speed' \(it takes: none\)"),
+        ("emulated-wearable", {"sensor": "strap"}, r"no source option 'sensor' \(it takes: drop_every_s, sensors\)"),
+        ("emulated-wearable", {"drop_every_s": "often"}, r"drop_every_s='often' is not a number"),
+        ("emulated-wearable", {"drop_every_s": "-3"}, r"drop_every_s='-3' must be a finite number >= 0"),
+        ("wearable", {"adresses": "AA:BB:CC:DD:EE:FF"}, r"no source option 'adresses' \(it takes: addresses, state_dir\)"),
+    ],
+)  # fmt: skip
+def test_a_source_option_it_does_not_read_or_cannot_parse_is_refused(
+    source: str, extra: dict[str, str], message: str
+) -> None:
+    # A misspelt option was ignored: the run went on without what was asked for.
+    with pytest.raises(ValueError, match=message):
+        create_source(source, SourceOptions(extra=extra))
