@@ -198,14 +198,14 @@ def _type(name: str, raw: Any) -> NudgeType:
     devices = raw["devices"]
     if not isinstance(devices, list) or not devices:
         raise ValueError(f"type {name}: devices must be a non-empty list of device kinds")
-    unknown = [d for d in devices if d not in _DEVICE_KINDS]
+    unknown = [d for d in devices if not isinstance(d, str) or d not in _DEVICE_KINDS]
     if unknown:
         raise ValueError(
             f"type {name}: unknown device kind(s) {unknown}; one of {sorted(_DEVICE_KINDS)}"
         )
     if raw["outcome"] not in _OUTCOMES:
         raise ValueError(f"type {name}: outcome must be one of {_OUTCOMES}")
-    if raw["consent"] not in _CONSENTS:
+    if not isinstance(raw["consent"], str) or raw["consent"] not in _CONSENTS:
         raise ValueError(f"type {name}: consent must be one of {sorted(_CONSENTS)}")
     habitual = raw.get("near_habitual_feature")
     if habitual is not None and not isinstance(habitual, str):

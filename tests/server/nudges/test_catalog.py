@@ -51,6 +51,8 @@ def test_a_whole_number_written_as_a_float_is_taken() -> None:
         ({"types": {WALK: {"near_habitual_feature": 3}}}, f"type {WALK}: near_habitual_feature must be a string"),
         ({"types": {WALK: {"devices": ["phone", "toaster"]}}}, rf"type {WALK}: unknown device kind\(s\) \['toaster'\]"),
         ({"types": {WALK: {"devices": "phone"}}}, f"type {WALK}: devices must be a non-empty list"),
+        ({"types": {WALK: {"devices": [{"kind": "phone"}]}}}, rf"type {WALK}: unknown device kind\(s\)"),
+        ({"types": {WALK: {"consent": {"x": 1}}}}, f"type {WALK}: consent must be one of"),
         ({"policy": {"schedule": ["08:30", 900]}}, "schedule time 900 is not HH:MM"),
         ({"types": {"stretch": 3}}, r"type stretch must be a table of settings \(\[types.stretch\]\)"),
     ],
