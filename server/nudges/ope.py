@@ -96,6 +96,12 @@ def support(decisions: Sequence[LoggedDecision], actions: Sequence[str], pi: Mat
     return float((pi * ok).sum() / max(float(pi.sum()), 1e-12))
 
 
+def check_clip(clip: float | None) -> None:
+    """A weight bound must be a finite number >= 1 (ValueError otherwise); None: no bound."""
+    if clip is not None and not (math.isfinite(clip) and clip >= 1.0):
+        raise ValueError(f"weight clip {clip!r} must be a finite number >= 1")
+
+
 def effective_decisions(w: Matrix) -> float:
     """Kish's effective sample size of importance weights: (sum w)^2 / sum w^2."""
     square = float((w * w).sum())
@@ -186,8 +192,7 @@ def estimate(
     n = len(decisions)
     if n == 0:
         raise ValueError("no logged decisions with outcomes to evaluate on")
-    if clip is not None and not (math.isfinite(clip) and clip >= 1.0):
-        raise ValueError(f"weight clip {clip!r} must be a finite number >= 1")
+    check_clip(clip)
     check_log(decisions, actions)
     rng = np.random.default_rng(seed)
     if clusters is None:

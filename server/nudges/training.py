@@ -24,6 +24,7 @@ from pulsesync.server.nudges.model import LoggedDecision, OutcomeModel, recent_f
 from pulsesync.server.nudges.ope import (
     Estimate,
     candidate_matrices,
+    check_clip,
     current_matrix,
     estimate,
     evaluate_model,
@@ -208,6 +209,7 @@ async def evaluate_candidate(
 ) -> Evaluation:
     """Estimate the candidate against the current policy on its held-out decisions
     (importance weights capped at clip when given: ope.estimate)."""
+    check_clip(clip)  # before any model is trained
     meta = await registry.meta(version)
     decisions = await logged_decisions(storage)
     current_v = await registry.current()
