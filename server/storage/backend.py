@@ -12,7 +12,6 @@ profile store opens (`pulsesync.server.compose.open_profile_store`), and lives i
 from __future__ import annotations
 
 import contextlib
-import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -22,7 +21,6 @@ from typing import TYPE_CHECKING
 from pulsesync.server.storage.consent import ConsentStorage
 from pulsesync.server.storage.database_url import Backend, DatabaseUrl
 from pulsesync.server.storage.db import Database
-from pulsesync.server.storage.errors import DatabaseUnavailable
 from pulsesync.server.storage.idempotency import IdempotencyStorage
 from pulsesync.server.storage.identity import IdentityStorage
 from pulsesync.server.storage.models import ModelStorage
@@ -114,10 +112,5 @@ async def open_storage(
         raise ValueError("a read database (a PostgreSQL standby) needs a PostgreSQL database")
     path = database.path if isinstance(database, DatabaseUrl) else database
     assert path is not None
-    try:
-        db = await Database.open(path)
-    except (OSError, sqlite3.OperationalError) as e:
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise DatabaseUnavailable(f"cannot open the database {path}: {reason}") from e
-    async with db:
+    async with await Database.open(path) as db:
         yield sqlite_storage(db)

@@ -19,6 +19,7 @@ from typing import Final
 import aiosqlite
 
 from pulsesync.server.errors import PulseSyncError, ResourceExhausted, Unavailable
+from pulsesync.server.storage.errors import DatabaseUnavailable
 from pulsesync.server.storage.files import private_database
 from pulsesync.server.storage.versions import Migration, read_migrations
 
@@ -304,9 +305,14 @@ class Database:
 
     @classmethod
     async def open(cls, path: str | Path) -> Database:
-        """Migrate, then open the write and read connections."""
+        """Migrate, then open the write and read connections (DatabaseUnavailable when the
+        file cannot be created or opened: a missing folder, no permission)."""
         path = Path(path)
-        migrate(path)
+        try:
+            migrate(path)
+        except (OSError, sqlite3.OperationalError) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise DatabaseUnavailable(f"cannot open the database {path}: {reason}") from e
         writer = await aiosqlite.connect(path, isolation_level=None)
         reader = await aiosqlite.connect(path, isolation_level=None)
         for conn in (writer, reader):
