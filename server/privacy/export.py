@@ -17,11 +17,11 @@ import re
 import secrets
 import shutil
 import zipfile
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO, Final
+from typing import IO, Any, BinaryIO, Final
 
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
@@ -232,42 +232,35 @@ def _create(path: Path) -> BinaryIO:
     return os.fdopen(fd, "wb")
 
 
-async def _write_zip(chunks: AsyncIterable[tuple[str, bytes]], path: Path) -> list[str]:
+async def _copy_members(
+    chunks: AsyncIterable[tuple[str, bytes]], open_member: Callable[[str], IO[bytes]]
+) -> list[str]:
+    """Write each file's chunks to the member open_member gives for its name, in order."""
     names: list[str] = []
-    with _create(path) as raw, zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        member = None
-        try:
-            async for name, chunk in chunks:
-                if not names or names[-1] != name:
-                    if member is not None:
-                        member.close()
-                    names.append(check_member_name(name))
-                    member = zf.open(name, "w", force_zip64=True)
-                assert member is not None
-                member.write(chunk)
-        finally:
-            if member is not None:
-                member.close()
-    return names
-
-
-async def _write_dir(chunks: AsyncIterable[tuple[str, bytes]], path: Path) -> list[str]:
-    names: list[str] = []
-    await asyncio.to_thread(_make_dir, path)
-    handle = None
+    member = None
     try:
         async for name, chunk in chunks:
             if not names or names[-1] != name:
-                if handle is not None:
-                    handle.close()
+                if member is not None:
+                    member.close()
                 names.append(check_member_name(name))
-                handle = _create(path / name)
-            assert handle is not None
-            handle.write(chunk)
+                member = open_member(name)
+            assert member is not None
+            member.write(chunk)
     finally:
-        if handle is not None:
-            handle.close()
+        if member is not None:
+            member.close()
     return names
+
+
+async def _write_zip(chunks: AsyncIterable[tuple[str, bytes]], path: Path) -> list[str]:
+    with _create(path) as raw, zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        return await _copy_members(chunks, lambda name: zf.open(name, "w", force_zip64=True))
+
+
+async def _write_dir(chunks: AsyncIterable[tuple[str, bytes]], path: Path) -> list[str]:
+    await asyncio.to_thread(_make_dir, path)
+    return await _copy_members(chunks, lambda name: _create(path / name))
 
 
 def read_archive(path: Path) -> dict[str, bytes]:
