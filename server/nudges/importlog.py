@@ -247,7 +247,14 @@ def _fill(opts: Mapping[str, float | None], chosen: str, p: float) -> dict[str, 
 
 def read_records(path: Path) -> Iterable[tuple[int, Mapping[str, Any]]]:
     """(line number, fields) of a CSV or JSON Lines decision log, its version line checked."""
-    text = path.read_text("utf-8")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")  # a spreadsheet's byte-order mark is not a problem
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise LogFormatError(
+            [(line, "encoding", f"byte {raw[e.start]:#04x} is not UTF-8; save the file as UTF-8")]
+        ) from None
     first, _, body = text.partition("\n")
     if first.lstrip().startswith("{"):
         try:

@@ -129,6 +129,22 @@ async def test_times_out_of_order_per_person_and_a_wrong_version_are_refused(
             await import_file(SqliteNudgeStorage(db), wrong, ACTIONS)
 
 
+async def test_a_byte_order_mark_is_read_past_and_a_non_utf8_byte_named_by_line(
+    tmp_path: Path,
+) -> None:
+    rows = [f"p{i},2015-08-03T08:30:00-07:00,1,{OPTS},none,0.4,200" for i in range(3)]
+    path = write_csv(tmp_path / "a.csv", rows)
+    excel = tmp_path / "excel.csv"
+    excel.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())  # a spreadsheet's UTF-8 export
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes(path.read_bytes().replace(b"p2,", b"Zo\xeb,"))  # "Zoë" in Latin-1, line 5
+    async with await Database.open(tmp_path / "db.sqlite") as db:
+        assert (await import_file(SqliteNudgeStorage(db), excel, ACTIONS)).stored == 3
+        with pytest.raises(LogFormatError) as err:
+            await import_file(SqliteNudgeStorage(db), latin, ACTIONS)
+    assert err.value.problems == [(5, "encoding", "byte 0xeb is not UTF-8; save the file as UTF-8")]
+
+
 def trial_jsonl(path: Path, people: int, days: int, seed: int) -> Path:
     """A randomized trial's log in JSON Lines: walking adds ~120 steps when sedentary > 60."""
     rng = random.Random(seed)
