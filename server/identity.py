@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import secrets
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
@@ -95,6 +96,10 @@ def _format_code(raw: str) -> str:
     return f"{raw[:4]}-{raw[4:]}"
 
 
+# Embeddings, overrides and isolates (U+202A-U+202E, U+2066-U+2069): they reorder what follows.
+_BIDI_CONTROLS: Final = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
 def _check_name(name: str, what: str) -> str:
     name = name.strip()
     if not name:
@@ -102,6 +107,13 @@ def _check_name(name: str, what: str) -> str:
     if len(name) > MAX_NAME_LENGTH:
         raise InvalidArgument(
             f"{what} is longer than {MAX_NAME_LENGTH} characters", reason="FIELD_TOO_LONG"
+        )
+    # Names are printed by the admin commands and shown in apps: a control or bidirectional
+    # formatting character (a terminal escape, a right-to-left override) would act there.
+    # (Zero-width joiners stay allowed: Persian and Indic names and emoji sequences use them.)
+    if any(unicodedata.category(ch) == "Cc" or ch in _BIDI_CONTROLS for ch in name):
+        raise InvalidArgument(
+            f"{what} holds a control or formatting character", reason="INVALID_NAME"
         )
     return name
 

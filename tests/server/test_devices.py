@@ -93,3 +93,34 @@ async def test_a_stream_is_opened_only_for_a_valid_token(
     refused = stub.Upload(metadata=bad_token, timeout=5)  # type: ignore[call-arg]
     assert STREAM_OPEN not in list(await refused.initial_metadata() or ())
     assert await refused.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+@pytest.mark.parametrize(
+    "name", ["phone\x1b]0;owned\x07", "tab\there", "abc\u202egnp.exe", "line\nbreak"]
+)
+async def test_a_device_name_with_control_characters_is_refused_and_the_code_kept(
+    server: RunningServer, channel: grpc.aio.Channel, name: str
+) -> None:
+    # The admin commands print device names: a terminal escape or a bidirectional override
+    # there would act on the operator's terminal or disguise the name.
+    user_id = await server.app.identity.add_user("cy")
+    code, _ = await server.app.identity.create_pairing_code(user_id)
+    stub = devices_pb2_grpc.DeviceServiceStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.PairDevice(
+            devices_pb2.PairDeviceRequest(
+                pairing_code=code, device_name=name, kind=common_pb2.DEVICE_KIND_PHONE
+            ),
+            timeout=5,
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    info = error_info(err.value)
+    assert info is not None
+    assert info.reason == "INVALID_NAME"
+    # Refused before the code was used: the person can pair with a plain name.
+    await stub.PairDevice(
+        devices_pb2.PairDeviceRequest(
+            pairing_code=code, device_name="Zoë's phone \u200d", kind=common_pb2.DEVICE_KIND_PHONE
+        ),
+        timeout=5,
+    )
