@@ -17,6 +17,7 @@ import functools
 import importlib
 import os
 import sys
+import unicodedata
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -148,7 +149,7 @@ async def cmd_users_add(args: argparse.Namespace) -> int:
 async def cmd_users_list(args: argparse.Namespace) -> int:
     async def run(ids: IdentityStore) -> int:
         for user_id, name, created in await ids.list_users():
-            print(f"{user_id:>5}  {name:<30} created {_when(created)}")
+            print(f"{user_id:>5}  {_shown(name):<30} created {_when(created)}")
         return 0
 
     return await _with_identity(args, run)
@@ -170,6 +171,15 @@ async def cmd_pair_code(args: argparse.Namespace) -> int:
     return await _with_identity(args, run)
 
 
+def _shown(name: str) -> str:
+    """A stored name as printed: control characters escaped (names stored before they were
+    refused must not reach the terminal as escapes)."""
+    return "".join(
+        ch.encode("unicode_escape").decode() if unicodedata.category(ch) == "Cc" else ch
+        for ch in name
+    )
+
+
 async def cmd_devices_list(args: argparse.Namespace) -> int:
     async def run(ids: IdentityStore) -> int:
         user_id = await ids.user_id_by_name(args.user)
@@ -177,7 +187,8 @@ async def cmd_devices_list(args: argparse.Namespace) -> int:
             kind = common_pb2.DeviceKind.Name(d.kind).removeprefix("DEVICE_KIND_").lower()  # type: ignore[arg-type]
             state = f"revoked {_when(d.revoke_us)}" if d.revoke_us else "active"
             print(
-                f"{d.device_id}  {kind:<16} {d.name:<24} last seen {_when(d.last_seen_us)}  {state}"
+                f"{d.device_id}  {kind:<16} {_shown(d.name):<24} last seen {_when(d.last_seen_us)}"
+                f"  {state}"
             )
         return 0
 
@@ -188,7 +199,10 @@ async def cmd_devices_revoke(args: argparse.Namespace) -> int:
     async def run(ids: IdentityStore) -> int:
         user_id = await ids.user_id_by_name(args.user)
         d = await ids.revoke(user_id, args.device_id)
-        print(f"revoked {d.device_id} ({d.name}); a running server cuts its streams within seconds")
+        print(
+            f"revoked {d.device_id} ({_shown(d.name)}); a running server cuts its streams within"
+            " seconds"
+        )
         return 0
 
     return await _with_identity(args, run)

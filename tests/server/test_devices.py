@@ -124,3 +124,11 @@ async def test_a_device_name_with_control_characters_is_refused_and_the_code_kep
         ),
         timeout=5,
     )
+
+
+def test_stored_names_are_printed_with_control_characters_escaped() -> None:
+    from pulsesync.server.cli import _shown
+
+    # A name stored before such names were refused never reaches the terminal as an escape.
+    assert _shown("phone\x1b]0;owned\x07") == "phone\\x1b]0;owned\\x07"
+    assert _shown("Zoë's phone") == "Zoë's phone"
