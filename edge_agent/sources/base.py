@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
-import math
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from pulsesync.edge_agent.clock import ScaledClock
+from pulsesync.edge_agent.config import non_negative
 from pulsesync.edge_agent.tracker import Tracker
 
 
@@ -65,12 +66,9 @@ def extra_number(options: SourceOptions, key: str, default: float) -> float:
     if text is None:
         return default
     try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"source option {key}={text!r} is not a number") from None
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"source option {key}={text!r} must be a finite number >= 0")
-    return value
+        return non_negative(text)
+    except argparse.ArgumentTypeError as e:
+        raise ValueError(f"source option {key}={e}") from None
 
 
 class EventSource(Protocol):
