@@ -33,6 +33,7 @@ from pulsesync.server.compose import Components, build
 from pulsesync.server.config import ServerConfig
 from pulsesync.server.context import RpcContext
 from pulsesync.server.errors import PulseSyncError, Unauthenticated
+from pulsesync.server.nudges.catalog import CatalogError
 from pulsesync.server.profiles.crypto import Sealer
 from pulsesync.server.rpc.base import MalformedRequestInterceptor
 from pulsesync.server.rpc.devices import DeviceServicer
@@ -174,9 +175,16 @@ async def running_server(
             storage = await stack.enter_async_context(open_storage(config.store, config.read_store))
         except (DatabaseDamaged, DatabaseUnavailable) as e:
             raise SystemExit(str(e)) from None  # a clear refusal, no traceback
-        parts = await build(
-            config, storage, clock or SystemClock(), profile_sealer=profile_sealer, cluster=cluster
-        )
+        try:
+            parts = await build(
+                config,
+                storage,
+                clock or SystemClock(),
+                profile_sealer=profile_sealer,
+                cluster=cluster,
+            )
+        except CatalogError as e:
+            raise SystemExit(str(e)) from None  # a clear refusal, no traceback
         rpc = parts.rpc
         stack.push_async_callback(rpc.idempotency.drain)  # before the database closes
         server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[MalformedRequestInterceptor()])

@@ -124,14 +124,8 @@ async def _with_identity(
 # -- serve --------------------------------------------------------------------------------
 async def cmd_serve(args: argparse.Namespace) -> int:
     from pulsesync.server.app import serve_forever
-    from pulsesync.server.nudges.catalog import load_catalog
 
-    config = config_from(args)
-    try:  # a bad catalog is said in one line before anything starts, not as a traceback
-        load_catalog(config.nudges.catalog)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
-    await serve_forever(config)
+    await serve_forever(config_from(args))
     return 0
 
 

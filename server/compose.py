@@ -184,7 +184,9 @@ async def build(
     cluster: Cluster | None = None,
 ) -> Components:
     """Build every engine over storage and wire them together (nothing is started). On
-    PostgreSQL this server is one replica of many unless `cluster` says otherwise."""
+    PostgreSQL this server is one replica of many unless `cluster` says otherwise.
+    CatalogError, before anything is opened, when the nudge catalog cannot be used."""
+    catalog = load_catalog(config.nudges.catalog)
     if cluster is None:
         cluster = LocalCluster() if storage.pool is None else _postgres_cluster(config, storage)
     metrics = Metrics()
@@ -222,7 +224,6 @@ async def build(
     timeline_reads = (
         timeline if storage.timeline_reads is None else TimelineStore(storage.timeline_reads)
     )
-    catalog = load_catalog(config.nudges.catalog)
     nudges = NudgeEngine(
         storage.nudges,
         clock=clock,

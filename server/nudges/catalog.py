@@ -299,6 +299,11 @@ def parse_catalog(raw: dict[str, Any]) -> Catalog:
     return Catalog(policy, types)
 
 
+class CatalogError(ValueError):
+    """The catalog cannot be used: unreadable, not TOML, or a bad key or value (the message
+    names the file and the problem)."""
+
+
 def default_catalog_text() -> str:
     """The shipped catalog.toml."""
     return resources.files("pulsesync.server.nudges").joinpath("catalog.toml").read_text("utf-8")
@@ -309,7 +314,7 @@ def load_catalog(
 ) -> Catalog:
     """The default catalog, with the file at path and overrides merged in.
 
-    ValueError says which file and what is wrong (unreadable, not TOML, a bad key or value).
+    CatalogError says which file and what is wrong (unreadable, not TOML, a bad key or value).
     """
     raw = tomllib.loads(default_catalog_text())
     where = f"nudge catalog {path}" if path else "nudge catalog"
@@ -318,14 +323,14 @@ def load_catalog(
             text = Path(path).read_text("utf-8")
         except (OSError, UnicodeDecodeError) as e:
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-            raise ValueError(f"cannot read {where}: {reason}") from None
+            raise CatalogError(f"cannot read {where}: {reason}") from None
         try:
             raw = _merge(raw, tomllib.loads(text))
         except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"{where} is not valid TOML: {e}") from None
+            raise CatalogError(f"{where} is not valid TOML: {e}") from None
     if overrides:
         raw = _merge(raw, overrides)
     try:
         return parse_catalog(raw)
     except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
+        raise CatalogError(f"{where}: {e}") from None
