@@ -102,6 +102,12 @@ async def main() -> int:
         help="the learned arm's nudges per person-day (policy.daily_budget)",
     )
     ap.add_argument(
+        "--cold-start",
+        choices=("proportional", "focused"),
+        default="proportional",
+        help="the learned arm's cold start (sim/runner.learned_catalog)",
+    )
+    ap.add_argument(
         "--prior-trial",
         action="store_true",
         help="start the learned arm from an earlier trial's log: a randomized arm run first on"
@@ -127,7 +133,9 @@ async def main() -> int:
           + ", ".join(f"{'/'.join(f'{m // 60:02d}:{m % 60:02d}' for m in c)} {g:.1f}" for c, g in shortlist[1:4])
           + ")", flush=True)  # fmt: skip
     catalogs = {"fixed": fixed_catalog(hhmm)}
-    catalogs["learned"] = catalogs["cold_start"] = learned_catalog(args.daily_budget)
+    catalogs["learned"] = catalogs["cold_start"] = learned_catalog(
+        args.daily_budget, cold_start=args.cold_start
+    )
     results: dict[str, ArmResult] = {}
     shm = "/dev/shm" if await asyncio.to_thread(os.path.isdir, "/dev/shm") else None
     loop = asyncio.get_running_loop()
@@ -315,7 +323,7 @@ async def main() -> int:
             "vs_best_baseline_gained": round(vs_best_whole, 1), "best_baseline": best_whole,
         },
         "decision_p50_ms": round(probe.get("p50_ms", 0.0), 2), "decision_p99_ms": round(probe.get("p99_ms", 0.0), 2),
-        "daily_budget": args.daily_budget,
+        "daily_budget": args.daily_budget, "cold_start": args.cold_start,
         "send_thresholds": [round(ev.get("send_threshold") or 0.0, 1) for ev in learned.extra.get("evaluations", [])],
         "people": args.people, "days": args.days, "seed": args.seed, "prior_trial": args.prior_trial,
     }))  # fmt: skip

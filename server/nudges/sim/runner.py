@@ -109,8 +109,50 @@ def trial_prior(
     return probs[0], bands
 
 
+def trial_focus(
+    schedule_min: Sequence[int], spacing_min: int, top: float = 0.6, floor: float = 0.03
+) -> tuple[tuple[int, ...], float, dict[str, float]]:
+    """Decision points and a cold start focused on the slot where the trial found its effect.
+
+    HeartSteps' steps difference is largest at one of its five daily slots (+50 at the third
+    against +22 and +23 beside it). Around that slot (its band: from midway after the
+    previous decision point to midway before the next, as in `trial_prior`), decision points
+    as close as the global cooldown allows (`spacing_min` apart, centred on the slot); the
+    cold start sends with `top` (HeartSteps' 0.6) in that band and explores with `floor`
+    elsewhere. Returns (the whole schedule in local minutes, the probability before the
+    band, {"HH:MM": probability}) for the catalog's schedule, cold_start_send_probability and
+    cold_start_by_local_time.
+    """
+    effects = [next(r.point for r in TRIAL if r.name == f"diff_slot{i}") for i in range(1, 6)]
+    points = sorted(schedule_min)
+    if len(points) != len(effects):
+        raise ValueError(f"the trial has {len(effects)} daily slots, the schedule {len(points)}")
+    if spacing_min <= 0:
+        raise ValueError("spacing_min must be positive")
+    best = effects.index(max(effects))
+    centre = points[best]
+    start = (points[best - 1] + centre) // 2 if best > 0 else 0
+    end = (centre + points[best + 1]) // 2 if best + 1 < len(points) else 1440
+    extra = {
+        m
+        for k in range(-(1440 // spacing_min), 1440 // spacing_min + 1)
+        if start <= (m := centre + k * spacing_min) < end
+    }
+    return (
+        tuple(sorted(set(points) | extra)),
+        floor,
+        {_hhmm(start): top, _hhmm(end): floor} if end < 1440 else {_hhmm(start): top},
+    )
+
+
+def _hhmm(minute: int) -> str:
+    return f"{minute // 60:02d}:{minute % 60:02d}"
+
+
 def learned_catalog(
-    daily_budget: float | None = LEARNED_BUDGET, exploration_floor: float = 0.01
+    daily_budget: float | None = LEARNED_BUDGET,
+    exploration_floor: float = 0.01,
+    cold_start: str = "proportional",
 ) -> str:
     """The learned arm's catalog: its cold start, exploration floor and daily budget.
 
@@ -122,11 +164,21 @@ def learned_catalog(
     (policy.daily_budget). docs/nudges.md, "The learned arm", has the measurements behind
     each value.
     """
-    before, bands = trial_prior(load_catalog().policy.schedule_min)
+    policy = load_catalog().policy
+    schedule = ""
+    if cold_start == "focused":
+        points, before, bands = trial_focus(
+            policy.schedule_min, policy.global_cooldown_us // US_PER_MIN
+        )
+        schedule = "schedule = [" + ", ".join(f'"{_hhmm(m)}"' for m in points) + "]\n"
+    elif cold_start == "proportional":
+        before, bands = trial_prior(policy.schedule_min)
+    else:
+        raise ValueError(f"cold_start must be 'proportional' or 'focused', not {cold_start!r}")
     budget = "" if daily_budget is None else f"daily_budget = {daily_budget}\n"
     table = ", ".join(f'"{t}" = {p}' for t, p in bands.items())
     return (
-        f"[policy]\n{budget}exploration_floor = {exploration_floor}\n"
+        f"[policy]\n{schedule}{budget}exploration_floor = {exploration_floor}\n"
         f"cold_start_send_probability = {before}\n"
         f"cold_start_by_local_time = {{ {table} }}\n"
     )

@@ -16,6 +16,7 @@ from pulsesync.server.nudges.sim.runner import (
     START,
     learned_catalog,
     run_arm,
+    trial_focus,
     trial_prior,
 )
 from pulsesync.timeutil import US_PER_S
@@ -58,3 +59,26 @@ def test_the_learned_arms_cold_start_follows_the_trials_slot_effects() -> None:
     assert policy.daily_budget == LEARNED_BUDGET
     with pytest.raises(ValueError, match="5 daily slots, the schedule 4"):
         trial_prior((510, 750, 930, 1080))
+
+
+def test_the_focused_cold_start_adds_decision_points_where_the_trial_found_its_effect() -> None:
+    # The third slot (15:30, +50 steps) is the strongest; its band runs from midway after
+    # 12:15 (13:52) to midway before 18:00 (16:45); an hour apart is the global cooldown.
+    points, before, bands = trial_focus(load_catalog().policy.schedule_min, 60)
+    assert points == (510, 735, 870, 930, 990, 1080, 1230)
+    assert before == 0.03
+    assert bands == {"13:52": 0.6, "16:45": 0.03}
+    # Closer spacing, more points; only inside the band.
+    points, _, _ = trial_focus(load_catalog().policy.schedule_min, 45)
+    assert [m for m in points if 832 <= m < 1005] == [840, 885, 930, 975]
+    policy = load_catalog(overrides=tomllib.loads(learned_catalog(cold_start="focused"))).policy
+    assert policy.schedule_min == (510, 735, 870, 930, 990, 1080, 1230)
+    assert policy.cold_start_probability(14 * 60 + 30) == 0.6
+    assert policy.cold_start_probability(12 * 60 + 15) == 0.03
+    assert policy.cold_start_probability(17 * 60) == 0.03
+    with pytest.raises(ValueError, match="5 daily slots, the schedule 4"):
+        trial_focus((510, 750, 930, 1080), 60)
+    with pytest.raises(ValueError, match="spacing_min must be positive"):
+        trial_focus((510, 735, 930, 1080, 1230), 0)
+    with pytest.raises(ValueError, match="cold_start must be"):
+        learned_catalog(cold_start="uniform")
