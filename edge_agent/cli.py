@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
+from pulsesync.argtypes import key_value, non_negative, positive
 from pulsesync.edge_agent.agent import Agent
 from pulsesync.edge_agent.client import (
     KIND_NAMES,
@@ -49,14 +50,11 @@ from pulsesync.edge_agent.config import (
     default_state_dir,
     env,
     env_or,
-    key_value,
-    non_negative,
-    positive,
 )
 from pulsesync.edge_agent.consent import StaticConsent
 from pulsesync.edge_agent.errors import OutboxFull
 from pulsesync.edge_agent.outbox import OutboxError, read_stats
-from pulsesync.edge_agent.servers import join_servers, parse_servers
+from pulsesync.edge_agent.servers import check_address, join_servers, parse_servers
 from pulsesync.edge_agent.sources import SOURCES, SourceOptions, create_source
 
 Handler = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
@@ -118,9 +116,8 @@ async def cmd_pair(args: argparse.Namespace) -> int:
 # -- run ------------------------------------------------------------------------------------
 def _servers(values: list[str] | None) -> tuple[str, ...]:
     """The addresses given by --server (repeated, comma lists) or PULSESYNC_AGENT_SERVER."""
-    if values:
-        return parse_servers(values)
-    return parse_servers(env_or("SERVER", ""))
+    servers = parse_servers(values) if values else parse_servers(env_or("SERVER", ""))
+    return tuple(check_address(s) for s in servers)
 
 
 def _settings(args: argparse.Namespace) -> AgentSettings:

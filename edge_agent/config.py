@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 from pulsesync import wire
+from pulsesync.argtypes import whole
 from pulsesync.edge_agent import retry
 
 # The server refuses batches above 5000 events; 500 events (~50 KB) per message is where a
@@ -55,49 +54,9 @@ def env_or(name: str, default: str) -> str:
     return os.environ.get(f"PULSESYNC_AGENT_{name}", default)
 
 
-def _number(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-    return value
-
-
-def positive(text: str) -> float:
-    """An argparse type: a finite number > 0 (seconds, a speed)."""
-    value = _number(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0")
-    return value
-
-
-def non_negative(text: str) -> float:
-    """An argparse type: a finite number >= 0 (a wait that may be none)."""
-    value = _number(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
-    return value
-
-
 def batch_size(text: str) -> int:
     """An argparse type: events per upload batch, 1..MAX_BATCH_SIZE."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 1 <= value <= MAX_BATCH_SIZE:
-        raise argparse.ArgumentTypeError(f"{text!r} is outside 1..{MAX_BATCH_SIZE}")
-    return value
-
-
-def key_value(text: str) -> tuple[str, str]:
-    """An argparse type: KEY=VALUE (a source option)."""
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
-    return key.strip(), value
+    return whole(text, 1, MAX_BATCH_SIZE)
 
 
 def default_state_dir() -> Path:

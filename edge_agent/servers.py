@@ -42,6 +42,40 @@ def parse_servers(values: str | Iterable[str]) -> tuple[str, ...]:
     return tuple(out)
 
 
+def check_address(address: str) -> str:
+    """The address as given if it is one gRPC can dial: HOST[:PORT] (an IPv6 host in brackets;
+    no port: 443), dns:[//AUTHORITY/]NAME[:PORT], or a target gRPC parses itself (ipv4:, ipv6:, unix:,
+    unix-abstract:); otherwise ValueError naming it, before any connection is tried."""
+    if address.startswith(_LIST_TARGETS):
+        return address
+    if address.startswith("dns:"):
+        name = address.removeprefix("dns:")
+        if name.startswith("//"):
+            name = name[2:].partition("/")[2]
+        host, _, port = name.rpartition(":") if ":" in name else (name, "", "")
+        if _host_ok(host) and (not port or _port_ok(port)):
+            return address
+    else:
+        # A bare host name is gRPC's own form for port 443.
+        host, sep, port = address.rpartition(":") if ":" in address else (address, "", "")
+        if _host_ok(host) and (not sep or _port_ok(port)):
+            return address
+    raise ValueError(
+        f"server address {address!r} is not HOST:PORT (nor dns:///NAME:PORT, ipv4:, ipv6:, unix:)"
+    )
+
+
+def _host_ok(host: str) -> bool:
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        return bool(host) and all(c in "0123456789abcdefABCDEF:." for c in host)
+    return bool(host) and not any(c.isspace() or c in "/[]@?#:" for c in host)
+
+
+def _port_ok(port: str) -> bool:
+    return port.isascii() and port.isdigit() and 1 <= int(port) <= 65535
+
+
 def join_servers(servers: Sequence[str]) -> str:
     """The one-string form kept in credentials.json (what parse_servers reads back)."""
     if len(servers) > 1 and any(s.startswith(_LIST_TARGETS) for s in servers):

@@ -54,17 +54,6 @@ def _when(us: int | None) -> str:
     return datetime.fromtimestamp(us / 1e6, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: a whole number >= 1 (a count, a limit, a version)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return value
-
-
 def add_storage_flags(p: argparse.ArgumentParser) -> None:
     """--data-dir and --db, shared by every command that opens the database."""
     p.add_argument(

@@ -12,8 +12,8 @@ import argparse
 import sys
 from typing import Any
 
+from pulsesync.argtypes import positive
 from pulsesync.edge_agent.ble.sensors import SensorStore
-from pulsesync.edge_agent.config import positive
 
 
 async def cmd_scan(args: argparse.Namespace) -> int:

@@ -9,8 +9,8 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from pulsesync.argtypes import non_negative
 from pulsesync.edge_agent.clock import ScaledClock
-from pulsesync.edge_agent.config import non_negative
 from pulsesync.edge_agent.tracker import Tracker
 
 

@@ -234,7 +234,8 @@ async def cmd_status(args: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     """Add the `nudges` command group to the pulsesync CLI."""
-    from pulsesync.server.cli import add_storage_flags, positive_int
+    from pulsesync.argtypes import positive_int
+    from pulsesync.server.cli import add_storage_flags
 
     group = sub.add_parser(
         "nudges", help="train, evaluate and promote the nudge policy"

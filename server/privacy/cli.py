@@ -26,13 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from pulsesync import kinds
+from pulsesync.argtypes import positive_int
 from pulsesync.kinds import category_name
 from pulsesync.server.cli import (
     _when,
     add_key_flags,
     add_storage_flags,
     config_from,
-    positive_int,
 )
 from pulsesync.server.clock import SystemClock
 from pulsesync.server.errors import InvalidArgument

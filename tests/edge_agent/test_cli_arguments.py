@@ -50,3 +50,50 @@ def test_defaults_and_good_values_parse_to_numbers(monkeypatch: pytest.MonkeyPat
     options = build_parser().parse_args([*RUN, "--source-option", "addresses=A=B"]).source_option
     assert options == [("addresses", "A=B")]
     assert build_parser().parse_args(["scan", "--duration", "0.5"]).duration == 0.5
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["localhost:99999", "localhost:0", "http://host:50051", ":50051", "::1:50051", "a host:1"],
+)
+def test_a_malformed_server_address_stops_pairing_with_one_line(
+    address: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(
+        [
+            "--state-dir",
+            str(tmp_path),
+            "pair",
+            "--server",
+            address,
+            "--code",
+            "X",
+            "--kind",
+            "phone",
+        ]
+    )
+    assert code != 0
+    err = capsys.readouterr().err.strip()
+    assert (
+        err
+        == f"error: server address {address!r} is not HOST:PORT (nor dns:///NAME:PORT, ipv4:, ipv6:, unix:)"
+    )
+    assert not (tmp_path / "credentials.json").exists()
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "localhost:50051",
+        "api.example.org",  # gRPC's default port, 443
+        "[::1]:50051",
+        "dns:///pulsesync.example.org:50051",
+        "dns://8.8.8.8/pulsesync.example.org",
+        "ipv4:10.0.0.1:50051,10.0.0.2:50051",
+        "unix:/run/pulsesync.sock",
+    ],
+)
+def test_every_documented_server_address_form_is_taken(address: str) -> None:
+    from pulsesync.edge_agent.cli import _servers
+
+    assert _servers([address]) == (address,)
