@@ -146,7 +146,8 @@ def migrate(path: str | Path) -> list[str]:
                 conn.execute("ROLLBACK")
                 raise
             applied.append(m.name)
-            log.info("applied migration %s", m.name)
+        if applied:  # one line, not one per migration (a new database applies them all)
+            log.info("applied %d schema migrations: %s", len(applied), ", ".join(applied))
         return applied
     finally:
         conn.close()

@@ -85,5 +85,6 @@ async def _apply_pending(conn: Connection, package: str) -> list[str]:
                 time.time_ns() // 1000,
             )
         applied.append(m.name)
-        log.info("applied migration %s", m.name)
+    if applied:  # one line, not one per migration (a new database applies them all)
+        log.info("applied %d schema migrations: %s", len(applied), ", ".join(applied))
     return applied
