@@ -292,12 +292,25 @@ async def main() -> int:
     whole = {name: arm_stats(r, 0, end, args.people) for name, r in results.items()}
     best_whole = max(("randomized", "fixed"), key=lambda k: whole[k][gain_key])
     vs_best_whole = whole["learned"][gain_key] - whole[best_whole][gain_key]
+    fewest_whole = min(whole[k]["nudges_per_day"] for k in ("randomized", "fixed"))
+    ratio_whole = whole["learned"]["expected_steps_per_nudge"] / max(
+        whole["randomized"]["expected_steps_per_nudge"], 1e-9
+    )
+    # The same goal with every day counted: the cold start's days are the learned arm's too.
+    goal_whole = (
+        vs_best_whole >= 0.0
+        and whole["learned"]["nudges_per_day"] <= fewest_whole
+        and ratio_whole >= 1.5
+        and covered
+        and probe.get("p99_ms", 0.0) < 25.0
+    )
     print(
         f"Whole run (day 0 to {args.days}, cold start included): expected steps/person-day "
         + ", ".join(
             f"{k} {v[gain_key]:.1f} at {v['nudges_per_day']:.2f}/day" for k, v in whole.items()
         )
-        + f"; learned vs best baseline ({best_whole}) {vs_best_whole:+.1f}"
+        + f"; learned vs best baseline ({best_whole}) {vs_best_whole:+.1f},"
+        f" {ratio_whole:.2f}x expected steps/nudge  -> {'MET' if goal_whole else 'NOT MET'}"
     )
     print(f"total {time.perf_counter() - t0:.0f} s")
     print(json.dumps({
@@ -321,6 +334,7 @@ async def main() -> int:
             "expected_gained_per_person_day": {k: round(v[gain_key], 1) for k, v in whole.items()},
             "nudges_per_day": {k: round(v["nudges_per_day"], 2) for k, v in whole.items()},
             "vs_best_baseline_gained": round(vs_best_whole, 1), "best_baseline": best_whole,
+            "vs_randomized_expected": round(ratio_whole, 3), "goal_met": goal_whole,
         },
         "decision_p50_ms": round(probe.get("p50_ms", 0.0), 2), "decision_p99_ms": round(probe.get("p99_ms", 0.0), 2),
         "daily_budget": args.daily_budget, "cold_start": args.cold_start,
