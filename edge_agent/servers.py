@@ -43,9 +43,10 @@ def parse_servers(values: str | Iterable[str]) -> tuple[str, ...]:
 
 
 def check_address(address: str) -> str:
-    """The address as given if it is one gRPC can dial: HOST[:PORT] (an IPv6 host in brackets;
-    no port: 443), dns:[//AUTHORITY/]NAME[:PORT], or a target gRPC parses itself (ipv4:, ipv6:, unix:,
-    unix-abstract:); otherwise ValueError naming it, before any connection is tried."""
+    """The address as given if it is one gRPC can dial: HOST[:PORT] (an IPv6 host in
+    brackets; no port: 443), dns:[//AUTHORITY/]NAME[:PORT], or a target gRPC parses itself
+    (ipv4:, ipv6:, unix:, unix-abstract:); otherwise ValueError naming it, so a typo stops the
+    command instead of showing later as a server that never answers."""
     if address.startswith(_LIST_TARGETS):
         return address
     if address.startswith("dns:"):

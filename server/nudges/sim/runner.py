@@ -105,7 +105,7 @@ def trial_prior(
     bands = {}
     for prev, point, prob in zip(schedule_min, schedule_min[1:], probs[1:], strict=False):
         start = (prev + point) // 2
-        bands[f"{start // 60:02d}:{start % 60:02d}"] = prob
+        bands[_hhmm(start)] = prob
     return probs[0], bands
 
 
@@ -161,8 +161,9 @@ def learned_catalog(
     is promoted: in this simulator every nudge received lowers later responses (the
     dose-based burden, sim/behavior.py), so sends at moments the trial found useless cost
     responsiveness the model's later nudges would use. daily_budget None: the catalog's
-    (policy.daily_budget). docs/nudges.md, "The learned arm", has the measurements behind
-    each value.
+    (policy.daily_budget). cold_start "focused": `trial_focus`'s decision points and bands
+    instead (an exploration, not the bench's default). docs/nudges.md, "The learned arm", has
+    the measurements behind each value.
     """
     policy = load_catalog().policy
     schedule = ""
