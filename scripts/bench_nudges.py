@@ -85,6 +85,31 @@ def arm_stats(r: ArmResult, lo: int, hi: int, n_people: int) -> dict[str, float]
     }
 
 
+BASELINES = ("randomized", "fixed")
+GAIN_KEY = "expected_gained_per_person_day"
+
+
+def judge(stats: dict[str, dict[str, float]], covered: bool, p99_ms: float) -> dict[str, Any]:
+    """The goal over one period's arm stats: at least the better baseline's expected steps
+    per person-day, at no more nudges a day than either, >= 1.5x the randomized policy's
+    expected steps per nudge, the DR interval covering the truth, decision p99 < 25 ms."""
+    learned = stats["learned"]
+    best = max(BASELINES, key=lambda k: stats[k][GAIN_KEY])
+    vs_best = learned[GAIN_KEY] - stats[best][GAIN_KEY]
+    fewest = min(stats[k]["nudges_per_day"] for k in BASELINES)
+    ratio = learned["expected_steps_per_nudge"] / max(
+        stats["randomized"]["expected_steps_per_nudge"], 1e-9
+    )
+    met = (
+        vs_best >= 0.0
+        and learned["nudges_per_day"] <= fewest
+        and ratio >= 1.5
+        and covered
+        and p99_ms < 25.0
+    )
+    return {"best": best, "vs_best": vs_best, "fewest": fewest, "ratio": ratio, "met": met}
+
+
 async def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--people", type=int, default=80)
@@ -262,23 +287,12 @@ async def main() -> int:
         f"All simulated decisions: p50 {np.percentile(lat_all, 50):.2f} ms  p99 {np.percentile(lat_all, 99):.2f} ms"
     )
     # The goal, in expectation (each delivered nudge's response probability x its mean act,
-    # the coin flips of who acted removed): at least the better baseline's (randomized p=0.6,
-    # best fixed three-a-day) steps gained per person-day, at no more nudges per day than
-    # either, >= 1.5x the randomized policy's steps per nudge, the DR interval covering the truth.
-    gain_key = "expected_gained_per_person_day"
-    best = max(("randomized", "fixed"), key=lambda k: stats[k][gain_key])
-    vs_best = stats["learned"][gain_key] - stats[best][gain_key]
-    best_realized = max(stats[k]["gained_per_person_day"] for k in ("randomized", "fixed"))
+    # the coin flips of who acted removed; `judge`), from the first promotion on.
+    best_realized = max(stats[k]["gained_per_person_day"] for k in BASELINES)
     vs_best_realized = stats["learned"]["gained_per_person_day"] - best_realized
-    fewest = min(stats[k]["nudges_per_day"] for k in ("randomized", "fixed"))
     covered = bool(ope) and ope["dr_gain_ci"][0] <= ope["true_gain"] <= ope["dr_gain_ci"][1]
-    goal = (
-        vs_best >= 0.0
-        and stats["learned"]["nudges_per_day"] <= fewest
-        and ratio_expected >= 1.5
-        and covered
-        and probe.get("p99_ms", 0.0) < 25.0
-    )
+    window = judge(stats, covered, probe.get("p99_ms", 0.0))
+    best, vs_best, fewest, goal = window["best"], window["vs_best"], window["fewest"], window["met"]
     print(
         f"Goal: expected gain vs best baseline ({best}) {vs_best:+.1f} steps/person-day"
         f" (realized {vs_best_realized:+.1f}), nudges/day"
@@ -290,24 +304,14 @@ async def main() -> int:
     # learned arm's model takes over, after days in which every arm sent nudges at its own
     # rate (and, in this simulator, left people more or less responsive for the window).
     whole = {name: arm_stats(r, 0, end, args.people) for name, r in results.items()}
-    best_whole = max(("randomized", "fixed"), key=lambda k: whole[k][gain_key])
-    vs_best_whole = whole["learned"][gain_key] - whole[best_whole][gain_key]
-    fewest_whole = min(whole[k]["nudges_per_day"] for k in ("randomized", "fixed"))
-    ratio_whole = whole["learned"]["expected_steps_per_nudge"] / max(
-        whole["randomized"]["expected_steps_per_nudge"], 1e-9
-    )
     # The same goal with every day counted: the cold start's days are the learned arm's too.
-    goal_whole = (
-        vs_best_whole >= 0.0
-        and whole["learned"]["nudges_per_day"] <= fewest_whole
-        and ratio_whole >= 1.5
-        and covered
-        and probe.get("p99_ms", 0.0) < 25.0
-    )
+    whole_goal = judge(whole, covered, probe.get("p99_ms", 0.0))
+    best_whole, vs_best_whole = whole_goal["best"], whole_goal["vs_best"]
+    ratio_whole, goal_whole = whole_goal["ratio"], whole_goal["met"]
     print(
         f"Whole run (day 0 to {args.days}, cold start included): expected steps/person-day "
         + ", ".join(
-            f"{k} {v[gain_key]:.1f} at {v['nudges_per_day']:.2f}/day" for k, v in whole.items()
+            f"{k} {v[GAIN_KEY]:.1f} at {v['nudges_per_day']:.2f}/day" for k, v in whole.items()
         )
         + f"; learned vs best baseline ({best_whole}) {vs_best_whole:+.1f},"
         f" {ratio_whole:.2f}x expected steps/nudge  -> {'MET' if goal_whole else 'NOT MET'}"
@@ -321,7 +325,7 @@ async def main() -> int:
         "steps_per_nudge": {k: round(v["steps_per_nudge"], 1) for k, v in stats.items()},
         "nudges_per_day": {k: round(v["nudges_per_day"], 2) for k, v in stats.items()},
         "gained_per_person_day": {k: round(v["gained_per_person_day"], 1) for k, v in stats.items()},
-        "expected_gained_per_person_day": {k: round(v[gain_key], 1) for k, v in stats.items()},
+        "expected_gained_per_person_day": {k: round(v[GAIN_KEY], 1) for k, v in stats.items()},
         "expected_steps_per_nudge": {k: round(v["expected_steps_per_nudge"], 1) for k, v in stats.items()},
         "vs_randomized": round(ratio, 3), "vs_randomized_expected": round(ratio_expected, 3),
         "no_more_nudges": fewer, "promoted_day": lo / 1440 if learned.promote_minute is not None else None,
@@ -331,7 +335,7 @@ async def main() -> int:
         "vs_best_baseline_gained_realized": round(vs_best_realized, 1),
         "goal_met": goal,
         "whole_run": {
-            "expected_gained_per_person_day": {k: round(v[gain_key], 1) for k, v in whole.items()},
+            "expected_gained_per_person_day": {k: round(v[GAIN_KEY], 1) for k, v in whole.items()},
             "nudges_per_day": {k: round(v["nudges_per_day"], 2) for k, v in whole.items()},
             "vs_best_baseline_gained": round(vs_best_whole, 1), "best_baseline": best_whole,
             "vs_randomized_expected": round(ratio_whole, 3), "goal_met": goal_whole,
