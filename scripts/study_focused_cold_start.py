@@ -1,0 +1,76 @@
+#!/usr/bin/env python
+"""How far can a cold start take the learned arm over the whole run? (no server)
+
+For each seed, with the simulator's people and days applied directly at decision points
+(sim/direct.py, the functions the server-driven bench uses), expected steps added per
+person-day over the whole run for:
+
+* the best fixed three-a-day schedule (sim/direct.best_schedule, as the bench searches it);
+* each of the learned arm's cold starts (sim/runner.learned_catalog: "proportional", the
+  bench's default, and "focused", sim/runner.trial_focus) kept on all along;
+* that cold start to day --first-day, then a policy that knows the simulator's truth and sends
+  at the best one or two of the same decision points each day (sim/direct.ceiling): what a
+  model trained on that cold start could reach at best.
+
+    python scripts/study_focused_cold_start.py [--seeds 7,8,9,10,11] [--people 80] [--days 28]
+                                               [--first-day 10]
+
+About 20 s per seed on a 2-core machine. Ends with one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+import tomllib
+from typing import Any
+
+from pulsesync.server.nudges.catalog import load_catalog
+from pulsesync.server.nudges.sim.behavior import day_plan, people
+from pulsesync.server.nudges.sim.direct import best_schedule, ceiling, schedule_gain
+from pulsesync.server.nudges.sim.runner import BLOCK_MIN, learned_catalog
+
+COLD_STARTS = ("proportional", "focused")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seeds", default="7,8,9,10,11")
+    ap.add_argument("--people", type=int, default=80)
+    ap.add_argument("--days", type=int, default=28)
+    ap.add_argument("--first-day", type=int, default=10)
+    args = ap.parse_args()
+    out: dict[str, Any] = {}
+    for seed in (int(s) for s in args.seeds.split(",")):
+        t = time.perf_counter()
+        persons = people(args.people, seed)
+        plans = [[day_plan(p, d, seed) for d in range(args.days)] for p in persons]
+        schedule, _, _ = best_schedule(persons, args.days, seed)
+        fixed, fixed_sent = schedule_gain(persons, plans, schedule)
+        row: dict[str, Any] = {"fixed": [round(fixed, 1), round(fixed_sent, 2)]}
+        print(f"seed {seed}: best fixed schedule {schedule} {fixed:.1f} at {fixed_sent:.2f}/day")
+        for name in COLD_STARTS:
+            policy = load_catalog(overrides=tomllib.loads(learned_catalog(cold_start=name))).policy
+            # The runner decides at the end of the half-hour block holding each scheduled time.
+            points = sorted({math.ceil(m / BLOCK_MIN) * BLOCK_MIN for m in policy.schedule_min})
+            for label, first_day, per_day in (
+                ("kept on", args.days, 1),
+                ("then one a day knowing the truth", args.first_day, 1),
+                ("then two a day knowing the truth", args.first_day, 2),
+            ):
+                gain, sent = ceiling(
+                    persons, plans, points, policy.cold_start_probability, first_day, per_day
+                )
+                row[f"{name}: {label}"] = [round(gain, 1), round(sent, 2)]
+                print(f"  {name:<12} {label:<34} {gain:6.1f} at {sent:.2f}/day")
+        print(f"  ({time.perf_counter() - t:.0f} s)")
+        out[str(seed)] = row
+    print(json.dumps({"first_day": args.first_day, "people": args.people, "days": args.days,
+                      "seeds": out}))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
