@@ -8,6 +8,7 @@ happened (the learned arm's cold start kept on, an arm of its own, gives the tru
 latency under ingest load, and one JSON line.
 
     python scripts/bench_nudges.py [--people 80] [--days 28] [--seed 7] [--jobs 2] [--quick]
+                                   [--daily-budget 1] [--cold-start proportional|focused]
                                    [--prior-trial]
 
 The arms run in `--jobs` worker processes (2: 15-35 minutes on a 2-core machine, as busy as
