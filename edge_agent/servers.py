@@ -49,18 +49,15 @@ def check_address(address: str) -> str:
     command instead of showing later as a server that never answers."""
     if address.startswith(_LIST_TARGETS):
         return address
-    if address.startswith("dns:"):
-        name = address.removeprefix("dns:")
-        if name.startswith("//"):
+    name = address
+    if name.startswith("dns:"):
+        name = name.removeprefix("dns:")
+        if name.startswith("//"):  # dns://AUTHORITY/NAME
             name = name[2:].partition("/")[2]
-        host, _, port = name.rpartition(":") if ":" in name else (name, "", "")
-        if _host_ok(host) and (not port or _port_ok(port)):
-            return address
-    else:
-        # A bare host name is gRPC's own form for port 443.
-        host, sep, port = address.rpartition(":") if ":" in address else (address, "", "")
-        if _host_ok(host) and (not sep or _port_ok(port)):
-            return address
+    # HOST or HOST:PORT; a bare host name is gRPC's own form for port 443.
+    host, sep, port = name.rpartition(":") if ":" in name else (name, "", "")
+    if _host_ok(host) and (not sep or _port_ok(port)):
+        return address
     raise ValueError(
         f"server address {address!r} is not HOST:PORT (nor dns:///NAME:PORT, ipv4:, ipv6:, unix:)"
     )

@@ -39,6 +39,7 @@ from pulsesync.server.nudges.sim.runner import (
     LEARNED_BUDGET,
     ArmResult,
     fixed_catalog,
+    hhmm,
     learned_catalog,
     run_arm_blocking,
 )
@@ -153,12 +154,12 @@ async def main() -> int:
     schedule, schedule_gain, shortlist = await asyncio.to_thread(
         best_schedule, persons, args.days, args.seed, args.train_day
     )
-    hhmm = [f"{m // 60:02d}:{m % 60:02d}" for m in schedule]
-    print(f"best fixed schedule {hhmm}: {schedule_gain:.1f} expected steps/person-day from day"
+    times = [hhmm(m) for m in schedule]
+    print(f"best fixed schedule {times}: {schedule_gain:.1f} expected steps/person-day from day"
           f" {args.train_day} (searched in {time.perf_counter() - t0:.0f} s; next: "
-          + ", ".join(f"{'/'.join(f'{m // 60:02d}:{m % 60:02d}' for m in c)} {g:.1f}" for c, g in shortlist[1:4])
+          + ", ".join(f"{'/'.join(hhmm(m) for m in c)} {g:.1f}" for c, g in shortlist[1:4])
           + ")", flush=True)  # fmt: skip
-    catalogs = {"fixed": fixed_catalog(hhmm)}
+    catalogs = {"fixed": fixed_catalog(times)}
     catalogs["learned"] = catalogs["cold_start"] = learned_catalog(
         args.daily_budget, cold_start=args.cold_start
     )
@@ -322,7 +323,7 @@ async def main() -> int:
         "trial_ok": cal.ok, "trial_failed": [c.row.name for c in cal.checks if not c.ok],
         "trial": {c.row.name: round(c.simulated, 4) for c in cal.checks},
         "bench_arm_trial_failed": [k for k, c in arm_rows.items() if not c.ok],
-        "fixed_schedule": hhmm,
+        "fixed_schedule": times,
         "steps_per_nudge": {k: round(v["steps_per_nudge"], 1) for k, v in stats.items()},
         "nudges_per_day": {k: round(v["nudges_per_day"], 2) for k, v in stats.items()},
         "gained_per_person_day": {k: round(v["gained_per_person_day"], 1) for k, v in stats.items()},

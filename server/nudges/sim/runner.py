@@ -83,6 +83,17 @@ def fixed_catalog(schedule: Sequence[str]) -> str:
 LEARNED_BUDGET: Final = 1.0
 
 
+def slot_effects(schedule_min: Sequence[int]) -> list[float]:
+    """HeartSteps' steps difference at each of its five daily slots (sim/trial.TRIAL), one per
+    decision point of a five-point schedule (ValueError for another number of points)."""
+    effects = [next(r.point for r in TRIAL if r.name == f"diff_slot{i}") for i in range(1, 6)]
+    if len(schedule_min) != len(effects):
+        raise ValueError(
+            f"the trial has {len(effects)} daily slots, the schedule {len(schedule_min)}"
+        )
+    return effects
+
+
 def trial_prior(
     schedule_min: Sequence[int], top: float = 0.6, floor: float = 0.03
 ) -> tuple[float, dict[str, float]]:
@@ -95,17 +106,13 @@ def trial_prior(
     Returns (the probability before the first band, {"HH:MM": probability}) for the catalog's
     cold_start_send_probability and cold_start_by_local_time.
     """
-    effects = [next(r.point for r in TRIAL if r.name == f"diff_slot{i}") for i in range(1, 6)]
-    if len(schedule_min) != len(effects):
-        raise ValueError(
-            f"the trial has {len(effects)} daily slots, the schedule {len(schedule_min)}"
-        )
+    effects = slot_effects(schedule_min)
     best = max(effects)
     probs = [round(max(floor, top * e / best), 3) for e in effects]
     bands = {}
     for prev, point, prob in zip(schedule_min, schedule_min[1:], probs[1:], strict=False):
         start = (prev + point) // 2
-        bands[_hhmm(start)] = prob
+        bands[hhmm(start)] = prob
     return probs[0], bands
 
 
@@ -123,10 +130,8 @@ def trial_focus(
     band, {"HH:MM": probability}) for the catalog's schedule, cold_start_send_probability and
     cold_start_by_local_time.
     """
-    effects = [next(r.point for r in TRIAL if r.name == f"diff_slot{i}") for i in range(1, 6)]
     points = sorted(schedule_min)
-    if len(points) != len(effects):
-        raise ValueError(f"the trial has {len(effects)} daily slots, the schedule {len(points)}")
+    effects = slot_effects(points)
     if spacing_min <= 0:
         raise ValueError("spacing_min must be positive")
     best = effects.index(max(effects))
@@ -141,11 +146,12 @@ def trial_focus(
     return (
         tuple(sorted(set(points) | extra)),
         floor,
-        {_hhmm(start): top, _hhmm(end): floor} if end < 1440 else {_hhmm(start): top},
+        {hhmm(start): top, hhmm(end): floor} if end < 1440 else {hhmm(start): top},
     )
 
 
-def _hhmm(minute: int) -> str:
+def hhmm(minute: int) -> str:
+    """A local minute of the day as HH:MM (the catalog's form)."""
     return f"{minute // 60:02d}:{minute % 60:02d}"
 
 
@@ -171,7 +177,7 @@ def learned_catalog(
         points, before, bands = trial_focus(
             policy.schedule_min, policy.global_cooldown_us // US_PER_MIN
         )
-        schedule = "schedule = [" + ", ".join(f'"{_hhmm(m)}"' for m in points) + "]\n"
+        schedule = "schedule = [" + ", ".join(f'"{hhmm(m)}"' for m in points) + "]\n"
     elif cold_start == "proportional":
         before, bands = trial_prior(policy.schedule_min)
     else:
