@@ -9,6 +9,7 @@ latency under ingest load, and one JSON line.
 
     python scripts/bench_nudges.py [--people 80] [--days 28] [--seed 7] [--jobs 2] [--quick]
                                    [--daily-budget 1] [--cold-start proportional|focused]
+                                   [--cold-start-top 0.6] [--evaluation-days DAYS]
                                    [--prior-trial]
 
 The arms run in `--jobs` worker processes (2: 15-35 minutes on a 2-core machine, as busy as
@@ -135,6 +136,18 @@ async def main() -> int:
         help="the learned arm's cold start (sim/runner.learned_catalog)",
     )
     ap.add_argument(
+        "--cold-start-top",
+        type=float,
+        default=0.6,
+        help="the learned arm's cold-start send probability where the trial's effect is largest",
+    )
+    ap.add_argument(
+        "--evaluation-days",
+        type=float,
+        default=None,
+        help="the learned arm's policy.evaluation_days (0: score every day; default: the catalog's)",
+    )
+    ap.add_argument(
         "--prior-trial",
         action="store_true",
         help="start the learned arm from an earlier trial's log: a randomized arm run first on"
@@ -161,7 +174,10 @@ async def main() -> int:
           + ")", flush=True)  # fmt: skip
     catalogs = {"fixed": fixed_catalog(times)}
     catalogs["learned"] = catalogs["cold_start"] = learned_catalog(
-        args.daily_budget, cold_start=args.cold_start
+        args.daily_budget,
+        cold_start=args.cold_start,
+        top=args.cold_start_top,
+        evaluation_days=args.evaluation_days,
     )
     results: dict[str, ArmResult] = {}
     shm = "/dev/shm" if await asyncio.to_thread(os.path.isdir, "/dev/shm") else None
@@ -343,7 +359,8 @@ async def main() -> int:
             "vs_randomized_expected": round(ratio_whole, 3), "goal_met": goal_whole,
         },
         "decision_p50_ms": round(probe.get("p50_ms", 0.0), 2), "decision_p99_ms": round(probe.get("p99_ms", 0.0), 2),
-        "daily_budget": args.daily_budget, "cold_start": args.cold_start,
+        "daily_budget": args.daily_budget, "cold_start": args.cold_start, "cold_start_top": args.cold_start_top,
+        "evaluation_days": args.evaluation_days,
         "send_thresholds": [round(ev.get("send_threshold") or 0.0, 1) for ev in learned.extra.get("evaluations", [])],
         "people": args.people, "days": args.days, "seed": args.seed, "prior_trial": args.prior_trial,
     }))  # fmt: skip

@@ -7,13 +7,14 @@ person-day over the whole run for:
 
 * the best fixed three-a-day schedule (sim/direct.best_schedule, as the bench searches it);
 * each of the learned arm's cold starts (sim/runner.learned_catalog: "proportional", the
-  bench's default, and "focused", sim/runner.trial_focus) kept on all along;
+  bench's default, and "focused", sim/runner.trial_focus, at each send probability of
+  --tops where the trial's effect is largest) kept on all along;
 * that cold start to day --first-day, then a policy that knows the simulator's truth and sends
   at the best one or two of the same decision points each day (sim/direct.ceiling): what a
   model trained on that cold start could reach at best.
 
     python scripts/study_focused_cold_start.py [--seeds 7,8,9,10,11] [--people 80] [--days 28]
-                                               [--first-day 10]
+                                               [--first-day 10] [--tops 0.6,0.8]
 
 About 20 s per seed on a 2-core machine. Ends with one JSON line.
 """
@@ -32,8 +33,6 @@ from pulsesync.server.nudges.sim.behavior import day_plan, people
 from pulsesync.server.nudges.sim.direct import best_schedule, ceiling, schedule_gain
 from pulsesync.server.nudges.sim.runner import BLOCK_MIN, learned_catalog
 
-COLD_STARTS = ("proportional", "focused")
-
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -41,6 +40,9 @@ def main() -> int:
     ap.add_argument("--people", type=int, default=80)
     ap.add_argument("--days", type=int, default=28)
     ap.add_argument("--first-day", type=int, default=10)
+    ap.add_argument(
+        "--tops", default="0.6", help="the focused cold start's send probabilities in its band"
+    )
     args = ap.parse_args()
     out: dict[str, Any] = {}
     for seed in (int(s) for s in args.seeds.split(",")):
@@ -51,8 +53,11 @@ def main() -> int:
         fixed, fixed_sent = schedule_gain(persons, plans, schedule)
         row: dict[str, Any] = {"fixed": [round(fixed, 1), round(fixed_sent, 2)]}
         print(f"seed {seed}: best fixed schedule {schedule} {fixed:.1f} at {fixed_sent:.2f}/day")
-        for name in COLD_STARTS:
-            policy = load_catalog(overrides=tomllib.loads(learned_catalog(cold_start=name))).policy
+        starts = [("proportional", 0.6)] + [("focused", float(t)) for t in args.tops.split(",")]
+        for name, top in starts:
+            label_of = name if name == "proportional" else f"{name} {top:g}"
+            catalog = learned_catalog(cold_start=name, top=top)
+            policy = load_catalog(overrides=tomllib.loads(catalog)).policy
             # The runner decides at the end of the half-hour block holding each scheduled time.
             points = sorted({math.ceil(m / BLOCK_MIN) * BLOCK_MIN for m in policy.schedule_min})
             for label, first_day, per_day in (
@@ -63,8 +68,8 @@ def main() -> int:
                 gain, sent = ceiling(
                     persons, plans, points, policy.cold_start_probability, first_day, per_day
                 )
-                row[f"{name}: {label}"] = [round(gain, 1), round(sent, 2)]
-                print(f"  {name:<12} {label:<34} {gain:6.1f} at {sent:.2f}/day")
+                row[f"{label_of}: {label}"] = [round(gain, 1), round(sent, 2)]
+                print(f"  {label_of:<14} {label:<34} {gain:6.1f} at {sent:.2f}/day")
         print(f"  ({time.perf_counter() - t:.0f} s)")
         out[str(seed)] = row
     print(json.dumps({"first_day": args.first_day, "people": args.people, "days": args.days,

@@ -159,6 +159,8 @@ def learned_catalog(
     daily_budget: float | None = LEARNED_BUDGET,
     exploration_floor: float = 0.01,
     cold_start: str = "proportional",
+    top: float = 0.6,
+    evaluation_days: float | None = None,
 ) -> str:
     """The learned arm's catalog: its cold start, exploration floor and daily budget.
 
@@ -168,21 +170,25 @@ def learned_catalog(
     dose-based burden, sim/behavior.py), so sends at moments the trial found useless cost
     responsiveness the model's later nudges would use. daily_budget None: the catalog's
     (policy.daily_budget). cold_start "focused": `trial_focus`'s decision points and bands
-    instead (an exploration, not the bench's default). docs/nudges.md, "The learned arm", has
-    the measurements behind each value.
+    instead (an exploration, not the bench's default). `top`: the send probability where the
+    trial's effect is largest (HeartSteps' 0.6; each cold start scales the rest from it).
+    evaluation_days None: the catalog's (policy.evaluation_days; 0 scores every day).
+    docs/nudges.md, "The learned arm", has the measurements behind each value.
     """
     policy = load_catalog().policy
     schedule = ""
     if cold_start == "focused":
         points, before, bands = trial_focus(
-            policy.schedule_min, policy.global_cooldown_us // US_PER_MIN
+            policy.schedule_min, policy.global_cooldown_us // US_PER_MIN, top
         )
         schedule = "schedule = [" + ", ".join(f'"{hhmm(m)}"' for m in points) + "]\n"
     elif cold_start == "proportional":
-        before, bands = trial_prior(policy.schedule_min)
+        before, bands = trial_prior(policy.schedule_min, top)
     else:
         raise ValueError(f"cold_start must be 'proportional' or 'focused', not {cold_start!r}")
     budget = "" if daily_budget is None else f"daily_budget = {daily_budget}\n"
+    if evaluation_days is not None:
+        budget += f"evaluation_days = {evaluation_days}\n"
     table = ", ".join(f'"{t}" = {p}' for t, p in bands.items())
     return (
         f"[policy]\n{schedule}{budget}exploration_floor = {exploration_floor}\n"

@@ -82,3 +82,21 @@ def test_the_focused_cold_start_adds_decision_points_where_the_trial_found_its_e
         trial_focus((510, 735, 930, 1080, 1230), 0)
     with pytest.raises(ValueError, match="cold_start must be"):
         learned_catalog(cold_start="uniform")
+
+
+def test_the_learned_arms_cold_start_scales_from_its_top_probability() -> None:
+    # `top` is the probability at the trial's strongest slot; the proportional bands follow it
+    # (+22 / +50 of it at 12:15), the focused band is it; the floor stays.
+    policy = load_catalog(overrides=tomllib.loads(learned_catalog(top=0.8))).policy
+    assert policy.cold_start_probability(15 * 60 + 30) == 0.8
+    assert policy.cold_start_probability(12 * 60 + 15) == pytest.approx(0.8 * 22 / 50, abs=1e-3)
+    assert policy.cold_start_probability(8 * 60 + 30) == 0.03
+    text = learned_catalog(2.0, cold_start="focused", top=0.8, evaluation_days=0)
+    policy = load_catalog(overrides=tomllib.loads(text)).policy
+    assert [policy.cold_start_probability(m) for m in (870, 930, 990)] == [0.8, 0.8, 0.8]
+    assert policy.cold_start_probability(12 * 60 + 15) == 0.03
+    assert policy.daily_budget == 2.0
+    assert policy.evaluation_days == 0.0
+    # Unset, the catalog's own evaluation window.
+    default = load_catalog(overrides=tomllib.loads(learned_catalog())).policy
+    assert default.evaluation_days == load_catalog().policy.evaluation_days
