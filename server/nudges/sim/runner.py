@@ -314,6 +314,7 @@ async def run_arm(
     catalog_text: str | None = None,
     prior_log: Path | None = None,
     export_log: Path | None = None,
+    promote_first: bool = False,
 ) -> ArmResult:
     """Simulate `days` days of `persons` under one policy arm; the log and the truth.
 
@@ -322,6 +323,9 @@ async def run_arm(
     arm, trained on, evaluated and promoted if better, as an operator starting a deployment
     from an earlier trial's log would. export_log receives this arm's own logged decisions in
     that format at the end, dated to end before START (an earlier deployment, for prior_log).
+    promote_first: the learned arm promotes its first candidate whatever the gate says (a
+    diagnostic: what the model adds once deployed, apart from whether the gate can show it);
+    later candidates go through the gate as usual.
     """
     catalog = workdir / "catalog.toml"
     text = ARM_CATALOGS[name] if catalog_text is None else catalog_text
@@ -377,7 +381,7 @@ async def run_arm(
             summary = await import_file(srv.app.storage.nudges, prior_log, engine.catalog.actions)
             result.extra["prior"] = {"decisions": summary.stored, "people": summary.people}
             if name == "learned":
-                await _learn(srv, engine, result, 0)
+                await _learn(srv, engine, result, 0, promote_first)
         try:
             for day in range(days):
                 plans = [day_plan(p, day, seed) for p in persons]
@@ -416,7 +420,7 @@ async def run_arm(
                         and day >= train_day
                         and (day - train_day) % retrain_every == 0
                     ):
-                        await _learn(srv, engine, result, day * 1440)
+                        await _learn(srv, engine, result, day * 1440, promote_first)
                     made = await engine.tick()
                     latencies.extend(d.latency_s for d in made)
                     want = sum(1 for d in made if d.nudge is not None and d.nudge.device_id)
@@ -498,7 +502,9 @@ async def run_arm(
     return result
 
 
-async def _learn(srv: Any, engine: Any, result: ArmResult, minute: int) -> None:
+async def _learn(
+    srv: Any, engine: Any, result: ArmResult, minute: int, promote_first: bool = False
+) -> None:
     storage, catalog, registry = srv.app.storage.nudges, engine.catalog, engine.registry
     try:
         version = await train_candidate(storage, catalog, registry)
@@ -506,13 +512,17 @@ async def _learn(srv: Any, engine: Any, result: ArmResult, minute: int) -> None:
     except ValueError as e:
         result.extra.setdefault("train_errors", []).append(str(e))
         return
-    promoted = await promote_if_better(registry, evaluation)
+    forced = promote_first and not result.extra.get("evaluations")
+    if forced:
+        await registry.promote(version, evaluation.as_dict())
+    promoted = forced or await promote_if_better(registry, evaluation)
     threshold = (await registry.meta(version)).get("send_threshold")
     result.extra.setdefault("evaluations", []).append(
         {
             "minute": minute,
             "promoted": promoted,
             "send_threshold": threshold,
+            "forced": forced,
             **evaluation.as_dict(),
         }
     )

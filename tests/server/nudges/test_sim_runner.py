@@ -46,6 +46,16 @@ async def test_an_exported_log_is_imported_and_trained_on_before_the_first_day(
     assert first["against"] == "randomized"
     assert first["decisions"] == len(records)
     assert later.promote_minute == (0 if first["promoted"] else None)
+    assert first["forced"] is False
+
+    # The diagnostic: the first candidate is promoted whatever the gate said, and says so.
+    forced = await run_arm(
+        "learned", people(8, 7), 1, 7, tmp_path / "forced",
+        train_day=5, catalog_text=catalog, prior_log=log, promote_first=True,
+    )  # fmt: skip
+    (first,) = forced.extra["evaluations"]
+    assert first["forced"] is True and first["promoted"] is True
+    assert forced.promote_minute == 0
 
 
 def test_the_learned_arms_cold_start_follows_the_trials_slot_effects() -> None:
