@@ -54,7 +54,8 @@ async def test_an_exported_log_is_imported_and_trained_on_before_the_first_day(
         train_day=5, catalog_text=catalog, prior_log=log, promote_first=True,
     )  # fmt: skip
     (first,) = forced.extra["evaluations"]
-    assert first["forced"] is True and first["promoted"] is True
+    assert first["forced"] is True
+    assert first["promoted"] is True
     assert forced.promote_minute == 0
 
 
