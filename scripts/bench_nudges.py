@@ -10,7 +10,7 @@ latency under ingest load, and one JSON line.
     python scripts/bench_nudges.py [--people 80] [--days 28] [--seed 7] [--jobs 2] [--quick]
                                    [--daily-budget 1] [--cold-start proportional|focused]
                                    [--cold-start-top 0.6] [--evaluation-days DAYS]
-                                   [--promote-first]
+                                   [--daily-cap N] [--promote-first]
                                    [--prior-trial]
 
 The arms run in `--jobs` worker processes (2: 15-35 minutes on a 2-core machine, as busy as
@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from pulsesync.server.nudges.sim.behavior import expected_walk_steps, people
+from pulsesync.server.nudges.sim.behavior import burden, burden_dose, expected_walk_steps, people
 from pulsesync.server.nudges.sim.calibrate import check, server_check
 from pulsesync.server.nudges.sim.direct import best_schedule
 from pulsesync.server.nudges.sim.runner import (
@@ -86,6 +86,27 @@ def arm_stats(r: ArmResult, lo: int, hi: int, n_people: int) -> dict[str, float]
         "gained_per_person_day": gained / (n_people * days),
         "expected_gained_per_person_day": expected / (n_people * days),
         "mean_steps_30m": float(np.mean(outcomes)) if outcomes else 0.0,
+    }
+
+
+def burden_at_sends(r: ArmResult, lo: int, hi: int) -> dict[str, float]:
+    """Where an arm's nudges in [lo, hi) land: the mean burden multiplier they met (each
+    person's dose replayed from all their delivered nudges, behavior.burden_dose), and the
+    share of them that went to the quarter of people sent the most."""
+    last: dict[int, tuple[float, int]] = {}
+    met: list[float] = []
+    per_person: dict[int, int] = {}
+    for i, minute, *_ in sorted(r.responses, key=lambda x: (x[1], x[0])):
+        before, after = burden_dose(last.get(i), minute)
+        last[i] = (after, minute)
+        if lo <= minute < hi:
+            met.append(burden(before))
+            per_person[i] = per_person.get(i, 0) + 1
+    counts = sorted(per_person.values(), reverse=True)
+    top = counts[: max(1, len(counts) // 4)]
+    return {
+        "burden": float(np.mean(met)) if met else 0.0,
+        "top_quarter_share": sum(top) / max(1, sum(counts)),
     }
 
 
@@ -149,6 +170,12 @@ async def main() -> int:
         help="the learned arm's policy.evaluation_days (0: score every day; default: the catalog's)",
     )
     ap.add_argument(
+        "--daily-cap",
+        type=int,
+        default=None,
+        help="the learned arm's policy.daily_cap (nudges per person per day; default: the catalog's)",
+    )
+    ap.add_argument(
         "--promote-first",
         action="store_true",
         help="the learned arm promotes its first candidate whatever the gate says (a diagnostic:"
@@ -185,6 +212,7 @@ async def main() -> int:
         cold_start=args.cold_start,
         top=args.cold_start_top,
         evaluation_days=args.evaluation_days,
+        daily_cap=args.daily_cap,
     )
     results: dict[str, ArmResult] = {}
     shm = "/dev/shm" if await asyncio.to_thread(os.path.isdir, "/dev/shm") else None
@@ -262,6 +290,14 @@ async def main() -> int:
             f"  {name:<11}{s['nudges_per_day']:>11.2f}{s['steps_per_nudge']:>13.1f}{s['expected_steps_per_nudge']:>10.1f}"
             f"{s['gained_per_person_day']:>19.1f} ({s['expected_gained_per_person_day']:.1f}){s['mean_steps_30m']:>16.1f}"
         )
+    spread = {name: burden_at_sends(r, lo, end) for name, r in results.items()}
+    print(
+        "  where the nudges land: mean burden multiplier met (1 = a person never nudged),"
+        " share to the quarter of people sent the most: "
+        + ", ".join(
+            f"{k} {v['burden']:.3f}, {v['top_quarter_share']:.0%}" for k, v in spread.items()
+        )
+    )
     ratio = stats["learned"]["steps_per_nudge"] / max(stats["randomized"]["steps_per_nudge"], 1e-9)
     ratio_expected = stats["learned"]["expected_steps_per_nudge"] / max(
         stats["randomized"]["expected_steps_per_nudge"], 1e-9
@@ -355,6 +391,8 @@ async def main() -> int:
         "gained_per_person_day": {k: round(v["gained_per_person_day"], 1) for k, v in stats.items()},
         "expected_gained_per_person_day": {k: round(v[GAIN_KEY], 1) for k, v in stats.items()},
         "expected_steps_per_nudge": {k: round(v["expected_steps_per_nudge"], 1) for k, v in stats.items()},
+        "burden_at_sends": {k: round(v["burden"], 4) for k, v in spread.items()},
+        "top_quarter_share": {k: round(v["top_quarter_share"], 3) for k, v in spread.items()},
         "vs_randomized": round(ratio, 3), "vs_randomized_expected": round(ratio_expected, 3),
         "no_more_nudges": fewer, "promoted_day": lo / 1440 if learned.promote_minute is not None else None,
         "ope": {k: (round(v, 2) if isinstance(v, float) else v) for k, v in ope.items()},
@@ -371,6 +409,7 @@ async def main() -> int:
         "decision_p50_ms": round(probe.get("p50_ms", 0.0), 2), "decision_p99_ms": round(probe.get("p99_ms", 0.0), 2),
         "daily_budget": args.daily_budget, "cold_start": args.cold_start, "cold_start_top": args.cold_start_top,
         "evaluation_days": args.evaluation_days, "promote_first": args.promote_first,
+        "daily_cap": args.daily_cap,
         "send_thresholds": [round(ev.get("send_threshold") or 0.0, 1) for ev in learned.extra.get("evaluations", [])],
         "people": args.people, "days": args.days, "seed": args.seed, "prior_trial": args.prior_trial,
     }))  # fmt: skip

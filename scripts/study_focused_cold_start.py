@@ -13,8 +13,11 @@ person-day over the whole run for:
   at the best one or two of the same decision points each day (sim/direct.ceiling): what a
   model trained on that cold start could reach at best.
 
+With --daily-cap N every cold start sends at most N nudges a person-day (policy.daily_cap).
+
     python scripts/study_focused_cold_start.py [--seeds 7,8,9,10,11] [--people 80] [--days 28]
                                                [--first-day 10] [--tops 0.6,0.8]
+                                               [--daily-cap N]
 
 About 20 s per seed on a 2-core machine. Ends with one JSON line.
 """
@@ -43,6 +46,12 @@ def main() -> int:
     ap.add_argument(
         "--tops", default="0.6", help="the focused cold start's send probabilities in its band"
     )
+    ap.add_argument(
+        "--daily-cap",
+        type=int,
+        default=None,
+        help="at most this many nudges per person per day in the cold start (policy.daily_cap)",
+    )
     args = ap.parse_args()
     out: dict[str, Any] = {}
     for seed in (int(s) for s in args.seeds.split(",")):
@@ -66,14 +75,20 @@ def main() -> int:
                 ("then two a day knowing the truth", args.first_day, 2),
             ):
                 gain, sent = ceiling(
-                    persons, plans, points, policy.cold_start_probability, first_day, per_day
+                    persons,
+                    plans,
+                    points,
+                    policy.cold_start_probability,
+                    first_day,
+                    per_day,
+                    args.daily_cap,
                 )
                 row[f"{label_of}: {label}"] = [round(gain, 1), round(sent, 2)]
                 print(f"  {label_of:<14} {label:<34} {gain:6.1f} at {sent:.2f}/day")
         print(f"  ({time.perf_counter() - t:.0f} s)")
         out[str(seed)] = row
     print(json.dumps({"first_day": args.first_day, "people": args.people, "days": args.days,
-                      "seeds": out}))  # fmt: skip
+                      "daily_cap": args.daily_cap, "seeds": out}))  # fmt: skip
     return 0
 
 

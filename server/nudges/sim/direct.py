@@ -159,12 +159,14 @@ def ceiling(
     cold_start: Callable[[int], float],
     first_day: int,
     per_day: int,
+    daily_cap: int | None = None,
 ) -> tuple[float, float]:
     """(expected steps added, nudges) per person-day over all days: a cold start, then a policy
     that knows the simulator's truth.
 
     Before first_day, the randomized cold start at each of minutes (send with
-    cold_start(minute), a type drawn uniformly). From first_day, each day the per_day decision
+    cold_start(minute), a type drawn uniformly; at most daily_cap a day when given, as the
+    catalog's policy.daily_cap stops it). From first_day, each day the per_day decision
     points (an hour apart) with the highest true expected gain given the dose that morning,
     the best type at each: an upper bound on what a model choosing among these decision
     points after that cold start can add (greedy day by day, so not the exact optimum over
@@ -177,12 +179,16 @@ def ceiling(
         for day, d in enumerate(days):
             if day < first_day:
                 rng = random.Random(f"cold-{p.index}-{day}")
+                today = 0
                 for m in sorted(minutes):
+                    if daily_cap is not None and today >= daily_cap:
+                        break
                     t = day * 1440 + m
                     types = _eligible(d, m, last, t)
                     if types and rng.random() < cold_start(m):
                         gained += _deliver(p, d, rng.choice(types), m, t, burden, last)
                         sent += 1
+                        today += 1
                 continue
             ranked = sorted(
                 (

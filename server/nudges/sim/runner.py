@@ -161,6 +161,7 @@ def learned_catalog(
     cold_start: str = "proportional",
     top: float = 0.6,
     evaluation_days: float | None = None,
+    daily_cap: int | None = None,
 ) -> str:
     """The learned arm's catalog: its cold start, exploration floor and daily budget.
 
@@ -173,6 +174,7 @@ def learned_catalog(
     instead (an exploration, not the bench's default). `top`: the send probability where the
     trial's effect is largest (HeartSteps' 0.6; each cold start scales the rest from it).
     evaluation_days None: the catalog's (policy.evaluation_days; 0 scores every day).
+    daily_cap None: the catalog's (policy.daily_cap, nudges per person per day).
     docs/nudges.md, "The learned arm", has the measurements behind each value.
     """
     policy = load_catalog().policy
@@ -189,6 +191,8 @@ def learned_catalog(
     budget = "" if daily_budget is None else f"daily_budget = {daily_budget}\n"
     if evaluation_days is not None:
         budget += f"evaluation_days = {evaluation_days}\n"
+    if daily_cap is not None:
+        budget += f"daily_cap = {daily_cap}\n"
     table = ", ".join(f'"{t}" = {p}' for t, p in bands.items())
     return (
         f"[policy]\n{schedule}{budget}exploration_floor = {exploration_floor}\n"

@@ -29,3 +29,17 @@ def test_the_cold_start_alone_is_what_it_sends() -> None:
     sometimes, fewer = ceiling(PERSONS, PLANS, SLOTS, lambda m: 0.3 * (m == 930), 10, 2)
     assert 0.15 * sent < fewer < 0.45 * sent
     assert 0.0 < sometimes < always
+
+
+def test_a_daily_cap_stops_the_cold_start_for_the_day() -> None:
+    send_all = lambda m: 1.0  # noqa: E731
+    uncapped, sent = ceiling(PERSONS, PLANS, SLOTS, send_all, first_day=10, per_day=2)
+    one, one_sent = ceiling(PERSONS, PLANS, SLOTS, send_all, 10, 2, daily_cap=1)
+    assert sent > 1.0
+    assert 0.9 <= one_sent <= 1.0  # the first eligible point of each day, nothing after
+    assert 0.0 < one < uncapped
+    # A cap above what the cold start sends changes nothing.
+    assert ceiling(PERSONS, PLANS, SLOTS, send_all, 10, 2, daily_cap=len(SLOTS)) == (
+        uncapped,
+        sent,
+    )

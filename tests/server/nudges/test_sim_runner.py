@@ -48,9 +48,10 @@ async def test_an_exported_log_is_imported_and_trained_on_before_the_first_day(
     assert later.promote_minute == (0 if first["promoted"] else None)
     assert first["forced"] is False
 
-    # The diagnostic: the first candidate is promoted whatever the gate said, and says so.
+    # The diagnostic: the first candidate is promoted whatever the gate said, and says so
+    # (no simulated day needed: the import and the first training come before day 0).
     forced = await run_arm(
-        "learned", people(8, 7), 1, 7, tmp_path / "forced",
+        "learned", people(8, 7), 0, 7, tmp_path / "forced",
         train_day=5, catalog_text=catalog, prior_log=log, promote_first=True,
     )  # fmt: skip
     (first,) = forced.extra["evaluations"]
@@ -108,6 +109,9 @@ def test_the_learned_arms_cold_start_scales_from_its_top_probability() -> None:
     assert policy.cold_start_probability(12 * 60 + 15) == 0.03
     assert policy.daily_budget == 2.0
     assert policy.evaluation_days == 0.0
+    assert policy.daily_cap == load_catalog().policy.daily_cap
+    capped = learned_catalog(cold_start="focused", top=0.9, daily_cap=2)
+    assert load_catalog(overrides=tomllib.loads(capped)).policy.daily_cap == 2
     # Unset, the catalog's own evaluation window.
     default = load_catalog(overrides=tomllib.loads(learned_catalog())).policy
     assert default.evaluation_days == load_catalog().policy.evaluation_days
