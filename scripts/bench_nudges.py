@@ -3,7 +3,8 @@
 
 Every arm runs the same simulated people and days (same seed: common random numbers) against
 its own real server over gRPC. Prints the HeartSteps calibration check first, then steps
-gained per nudge, nudges per day, total outcome, the off-policy estimate against what
+gained per nudge, nudges per day, total outcome, where each arm's nudges land (the burden
+they met, how evenly they are spread over people), the off-policy estimate against what
 happened (the learned arm's cold start kept on, an arm of its own, gives the truth), decision
 latency under ingest load, and one JSON line.
 

@@ -188,14 +188,14 @@ def learned_catalog(
         before, bands = trial_prior(policy.schedule_min, top)
     else:
         raise ValueError(f"cold_start must be 'proportional' or 'focused', not {cold_start!r}")
-    budget = "" if daily_budget is None else f"daily_budget = {daily_budget}\n"
+    settings = "" if daily_budget is None else f"daily_budget = {daily_budget}\n"
     if evaluation_days is not None:
-        budget += f"evaluation_days = {evaluation_days}\n"
+        settings += f"evaluation_days = {evaluation_days}\n"
     if daily_cap is not None:
-        budget += f"daily_cap = {daily_cap}\n"
+        settings += f"daily_cap = {daily_cap}\n"
     table = ", ".join(f'"{t}" = {p}' for t, p in bands.items())
     return (
-        f"[policy]\n{schedule}{budget}exploration_floor = {exploration_floor}\n"
+        f"[policy]\n{schedule}{settings}exploration_floor = {exploration_floor}\n"
         f"cold_start_send_probability = {before}\n"
         f"cold_start_by_local_time = {{ {table} }}\n"
     )
