@@ -115,10 +115,13 @@ BASELINES = ("randomized", "fixed")
 GAIN_KEY = "expected_gained_per_person_day"
 
 
-def judge(stats: dict[str, dict[str, float]], covered: bool, p99_ms: float) -> dict[str, Any]:
+def judge(
+    stats: dict[str, dict[str, float]], covered: bool, p99_ms: float, gated: bool = True
+) -> dict[str, Any]:
     """The goal over one period's arm stats: at least the better baseline's expected steps
     per person-day, at no more nudges a day than either, >= 1.5x the randomized policy's
-    expected steps per nudge, the DR interval covering the truth, decision p99 < 25 ms."""
+    expected steps per nudge, the DR interval covering the truth, decision p99 < 25 ms, and
+    the promotion made by the gate (gated False: --promote-first, another question)."""
     learned = stats["learned"]
     best = max(BASELINES, key=lambda k: stats[k][GAIN_KEY])
     vs_best = learned[GAIN_KEY] - stats[best][GAIN_KEY]
@@ -132,6 +135,7 @@ def judge(stats: dict[str, dict[str, float]], covered: bool, p99_ms: float) -> d
         and ratio >= 1.5
         and covered
         and p99_ms < 25.0
+        and gated
     )
     return {"best": best, "vs_best": vs_best, "fewest": fewest, "ratio": ratio, "met": met}
 
@@ -354,10 +358,9 @@ async def main() -> int:
     best_realized = max(stats[k]["gained_per_person_day"] for k in BASELINES)
     vs_best_realized = stats["learned"]["gained_per_person_day"] - best_realized
     covered = bool(ope) and ope["dr_gain_ci"][0] <= ope["true_gain"] <= ope["dr_gain_ci"][1]
-    window = judge(stats, covered, probe.get("p99_ms", 0.0))
+    gated = not args.promote_first
+    window = judge(stats, covered, probe.get("p99_ms", 0.0), gated)
     best, vs_best, fewest, goal = window["best"], window["vs_best"], window["fewest"], window["met"]
-    # A promotion the gate did not make (--promote-first) answers another question.
-    goal = goal and not args.promote_first
     print(
         f"Goal: expected gain vs best baseline ({best}) {vs_best:+.1f} steps/person-day"
         f" (realized {vs_best_realized:+.1f}), nudges/day"
@@ -370,9 +373,9 @@ async def main() -> int:
     # rate (and, in this simulator, left people more or less responsive for the window).
     whole = {name: arm_stats(r, 0, end, args.people) for name, r in results.items()}
     # The same goal with every day counted: the cold start's days are the learned arm's too.
-    whole_goal = judge(whole, covered, probe.get("p99_ms", 0.0))
+    whole_goal = judge(whole, covered, probe.get("p99_ms", 0.0), gated)
     best_whole, vs_best_whole = whole_goal["best"], whole_goal["vs_best"]
-    ratio_whole, goal_whole = whole_goal["ratio"], whole_goal["met"] and not args.promote_first
+    ratio_whole, goal_whole = whole_goal["ratio"], whole_goal["met"]
     print(
         f"Whole run (day 0 to {args.days}, cold start included): expected steps/person-day "
         + ", ".join(
