@@ -181,6 +181,11 @@ async def main() -> int:
         help="the learned arm's policy.daily_cap (nudges per person per day; default: the catalog's)",
     )
     ap.add_argument(
+        "--no-sedentary-trigger",
+        action="store_true",
+        help="the learned arm decides only at its schedule's times, as the fixed arm does",
+    )
+    ap.add_argument(
         "--promote-first",
         action="store_true",
         help="the learned arm promotes its first candidate whatever the gate says (a diagnostic:"
@@ -218,6 +223,7 @@ async def main() -> int:
         top=args.cold_start_top,
         evaluation_days=args.evaluation_days,
         daily_cap=args.daily_cap,
+        sedentary_trigger=not args.no_sedentary_trigger,
     )
     results: dict[str, ArmResult] = {}
     shm = "/dev/shm" if await asyncio.to_thread(os.path.isdir, "/dev/shm") else None
@@ -413,7 +419,7 @@ async def main() -> int:
         "decision_p50_ms": round(probe.get("p50_ms", 0.0), 2), "decision_p99_ms": round(probe.get("p99_ms", 0.0), 2),
         "daily_budget": args.daily_budget, "cold_start": args.cold_start, "cold_start_top": args.cold_start_top,
         "evaluation_days": args.evaluation_days, "promote_first": args.promote_first,
-        "daily_cap": args.daily_cap,
+        "daily_cap": args.daily_cap, "sedentary_trigger": not args.no_sedentary_trigger,
         "send_thresholds": [round(ev.get("send_threshold") or 0.0, 1) for ev in learned.extra.get("evaluations", [])],
         "people": args.people, "days": args.days, "seed": args.seed, "prior_trial": args.prior_trial,
     }))  # fmt: skip

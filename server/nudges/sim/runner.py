@@ -68,12 +68,16 @@ LOAD_START_TIMEOUT_S: Final = 60.0
 LOAD_MAX_S: Final = 600.0
 
 
+# A policy setting that turns the sedentary trigger off (no one sits this long): decisions
+# only at the schedule's times.
+NO_SEDENTARY_TRIGGER: Final = "sedentary_trigger_min = 100000\n"
+
+
 def fixed_catalog(schedule: Sequence[str]) -> str:
     """The fixed arm's catalog: a nudge at each of these local times (HH:MM), no triggers."""
     times = ", ".join(f'"{t}"' for t in schedule)
     return (
-        f"[policy]\nschedule = [{times}]\ncold_start_send_probability = 1.0\n"
-        "sedentary_trigger_min = 100000\n"
+        f"[policy]\nschedule = [{times}]\ncold_start_send_probability = 1.0\n{NO_SEDENTARY_TRIGGER}"
     )
 
 
@@ -162,6 +166,7 @@ def learned_catalog(
     top: float = 0.6,
     evaluation_days: float | None = None,
     daily_cap: int | None = None,
+    sedentary_trigger: bool = True,
 ) -> str:
     """The learned arm's catalog: its cold start, exploration floor and daily budget.
 
@@ -175,6 +180,7 @@ def learned_catalog(
     trial's effect is largest (HeartSteps' 0.6; each cold start scales the rest from it).
     evaluation_days None: the catalog's (policy.evaluation_days; 0 scores every day).
     daily_cap None: the catalog's (policy.daily_cap, nudges per person per day).
+    sedentary_trigger False: decisions only at the schedule's times, as the fixed arm's.
     docs/nudges.md, "The learned arm", has the measurements behind each value.
     """
     policy = load_catalog().policy
@@ -193,6 +199,8 @@ def learned_catalog(
         settings += f"evaluation_days = {evaluation_days}\n"
     if daily_cap is not None:
         settings += f"daily_cap = {daily_cap}\n"
+    if not sedentary_trigger:
+        settings += NO_SEDENTARY_TRIGGER
     table = ", ".join(f'"{t}" = {p}' for t, p in bands.items())
     return (
         f"[policy]\n{schedule}{settings}exploration_floor = {exploration_floor}\n"
@@ -205,7 +213,7 @@ _LEARNED_CATALOG: Final = learned_catalog()
 ARM_CATALOGS: Final = {
     "none": "[policy]\ncold_start_send_probability = 0.0\n",
     "randomized": "",
-    "fixed": '[policy]\nschedule = ["10:00", "14:00", "17:30"]\ncold_start_send_probability = 1.0\nsedentary_trigger_min = 100000\n',
+    "fixed": fixed_catalog(["10:00", "14:00", "17:30"]),
     "learned": _LEARNED_CATALOG,
     # The learned arm's cold start kept all along (no training): the policy the off-policy
     # estimate at promotion compares the candidate with, so its simulated truth.

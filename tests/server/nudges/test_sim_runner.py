@@ -112,6 +112,11 @@ def test_the_learned_arms_cold_start_scales_from_its_top_probability() -> None:
     assert policy.daily_cap == load_catalog().policy.daily_cap
     capped = learned_catalog(cold_start="focused", top=0.9, daily_cap=2)
     assert load_catalog(overrides=tomllib.loads(capped)).policy.daily_cap == 2
-    # Unset, the catalog's own evaluation window.
+    # Without the sedentary trigger, as the fixed arm: no one sits long enough to trigger one.
+    scheduled = learned_catalog(cold_start="focused", sedentary_trigger=False)
+    untriggered = load_catalog(overrides=tomllib.loads(scheduled)).policy
+    assert untriggered.sedentary_trigger_min > 1440 > load_catalog().policy.sedentary_trigger_min
+    # Unset, the catalog's own evaluation window and sedentary trigger.
     default = load_catalog(overrides=tomllib.loads(learned_catalog())).policy
     assert default.evaluation_days == load_catalog().policy.evaluation_days
+    assert default.sedentary_trigger_min == load_catalog().policy.sedentary_trigger_min
