@@ -14,10 +14,13 @@ person-day over the whole run for:
   model trained on that cold start could reach at best.
 
 With --daily-cap N every cold start sends at most N nudges a person-day (policy.daily_cap).
+With --knows person,moment also two a day knowing only part of the truth
+(sim/direct.known_probability: the person's responsiveness but not the moment, or the
+moment but not the person): which part a model would have to learn.
 
     python scripts/study_focused_cold_start.py [--seeds 7,8,9,10,11] [--people 80] [--days 28]
                                                [--first-day 10] [--tops 0.6,0.8]
-                                               [--daily-cap N]
+                                               [--daily-cap N] [--knows person,moment]
 
 About 20 s per seed on a 2-core machine. Ends with one JSON line.
 """
@@ -52,7 +55,16 @@ def main() -> int:
         default=None,
         help="at most this many nudges per person per day in the cold start (policy.daily_cap)",
     )
+    ap.add_argument(
+        "--knows",
+        default="",
+        help="also two a day knowing only these parts of the truth (person, moment)",
+    )
     args = ap.parse_args()
+    partial = [k for k in args.knows.split(",") if k]
+    for k in partial:
+        if k not in ("person", "moment"):
+            ap.error(f"--knows takes person and moment, not {k!r}")
     out: dict[str, Any] = {}
     for seed in (int(s) for s in args.seeds.split(",")):
         t = time.perf_counter()
@@ -69,10 +81,11 @@ def main() -> int:
             policy = load_catalog(overrides=tomllib.loads(catalog)).policy
             # The runner decides at the end of the half-hour block holding each scheduled time.
             points = sorted({math.ceil(m / BLOCK_MIN) * BLOCK_MIN for m in policy.schedule_min})
-            for label, first_day, per_day in (
-                ("kept on", args.days, 1),
-                ("then one a day knowing the truth", args.first_day, 1),
-                ("then two a day knowing the truth", args.first_day, 2),
+            for label, first_day, per_day, knows in (
+                ("kept on", args.days, 1, "all"),
+                ("then one a day knowing the truth", args.first_day, 1, "all"),
+                ("then two a day knowing the truth", args.first_day, 2, "all"),
+                *((f"then two a day knowing the {k} only", args.first_day, 2, k) for k in partial),
             ):
                 gain, sent = ceiling(
                     persons,
@@ -82,13 +95,14 @@ def main() -> int:
                     first_day,
                     per_day,
                     args.daily_cap,
+                    knows,
                 )
                 row[f"{label_of}: {label}"] = [round(gain, 1), round(sent, 2)]
                 print(f"  {label_of:<14} {label:<34} {gain:6.1f} at {sent:.2f}/day")
         print(f"  ({time.perf_counter() - t:.0f} s)")
         out[str(seed)] = row
     print(json.dumps({"first_day": args.first_day, "people": args.people, "days": args.days,
-                      "daily_cap": args.daily_cap, "seeds": out}))  # fmt: skip
+                      "daily_cap": args.daily_cap, "knows": partial, "seeds": out}))  # fmt: skip
     return 0
 
 

@@ -18,11 +18,12 @@ from __future__ import annotations
 import itertools
 import random
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Final
+from dataclasses import dataclass, replace
+from typing import Final, Literal
 
 from pulsesync.server.nudges.sim.behavior import (
     BASE_RESPONSE,
+    MAX_RESPONSE,
     Day,
     Person,
     burden_dose,
@@ -31,7 +32,9 @@ from pulsesync.server.nudges.sim.behavior import (
     people,
     response_probability,
     response_walk,
+    time_of_day,
 )
+from pulsesync.server.nudges.sim.behavior import burden as burden_multiplier
 from pulsesync.server.nudges.sim.trial import BREAK, WALK, Point
 
 # The catalog's five daily decision points (08:30, 12:15, 15:30, 18:00, 20:30) as the runner
@@ -39,6 +42,9 @@ from pulsesync.server.nudges.sim.trial import BREAK, WALK, Point
 SLOTS: Final = (510, 750, 930, 1080, 1230)
 TRIAL_SEND: Final = {WALK: 0.3, BREAK: 0.3}  # the rest: nothing
 WINDOW_MIN: Final = 30
+# The catalog's cooldowns (catalog.toml): after any nudge, and between two of one type.
+GLOBAL_COOLDOWN_MIN: Final = 60
+TYPE_COOLDOWN_MIN: Final = {WALK: 120, BREAK: 90}
 
 
 def walking_now(d: Day, minute: int) -> bool:
@@ -101,12 +107,12 @@ def trial_points(
 
 def _eligible(d: Day, minute: int, last: Mapping[str, int], t: int) -> list[str]:
     """The activity types the catalog would allow (cooldowns, already walking, sitting)."""
-    if any(t - at < 60 for at in last.values()):
+    if any(t - at < GLOBAL_COOLDOWN_MIN for at in last.values()):
         return []
     out = []
-    if not walking_now(d, minute) and t - last.get(WALK, -(10**9)) >= 120:
+    if not walking_now(d, minute) and t - last.get(WALK, -(10**9)) >= TYPE_COOLDOWN_MIN[WALK]:
         out.append(WALK)
-    if sedentary_for(d, minute) >= 45 and t - last.get(BREAK, -(10**9)) >= 90:
+    if sedentary_for(d, minute) >= 45 and t - last.get(BREAK, -(10**9)) >= TYPE_COOLDOWN_MIN[BREAK]:
         out.append(BREAK)
     return out
 
@@ -152,6 +158,29 @@ def schedule_gain(
     return gained / max(1, person_days), sent / max(1, person_days)
 
 
+# What the policy in `ceiling` knows of the truth it ranks decision points by.
+Knows = Literal["all", "person", "moment"]
+
+
+def known_probability(
+    knows: Knows, p: Person, kind: str, d: Day, minute: int, dose: float
+) -> float:
+    """The response probability as a policy knowing only part of the truth would rank it.
+
+    "all": the simulator's truth. "person": the person's responsiveness, their dose, the type
+    and the time of day, not the moment (busy, sitting, already walking). "moment": all of the
+    moment, the dose, the type and the time of day, not the person's responsiveness.
+    """
+    if knows == "all":
+        return response_probability(p, kind, d, minute, dose, True)
+    if knows == "moment":
+        return response_probability(replace(p, responsiveness=1.0), kind, d, minute, dose, True)
+    if knows == "person":
+        mult = p.responsiveness * burden_multiplier(dose) * time_of_day(minute)
+        return min(MAX_RESPONSE, BASE_RESPONSE.get(kind, 0.0) * mult)
+    raise ValueError(f"knows must be 'all', 'person' or 'moment', not {knows!r}")
+
+
 def ceiling(
     persons: Sequence[Person],
     plans: Sequence[Sequence[Day]],
@@ -160,15 +189,17 @@ def ceiling(
     first_day: int,
     per_day: int,
     daily_cap: int | None = None,
+    knows: Knows = "all",
 ) -> tuple[float, float]:
     """(expected steps added, nudges) per person-day over all days: a cold start, then a policy
-    that knows the simulator's truth.
+    that knows the simulator's truth (knows "all"; or part of it, `known_probability`: the
+    gains are always the truth's).
 
     Before first_day, the randomized cold start at each of minutes (send with
     cold_start(minute), a type drawn uniformly; at most daily_cap a day when given, as the
     catalog's policy.daily_cap stops it). From first_day, each day the per_day decision
-    points (an hour apart) with the highest true expected gain given the dose that morning,
-    the best type at each: an upper bound on what a model choosing among these decision
+    points (an hour apart, two of one type as far apart as its cooldown) with the highest
+    expected gain given the dose that morning, the best type at each: an upper bound on what a model choosing among these decision
     points after that cold start can add (greedy day by day, so not the exact optimum over
     the burden's weeks).
     """
@@ -192,7 +223,7 @@ def ceiling(
                 continue
             ranked = sorted(
                 (
-                    response_probability(p, k, d, m, burden.now(day * 1440 + m), True)
+                    known_probability(knows, p, k, d, m, burden.now(day * 1440 + m))
                     * expected_walk_steps(k),
                     m,
                     k,
@@ -202,7 +233,10 @@ def ceiling(
             )
             chosen: list[tuple[int, str]] = []
             for _, m, k in reversed(ranked):
-                if len(chosen) < per_day and all(abs(m - c) >= 60 for c, _ in chosen):
+                if len(chosen) < per_day and all(
+                    abs(m - c) >= (TYPE_COOLDOWN_MIN[k] if k == ck else GLOBAL_COOLDOWN_MIN)
+                    for c, ck in chosen
+                ):
                     chosen.append((m, k))
             for m, k in sorted(chosen):
                 gained += _deliver(p, d, k, m, day * 1440 + m, burden, last)

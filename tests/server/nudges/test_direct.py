@@ -2,8 +2,20 @@
 
 from __future__ import annotations
 
-from pulsesync.server.nudges.sim.behavior import day_plan, people
-from pulsesync.server.nudges.sim.direct import SLOTS, ceiling, schedule_gain
+from dataclasses import replace
+
+import pytest
+
+from pulsesync.server.nudges.sim.behavior import (
+    BASE_RESPONSE,
+    MAX_RESPONSE,
+    burden,
+    day_plan,
+    people,
+    time_of_day,
+)
+from pulsesync.server.nudges.sim.direct import SLOTS, ceiling, known_probability, schedule_gain
+from pulsesync.server.nudges.sim.trial import WALK
 
 PERSONS = people(12, 3)
 PLANS = [[day_plan(p, day, 3) for day in range(10)] for p in PERSONS]
@@ -43,3 +55,23 @@ def test_a_daily_cap_stops_the_cold_start_for_the_day() -> None:
         uncapped,
         sent,
     )
+
+
+def test_knowing_part_of_the_truth_ranks_by_that_part_only() -> None:
+    # With every person equally responsive, the moment is all there is to know.
+    alike = [replace(p, responsiveness=1.0) for p in PERSONS]
+    assert ceiling(alike, PLANS, SLOTS, lambda m: 0.0, 0, 2, knows="moment") == ceiling(
+        alike, PLANS, SLOTS, lambda m: 0.0, 0, 2, knows="all"
+    )
+    everything, _ = ceiling(PERSONS, PLANS, SLOTS, lambda m: 0.0, 0, 2)
+    for part in ("person", "moment"):
+        partial, sent = ceiling(PERSONS, PLANS, SLOTS, lambda m: 0.0, 0, 2, knows=part)
+        assert sent == 2.0
+        assert 0.0 < partial < everything, part
+    # Not knowing the moment, only the time of day tells decision points of one day apart.
+    p, d = PERSONS[0], PLANS[0][0]
+    assert known_probability("person", p, WALK, d, 930, 3.0) == pytest.approx(
+        min(MAX_RESPONSE, BASE_RESPONSE[WALK] * p.responsiveness * burden(3.0) * time_of_day(930))
+    )
+    with pytest.raises(ValueError, match="knows"):
+        known_probability("nothing", p, WALK, d, 930, 0.0)  # type: ignore[arg-type]
