@@ -4,14 +4,15 @@
 Every arm runs the same simulated people and days (same seed: common random numbers) against
 its own real server over gRPC. Prints the HeartSteps calibration check first, then steps
 gained per nudge, nudges per day, total outcome, where each arm's nudges land (the burden
-they met, how evenly they are spread over people), the off-policy estimate against what
+they met, how evenly they are spread over people, their types, the time of day and the moment
+they met), the off-policy estimate against what
 happened (the learned arm's cold start kept on, an arm of its own, gives the truth), decision
 latency under ingest load, and one JSON line.
 
     python scripts/bench_nudges.py [--people 80] [--days 28] [--seed 7] [--jobs 2] [--quick]
                                    [--daily-budget 1] [--cold-start proportional|focused]
                                    [--cold-start-top 0.6] [--evaluation-days DAYS]
-                                   [--daily-cap N] [--promote-first]
+                                   [--daily-cap N] [--no-sedentary-trigger] [--promote-first]
                                    [--prior-trial]
 
 The arms run in `--jobs` worker processes (2: 15-35 minutes on a 2-core machine, as busy as
@@ -29,13 +30,21 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pulsesync.server.nudges.sim.behavior import burden, burden_dose, expected_walk_steps, people
+from pulsesync.server.nudges.sim.behavior import (
+    Person,
+    burden,
+    burden_dose,
+    expected_walk_steps,
+    people,
+    time_of_day,
+)
 from pulsesync.server.nudges.sim.calibrate import check, server_check
 from pulsesync.server.nudges.sim.direct import best_schedule
 from pulsesync.server.nudges.sim.runner import (
@@ -90,24 +99,36 @@ def arm_stats(r: ArmResult, lo: int, hi: int, n_people: int) -> dict[str, float]
     }
 
 
-def burden_at_sends(r: ArmResult, lo: int, hi: int) -> dict[str, float]:
+def where_sent(r: ArmResult, lo: int, hi: int, persons: Sequence[Person]) -> dict[str, float]:
     """Where an arm's nudges in [lo, hi) land: the mean burden multiplier they met (each
-    person's dose replayed from all their delivered nudges, behavior.burden_dose), and the
-    share of them that went to the quarter of people sent the most."""
+    person's dose replayed from all their delivered nudges, behavior.burden_dose), the share
+    of them that went to the quarter of people sent the most, the share that were walking
+    suggestions, the mean time-of-day multiplier they met (behavior.time_of_day), and the
+    mean of what the moment did to them (busy, sitting, already walking, the device in use:
+    the context multiplier over person, burden and time of day)."""
     last: dict[int, tuple[float, int]] = {}
     met: list[float] = []
+    tod: list[float] = []
+    moment: list[float] = []
+    walking = 0
     per_person: dict[int, int] = {}
-    for i, minute, *_ in sorted(r.responses, key=lambda x: (x[1], x[0])):
+    for i, minute, kind, _, mult in sorted(r.responses, key=lambda x: (x[1], x[0])):
         before, after = burden_dose(last.get(i), minute)
         last[i] = (after, minute)
         if lo <= minute < hi:
             met.append(burden(before))
+            tod.append(time_of_day(minute % 1440))
+            moment.append(mult / (persons[i].responsiveness * met[-1] * tod[-1]))
+            walking += kind == "walking_suggestion"
             per_person[i] = per_person.get(i, 0) + 1
     counts = sorted(per_person.values(), reverse=True)
     top = counts[: max(1, len(counts) // 4)]
     return {
         "burden": float(np.mean(met)) if met else 0.0,
         "top_quarter_share": sum(top) / max(1, sum(counts)),
+        "walking_share": walking / max(1, len(met)),
+        "time_of_day": float(np.mean(tod)) if tod else 0.0,
+        "moment": float(np.mean(moment)) if moment else 0.0,
     }
 
 
@@ -301,14 +322,15 @@ async def main() -> int:
             f"  {name:<11}{s['nudges_per_day']:>11.2f}{s['steps_per_nudge']:>13.1f}{s['expected_steps_per_nudge']:>10.1f}"
             f"{s['gained_per_person_day']:>19.1f} ({s['expected_gained_per_person_day']:.1f}){s['mean_steps_30m']:>16.1f}"
         )
-    spread = {name: burden_at_sends(r, lo, end) for name, r in results.items()}
+    spread = {name: where_sent(r, lo, end, persons) for name, r in results.items()}
     print(
         "  where the nudges land: mean burden multiplier met (1 = a person never nudged),"
-        " share to the quarter of people sent the most: "
-        + ", ".join(
-            f"{k} {v['burden']:.3f}, {v['top_quarter_share']:.0%}" for k, v in spread.items()
-        )
+        " share to the quarter of people sent the most, walking suggestions' share, mean"
+        " time-of-day multiplier, mean multiplier of the moment (busy, sitting, walking, device):"
     )
+    for k, v in spread.items():
+        print(f"    {k:<11}{v['burden']:>7.3f}{v['top_quarter_share']:>6.0%}{v['walking_share']:>6.0%}"
+              f"{v['time_of_day']:>7.2f}{v['moment']:>7.2f}")  # fmt: skip
     ratio = stats["learned"]["steps_per_nudge"] / max(stats["randomized"]["steps_per_nudge"], 1e-9)
     ratio_expected = stats["learned"]["expected_steps_per_nudge"] / max(
         stats["randomized"]["expected_steps_per_nudge"], 1e-9
@@ -403,6 +425,9 @@ async def main() -> int:
         "expected_steps_per_nudge": {k: round(v["expected_steps_per_nudge"], 1) for k, v in stats.items()},
         "burden_at_sends": {k: round(v["burden"], 4) for k, v in spread.items()},
         "top_quarter_share": {k: round(v["top_quarter_share"], 3) for k, v in spread.items()},
+        "walking_share": {k: round(v["walking_share"], 3) for k, v in spread.items()},
+        "time_of_day_met": {k: round(v["time_of_day"], 3) for k, v in spread.items()},
+        "moment_met": {k: round(v["moment"], 3) for k, v in spread.items()},
         "vs_randomized": round(ratio, 3), "vs_randomized_expected": round(ratio_expected, 3),
         "no_more_nudges": fewer, "promoted_day": lo / 1440 if learned.promote_minute is not None else None,
         "ope": {k: (round(v, 2) if isinstance(v, float) else v) for k, v in ope.items()},
