@@ -14,8 +14,11 @@ Two boosters make one prediction, q(x, a) = base(x) + effect(x, a), with effect(
   type was sent and e is its logged probability among {type, none}. The exact logged
   propensities make the target unbiased; the residual removes the baseline's variance.
 
-A third booster, `response`, predicts the chance the person acts on a nudge (the device's
-ACTED feedback) from the same inputs. Acting is a far less noisy signal than 30-minute steps (a
+The acting model predicts the chance the person acts on a nudge (the device's ACTED feedback)
+from the same inputs: one booster per type with MIN_ACTS acts of its own, and a pooled one, with
+the type as an input column, for the others (the pooled booster alone, like a single effect
+booster, did not split on the type where acting depended on type and time together: on logs
+where walking is acted on at midday and a break in the evening it predicted the same for both). Acting is a far less noisy signal than 30-minute steps (a
 yes/no per nudge instead of an outcome whose spread is ~15 times the effect), so once the types
 whose outcome is steps have MIN_ACTS acted nudges between them, their effect is predicted as
 P(act | x, a) x the steps an act adds: the mean residual after acted minus after not-acted
@@ -148,6 +151,7 @@ class OutcomeModel:
         response: lgb.Booster | None = None,
         act_gain: Mapping[str, float] | None = None,
         columns: Sequence[str] = COLUMNS,
+        responses: Mapping[str, lgb.Booster] | None = None,
     ) -> None:
         if tuple(columns) != COLUMNS[: len(columns)]:
             raise ValueError(
@@ -172,8 +176,10 @@ class OutcomeModel:
         self.learned_actions = frozenset(
             a for a in (self.actions if learned_actions is None else learned_actions) if a != NONE
         )
-        # Types whose effect is P(act) x the steps an act adds (see the module docstring).
+        # Types whose effect is P(act) x the steps an act adds (see the module docstring):
+        # P(act) from the type's own booster, else from the pooled one.
         self.response = response
+        self.responses = dict(responses or {}) if response is not None else {}
         self.act_gain = dict(act_gain or {}) if response is not None else {}
 
     def min_gain(self, catalog_min_gain: float) -> float:
@@ -196,7 +202,15 @@ class OutcomeModel:
         gain = np.array([self.act_gain.get(a, np.nan) for a in actions], dtype=np.float64)
         by_acts = ~np.isnan(gain)
         if self.response is not None and by_acts.any():
-            p_act = self.response.predict(x_model, num_threads=1)
+            p_act = np.zeros(len(actions))
+            kinds = np.array(actions, dtype=object)
+            pooled = by_acts & ~np.isin(kinds, list(self.responses))
+            if pooled.any():
+                p_act[pooled] = self.response.predict(x_model[pooled], num_threads=1)
+            for a, booster in self.responses.items():
+                mask = (kinds == a) & by_acts
+                if mask.any():
+                    p_act[mask] = booster.predict(x_model[mask], num_threads=1)
             effect = np.where(by_acts, p_act * np.nan_to_num(gain), effect)
         base = self.base.predict(x[:, : len(FEATURE_NAMES)], num_threads=1)
         return np.asarray(base + effect, dtype=np.float64)
@@ -230,7 +244,8 @@ class OutcomeModel:
 
     def parts(self) -> dict[str, str]:
         """The boosters as LightGBM text models, by part: "base", "effect.<type>" (or "effect"
-        for a shared effect booster) and "response" (the registry stores them)."""
+        for a shared effect booster), "response" (pooled) and "response.<type>" (the registry
+        stores them)."""
         out = {"base": self.base.model_to_string()}
         if isinstance(self.effect, lgb.Booster):
             out["effect"] = self.effect.model_to_string()
@@ -238,6 +253,8 @@ class OutcomeModel:
             out[f"effect.{a}"] = booster.model_to_string()
         if self.response is not None:
             out["response"] = self.response.model_to_string()
+        for a, booster in self.responses.items():
+            out[f"response.{a}"] = booster.model_to_string()
         return out
 
     @classmethod
@@ -265,6 +282,12 @@ class OutcomeModel:
         response = (
             lgb.Booster(model_str=parts["response"]) if act_gain and "response" in parts else None
         )
+        # A model saved before the per-type acting boosters has the pooled one only.
+        responses = {
+            a: lgb.Booster(model_str=parts[f"response.{a}"])
+            for a in actions
+            if response is not None and f"response.{a}" in parts
+        }
         return cls(
             base,
             effect,
@@ -275,6 +298,7 @@ class OutcomeModel:
             response,
             act_gain,
             columns,
+            responses,
         )
 
 
@@ -405,8 +429,18 @@ def train(
     }
     learned = set(effects)
     steps = [a for a in actions if a != NONE] if steps_types is None else list(steps_types)
-    response, act_gain = _fit_response(decisions, resid, index, steps)
-    model = OutcomeModel(base, effects, actions, version, 0.0, sorted(learned), response, act_gain)
+    response, act_gain, responses = _fit_response(decisions, resid, index, steps)
+    model = OutcomeModel(
+        base,
+        effects,
+        actions,
+        version,
+        0.0,
+        sorted(learned),
+        response,
+        act_gain,
+        responses=responses,
+    )
     model.send_threshold = _threshold(model, decisions, daily_budget, min_gain, exploration_floor)
     return model
 
@@ -416,8 +450,10 @@ def _fit_response(
     resid: npt.NDArray[np.float64],
     index: Mapping[str, int],
     steps_types: Collection[str],
-) -> tuple[lgb.Booster | None, dict[str, float]]:
-    """The acting model over every sent nudge, and the steps an act adds per steps type.
+) -> tuple[lgb.Booster | None, dict[str, float], dict[str, lgb.Booster]]:
+    """The acting model over every sent nudge (pooled, the type an input column), the steps
+    an act adds per steps type, and an acting booster per steps type with MIN_ACTS acts of
+    its own (fitted on that type's nudges only).
 
     The steps an act adds: the mean cross-fitted residual after acted nudges minus after the
     others, per type once it has MIN_ACTS acts. A steps type with fewer acts gets the value
@@ -441,7 +477,7 @@ def _fit_response(
 
     pooled = gain([(d, r) for d, r in sent if d.chosen in steps_types])
     if pooled is None:
-        return None, {}
+        return None, {}, {}
     act_gain: dict[str, float] = {}
     for a in steps_types:
         if a in index and a != NONE:
@@ -450,10 +486,17 @@ def _fit_response(
     x = np.array(
         [row(d.features, d.past_gain, index[d.chosen], d.chosen, d.past_response) for d, _ in sent],
         dtype=np.float64,
-    )
+    ).reshape(len(sent), len(COLUMNS))
     y = np.array([1.0 if d.acted else 0.0 for d, _ in sent], dtype=np.float64)
-    response = _fit(x, y, None, COLUMNS, [*_BASE_CAT, "action"], RESPONSE_PARAMS, RESPONSE_ROUNDS)
-    return response, act_gain
+    categorical = [*_BASE_CAT, "action"]
+    response = _fit(x, y, None, COLUMNS, categorical, RESPONSE_PARAMS, RESPONSE_ROUNDS)
+    kinds = np.array([d.chosen for d, _ in sent], dtype=object)
+    responses = {
+        a: _fit(x[mine], y[mine], None, COLUMNS, categorical, RESPONSE_PARAMS, RESPONSE_ROUNDS)
+        for a in sorted(act_gain)
+        if (mine := kinds == a).any() and y[mine].sum() >= MIN_ACTS
+    }
+    return response, act_gain, responses
 
 
 def recent_from(decisions: Sequence[LoggedDecision], days: float) -> int:

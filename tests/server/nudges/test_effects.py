@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from pulsesync.server.nudges.catalog import load_catalog
-from pulsesync.server.nudges.model import LoggedDecision, train
+from pulsesync.server.nudges.model import LoggedDecision, OutcomeModel, train
 from pulsesync.server.nudges.policy import randomized
 from tests.server.nudges.support import sqlite_registry
 
@@ -60,3 +60,60 @@ async def test_learned_effects_differ_by_type_where_one_works_and_the_other_does
         version = await registry.save(model, {})
         again = (await registry.load(version)).predict_many(data[:50], ACTIONS)
     assert np.allclose(again, q[:50])
+
+
+def two_type_acting_logs(n_users: int, per_user: int, seed: int) -> list[LoggedDecision]:
+    """As two_type_logs, with the device's ACTED feedback: a walking suggestion is acted on
+    40% of the time at lunch and mid-afternoon, a break 40% in the evening, either 5%
+    otherwise; an act adds 250 steps."""
+    rng = random.Random(seed)
+    out = []
+    for u in range(1, n_users + 1):
+        level = rng.gauss(230, 40)
+        for i in range(per_user):
+            sed = rng.uniform(0, 120)
+            minute = rng.choice(SLOTS)
+            probs = randomized(["none", WALK, BREAK], 0.6)
+            chosen = rng.choices(list(probs), weights=list(probs.values()))[0]
+            y = level + 0.5 * sed + rng.gauss(0, 150)
+            works = (chosen == WALK and minute in (735, 930)) or (
+                chosen == BREAK and minute >= 1080
+            )
+            acted = chosen != "none" and rng.random() < (0.4 if works else 0.05)
+            y += 250.0 * acted
+            features = {"sedentary_min": sed, "local_minute": float(minute)}
+            out.append(LoggedDecision(u, i, features, {}, probs, chosen, probs[chosen], y, acted))
+    return out
+
+
+async def test_the_acting_model_tells_the_types_apart_where_people_act_on_one_and_not_the_other(
+    tmp_path: Path,
+) -> None:
+    data = two_type_acting_logs(20, 200, 3)
+    model = train(data, ACTIONS, "candidate")
+    assert model.response is not None
+    assert set(model.responses) == {WALK, BREAK}
+    q = model.predict_many(data, ACTIONS)
+    none = q[:, ACTIONS.index("none")]
+    walk_over_break = (q[:, ACTIONS.index(WALK)] - none) - (q[:, ACTIONS.index(BREAK)] - none)
+    minute = np.array([d.features["local_minute"] for d in data])
+    midday, evening = np.isin(minute, (735, 930)), minute >= 1080
+    # True difference: 250 x (0.40 - 0.05) = +87.5 at midday, -87.5 in the evening. The pooled
+    # acting booster alone (the type an input column) predicted ~0 at both.
+    assert walk_over_break[midday].mean() > 50.0, walk_over_break[midday].mean()
+    assert walk_over_break[evening].mean() < -50.0, walk_over_break[evening].mean()
+    async with sqlite_registry(tmp_path) as registry:
+        loaded = await registry.load(await registry.save(model, {}))
+    assert set(loaded.responses) == {WALK, BREAK}
+    assert np.allclose(loaded.predict_many(data[:50], ACTIONS), q[:50])
+    # A model saved before the per-type acting boosters (the pooled one only) still loads.
+    parts = {k: v for k, v in model.parts().items() if not k.startswith("response.")}
+    old = OutcomeModel.from_parts(
+        parts,
+        ACTIONS,
+        "old",
+        act_gain=model.act_gain,
+        learned_actions=sorted(model.learned_actions),
+    )
+    assert old.responses == {}
+    assert old.response is not None
