@@ -9,7 +9,7 @@ deployment over one PostgreSQL (each with a data directory of its own), and the
     meta      JSON: actions, columns, send threshold, steps per act, training, evaluation
     model     zlib-compressed JSON {"format": "pulsesync-model/1", "parts": {part: text}}, the
               LightGBM text models of OutcomeModel.parts(): "base", "effect.<type>" (or
-              "effect"), "response"
+              "effect"), "response" and "response.<type>"
 
 and the promoted pointer (version, promotion time, the evaluation it was promoted on).
 
