@@ -17,10 +17,14 @@ WALK, BREAK = "walking_suggestion", "break_from_sitting"
 SLOTS = (510, 735, 930, 1080, 1230)  # local minute of the five daily decision points
 
 
-def two_type_logs(n_users: int, per_user: int, seed: int) -> list[LoggedDecision]:
+def two_type_logs(
+    n_users: int, per_user: int, seed: int, acting: bool = False
+) -> list[LoggedDecision]:
     """HeartSteps-like randomization (0.4 none, 0.3 each type) against an outcome whose spread
-    is ~150 steps: walking adds 100 steps at lunch and mid-afternoon and nothing otherwise; a
-    break adds 100 steps in the evening and nothing otherwise."""
+    is ~150 steps: walking works at lunch and mid-afternoon, a break in the evening, neither
+    otherwise. acting False: a nudge that works adds 100 steps. acting True: the device's
+    ACTED feedback, a nudge that works acted on 40% of the time and any other 5%; an act adds
+    250 steps."""
     rng = random.Random(seed)
     out = []
     for u in range(1, n_users + 1):
@@ -31,12 +35,13 @@ def two_type_logs(n_users: int, per_user: int, seed: int) -> list[LoggedDecision
             probs = randomized(["none", WALK, BREAK], 0.6)
             chosen = rng.choices(list(probs), weights=list(probs.values()))[0]
             y = level + 0.5 * sed + rng.gauss(0, 150)
-            if chosen == WALK and minute in (735, 930):
-                y += 100.0
-            if chosen == BREAK and minute >= 1080:
-                y += 100.0
+            works = (chosen == WALK and minute in (735, 930)) or (
+                chosen == BREAK and minute >= 1080
+            )
+            acted = acting and chosen != "none" and rng.random() < (0.4 if works else 0.05)
+            y += 250.0 * acted if acting else 100.0 * works
             features = {"sedentary_min": sed, "local_minute": float(minute)}
-            out.append(LoggedDecision(u, i, features, {}, probs, chosen, probs[chosen], y))
+            out.append(LoggedDecision(u, i, features, {}, probs, chosen, probs[chosen], y, acted))
     return out
 
 
@@ -62,34 +67,10 @@ async def test_learned_effects_differ_by_type_where_one_works_and_the_other_does
     assert np.allclose(again, q[:50])
 
 
-def two_type_acting_logs(n_users: int, per_user: int, seed: int) -> list[LoggedDecision]:
-    """As two_type_logs, with the device's ACTED feedback: a walking suggestion is acted on
-    40% of the time at lunch and mid-afternoon, a break 40% in the evening, either 5%
-    otherwise; an act adds 250 steps."""
-    rng = random.Random(seed)
-    out = []
-    for u in range(1, n_users + 1):
-        level = rng.gauss(230, 40)
-        for i in range(per_user):
-            sed = rng.uniform(0, 120)
-            minute = rng.choice(SLOTS)
-            probs = randomized(["none", WALK, BREAK], 0.6)
-            chosen = rng.choices(list(probs), weights=list(probs.values()))[0]
-            y = level + 0.5 * sed + rng.gauss(0, 150)
-            works = (chosen == WALK and minute in (735, 930)) or (
-                chosen == BREAK and minute >= 1080
-            )
-            acted = chosen != "none" and rng.random() < (0.4 if works else 0.05)
-            y += 250.0 * acted
-            features = {"sedentary_min": sed, "local_minute": float(minute)}
-            out.append(LoggedDecision(u, i, features, {}, probs, chosen, probs[chosen], y, acted))
-    return out
-
-
 async def test_the_acting_model_tells_the_types_apart_where_people_act_on_one_and_not_the_other(
     tmp_path: Path,
 ) -> None:
-    data = two_type_acting_logs(20, 200, 3)
+    data = two_type_logs(20, 200, 3, acting=True)
     model = train(data, ACTIONS, "candidate")
     assert model.response is not None
     assert set(model.responses) == {WALK, BREAK}
