@@ -12,7 +12,8 @@ latency under ingest load, and one JSON line.
     python scripts/bench_nudges.py [--people 80] [--days 28] [--seed 7] [--jobs 2] [--quick]
                                    [--daily-budget 1] [--cold-start proportional|focused]
                                    [--cold-start-top 0.6] [--evaluation-days DAYS]
-                                   [--daily-cap N] [--no-sedentary-trigger] [--promote-first]
+                                   [--daily-cap N] [--no-sedentary-trigger]
+                                   [--support-sends N] [--promote-first]
                                    [--prior-trial]
 
 The arms run in `--jobs` worker processes (2: 15-35 minutes on a 2-core machine, as busy as
@@ -207,6 +208,13 @@ async def main() -> int:
         help="the learned arm decides only at its schedule's times, as the fixed arm does",
     )
     ap.add_argument(
+        "--support-sends",
+        type=float,
+        default=None,
+        help="the learned arm's policy.support_sends (a type's effect in a quarter of the day"
+        " scaled by n / (n + this), n its nudges there in the log; default: the catalog's)",
+    )
+    ap.add_argument(
         "--promote-first",
         action="store_true",
         help="the learned arm promotes its first candidate whatever the gate says (a diagnostic:"
@@ -245,6 +253,7 @@ async def main() -> int:
         evaluation_days=args.evaluation_days,
         daily_cap=args.daily_cap,
         sedentary_trigger=not args.no_sedentary_trigger,
+        support_sends=args.support_sends,
     )
     results: dict[str, ArmResult] = {}
     shm = "/dev/shm" if await asyncio.to_thread(os.path.isdir, "/dev/shm") else None
@@ -445,6 +454,7 @@ async def main() -> int:
         "daily_budget": args.daily_budget, "cold_start": args.cold_start, "cold_start_top": args.cold_start_top,
         "evaluation_days": args.evaluation_days, "promote_first": args.promote_first,
         "daily_cap": args.daily_cap, "sedentary_trigger": not args.no_sedentary_trigger,
+        "support_sends": args.support_sends,
         "send_thresholds": [round(ev.get("send_threshold") or 0.0, 1) for ev in learned.extra.get("evaluations", [])],
         "people": args.people, "days": args.days, "seed": args.seed, "prior_trial": args.prior_trial,
     }))  # fmt: skip

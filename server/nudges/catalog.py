@@ -76,6 +76,10 @@ class PolicySettings:
     # training ends (0: every day): responses change over weeks, and the days a candidate is
     # scored on should be those most like the days it will decide on.
     evaluation_days: float
+    # A learned policy's predicted effect of a type in a quarter of the day is scaled by
+    # n / (n + support_sends), n the training log's nudges of that type there (0: off): a
+    # candidate does not move its sends to where the log hardly ever sent (model.py).
+    support_sends: float
     # (local minute it starts at, send probability), ascending: the cold start's send
     # probability from each time to the next; before the first, cold_start_send_probability.
     cold_start_bands: tuple[tuple[int, float], ...] = ()
@@ -236,7 +240,7 @@ def _type(name: str, raw: Any) -> NudgeType:
 _POLICY_KEYS: Final = frozenset({
     "schedule", "sedentary_trigger_min", "exploration_floor", "min_gain_steps", "daily_budget",
     "cold_start_send_probability", "cold_start_by_local_time", "min_training_decisions",
-    "evaluation_days",
+    "evaluation_days", "support_sends",
     "daily_cap", "global_cooldown_min", "default_quiet_start_min", "default_quiet_end_min",
     "default_time_zone", "active_window_min", "outcome_window_min", "outcome_grace_min",
 })  # fmt: skip
@@ -283,6 +287,7 @@ def parse_catalog(raw: dict[str, Any]) -> Catalog:
             outcome_window_us=whole("outcome_window_min", minimum=1) * _MIN,
             outcome_grace_us=whole("outcome_grace_min") * _MIN,
             evaluation_days=number("evaluation_days", minimum=0.0),
+            support_sends=number("support_sends", minimum=0.0),
             cold_start_bands=_bands(p.get("cold_start_by_local_time", {})),
         )
         types = tuple(_type(name, t) for name, t in raw["types"].items())

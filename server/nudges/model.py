@@ -46,7 +46,7 @@ import lightgbm as lgb
 import numpy as np
 import numpy.typing as npt
 
-from pulsesync.server.nudges.features import FEATURE_NAMES
+from pulsesync.server.nudges.features import FEATURE_NAMES, HOUR_BUCKETS, hour_bucket
 from pulsesync.timeutil import US_PER_DAY
 
 NONE: Final = "none"
@@ -152,6 +152,7 @@ class OutcomeModel:
         act_gain: Mapping[str, float] | None = None,
         columns: Sequence[str] = COLUMNS,
         responses: Mapping[str, lgb.Booster] | None = None,
+        support: Mapping[str, Sequence[float]] | None = None,
     ) -> None:
         if tuple(columns) != COLUMNS[: len(columns)]:
             raise ValueError(
@@ -181,6 +182,9 @@ class OutcomeModel:
         self.response = response
         self.responses = dict(responses or {}) if response is not None else {}
         self.act_gain = dict(act_gain or {}) if response is not None else {}
+        # Type -> the factor on its predicted effect in each quarter of the day (hour_bucket;
+        # see train's support_sends); a type not listed keeps its effect.
+        self.support = {a: tuple(float(f) for f in fs) for a, fs in (support or {}).items()}
 
     def min_gain(self, catalog_min_gain: float) -> float:
         """The gain over sending nothing a nudge must be predicted to reach."""
@@ -212,6 +216,14 @@ class OutcomeModel:
                 if mask.any():
                     p_act[mask] = booster.predict(x_model[mask], num_threads=1)
             effect = np.where(by_acts, p_act * np.nan_to_num(gain), effect)
+        if self.support:
+            buckets = [hour_bucket(int(m)) for m in x[:, 0]]  # column 0: local_minute
+            effect = effect * np.array(
+                [
+                    self.support[a][b] if a in self.support else 1.0
+                    for a, b in zip(actions, buckets, strict=True)
+                ]
+            )
         base = self.base.predict(x[:, : len(FEATURE_NAMES)], num_threads=1)
         return np.asarray(base + effect, dtype=np.float64)
 
@@ -267,8 +279,9 @@ class OutcomeModel:
         learned_actions: Sequence[str] | None = None,
         act_gain: Mapping[str, float] | None = None,
         columns: Sequence[str] = COLUMNS,
+        support: Mapping[str, Sequence[float]] | None = None,
     ) -> OutcomeModel:
-        """A model from the parts written by parts()."""
+        """A model from the parts written by parts() (support: as the model held it)."""
         base = lgb.Booster(model_str=parts["base"])
         effect: lgb.Booster | dict[str, lgb.Booster] = (
             lgb.Booster(model_str=parts["effect"])
@@ -299,6 +312,7 @@ class OutcomeModel:
             act_gain,
             columns,
             responses,
+            support,
         )
 
 
@@ -353,13 +367,16 @@ def train(
     min_gain: float = 0.0,
     exploration_floor: float = 0.0,
     steps_types: Collection[str] | None = None,
+    support_sends: float = 0.0,
 ) -> OutcomeModel:
     """Fit the base, effect and acting models on logged decisions (a few hundred at least).
 
     daily_budget: nudges per person-day the policy may send on average (None: no budget, the
     threshold is min_gain); exploration_floor: the policy's floor per option, whose sends
     count against the budget. steps_types: the types whose outcome is steps (the acting model
-    predicts their effect); by default every type.
+    predicts their effect); by default every type. support_sends > 0: each type's predicted
+    effect in a quarter of the day is scaled by n / (n + support_sends), n the nudges of that
+    type sent there in these decisions (policy.support_sends).
     """
     if len(decisions) < 50:
         raise ValueError(
@@ -440,9 +457,24 @@ def train(
         response,
         act_gain,
         responses=responses,
+        support=_support(decisions, actions, support_sends),
     )
     model.send_threshold = _threshold(model, decisions, daily_budget, min_gain, exploration_floor)
     return model
+
+
+def _support(
+    decisions: Sequence[LoggedDecision], actions: Sequence[str], support_sends: float
+) -> dict[str, list[float]]:
+    """Per type, n / (n + support_sends) in each quarter of the day, n its nudges sent there
+    ({} when support_sends is 0: no scaling)."""
+    if support_sends <= 0.0:
+        return {}
+    sent = {a: [0] * HOUR_BUCKETS for a in actions if a != NONE}
+    for d in decisions:
+        if d.chosen in sent:
+            sent[d.chosen][hour_bucket(int(d.features.get("local_minute", 0.0)))] += 1
+    return {a: [n / (n + support_sends) for n in counts] for a, counts in sent.items()}
 
 
 def _fit_response(
@@ -600,6 +632,7 @@ def meta_json(model: OutcomeModel, extra: Mapping[str, Any]) -> str:
             "send_threshold": model.send_threshold,
             "learned_actions": sorted(model.learned_actions),
             "act_gain": model.act_gain,
+            "support": {a: list(f) for a, f in model.support.items()},
             **extra,
         },
         indent=2,

@@ -97,6 +97,7 @@ def _model(blob: bytes, meta: Mapping[str, Any], name: str) -> OutcomeModel:
         meta.get("learned_actions"),
         meta.get("act_gain"),
         meta.get("columns", COLUMNS),
+        meta.get("support"),
     )
 
 

@@ -147,6 +147,7 @@ def train_model(decisions: Sequence[LoggedDecision], catalog: Catalog) -> Outcom
         daily_budget=p.daily_budget,
         min_gain=p.min_gain_steps,
         exploration_floor=p.exploration_floor,
+        support_sends=p.support_sends,
         steps_types=[t.name for t in catalog.types if t.outcome == "steps_30m"],
     )
 

@@ -167,6 +167,7 @@ def learned_catalog(
     evaluation_days: float | None = None,
     daily_cap: int | None = None,
     sedentary_trigger: bool = True,
+    support_sends: float | None = None,
 ) -> str:
     """The learned arm's catalog: its cold start, exploration floor and daily budget.
 
@@ -181,6 +182,7 @@ def learned_catalog(
     evaluation_days None: the catalog's (policy.evaluation_days; 0 scores every day).
     daily_cap None: the catalog's (policy.daily_cap, nudges per person per day).
     sedentary_trigger False: decisions only at the schedule's times, as the fixed arm's.
+    support_sends None: the catalog's (policy.support_sends).
     docs/nudges.md, "The learned arm", has the measurements behind each value.
     """
     policy = load_catalog().policy
@@ -201,6 +203,8 @@ def learned_catalog(
         settings += f"daily_cap = {daily_cap}\n"
     if not sedentary_trigger:
         settings += NO_SEDENTARY_TRIGGER
+    if support_sends is not None:
+        settings += f"support_sends = {support_sends}\n"
     table = ", ".join(f'"{t}" = {p}' for t, p in bands.items())
     return (
         f"[policy]\n{schedule}{settings}exploration_floor = {exploration_floor}\n"

@@ -43,6 +43,7 @@ def test_a_whole_number_written_as_a_float_is_taken() -> None:
         ({"policy": {"default_quiet_start_min": 1440}}, r"policy.default_quiet_start_min must be a whole number in 0..1439"),
         ({"policy": {"outcome_window_min": [30]}}, r"policy.outcome_window_min must be a whole number, not \[30\]"),
         ({"policy": {"evaluation_days": float("nan")}}, "policy.evaluation_days must be a finite number >= 0"),
+        ({"policy": {"support_sends": -1}}, "policy.support_sends must be a finite number >= 0"),
         ({"policy": {"cold_start_by_local_time": {"12:00": "half"}}}, r"policy.cold_start_by_local_time\['12:00'\] must be a number"),
         ({"types": {WALK: {"cooldown_min": "2h"}}}, f"type {WALK}: cooldown_min must be a whole number, not '2h'"),
         ({"types": {WALK: {"expire_min": 0}}}, f"type {WALK}: expire_min must be a whole number >= 1"),

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from pulsesync.server.nudges.catalog import load_catalog
+from pulsesync.server.nudges.features import hour_bucket
 from pulsesync.server.nudges.model import LoggedDecision, OutcomeModel, train
 from pulsesync.server.nudges.policy import randomized
 from tests.server.nudges.support import sqlite_registry
@@ -98,3 +99,35 @@ async def test_the_acting_model_tells_the_types_apart_where_people_act_on_one_an
     )
     assert old.responses == {}
     assert old.response is not None
+
+
+async def test_support_scales_each_types_effect_by_how_often_the_log_sent_it_there(
+    tmp_path: Path,
+) -> None:
+    # Breaks were never sent in the evening: there the model's break effect is extrapolation.
+    data = [
+        d
+        for d in two_type_logs(20, 200, 3)
+        if not (d.chosen == BREAK and d.features["local_minute"] >= 1080)
+    ]
+    plain = train(data, ACTIONS, "plain")
+    held = train(data, ACTIONS, "held", support_sends=50.0)
+    qp, qh = plain.predict_many(data, ACTIONS), held.predict_many(data, ACTIONS)
+    none = ACTIONS.index("none")
+    bucket = np.array([hour_bucket(int(d.features["local_minute"])) for d in data])
+    for a in (WALK, BREAK):
+        i = ACTIONS.index(a)
+        for b in set(bucket.tolist()):
+            n = sum(1 for d, db in zip(data, bucket, strict=True) if d.chosen == a and db == b)
+            rows = bucket == b
+            np.testing.assert_allclose(
+                qh[rows, i] - qh[rows, none], (qp[rows, i] - qp[rows, none]) * n / (n + 50.0)
+            )
+    evening = bucket == hour_bucket(1080)
+    brk = ACTIONS.index(BREAK)
+    assert np.abs(qp[evening, brk] - qp[evening, none]).max() > 1.0
+    assert np.all(qh[evening, brk] == qh[evening, none])
+    async with sqlite_registry(tmp_path) as registry:
+        loaded = await registry.load(await registry.save(held, {}))
+    assert loaded.support == held.support
+    assert np.allclose(loaded.predict_many(data[:50], ACTIONS), qh[:50])

@@ -116,6 +116,8 @@ def test_the_learned_arms_cold_start_scales_from_its_top_probability() -> None:
     scheduled = learned_catalog(cold_start="focused", sedentary_trigger=False)
     untriggered = load_catalog(overrides=tomllib.loads(scheduled)).policy
     assert untriggered.sedentary_trigger_min > 1440 > load_catalog().policy.sedentary_trigger_min
+    held = learned_catalog(cold_start="focused", support_sends=50)
+    assert load_catalog(overrides=tomllib.loads(held)).policy.support_sends == 50.0
     # Unset, the catalog's own evaluation window and sedentary trigger.
     default = load_catalog(overrides=tomllib.loads(learned_catalog())).policy
     assert default.evaluation_days == load_catalog().policy.evaluation_days
