@@ -52,6 +52,7 @@ from pulsesync.timeutil import US_PER_DAY
 NONE: Final = "none"
 ACTION_COLUMNS: Final = ("action", "action_past_gain", "action_past_response")
 COLUMNS: Final = (*FEATURE_NAMES, *ACTION_COLUMNS)
+_LOCAL_MINUTE: Final = COLUMNS.index("local_minute")
 # Baseline: a few thousand outcomes, strong leaves; squared error (DR needs conditional means,
 # and a robust loss would shrink the rare long walks that make up the effect).
 BASE_PARAMS: Final[dict[str, Any]] = {
@@ -217,7 +218,7 @@ class OutcomeModel:
                     p_act[mask] = booster.predict(x_model[mask], num_threads=1)
             effect = np.where(by_acts, p_act * np.nan_to_num(gain), effect)
         if self.support:
-            buckets = [hour_bucket(int(m)) for m in x[:, 0]]  # column 0: local_minute
+            buckets = [hour_bucket(int(m)) for m in x[:, _LOCAL_MINUTE]]
             effect = effect * np.array(
                 [
                     self.support[a][b] if a in self.support else 1.0
