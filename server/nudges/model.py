@@ -18,7 +18,8 @@ The acting model predicts the chance the person acts on a nudge (the device's AC
 from the same inputs: one booster per type with MIN_ACTS acts of its own, and a pooled one, with
 the type as an input column, for the others (the pooled booster alone, like a single effect
 booster, did not split on the type where acting depended on type and time together: on logs
-where walking is acted on at midday and a break in the evening it predicted the same for both). Acting is a far less noisy signal than 30-minute steps (a
+where walking is acted on at midday and a break in the evening it predicted the same for
+both). Acting is a far less noisy signal than 30-minute steps (a
 yes/no per nudge instead of an outcome whose spread is ~15 times the effect), so once the types
 whose outcome is steps have MIN_ACTS acted nudges between them, their effect is predicted as
 P(act | x, a) x the steps an act adds: the mean residual after acted minus after not-acted
@@ -32,6 +33,11 @@ The model also carries its `send_threshold`: the predicted gain a nudge must rea
 greedy mass, set at training from the *recent* decisions (the last `BUDGET_DAYS` days of the
 log) so that the policy, exploration included, would send at most `daily_budget` nudges per
 person-day on them (never below the catalog's `min_gain_steps`; see `_threshold`).
+
+With `support_sends` (policy.support_sends) it also carries its `support`: each type's
+predicted effect in a quarter of the day is scaled by n / (n + support_sends), n the nudges of
+that type its training log sent there, so that where the log hardly ever sent (a cold start
+exploring at a few percent) the trees' extrapolations do not win the greedy mass.
 """
 
 from __future__ import annotations
