@@ -82,6 +82,9 @@ class PostgresNudgeReach:
         self._dirty: set[int] = set()  # device_pks whose row may differ from _open
         self._fetches: dict[int, _Fetch] = {}  # device_pk -> latest fetch not yet written
         self._wake = asyncio.Event()
+        # One write round at a time: a round takes the pending changes out before it commits,
+        # so `flushed` waits for a round in flight instead of finding nothing left to write.
+        self._round = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self.rounds = 0  # write rounds that committed (for tests and the bench)
         self._sweeps = 0
@@ -158,7 +161,7 @@ class PostgresNudgeReach:
 
     async def flushed(self) -> None:
         """Write every change made so far now (for tests; the writer does it on its own)."""
-        async with self._pool.transaction() as tx:
+        async with self._round, self._pool.transaction() as tx:
             await self._write(tx)
 
     async def _run(self) -> None:
@@ -169,7 +172,7 @@ class PostgresNudgeReach:
                     await self._wake.wait()
             self._wake.clear()
             try:
-                async with self._pool.transaction() as tx:
+                async with self._round, self._pool.transaction() as tx:
                     await self._write(tx)
                 if time.monotonic() >= next_sweep:
                     await self.sweep()
