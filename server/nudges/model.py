@@ -201,11 +201,11 @@ class OutcomeModel:
         """Predicted outcomes of input rows x, row i being for actions[i]."""
         x_model = x[:, : len(self.columns)]
         effect = np.zeros(len(actions))
+        kinds = np.array(actions, dtype=object)
         learned = np.array([a in self.learned_actions for a in actions], dtype=bool)
         if learned.any() and isinstance(self.effect, lgb.Booster):
             effect = np.where(learned, self.effect.predict(x_model, num_threads=1), 0.0)
         elif learned.any():
-            kinds = np.array(actions, dtype=object)
             for a, booster in self.effects.items():
                 mask = (kinds == a) & learned
                 if mask.any():
@@ -214,7 +214,6 @@ class OutcomeModel:
         by_acts = ~np.isnan(gain)
         if self.response is not None and by_acts.any():
             p_act = np.zeros(len(actions))
-            kinds = np.array(actions, dtype=object)
             pooled = by_acts & ~np.isin(kinds, list(self.responses))
             if pooled.any():
                 p_act[pooled] = self.response.predict(x_model[pooled], num_threads=1)

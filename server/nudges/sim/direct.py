@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Final, Literal
 
+from pulsesync.server.nudges.catalog import load_catalog
 from pulsesync.server.nudges.sim.behavior import (
     BASE_RESPONSE,
     MAX_RESPONSE,
@@ -36,15 +37,19 @@ from pulsesync.server.nudges.sim.behavior import (
 )
 from pulsesync.server.nudges.sim.behavior import burden as burden_multiplier
 from pulsesync.server.nudges.sim.trial import BREAK, WALK, Point
+from pulsesync.timeutil import US_PER_MIN
 
 # The catalog's five daily decision points (08:30, 12:15, 15:30, 18:00, 20:30) as the runner
 # takes them: at the end of the 30-minute block that holds each.
 SLOTS: Final = (510, 750, 930, 1080, 1230)
 TRIAL_SEND: Final = {WALK: 0.3, BREAK: 0.3}  # the rest: nothing
 WINDOW_MIN: Final = 30
-# The catalog's cooldowns (catalog.toml): after any nudge, and between two of one type.
-GLOBAL_COOLDOWN_MIN: Final = 60
-TYPE_COOLDOWN_MIN: Final = {WALK: 120, BREAK: 90}
+# The shipped catalog's cooldowns: after any nudge, and between two of one type.
+_CATALOG: Final = load_catalog()
+GLOBAL_COOLDOWN_MIN: Final = _CATALOG.policy.global_cooldown_us // US_PER_MIN
+TYPE_COOLDOWN_MIN: Final = {
+    t.name: t.cooldown_us // US_PER_MIN for t in _CATALOG.types if t.name in (WALK, BREAK)
+}
 
 
 def walking_now(d: Day, minute: int) -> bool:
@@ -199,9 +204,9 @@ def ceiling(
     cold_start(minute), a type drawn uniformly; at most daily_cap a day when given, as the
     catalog's policy.daily_cap stops it). From first_day, each day the per_day decision
     points (an hour apart, two of one type as far apart as its cooldown) with the highest
-    expected gain given the dose that morning, the best type at each: an upper bound on what a model choosing among these decision
-    points after that cold start can add (greedy day by day, so not the exact optimum over
-    the burden's weeks).
+    expected gain given the dose that morning, the best type at each: an upper bound on what
+    a model choosing among these decision points after that cold start can add (greedy day
+    by day, so not the exact optimum over the burden's weeks).
     """
     gained, sent = 0.0, 0
     for p, days in zip(persons, plans, strict=True):
