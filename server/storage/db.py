@@ -35,6 +35,11 @@ BUSY_TIMEOUT_MS: Final = 10_000
 PAGE_SIZE: Final = 16384
 
 
+# The first line of a migration that rebuilds tables (create, copy, drop, rename): it runs
+# with foreign keys off and is checked before it commits (_apply).
+REBUILD_MARK: Final = "-- pulsesync: rebuilds tables"
+
+
 def load_migrations() -> list[Migration]:
     """The numbered SQL files shipped in this package, in order."""
     return read_migrations("pulsesync.server.storage.migrations")
@@ -133,24 +138,47 @@ def migrate(path: str | Path) -> list[str]:
         for m in load_migrations():
             if m.version in done:
                 continue
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                for statement in _split_sql(m.sql):
-                    conn.execute(statement)
-                conn.execute(
-                    "INSERT INTO schema_migrations VALUES (?, ?, ?)",
-                    (m.version, m.name, time.time_ns() // 1000),
-                )
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+            _apply(conn, m)
             applied.append(m.name)
         if applied:  # one line, not one per migration (a new database applies them all)
             log.info("applied %d schema migrations: %s", len(applied), ", ".join(applied))
         return applied
     finally:
         conn.close()
+
+
+def _apply(conn: sqlite3.Connection, m: Migration) -> None:
+    """Apply one migration in one transaction, recorded in schema_migrations."""
+    # A migration that rebuilds a table (SQLite cannot alter a column's definition) drops the
+    # old one: with foreign keys on, that would delete, through ON DELETE CASCADE, every row
+    # referring to it. Such a migration runs with them off (a pragma that has no effect
+    # inside a transaction, so set before it) and must leave every reference whole.
+    rebuild = m.sql.lstrip().startswith(REBUILD_MARK)
+    if rebuild:
+        conn.execute("PRAGMA foreign_keys = OFF")
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _split_sql(m.sql):
+                conn.execute(statement)
+            if rebuild and (broken := conn.execute("PRAGMA foreign_key_check").fetchall()):
+                table, rowid, parent, _ = broken[0]
+                raise RuntimeError(
+                    f"migration {m.name} would leave {len(broken)} row(s) referring to rows "
+                    f"that do not exist (the first: {table} rowid {rowid}, referring to "
+                    f"{parent}); nothing was changed"
+                )
+            conn.execute(
+                "INSERT INTO schema_migrations VALUES (?, ?, ?)",
+                (m.version, m.name, time.time_ns() // 1000),
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    finally:
+        if rebuild:
+            conn.execute("PRAGMA foreign_keys = ON")
 
 
 def _split_sql(script: str) -> list[str]:

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from pulsesync.server.storage import db
 from pulsesync.server.storage.db import PAGE_SIZE, Database, migrate
+from pulsesync.server.storage.versions import Migration
 
 
 def _page_size(path: Path) -> int:
@@ -126,3 +128,105 @@ async def test_a_transaction_left_open_on_the_writer_is_rolled_back_before_the_n
         async with db.reader.execute("SELECT name FROM users") as cur:
             assert [r[0] for r in await cur.fetchall()] == ["ada"]
     assert "left open on the write connection" in caplog.text
+
+
+def _migrate_to(path: Path, version: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    shipped = db.load_migrations()
+    with monkeypatch.context() as m:
+        m.setattr(db, "load_migrations", lambda: [x for x in shipped if x.version <= version])
+        migrate(path)
+
+
+def test_rebuilding_users_and_devices_keeps_every_row_and_reference(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """0014 rebuilds two tables others refer to (with ON DELETE CASCADE): a database with
+    people, devices and their rows comes out whole, and its ids are never reused after."""
+    path = tmp_path / "old.db"
+    _migrate_to(path, 13, monkeypatch)
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA foreign_keys = ON")
+    for uid, name in ((1, "ada"), (2, "bob"), (3, "cy")):
+        conn.execute("INSERT INTO users VALUES (?, ?, 0)", (uid, name))
+        conn.execute(
+            "INSERT INTO devices (device_pk, device_id, user_id, name, kind, token_hash, pair_us,"
+            " prev_token_hash, ack_watermark) VALUES (?, ?, ?, 'phone', 1, ?, 5, ?, 4)",
+            (uid * 10, f"dev_{name}", uid, name.encode() * 11, b"prev-" + name.encode()),
+        )
+        conn.execute(
+            "INSERT INTO consent_ledger (user_id, category, granted, policy_version, device_id,"
+            " change_us) VALUES (?, 1, 1, 'v1', 'admin', 1)",
+            (uid,),
+        )
+        conn.execute("INSERT INTO nudge_push_targets VALUES (?, ?, 'tok', 1)", (uid * 10, uid))
+    conn.execute("DELETE FROM users WHERE user_id = 3")  # erased before the upgrade
+    before = {
+        t: conn.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall()
+        for t in ("users", "devices", "consent_ledger", "nudge_push_targets")
+    }
+    conn.close()
+
+    assert migrate(path) == ["0014_ids_never_reused.sql"]
+
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA foreign_keys = ON")
+        for table, rows in before.items():
+            assert conn.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall() == rows, table
+        assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
+        indexes = {r[1] for r in conn.execute("PRAGMA index_list(devices)")}
+        assert {"devices_by_user", "devices_by_prev_token"} <= indexes
+        # The references still hold on to the rebuilt tables: erasing bob cascades.
+        conn.execute("DELETE FROM users WHERE user_id = 2")
+        assert conn.execute("SELECT COUNT(*) FROM devices WHERE user_id = 2").fetchone() == (0,)
+        assert (
+            conn.execute("SELECT COUNT(*) FROM consent_ledger WHERE user_id = 2").fetchone()[0] == 0
+        )
+        assert conn.execute("SELECT COUNT(*) FROM nudge_push_targets").fetchone() == (1,)
+        # bob's ids (the largest left) are not given to the next person or device.
+        conn.execute("INSERT INTO users (name, create_us) VALUES ('dee', 0)")
+        conn.execute(
+            "INSERT INTO devices (device_id, user_id, name, kind, token_hash, pair_us)"
+            " SELECT 'dev_dee', user_id, 'phone', 1, x'00', 5 FROM users WHERE name = 'dee'"
+        )
+        dee = conn.execute("SELECT user_id FROM users WHERE name = 'dee'").fetchone()[0]
+        assert dee == 3  # 3 was erased before the upgrade: unknowable, given out once more
+        assert (
+            conn.execute("SELECT device_pk FROM devices WHERE device_id = 'dev_dee'").fetchone()[0]
+            == 21
+        )
+    finally:
+        conn.close()
+
+
+def test_a_rebuild_that_breaks_a_reference_changes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "db.sqlite"
+    migrate(path)
+    broken = Migration(
+        99,
+        "0099_broken.sql",
+        f"{db.REBUILD_MARK}\nCREATE TABLE users_rebuilt (user_id INTEGER PRIMARY KEY, name TEXT);\n"
+        "DROP TABLE users;\nALTER TABLE users_rebuilt RENAME TO users;\n",
+    )
+    conn = sqlite3.connect(path)
+    conn.execute("INSERT INTO users VALUES (1, 'ada', 0)")
+    conn.execute(
+        "INSERT INTO devices (device_id, user_id, name, kind, token_hash, pair_us)"
+        " VALUES ('dev_ada', 1, 'phone', 1, x'00', 5)"
+    )
+    conn.commit()
+    conn.close()
+    monkeypatch.setattr(db, "load_migrations", lambda: [broken])
+    with pytest.raises(
+        RuntimeError,
+        match=r"0099_broken.sql would leave 1 row\(s\) .* devices rowid 1, referring to users",
+    ):
+        migrate(path)
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("SELECT name FROM users").fetchall() == [("ada",)]
+        assert conn.execute("SELECT MAX(version) FROM schema_migrations").fetchone() == (14,)
+    finally:
+        conn.close()

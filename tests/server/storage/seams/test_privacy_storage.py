@@ -106,6 +106,18 @@ async def test_erasure_deletes_every_row_and_records_in_one_go(storage_backend: 
     assert not report.checkpoint_busy
 
 
+async def test_an_erased_persons_ids_are_never_given_out_again(storage_backend: Backend) -> None:
+    """What is still keyed by an erased id after the commit (the erasure's hooks and late-row
+    sweep, a cut-off signal, a cache) must never reach the next person paired."""
+    b = storage_backend
+    await seed_person(b, "ada")
+    bob, bob_device = await seed_person(b, "bob")  # the largest ids
+    await b.privacy.erase_rows(bob, await b.privacy.user_tables(), records)
+    cy, cy_device = await seed_person(b, "cy")
+    assert cy > bob
+    assert cy_device > bob_device
+
+
 async def test_export_is_a_snapshot_without_secrets(storage_backend: Backend) -> None:
     b = storage_backend
     ada, device = await seed_person(b, "ada")
