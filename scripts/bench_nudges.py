@@ -5,9 +5,10 @@ Every arm runs the same simulated people and days (same seed: common random numb
 its own real server over gRPC. Prints the HeartSteps calibration check first, then steps
 gained per nudge, nudges per day, total outcome, where each arm's nudges land (the burden
 they met, how evenly they are spread over people, their types, the time of day and the moment
-they met), the off-policy estimate against what
-happened (the learned arm's cold start kept on, an arm of its own, gives the truth), decision
-latency under ingest load, and one JSON line.
+they met), the off-policy estimate at promotion against its exact value on the decisions it
+scored (the simulator knows every decision's expected steps under each action) and against
+what happened afterwards (the learned arm's cold start kept on, an arm of its own, gives
+that), decision latency under ingest load, and one JSON line.
 
     python scripts/bench_nudges.py [--people 80] [--days 28] [--seed 7] [--jobs 2] [--quick]
                                    [--daily-budget 1] [--cold-start proportional|focused]
@@ -60,7 +61,7 @@ from pulsesync.server.nudges.sim.runner import (
 # Reference arms first: with two workers the learned arm starts beside the cold-start arm and
 # its latency probe (at its end) usually runs after the others have finished. The cold-start
 # arm runs the learned arm's cold start all along: the off-policy estimate at promotion
-# compares the candidate with that policy, so the truth it is checked against does too.
+# compares the candidate with that policy, so the gain realized afterwards is against it too.
 # Sending nothing adds nothing by construction (common random numbers); `--with-none` runs
 # that arm too.
 ARMS = ("randomized", "fixed", "cold_start", "learned")
@@ -361,23 +362,29 @@ async def main() -> int:
               f"{('PROMOTED (forced)' if ev.get('forced') else 'PROMOTED') if ev['promoted'] else 'not promoted'}")  # fmt: skip
     if learned.evaluation is not None:
         ev = learned.evaluation
-        # The simulated truth: steps the nudges caused in the 30 min after each decision point
-        # (exact, from common random numbers), per decision point, learned minus the same
-        # cold start kept on (the policy the estimate compares with; same decision points).
+        # Two truths. What the estimate is of: the exact value, over the decisions it scored,
+        # of the candidate's policy minus the current one (each decision's expected steps under
+        # every action; runner.true_gain). And what happened afterwards: steps the nudges
+        # caused in the 30 min after each decision point (exact, from common random numbers),
+        # per decision point, learned minus the same cold start kept on, from the promotion on.
         cold = results["cold_start"]
-        true_gain = caused_per_decision(learned, lo, end) - caused_per_decision(cold, lo, end)
+        realized = caused_per_decision(learned, lo, end) - caused_per_decision(cold, lo, end)
+        truth = ev.get("true_dr_diff")
         ope = {
             "dr_gain": ev["dr_diff"]["value"], "dr_gain_ci": [ev["dr_diff"]["low"], ev["dr_diff"]["high"]],
             "ips_gain": ev["ips_diff"]["value"], "snips_gain": ev["snips_diff"]["value"],
-            "true_gain": true_gain, "ope_error": ev["dr_diff"]["value"] - true_gain,
+            "true_gain": truth, "ope_error": None if truth is None else ev["dr_diff"]["value"] - truth,
+            "realized_gain": realized, "ope_error_realized": ev["dr_diff"]["value"] - realized,
         }  # fmt: skip
         print(
-            "\nOff-policy estimate at promotion vs the simulated truth afterwards (gain over the"
-            " cold start kept on, steps in 30 min per decision point):"
+            "\nOff-policy estimate at promotion (gain over the cold start, steps in 30 min per"
+            " decision point) vs its exact value on the decisions it scored, and vs the gain"
+            " realized afterwards over the cold start kept on:"
         )
+        exact = "n/a (imported decisions scored)" if truth is None else f"{truth:+.2f}"
         print(f"  DR {ev['dr_diff']['value']:+.2f} [{ev['dr_diff']['low']:+.2f}, {ev['dr_diff']['high']:+.2f}]"
               f"  IPS {ev['ips_diff']['value']:+.2f}  SNIPS {ev['snips_diff']['value']:+.2f}"
-              f"  truth {true_gain:+.2f}  ope_error {ev['dr_diff']['value'] - true_gain:+.2f}")  # fmt: skip
+              f"  truth {exact}  realized afterwards {realized:+.2f}")  # fmt: skip
     else:
         print(
             "\nThe learned arm never promoted a model (the estimate never showed it better);"
@@ -394,7 +401,16 @@ async def main() -> int:
     # the coin flips of who acted removed; `judge`), from the first promotion on.
     best_realized = max(stats[k]["gained_per_person_day"] for k in BASELINES)
     vs_best_realized = stats["learned"]["gained_per_person_day"] - best_realized
-    covered = bool(ope) and ope["dr_gain_ci"][0] <= ope["true_gain"] <= ope["dr_gain_ci"][1]
+
+    def within(value: float | None) -> bool:
+        return (
+            bool(ope)
+            and value is not None
+            and ope["dr_gain_ci"][0] <= value <= ope["dr_gain_ci"][1]
+        )
+
+    covered = within(ope.get("true_gain"))
+    covered_realized = within(ope.get("realized_gain"))
     gated = not args.promote_first
     window = judge(stats, covered, probe.get("p99_ms", 0.0), gated)
     best, vs_best, fewest, goal = window["best"], window["vs_best"], window["fewest"], window["met"]
@@ -403,6 +419,7 @@ async def main() -> int:
         f" (realized {vs_best_realized:+.1f}), nudges/day"
         f" {stats['learned']['nudges_per_day']:.2f} (baselines' fewest {fewest:.2f}),"
         f" {ratio_expected:.2f}x expected steps/nudge, DR interval covers the truth: {covered}"
+        f" (the gain realized afterwards: {covered_realized})"
         f"  -> {'MET' if goal else 'NOT MET'}"
     )
     # The same over the whole run, cold start included: the window above starts where the
@@ -440,8 +457,10 @@ async def main() -> int:
         "vs_randomized": round(ratio, 3), "vs_randomized_expected": round(ratio_expected, 3),
         "no_more_nudges": fewer, "promoted_day": lo / 1440 if learned.promote_minute is not None else None,
         "ope": {k: (round(v, 2) if isinstance(v, float) else v) for k, v in ope.items()},
-        "ope_error": round(ope["ope_error"], 2) if ope else None,
-        "ope_covered": covered, "vs_best_baseline_gained": round(vs_best, 1), "best_baseline": best,
+        "ope_error": round(ope["ope_error"], 2) if ope and ope["ope_error"] is not None else None,
+        "ope_covered": covered,
+        "ope_error_realized": round(ope["ope_error_realized"], 2) if ope else None,
+        "ope_covered_realized": covered_realized, "vs_best_baseline_gained": round(vs_best, 1), "best_baseline": best,
         "vs_best_baseline_gained_realized": round(vs_best_realized, 1),
         "goal_met": goal,
         "whole_run": {

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
 import numpy as np
@@ -23,11 +23,11 @@ from pulsesync.server.nudges.catalog import Catalog
 from pulsesync.server.nudges.model import LoggedDecision, OutcomeModel, recent_from, train
 from pulsesync.server.nudges.ope import (
     Estimate,
+    Matrix,
     candidate_matrices,
     check_clip,
     current_matrix,
     estimate,
-    evaluate_model,
     gate,
 )
 from pulsesync.server.nudges.registry import ModelRegistry, version_name
@@ -73,6 +73,19 @@ ScoredBy = Literal["holdout", "evaluation_days", "promoted_model"]
 
 
 @dataclass(frozen=True, slots=True)
+class Scored:
+    """The decisions an estimate scored, with the candidate's and the current policy's
+    probabilities of each action there (rows: decisions; columns: `actions`). What the
+    estimate is of: a simulator that knows each decision's expected outcome under every
+    action computes its exact value from these."""
+
+    decisions: tuple[LoggedDecision, ...]
+    actions: tuple[str, ...]
+    candidate: Matrix
+    current: Matrix
+
+
+@dataclass(frozen=True, slots=True)
 class Evaluation:
     """A candidate's off-policy estimates against the current policy, and the verdict."""
 
@@ -87,6 +100,8 @@ class Evaluation:
     # "evaluation_days" (policy.evaluation_days) or "promoted_model" (the current model's
     # training ends later: its own training decisions would flatter it).
     scored_by: ScoredBy = "evaluation_days"
+    # The scored decisions and both policies on them (not part of the stored record).
+    scored: Scored | None = field(default=None, repr=False, compare=False)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -157,19 +172,15 @@ def split(decisions: Sequence[LoggedDecision], from_us: int) -> list[LoggedDecis
     return [d for d in decisions if d.decision_us >= from_us]
 
 
-def cross_fitted(
+def cross_fitted_matrices(
     decisions: Sequence[LoggedDecision],
     catalog: Catalog,
     current: OutcomeModel | None,
     score_from_us: int = 0,
-    clip: float | None = None,
-) -> dict[str, Estimate]:
-    """Estimates of the training procedure's policy against the current one, cross-fitted by people.
-
-    Fold models train on every decision of the other people; only decisions at or after
-    score_from_us are scored (against a promoted model: those it was not trained on).
-    """
-    actions = catalog.actions
+) -> tuple[list[LoggedDecision], Matrix, Matrix, Matrix]:
+    """(scored decisions, q, candidate pi, current pi), cross-fitted by people: fold models
+    train on every decision of the other people; only decisions at or after score_from_us
+    are scored (against a promoted model: those it was not trained on)."""
     scored = split(decisions, score_from_us)
     if len({d.user_id for d in scored}) < EVAL_FOLDS:
         raise ValueError(
@@ -177,8 +188,8 @@ def cross_fitted(
             " logged after the current model's training; log more decisions first"
         )
     n = len(scored)
-    q = np.zeros((n, len(actions)))
-    pi_new = np.zeros((n, len(actions)))
+    q = np.zeros((n, len(catalog.actions)))
+    pi_new = np.zeros((n, len(catalog.actions)))
     fold_all = [d.user_id % EVAL_FOLDS for d in decisions]
     fold = np.array([d.user_id % EVAL_FOLDS for d in scored])
     for k in range(EVAL_FOLDS):
@@ -188,7 +199,19 @@ def cross_fitted(
         held = [scored[int(i)] for i in part]
         rest = [d for d, f in zip(decisions, fold_all, strict=True) if f != k]
         q[part], pi_new[part] = candidate_matrices(train_model(rest, catalog), held, catalog.policy)
-    pi_cur = current_matrix(current, scored, actions, catalog.policy)
+    pi_cur = current_matrix(current, scored, catalog.actions, catalog.policy)
+    return scored, q, pi_new, pi_cur
+
+
+def _estimates(
+    scored: Sequence[LoggedDecision],
+    catalog: Catalog,
+    actions: Sequence[str],
+    q: Matrix,
+    pi_new: Matrix,
+    pi_cur: Matrix,
+    clip: float | None,
+) -> dict[str, Estimate]:
     return estimate(
         scored,
         actions,
@@ -199,6 +222,19 @@ def cross_fitted(
         send_cost=catalog.policy.min_gain_steps,
         clip=clip,
     )
+
+
+def cross_fitted(
+    decisions: Sequence[LoggedDecision],
+    catalog: Catalog,
+    current: OutcomeModel | None,
+    score_from_us: int = 0,
+    clip: float | None = None,
+) -> dict[str, Estimate]:
+    """Estimates of the training procedure's policy against the current one, cross-fitted by
+    people (`cross_fitted_matrices`)."""
+    scored, q, pi_new, pi_cur = cross_fitted_matrices(decisions, catalog, current, score_from_us)
+    return _estimates(scored, catalog, catalog.actions, q, pi_new, pi_cur, clip)
 
 
 async def evaluate_candidate(
@@ -223,7 +259,10 @@ async def evaluate_candidate(
         held = split(decisions, score_from)
         if not held:
             raise ValueError(f"{version_name(version)} has no held-out decisions with outcomes yet")
-        est = evaluate_model(await registry.load(version), current, held, catalog.policy, clip=clip)
+        candidate = await registry.load(version)
+        actions = tuple(candidate.actions)
+        q, pi_new = candidate_matrices(candidate, held, catalog.policy)
+        pi_cur = current_matrix(current, held, actions, catalog.policy)
     else:
         until = int(meta.get("trained_until_us", 2**62))
         logged = [d for d in decisions if d.decision_us < until]
@@ -243,8 +282,9 @@ async def evaluate_candidate(
                 f"cross-fitted evaluation needs decisions of at least {EVAL_FOLDS} people;"
                 " train with --holdout 0.25 to evaluate on the latest decisions instead"
             )
-        est = cross_fitted(logged, catalog, current, score_from, clip)
-        held = split(logged, score_from)
+        held, q, pi_new, pi_cur = cross_fitted_matrices(logged, catalog, current, score_from)
+        actions = tuple(catalog.actions)
+    est = _estimates(held, catalog, actions, q, pi_new, pi_cur, clip)
     promote, reason = gate(est)
     evaluation = Evaluation(
         version,
@@ -255,6 +295,7 @@ async def evaluate_candidate(
         reason,
         score_from,
         scored_by,
+        Scored(tuple(held), actions, pi_new, pi_cur),
     )
     await registry.update_meta(version, evaluation=evaluation.as_dict())
     return evaluation

@@ -37,11 +37,13 @@ from pulsesync.server.nudges.sim.behavior import (
     burden_dose,
     context_multiplier,
     day_plan,
+    expected_walk_steps,
     response_probability,
     response_walk,
 )
 from pulsesync.server.nudges.sim.trial import TRIAL
 from pulsesync.server.nudges.training import (
+    Evaluation,
     evaluate_candidate,
     logged_decisions,
     promote_if_better,
@@ -256,7 +258,38 @@ class ArmResult:
     events: int = 0
     # Per delivered nudge: (person, minute, type, response probability, context multiplier).
     responses: list[tuple[int, int, str, float, float]] = field(default_factory=list)
+    # Per decision point, (person, minute) -> {nudge type: steps that type would have caused
+    # there in expectation}: its response probability at that moment (the person's dose just
+    # before, the device the server routed that type to) times the mean act. "none" causes 0.
+    one_step: dict[tuple[int, int], dict[str, float]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _on_active(d: Day, minute: int, kind: int) -> bool:
+    """Whether a nudge shown on a device of this kind meets the person where they are (a phone
+    also counts when no device is in use)."""
+    want = 1 if kind == common_pb2.DEVICE_KIND_PHONE else 2
+    in_use = int(d.device[min(minute, 1439)])
+    return in_use == want or (in_use == 0 and want == 1)
+
+
+def true_gain(result: ArmResult, evaluation: Evaluation, users: Mapping[int, int]) -> float | None:
+    """The exact value of what an off-policy estimate is of: over the decisions it scored,
+    the mean of sum_a (candidate pi - current pi)(a) x the steps a causes there in expectation
+    (`ArmResult.one_step`); None when a scored decision is not one of this arm's (imported)."""
+    scored = evaluation.scored
+    if scored is None or not scored.decisions:
+        return None
+    total = 0.0
+    for row, d in enumerate(scored.decisions):
+        caused = result.one_step.get(
+            (users.get(d.user_id, -1), (d.decision_us - START) // US_PER_MIN)
+        )
+        if caused is None:
+            return None
+        diff = scored.candidate[row] - scored.current[row]
+        total += sum(float(diff[j]) * caused.get(a, 0.0) for j, a in enumerate(scored.actions))
+    return total / len(scored.decisions)
 
 
 def _write_catalog(path: Path, text: str) -> None:
@@ -373,6 +406,7 @@ async def run_arm(
             users.append(uid)
             devices.append(devs)
         index_of = {u: i for i, u in enumerate(users)}
+        kind_of = {dev.device_id: dev.kind for devs in devices for dev in devs}
 
         async def listen(i: int, dev: _Device) -> None:
             call = nudge_stub.SubscribeNudges(
@@ -397,7 +431,7 @@ async def run_arm(
             summary = await import_file(srv.app.storage.nudges, prior_log, engine.catalog.actions)
             result.extra["prior"] = {"decisions": summary.stored, "people": summary.people}
             if name == "learned":
-                await _learn(srv, engine, result, 0, promote_first)
+                await _learn(srv, engine, result, 0, promote_first, index_of)
         try:
             for day in range(days):
                 plans = [day_plan(p, day, seed) for p in persons]
@@ -436,9 +470,20 @@ async def run_arm(
                         and day >= train_day
                         and (day - train_day) % retrain_every == 0
                     ):
-                        await _learn(srv, engine, result, day * 1440, promote_first)
+                        await _learn(srv, engine, result, day * 1440, promote_first, index_of)
                     made = await engine.tick()
                     latencies.extend(d.latency_s for d in made)
+                    for d in made:  # what each type would cause at each decision point
+                        i, at = index_of[d.user_id], (d.decision_us - START) // US_PER_MIN
+                        local, dose = at - day * 1440, burden_dose(dose_at.get(i), at)[0]
+                        result.one_step[(i, at)] = {
+                            kind: expected_walk_steps(kind) * response_probability(
+                                persons[i], kind, plans[i], local, dose,
+                                _on_active(plans[i], local, kind_of[engine.delivery.device_id(pk)]),
+                                base_response,
+                            )
+                            for kind, pk in d.eligibility.device_for.items()
+                        }  # fmt: skip
                     want = sum(1 for d in made if d.nudge is not None and d.nudge.device_id)
                     for d in made:
                         if d.nudge is not None:
@@ -452,10 +497,7 @@ async def run_arm(
                         minute = hi
                         abs_min = day * 1440 + minute
                         d = plans[i]
-                        want_kind = 1 if dev.kind == common_pb2.DEVICE_KIND_PHONE else 2
-                        on_active = int(d.device[min(minute, 1439)]) == want_kind or (
-                            d.device[min(minute, 1439)] == 0 and want_kind == 1
-                        )
+                        on_active = _on_active(d, minute, dev.kind)
                         dose, after = burden_dose(dose_at.get(i), abs_min)
                         dose_at[i] = (after, abs_min)
                         prob = response_probability(
@@ -519,7 +561,12 @@ async def run_arm(
 
 
 async def _learn(
-    srv: Any, engine: Any, result: ArmResult, minute: int, promote_first: bool = False
+    srv: Any,
+    engine: Any,
+    result: ArmResult,
+    minute: int,
+    promote_first: bool,
+    users: Mapping[int, int],
 ) -> None:
     storage, catalog, registry = srv.app.storage.nudges, engine.catalog, engine.registry
     try:
@@ -539,12 +586,14 @@ async def _learn(
             "promoted": promoted,
             "send_threshold": threshold,
             "forced": forced,
+            # The exact value of what the estimate is of (true_gain): DR's "dr_diff" estimates it.
+            "true_dr_diff": true_gain(result, evaluation, users),
             **evaluation.as_dict(),
         }
     )
     if promoted and result.promote_minute is None:
         result.promote_minute = minute
-        result.evaluation = evaluation.as_dict()
+        result.evaluation = result.extra["evaluations"][-1]
 
 
 async def _latency_probe(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pulsesync.server.nudges.catalog import Catalog, load_catalog
@@ -92,6 +93,15 @@ async def test_a_fading_effect_is_promoted_only_when_every_day_is_scored(
         assert dr.low < 0.0 < dr.high or dr.high < 0.0, dr
         assert not ev.better, ev.reason
         assert (ev.scored_from_us, ev.scored_by) == (since, "evaluation_days")
+    # What was scored travels with the verdict: those decisions, both policies on each.
+    scored = ev.scored
+    assert scored is not None and scored.actions == tuple(cat.actions)
+    assert len(scored.decisions) == ev.decisions
+    assert min(d.decision_us for d in scored.decisions) >= ev.scored_from_us
+    for pi in (scored.candidate, scored.current):
+        assert pi.shape == (ev.decisions, len(cat.actions))
+        assert np.allclose(pi.sum(axis=1), 1.0)
+    assert "scored" not in ev.as_dict()
 
 
 async def test_against_a_model_trained_later_only_the_decisions_after_its_training_are_scored(

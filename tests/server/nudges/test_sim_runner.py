@@ -6,20 +6,25 @@ import tomllib
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pulsesync.server.nudges.catalog import load_catalog
 from pulsesync.server.nudges.importlog import read_records
-from pulsesync.server.nudges.sim.behavior import people
+from pulsesync.server.nudges.model import LoggedDecision
+from pulsesync.server.nudges.sim.behavior import expected_walk_steps, people
 from pulsesync.server.nudges.sim.runner import (
     LEARNED_BUDGET,
     START,
+    ArmResult,
     learned_catalog,
     run_arm,
     trial_focus,
     trial_prior,
+    true_gain,
 )
-from pulsesync.timeutil import US_PER_S
+from pulsesync.server.nudges.training import Evaluation, Scored
+from pulsesync.timeutil import US_PER_MIN, US_PER_S
 
 
 async def test_an_exported_log_is_imported_and_trained_on_before_the_first_day(
@@ -122,3 +127,58 @@ def test_the_learned_arms_cold_start_scales_from_its_top_probability() -> None:
     default = load_catalog(overrides=tomllib.loads(learned_catalog())).policy
     assert default.evaluation_days == load_catalog().policy.evaluation_days
     assert default.sedentary_trigger_min == load_catalog().policy.sedentary_trigger_min
+
+
+async def test_each_decisions_one_step_truth_is_what_the_simulated_person_then_met(
+    tmp_path: Path,
+) -> None:
+    """The counterfactual table (what each type would cause at each decision point) agrees,
+    at every delivered nudge, with the response probability the person then met: same dose,
+    same moment, same device."""
+    arm = await run_arm("randomized", people(8, 11), 2, 11, tmp_path / "arm")
+    assert arm.responses and len(arm.one_step) >= len(arm.decisions)
+    for i, minute, kind, prob, _ in arm.responses:
+        assert arm.one_step[(i, minute)][kind] == pytest.approx(prob * expected_walk_steps(kind))
+    # Points where nothing was sent have their counterfactuals too, with the same dose.
+    sent = {(i, minute) for i, minute, *_ in arm.responses}
+    assert any(
+        key not in sent and max(v.values(), default=0) > 0 for key, v in arm.one_step.items()
+    )
+
+
+def test_the_truth_of_an_estimate_is_the_policies_difference_over_the_scored_decisions() -> None:
+    actions = ("none", "walking_suggestion", "break_from_sitting")
+    result = ArmResult("learned", [], np.zeros((2, 10)), 0.0, {}, 0, [])
+    result.one_step = {
+        (0, 600): {"walking_suggestion": 30.0, "break_from_sitting": 10.0},
+        (1, 600): {"walking_suggestion": 6.0, "break_from_sitting": 2.0},
+    }
+    users = {41: 0, 42: 1}
+
+    def at(user: int, minute: int) -> LoggedDecision:
+        return LoggedDecision(
+            user,
+            START + minute * US_PER_MIN,
+            {},
+            {},
+            {a: 1 / 3 for a in actions},
+            "none",
+            1 / 3,
+            0.0,
+        )
+
+    always_walk = np.array([[0.0, 1.0, 0.0]] * 2)
+    coin = np.array([[0.5, 0.25, 0.25]] * 2)
+    scored = Scored((at(41, 600), at(42, 600)), actions, always_walk, coin)
+    ev = Evaluation(1, "randomized", 2, {}, True, scored=scored)
+    # Person 0: 30 - (7.5 + 2.5) = 20; person 1: 6 - (1.5 + 0.5) = 4; mean 12.
+    assert true_gain(result, ev, users) == pytest.approx(12.0)
+    same = Evaluation(
+        1, "randomized", 2, {}, False, scored=Scored(scored.decisions, actions, coin, coin)
+    )
+    assert true_gain(result, same, users) == 0.0
+    # A scored decision the arm did not make (an imported one): no truth to give.
+    imported = Scored((at(-3, 600),), actions, always_walk[:1], coin[:1])
+    assert (
+        true_gain(result, Evaluation(1, "randomized", 1, {}, True, scored=imported), users) is None
+    )
