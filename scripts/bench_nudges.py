@@ -11,10 +11,10 @@ what happened afterwards (the learned arm's cold start kept on, an arm of its ow
 that), decision latency under ingest load, and one JSON line.
 
     python scripts/bench_nudges.py [--people 80] [--days 28] [--seed 7] [--jobs 2] [--quick]
-                                   [--daily-budget 1] [--cold-start proportional|focused]
-                                   [--cold-start-top 0.6] [--evaluation-days DAYS]
-                                   [--daily-cap N] [--no-sedentary-trigger]
-                                   [--support-sends N] [--promote-first]
+                                   [--daily-budget 1.7] [--cold-start focused|proportional]
+                                   [--cold-start-top 0.9] [--evaluation-days DAYS]
+                                   [--daily-cap 2] [--[no-]sedentary-trigger]
+                                   [--support-sends 50] [--promote-first]
                                    [--prior-trial]
 
 The arms run in `--jobs` worker processes (2: 15-35 minutes on a 2-core machine, as busy as
@@ -51,6 +51,11 @@ from pulsesync.server.nudges.sim.calibrate import check, server_check
 from pulsesync.server.nudges.sim.direct import best_schedule
 from pulsesync.server.nudges.sim.runner import (
     LEARNED_BUDGET,
+    LEARNED_COLD_START,
+    LEARNED_DAILY_CAP,
+    LEARNED_SEDENTARY_TRIGGER,
+    LEARNED_SUPPORT_SENDS,
+    LEARNED_TOP,
     ArmResult,
     fixed_catalog,
     hhmm,
@@ -182,13 +187,13 @@ async def main() -> int:
     ap.add_argument(
         "--cold-start",
         choices=("proportional", "focused"),
-        default="proportional",
+        default=LEARNED_COLD_START,
         help="the learned arm's cold start (sim/runner.learned_catalog)",
     )
     ap.add_argument(
         "--cold-start-top",
         type=float,
-        default=0.6,
+        default=LEARNED_TOP,
         help="the learned arm's cold-start send probability where the trial's effect is largest",
     )
     ap.add_argument(
@@ -200,20 +205,22 @@ async def main() -> int:
     ap.add_argument(
         "--daily-cap",
         type=int,
-        default=None,
-        help="the learned arm's policy.daily_cap (nudges per person per day; default: the catalog's)",
+        default=LEARNED_DAILY_CAP,
+        help="the learned arm's policy.daily_cap (nudges per person per day; 0: the catalog's)",
     )
     ap.add_argument(
-        "--no-sedentary-trigger",
-        action="store_true",
-        help="the learned arm decides only at its schedule's times, as the fixed arm does",
+        "--sedentary-trigger",
+        action=argparse.BooleanOptionalAction,
+        default=LEARNED_SEDENTARY_TRIGGER,
+        help="the learned arm also decides when someone has sat for an hour (off: only at its"
+        " schedule's times, as the fixed arm does)",
     )
     ap.add_argument(
         "--support-sends",
         type=float,
-        default=None,
+        default=LEARNED_SUPPORT_SENDS,
         help="the learned arm's policy.support_sends (a type's effect in a quarter of the day"
-        " scaled by n / (n + this), n its nudges there in the log; default: the catalog's)",
+        " scaled by n / (n + this), n its nudges there in the log; 0: the catalog's)",
     )
     ap.add_argument(
         "--promote-first",
@@ -252,9 +259,9 @@ async def main() -> int:
         cold_start=args.cold_start,
         top=args.cold_start_top,
         evaluation_days=args.evaluation_days,
-        daily_cap=args.daily_cap,
-        sedentary_trigger=not args.no_sedentary_trigger,
-        support_sends=args.support_sends,
+        daily_cap=args.daily_cap or None,
+        sedentary_trigger=args.sedentary_trigger,
+        support_sends=args.support_sends or None,
     )
     results: dict[str, ArmResult] = {}
     shm = "/dev/shm" if await asyncio.to_thread(os.path.isdir, "/dev/shm") else None
@@ -472,7 +479,7 @@ async def main() -> int:
         "decision_p50_ms": round(probe.get("p50_ms", 0.0), 2), "decision_p99_ms": round(probe.get("p99_ms", 0.0), 2),
         "daily_budget": args.daily_budget, "cold_start": args.cold_start, "cold_start_top": args.cold_start_top,
         "evaluation_days": args.evaluation_days, "promote_first": args.promote_first,
-        "daily_cap": args.daily_cap, "sedentary_trigger": not args.no_sedentary_trigger,
+        "daily_cap": args.daily_cap, "sedentary_trigger": args.sedentary_trigger,
         "support_sends": args.support_sends,
         "send_thresholds": [round(ev.get("send_threshold") or 0.0, 1) for ev in learned.extra.get("evaluations", [])],
         "people": args.people, "days": args.days, "seed": args.seed, "prior_trial": args.prior_trial,

@@ -70,7 +70,15 @@ async def main() -> int:
                 args.days,
                 args.seed,
                 folder,
-                catalog_text=learned_catalog(),
+                # The learned arm this study measured: the trial prior at a budget of 1.
+                catalog_text=learned_catalog(
+                    1.0,
+                    cold_start="proportional",
+                    top=0.6,
+                    daily_cap=None,
+                    sedentary_trigger=True,
+                    support_sends=None,
+                ),
             )
             print(f"cold-start arm simulated in {time.perf_counter() - t0:.0f} s", flush=True)
         catalog = load_catalog(folder / "catalog.toml")

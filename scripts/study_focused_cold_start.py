@@ -77,7 +77,10 @@ def main() -> int:
         starts = [("proportional", 0.6)] + [("focused", float(t)) for t in args.tops.split(",")]
         for name, top in starts:
             label_of = name if name == "proportional" else f"{name} {top:g}"
-            catalog = learned_catalog(cold_start=name, top=top)
+            # The cold starts as this study measured them: the catalog's cap, the sedentary trigger on.
+            catalog = learned_catalog(
+                1.0, cold_start=name, top=top, daily_cap=None, sedentary_trigger=True
+            )
             policy = load_catalog(overrides=tomllib.loads(catalog)).policy
             # The runner decides at the end of the half-hour block holding each scheduled time.
             points = sorted({math.ceil(m / BLOCK_MIN) * BLOCK_MIN for m in policy.schedule_min})

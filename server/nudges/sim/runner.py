@@ -83,10 +83,22 @@ def fixed_catalog(schedule: Sequence[str]) -> str:
     )
 
 
-# The learned arm's budget (policy.daily_budget), in nudges per person-day: fewer than its
-# cold start sends, so the one-step off-policy estimate at promotion holds (at 2 a day the
-# extra burden took most of the estimated gain; docs/nudges.md, the learned arm).
-LEARNED_BUDGET: Final = 1.0
+# The learned arm's settings (`learned_catalog`'s defaults; docs/nudges.md, "The learned arm",
+# has the measurements behind each). Its cold start sends with LEARNED_TOP at decision points an
+# hour apart through the band where the trial found its largest effect (`trial_focus`) and
+# explores with 0.03 elsewhere, at most LEARNED_DAILY_CAP nudges a person-day, deciding only
+# at its schedule's times (no sedentary trigger, as the fixed arm). Its budget, in nudges per
+# person-day once a model is promoted (policy.daily_budget), is under the ~1.87 a day its cold
+# start sends: a candidate sending more than the policy that logged its data gains less than
+# the one-step estimate counts (each nudge lowers later responses). A type's effect in a
+# quarter of the day is held towards the pooled one until the log has LEARNED_SUPPORT_SENDS of
+# its nudges there (policy.support_sends).
+LEARNED_BUDGET: Final = 1.7
+LEARNED_COLD_START: Final = "focused"
+LEARNED_TOP: Final = 0.9
+LEARNED_DAILY_CAP: Final = 2
+LEARNED_SEDENTARY_TRIGGER: Final = False
+LEARNED_SUPPORT_SENDS: Final = 50.0
 
 
 def slot_effects(schedule_min: Sequence[int]) -> list[float]:
@@ -164,23 +176,24 @@ def hhmm(minute: int) -> str:
 def learned_catalog(
     daily_budget: float | None = LEARNED_BUDGET,
     exploration_floor: float = 0.01,
-    cold_start: str = "proportional",
-    top: float = 0.6,
+    cold_start: str = LEARNED_COLD_START,
+    top: float = LEARNED_TOP,
     evaluation_days: float | None = None,
-    daily_cap: int | None = None,
-    sedentary_trigger: bool = True,
-    support_sends: float | None = None,
+    daily_cap: int | None = LEARNED_DAILY_CAP,
+    sedentary_trigger: bool = LEARNED_SEDENTARY_TRIGGER,
+    support_sends: float | None = LEARNED_SUPPORT_SENDS,
 ) -> str:
-    """The learned arm's catalog: its cold start, exploration floor and daily budget.
+    """The learned arm's catalog: its cold start, exploration floor, budget and caps.
 
-    The cold start explores where the trial found its effect (`trial_prior`: a deployment
-    that knows the trial starts from it) and a 1% exploration floor per option once a model
-    is promoted: in this simulator every nudge received lowers later responses (the
-    dose-based burden, sim/behavior.py), so sends at moments the trial found useless cost
-    responsiveness the model's later nudges would use. daily_budget None: the catalog's
-    (policy.daily_budget). cold_start "focused": `trial_focus`'s decision points and bands
-    instead (an exploration, not the bench's default). `top`: the send probability where the
-    trial's effect is largest (HeartSteps' 0.6; each cold start scales the rest from it).
+    The cold start explores where the trial found its effect (a deployment that knows the
+    trial starts from it) and a 1% exploration floor per option once a model is promoted: in
+    this simulator every nudge received lowers later responses (the dose-based burden,
+    sim/behavior.py), so sends at moments the trial found useless cost responsiveness the
+    model's later nudges would use. cold_start "focused" (the default): `trial_focus`'s
+    decision points and bands; "proportional": the five daily points with `trial_prior`'s
+    bands. daily_budget None: the catalog's (policy.daily_budget). `top`: the send
+    probability where the trial's effect is largest (HeartSteps' 0.6; each cold start scales
+    the rest from it).
     evaluation_days None: the catalog's (policy.evaluation_days; 0 scores every day).
     daily_cap None: the catalog's (policy.daily_cap, nudges per person per day).
     sedentary_trigger False: decisions only at the schedule's times, as the fixed arm's.

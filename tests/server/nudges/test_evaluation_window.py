@@ -95,7 +95,8 @@ async def test_a_fading_effect_is_promoted_only_when_every_day_is_scored(
         assert (ev.scored_from_us, ev.scored_by) == (since, "evaluation_days")
     # What was scored travels with the verdict: those decisions, both policies on each.
     scored = ev.scored
-    assert scored is not None and scored.actions == tuple(cat.actions)
+    assert scored is not None
+    assert scored.actions == tuple(cat.actions)
     assert len(scored.decisions) == ev.decisions
     assert min(d.decision_us for d in scored.decisions) >= ev.scored_from_us
     for pi in (scored.candidate, scored.current):

@@ -70,7 +70,9 @@ def test_the_learned_arms_cold_start_follows_the_trials_slot_effects() -> None:
     before, bands = trial_prior(load_catalog().policy.schedule_min)
     assert before == 0.03
     assert bands == {"10:22": 0.264, "13:52": 0.6, "16:45": 0.276, "19:15": 0.03}
-    policy = load_catalog(overrides=tomllib.loads(learned_catalog())).policy
+    text = learned_catalog(cold_start="proportional", top=0.6)
+    policy = load_catalog(overrides=tomllib.loads(text)).policy
+    assert policy.schedule_min == load_catalog().policy.schedule_min
     assert policy.cold_start_probability(15 * 60 + 30) == 0.6
     assert policy.cold_start_probability(8 * 60 + 30) == 0.03
     assert policy.daily_budget == LEARNED_BUDGET
@@ -88,7 +90,8 @@ def test_the_focused_cold_start_adds_decision_points_where_the_trial_found_its_e
     # Closer spacing, more points; only inside the band.
     points, _, _ = trial_focus(load_catalog().policy.schedule_min, 45)
     assert [m for m in points if 832 <= m < 1005] == [840, 885, 930, 975]
-    policy = load_catalog(overrides=tomllib.loads(learned_catalog(cold_start="focused"))).policy
+    text = learned_catalog(cold_start="focused", top=0.6)
+    policy = load_catalog(overrides=tomllib.loads(text)).policy
     assert policy.schedule_min == (510, 735, 870, 930, 990, 1080, 1230)
     assert policy.cold_start_probability(14 * 60 + 30) == 0.6
     assert policy.cold_start_probability(12 * 60 + 15) == 0.03
@@ -104,11 +107,12 @@ def test_the_focused_cold_start_adds_decision_points_where_the_trial_found_its_e
 def test_the_learned_arms_cold_start_scales_from_its_top_probability() -> None:
     # `top` is the probability at the trial's strongest slot; the proportional bands follow it
     # (+22 / +50 of it at 12:15), the focused band is it; the floor stays.
-    policy = load_catalog(overrides=tomllib.loads(learned_catalog(top=0.8))).policy
+    text = learned_catalog(cold_start="proportional", top=0.8)
+    policy = load_catalog(overrides=tomllib.loads(text)).policy
     assert policy.cold_start_probability(15 * 60 + 30) == 0.8
     assert policy.cold_start_probability(12 * 60 + 15) == pytest.approx(0.8 * 22 / 50, abs=1e-3)
     assert policy.cold_start_probability(8 * 60 + 30) == 0.03
-    text = learned_catalog(2.0, cold_start="focused", top=0.8, evaluation_days=0)
+    text = learned_catalog(2.0, cold_start="focused", top=0.8, evaluation_days=0, daily_cap=None)
     policy = load_catalog(overrides=tomllib.loads(text)).policy
     assert [policy.cold_start_probability(m) for m in (870, 930, 990)] == [0.8, 0.8, 0.8]
     assert policy.cold_start_probability(12 * 60 + 15) == 0.03
@@ -117,16 +121,21 @@ def test_the_learned_arms_cold_start_scales_from_its_top_probability() -> None:
     assert policy.daily_cap == load_catalog().policy.daily_cap
     capped = learned_catalog(cold_start="focused", top=0.9, daily_cap=2)
     assert load_catalog(overrides=tomllib.loads(capped)).policy.daily_cap == 2
-    # Without the sedentary trigger, as the fixed arm: no one sits long enough to trigger one.
-    scheduled = learned_catalog(cold_start="focused", sedentary_trigger=False)
-    untriggered = load_catalog(overrides=tomllib.loads(scheduled)).policy
-    assert untriggered.sedentary_trigger_min > 1440 > load_catalog().policy.sedentary_trigger_min
-    held = learned_catalog(cold_start="focused", support_sends=50)
-    assert load_catalog(overrides=tomllib.loads(held)).policy.support_sends == 50.0
-    # Unset, the catalog's own evaluation window and sedentary trigger.
+    triggered = learned_catalog(sedentary_trigger=True, support_sends=None)
+    policy = load_catalog(overrides=tomllib.loads(triggered)).policy
+    assert policy.sedentary_trigger_min == load_catalog().policy.sedentary_trigger_min
+    assert policy.support_sends == load_catalog().policy.support_sends == 0.0
+    # The defaults: the focused cold start at 0.9, at most two a person-day, decisions only at
+    # the schedule's times (no one sits long enough to trigger one), a budget of 1.7, support
+    # of 50 sends, the catalog's own evaluation window.
     default = load_catalog(overrides=tomllib.loads(learned_catalog())).policy
+    assert default.schedule_min == (510, 735, 870, 930, 990, 1080, 1230)
+    assert [default.cold_start_probability(m) for m in (870, 930, 990)] == [0.9, 0.9, 0.9]
+    assert default.cold_start_probability(12 * 60 + 15) == 0.03
+    assert default.daily_cap == 2
+    assert default.sedentary_trigger_min > 1440 > load_catalog().policy.sedentary_trigger_min
+    assert (default.daily_budget, default.support_sends) == (LEARNED_BUDGET, 50.0) == (1.7, 50.0)
     assert default.evaluation_days == load_catalog().policy.evaluation_days
-    assert default.sedentary_trigger_min == load_catalog().policy.sedentary_trigger_min
 
 
 async def test_each_decisions_one_step_truth_is_what_the_simulated_person_then_met(
@@ -136,7 +145,8 @@ async def test_each_decisions_one_step_truth_is_what_the_simulated_person_then_m
     at every delivered nudge, with the response probability the person then met: same dose,
     same moment, same device."""
     arm = await run_arm("randomized", people(8, 11), 2, 11, tmp_path / "arm")
-    assert arm.responses and len(arm.one_step) >= len(arm.decisions)
+    assert arm.responses
+    assert len(arm.one_step) >= len(arm.decisions)
     for i, minute, kind, prob, _ in arm.responses:
         assert arm.one_step[(i, minute)][kind] == pytest.approx(prob * expected_walk_steps(kind))
     # Points where nothing was sent have their counterfactuals too, with the same dose.
