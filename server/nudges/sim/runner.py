@@ -90,9 +90,9 @@ def fixed_catalog(schedule: Sequence[str]) -> str:
 # at its schedule's times (no sedentary trigger, as the fixed arm). Its budget, in nudges per
 # person-day once a model is promoted (policy.daily_budget), is under the ~1.87 a day its cold
 # start sends: a candidate sending more than the policy that logged its data gains less than
-# the one-step estimate counts (each nudge lowers later responses). A type's effect in a
-# quarter of the day is held towards the pooled one until the log has LEARNED_SUPPORT_SENDS of
-# its nudges there (policy.support_sends).
+# the one-step estimate counts (each nudge lowers later responses). A type's predicted effect
+# in a quarter of the day is scaled by n / (n + LEARNED_SUPPORT_SENDS), n its nudges there in
+# the training log (policy.support_sends).
 LEARNED_BUDGET: Final = 1.7
 LEARNED_COLD_START: Final = "focused"
 LEARNED_TOP: Final = 0.9
