@@ -274,6 +274,42 @@ def current_matrix(
     )
 
 
+def model_matrices(
+    candidate: OutcomeModel,
+    current: OutcomeModel | None,
+    decisions: Sequence[LoggedDecision],
+    settings: PolicySettings,
+) -> tuple[Matrix, Matrix, Matrix]:
+    """(q, candidate pi, current pi) on decisions the candidate did not see."""
+    q, pi_new = candidate_matrices(candidate, decisions, settings)
+    return q, pi_new, current_matrix(current, decisions, candidate.actions, settings)
+
+
+def compare(
+    decisions: Sequence[LoggedDecision],
+    actions: Sequence[str],
+    q: Matrix,
+    pi_new: Matrix,
+    pi_cur: Matrix,
+    settings: PolicySettings,
+    seed: int = 0,
+    clip: float | None = None,
+) -> dict[str, Estimate]:
+    """Estimates of pi_new against pi_cur (keys "*_diff"), bootstrapped by person, net of the
+    nudges' cost (settings.min_gain_steps), importance weights capped at clip when given."""
+    return estimate(
+        decisions,
+        actions,
+        pi_new,
+        q,
+        baseline_pi=pi_cur,
+        clusters=[d.user_id for d in decisions],
+        seed=seed,
+        send_cost=settings.min_gain_steps,
+        clip=clip,
+    )
+
+
 def evaluate_model(
     candidate: OutcomeModel,
     current: OutcomeModel | None,
@@ -284,19 +320,8 @@ def evaluate_model(
 ) -> dict[str, Estimate]:
     """Estimates of the candidate's policy against the current one on held-out decisions
     (importance weights capped at clip when given)."""
-    q, pi_new = candidate_matrices(candidate, decisions, settings)
-    pi_cur = current_matrix(current, decisions, candidate.actions, settings)
-    return estimate(
-        decisions,
-        candidate.actions,
-        pi_new,
-        q,
-        baseline_pi=pi_cur,
-        clusters=[d.user_id for d in decisions],
-        seed=seed,
-        send_cost=settings.min_gain_steps,
-        clip=clip,
-    )
+    q, pi_new, pi_cur = model_matrices(candidate, current, decisions, settings)
+    return compare(decisions, candidate.actions, q, pi_new, pi_cur, settings, seed, clip)
 
 
 def gate(estimates: dict[str, Estimate]) -> tuple[bool, str]:

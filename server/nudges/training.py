@@ -26,9 +26,10 @@ from pulsesync.server.nudges.ope import (
     Matrix,
     candidate_matrices,
     check_clip,
+    compare,
     current_matrix,
-    estimate,
     gate,
+    model_matrices,
 )
 from pulsesync.server.nudges.registry import ModelRegistry, version_name
 from pulsesync.server.storage.nudges import NudgeStorage
@@ -203,27 +204,6 @@ def cross_fitted_matrices(
     return scored, q, pi_new, pi_cur
 
 
-def _estimates(
-    scored: Sequence[LoggedDecision],
-    catalog: Catalog,
-    actions: Sequence[str],
-    q: Matrix,
-    pi_new: Matrix,
-    pi_cur: Matrix,
-    clip: float | None,
-) -> dict[str, Estimate]:
-    return estimate(
-        scored,
-        actions,
-        pi_new,
-        q,
-        baseline_pi=pi_cur,
-        clusters=[d.user_id for d in scored],
-        send_cost=catalog.policy.min_gain_steps,
-        clip=clip,
-    )
-
-
 def cross_fitted(
     decisions: Sequence[LoggedDecision],
     catalog: Catalog,
@@ -234,7 +214,7 @@ def cross_fitted(
     """Estimates of the training procedure's policy against the current one, cross-fitted by
     people (`cross_fitted_matrices`)."""
     scored, q, pi_new, pi_cur = cross_fitted_matrices(decisions, catalog, current, score_from_us)
-    return _estimates(scored, catalog, catalog.actions, q, pi_new, pi_cur, clip)
+    return compare(scored, catalog.actions, q, pi_new, pi_cur, catalog.policy, clip=clip)
 
 
 async def evaluate_candidate(
@@ -261,8 +241,7 @@ async def evaluate_candidate(
             raise ValueError(f"{version_name(version)} has no held-out decisions with outcomes yet")
         candidate = await registry.load(version)
         actions = tuple(candidate.actions)
-        q, pi_new = candidate_matrices(candidate, held, catalog.policy)
-        pi_cur = current_matrix(current, held, actions, catalog.policy)
+        q, pi_new, pi_cur = model_matrices(candidate, current, held, catalog.policy)
     else:
         until = int(meta.get("trained_until_us", 2**62))
         logged = [d for d in decisions if d.decision_us < until]
@@ -284,7 +263,7 @@ async def evaluate_candidate(
             )
         held, q, pi_new, pi_cur = cross_fitted_matrices(logged, catalog, current, score_from)
         actions = tuple(catalog.actions)
-    est = _estimates(held, catalog, actions, q, pi_new, pi_cur, clip)
+    est = compare(held, actions, q, pi_new, pi_cur, catalog.policy, clip=clip)
     promote, reason = gate(est)
     evaluation = Evaluation(
         version,
